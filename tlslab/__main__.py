@@ -1,0 +1,3 @@
+from tlslab.cli import main
+
+raise SystemExit(main())

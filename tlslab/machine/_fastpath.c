@@ -1,0 +1,312 @@
+/*
+ * tlslab machine fast path: the per-access and per-block work that would cost
+ * several microseconds per event as Python callbacks (BRIEF section 4: a Python
+ * callback plus reg_read(EIP) costs ~5 us; a ~1.6 M-instruction guest makes
+ * ~12,000 fs/gs accesses and ~300,000 block entries).
+ *
+ * This file holds *no* x86 semantics. It is a memo in front of Python:
+ *   - which segment an instruction at EIP uses     -> asked once per site
+ *   - whether (descriptor, offset, size, write) is allowed -> asked once per key
+ *   - how many instructions a translation block has -> asked once per block
+ * and counters. All answers come from tlslab.x86 through callbacks, so the
+ * pure-Python semantics stay the single source of truth.
+ *
+ * Window mechanism (see tlslab/machine/layout.py): the base Unicorn sees for
+ * fs/gs points into a window region above guest user space where every guest
+ * region is aliased. A ranged READ/WRITE hook on that region sees every fs/gs
+ * access *before* it commits. To refuse one, the hook removes all permissions
+ * from the alias region it hit: Unicorn then raises READ_PROT/WRITE_PROT for
+ * this very access and stops precisely at the instruction with nothing of it
+ * done (measured on Unicorn 2.1.4 for mov/add/inc/pop/push/xchg/cmpxchg).
+ * Protecting a *whole* region matters: a partial protect splits the region
+ * under Unicorn's feet while it holds a pointer to it. Python restores the
+ * permissions before resuming.
+ */
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*mem_protect_fn)(void *uc, uint64_t address, size_t size, uint32_t perms);
+/* segment register an instruction at eip uses for its memory operand:
+ * 4 = fs, 5 = gs, 0 = none of them (a plain access into the window region). */
+typedef int (*classify_site_fn)(uint32_t eip);
+/* 1 = allowed, 0 = segment violation */
+typedef int (*verdict_fn)(int seg, uint32_t generation, uint32_t offset, int size, int write);
+typedef uint32_t (*block_icount_fn)(uint32_t address, uint32_t size);
+
+#define SEG_FS 4
+#define SEG_GS 5
+
+#define SITE_SLOTS (1u << 15)
+#define VERDICT_SLOTS (1u << 16)
+#define BLOCK_SLOTS (1u << 18)
+#define ALIAS_SLOTS 8192
+
+enum { EXIT_NONE = 0, EXIT_SEGMENT_VIOLATION = 1, EXIT_KERNEL_ACCESS = 2, EXIT_TABLE_FULL = 3, EXIT_PAGE_FAULT = 4 };
+
+struct window {
+    uint32_t real_base;     /* the base the guest's descriptor holds */
+    uint32_t user_top;      /* first linear address above guest user space */
+    uint32_t base;          /* the base Unicorn uses for the segment (in the window) */
+    uint32_t generation;    /* interned id of the segment's current descriptor */
+    int32_t seg;            /* SEG_FS / SEG_GS, 0 = unused */
+    int32_t last_sign;      /* +1 / -1 / 0: sign of the previous access */
+    uint64_t accesses, negative, positive, sign_changes;
+};
+
+struct site {
+    uint32_t eip;           /* 0 = empty slot */
+    int32_t seg;
+    uint64_t accesses, reads, writes, negative, positive, violations;
+    uint32_t min_offset, max_offset;   /* as signed 32-bit, compared signed */
+};
+
+struct block {
+    uint32_t address, size; /* size 0 = empty slot */
+    uint32_t icount, pad;
+};
+
+struct exit_info {
+    int32_t kind;
+    int32_t seg;
+    uint32_t eip, offset, linear;
+    int32_t size, write;
+    uint32_t protected_start, protected_size;  /* alias region to re-enable, size 0 = none */
+};
+
+struct alias_region { uint32_t start, size; };
+
+struct fastpath {
+    void *uc;
+    reg_read_fn reg_read;
+    int32_t regid_eip;
+    int32_t nwindows;
+    classify_site_fn classify_site;
+    verdict_fn verdict;
+    block_icount_fn block_icount;
+    uint64_t instructions;      /* counted at block entry, corrected on precise stops */
+    uint32_t cur_block_address, cur_block_size, cur_block_icount, pad;
+    uint64_t verdict_misses, site_misses, block_misses;
+    mem_protect_fn mem_protect;
+    uint32_t last_eip, last_linear;   /* read-modify-write: one access, two events */
+    int32_t last_was_read, nalias;
+    struct exit_info exit;
+    struct window windows[2];
+    struct site sites[SITE_SLOTS];
+    uint64_t verdict_keys[VERDICT_SLOTS];   /* key + 1, 0 = empty */
+    uint8_t verdict_values[VERDICT_SLOTS];
+    struct block blocks[BLOCK_SLOTS];
+    struct alias_region alias[ALIAS_SLOTS];   /* sorted by start */
+};
+
+size_t fp_sizeof(void) { return sizeof(struct fastpath); }
+
+/* Python keeps this sorted list of alias regions in step with guest mappings. */
+int fp_set_aliases(struct fastpath *fp, const uint32_t *starts, const uint32_t *sizes, int n)
+{
+    if (n > ALIAS_SLOTS)
+        return -1;
+    for (int i = 0; i < n; i++) {
+        fp->alias[i].start = starts[i];
+        fp->alias[i].size = sizes[i];
+    }
+    fp->nalias = n;
+    return 0;
+}
+
+static inline uint32_t mix32(uint64_t key)
+{
+    key ^= key >> 33;
+    key *= 0xff51afd7ed558ccdULL;
+    key ^= key >> 33;
+    return (uint32_t)key;
+}
+
+static struct site *find_site(struct fastpath *fp, uint32_t eip)
+{
+    uint32_t i = mix32(eip) & (SITE_SLOTS - 1);
+    for (uint32_t n = 0; n < SITE_SLOTS; n++, i = (i + 1) & (SITE_SLOTS - 1)) {
+        struct site *s = &fp->sites[i];
+        if (s->eip == eip && s->seg != -1)
+            return s;
+        if (s->eip == 0 && s->seg == -1) {
+            fp->site_misses++;
+            int seg = fp->classify_site(eip);
+            s->eip = eip;
+            s->seg = seg;
+            s->min_offset = 0x7fffffff;
+            s->max_offset = 0x80000000u;
+            return s;
+        }
+    }
+    return NULL;
+}
+
+void fp_reset_sites(struct fastpath *fp)
+{
+    memset(fp->sites, 0, sizeof fp->sites);
+    for (uint32_t i = 0; i < SITE_SLOTS; i++)
+        fp->sites[i].seg = -1;
+}
+
+void fp_reset_verdicts(struct fastpath *fp)
+{
+    memset(fp->verdict_keys, 0, sizeof fp->verdict_keys);
+}
+
+void fp_reset_blocks(struct fastpath *fp)
+{
+    memset(fp->blocks, 0, sizeof fp->blocks);
+}
+
+static int lookup_verdict(struct fastpath *fp, int seg, uint32_t generation,
+                          uint32_t offset, int size, int write)
+{
+    uint64_t key = ((uint64_t)(generation & 0xffffff) << 40) ^ ((uint64_t)(seg & 7) << 37) ^
+                   ((uint64_t)(write & 1) << 36) ^ ((uint64_t)(size & 15) << 32) ^ offset;
+    uint32_t i = mix32(key) & (VERDICT_SLOTS - 1);
+    for (uint32_t n = 0; n < 64; n++, i = (i + 1) & (VERDICT_SLOTS - 1)) {
+        if (fp->verdict_keys[i] == key + 1)
+            return fp->verdict_values[i];
+        if (fp->verdict_keys[i] == 0) {
+            fp->verdict_misses++;
+            int v = fp->verdict(seg, generation, offset, size, write);
+            fp->verdict_keys[i] = key + 1;
+            fp->verdict_values[i] = (uint8_t)v;
+            return v;
+        }
+    }
+    /* probe sequence exhausted: ask without memoising (correct, just slower) */
+    fp->verdict_misses++;
+    return fp->verdict(seg, generation, offset, size, write);
+}
+
+/* Refuse the access in flight: strip the permissions of the alias region it hit. */
+static void refuse(struct fastpath *fp, void *uc, uint32_t linear, int kind)
+{
+    fp->exit.kind = kind;
+    fp->exit.protected_start = 0;
+    fp->exit.protected_size = 0;
+    int lo = 0, hi = fp->nalias - 1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        struct alias_region *r = &fp->alias[mid];
+        if (linear < r->start) hi = mid - 1;
+        else if (linear - r->start >= r->size) lo = mid + 1;
+        else {
+            fp->exit.protected_start = r->start;
+            fp->exit.protected_size = r->size;
+            fp->mem_protect(uc, r->start, r->size, 0);
+            return;
+        }
+    }
+    /* not an alias (a hypervisor page): nothing to strip; Python reports it */
+}
+
+/* UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE over the window region. */
+void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t value, void *user)
+{
+    struct fastpath *fp = user;
+    uint32_t eip = 0;
+    uint32_t linear = (uint32_t)address;
+    int write = (type == 17 /* UC_MEM_WRITE in unicorn.h */);
+    (void)value;
+
+    if (fp->exit.kind != EXIT_NONE)
+        return;  /* already refusing this instruction */
+    fp->reg_read(uc, fp->regid_eip, &eip);
+    struct site *site = find_site(fp, eip);
+    fp->exit.eip = eip;
+    fp->exit.size = size;
+    fp->exit.write = write;
+    if (site == NULL) {
+        refuse(fp, uc, linear, EXIT_TABLE_FULL);
+        return;
+    }
+    struct window *w = NULL;
+    for (int k = 0; k < fp->nwindows; k++) {
+        if (fp->windows[k].seg == site->seg && site->seg != 0) {
+            w = &fp->windows[k];
+            break;
+        }
+    }
+    if (w == NULL) {
+        /* not an fs/gs instruction: a plain access into the region above
+         * guest user space (guest kernel / hypervisor) */
+        fp->exit.seg = site->seg;
+        fp->exit.linear = linear;
+        fp->exit.offset = linear;
+        refuse(fp, uc, linear, EXIT_KERNEL_ACCESS);
+        return;
+    }
+    /* Unicorn computed linear = window base + offset (mod 2^32), so the
+     * offset is exact wherever in the hooked region the access landed. */
+    uint32_t offset = linear - w->base;
+    uint32_t real_linear = offset + w->real_base;
+    fp->exit.seg = w->seg;
+    fp->exit.offset = offset;
+    fp->exit.linear = real_linear;
+    int allowed = lookup_verdict(fp, w->seg, w->generation, offset, size, write);
+    if (!allowed) {
+        site->violations++;
+        refuse(fp, uc, linear, EXIT_SEGMENT_VIOLATION);
+        return;
+    }
+    if (real_linear >= w->user_top || real_linear + (uint32_t)size - 1 >= w->user_top ||
+        real_linear + (uint32_t)size - 1 < real_linear) {
+        /* the segment admits it, but no guest page is there */
+        refuse(fp, uc, linear, EXIT_PAGE_FAULT);
+        return;
+    }
+    /* the write half of a read-modify-write is the same access */
+    int same_access = write && fp->last_was_read && fp->last_eip == eip && fp->last_linear == linear;
+    fp->last_eip = eip;
+    fp->last_linear = linear;
+    fp->last_was_read = !write;
+    if (write) site->writes++; else site->reads++;
+    if (same_access)
+        return;
+    int32_t soff = (int32_t)offset;
+    int sign = soff < 0 ? -1 : 1;
+    w->accesses++;
+    if (sign < 0) w->negative++; else w->positive++;
+    if (w->last_sign != 0 && w->last_sign != sign) w->sign_changes++;
+    w->last_sign = sign;
+    site->accesses++;
+    if (sign < 0) site->negative++; else site->positive++;
+    if (soff < (int32_t)site->min_offset) site->min_offset = (uint32_t)soff;
+    if (soff > (int32_t)site->max_offset) site->max_offset = (uint32_t)soff;
+}
+
+/* UC_HOOK_BLOCK: count retired instructions a block at a time. */
+void fp_on_block(void *uc, uint64_t address, uint32_t size, void *user)
+{
+    struct fastpath *fp = user;
+    uint32_t a = (uint32_t)address;
+    (void)uc;
+    uint32_t i = mix32(((uint64_t)a << 20) ^ size) & (BLOCK_SLOTS - 1);
+    uint32_t icount = 0;
+    for (uint32_t n = 0; n < 256; n++, i = (i + 1) & (BLOCK_SLOTS - 1)) {
+        struct block *b = &fp->blocks[i];
+        if (b->size == size && b->address == a) {
+            icount = b->icount;
+            goto found;
+        }
+        if (b->size == 0) {
+            fp->block_misses++;
+            icount = fp->block_icount(a, size);
+            b->address = a;
+            b->size = size;
+            b->icount = icount;
+            goto found;
+        }
+    }
+    fp->block_misses++;
+    icount = fp->block_icount(a, size);
+found:
+    fp->instructions += icount;
+    fp->cur_block_address = a;
+    fp->cur_block_size = size;
+    fp->cur_block_icount = icount;
+}

@@ -1,0 +1,258 @@
+"""Build, load and wire the C fast path (``_fastpath.c``).
+
+The C file is a memo and a counter bank in front of Python callbacks; it holds
+no x86 semantics (see its header comment for why it exists at all). It is
+compiled on first use with the host C compiler into a cache directory keyed by
+the source hash, so a fresh clone needs no build step beyond ``cc``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from unicorn.unicorn_py3.unicorn import uclib
+
+SOURCE = Path(__file__).with_name("_fastpath.c")
+
+SEG_NONE, SEG_FS, SEG_GS = 0, 4, 5
+
+EXIT_NONE = 0
+EXIT_SEGMENT_VIOLATION = 1
+EXIT_KERNEL_ACCESS = 2
+EXIT_TABLE_FULL = 3
+EXIT_PAGE_FAULT = 4
+
+SITE_SLOTS = 1 << 15
+
+CLASSIFY_SITE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint32)
+VERDICT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int, ctypes.c_int)
+BLOCK_ICOUNT = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
+
+
+class FastpathBuildError(RuntimeError):
+    """The C fast path could not be compiled (no C compiler?)."""
+
+
+class ExitInfo(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("seg", ctypes.c_int32),
+        ("eip", ctypes.c_uint32),
+        ("offset", ctypes.c_uint32),
+        ("linear", ctypes.c_uint32),
+        ("size", ctypes.c_int32),
+        ("write", ctypes.c_int32),
+        ("protected_start", ctypes.c_uint32),
+        ("protected_size", ctypes.c_uint32),
+    ]
+
+
+class Window(ctypes.Structure):
+    _fields_ = [
+        ("real_base", ctypes.c_uint32),
+        ("user_top", ctypes.c_uint32),
+        ("base", ctypes.c_uint32),
+        ("generation", ctypes.c_uint32),
+        ("seg", ctypes.c_int32),
+        ("last_sign", ctypes.c_int32),
+        ("accesses", ctypes.c_uint64),
+        ("negative", ctypes.c_uint64),
+        ("positive", ctypes.c_uint64),
+        ("sign_changes", ctypes.c_uint64),
+    ]
+
+
+class Site(ctypes.Structure):
+    _fields_ = [
+        ("eip", ctypes.c_uint32),
+        ("seg", ctypes.c_int32),
+        ("accesses", ctypes.c_uint64),
+        ("reads", ctypes.c_uint64),
+        ("writes", ctypes.c_uint64),
+        ("negative", ctypes.c_uint64),
+        ("positive", ctypes.c_uint64),
+        ("violations", ctypes.c_uint64),
+        ("min_offset", ctypes.c_uint32),
+        ("max_offset", ctypes.c_uint32),
+    ]
+
+
+class FastpathHeader(ctypes.Structure):
+    """Mirror of the leading fields of ``struct fastpath``."""
+
+    _fields_ = [
+        ("uc", ctypes.c_void_p),
+        ("reg_read", ctypes.c_void_p),
+        ("regid_eip", ctypes.c_int32),
+        ("nwindows", ctypes.c_int32),
+        ("classify_site", ctypes.c_void_p),
+        ("verdict", ctypes.c_void_p),
+        ("block_icount", ctypes.c_void_p),
+        ("instructions", ctypes.c_uint64),
+        ("cur_block_address", ctypes.c_uint32),
+        ("cur_block_size", ctypes.c_uint32),
+        ("cur_block_icount", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("verdict_misses", ctypes.c_uint64),
+        ("site_misses", ctypes.c_uint64),
+        ("block_misses", ctypes.c_uint64),
+        ("mem_protect", ctypes.c_void_p),
+        ("last_eip", ctypes.c_uint32),
+        ("last_linear", ctypes.c_uint32),
+        ("last_was_read", ctypes.c_int32),
+        ("nalias", ctypes.c_int32),
+        ("exit", ExitInfo),
+        ("windows", Window * 2),
+        ("sites", Site * SITE_SLOTS),
+    ]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TLSLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tlslab")
+    return Path(root)
+
+
+def library_path() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return cache_dir() / f"fastpath-{digest}.so"
+
+
+def build_library() -> Path:
+    """Compile ``_fastpath.c`` once per source version; safe under concurrency."""
+    target = library_path()
+    if target.exists():
+        return target
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise FastpathBuildError("no C compiler found (install gcc): the machine's fast path is compiled on first use")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    cmd = [cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise FastpathBuildError(f"compiling {SOURCE.name} failed: {proc.stderr.strip().splitlines()[:1]}")
+    os.replace(tmp, target)  # atomic: concurrent builders race harmlessly
+    return target
+
+
+_LIB: ctypes.CDLL | None = None
+
+
+def load_library() -> ctypes.CDLL:
+    global _LIB
+    if _LIB is None:
+        lib = ctypes.CDLL(str(build_library()))
+        lib.fp_sizeof.restype = ctypes.c_size_t
+        lib.fp_set_aliases.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        lib.fp_set_aliases.restype = ctypes.c_int
+        for name in ("fp_reset_sites", "fp_reset_verdicts", "fp_reset_blocks"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p]
+            getattr(lib, name).restype = None
+        _LIB = lib
+    return _LIB
+
+
+@dataclass
+class SiteCounters:
+    """Per-instruction fs/gs access counters gathered by the fast path."""
+
+    eip: int
+    segment: str
+    accesses: int
+    reads: int
+    writes: int
+    negative: int
+    positive: int
+    violations: int
+    min_offset: int
+    max_offset: int
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+class Fastpath:
+    """One fast-path state block bound to one Unicorn instance."""
+
+    def __init__(self, uc_handle, regid_eip: int, classify_site, verdict, block_icount):
+        lib = load_library()
+        self.lib = lib
+        size = lib.fp_sizeof()
+        self._buffer = ctypes.create_string_buffer(size)
+        self.address = ctypes.addressof(self._buffer)
+        self.header = FastpathHeader.from_address(self.address)
+        # keep the ctypes callback objects alive as long as the state block
+        self._callbacks = (CLASSIFY_SITE(classify_site), VERDICT(verdict), BLOCK_ICOUNT(block_icount))
+        h = self.header
+        h.uc = uc_handle.value if hasattr(uc_handle, "value") else uc_handle
+        h.reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
+        h.mem_protect = ctypes.cast(uclib.uc_mem_protect, ctypes.c_void_p).value
+        h.regid_eip = regid_eip
+        h.classify_site = ctypes.cast(self._callbacks[0], ctypes.c_void_p).value
+        h.verdict = ctypes.cast(self._callbacks[1], ctypes.c_void_p).value
+        h.block_icount = ctypes.cast(self._callbacks[2], ctypes.c_void_p).value
+        lib.fp_reset_sites(self.address)
+        lib.fp_reset_verdicts(self.address)
+        lib.fp_reset_blocks(self.address)
+        self.on_window_access = ctypes.cast(lib.fp_on_window_access, ctypes.c_void_p).value
+        self.on_block = ctypes.cast(lib.fp_on_block, ctypes.c_void_p).value
+
+    def set_aliases(self, regions: list[tuple[int, int]]) -> None:
+        """Tell the hook where the alias regions are (sorted, non-overlapping)."""
+        n = len(regions)
+        starts = (ctypes.c_uint32 * max(n, 1))(*(r[0] for r in regions))
+        sizes = (ctypes.c_uint32 * max(n, 1))(*(r[1] for r in regions))
+        if self.lib.fp_set_aliases(self.address, starts, sizes, n) != 0:
+            raise MemoryError(f"too many guest regions for the fast path ({n})")
+
+    def reset_verdicts(self) -> None:
+        self.lib.fp_reset_verdicts(self.address)
+
+    def reset_blocks(self) -> None:
+        self.lib.fp_reset_blocks(self.address)
+
+    def reset_sites(self) -> None:
+        self.lib.fp_reset_sites(self.address)
+
+    def take_exit(self) -> ExitInfo | None:
+        e = self.header.exit
+        if e.kind == EXIT_NONE:
+            return None
+        copy = ExitInfo()
+        ctypes.pointer(copy)[0] = e
+        e.kind = EXIT_NONE
+        e.protected_size = 0
+        return copy
+
+    def sites(self) -> list[SiteCounters]:
+        names = {SEG_FS: "fs", SEG_GS: "gs"}
+        out = []
+        for s in self.header.sites:
+            if s.eip == 0 or s.seg not in names or (s.accesses == 0 and s.violations == 0):
+                continue
+            out.append(
+                SiteCounters(
+                    eip=s.eip,
+                    segment=names[s.seg],
+                    accesses=s.accesses,
+                    reads=s.reads,
+                    writes=s.writes,
+                    negative=s.negative,
+                    positive=s.positive,
+                    violations=s.violations,
+                    min_offset=_signed(s.min_offset) if s.accesses else 0,
+                    max_offset=_signed(s.max_offset) if s.accesses else 0,
+                )
+            )
+        out.sort(key=lambda c: c.eip)
+        return out

@@ -1,0 +1,57 @@
+"""The linear address map the machine gives a guest, and why.
+
+Unicorn does not enforce segment limits (BRIEF section 4), so the machine must
+see every fs/gs access itself, before it commits, without a Python callback per
+instruction. The layout makes that possible:
+
+    0x00000000 .. USER_TOP     guest user space (ELF image, heap, mmaps, stack)
+    USER_TOP   .. 0x80000000   hypervisor pages: GDT (read-only), entry stub
+    0x80000000 .. 0xC0000000   GS window: user space aliased at +GS_WINDOW_SHIFT
+    0xC0000000 .. 0x100000000  FS window: user space aliased at +FS_WINDOW_SHIFT
+
+The descriptor Unicorn loads for %gs has base ``real_base + GS_WINDOW_SHIFT``,
+so ``%gs:off`` reaches linear ``real_base + off + shift``: the alias of the page
+the guest meant. Window aliases carry no permissions, so each access raises a
+protection event that the fast path checks with tlslab.x86 semantics; offsets
+are exact because ``off = linear - window_base (mod 2^32)``.
+
+Known blind spot: an fs/gs access whose *real* linear address lies outside user
+space and whose shifted address lands back inside user space (gs: real linear in
+[0x80000000, 0xC0000000); fs: in [0x40000000, 0x80000000)) is not seen. Such an
+access is ~1 GiB away from any TLS block; real code never makes one.
+"""
+
+PAGE_SIZE = 0x1000
+
+USER_TOP = 0x4000_0000
+STACK_TOP = USER_TOP
+STACK_SIZE = 8 << 20
+MMAP_TOP = STACK_TOP - STACK_SIZE - 0x10_0000  # a guard gap below the stack
+MMAP_BOTTOM = 0x1000_0000
+
+HYPERVISOR_PAGES = 0x7FFF_0000  # GDT page, then the ring-3 entry stub page
+GDT_BASE = HYPERVISOR_PAGES
+GDT_ENTRIES = 32
+ENTRY_STUB = HYPERVISOR_PAGES + PAGE_SIZE
+ENTRY_STACK = HYPERVISOR_PAGES + 3 * PAGE_SIZE  # ring-0 stack used once by the entry stub
+
+GS_WINDOW_SHIFT = 0x8000_0000
+FS_WINDOW_SHIFT = 0xC000_0000
+WINDOW_REGION = (0x8000_0000, 0xFFFF_FFFF)
+
+# Linux i386 GDT slots (arch/x86/include/asm/segment.h)
+GDT_ENTRY_TLS_MIN = 6
+GDT_ENTRY_TLS_ENTRIES = 3
+GDT_ENTRY_KERNEL_CS = 12
+GDT_ENTRY_KERNEL_DS = 13
+GDT_ENTRY_USER_CS = 14
+GDT_ENTRY_USER_DS = 15
+
+USER_CS = (GDT_ENTRY_USER_CS << 3) | 3
+USER_DS = (GDT_ENTRY_USER_DS << 3) | 3
+KERNEL_CS = GDT_ENTRY_KERNEL_CS << 3
+KERNEL_DS = GDT_ENTRY_KERNEL_DS << 3
+
+
+def selector_index(selector: int) -> int:
+    return selector >> 3
