@@ -378,6 +378,7 @@ class VCpu:
             return False
         self._load_segment(reg, selector)
         self.regs.set("eip", eip + insn.size)
+        self.retire(1)
         return True
 
     # ------------------------------------------------------------ control
@@ -504,6 +505,12 @@ class VCpu:
 
     def site_counters(self) -> list[fastpath.SiteCounters]:
         return self._fast.sites() if self.checks else []
+
+    def retire(self, count: int) -> None:
+        """Account instructions completed outside the CPU (by an emulator)."""
+        if self._fast is not None and self.count_instructions:
+            self._fast.header.instructions += count
+            self.counters.instructions = self._fast.header.instructions
 
     def invalidate_code(self, address: int, size: int) -> None:
         """Drop translated code after the host patched guest code bytes."""

@@ -1,1 +1,27 @@
+"""Fault strategies, one small module each; ``STRATEGIES`` is the registry."""
 
+from __future__ import annotations
+
+from tlslab.hypervisor.strategies.base import Action, Strategy, StrategyCounters, Trap, Verdict
+from tlslab.hypervisor.strategies.emulate import Emulate2004Strategy, EmulateStrategy
+from tlslab.hypervisor.strategies.flip import FlipFsStrategy, FlipFullStrategy, FlipStrategy
+from tlslab.hypervisor.strategies.native import NativeStrategy
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (NativeStrategy, EmulateStrategy, Emulate2004Strategy, FlipStrategy, FlipFullStrategy, FlipFsStrategy)
+}
+
+
+class UnknownStrategy(ValueError):
+    pass
+
+
+def get_strategy(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]()
+    except KeyError:
+        raise UnknownStrategy(f"unknown strategy {name!r} (choose from: {', '.join(STRATEGIES)})") from None
+
+
+__all__ = ["Action", "Strategy", "StrategyCounters", "Trap", "Verdict", "STRATEGIES", "get_strategy", "UnknownStrategy"]

@@ -1,0 +1,156 @@
+"""The machine layer: fs/gs enforcement before commit, exits, counters.
+
+Guest code is assembled with keystone and run in ring 3 on a real VCpu.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from keystone import KS_ARCH_X86, KS_MODE_32, Ks
+
+from tlslab.machine import layout
+from tlslab.machine.memory import PROT_EXEC, PROT_READ, PROT_WRITE
+from tlslab.machine.vcpu import ExitReason, VCpu
+from tlslab.x86 import xen
+from tlslab.x86.descriptor import SegmentDescriptor
+
+KS = Ks(KS_ARCH_X86, KS_MODE_32)
+CODE = 0x0804_8000
+DATA = 0x0810_0000
+TCB = DATA + 0x840  # deliberately not page aligned, like glibc's TCB
+STACK_TOP = layout.STACK_TOP
+GS_SELECTOR = (layout.GDT_ENTRY_TLS_MIN << 3) | 3
+
+PROLOGUE = f"mov eax, {GS_SELECTOR}; mov gs, ax; "
+
+
+def make_vcpu(body: str, desc: SegmentDescriptor | None = None, checks: bool = True) -> VCpu:
+    code = bytes(KS.asm(PROLOGUE + body + "; mov eax, 1; int 0x80", CODE)[0])
+    v = VCpu(checks=checks)
+    v.mem.map(CODE, 0x1000, PROT_READ | PROT_EXEC)
+    v.mem.write(CODE, code)
+    v.mem.map(DATA, 0x2000, PROT_READ | PROT_WRITE)
+    v.mem.map(STACK_TOP - 0x10000, 0x10000, PROT_READ | PROT_WRITE)
+    v.set_descriptor(layout.GDT_ENTRY_TLS_MIN, desc or SegmentDescriptor.flat_user_data(TCB))
+    v.enter_user_mode(CODE, STACK_TOP - 0x100)
+    return v
+
+
+def truncated() -> SegmentDescriptor:
+    return xen.truncate(SegmentDescriptor.flat_user_data(TCB), "nonpae")
+
+
+def test_allowed_gs_accesses_run_and_are_counted():
+    v = make_vcpu("mov dword ptr gs:[0x10], 0x1234; mov ebx, dword ptr gs:[0x10]; mov ecx, dword ptr gs:[-0x20]")
+    v.mem.write_u32(TCB - 0x20, 0xCAFE)
+    e = v.run()
+    assert e.reason is ExitReason.SYSCALL
+    assert v.regs.get("ebx") == 0x1234
+    assert v.regs.get("ecx") == 0xCAFE
+    assert v.mem.read_u32(TCB + 0x10) == 0x1234  # the window aliases the real TCB
+    gs = v.segment_counters()["gs"]
+    assert (gs.accesses, gs.positive, gs.negative, gs.sign_changes) == (3, 2, 1, 1)
+    assert {s.min_offset for s in v.site_counters()} == {0x10, -0x20}
+
+
+@pytest.mark.parametrize(
+    "insn, write",
+    [
+        ("mov ebx, dword ptr gs:[-0x20]", False),
+        ("mov dword ptr gs:[-0x20], ebx", True),
+        ("add dword ptr gs:[-0x20], 5", False),
+        ("inc dword ptr gs:[-0x20]", False),
+        ("pop dword ptr gs:[-0x20]", True),
+        ("push dword ptr gs:[-0x20]", False),
+        ("xchg dword ptr gs:[-0x20], ebx", False),
+        ("mov byte ptr gs:[-0x1], 7", True),
+    ],
+)
+def test_violation_stops_before_commit(insn, write):
+    v = make_vcpu(f"mov ebx, 0x77; {insn}; mov ecx, 9", truncated())
+    v.mem.write_u32(TCB - 0x20, 0x11111111)
+    v.mem.write_u32(STACK_TOP - 0x100, 0xAAAAAAAA)
+    before_esp = None
+    e = v.run()
+    assert e.reason is ExitReason.SEGMENT_VIOLATION
+    vio = e.violation
+    assert vio.segment == "gs"
+    assert vio.offset in (0xFFFFFFE0, 0xFFFFFFFF)
+    assert vio.write is write
+    assert vio.linear == (TCB + vio.offset) & 0xFFFFFFFF
+    # nothing of the instruction happened
+    assert v.mem.read_u32(TCB - 0x20) == 0x11111111
+    assert v.regs.get("ebx") == 0x77
+    assert v.regs.get("ecx") == 0
+    assert v.regs.get("esp") == STACK_TOP - 0x100 if before_esp is None else before_esp
+    code = v.mem.read(vio.eip, 8)
+    assert code[0] == 0x65  # EIP is the faulting gs-prefixed instruction
+
+
+def test_restart_after_descriptor_change_completes_instruction():
+    v = make_vcpu("mov ebx, dword ptr gs:[-0x20]; mov ecx, dword ptr gs:[0x4]", truncated())
+    v.mem.write_u32(TCB - 0x20, 0xBEEF)
+    v.mem.write_u32(TCB + 4, 0xF00D)
+    e = v.run()
+    assert e.reason is ExitReason.SEGMENT_VIOLATION
+    flipped = xen.flip(e.violation.descriptor, e.violation.offset, "nonpae")
+    v.set_descriptor(layout.GDT_ENTRY_TLS_MIN, flipped)
+    e = v.run()
+    assert e.reason is ExitReason.SEGMENT_VIOLATION and e.violation.offset == 4
+    v.set_descriptor(layout.GDT_ENTRY_TLS_MIN, xen.flip(e.violation.descriptor, 4, "nonpae"))
+    assert v.run().reason is ExitReason.SYSCALL
+    assert (v.regs.get("ebx"), v.regs.get("ecx")) == (0xBEEF, 0xF00D)
+
+
+def test_plain_access_to_hypervisor_hole_is_a_fault():
+    v = make_vcpu("mov ebx, dword ptr [0xFC000100]")
+    e = v.run()
+    assert e.reason is ExitReason.PAGE_FAULT
+    assert e.page_fault.linear == 0xFC000100
+
+
+def test_gs_access_beyond_user_space_is_a_fault_even_if_segment_allows():
+    v = make_vcpu(f"mov ebx, dword ptr gs:[{0xFC000000 - TCB:#x}]")
+    e = v.run()
+    assert e.reason is ExitReason.PAGE_FAULT
+    assert e.page_fault.linear == 0xFC000000
+
+
+def test_instruction_count_is_exact_and_deterministic():
+    body = "; ".join(["add ebx, 1"] * 37)
+    counts = set()
+    for _ in range(2):
+        v = make_vcpu(body)
+        assert v.run().reason is ExitReason.SYSCALL
+        counts.add(v.counters.instructions)
+    # prologue 2 + body 37 + epilogue 2 (mov eax; int 0x80)
+    assert counts == {41}
+
+
+def test_instruction_count_excludes_faulting_and_later_instructions():
+    v = make_vcpu("add ebx, 1; add ebx, 1; mov ecx, dword ptr gs:[-4]; add ebx, 1", truncated())
+    assert v.run().reason is ExitReason.SEGMENT_VIOLATION
+    assert v.counters.instructions == 4  # mov eax, mov gs, add, add
+
+
+@settings(max_examples=60, deadline=None)
+@given(offset=st.integers(min_value=-0x800, max_value=0x7FC), size=st.sampled_from([1, 2, 4]),
+       expand_down=st.booleans())
+def test_window_verdicts_match_tlslab_x86(offset, size, expand_down):
+    """Whatever the descriptor, the machine refuses exactly what tlslab.x86 refuses."""
+    from tlslab.x86.segcheck import check_data_access
+
+    desc = truncated()
+    if expand_down:
+        desc = xen.flip(desc, 0xFFFFFFF0, "nonpae")
+    ptr = {1: "byte", 2: "word", 4: "dword"}[size]
+    reg = {1: "bl", 2: "bx", 4: "ebx"}[size]
+    v = make_vcpu(f"mov {reg}, {ptr} ptr gs:[{offset}]", desc)
+    e = v.run()
+    expected = check_data_access(desc, offset & 0xFFFFFFFF, size, False).allowed
+    assert (e.reason is ExitReason.SYSCALL) == expected
+    if not expected:
+        assert e.reason is ExitReason.SEGMENT_VIOLATION
+        assert e.violation.offset == offset & 0xFFFFFFFF and e.violation.size == size

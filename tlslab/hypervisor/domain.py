@@ -1,0 +1,157 @@
+"""A domain: one guest process on one vCPU under one hypervisor strategy.
+
+``Domain.run()`` is the run loop, explicit about every exit (KVM style):
+
+    SYSCALL            -> the Linux personality handles it
+    SEGMENT_VIOLATION  -> the strategy: resume / restart / kill (SIGSEGV)
+    PAGE_FAULT         -> SIGSEGV (nothing to fix: the guest touched no memory)
+    EXCEPTION          -> SIGSEGV/SIGILL/SIGFPE equivalent, reported
+    TIMEOUT            -> the run is abandoned, reported
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import capstone
+
+from tlslab.hypervisor.policy import DescriptorPolicy
+from tlslab.hypervisor.strategies import Action, Strategy, Trap, get_strategy
+from tlslab.machine import layout
+from tlslab.machine.vcpu import Exit, ExitReason, VCpu
+from tlslab.x86.descriptor import SegmentDescriptor
+
+_DISASM = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
+
+
+@dataclass(frozen=True)
+class GuestCrash:
+    """Where and why a guest died."""
+
+    eip: int
+    symbol: str
+    instruction: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"guest crashed at {self.eip:#010x} <{self.symbol}>: `{self.instruction}`: {self.reason}"
+
+
+@dataclass
+class RunResult:
+    status: int | None            # exit status; None if the guest crashed or timed out
+    stdout: bytes
+    stderr: bytes
+    crash: GuestCrash | None
+    counters: dict
+    wall_seconds: float
+    sites: list = field(default_factory=list)  # per-instruction fs/gs counters
+
+    @property
+    def ok(self) -> bool:
+        return self.crash is None
+
+
+class Domain:
+    def __init__(self, process_factory, strategy: Strategy | str, profile: str = "nonpae",
+                 checks: bool = True, timeout_seconds: float = 0, max_traps: int | None = None):
+        self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+        self.policy = DescriptorPolicy.xen(profile) if self.strategy.truncates else DescriptorPolicy.native(profile)
+        self.vcpu = VCpu(checks=checks, timeout_seconds=timeout_seconds)
+        self._requested: dict[SegmentDescriptor, SegmentDescriptor] = {}
+        self.max_traps = max_traps
+        self.process = process_factory(self.vcpu, self._shape_descriptor)
+        self.strategy.attach(self)
+
+    # the policy as the Linux layer sees it: remember what was asked for
+    def _shape_descriptor(self, requested: SegmentDescriptor) -> SegmentDescriptor:
+        shaped = self.policy(requested)
+        self._requested[shaped] = requested
+        return shaped
+
+    def requested_descriptor(self, segment: str) -> SegmentDescriptor | None:
+        """What the guest asked for behind the descriptor fs/gs holds now."""
+        selector = self.vcpu.loaded.get(segment, 0)
+        if not selector:
+            return None
+        installed = self.vcpu.descriptors[layout.selector_index(selector)]
+        if installed is None:
+            return None
+        if installed in self._requested:
+            return self._requested[installed]
+        # flipped descriptors: same base, the guest asked for a flat segment
+        for shaped, requested in self._requested.items():
+            if shaped.base == installed.base:
+                return requested
+        return installed
+
+    def symbolize(self, eip: int) -> str:
+        return self.process.symbolize(eip)
+
+    def crash_at(self, eip: int, reason: str) -> GuestCrash:
+        text = "??"
+        try:
+            code = self.vcpu.mem.read(eip, 15) if self.vcpu.mem.is_mapped(eip, 15) else b""
+            insn = next(_DISASM.disasm(code, eip, 1), None)
+            if insn is not None:
+                text = f"{insn.mnemonic} {insn.op_str}".strip()
+        except Exception:
+            pass
+        return GuestCrash(eip, self.symbolize(eip), text, reason)
+
+    def run(self) -> RunResult:
+        from tlslab.linux.process import ProcessExit
+
+        started = time.perf_counter()
+        status: int | None = None
+        crash: GuestCrash | None = None
+        traps = 0
+        while True:
+            e: Exit = self.vcpu.run()
+            if e.reason is ExitReason.SYSCALL:
+                try:
+                    self.process.handle_syscall()
+                except ProcessExit as done:
+                    status = done.status
+                    break
+                continue
+            if e.reason is ExitReason.SEGMENT_VIOLATION:
+                traps += 1
+                verdict = self.strategy.handle(Trap(e.violation, self))
+                if verdict.action is Action.KILL:
+                    crash = self.crash_at(e.eip, f"SIGSEGV ({self.strategy.name}): {verdict.reason}")
+                    break
+                if self.max_traps is not None and traps >= self.max_traps:
+                    crash = self.crash_at(e.eip, f"stopped after {traps} traps (--max-traps)")
+                    break
+                continue
+            if e.reason is ExitReason.PAGE_FAULT:
+                pf = e.page_fault
+                where = pf.linear if pf else 0
+                hole = " (hypervisor hole)" if where >= self.policy.hypervisor_start else ""
+                crash = self.crash_at(e.eip, f"SIGSEGV: {e.message}{hole}")
+                break
+            if e.reason is ExitReason.TIMEOUT:
+                crash = self.crash_at(e.eip, "timed out")
+                break
+            crash = self.crash_at(e.eip, e.message or "CPU exception")
+            break
+        wall = time.perf_counter() - started
+        return RunResult(status, self.process.stdout_bytes(), self.process.stderr_bytes(), crash,
+                         self.counters(), wall, [asdict(s) for s in self.vcpu.site_counters()])
+
+    def counters(self) -> dict:
+        vc = self.vcpu.counters
+        seg = {name: asdict(c) for name, c in self.vcpu.segment_counters().items()}
+        sc = asdict(self.strategy.counters)
+        return {
+            "instructions": vc.instructions,
+            "segment_loads": vc.segment_loads,
+            "violations": dict(vc.violations),
+            "page_faults": vc.page_faults,
+            "segments": seg,
+            "strategy": {"name": self.strategy.name, **sc},
+            "policy": self.policy.describe(),
+            "linux": self.process.counters_dict(),
+        }

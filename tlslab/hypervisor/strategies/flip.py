@@ -1,0 +1,63 @@
+"""flip: Xen's seg_fixup -- turn the faulting segment expand-down or back, restart.
+
+The descriptor really changes in the guest's table and %gs is reloaded from it,
+so every alternation between +ve and -ve offsets costs a fault. Variants:
+``flip`` has seg_fixup's 2004 coverage (its own small decoder, %gs only);
+``flip-full`` decodes anything; ``flip-fs`` also fixes %fs.
+"""
+
+from __future__ import annotations
+
+from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict
+from tlslab.hypervisor.strategies.emulate import fetch_and_decode
+from tlslab.machine import layout
+from tlslab.x86 import coverage, xen
+from tlslab.x86.decode import DecodeError
+
+
+class FlipStrategy(Strategy):
+    name = "flip"
+    description = "Xen 2004 seg_fixup: flip %gs expand-up <-> expand-down and restart (its decoder, gs only)"
+    segments = ("gs",)
+    full_decoder = False
+
+    def handle(self, trap: Trap) -> Verdict:
+        v = trap.violation
+        domain = trap.domain
+        c = self.counters
+        c.traps += 1
+        if v.segment not in self.segments:
+            c.refused += 1
+            return Verdict.kill(f"{self.name} only fixes {'/'.join(self.segments)}, fault was on {v.segment}")
+        insn = fetch_and_decode(domain, v.eip)
+        c.decodes += 1
+        if isinstance(insn, DecodeError):
+            c.refused += 1
+            return Verdict.kill(f"cannot decode: {insn}")
+        if not self.full_decoder:
+            ok, why = coverage.seg_fixup_decodes(insn)
+            if not ok:
+                c.refused += 1
+                c.count("uncovered")
+                return Verdict.kill(f"seg_fixup cannot decode `{insn.mnemonic}`: {why}")
+        flipped = xen.flip(v.descriptor, v.offset, domain.policy.profile, size=v.size)
+        if flipped is None:
+            c.refused += 1
+            return Verdict.kill(f"genuine fault: {v.reason}")
+        domain.vcpu.set_descriptor(layout.selector_index(v.selector), flipped)
+        c.descriptor_writes += 1
+        c.count("to-expand-down" if flipped.expand_down else "to-expand-up")
+        return Verdict.restart()
+
+
+class FlipFullStrategy(FlipStrategy):
+    name = "flip-full"
+    description = "flip with a full decoder (any fs/gs form), gs only"
+    full_decoder = True
+
+
+class FlipFsStrategy(FlipStrategy):
+    name = "flip-fs"
+    description = "flip with a full decoder, fixing both %gs and %fs"
+    full_decoder = True
+    segments = ("fs", "gs")

@@ -1,0 +1,14 @@
+"""native: no truncation at all -- bare metal, or Xen before /lib/tls existed."""
+
+from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict
+
+
+class NativeStrategy(Strategy):
+    name = "native"
+    description = "no truncation: descriptors installed as asked (bare-metal / no-/lib/tls baseline)"
+    truncates = False
+
+    def handle(self, trap: Trap) -> Verdict:
+        # with untruncated segments a violation is the guest's own bug
+        self.counters.refused += 1
+        return Verdict.kill(trap.violation.reason)
