@@ -101,7 +101,7 @@ class Domain:
         return GuestCrash(eip, self.symbolize(eip), text, reason)
 
     def run(self) -> RunResult:
-        from tlslab.linux.process import ProcessExit
+        from tlslab.linux.syscalls_proc import ProcessExit
 
         started = time.perf_counter()
         status: int | None = None
@@ -138,7 +138,7 @@ class Domain:
             crash = self.crash_at(e.eip, e.message or "CPU exception")
             break
         wall = time.perf_counter() - started
-        return RunResult(status, self.process.stdout_bytes(), self.process.stderr_bytes(), crash,
+        return RunResult(status, bytes(self.process.stdout), bytes(self.process.stderr), crash,
                          self.counters(), wall, [asdict(s) for s in self.vcpu.site_counters()])
 
     def counters(self) -> dict:
@@ -153,5 +153,5 @@ class Domain:
             "segments": seg,
             "strategy": {"name": self.strategy.name, **sc},
             "policy": self.policy.describe(),
-            "linux": self.process.counters_dict(),
+            "linux": self.process.counters.as_dict(),
         }

@@ -1,0 +1,232 @@
+"""A Linux i386 process on a VCpu: ELF image, stack, files, system calls, counters.
+
+The hypervisor layer drives its own run loop and calls ``handle_syscall`` on
+SYSCALL exits; ``run_native`` is the plain loop (no strategies) for tests and
+for the native baseline. Everything a run produces is deterministic given the
+binary, argv, env, filesystem and seed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tlslab.linux import nodes as N
+from tlslab.linux.elf import ElfImage, load_elf
+from tlslab.linux.files import O_RDONLY, O_WRONLY, FdTable, OpenFile
+from tlslab.linux.stack import InitialStack, StackSpec, build_stack
+from tlslab.linux.syscalls import SyscallCounters, dispatch, syscall_name
+from tlslab.linux.syscalls_proc import ProcessExit, TlsInstall
+from tlslab.linux.vfs import Vfs
+from tlslab.machine import layout
+from tlslab.machine.memory import PROT_EXEC, PROT_READ, PROT_WRITE
+from tlslab.x86.descriptor import SegmentDescriptor
+
+DEFAULT_ENV = (b"PATH=/bin:/usr/bin", b"HOME=/", b"LANG=C", b"TERM=dumb")
+STDOUT_MODELS = ("pipe", "file", "null", "tty")
+_STREAM_MODES = {"pipe": N.S_IFIFO | 0o600, "file": N.S_IFREG | 0o644, "null": N.S_IFCHR | 0o666,
+                 "tty": N.S_IFCHR | 0o620}
+_STREAM_RDEV = {"pipe": (0, 0), "file": (0, 0), "null": (1, 3), "tty": (136, 0)}
+
+__all__ = ["Process", "ProcessExit", "GuestCrash", "run_native", "DEFAULT_ENV", "identity_policy"]
+
+
+def identity_policy(desc: SegmentDescriptor) -> SegmentDescriptor:
+    """Native Linux: the descriptor the guest asked for is the one installed."""
+    return desc
+
+
+class GuestCrash(RuntimeError):
+    """The guest stopped on something other than a system call (native loop)."""
+
+    def __init__(self, exit, where: str):
+        self.exit = exit
+        self.eip = exit.eip
+        self.reason = exit.reason
+        self.where = where
+        detail = f": {exit.message}" if exit.message else ""
+        super().__init__(f"guest crashed: {exit.reason.value} at {exit.eip:#010x} ({where}){detail}")
+
+
+@dataclass
+class ProcessCounters:
+    syscalls: SyscallCounters = field(default_factory=SyscallCounters)
+    set_thread_area: int = 0
+
+    def as_dict(self) -> dict:
+        return {"syscalls": self.syscalls.as_dict(), "set_thread_area": self.set_thread_area}
+
+
+class Process:
+    """One single-threaded guest process.
+
+    ``stdout`` models what fds 1 and 2 are, which changes what glibc does
+    (BRIEF 4b: a char device makes stdio call isatty, i.e. an ioctl that fails
+    and writes errno): 'pipe' (S_IFIFO), 'file' (S_IFREG), 'null' (/dev/null),
+    'tty' (a terminal: TCGETS succeeds, output line-buffered by glibc).
+    """
+
+    def __init__(self, vcpu, path: str | os.PathLike, argv: list | None = None, envp: list | None = None,
+                 vfs: Vfs | None = None, seed: int = 0,
+                 descriptor_policy: Callable[[SegmentDescriptor], SegmentDescriptor] = identity_policy,
+                 stdout: str = "pipe", stream: bool = False, stdin: bytes = b"",
+                 guest_path: bytes | str | None = None):
+        if stdout not in STDOUT_MODELS:
+            raise ValueError(f"stdout model {stdout!r} is not one of {', '.join(STDOUT_MODELS)}")
+        self.vcpu = vcpu
+        self.mem = vcpu.mem
+        self.path = os.fspath(path)
+        guest_path = guest_path or ("/bin/" + os.path.basename(self.path))
+        self.guest_path = os.fsencode(guest_path)
+        self.argv = [os.fsencode(a) for a in (argv if argv is not None else [self.guest_path])]
+        self.envp = [os.fsencode(e) for e in (envp if envp is not None else DEFAULT_ENV)]
+        self.seed = seed
+        self.vfs = vfs if vfs is not None else Vfs(N.Dir(2), seed=seed)
+        self.vfs.exe_path = self.guest_path
+        self._bind_exe()
+        self.descriptor_policy = descriptor_policy
+        self.stdout_model, self.stream = stdout, stream
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self._stdin = bytes(stdin)
+        self.fds = FdTable()
+        self._setup_stdio()
+
+        self.pid, self.ppid = 1000, 999
+        self.counters = ProcessCounters()
+        self.tls_events: list[TlsInstall] = []
+        self.tls_requested: dict[int, SegmentDescriptor | None] = {}
+        self.sigactions: dict[int, bytes] = {}
+        self.sigmask = 0
+        self.rlimits: dict[int, tuple[int, int]] = {}
+        self.clear_child_tid = 0
+        self.robust_list = 0
+        self.slept_ns = 0
+        self._rng = random.Random(f"tlslab-getrandom:{seed}")
+        self.image: ElfImage | None = None
+        self.initial_stack: InitialStack | None = None
+        self.brk_start = self.brk = 0
+        self.exit_status: int | None = None
+        self.exit_signal = 0
+
+    # ------------------------------------------------------------ set-up
+    def _bind_exe(self) -> None:
+        """Make /proc/self/exe name this guest and read this binary."""
+        link = self.vfs.root.hidden[b"proc"].entries[b"self"].entries[b"exe"]
+        link.target = self.guest_path
+        path = self.path
+
+        def source() -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        link.magic._source = source
+        link.magic._size = os.path.getsize(path) if os.path.exists(path) else 0
+
+    def _stream(self, fd: int, kind: str) -> N.Device:
+        buf = self.stdout if fd == 1 else self.stderr
+        host = sys.stdout if fd == 1 else sys.stderr
+
+        def sink(data: bytes) -> None:
+            buf.extend(data)
+            if self.stream:
+                host.buffer.write(data)
+                host.flush()
+
+        return N.Device(self.vfs.new_ino(), kind, _STREAM_MODES[kind], sink=sink, rdev=_STREAM_RDEV[kind],
+                        dev=(0, 14) if kind == "pipe" else N.DEV_DEVTMPFS if kind != "file" else N.DEV_TREE,
+                        uid=self.vfs.uid, gid=self.vfs.gid)
+
+    def _setup_stdio(self) -> None:
+        pos = [0]
+
+        def read_stdin(n: int) -> bytes:
+            data = self._stdin[pos[0] : pos[0] + n]
+            pos[0] += len(data)
+            return data
+
+        kind = "tty" if self.stdout_model == "tty" else "pipe"
+        stdin = N.Device(self.vfs.new_ino(), kind, _STREAM_MODES[kind], source=read_stdin, rdev=_STREAM_RDEV[kind])
+        self.fds.install_at(0, OpenFile(stdin, O_RDONLY, b"<stdin>"))
+        for fd in (1, 2):
+            self.fds.install_at(fd, OpenFile(self._stream(fd, self.stdout_model), O_WRONLY, b"<stdout>"))
+
+    def load(self) -> None:
+        """Map the ELF, build the stack, and enter ring 3 at the entry point."""
+        mem = self.mem
+        self.image = image = load_elf(mem, self.path)
+        self.brk_start = self.brk = image.brk_start
+        stack_prot = PROT_READ | PROT_WRITE | (PROT_EXEC if image.exec_stack else 0)
+        mem.map(layout.STACK_TOP - layout.STACK_SIZE, layout.STACK_SIZE, stack_prot, "[stack]")
+        spec = StackSpec(argv=self.argv, envp=self.envp, execfn=self.guest_path,
+                         random16=random.Random(f"tlslab-at-random:{self.seed}").randbytes(16),
+                         phdr=image.phdr, phent=image.phent, phnum=image.phnum, entry=image.entry,
+                         uid=self.vfs.uid, gid=self.vfs.gid)
+        self.initial_stack = build_stack(mem, layout.STACK_TOP, spec)
+        for reg in ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp"):  # ELF_PLAT_INIT: edx=0 = no rtld_fini
+            self.vcpu.regs.set(reg, 0)
+        self.vcpu.enter_user_mode(image.entry, self.initial_stack.sp)
+
+    # ------------------------------------------------------------ running
+    def elapsed_ns(self) -> int:
+        """Guest time since start: 1 ns per retired instruction, plus time slept."""
+        return self.vcpu.counters.instructions + self.slept_ns
+
+    def random_bytes(self, n: int) -> bytes:
+        return self._rng.randbytes(n)
+
+    def handle_syscall(self) -> None:
+        """Perform the system call the guest just made (eax and args in registers).
+
+        Raises ProcessExit when the guest exits or is killed.
+        """
+        regs = self.vcpu.regs.syscall_registers()
+        try:
+            result = dispatch(self, regs[0], regs[1:], self.counters.syscalls)
+        except ProcessExit as exc:
+            self.exit_status, self.exit_signal = exc.status, exc.signal
+            raise
+        self.vcpu.regs.set("eax", result)
+
+    @property
+    def set_thread_area_calls(self) -> int:
+        return len(self.tls_events)
+
+    def symbolize(self, addr: int) -> str:
+        return self.image.symbolize(addr) if self.image else f"{addr:#010x}"
+
+    def summary(self) -> dict:
+        """Deterministic counters of this run (identical for identical runs)."""
+        self.counters.set_thread_area = len(self.tls_events)
+        return {"exit_status": self.exit_status, "exit_signal": self.exit_signal,
+                "instructions": self.vcpu.counters.instructions, **self.counters.as_dict(),
+                "stdout_bytes": len(self.stdout), "stderr_bytes": len(self.stderr)}
+
+    def describe_syscall(self, nr: int) -> str:
+        return syscall_name(nr)
+
+
+def run_native(process: Process, max_exits: int | None = None) -> int:
+    """Run ``process`` with no hypervisor strategy until it exits; its exit status.
+
+    Any exit other than a system call raises GuestCrash with the symbolized location.
+    """
+    from tlslab.machine.vcpu import ExitReason
+
+    if process.image is None:
+        process.load()
+    n = 0
+    while max_exits is None or n < max_exits:
+        n += 1
+        e = process.vcpu.run()
+        if e.reason is ExitReason.SYSCALL:
+            try:
+                process.handle_syscall()
+            except ProcessExit as exc:
+                return exc.status
+            continue
+        raise GuestCrash(e, process.symbolize(e.eip))
+    raise RuntimeError(f"guest did not exit within {max_exits} exits")

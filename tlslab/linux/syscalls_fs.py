@@ -1,0 +1,572 @@
+"""File and filesystem system calls over ``Vfs`` and the descriptor table."""
+
+from __future__ import annotations
+
+from tlslab.linux import errno as E
+from tlslab.linux import nodes as N
+from tlslab.linux import structs as S
+from tlslab.linux.errno import SyscallError
+from tlslab.linux.files import (
+    O_ACCMODE, O_APPEND, O_CLOEXEC, O_CREAT, O_DIRECTORY, O_EXCL, O_NOFOLLOW, O_PATH, O_RDONLY, O_RDWR,
+    O_TRUNC, O_WRONLY, OpenFile,
+)
+from tlslab.linux.syscall_table import signed, syscall
+from tlslab.linux.vfs import R_OK, W_OK, X_OK
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW, AT_REMOVEDIR, AT_SYMLINK_FOLLOW, AT_EMPTY_PATH = 0x100, 0x200, 0x400, 0x1000
+SEEK_SET, SEEK_CUR, SEEK_END = 0, 1, 2
+TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGPGRP, TIOCGWINSZ, FIONREAD = 0x5401, 0x5402, 0x5403, 0x5404, 0x540F, 0x5413, 0x541B
+F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC = 0, 1, 2, 3, 4, 1030
+FD_CLOEXEC = 1
+MAX_IO = 1 << 24
+
+
+# ------------------------------------------------------------------ helpers
+def path_arg(p, addr: int) -> bytes:
+    if addr == 0:
+        raise SyscallError(E.EFAULT, "NULL path")
+    return p.mem.read_cstring(addr, 4096)
+
+
+def dir_base(p, dirfd: int) -> N.Dir:
+    dirfd = signed(dirfd)
+    if dirfd == AT_FDCWD:
+        return p.vfs.cwd
+    node = p.fds.get(dirfd).node
+    if not isinstance(node, N.Dir):
+        raise SyscallError(E.ENOTDIR)
+    return node
+
+
+def node_at(p, dirfd: int, path_addr: int, flags: int = 0, follow: bool = True) -> N.Node:
+    """What a ``*at`` call names: AT_EMPTY_PATH, AT_FDCWD and AT_SYMLINK_NOFOLLOW honoured."""
+    path = path_arg(p, path_addr)
+    if not path and flags & AT_EMPTY_PATH:
+        if signed(dirfd) == AT_FDCWD:
+            return p.vfs.cwd
+        return p.fds.get(signed(dirfd)).node
+    return p.vfs.resolve(path, dir_base(p, dirfd) if not path.startswith(b"/") else None,
+                         follow=follow and not flags & AT_SYMLINK_NOFOLLOW)
+
+
+def _parent_base(p, dirfd: int, path: bytes) -> N.Dir | None:
+    return None if path.startswith(b"/") else dir_base(p, dirfd)
+
+
+# ------------------------------------------------------------------ open/close
+def do_open(p, dirfd: int, path_addr: int, flags: int, mode: int) -> int:
+    vfs = p.vfs
+    path = path_arg(p, path_addr)
+    base = _parent_base(p, dirfd, path) if path else None
+    created = False
+    if flags & O_CREAT:
+        parent, name = vfs.resolve_parent(path, base)
+        try:
+            node = vfs.resolve(path, base, follow=not flags & (O_EXCL | O_NOFOLLOW))
+        except SyscallError as exc:
+            if exc.errno != E.ENOENT or parent.lookup(name) is not None:
+                raise
+            node = None
+        if node is not None and flags & O_EXCL:
+            raise SyscallError(E.EEXIST)
+        if node is None:
+            if path.endswith(b"/"):
+                raise SyscallError(E.EISDIR)
+            node = vfs.create_file(parent, name, mode)
+            created = True
+        elif isinstance(node, N.Dir):
+            raise SyscallError(E.EISDIR)
+    else:
+        node = vfs.resolve(path, base, follow=not flags & O_NOFOLLOW)
+    if isinstance(node, N.Symlink) and not flags & O_PATH:
+        raise SyscallError(E.ELOOP)
+    if flags & O_DIRECTORY and not isinstance(node, N.Dir):
+        raise SyscallError(E.ENOTDIR)
+    acc = flags & O_ACCMODE
+    if not flags & O_PATH:
+        if isinstance(node, N.Dir) and (acc != O_RDONLY or flags & O_TRUNC):
+            raise SyscallError(E.EISDIR)
+        want = (R_OK if acc in (O_RDONLY, O_RDWR) else 0) | (W_OK if acc in (O_WRONLY, O_RDWR) else 0)
+        if not created and not vfs.may(node, want):
+            raise SyscallError(E.EACCES)
+        if isinstance(node, N.Device) and node.kind == "host-special":
+            raise SyscallError(E.ENXIO)
+        if flags & O_TRUNC and acc != O_RDONLY and isinstance(node, N.File):
+            node.truncate(0)
+    return p.fds.install(OpenFile(node, flags, path), cloexec=bool(flags & O_CLOEXEC))
+
+
+@syscall("open")
+def sys_open(p, path, flags, mode):
+    return do_open(p, AT_FDCWD & 0xFFFFFFFF, path, flags, mode)
+
+
+@syscall("openat")
+def sys_openat(p, dirfd, path, flags, mode):
+    return do_open(p, dirfd, path, flags, mode)
+
+
+@syscall("creat")
+def sys_creat(p, path, mode):
+    return do_open(p, AT_FDCWD & 0xFFFFFFFF, path, O_CREAT | O_WRONLY | O_TRUNC, mode)
+
+
+@syscall("close")
+def sys_close(p, fd):
+    p.fds.close(signed(fd))
+    return 0
+
+
+@syscall("dup")
+def sys_dup(p, fd):
+    return p.fds.install(p.fds.get(signed(fd)))
+
+
+@syscall("dup2")
+def sys_dup2(p, old, new):
+    f = p.fds.get(signed(old))
+    return new if old == new else p.fds.install_at(signed(new), f)
+
+
+@syscall("dup3")
+def sys_dup3(p, old, new, flags):
+    if old == new or flags & ~O_CLOEXEC:
+        raise SyscallError(E.EINVAL)
+    return p.fds.install_at(signed(new), p.fds.get(signed(old)), bool(flags & O_CLOEXEC))
+
+
+@syscall("fcntl", "fcntl64")
+def sys_fcntl64(p, fd, cmd, arg):
+    fd = signed(fd)
+    f = p.fds.get(fd)
+    if cmd in (F_DUPFD, F_DUPFD_CLOEXEC):
+        return p.fds.install(f, cloexec=cmd == F_DUPFD_CLOEXEC, lowest=signed(arg))
+    if cmd == F_GETFD:
+        return FD_CLOEXEC if p.fds.fds[fd].cloexec else 0
+    if cmd == F_SETFD:
+        p.fds.fds[fd].cloexec = bool(arg & FD_CLOEXEC)
+        return 0
+    if cmd == F_GETFL:
+        return f.flags & ~O_CLOEXEC
+    if cmd == F_SETFL:
+        settable = O_APPEND | 0x800 | 0x2000 | 0x4000 | 0x40000  # APPEND NONBLOCK ASYNC DIRECT NOATIME
+        f.flags = (f.flags & ~settable) | (arg & settable)
+        return 0
+    if cmd in (5, 6, 7, 12, 13, 14):  # F_GETLK/SETLK/SETLKW (+64): no other processes, always granted
+        return 0
+    raise SyscallError(E.EINVAL, f"fcntl cmd {cmd}")
+
+
+# ------------------------------------------------------------------ read/write
+def _read(p, f: OpenFile, n: int, offset: int | None = None) -> bytes:
+    if not f.readable:
+        raise SyscallError(E.EBADF)
+    node = f.node
+    n = min(n, MAX_IO)
+    if isinstance(node, N.Dir):
+        raise SyscallError(E.EISDIR)
+    if isinstance(node, N.File):
+        data = node.read_at(f.offset if offset is None else offset, n)
+        if offset is None:
+            f.offset += len(data)
+        return data
+    if isinstance(node, N.Device):
+        return node.read(n)
+    raise SyscallError(E.EINVAL)
+
+
+def _write(p, f: OpenFile, data: bytes, offset: int | None = None) -> int:
+    if not f.writable:
+        raise SyscallError(E.EBADF)
+    node = f.node
+    if isinstance(node, N.File):
+        if offset is not None:
+            return node.write_at(offset, data)
+        if f.flags & O_APPEND:
+            f.offset = node.size
+        n = node.write_at(f.offset, data)
+        f.offset += n
+        return n
+    if isinstance(node, N.Device):
+        return node.write(data)
+    raise SyscallError(E.EINVAL)
+
+
+@syscall("read")
+def sys_read(p, fd, buf, count):
+    f = p.fds.get(signed(fd))
+    if count and not p.mem.is_mapped(buf, min(count, 1)):
+        raise SyscallError(E.EFAULT)
+    data = _read(p, f, count)
+    p.mem.write(buf, data)
+    return len(data)
+
+
+@syscall("write")
+def sys_write(p, fd, buf, count):
+    f = p.fds.get(signed(fd))
+    return _write(p, f, p.mem.read(buf, min(count, MAX_IO)))
+
+
+@syscall("pread64")
+def sys_pread64(p, fd, buf, count, lo, hi):
+    f = p.fds.get(signed(fd))
+    if not isinstance(f.node, N.File):
+        raise SyscallError(E.ESPIPE)
+    data = _read(p, f, count, lo | hi << 32)
+    p.mem.write(buf, data)
+    return len(data)
+
+
+@syscall("pwrite64")
+def sys_pwrite64(p, fd, buf, count, lo, hi):
+    f = p.fds.get(signed(fd))
+    if not isinstance(f.node, N.File):
+        raise SyscallError(E.ESPIPE)
+    return _write(p, f, p.mem.read(buf, count), lo | hi << 32)
+
+
+def _iovecs(p, iov, iovcnt):
+    if iovcnt > 1024:
+        raise SyscallError(E.EINVAL)
+    raw = p.mem.read(iov, 8 * iovcnt)
+    return [S.IOVEC.unpack_from(raw, 8 * i) for i in range(iovcnt)]
+
+
+@syscall("writev")
+def sys_writev(p, fd, iov, iovcnt):
+    f = p.fds.get(signed(fd))
+    data = b"".join(p.mem.read(base, length) for base, length in _iovecs(p, iov, iovcnt))
+    return _write(p, f, data) if data or iovcnt == 0 else _write(p, f, b"")
+
+
+@syscall("readv")
+def sys_readv(p, fd, iov, iovcnt):
+    f = p.fds.get(signed(fd))
+    total = 0
+    for base, length in _iovecs(p, iov, iovcnt):
+        data = _read(p, f, length)
+        p.mem.write(base, data)
+        total += len(data)
+        if len(data) < length:
+            break
+    return total
+
+
+def _seek(p, f: OpenFile, offset: int, whence: int) -> int:
+    node = f.node
+    if isinstance(node, N.Device):
+        if node.fmt in (N.S_IFIFO, N.S_IFSOCK) or node.is_tty:
+            raise SyscallError(E.ESPIPE)
+        return node.written if node.fmt == N.S_IFREG else 0
+    if whence == SEEK_SET:
+        new = offset
+    elif whence == SEEK_CUR:
+        new = f.offset + offset
+    elif whence == SEEK_END:
+        new = node.size + offset if isinstance(node, N.File) else -1
+    else:
+        raise SyscallError(E.EINVAL)
+    if new < 0:
+        raise SyscallError(E.EINVAL)
+    f.offset = new
+    return new
+
+
+@syscall("lseek")
+def sys_lseek(p, fd, offset, whence):
+    f = p.fds.get(signed(fd))
+    new = _seek(p, f, signed(offset), whence)
+    if new > 0x7FFFFFFF:
+        raise SyscallError(E.EOVERFLOW)
+    return new
+
+
+@syscall("_llseek")
+def sys_llseek(p, fd, hi, lo, result, whence):
+    f = p.fds.get(signed(fd))
+    off = (hi << 32 | lo) - ((1 << 64) if hi & 0x80000000 else 0)
+    new = _seek(p, f, off, whence)
+    p.mem.write(result, new.to_bytes(8, "little"))
+    return 0
+
+
+# ------------------------------------------------------------------ stat family
+@syscall("stat64")
+def sys_stat64(p, path, buf):
+    p.mem.write(buf, S.pack_stat64(p.vfs.resolve(path_arg(p, path))))
+    return 0
+
+
+@syscall("lstat64")
+def sys_lstat64(p, path, buf):
+    p.mem.write(buf, S.pack_stat64(p.vfs.resolve(path_arg(p, path), follow=False)))
+    return 0
+
+
+@syscall("fstat64")
+def sys_fstat64(p, fd, buf):
+    p.mem.write(buf, S.pack_stat64(p.fds.get(signed(fd)).node))
+    return 0
+
+
+@syscall("fstatat64")
+def sys_fstatat64(p, dirfd, path, buf, flags):
+    p.mem.write(buf, S.pack_stat64(node_at(p, dirfd, path, flags)))
+    return 0
+
+
+@syscall("statx")
+def sys_statx(p, dirfd, path, flags, mask, buf):
+    p.mem.write(buf, S.pack_statx(node_at(p, dirfd, path, flags)))
+    return 0
+
+
+@syscall("statfs64")
+def sys_statfs64(p, path, size, buf):
+    if size != S.STATFS64.size:
+        raise SyscallError(E.EINVAL)
+    p.mem.write(buf, S.pack_statfs64(p.vfs.resolve(path_arg(p, path))))
+    return 0
+
+
+@syscall("fstatfs64")
+def sys_fstatfs64(p, fd, size, buf):
+    if size != S.STATFS64.size:
+        raise SyscallError(E.EINVAL)
+    p.mem.write(buf, S.pack_statfs64(p.fds.get(signed(fd)).node))
+    return 0
+
+
+# ------------------------------------------------------------------ directories
+@syscall("getdents64")
+def sys_getdents64(p, fd, dirp, count):
+    f = p.fds.get(signed(fd))
+    d = f.node
+    if not isinstance(d, N.Dir):
+        raise SyscallError(E.ENOTDIR)
+    listing = f.dir_listing(d.parent)
+    out = bytearray()
+    pos = f.offset
+    while pos < len(listing):
+        name, child = listing[pos]
+        rec = S.pack_dirent64(child.ino, pos + 1, N.DT_TYPES.get(child.fmt, 0), name)
+        if len(out) + len(rec) > count:
+            if not out:
+                raise SyscallError(E.EINVAL, "getdents64 buffer too small")
+            break
+        out += rec
+        pos += 1
+    p.mem.write(dirp, bytes(out))
+    f.offset = pos
+    return len(out)
+
+
+@syscall("getcwd")
+def sys_getcwd(p, buf, size):
+    path = p.vfs.path_of(p.vfs.cwd) + b"\0"
+    if size < len(path):
+        raise SyscallError(E.ERANGE)
+    p.mem.write(buf, path)
+    return len(path)
+
+
+def _chdir(p, node: N.Node) -> int:
+    if not isinstance(node, N.Dir):
+        raise SyscallError(E.ENOTDIR)
+    if not p.vfs.may(node, X_OK):
+        raise SyscallError(E.EACCES)
+    p.vfs.cwd = node
+    return 0
+
+
+@syscall("chdir")
+def sys_chdir(p, path):
+    return _chdir(p, p.vfs.resolve(path_arg(p, path)))
+
+
+@syscall("fchdir")
+def sys_fchdir(p, fd):
+    return _chdir(p, p.fds.get(signed(fd)).node)
+
+
+def _mkdir(p, dirfd, path_addr, mode):
+    path = path_arg(p, path_addr)
+    parent, name = p.vfs.resolve_parent(path, _parent_base(p, dirfd, path))
+    p.vfs.mkdir(parent, name, mode)
+    return 0
+
+
+@syscall("mkdir")
+def sys_mkdir(p, path, mode):
+    return _mkdir(p, AT_FDCWD & 0xFFFFFFFF, path, mode)
+
+
+@syscall("mkdirat")
+def sys_mkdirat(p, dirfd, path, mode):
+    return _mkdir(p, dirfd, path, mode)
+
+
+def _unlink(p, dirfd, path_addr, directory):
+    path = path_arg(p, path_addr)
+    parent, name = p.vfs.resolve_parent(path, _parent_base(p, dirfd, path))
+    p.vfs.unlink(parent, name, directory)
+    return 0
+
+
+@syscall("rmdir")
+def sys_rmdir(p, path):
+    return _unlink(p, AT_FDCWD & 0xFFFFFFFF, path, True)
+
+
+@syscall("unlink")
+def sys_unlink(p, path):
+    return _unlink(p, AT_FDCWD & 0xFFFFFFFF, path, False)
+
+
+@syscall("unlinkat")
+def sys_unlinkat(p, dirfd, path, flags):
+    return _unlink(p, dirfd, path, bool(flags & AT_REMOVEDIR))
+
+
+def _rename(p, olddfd, old_addr, newdfd, new_addr):
+    old, new = path_arg(p, old_addr), path_arg(p, new_addr)
+    op, on = p.vfs.resolve_parent(old, _parent_base(p, olddfd, old))
+    np_, nn = p.vfs.resolve_parent(new, _parent_base(p, newdfd, new))
+    p.vfs.rename(op, on, np_, nn)
+    return 0
+
+
+@syscall("rename")
+def sys_rename(p, old, new):
+    return _rename(p, AT_FDCWD & 0xFFFFFFFF, old, AT_FDCWD & 0xFFFFFFFF, new)
+
+
+@syscall("renameat")
+def sys_renameat(p, olddfd, old, newdfd, new):
+    return _rename(p, olddfd, old, newdfd, new)
+
+
+@syscall("renameat2")
+def sys_renameat2(p, olddfd, old, newdfd, new, flags):
+    if flags:
+        raise SyscallError(E.EINVAL, "renameat2 flags")
+    return _rename(p, olddfd, old, newdfd, new)
+
+
+@syscall("symlink")
+def sys_symlink(p, target, linkpath):
+    return sys_symlinkat(p, target, AT_FDCWD & 0xFFFFFFFF, linkpath)
+
+
+@syscall("symlinkat")
+def sys_symlinkat(p, target, dirfd, linkpath):
+    t, path = path_arg(p, target), path_arg(p, linkpath)
+    parent, name = p.vfs.resolve_parent(path, _parent_base(p, dirfd, path))
+    p.vfs.symlink(parent, name, t)
+    return 0
+
+
+def _readlink(p, node: N.Node, buf: int, size: int) -> int:
+    if not isinstance(node, N.Symlink) or signed(size) <= 0:
+        raise SyscallError(E.EINVAL)
+    data = node.target[:size]
+    p.mem.write(buf, data)
+    return len(data)
+
+
+@syscall("readlink")
+def sys_readlink(p, path, buf, size):
+    return _readlink(p, p.vfs.resolve(path_arg(p, path), follow=False), buf, size)
+
+
+@syscall("readlinkat")
+def sys_readlinkat(p, dirfd, path, buf, size):
+    return _readlink(p, node_at(p, dirfd, path, AT_EMPTY_PATH, follow=False), buf, size)
+
+
+def _access(p, node: N.Node, mode: int) -> int:
+    if mode & ~7:
+        raise SyscallError(E.EINVAL)
+    if mode and not p.vfs.may(node, mode):
+        raise SyscallError(E.EACCES)
+    return 0
+
+
+@syscall("access")
+def sys_access(p, path, mode):
+    return _access(p, p.vfs.resolve(path_arg(p, path)), mode)
+
+
+@syscall("faccessat")
+def sys_faccessat(p, dirfd, path, mode):
+    return _access(p, node_at(p, dirfd, path), mode)
+
+
+@syscall("faccessat2")
+def sys_faccessat2(p, dirfd, path, mode, flags):
+    return _access(p, node_at(p, dirfd, path, flags), mode)
+
+
+def _chmod(p, node: N.Node, mode: int) -> int:
+    if p.vfs.uid not in (0, node.uid):
+        raise SyscallError(E.EPERM)
+    node.mode = (node.mode & N.S_IFMT) | (mode & 0o7777)
+    return 0
+
+
+@syscall("chmod")
+def sys_chmod(p, path, mode):
+    return _chmod(p, p.vfs.resolve(path_arg(p, path)), mode)
+
+
+@syscall("fchmod")
+def sys_fchmod(p, fd, mode):
+    return _chmod(p, p.fds.get(signed(fd)).node, mode)
+
+
+@syscall("fchmodat")
+def sys_fchmodat(p, dirfd, path, mode):
+    return _chmod(p, node_at(p, dirfd, path), mode)
+
+
+@syscall("umask")
+def sys_umask(p, mask):
+    old, p.vfs.umask = p.vfs.umask, mask & 0o777
+    return old
+
+
+@syscall("fsync", "fdatasync")
+def sys_fsync(p, fd):
+    p.fds.get(signed(fd))
+    return 0
+
+
+@syscall("ftruncate64")
+def sys_ftruncate64(p, fd, lo, hi):
+    f = p.fds.get(signed(fd))
+    if not isinstance(f.node, N.File) or not f.writable:
+        raise SyscallError(E.EINVAL)
+    f.node.truncate(lo | hi << 32)
+    return 0
+
+
+@syscall("ioctl")
+def sys_ioctl(p, fd, request, arg):
+    node = p.fds.get(signed(fd)).node
+    tty = isinstance(node, N.Device) and node.is_tty
+    if request == FIONREAD and isinstance(node, N.File):
+        p.mem.write_u32(arg, 0)
+        return 0
+    if not tty:
+        raise SyscallError(E.ENOTTY)
+    if request == TCGETS:
+        p.mem.write(arg, S.pack_termios())
+    elif request == TIOCGWINSZ:
+        p.mem.write(arg, S.WINSIZE.pack(24, 80, 0, 0))
+    elif request == TIOCGPGRP:
+        p.mem.write_u32(arg, p.pid)
+    elif request not in (TCSETS, TCSETSW, TCSETSF):
+        raise SyscallError(E.EINVAL, f"tty ioctl {request:#x}")
+    return 0

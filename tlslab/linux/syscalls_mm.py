@@ -1,0 +1,142 @@
+"""Address-space system calls: brk, mmap2, munmap, mprotect, mremap, madvise.
+
+Mappings are exact (page granular, like Linux), so a guest access past brk or
+past a mapping faults as it would natively. File-backed mappings are private
+copies of the file's bytes; MAP_SHARED file writes do not reach the file.
+"""
+
+from __future__ import annotations
+
+from tlslab.linux import errno as E
+from tlslab.linux import nodes as N
+from tlslab.linux.errno import SyscallError
+from tlslab.linux.syscall_table import signed, syscall
+from tlslab.machine import layout
+from tlslab.machine.memory import PROT_READ, PROT_WRITE, page_ceil
+
+PAGE = layout.PAGE_SIZE
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x1, 0x2, 0x10, 0x20, 0x100000
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+
+
+def _overlaps(mem, start: int, size: int) -> bool:
+    return any(r.start < start + size and r.end > start for r in mem.regions())
+
+
+@syscall("brk")
+def sys_brk(p, addr):
+    if addr < p.brk_start:
+        return p.brk
+    old_top, new_top = page_ceil(p.brk), page_ceil(addr)
+    if new_top > old_top:
+        if new_top > layout.MMAP_TOP or _overlaps(p.mem, old_top, new_top - old_top):
+            return p.brk  # failure: the old break
+        p.mem.map(old_top, new_top - old_top, PROT_READ | PROT_WRITE, "[heap]")
+    elif new_top < old_top:
+        p.mem.unmap(new_top, old_top - new_top)
+    p.brk = addr
+    return addr
+
+
+def do_mmap(p, addr: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    if length == 0 or offset % PAGE or not flags & (MAP_SHARED | MAP_PRIVATE):
+        raise SyscallError(E.EINVAL)
+    size = page_ceil(length)
+    if size == 0 or size >= layout.USER_TOP:
+        raise SyscallError(E.ENOMEM)
+    content = b""
+    if not flags & MAP_ANONYMOUS:
+        f = p.fds.get(signed(fd))
+        if not isinstance(f.node, N.File):
+            raise SyscallError(E.ENODEV)
+        if not f.readable or (flags & MAP_SHARED and prot & PROT_WRITE and not f.writable):
+            raise SyscallError(E.EACCES)
+        content = f.node.read_at(offset, size)
+    if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
+        if addr % PAGE:
+            raise SyscallError(E.EINVAL)
+        if addr + size > layout.USER_TOP:
+            raise SyscallError(E.ENOMEM)
+        if flags & MAP_FIXED_NOREPLACE and not flags & MAP_FIXED and _overlaps(p.mem, addr, size):
+            raise SyscallError(E.EEXIST)
+        start = addr
+    elif addr and addr % PAGE == 0 and addr + size <= layout.MMAP_TOP and not _overlaps(p.mem, addr, size):
+        start = addr  # a free hint is honoured, as Linux does
+    else:
+        try:
+            start = p.mem.find_free(size)
+        except MemoryError:
+            raise SyscallError(E.ENOMEM) from None
+    p.mem.map(start, size, prot & 7, "[anon]" if flags & MAP_ANONYMOUS else "file")
+    if content:
+        p.mem.write(start, content)
+    return start
+
+
+@syscall("mmap2")
+def sys_mmap2(p, addr, length, prot, flags, fd, pgoff):
+    return do_mmap(p, addr, length, prot, flags, fd, pgoff * PAGE)
+
+
+@syscall("mmap")
+def sys_old_mmap(p, args):
+    """i386 old_mmap: one pointer to six longs, byte offset."""
+    vals = [p.mem.read_u32(args + 4 * i) for i in range(6)]
+    return do_mmap(p, *vals)
+
+
+@syscall("munmap")
+def sys_munmap(p, addr, length):
+    if addr % PAGE or length == 0 or addr + length > layout.USER_TOP:
+        raise SyscallError(E.EINVAL)
+    p.mem.unmap(addr, page_ceil(length))
+    return 0
+
+
+@syscall("mprotect")
+def sys_mprotect(p, addr, length, prot):
+    if addr % PAGE or prot & ~0x7 & ~0x03000000:  # PROT_GROWSDOWN/UP accepted, ignored
+        raise SyscallError(E.EINVAL)
+    if length == 0:
+        return 0
+    if not p.mem.is_mapped(addr, page_ceil(length)):
+        raise SyscallError(E.ENOMEM)
+    p.mem.protect(addr, page_ceil(length), prot & 7)
+    return 0
+
+
+@syscall("mremap")
+def sys_mremap(p, old, old_size, new_size, flags, new_addr):
+    if old % PAGE or new_size == 0 or flags & MREMAP_FIXED:
+        raise SyscallError(E.EINVAL)
+    old_size, new_size = page_ceil(old_size), page_ceil(new_size)
+    region = p.mem.region_at(old)
+    if region is None or not p.mem.is_mapped(old, old_size):
+        raise SyscallError(E.EFAULT)
+    if new_size <= old_size:
+        if new_size < old_size:
+            p.mem.unmap(old + new_size, old_size - new_size)
+        return old
+    if old + new_size <= layout.MMAP_TOP and not _overlaps(p.mem, old + old_size, new_size - old_size):
+        p.mem.map(old + old_size, new_size - old_size, region.prot, region.name)
+        return old
+    if not flags & MREMAP_MAYMOVE:
+        raise SyscallError(E.ENOMEM)
+    data = p.mem.read(old, old_size)
+    try:
+        start = p.mem.find_free(new_size)
+    except MemoryError:
+        raise SyscallError(E.ENOMEM) from None
+    p.mem.map(start, new_size, region.prot, region.name)
+    p.mem.write(start, data)
+    p.mem.unmap(old, old_size)
+    return start
+
+
+@syscall("madvise")
+def sys_madvise(p, addr, length, advice):
+    if addr % PAGE:
+        raise SyscallError(E.EINVAL)
+    if advice == 4 and p.mem.is_mapped(addr, page_ceil(length)):  # MADV_DONTNEED: private pages read zero
+        p.mem.write(addr, bytes(page_ceil(length)))
+    return 0

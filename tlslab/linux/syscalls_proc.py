@@ -1,0 +1,433 @@
+"""Process, identity, time, signal, randomness and TLS system calls.
+
+Deterministic by construction: the clock is the guest instruction count (1 ns
+per instruction) plus any time the guest slept, from a fixed epoch; random
+bytes come from the process seed. Signals are recorded, never delivered.
+``rseq`` answers ENOSYS, which glibc 2.35+ tolerates (it then runs without
+restartable sequences, as on kernels before 4.18).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from tlslab.linux import errno as E
+from tlslab.linux import structs as S
+from tlslab.linux.errno import SyscallError
+from tlslab.linux.syscall_table import signed, syscall
+from tlslab.machine import layout
+from tlslab.x86.descriptor import SegmentDescriptor, UserDesc
+
+GUEST_EPOCH_NS = 1130803200 * 1_000_000_000   # 2005-11-01 00:00:00 UTC: "now" at instruction 0
+BOOT_NS = 1000 * 1_000_000_000                 # CLOCK_MONOTONIC at instruction 0: up 1000 s
+RLIM_INFINITY = 0xFFFFFFFF
+RLIMITS = {0: (RLIM_INFINITY,) * 2, 1: (RLIM_INFINITY,) * 2, 2: (RLIM_INFINITY,) * 2,
+           3: (layout.STACK_SIZE, RLIM_INFINITY), 4: (0, RLIM_INFINITY), 5: (RLIM_INFINITY,) * 2,
+           6: (4096, 4096), 7: (1024, 4096), 8: (8 << 20, 8 << 20), 9: (RLIM_INFINITY,) * 2,
+           10: (RLIM_INFINITY,) * 2, 11: (4096, 4096), 12: (819200, 819200), 13: (0, 0), 14: (0, 0),
+           15: (RLIM_INFINITY,) * 2}
+UNAME = (b"Linux", b"tlslab", b"6.1.0-tlslab", b"#1 SMP PREEMPT_DYNAMIC tlslab", b"i686", b"(none)")
+SIGABRT, SIGKILL, SIGSEGV = 6, 9, 11
+TLS_SLOTS = range(layout.GDT_ENTRY_TLS_MIN, layout.GDT_ENTRY_TLS_MIN + layout.GDT_ENTRY_TLS_ENTRIES)
+
+
+class ProcessExit(Exception):
+    """The guest ended: exit/exit_group status, or killed by ``signal``."""
+
+    def __init__(self, status: int, signal: int = 0):
+        super().__init__(f"killed by signal {signal}" if signal else f"exit status {status}")
+        self.status = status
+        self.signal = signal
+
+
+@dataclass(frozen=True)
+class TlsInstall:
+    """One set_thread_area: what the guest asked for and what the policy installed."""
+
+    instructions: int
+    entry: int
+    requested: SegmentDescriptor | None   # None: the slot was cleared
+    installed: SegmentDescriptor | None
+    user_desc: UserDesc
+
+
+# ------------------------------------------------------------------ exit, ids
+@syscall("exit")
+def sys_exit(p, status):
+    raise ProcessExit(status & 0xFF)
+
+
+@syscall("exit_group")
+def sys_exit_group(p, status):
+    raise ProcessExit(status & 0xFF)
+
+
+@syscall("getpid", "gettid")
+def sys_getpid(p):
+    return p.pid
+
+
+@syscall("getppid")
+def sys_getppid(p):
+    return p.ppid
+
+
+@syscall("getpgrp", "getsid")
+def sys_getpgrp(p):
+    return p.pid
+
+
+@syscall("getpgid")
+def sys_getpgid(p, pid):
+    return p.pid
+
+
+@syscall("getuid32", "geteuid32", "getuid", "geteuid")
+def sys_getuid(p):
+    return p.vfs.uid
+
+
+@syscall("getgid32", "getegid32", "getgid", "getegid")
+def sys_getgid(p):
+    return p.vfs.gid
+
+
+@syscall("getgroups32")
+def sys_getgroups32(p, size, lst):
+    if size:
+        p.mem.write_u32(lst, p.vfs.gid)
+    return 1
+
+
+@syscall("set_tid_address")
+def sys_set_tid_address(p, tidptr):
+    p.clear_child_tid = tidptr
+    return p.pid
+
+
+@syscall("set_robust_list")
+def sys_set_robust_list(p, head, length):
+    if length != 12:
+        raise SyscallError(E.EINVAL)
+    p.robust_list = head
+    return 0
+
+
+@syscall("rseq")
+def sys_rseq(p, rseq, length, flags, sig):
+    raise SyscallError(E.ENOSYS, "rseq refused: glibc falls back")
+
+
+@syscall("futex", "futex_time64")
+def sys_futex(p, uaddr, op, val, timeout, uaddr2, val3):
+    cmd = op & 0x7F
+    if cmd in (0, 9):  # WAIT / WAIT_BITSET: one thread, so nobody could wake us
+        if p.mem.read_u32(uaddr) != val:
+            raise SyscallError(E.EAGAIN)
+        raise SyscallError(E.ETIMEDOUT if timeout else E.EINTR)
+    if cmd in (1, 10):  # WAKE: no waiters
+        return 0
+    raise SyscallError(E.ENOSYS, f"futex op {op}")
+
+
+# ------------------------------------------------------------------ signals (recorded only)
+@syscall("rt_sigaction")
+def sys_rt_sigaction(p, sig, act, oldact, sigsetsize):
+    if not 1 <= sig <= 64 or sig in (SIGKILL, 19) and act or sigsetsize != 8:
+        raise SyscallError(E.EINVAL)
+    old = p.sigactions.get(sig, bytes(20))
+    if act:
+        p.sigactions[sig] = p.mem.read(act, 20)
+    if oldact:
+        p.mem.write(oldact, old)
+    return 0
+
+
+@syscall("rt_sigprocmask")
+def sys_rt_sigprocmask(p, how, nset, oset, sigsetsize):
+    if sigsetsize != 8:
+        raise SyscallError(E.EINVAL)
+    old = p.sigmask
+    if nset:
+        new = int.from_bytes(p.mem.read(nset, 8), "little")
+        if how == 0:
+            p.sigmask |= new
+        elif how == 1:
+            p.sigmask &= ~new
+        elif how == 2:
+            p.sigmask = new
+        else:
+            raise SyscallError(E.EINVAL)
+        p.sigmask &= ~((1 << (SIGKILL - 1)) | (1 << 18))  # KILL and STOP cannot be blocked
+    if oset:
+        p.mem.write(oset, old.to_bytes(8, "little"))
+    return 0
+
+
+@syscall("sigaltstack")
+def sys_sigaltstack(p, ss, old):
+    if old:
+        p.mem.write(old, (0).to_bytes(4, "little") + (2).to_bytes(4, "little") + bytes(4))  # SS_DISABLE
+    return 0
+
+
+def _signal_self(p, sig: int) -> int:
+    if sig == 0:
+        return 0
+    if sig in (SIGKILL, SIGABRT, SIGSEGV) or sig not in p.sigactions:
+        raise ProcessExit(128 + sig, signal=sig)
+    return 0  # a handler is installed: recorded, not delivered
+
+
+@syscall("kill")
+def sys_kill(p, pid, sig):
+    if signed(pid) not in (p.pid, 0, -1):
+        raise SyscallError(E.ESRCH)
+    return _signal_self(p, sig)
+
+
+@syscall("tgkill")
+def sys_tgkill(p, tgid, tid, sig):
+    if tid != p.pid:
+        raise SyscallError(E.ESRCH)
+    return _signal_self(p, sig)
+
+
+@syscall("tkill")
+def sys_tkill(p, tid, sig):
+    if tid != p.pid:
+        raise SyscallError(E.ESRCH)
+    return _signal_self(p, sig)
+
+
+# ------------------------------------------------------------------ system info, limits
+@syscall("uname")
+def sys_uname(p, buf):
+    p.mem.write(buf, S.pack_utsname(UNAME))
+    return 0
+
+
+@syscall("ugetrlimit", "getrlimit")
+def sys_ugetrlimit(p, resource, rlim):
+    if resource not in RLIMITS:
+        raise SyscallError(E.EINVAL)
+    p.mem.write(rlim, S.RLIMIT32.pack(*p.rlimits.get(resource, RLIMITS[resource])))
+    return 0
+
+
+@syscall("setrlimit")
+def sys_setrlimit(p, resource, rlim):
+    if resource not in RLIMITS:
+        raise SyscallError(E.EINVAL)
+    p.rlimits[resource] = S.RLIMIT32.unpack(p.mem.read(rlim, 8))
+    return 0
+
+
+@syscall("prlimit64")
+def sys_prlimit64(p, pid, resource, new, old):
+    if pid not in (0, p.pid):
+        raise SyscallError(E.ESRCH)
+    if resource not in RLIMITS:
+        raise SyscallError(E.EINVAL)
+    cur = p.rlimits.get(resource, RLIMITS[resource])
+    if old:
+        widen = lambda v: (1 << 64) - 1 if v == RLIM_INFINITY else v  # noqa: E731
+        p.mem.write(old, S.RLIMIT64.pack(widen(cur[0]), widen(cur[1])))
+    if new:
+        lo, hi = S.RLIMIT64.unpack(p.mem.read(new, 16))
+        p.rlimits[resource] = (min(lo, RLIM_INFINITY), min(hi, RLIM_INFINITY))
+    return 0
+
+
+@syscall("sched_yield")
+def sys_sched_yield(p):
+    return 0
+
+
+@syscall("sched_getaffinity")
+def sys_sched_getaffinity(p, pid, size, mask):
+    if size < 4:
+        raise SyscallError(E.EINVAL)
+    p.mem.write(mask, (1).to_bytes(4, "little"))
+    return 4
+
+
+@syscall("prctl")
+def sys_prctl(p, option, a2, a3, a4, a5):
+    raise SyscallError(E.EINVAL, f"prctl option {option}")
+
+
+# ------------------------------------------------------------------ time
+def _clock(p, clock_id: int) -> int:
+    clock_id = signed(clock_id)
+    if clock_id in (0, 5, 11):          # REALTIME, REALTIME_COARSE, TAI
+        return GUEST_EPOCH_NS + p.elapsed_ns()
+    if clock_id in (1, 4, 6, 7):        # MONOTONIC, _RAW, _COARSE, BOOTTIME
+        return BOOT_NS + p.elapsed_ns()
+    if clock_id in (2, 3):              # PROCESS/THREAD_CPUTIME: instructions only
+        return p.vcpu.counters.instructions
+    raise SyscallError(E.EINVAL, f"clock {clock_id}")
+
+
+@syscall("time")
+def sys_time(p, tloc):
+    now = (GUEST_EPOCH_NS + p.elapsed_ns()) // 1_000_000_000
+    if tloc:
+        p.mem.write_u32(tloc, now)
+    return now
+
+
+@syscall("gettimeofday")
+def sys_gettimeofday(p, tv, tz):
+    ns = GUEST_EPOCH_NS + p.elapsed_ns()
+    if tv:
+        p.mem.write(tv, S.TIMEVAL32.pack(ns // 1_000_000_000, ns % 1_000_000_000 // 1000))
+    if tz:
+        p.mem.write(tz, bytes(8))
+    return 0
+
+
+@syscall("clock_gettime")
+def sys_clock_gettime(p, clock_id, tp):
+    ns = _clock(p, clock_id)
+    p.mem.write(tp, S.TIMESPEC32.pack(ns // 1_000_000_000, ns % 1_000_000_000))
+    return 0
+
+
+@syscall("clock_gettime64")
+def sys_clock_gettime64(p, clock_id, tp):
+    ns = _clock(p, clock_id)
+    p.mem.write(tp, S.TIMESPEC64.pack(ns // 1_000_000_000, ns % 1_000_000_000))
+    return 0
+
+
+@syscall("clock_getres")
+def sys_clock_getres(p, clock_id, res):
+    _clock(p, clock_id)
+    if res:
+        p.mem.write(res, S.TIMESPEC32.pack(0, 1))
+    return 0
+
+
+@syscall("clock_getres_time64")
+def sys_clock_getres_time64(p, clock_id, res):
+    _clock(p, clock_id)
+    if res:
+        p.mem.write(res, S.TIMESPEC64.pack(0, 1))
+    return 0
+
+
+def _sleep(p, req: int, fmt) -> int:
+    sec, nsec = fmt.unpack(p.mem.read(req, fmt.size))
+    if sec < 0 or not 0 <= nsec < 1_000_000_000:
+        raise SyscallError(E.EINVAL)
+    p.slept_ns += sec * 1_000_000_000 + nsec
+    return 0
+
+
+@syscall("nanosleep")
+def sys_nanosleep(p, req, rem):
+    return _sleep(p, req, S.TIMESPEC32)
+
+
+@syscall("clock_nanosleep")
+def sys_clock_nanosleep(p, clock_id, flags, req, rem):
+    return _sleep(p, req, S.TIMESPEC32)
+
+
+@syscall("clock_nanosleep_time64")
+def sys_clock_nanosleep_time64(p, clock_id, flags, req, rem):
+    return _sleep(p, req, S.TIMESPEC64)
+
+
+@syscall("times")
+def sys_times(p, buf):
+    ticks = p.vcpu.counters.instructions // 10_000_000  # 100 Hz at 1 ns per instruction
+    if buf:
+        p.mem.write(buf, ticks.to_bytes(4, "little") + bytes(12))
+    return (BOOT_NS + p.elapsed_ns()) // 10_000_000 & 0x7FFFFFFF
+
+
+# ------------------------------------------------------------------ randomness
+@syscall("getrandom")
+def sys_getrandom(p, buf, count, flags):
+    if flags & ~0x7:
+        raise SyscallError(E.EINVAL)
+    count = min(count, 1 << 25)
+    p.mem.write(buf, p.random_bytes(count))
+    return count
+
+
+# ------------------------------------------------------------------ TLS descriptors
+def _is_empty(u: UserDesc) -> bool:
+    """Linux LDT_empty / LDT_zero: a request that clears the slot."""
+    zero = (u.base_addr == 0 and u.limit == 0 and u.contents == 0 and not u.seg_32bit
+            and not u.limit_in_pages and not u.useable)
+    return zero and ((u.read_exec_only and u.seg_not_present) or (not u.read_exec_only and not u.seg_not_present))
+
+
+@syscall("set_thread_area")
+def sys_set_thread_area(p, u_info):
+    try:
+        ud = UserDesc.unpack(p.mem.read(u_info, 16))
+    except ValueError:
+        raise SyscallError(E.EINVAL, "bad struct user_desc") from None
+    index = ud.entry_number
+    if index == 0xFFFFFFFF:
+        free = [i for i in TLS_SLOTS if p.tls_requested.get(i) is None]
+        if not free:
+            raise SyscallError(E.ESRCH)
+        index = free[0]
+        p.mem.write_u32(u_info, index)
+    elif index not in TLS_SLOTS:
+        raise SyscallError(E.EINVAL)
+    empty = _is_empty(ud)
+    if not empty and (not ud.seg_32bit or ud.contents > 1 or ud.seg_not_present):
+        raise SyscallError(E.EINVAL, "tls_desc_okay refuses it")  # Linux tls_desc_okay
+    requested = None if empty else ud.to_descriptor()
+    installed = None if empty else p.descriptor_policy(requested)
+    p.vcpu.set_descriptor(index, installed)
+    p.tls_requested[index] = requested
+    p.tls_events.append(TlsInstall(p.vcpu.counters.instructions, index, requested, installed, ud))
+    return 0
+
+
+@syscall("get_thread_area")
+def sys_get_thread_area(p, u_info):
+    index = p.mem.read_u32(u_info)
+    if index not in TLS_SLOTS:
+        raise SyscallError(E.EINVAL)
+    desc = p.tls_requested.get(index)
+    if desc is None:
+        ud = UserDesc(entry_number=index, seg_32bit=False, read_exec_only=True, seg_not_present=True)
+    else:
+        ud = UserDesc.from_descriptor(desc, entry_number=index)
+    p.mem.write(u_info, ud.pack())
+    return 0
+
+
+@syscall("setuid32", "setuid")
+def sys_setuid(p, uid):
+    if p.vfs.uid not in (0, uid):
+        raise SyscallError(E.EPERM)
+    p.vfs.uid = uid
+    return 0
+
+
+@syscall("setgid32", "setgid")
+def sys_setgid(p, gid):
+    if p.vfs.uid != 0 and gid != p.vfs.gid:
+        raise SyscallError(E.EPERM)
+    p.vfs.gid = gid
+    return 0
+
+
+@syscall("sysinfo")
+def sys_sysinfo(p, info):
+    """A fixed 512 MiB machine with one process; uptime follows the guest clock."""
+    uptime = (BOOT_NS + p.elapsed_ns()) // 1_000_000_000
+    ram = 512 << 20
+    data = struct.pack("<l3L6LHH2LI8x", uptime, 0, 0, 0, ram, ram // 2, 0, 0, 0, 0, 1, 0, 0, 0, 1)
+    p.mem.write(info, data)
+    return 0

@@ -1,0 +1,228 @@
+"""The guest's filesystem namespace: path resolution, permissions, and changes.
+
+The root is either a synthetic tree (``tree.py``) or a read-only view of a host
+directory (``--root DIR``); writes go to a private in-memory overlay (see
+``nodes``). ``/dev`` (null, zero, urandom) and ``/proc/self/exe`` are mounted
+on the root but *hidden from its listing*: they resolve by name, yet a walk of
+the tree root lists exactly the tree, byte-identical to a native walk of the
+materialised tree.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+from tlslab.linux import errno as E
+from tlslab.linux import nodes as N
+from tlslab.linux.errno import SyscallError
+
+MAX_SYMLINKS = 40
+NAME_MAX = 255
+PATH_MAX = 4096
+R_OK, W_OK, X_OK = 4, 2, 1
+FIRST_OVERLAY_INO = 1 << 30  # inodes of files the guest creates
+
+
+class Vfs:
+    """One guest's view: root, cwd, mounts; all failures are ``SyscallError``."""
+
+    def __init__(self, root: N.Dir, exe_path: bytes = b"/bin/prog", exe_source=None, seed: int = 0,
+                 uid: int = 1000, gid: int = 1000, umask: int = 0o022):
+        self.root = root
+        self.root.parent, self.root.name = root, b""
+        self.cwd: N.Dir = root
+        self.uid, self.gid, self.umask = uid, gid, umask
+        self.exe_path = exe_path
+        self._next_ino = FIRST_OVERLAY_INO
+        self._urandom = random.Random(f"tlslab-urandom:{seed}")
+        self._mount_specials(exe_source)
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_tree(cls, spec, **kw) -> Vfs:
+        from tlslab.linux.tree import SyntheticTree
+
+        tree = spec if isinstance(spec, SyntheticTree) else SyntheticTree(spec)
+        return cls(tree.build(), **kw)
+
+    @classmethod
+    def from_host(cls, directory: str | os.PathLike, **kw) -> Vfs:
+        path = os.fsencode(directory)
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"{os.fsdecode(path)} is not a directory")
+        root = N.host_node(path)
+        return cls(root, **kw)
+
+    def new_ino(self) -> int:
+        self._next_ino += 1
+        return self._next_ino
+
+    def _mount_specials(self, exe_source) -> None:
+        dev = N.Dir(self.new_ino(), dev=N.DEV_DEVTMPFS, uid=0, gid=0)
+        for name, kind, minor in ((b"null", "null", 3), (b"zero", "zero", 5), (b"urandom", "urandom", 9),
+                                  (b"random", "urandom", 8)):
+            dev.attach(name, N.Device(self.new_ino(), kind, N.S_IFCHR | 0o666, source=self._urandom.randbytes
+                                      if kind == "urandom" else None, dev=N.DEV_DEVTMPFS, rdev=(1, minor), uid=0, gid=0))
+        proc = N.Dir(self.new_ino(), N.S_IFDIR | 0o555, dev=N.DEV_PROC, uid=0, gid=0)
+        self_dir = proc.attach(b"self", N.Dir(self.new_ino(), N.S_IFDIR | 0o555, dev=N.DEV_PROC, uid=0, gid=0))
+        exe = N.File(self.new_ino(), N.S_IFREG | 0o755, source=exe_source, dev=N.DEV_PROC, uid=0, gid=0)
+        self_dir.attach(b"exe", N.Symlink(self.new_ino(), self.exe_path, magic=exe, dev=N.DEV_PROC, uid=0, gid=0))
+        for name, node in ((b"dev", dev), (b"proc", proc)):
+            self.root.hidden[name] = node
+            node.parent, node.name = self.root, name
+
+    # ------------------------------------------------------------ permissions
+    def may(self, node: N.Node, want: int) -> bool:
+        if self.uid == 0:
+            return not (want & X_OK) or node.fmt == N.S_IFDIR or bool(node.mode & 0o111)
+        if node.uid == self.uid:
+            bits = node.mode >> 6
+        elif node.gid == self.gid:
+            bits = node.mode >> 3
+        else:
+            bits = node.mode
+        return (bits & want & 7) == want
+
+    # ------------------------------------------------------------ resolution
+    def resolve(self, path: bytes, base: N.Dir | None = None, follow: bool = True) -> N.Node:
+        """The node ``path`` names, from ``base`` (default cwd) for relative paths."""
+        if not path:
+            raise SyscallError(E.ENOENT, "empty path")
+        if len(path) >= PATH_MAX:
+            raise SyscallError(E.ENAMETOOLONG)
+        return self._walk(path, base or self.cwd, follow, [0])
+
+    def _walk(self, path: bytes, base: N.Dir, follow: bool, links: list[int]) -> N.Node:
+        cur: N.Node = self.root if path.startswith(b"/") else base
+        parts = [p for p in path.split(b"/") if p]
+        must_be_dir = path.endswith(b"/")
+        for i, part in enumerate(parts):
+            if not isinstance(cur, N.Dir):
+                raise SyscallError(E.ENOTDIR, path.decode(errors="replace"))
+            if not self.may(cur, X_OK):
+                raise SyscallError(E.EACCES, path.decode(errors="replace"))
+            if len(part) > NAME_MAX:
+                raise SyscallError(E.ENAMETOOLONG)
+            if part == b".":
+                continue
+            if part == b"..":
+                cur = cur.parent
+                continue
+            child = cur.lookup(part)
+            if child is None:
+                raise SyscallError(E.ENOENT, path.decode(errors="replace"))
+            last = i == len(parts) - 1
+            if isinstance(child, N.Symlink) and (not last or follow or must_be_dir):
+                links[0] += 1
+                if links[0] > MAX_SYMLINKS:
+                    raise SyscallError(E.ELOOP, path.decode(errors="replace"))
+                child = child.magic if child.magic is not None else self._walk(child.target, cur, True, links)
+            cur = child
+        if must_be_dir and not isinstance(cur, N.Dir):
+            raise SyscallError(E.ENOTDIR, path.decode(errors="replace"))
+        return cur
+
+    def resolve_parent(self, path: bytes, base: N.Dir | None = None) -> tuple[N.Dir, bytes]:
+        """The directory that holds ``path``'s last component, and that component."""
+        if not path:
+            raise SyscallError(E.ENOENT, "empty path")
+        stripped = path.rstrip(b"/")
+        if not stripped:  # "/" itself
+            return self.root, b"."
+        head, _, name = stripped.rpartition(b"/")
+        if b"/" not in stripped:
+            parent = base or self.cwd
+        else:
+            parent = self.resolve(head or b"/", base)
+        if not isinstance(parent, N.Dir):
+            raise SyscallError(E.ENOTDIR)
+        if len(name) > NAME_MAX:
+            raise SyscallError(E.ENAMETOOLONG)
+        return parent, name
+
+    def path_of(self, d: N.Dir) -> bytes:
+        """Absolute guest path of directory ``d`` (for getcwd)."""
+        parts = []
+        while d is not self.root:
+            parts.append(d.name)
+            if d.parent is d:
+                break
+            d = d.parent
+        return b"/" + b"/".join(reversed(parts))
+
+    # ------------------------------------------------------------ changes (overlay)
+    def _check_writable_dir(self, parent: N.Dir) -> None:
+        if not self.may(parent, W_OK | X_OK):
+            raise SyscallError(E.EACCES)
+        if parent.dev in (N.DEV_PROC, N.DEV_DEVTMPFS):
+            raise SyscallError(E.EACCES)
+
+    def create_file(self, parent: N.Dir, name: bytes, mode: int) -> N.File:
+        self._check_writable_dir(parent)
+        node = N.File(self.new_ino(), N.S_IFREG | (mode & 0o7777 & ~self.umask), data=b"",
+                      uid=self.uid, gid=self.gid, mtime_ns=0)
+        parent.attach(name, node)
+        return node
+
+    def mkdir(self, parent: N.Dir, name: bytes, mode: int) -> N.Dir:
+        if name in (b".", b"..") or parent.lookup(name) is not None:
+            raise SyscallError(E.EEXIST)
+        self._check_writable_dir(parent)
+        return parent.attach(name, N.Dir(self.new_ino(), N.S_IFDIR | (mode & 0o7777 & ~self.umask),
+                                         uid=self.uid, gid=self.gid))
+
+    def symlink(self, parent: N.Dir, name: bytes, target: bytes) -> None:
+        if parent.lookup(name) is not None:
+            raise SyscallError(E.EEXIST)
+        self._check_writable_dir(parent)
+        parent.attach(name, N.Symlink(self.new_ino(), target, uid=self.uid, gid=self.gid))
+
+    def unlink(self, parent: N.Dir, name: bytes, directory: bool = False) -> None:
+        if name in (b".", b".."):
+            raise SyscallError(E.EINVAL if name == b"." else E.ENOTEMPTY)
+        node = parent.lookup(name)
+        if node is None:
+            raise SyscallError(E.ENOENT)
+        if name in parent.hidden:
+            raise SyscallError(E.EBUSY)
+        self._check_writable_dir(parent)
+        if directory:
+            if not isinstance(node, N.Dir):
+                raise SyscallError(E.ENOTDIR)
+            if node.entries:
+                raise SyscallError(E.ENOTEMPTY)
+            if node is self.cwd or node is self.root:
+                raise SyscallError(E.EBUSY)
+        elif isinstance(node, N.Dir):
+            raise SyscallError(E.EISDIR)
+        del parent.entries[name]
+
+    def rename(self, old_parent: N.Dir, old: bytes, new_parent: N.Dir, new: bytes) -> None:
+        node = old_parent.lookup(old)
+        if node is None:
+            raise SyscallError(E.ENOENT)
+        if old in (b".", b"..") or new in (b".", b".."):
+            raise SyscallError(E.EBUSY)
+        self._check_writable_dir(old_parent)
+        self._check_writable_dir(new_parent)
+        if node.dev != new_parent.dev:
+            raise SyscallError(E.EXDEV)
+        if isinstance(node, N.Dir):  # not into itself
+            d = new_parent
+            while True:
+                if d is node:
+                    raise SyscallError(E.EINVAL)
+                if d.parent is d:
+                    break
+                d = d.parent
+        existing = new_parent.lookup(new)
+        if existing is node:
+            return
+        if existing is not None:
+            if isinstance(existing, N.Dir) != isinstance(node, N.Dir):
+                raise SyscallError(E.EISDIR if isinstance(existing, N.Dir) else E.ENOTDIR)
+            if isinstance(existing, N.Dir) and existing.entries:
+                raise SyscallError(E.ENOTEMPTY)
+        del old_parent.entries[old]
+        new_parent.attach(new, node)
