@@ -32,7 +32,7 @@ typedef int (*mem_protect_fn)(void *uc, uint64_t address, size_t size, uint32_t 
  * 4 = fs, 5 = gs, 0 = none of them (a plain access into the window region). */
 typedef int (*classify_site_fn)(uint32_t eip);
 /* 1 = allowed, 0 = segment violation */
-typedef int (*verdict_fn)(int seg, uint32_t generation, uint32_t offset, int size, int write);
+typedef int (*verdict_fn)(int slot, uint32_t generation, uint32_t offset, int size, int write);
 typedef uint32_t (*block_icount_fn)(uint32_t address, uint32_t size);
 
 #define SEG_FS 4
@@ -45,13 +45,22 @@ typedef uint32_t (*block_icount_fn)(uint32_t address, uint32_t size);
 
 enum { EXIT_NONE = 0, EXIT_SEGMENT_VIOLATION = 1, EXIT_KERNEL_ACCESS = 2, EXIT_TABLE_FULL = 3, EXIT_PAGE_FAULT = 4 };
 
+/* One window per GDT TLS slot: the slot's descriptor is installed in Unicorn's
+ * GDT with base real_base + shift, so whichever of fs/gs loads it reaches the
+ * window. The hook reads the selector to find the slot. */
 struct window {
     uint32_t real_base;     /* the base the guest's descriptor holds */
     uint32_t user_top;      /* first linear address above guest user space */
-    uint32_t base;          /* the base Unicorn uses for the segment (in the window) */
-    uint32_t generation;    /* interned id of the segment's current descriptor */
-    int32_t seg;            /* SEG_FS / SEG_GS, 0 = unused */
+    uint32_t base;          /* the base Unicorn uses for the slot (in the window) */
+    uint32_t generation;    /* interned id of the slot's current descriptor */
+    int32_t slot;           /* GDT index, 0 = unused */
+    int32_t pad;
+};
+
+/* Access statistics per segment register (fs, gs). */
+struct seg_stats {
     int32_t last_sign;      /* +1 / -1 / 0: sign of the previous access */
+    int32_t pad;
     uint64_t accesses, negative, positive, sign_changes;
 };
 
@@ -82,6 +91,7 @@ struct fastpath {
     reg_read_fn reg_read;
     int32_t regid_eip;
     int32_t nwindows;
+    int32_t regid_fs, regid_gs;
     classify_site_fn classify_site;
     verdict_fn verdict;
     block_icount_fn block_icount;
@@ -92,7 +102,8 @@ struct fastpath {
     uint32_t last_eip, last_linear;   /* read-modify-write: one access, two events */
     int32_t last_was_read, nalias;
     struct exit_info exit;
-    struct window windows[2];
+    struct window windows[3];
+    struct seg_stats stats[2];  /* [0] = fs, [1] = gs */
     struct site sites[SITE_SLOTS];
     uint64_t verdict_keys[VERDICT_SLOTS];   /* key + 1, 0 = empty */
     uint8_t verdict_values[VERDICT_SLOTS];
@@ -225,10 +236,15 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
         return;
     }
     struct window *w = NULL;
-    for (int k = 0; k < fp->nwindows; k++) {
-        if (fp->windows[k].seg == site->seg && site->seg != 0) {
-            w = &fp->windows[k];
-            break;
+    if (site->seg == SEG_FS || site->seg == SEG_GS) {
+        uint32_t selector = 0;
+        fp->reg_read(uc, site->seg == SEG_FS ? fp->regid_fs : fp->regid_gs, &selector);
+        int slot = (int)((selector & 0xffff) >> 3);
+        for (int k = 0; k < fp->nwindows; k++) {
+            if (fp->windows[k].slot == slot && slot != 0 && !(selector & 4)) {
+                w = &fp->windows[k];
+                break;
+            }
         }
     }
     if (w == NULL) {
@@ -244,10 +260,10 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
      * offset is exact wherever in the hooked region the access landed. */
     uint32_t offset = linear - w->base;
     uint32_t real_linear = offset + w->real_base;
-    fp->exit.seg = w->seg;
+    fp->exit.seg = site->seg;
     fp->exit.offset = offset;
     fp->exit.linear = real_linear;
-    int allowed = lookup_verdict(fp, w->seg, w->generation, offset, size, write);
+    int allowed = lookup_verdict(fp, w->slot, w->generation, offset, size, write);
     if (!allowed) {
         site->violations++;
         refuse(fp, uc, linear, EXIT_SEGMENT_VIOLATION);
@@ -269,10 +285,11 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
         return;
     int32_t soff = (int32_t)offset;
     int sign = soff < 0 ? -1 : 1;
-    w->accesses++;
-    if (sign < 0) w->negative++; else w->positive++;
-    if (w->last_sign != 0 && w->last_sign != sign) w->sign_changes++;
-    w->last_sign = sign;
+    struct seg_stats *st = &fp->stats[site->seg == SEG_GS];
+    st->accesses++;
+    if (sign < 0) st->negative++; else st->positive++;
+    if (st->last_sign != 0 && st->last_sign != sign) st->sign_changes++;
+    st->last_sign = sign;
     site->accesses++;
     if (sign < 0) site->negative++; else site->positive++;
     if (soff < (int32_t)site->min_offset) site->min_offset = (uint32_t)soff;

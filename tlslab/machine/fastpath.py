@@ -60,8 +60,15 @@ class Window(ctypes.Structure):
         ("user_top", ctypes.c_uint32),
         ("base", ctypes.c_uint32),
         ("generation", ctypes.c_uint32),
-        ("seg", ctypes.c_int32),
+        ("slot", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
+    ]
+
+
+class SegStats(ctypes.Structure):
+    _fields_ = [
         ("last_sign", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
         ("accesses", ctypes.c_uint64),
         ("negative", ctypes.c_uint64),
         ("positive", ctypes.c_uint64),
@@ -92,6 +99,8 @@ class FastpathHeader(ctypes.Structure):
         ("reg_read", ctypes.c_void_p),
         ("regid_eip", ctypes.c_int32),
         ("nwindows", ctypes.c_int32),
+        ("regid_fs", ctypes.c_int32),
+        ("regid_gs", ctypes.c_int32),
         ("classify_site", ctypes.c_void_p),
         ("verdict", ctypes.c_void_p),
         ("block_icount", ctypes.c_void_p),
@@ -109,7 +118,8 @@ class FastpathHeader(ctypes.Structure):
         ("last_was_read", ctypes.c_int32),
         ("nalias", ctypes.c_int32),
         ("exit", ExitInfo),
-        ("windows", Window * 2),
+        ("windows", Window * 3),
+        ("stats", SegStats * 2),
         ("sites", Site * SITE_SLOTS),
     ]
 

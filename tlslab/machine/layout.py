@@ -6,19 +6,23 @@ instruction. The layout makes that possible:
 
     0x00000000 .. USER_TOP     guest user space (ELF image, heap, mmaps, stack)
     USER_TOP   .. 0x80000000   hypervisor pages: GDT (read-only), entry stub
-    0x80000000 .. 0xC0000000   GS window: user space aliased at +GS_WINDOW_SHIFT
-    0xC0000000 .. 0x100000000  FS window: user space aliased at +FS_WINDOW_SHIFT
+    0x80000000 .. 0xC0000000   window of TLS slot 6: user space aliased at +2 GiB
+    0xC0000000 .. 0x100000000  window of TLS slot 7: user space aliased at +3 GiB
 
-The descriptor Unicorn loads for %gs has base ``real_base + GS_WINDOW_SHIFT``,
-so ``%gs:off`` reaches linear ``real_base + off + shift``: the alias of the page
-the guest meant. Window aliases carry no permissions, so each access raises a
-protection event that the fast path checks with tlslab.x86 semantics; offsets
-are exact because ``off = linear - window_base (mod 2^32)``.
+The descriptor Unicorn sees for TLS slot 6 has base ``real_base + 2 GiB``, so
+``%gs:off`` (glibc loads slot 6 into %gs) reaches linear ``real_base + off +
+2 GiB``: the alias of the page the guest meant. A ranged hook on the windows
+sees every such access before it commits and checks it with tlslab.x86
+semantics; the offset is exact because ``off = linear - window_base (mod 2^32)``
+wherever the access lands. Whichever of fs/gs loads a slot uses its window, so
+segment loads need no interception. Slot 8 has no window: its view is kept not
+present, and a guest loading it is stopped (#NP), never left unchecked.
 
 Known blind spot: an fs/gs access whose *real* linear address lies outside user
-space and whose shifted address lands back inside user space (gs: real linear in
-[0x80000000, 0xC0000000); fs: in [0x40000000, 0x80000000)) is not seen. Such an
-access is ~1 GiB away from any TLS block; real code never makes one.
+space and whose shifted address lands back inside user space (slot 6: real
+linear in [0x80000000, 0xC0000000); slot 7: in [0x40000000, 0x80000000)) is not
+seen. Such an access is ~1 GiB away from any TLS block; real code never makes
+one.
 """
 
 PAGE_SIZE = 0x1000
@@ -35,8 +39,7 @@ GDT_ENTRIES = 32
 ENTRY_STUB = HYPERVISOR_PAGES + PAGE_SIZE
 ENTRY_STACK = HYPERVISOR_PAGES + 3 * PAGE_SIZE  # ring-0 stack used once by the entry stub
 
-GS_WINDOW_SHIFT = 0x8000_0000
-FS_WINDOW_SHIFT = 0xC000_0000
+SLOT_WINDOW_SHIFT = {6: 0x8000_0000, 7: 0xC000_0000}  # GDT TLS slot -> alias distance
 WINDOW_REGION = (0x8000_0000, 0xFFFF_FFFF)
 
 # Linux i386 GDT slots (arch/x86/include/asm/segment.h)

@@ -7,11 +7,10 @@ fault, a CPU exception, or the time limit. Nothing here knows about Linux or
 Xen; descriptors arrive through ``set_descriptor`` already shaped by whatever
 policy the hypervisor layer applies.
 
-How segment loads are seen: the TLS descriptors in the GDT that Unicorn reads
-are kept *not present*. A guest ``mov %ax,%gs`` therefore raises #NP, which the
-vCPU completes itself: it loads the register with a descriptor whose base is the
-real base shifted into that register's window (see ``layout``), then restores
-the not-present view. Loads are rare (once per thread), accesses are not.
+Segment loads need no interception: each GDT TLS slot that has a window is
+installed in the GDT Unicorn reads with its base shifted into that window (see
+``layout``), so whichever segment register the guest loads it into, accesses
+land in the window, where the fast path sees them before they commit.
 """
 
 from __future__ import annotations
@@ -67,11 +66,11 @@ VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "
 SEGMENT_PREFIX = {0x26: None, 0x2E: None, 0x36: None, 0x3E: None, 0x64: fastpath.SEG_FS, 0x65: fastpath.SEG_GS}
 LEGACY_PREFIXES = {0x66, 0x67, 0xF0, 0xF2, 0xF3} | set(SEGMENT_PREFIX)
 SEGMENT_REGISTER_IDS = {fastpath.SEG_FS: "fs", fastpath.SEG_GS: "gs"}
-WINDOW_SHIFT = {"fs": layout.FS_WINDOW_SHIFT, "gs": layout.GS_WINDOW_SHIFT}
-# A valid ring-3 data descriptor with P=0: loading it raises #NP (a zero entry
-# would raise #GP first, and #GP is also what real violations look like).
+# A valid ring-3 data descriptor with P=0: loading it raises #NP. Used for a
+# slot that has no window, so that it can never be used unchecked.
 _NOT_PRESENT_TLS = SegmentDescriptor(limit=0xFFFFF, rw=True, s=True, dpl=3, present=False, db=True,
                                      granularity=True).to_bytes()
+_EMPTY_SLOT = bytes(8)  # what Linux has in an unused TLS slot: loading it faults
 
 
 class ExitReason(enum.Enum):
@@ -176,17 +175,19 @@ class VCpu:
         self.timeout_us = int(timeout_seconds * 1_000_000)
         self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
         self.regs = _RawRegisters(self.uc)
-        shifts = (layout.GS_WINDOW_SHIFT, layout.FS_WINDOW_SHIFT) if checks else ()
+        shifts = tuple(layout.SLOT_WINDOW_SHIFT.values()) if checks else ()
         self.mem = GuestMemory(self.uc, alias_offsets=shifts, on_change=self._mappings_changed)
         self.counters = MachineCounters()
         self.descriptors: list[SegmentDescriptor | None] = [None] * layout.GDT_ENTRIES
-        self.loaded: dict[str, int] = {"fs": 0, "gs": 0}  # selector held by fs/gs
         self._generations: dict[SegmentDescriptor, int] = {}
         self._by_generation: list[SegmentDescriptor] = []
         self._disasm = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
         self._pending: Exit | None = None
         self._unmapped: tuple[int, int, bool, bool] | None = None
         self._site_segment: dict[int, int] = {}
+        self._not_retired: dict[tuple[int, int, int], int] = {}
+        self.decoded: dict[int, object] = {}  # eip -> decoded instruction, for strategies; cleared on code patches
+        self._views: dict[tuple[SegmentDescriptor, int], bytes] = {}
         self._started = False
         self._setup_hypervisor_pages()
         self._setup_hooks()
@@ -205,9 +206,6 @@ class VCpu:
             gdt[8 * index : 8 * index + 8] = d.to_bytes()
         uc.mem_write(layout.GDT_BASE, bytes(gdt))
         uc.reg_write(X.UC_X86_REG_GDTR, (0, layout.GDT_BASE, 8 * layout.GDT_ENTRIES - 1, 0))
-        for index in range(layout.GDT_ENTRY_TLS_MIN, layout.GDT_ENTRY_TLS_MIN + layout.GDT_ENTRY_TLS_ENTRIES):
-            gdt[8 * index : 8 * index + 8] = _NOT_PRESENT_TLS
-        uc.mem_write(layout.GDT_BASE, bytes(gdt))
         uc.mem_write(layout.ENTRY_STUB, b"\xcf")  # iret: the one way into ring 3 (BRIEF section 4)
 
     def _setup_hooks(self) -> None:
@@ -226,12 +224,14 @@ class VCpu:
                                     ctypes.c_uint64(lo), ctypes.c_uint64(hi))
             if err:
                 raise UcError(err)
-            self._fast.header.nwindows = 2
-            for k, seg in enumerate((fastpath.SEG_GS, fastpath.SEG_FS)):
-                w = self._fast.header.windows[k]
-                w.seg = seg
+            h = self._fast.header
+            h.regid_fs, h.regid_gs = X.UC_X86_REG_FS, X.UC_X86_REG_GS
+            h.nwindows = len(layout.SLOT_WINDOW_SHIFT)
+            for k, (slot, shift) in enumerate(layout.SLOT_WINDOW_SHIFT.items()):
+                w = h.windows[k]
+                w.slot = slot
                 w.user_top = layout.USER_TOP
-                w.base = WINDOW_SHIFT[SEGMENT_REGISTER_IDS[seg]]
+                w.base = shift
         if self.count_instructions:
             hh = ctypes.c_size_t()
             err = uclib.uc_hook_add(handle, ctypes.byref(hh), UC_HOOK_BLOCK, ctypes.c_void_p(self._fast.on_block),
@@ -262,7 +262,7 @@ class VCpu:
         self._site_segment[eip] = seg
         return seg
 
-    def _verdict(self, seg: int, generation: int, offset: int, size: int, write: int) -> int:
+    def _verdict(self, slot: int, generation: int, offset: int, size: int, write: int) -> int:
         desc = self._by_generation[generation]
         return 1 if check_data_access(desc, offset, size, bool(write)).allowed else 0
 
@@ -278,10 +278,6 @@ class VCpu:
         eip = self.regs.get("eip")
         if intno == 0x80:
             self._pending = Exit(ExitReason.SYSCALL, eip)
-        elif intno == 11:
-            # a guest segment load hit a TLS slot (kept not present on purpose);
-            # completed by run() outside the emulator, where register writes are safe
-            self._pending = Exit(ExitReason.EXCEPTION, eip, vector=11, message=f"#NP at {eip:#010x}")
         else:
             name = VECTOR_NAMES.get(intno, f"vector {intno}")
             self._pending = Exit(ExitReason.EXCEPTION, eip, vector=intno, message=f"{name} at {eip:#010x}")
@@ -305,6 +301,11 @@ class VCpu:
             self._by_generation.append(desc)
         return gen
 
+    @property
+    def loaded(self) -> dict[str, int]:
+        """Selectors held by fs and gs (read from the CPU: loads are not intercepted)."""
+        return {"fs": self.regs.get("fs") & 0xFFFF, "gs": self.regs.get("gs") & 0xFFFF}
+
     def set_descriptor(self, index: int, desc: SegmentDescriptor | None) -> None:
         """Install a (policy-shaped) descriptor in a TLS slot and refresh fs/gs using it.
 
@@ -314,72 +315,38 @@ class VCpu:
         if not layout.GDT_ENTRY_TLS_MIN <= index < layout.GDT_ENTRY_TLS_MIN + layout.GDT_ENTRY_TLS_ENTRIES:
             raise ValueError(f"GDT entry {index} is not a TLS slot")
         self.descriptors[index] = desc
-        self.uc.mem_write(layout.GDT_BASE + 8 * index, _NOT_PRESENT_TLS)
-        for reg, selector in self.loaded.items():
-            if selector and layout.selector_index(selector) == index and not selector & 4:
-                self._load_segment(reg, selector)
-
-    def _load_segment(self, reg: str, selector: int) -> None:
-        index = layout.selector_index(selector)
-        desc = self.descriptors[index]
-        if desc is None or not desc.present:
-            raise ValueError(f"selector {selector:#x} has no present descriptor")
-        base = desc.base
-        if self.checks:
-            base = (desc.base + WINDOW_SHIFT[reg]) & 0xFFFFFFFF
-        # The view Unicorn loads: flat expand-up data with the shifted base.
-        # Unicorn ignores limits anyway; the model descriptor is what is checked.
-        view = SegmentDescriptor(base=base, limit=0xFFFFF, present=True, s=True, rw=True, accessed=True,
-                                 db=True, granularity=True, dpl=3)
-        slot = layout.GDT_BASE + 8 * index
-        self.uc.mem_write(slot, view.to_bytes())
-        self.uc.reg_write(REGISTER_IDS[reg], selector)
-        self.uc.mem_write(slot, _NOT_PRESENT_TLS)
-        self.loaded[reg] = selector
-        self.counters.segment_loads += 1
-        if self.checks:
-            seg = fastpath.SEG_FS if reg == "fs" else fastpath.SEG_GS
+        self.uc.mem_write(layout.GDT_BASE + 8 * index, self._view(index, desc))
+        if self.checks and index in layout.SLOT_WINDOW_SHIFT and desc is not None:
             for w in self._fast.header.windows:
-                if w.seg == seg:
-                    w.base = base
+                if w.slot == index:
+                    w.base = (desc.base + layout.SLOT_WINDOW_SHIFT[index]) & 0xFFFFFFFF
                     w.real_base = desc.base
                     w.generation = self.generation_of(desc)
-                    w.last_sign = 0 if w.accesses == 0 else w.last_sign
+        if self._started:
+            for reg, selector in self.loaded.items():
+                if selector and layout.selector_index(selector) == index and not selector & 4:
+                    self.regs.set(reg, selector)
+                    self.counters.segment_loads += 1
 
-    def _complete_segment_load(self, eip: int) -> bool:
-        """Finish a guest ``mov r/m16, %fs|%gs`` / ``pop %fs|%gs`` that hit a TLS slot (#NP)."""
-        try:
-            code = self.mem.read(eip, 16)
-        except Exception:
-            return False
-        insn = next(self._disasm.disasm(code, eip, 1), None)
-        if insn is None:
-            return False
-        ops = insn.op_str.split(", ")
-        if insn.mnemonic == "mov" and ops[0] in ("fs", "gs"):
-            reg, src = ops[0], ops[1]
-            if src in REGISTER_IDS or src in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp"):
-                name = src if src.startswith("e") else "e" + src
-                selector = self.regs.get(name) & 0xFFFF
-            else:
-                return False  # memory-source segment loads: not needed by any guest yet
-        elif insn.mnemonic == "pop" and ops[0] in ("fs", "gs"):
-            reg = ops[0]
-            esp = self.regs.get("esp")
-            selector = self.mem.read_u32(esp) & 0xFFFF
-            self.regs.set("esp", esp + 4)
-        else:
-            return False
-        index = layout.selector_index(selector)
-        if selector & 4 or not layout.GDT_ENTRY_TLS_MIN <= index < layout.GDT_ENTRY_TLS_MIN + layout.GDT_ENTRY_TLS_ENTRIES:
-            return False
-        desc = self.descriptors[index]
-        if desc is None or not desc.present or (selector & 3) != 3 or desc.dpl != 3:
-            return False
-        self._load_segment(reg, selector)
-        self.regs.set("eip", eip + insn.size)
-        self.retire(1)
-        return True
+    def _view(self, index: int, desc: SegmentDescriptor | None) -> bytes:
+        """The 8 bytes Unicorn reads for a TLS slot."""
+        if desc is None:
+            return _EMPTY_SLOT
+        if not desc.present:
+            return desc.to_bytes()
+        if not self.checks:
+            return desc.to_bytes()  # baseline: plain Unicorn, limits unenforced
+        if index not in layout.SLOT_WINDOW_SHIFT:
+            return _NOT_PRESENT_TLS
+        view = self._views.get((desc, index))
+        if view is None:
+            # flat expand-up data with the base shifted into the slot's window;
+            # Unicorn ignores limits anyway, the model descriptor is what is checked
+            base = (desc.base + layout.SLOT_WINDOW_SHIFT[index]) & 0xFFFFFFFF
+            view = self._views[(desc, index)] = SegmentDescriptor(
+                base=base, limit=0xFFFFF, present=True, s=True, rw=True, accessed=True,
+                db=True, granularity=True, dpl=3).to_bytes()
+        return view
 
     # ------------------------------------------------------------ control
     def enter_user_mode(self, eip: int, esp: int) -> None:
@@ -401,13 +368,6 @@ class VCpu:
 
     def run(self) -> Exit:
         """Run until the guest needs a layer above; see ``ExitReason``."""
-        while True:
-            exit_ = self._run_once()
-            if exit_.reason is ExitReason.EXCEPTION and exit_.vector == 11 and self._complete_segment_load(exit_.eip):
-                continue
-            return exit_
-
-    def _run_once(self) -> Exit:
         self._pending = None
         self._unmapped = None
         eip = self.regs.get("eip")
@@ -446,8 +406,11 @@ class VCpu:
         start, size = h.cur_block_address, h.cur_block_size
         if not start <= eip < start + size:
             return
-        code = self.mem.read(eip, start + size - eip) if self.mem.is_mapped(eip, 1) else b""
-        not_retired = sum(1 for _ in self._disasm.disasm_lite(code, eip))
+        key = (start, size, eip)
+        not_retired = self._not_retired.get(key)
+        if not_retired is None:
+            code = self.mem.read(eip, start + size - eip) if self.mem.is_mapped(eip, 1) else b""
+            not_retired = self._not_retired[key] = sum(1 for _ in self._disasm.disasm_lite(code, eip))
         h.instructions -= not_retired
         self.counters.instructions = h.instructions
 
@@ -480,7 +443,7 @@ class VCpu:
             reg = SEGMENT_REGISTER_IDS[seg]
             selector = self.loaded[reg]
             desc = self.descriptors[layout.selector_index(selector)]
-            window_base = (desc.base + WINDOW_SHIFT[reg]) & 0xFFFFFFFF
+            window_base = (desc.base + layout.SLOT_WINDOW_SHIFT.get(layout.selector_index(selector), 0)) & 0xFFFFFFFF
             offset = (address - window_base) & 0xFFFFFFFF
             linear = (desc.base + offset) & 0xFFFFFFFF
             check = check_data_access(desc, offset, size, write)
@@ -497,10 +460,8 @@ class VCpu:
     def segment_counters(self) -> dict[str, SegmentCounters]:
         out = {}
         if self.checks:
-            for w in self._fast.header.windows:
-                name = SEGMENT_REGISTER_IDS.get(w.seg)
-                if name:
-                    out[name] = SegmentCounters(w.accesses, w.negative, w.positive, w.sign_changes)
+            for name, st in zip(("fs", "gs"), self._fast.header.stats):
+                out[name] = SegmentCounters(st.accesses, st.negative, st.positive, st.sign_changes)
         return out
 
     def site_counters(self) -> list[fastpath.SiteCounters]:
@@ -515,5 +476,7 @@ class VCpu:
     def invalidate_code(self, address: int, size: int) -> None:
         """Drop translated code after the host patched guest code bytes."""
         self.uc.ctl_remove_cache(address, address + size)
+        self._not_retired.clear()
+        self.decoded.clear()
         if self._fast is not None:
             self._fast.reset_blocks()

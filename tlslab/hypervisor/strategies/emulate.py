@@ -18,14 +18,22 @@ MAX_INSN = 15
 
 
 def fetch_and_decode(domain, eip: int):
-    """Decode the instruction at ``eip`` (fewer bytes near the end of a mapping)."""
+    """Decode the instruction at ``eip`` (fewer bytes near the end of a mapping).
+
+    Cached per address: guest code does not change unless a strategy patches
+    it, and patching clears the cache (``VCpu.invalidate_code``).
+    """
+    cached = domain.vcpu.decoded.get(eip)
+    if cached is not None:
+        return cached
     mem = domain.vcpu.mem
     n = MAX_INSN
     while n > 0 and not mem.is_mapped(eip, n):
         n -= 1
     if n == 0:
         return DecodeError(f"instruction at {eip:#010x} is not mapped")
-    return decode(mem.read(eip, n), eip)
+    insn = domain.vcpu.decoded[eip] = decode(mem.read(eip, n), eip)
+    return insn
 
 
 class EmulateStrategy(Strategy):

@@ -21,6 +21,10 @@ class FlipStrategy(Strategy):
     segments = ("gs",)
     full_decoder = False
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._memo: dict = {}  # (descriptor, offset, size) -> flipped descriptor (pure function)
+
     def handle(self, trap: Trap) -> Verdict:
         v = trap.violation
         domain = trap.domain
@@ -40,7 +44,10 @@ class FlipStrategy(Strategy):
                 c.refused += 1
                 c.count("uncovered")
                 return Verdict.kill(f"seg_fixup cannot decode `{insn.mnemonic}`: {why}")
-        flipped = xen.flip(v.descriptor, v.offset, domain.policy.profile, size=v.size)
+        key = (v.descriptor, v.offset, v.size)
+        flipped = self._memo.get(key, False)
+        if flipped is False:
+            flipped = self._memo[key] = xen.flip(v.descriptor, v.offset, domain.policy.profile, size=v.size)
         if flipped is None:
             c.refused += 1
             return Verdict.kill(f"genuine fault: {v.reason}")
