@@ -75,7 +75,7 @@ class ModelledTime:
 def work_units(counters: dict) -> dict[str, float]:
     """The priced quantities of a run, from ``Domain.counters()``."""
     s = counters.get("strategy", {})
-    syscalls = sum(counters.get("linux", {}).get("syscalls", {}).values())
+    syscalls = counters.get("linux", {}).get("syscalls", {}).get("total", 0)
     return {
         "instruction_ns": counters.get("instructions", 0),
         "syscall_ns": syscalls,

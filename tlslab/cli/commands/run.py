@@ -1,0 +1,146 @@
+"""`tlslab run GUEST [-- ARGS]`: run one guest under one strategy and show what it cost."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tlslab.cli import UsageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a guest under the hypervisor model and print its output, counters and modelled time",
+        description="Run a static i386 guest (a bundled name such as lsr, lsr.nosegneg, busybox, or a path) "
+        "inside Unicorn under the Xen segment model. Guest output first, then exit status, counters "
+        "and modelled time. Arguments after `--` go to the guest.",
+    )
+    p.add_argument("guest", help="bundled guest name (see `tlslab guests`), busybox, or a path to a static i386 ELF")
+    p.add_argument("args", nargs="*", help="guest arguments (put them after --)")
+    p.add_argument("--strategy", "-s", default=None,
+                   help="fault strategy (see `tlslab strategies`); default: native in --mode native, emulate in --mode xen")
+    p.add_argument("--mode", choices=("native", "xen"), default=None,
+                   help="native: no truncation; xen: truncated segments (implied by --strategy)")
+    p.add_argument("--profile", choices=("nonpae", "pae"), default="nonpae", help="hypervisor start profile")
+    p.add_argument("--variant", choices=("default", "nosegneg"), default="default", help="guest build variant")
+    fs = p.add_mutually_exclusive_group()
+    fs.add_argument("--tree", default=None, help="synthetic tree spec or name (small, 4k); default: small")
+    fs.add_argument("--root", default=None, help="show this host directory read-only instead of a synthetic tree")
+    p.add_argument("--applet", default=None, help="argv[0] (busybox applet name, e.g. ls)")
+    p.add_argument("--seed", type=int, default=0, help="seed for getrandom/AT_RANDOM and the tree")
+    p.add_argument("--stdout", choices=("pipe", "file", "null", "tty"), default="pipe",
+                   help="what the guest's stdout looks like to it (changes glibc's behaviour)")
+    p.add_argument("--cost-profile", default="nominal", help="cost profile for modelled time (see `tlslab costs`)")
+    p.add_argument("--timeout", type=float, default=0, help="wall-clock limit in seconds (0: none)")
+    p.add_argument("--quiet", "-q", action="store_true", help="do not print the guest's output")
+    p.add_argument("--json", action="store_true", help="print one JSON record instead of tables")
+    p.add_argument("--sites", type=int, default=0, metavar="N", help="also list the N busiest fs/gs sites")
+    p.set_defaults(handler=run)
+
+
+def resolve_strategy(strategy: str | None, mode: str | None) -> str:
+    from tlslab.hypervisor.strategies import STRATEGIES
+
+    if strategy is None:
+        strategy = "emulate" if mode == "xen" else "native"
+    if strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy {strategy!r} (choose from: {', '.join(STRATEGIES)})")
+    truncates = STRATEGIES[strategy].truncates
+    if mode == "native" and truncates:
+        raise UsageError(f"strategy {strategy} runs under a truncating hypervisor; drop --mode native")
+    if mode == "xen" and not truncates:
+        raise UsageError("strategy native does not truncate; use --mode native or another strategy")
+    return strategy
+
+
+def run(args) -> int:
+    from tlslab.experiment import RunSpec, execute
+    from tlslab.guests import GuestError
+    from tlslab.hypervisor import costmodel
+    from tlslab.linux.elf import ElfError
+    from tlslab.linux.tree import TreeSpec, TreeSpecError
+
+    strategy = resolve_strategy(args.strategy, args.mode)
+    try:
+        profile = costmodel.get_profile(args.cost_profile)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.tree is not None:
+        try:
+            TreeSpec.parse(args.tree)
+        except TreeSpecError as exc:
+            raise UsageError(str(exc)) from None
+    spec = RunSpec(guest=args.guest, args=tuple(args.args), strategy=strategy, profile=args.profile,
+                   tree=args.tree or "small", root=args.root, seed=args.seed, stdout=args.stdout,
+                   variant=args.variant, applet=args.applet, timeout_seconds=args.timeout)
+    try:
+        result, guest = execute(spec)
+    except (GuestError, ElfError, FileNotFoundError, NotADirectoryError) as exc:
+        raise UsageError(str(exc)) from None
+    modelled = costmodel.predict(profile, result.counters)
+
+    if args.json:
+        record = {
+            "spec": spec.to_dict(),
+            "guest_sha256": guest.sha256,
+            "status": result.status,
+            "crash": result.crash.describe() if result.crash else None,
+            "counters": result.counters,
+            "modelled": {"profile": profile.label(), "total_ms": modelled.total_ms,
+                         "breakdown_ns": modelled.breakdown_ns},
+            "wall_seconds": result.wall_seconds,
+            "stdout": result.stdout.decode("utf-8", "replace") if not args.quiet else None,
+        }
+        print(json.dumps(record, indent=2, sort_keys=True))
+        return 0 if result.ok else 1
+
+    if not args.quiet:
+        sys.stdout.buffer.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(result.stderr)
+        sys.stderr.flush()
+    print_summary(spec, guest, result, modelled, profile, args.sites)
+    return 0 if result.ok else 1
+
+
+def print_summary(spec, guest, result, modelled, profile, nsites: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False, highlight=False)
+    c = result.counters
+    s = c["strategy"]
+    title = f"{guest.name} ({guest.variant}) under {s['name']} -- {c['policy']}"
+    if result.crash:
+        console.print(f"[bold red]{result.crash.describe()}[/]")
+    else:
+        console.print(f"[bold]exit status {result.status}[/]")
+    t = Table(title=title, show_header=True, header_style="bold")
+    t.add_column("counter")
+    t.add_column("value", justify="right")
+    t.add_row("guest instructions", f"{c['instructions']:,}")
+    t.add_row("system calls", f"{c['linux']['syscalls']['total']:,}")
+    for seg, sc in sorted(c["segments"].items()):
+        if sc["accesses"]:
+            t.add_row(f"%{seg} accesses (direct)", f"{sc['accesses']:,}  (-ve {sc['negative']:,}, +ve {sc['positive']:,}, "
+                      f"sign changes {sc['sign_changes']:,})")
+    t.add_row("segment violations (#GP)", f"{sum(c['violations'].values()):,}")
+    for key in ("traps", "decodes", "descriptor_writes", "emulated_instructions", "emulated_accesses", "patches",
+                "notifications", "refused"):
+        if s.get(key):
+            t.add_row(key.replace("_", " "), f"{s[key]:,}")
+    t.add_row("modelled time", f"{modelled.total_ms:.3f} ms  [{profile.label()}]")
+    t.add_row("wall time (this lab)", f"{result.wall_seconds:.3f} s")
+    console.print(t)
+    unsupported = c["linux"]["syscalls"].get("unsupported")
+    if unsupported:
+        console.print(f"[yellow]unsupported system calls (returned -ENOSYS): {unsupported}[/]")
+    if nsites and result.sites:
+        st = Table(title=f"busiest fs/gs sites (of {len(result.sites)})")
+        for col in ("eip", "seg", "accesses", "-ve", "+ve", "violations", "offsets"):
+            st.add_column(col, justify="right")
+        for site in sorted(result.sites, key=lambda x: -(x["accesses"] + x["violations"]))[:nsites]:
+            st.add_row(f"{site['eip']:#010x}", site["segment"], f"{site['accesses']:,}", f"{site['negative']:,}",
+                       f"{site['positive']:,}", f"{site['violations']:,}", f"{site['min_offset']:#x}..{site['max_offset']:#x}")
+        console.print(st)
