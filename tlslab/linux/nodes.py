@@ -20,6 +20,7 @@ DT_TYPES = {S_IFIFO: 1, S_IFCHR: 2, S_IFDIR: 4, S_IFBLK: 6, S_IFREG: 8, S_IFLNK:
 DEV_TREE = (8, 1)
 DEV_DEVTMPFS = (0, 5)
 DEV_PROC = (0, 22)
+TMPFS_DIRENT_SIZE = 20  # BOGO_DIRENT_SIZE in Linux mm/shmem.c
 DIR_SIZE = 4096
 GUEST_UID = GUEST_GID = 1000  # the guest's user and group (see Vfs)
 
@@ -56,12 +57,13 @@ class Node:
 
 
 class Dir(Node):
-    __slots__ = ("_entries", "parent", "name", "hidden", "_loader", "host_size")
+    __slots__ = ("_entries", "parent", "name", "hidden", "_loader", "host_size", "_host_order")
 
     def __init__(self, ino: int, mode: int = S_IFDIR | 0o755, loader: Callable[[Dir], dict] | None = None, **kw):
         super().__init__(ino, mode, **kw)
         self._entries: dict[bytes, Node] | None = None if loader else {}
         self._loader = loader
+        self._host_order = False
         self.parent: Dir = self
         self.name = b""
         self.hidden: dict[bytes, Node] = {}  # mounts reachable by name but not listed (see vfs)
@@ -74,6 +76,7 @@ class Dir(Node):
             for name, node in self._loader(self).items():
                 self.attach(name, node)
             self._loader = None
+            self._host_order = True
         return self._entries
 
     def attach(self, name: bytes, node: Node) -> Node:
@@ -86,12 +89,23 @@ class Dir(Node):
         return self.hidden.get(name) or self.entries.get(name)
 
     def listing(self) -> list[tuple[bytes, Node]]:
-        """Entries in a stable, name-hashed order (like ext4's htree: not sorted)."""
-        return sorted(self.entries.items(), key=lambda kv: (zlib.crc32(kv[0]), kv[0]))
+        """Entries in the order readdir returns them.
+
+        A host directory (``--root``) lists in the host's own readdir order, so
+        a guest walk matches a native walk of the same directory. An in-memory
+        directory (synthetic tree, overlay) lists newest first, as tmpfs does:
+        a synthetic tree materialised onto tmpfs gives byte-identical output
+        even for programs that do not sort (find).
+        """
+        items = list(self.entries.items())
+        return items if self._host_order else items[::-1]
 
     @property
     def size(self) -> int:
-        return DIR_SIZE if self.host_size is None else self.host_size
+        """tmpfs's directory size (20 bytes per entry incl. . and ..), or the host's."""
+        if self.host_size is not None:
+            return self.host_size
+        return TMPFS_DIRENT_SIZE * (2 + len(self.entries))
 
     @property
     def nlink(self) -> int:
@@ -209,7 +223,7 @@ def host_loader(path: bytes, ino_offset: int = 0) -> Callable[[Dir], dict]:
     def load(_dir: Dir) -> dict[bytes, Node]:
         out: dict[bytes, Node] = {}
         try:
-            names = sorted(os.listdir(path))
+            names = os.listdir(path)  # the host's readdir order, deliberately unsorted
         except OSError:
             return out
         for name in names:
