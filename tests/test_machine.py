@@ -154,3 +154,24 @@ def test_window_verdicts_match_tlslab_x86(offset, size, expand_down):
     if not expected:
         assert e.reason is ExitReason.SEGMENT_VIOLATION
         assert e.violation.offset == offset & 0xFFFFFFFF and e.violation.size == size
+
+
+@pytest.mark.parametrize("real", [0xFFFF0000, 0xFC000000, 0xC0000000, 0x7FFF0000])
+def test_gs_access_to_kernel_or_hole_through_slot6_never_reads_hypervisor_pages(real):
+    """Untruncated %gs (native) aimed at kernel/hole space lands next to the GDT page in
+    Unicorn's space; it must fault, not read the hypervisor's pages."""
+    v = make_vcpu(f"mov ebx, dword ptr gs:[{(real - TCB) & 0xFFFFFFFF:#x}]")
+    e = v.run()
+    assert e.reason is ExitReason.PAGE_FAULT
+    assert e.page_fault.linear == real
+    assert v.regs.get("ebx") == 0
+
+
+def test_plain_write_to_hypervisor_pages_is_refused_and_reads_of_gdt_allowed():
+    v = make_vcpu(f"mov ebx, dword ptr [{layout.GDT_BASE + 8 * layout.GDT_ENTRY_USER_DS:#x}]")
+    assert v.run().reason is ExitReason.SYSCALL  # Xen maps the GDT read-only into the guest
+    v = make_vcpu(f"mov dword ptr [{layout.GDT_BASE + 8 * layout.GDT_ENTRY_TLS_MIN:#x}], 0")
+    e = v.run()
+    assert e.reason is ExitReason.PAGE_FAULT
+    # the GDT is intact and the guest can still use %gs afterwards
+    assert v.uc.mem_read(layout.GDT_BASE + 8 * layout.GDT_ENTRY_TLS_MIN, 8) != bytes(8)

@@ -100,6 +100,8 @@ struct fastpath {
     uint64_t verdict_misses, site_misses, block_misses;
     mem_protect_fn mem_protect;
     uint32_t last_eip, last_linear;   /* read-modify-write: one access, two events */
+    uint32_t hv_lo, hv_hi;            /* hypervisor pages (GDT): plain reads allowed */
+    int32_t host_access, pad2;        /* set while Python makes Unicorn read the GDT */
     int32_t last_was_read, nalias;
     struct exit_info exit;
     struct window windows[3];
@@ -224,8 +226,8 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
     int write = (type == 17 /* UC_MEM_WRITE in unicorn.h */);
     (void)value;
 
-    if (fp->exit.kind != EXIT_NONE)
-        return;  /* already refusing this instruction */
+    if (fp->host_access)
+        return;  /* the host (not the guest) is loading a segment register */
     fp->reg_read(uc, fp->regid_eip, &eip);
     struct site *site = find_site(fp, eip);
     fp->exit.eip = eip;
@@ -247,6 +249,9 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
             }
         }
     }
+    if (w == NULL && site->seg == 0 && !write && linear >= fp->hv_lo && linear < fp->hv_hi)
+        return;  /* descriptor-table reads by the CPU itself (segment loads), or the guest
+                  * reading its read-only GDT, as Xen maps it */
     if (w == NULL) {
         /* not an fs/gs instruction: a plain access into the region above
          * guest user space (guest kernel / hypervisor) */

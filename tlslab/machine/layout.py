@@ -40,7 +40,10 @@ ENTRY_STUB = HYPERVISOR_PAGES + PAGE_SIZE
 ENTRY_STACK = HYPERVISOR_PAGES + 3 * PAGE_SIZE  # ring-0 stack used once by the entry stub
 
 SLOT_WINDOW_SHIFT = {6: 0x8000_0000, 7: 0xC000_0000}  # GDT TLS slot -> alias distance
-WINDOW_REGION = (0x8000_0000, 0xFFFF_FFFF)
+HYPERVISOR_PAGES_SIZE = 4 * PAGE_SIZE
+# Everything above user space is watched: the windows, and [USER_TOP, 2 GiB) where
+# slot 6's window sends accesses whose real address is kernel or hole space.
+WATCHED_REGION = (USER_TOP, 0xFFFF_FFFF)
 
 # Linux i386 GDT slots (arch/x86/include/asm/segment.h)
 GDT_ENTRY_TLS_MIN = 6

@@ -195,7 +195,7 @@ class VCpu:
     # ------------------------------------------------------------ set-up
     def _setup_hypervisor_pages(self) -> None:
         uc = self.uc
-        uc.mem_map(layout.HYPERVISOR_PAGES, 4 * layout.PAGE_SIZE, UC_PROT_ALL)
+        uc.mem_map(layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE, UC_PROT_ALL)
         flat = dict(base=0, limit=0xFFFFF, present=True, s=True, db=True, granularity=True, rw=True)
         gdt = bytearray(8 * layout.GDT_ENTRIES)
         for index, dpl, code in (
@@ -218,7 +218,7 @@ class VCpu:
         handle = uc._uch
         if self.checks:
             hh = ctypes.c_size_t()
-            lo, hi = layout.WINDOW_REGION
+            lo, hi = layout.WATCHED_REGION
             err = uclib.uc_hook_add(handle, ctypes.byref(hh), UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE,
                                     ctypes.c_void_p(self._fast.on_window_access), ctypes.c_void_p(self._fast.address),
                                     ctypes.c_uint64(lo), ctypes.c_uint64(hi))
@@ -226,6 +226,9 @@ class VCpu:
                 raise UcError(err)
             h = self._fast.header
             h.regid_fs, h.regid_gs = X.UC_X86_REG_FS, X.UC_X86_REG_GS
+            h.hv_lo = layout.HYPERVISOR_PAGES
+            h.hv_hi = layout.HYPERVISOR_PAGES + layout.HYPERVISOR_PAGES_SIZE
+            self._fast.set_aliases(self._refusable_regions())
             h.nwindows = len(layout.SLOT_WINDOW_SHIFT)
             for k, (slot, shift) in enumerate(layout.SLOT_WINDOW_SHIFT.items()):
                 w = h.windows[k]
@@ -242,9 +245,14 @@ class VCpu:
         uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_unmapped)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
 
+    def _refusable_regions(self) -> list[tuple[int, int]]:
+        """Regions the hook may strip of permissions to refuse an access in flight."""
+        hv = (layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE)
+        return sorted([*self.mem.alias_regions(), hv])
+
     def _mappings_changed(self) -> None:
         if self.checks and getattr(self, "_fast", None) is not None:
-            self._fast.set_aliases(self.mem.alias_regions())
+            self._fast.set_aliases(self._refusable_regions())
 
     # ------------------------------------------------------- fast-path callbacks
     def _classify_site(self, eip: int) -> int:
@@ -325,8 +333,18 @@ class VCpu:
         if self._started:
             for reg, selector in self.loaded.items():
                 if selector and layout.selector_index(selector) == index and not selector & 4:
-                    self.regs.set(reg, selector)
+                    self._host_load(reg, selector)
                     self.counters.segment_loads += 1
+
+    def _host_load(self, reg: str, selector: int) -> None:
+        """Reload a segment register from the table (the CPU reads the GDT: not a guest access)."""
+        if self._fast is not None:
+            self._fast.header.host_access = 1
+        try:
+            self.regs.set(reg, selector)
+        finally:
+            if self._fast is not None:
+                self._fast.header.host_access = 0
 
     def _view(self, index: int, desc: SegmentDescriptor | None) -> bytes:
         """The 8 bytes Unicorn reads for a TLS slot."""
@@ -382,7 +400,10 @@ class VCpu:
 
         fast_exit = self._fast.take_exit() if self.checks else None
         if fast_exit is not None and fast_exit.protected_size:
-            self.mem.restore_alias(fast_exit.protected_start)
+            if fast_exit.protected_start == layout.HYPERVISOR_PAGES:
+                self.uc.mem_protect(layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE, UC_PROT_ALL)
+            else:
+                self.mem.restore_alias(fast_exit.protected_start)
         if fast_exit is not None and error in (UC_ERR_READ_PROT, UC_ERR_WRITE_PROT):
             self._uncount_rest_of_block(stop_eip)
             return self._exit_from_fastpath(fast_exit)
