@@ -10,6 +10,7 @@ materialised tree.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 
@@ -43,7 +44,7 @@ class Vfs:
     def from_tree(cls, spec, **kw) -> Vfs:
         from tlslab.linux.tree import SyntheticTree
 
-        tree = spec if isinstance(spec, SyntheticTree) else SyntheticTree(spec)
+        tree = spec if isinstance(spec, SyntheticTree) else _synthetic_tree(str(spec))
         return cls(tree.build(), **kw)
 
     @classmethod
@@ -226,3 +227,11 @@ class Vfs:
                 raise SyscallError(E.ENOTEMPTY)
         del old_parent.entries[old]
         new_parent.attach(new, node)
+
+
+@functools.lru_cache(maxsize=8)
+def _synthetic_tree(spec: str):
+    """Generated trees are pure functions of their spec; ``build()`` still makes fresh nodes."""
+    from tlslab.linux.tree import SyntheticTree
+
+    return SyntheticTree(spec)
