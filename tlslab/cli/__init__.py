@@ -38,7 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # everything after `--` belongs to the guest, whatever options follow the guest name
+    passthrough: list[str] | None = None
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
+    if passthrough is not None:
+        if not hasattr(args, "args"):
+            parser.error(f"{args.command} takes no arguments after --")
+        args.args = [*(args.args or []), *passthrough]
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
