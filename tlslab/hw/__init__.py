@@ -1,0 +1,12 @@
+"""The ``hw`` backend: real static i386 programs on this host's CPU under a ptrace supervisor.
+
+The supervisor (``supervisor.c``, compiled on first use by :mod:`tlslab.hw.build`)
+re-installs the guest's TLS descriptor truncated below the hypervisor start
+(PTRACE_SET_THREAD_AREA, same arithmetic as :mod:`tlslab.x86.xen`) and answers
+the real #GP (SIGSEGV) stops with emulate or flip. :func:`run_hw` is the entry
+point; :mod:`tlslab.hw.calibrate` measures per-fault costs on this host.
+"""
+
+from tlslab.hw.backend import HW_STRATEGIES, STDOUT_MODES, HwError, HwResult, HwUnavailable, run_hw, run_spec
+
+__all__ = ["HW_STRATEGIES", "STDOUT_MODES", "HwError", "HwResult", "HwUnavailable", "run_hw", "run_spec"]

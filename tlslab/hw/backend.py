@@ -1,0 +1,393 @@
+"""Run a guest on the real CPU under the ptrace supervisor: ``run_hw`` -> ``HwResult``.
+
+The run is set up to match the Unicorn model's (``tlslab.experiment``): the
+same argv, exactly the model's environment (``tlslab.linux.process.DEFAULT_ENV``),
+cwd = the synthetic tree materialised from the same spec (or a host
+directory), stdin an empty pipe, and stdout/stderr of the same kind (a pipe, a
+regular file or /dev/null -- the kind changes what glibc does, see BRIEF 4b).
+
+Strategies: ``untraced`` (plain fork/exec/wait), ``native`` (traced, nothing
+truncated), ``emulate``, ``flip``. Faults are counted per site (EIP).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlslab.hw.build import BuildError, supervisor_path
+
+HW_STRATEGIES = ("untraced", "native", "emulate", "flip")
+STDOUT_MODES = ("pipe", "file", "null")
+TRUNCATING = ("emulate", "flip")
+
+
+class HwError(RuntimeError):
+    """The supervisor could not run the guest (one-line reason)."""
+
+
+class HwUnavailable(HwError):
+    """This host cannot run the hw backend at all: no ptrace, no 32-bit exec, no compiler."""
+
+
+@dataclass
+class HwResult:
+    strategy: str
+    status: int | None          # exit status; None if killed by a signal
+    signal: int                 # terminating signal (SIGSEGV when a fault was delivered), else 0
+    stdout: bytes
+    stderr: bytes
+    faults: int                 # #GP stops handled or delivered
+    sites: list[dict]           # per EIP: faults, emulated, stepped, to_expand_down/up, delivered, ...
+    wall_seconds: float         # fork -> reaped
+    run_seconds: float          # exec -> reaped (traced strategies), = wall for untraced
+    cpu: int
+    summary: dict = field(repr=False, default_factory=dict)   # the supervisor's whole JSON
+
+    @property
+    def ok(self) -> bool:
+        return self.signal == 0 and not self.summary.get("timed_out")
+
+    @property
+    def fault_sites(self) -> dict[int, int]:
+        """EIP -> faults at that instruction."""
+        return {s["eip"]: s["faults"] for s in self.sites if s["faults"]}
+
+    @property
+    def decoder_misses(self) -> dict[str, int]:
+        return dict(self.summary.get("decoder_misses", {}))
+
+    @property
+    def descriptor_switches(self) -> int:
+        return int(self.summary.get("descriptor_switches", 0))
+
+    def counters(self) -> dict:
+        keys = ("faults", "emulated", "stepped", "to_expand_down", "to_expand_up", "delivered",
+                "descriptor_switches", "tls_installs", "ldt_installs", "threads", "other_sigsegv")
+        return {k: self.summary.get(k, 0) for k in keys} | {"decoder_misses": self.decoder_misses}
+
+
+# ----------------------------------------------------------------- trees
+_TREES: dict[str, str] = {}
+_TREE_PARENT: list[str] = []
+
+
+def _cleanup_trees() -> None:
+    for parent in _TREE_PARENT:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+TREE_BASES = ("/dev/shm", None)   # tmpfs first: its readdir order is creation order (or its reverse)
+
+
+def _model_children(tree) -> dict[str, list]:
+    """Per directory, the entries in the order the model's VFS lists them (attach order)."""
+    children: dict[str, list] = {"": []}
+    for e in tree.entries:
+        children.setdefault(os.path.dirname(e.path), []).append(e)
+        if e.kind == "dir":
+            children.setdefault(e.path, [])
+    return children
+
+
+def _write_ordered(tree, dest: str, reverse: bool) -> None:
+    """Like SyntheticTree.materialise, but creating each directory's children in a chosen order.
+
+    readdir order decides what order glibc's malloc sees strdup'ed names in,
+    and so the fault counts of a directory walker: the host listing must be
+    the model's. ext4 lists in hash order; tmpfs in creation order or its
+    reverse (depending on the kernel), which we can reproduce. The model's
+    ``Dir.listing()`` is the reference.
+    """
+    children = _model_children(tree)
+    os.makedirs(dest)
+
+    def fill(rel: str) -> None:
+        kids = children.get(rel, [])
+        for e in (reversed(kids) if reverse else kids):
+            full = os.path.join(dest, e.path)
+            if e.kind == "dir":
+                os.mkdir(full)
+            elif e.kind == "file":
+                with open(full, "wb") as f:
+                    f.write(tree.content(e))
+            else:
+                os.symlink(e.target, full)
+        for e in kids:
+            if e.kind == "dir":
+                fill(e.path)
+
+    fill("")
+    for e in reversed(tree.entries):
+        full = os.path.join(dest, e.path)
+        if e.kind != "symlink":
+            os.chmod(full, e.mode)
+        os.utime(full, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+    os.chmod(dest, 0o755)
+    os.utime(dest, ns=(tree.root_mtime_ns, tree.root_mtime_ns))
+
+
+def listing_matches_model(tree, root: str) -> bool:
+    """Does every host directory list its entries in the order the model's VFS does?"""
+    from tlslab.linux.vfs import Vfs
+
+    vfs = Vfs.from_tree(tree)
+    for rel in _model_children(tree):
+        node = vfs.root if not rel else vfs.resolve(rel.encode())
+        want = [name.decode() for name, _ in node.listing()]
+        if os.listdir(os.path.join(root, rel) if rel else root) != want:
+            return False
+    return True
+
+
+def materialised_tree(spec: str, fresh: bool = False) -> str:
+    """A host copy of synthetic tree ``spec`` whose readdir order is the model's, if the host allows.
+
+    Cached per process unless ``fresh``. Tries a tmpfs (/dev/shm) with both
+    creation orders, then the default temp dir; ``tree_order_matches(root)``
+    tells whether the order could be matched (on ext4 it cannot: hash order).
+    """
+    from tlslab.linux.tree import SyntheticTree, TreeSpec
+
+    key = str(TreeSpec.parse(spec))
+    if not fresh and key in _TREES and os.path.isdir(_TREES[key]):
+        return _TREES[key]
+    tree = SyntheticTree(key)
+    root = None
+    for base in TREE_BASES:
+        if base is not None and not os.access(base, os.W_OK):
+            continue
+        parent = tempfile.mkdtemp(prefix="tlslab-hw-tree-", dir=base)
+        _TREE_PARENT.append(parent)
+        if len(_TREE_PARENT) == 1:
+            atexit.register(_cleanup_trees)
+        for reverse in (True, False):
+            candidate = os.path.join(parent, f"root{int(reverse)}")
+            _write_ordered(tree, candidate, reverse)
+            if listing_matches_model(tree, candidate):
+                root = candidate
+                break
+            shutil.rmtree(candidate)
+        if root:
+            break
+    if root is None:  # order cannot be matched here: still a faithful tree, in the default order
+        root = tree.materialise(os.path.join(_TREE_PARENT[-1], "root"))
+        _ORDER_MISMATCH.add(root)
+    if not fresh:
+        _TREES[key] = root
+    return root
+
+
+_ORDER_MISMATCH: set[str] = set()
+
+
+def tree_order_matches(root: str) -> bool:
+    return root not in _ORDER_MISMATCH
+
+
+# ----------------------------------------------------------------- running
+def _default_env() -> list[str]:
+    from tlslab.linux.process import DEFAULT_ENV
+
+    return [e.decode() for e in DEFAULT_ENV]
+
+
+def _hv_start(profile: str) -> int:
+    from tlslab.x86.xen import get_profile
+
+    return get_profile(profile).hypervisor_start
+
+
+def run_hw(
+    guest_path: str | os.PathLike,
+    argv: list[str] | None = None,
+    strategy: str = "emulate",
+    tree: str | None = "small",
+    root: str | os.PathLike | None = None,
+    stdout: str = "pipe",
+    cpu: int | None = 0,
+    profile: str = "nonpae",
+    env: list[str] | None = None,
+    timeout: float = 120.0,
+    fresh_tree: bool = False,
+    step_only: bool = False,
+    model_env: bool = True,
+) -> HwResult:
+    """Run ``guest_path`` natively with ``argv`` (argv[0] included; default its basename).
+
+    cwd is ``root`` if given, else the synthetic ``tree`` materialised on disk
+    (None: the current directory). ``cpu=None`` or ``-1`` leaves tracer and
+    guest unpinned (slow and noisy: BRIEF 4b). ``step_only`` makes emulate use
+    its single-step fallback for every fault (a test of the fallback).
+    ``model_env`` (default) gives the guest the model's process environment:
+    no vDSO/AT_MINSIGSTKSZ/AT_RSEQ_* in the auxv and rseq refused with ENOSYS
+    (the binary itself is never modified).
+    Raises HwUnavailable when the host cannot do this at all, HwError when the
+    supervisor failed for this run.
+    """
+    if strategy not in HW_STRATEGIES:
+        raise ValueError(f"unknown hw strategy {strategy!r} (choose from {', '.join(HW_STRATEGIES)})")
+    if stdout not in STDOUT_MODES:
+        raise ValueError(f"hw stdout kind {stdout!r} is not one of {', '.join(STDOUT_MODES)}")
+    guest_path = os.path.abspath(os.fspath(guest_path))
+    if not os.path.isfile(guest_path):
+        raise HwError(f"guest {guest_path} does not exist")
+    argv = list(argv) if argv else [os.path.basename(guest_path)]
+    try:
+        exe = supervisor_path()
+    except BuildError as exc:
+        raise HwUnavailable(str(exc)) from None
+    if root is not None:
+        cwd = os.fspath(root)
+    elif tree is not None:
+        cwd = materialised_tree(tree, fresh=fresh_tree)
+    else:
+        cwd = os.getcwd()
+    cpu = -1 if cpu is None else int(cpu)
+
+    with tempfile.TemporaryDirectory(prefix="tlslab-hw-") as work:
+        json_path = os.path.join(work, "summary.json")
+        cmd = [str(exe), "--strategy", strategy, "--hv-start", hex(_hv_start(profile)), "--cpu", str(cpu),
+               "--cwd", cwd, "--json", json_path, "--timeout", str(timeout)]
+        for e in env if env is not None else _default_env():
+            cmd += ["--env", e]
+        if step_only:
+            cmd.append("--step-only")
+        if model_env:
+            cmd.append("--model-env")
+        out_path = err_path = None
+        if stdout == "file":
+            out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")
+            cmd += ["--stdout", out_path, "--stderr", err_path]
+        elif stdout == "null":
+            cmd += ["--stdout", "/dev/null", "--stderr", "/dev/null"]
+        cmd += ["--", guest_path, *argv]
+        try:
+            proc = subprocess.run(cmd, input=b"", capture_output=True, timeout=timeout + 30)
+        except subprocess.TimeoutExpired:
+            raise HwError(f"supervisor did not finish within {timeout + 30:.0f} s") from None
+        summary = _read_summary(json_path, proc, guest_path)
+        if stdout == "file":
+            out = Path(out_path).read_bytes() if os.path.exists(out_path) else b""
+            err = Path(err_path).read_bytes() if os.path.exists(err_path) else b""
+        elif stdout == "null":
+            out = err = b""
+        else:
+            out, err = proc.stdout, proc.stderr
+    return HwResult(
+        strategy=strategy,
+        status=summary.get("status"),
+        signal=int(summary.get("signal") or 0),
+        stdout=out,
+        stderr=err,
+        faults=int(summary.get("faults", 0)),
+        sites=summary.get("sites", []),
+        wall_seconds=summary.get("wall_ns", 0) / 1e9,
+        run_seconds=summary.get("run_ns", 0) / 1e9,
+        cpu=cpu,
+        summary=summary,
+    )
+
+
+def _is_i386_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return False
+    return head[:4] == b"\x7fELF" and head[4] == 1 and int.from_bytes(head[18:20], "little") == 3
+
+
+def _read_summary(json_path: str, proc: subprocess.CompletedProcess, guest_path: str = "") -> dict:
+    summary = None
+    if os.path.exists(json_path):
+        with open(json_path) as f:
+            summary = json.load(f)
+    if summary is None:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise HwError(f"supervisor exited {proc.returncode} without a summary: {tail[0]}")
+    error = summary.get("error")
+    if error:
+        stage, errno_ = summary.get("error_stage", ""), summary.get("error_errno", 0)
+        if stage in ("PTRACE_TRACEME", "PTRACE_SETOPTIONS", "seccomp", "PR_SET_NO_NEW_PRIVS") or (
+            # ENOEXEC for a well-formed i386 ELF: the kernel has no 32-bit support (IA32_EMULATION off)
+            stage == "execve" and errno_ == 8 and _is_i386_elf(guest_path)
+        ):
+            hint = {
+                "PTRACE_TRACEME": " (ptrace refused: container seccomp/yama, or not permitted)",
+                "execve": " (this kernel cannot execute 32-bit i386 programs)",
+            }.get(stage, "")
+            raise HwUnavailable(f"hw backend unavailable: {error}{hint}")
+        raise HwError(f"supervisor failed: {error}")
+    return summary
+
+
+def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[HwResult, object]:
+    """Run a ``tlslab.experiment.RunSpec`` on the hardware (for ``tlslab run --backend hw``).
+
+    Same guest resolution, argv (``[applet or name, *args]``), tree/root and
+    stdout kind as the Unicorn model's ``execute(spec)``. ``spec.strategy``
+    must be one of HW_STRATEGIES. Returns ``(HwResult, GuestBinary)``.
+    """
+    from tlslab.guests import resolve_guest
+
+    guest = resolve_guest(spec.guest, spec.variant)
+    argv0 = spec.applet or guest.name
+    return run_hw(
+        guest.path,
+        [argv0, *spec.args],
+        strategy=spec.strategy,
+        tree=None if spec.root else (spec.tree or "small"),
+        root=spec.root,
+        stdout=spec.stdout,
+        cpu=cpu,
+        profile=spec.profile,
+        timeout=timeout if timeout is not None else (spec.timeout_seconds or 120.0),
+    ), guest
+
+
+# ----------------------------------------------------------------- checks
+def policy_mismatches(result: HwResult, profile: str = "nonpae") -> list[str]:
+    """Descriptors the supervisor installed that tlslab.x86.xen would not have.
+
+    For every TLS install: installed == xen.truncate(requested), and the
+    expand-down twin == xen.flip(installed, a negative offset) with
+    xen.flip(twin, 0) == installed. Empty list: the C and Python policies agree.
+    """
+    from tlslab.x86 import xen
+    from tlslab.x86.descriptor import UserDesc
+
+    def desc(raw):
+        e, b, lim, fl = raw
+        return UserDesc(e, b, lim, *_flags(fl)).to_descriptor()
+
+    problems = []
+    truncating = result.strategy in TRUNCATING
+    for rec in result.summary.get("tls", []):
+        req, inst = desc(rec["requested"]), desc(rec["installed"])
+        want = xen.truncate(req, profile) if truncating else req
+        if rec["how"] == "modify_ldt":
+            want = xen.truncate(req, profile)
+        if inst != want:
+            problems.append(f"{rec['how']}: installed {inst.describe()}, xen.truncate gives {want.describe()}")
+        if "expand_down" in rec:
+            dn = desc(rec["expand_down"])
+            flipped = xen.flip(inst, 0xFFFFFFFC, profile)
+            if flipped != dn:
+                problems.append(f"expand-down twin {dn.describe()} != xen.flip {flipped and flipped.describe()}")
+            elif xen.flip(dn, 0, profile) != inst:
+                problems.append(f"flip back from {dn.describe()} does not give {inst.describe()}")
+        elif truncating and rec["how"] != "modify_ldt" and xen.looks_like_truncated_flat(inst, profile):
+            problems.append(f"{inst.describe()} is a truncated flat segment but the supervisor does not manage it")
+    return problems
+
+
+def _flags(fl: int) -> tuple:
+    return (bool(fl & 1), (fl >> 1) & 3, bool(fl >> 3 & 1), bool(fl >> 4 & 1), bool(fl >> 5 & 1),
+            bool(fl >> 6 & 1), bool(fl >> 7 & 1))

@@ -1,0 +1,67 @@
+"""Compile the ptrace supervisor on first use, into a cache keyed by its source hash.
+
+``$TLSLAB_CACHE`` (default ``~/.cache/tlslab``) / ``hw`` / ``supervisor-<hash>``:
+plain 64-bit ``cc -O2`` (``$CC`` overrides ``cc``). The binary is written to a
+temporary name in the same directory and renamed into place, so concurrent
+first uses never see a half-written executable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("supervisor.c")
+CFLAGS = ("-O2", "-Wall")
+
+
+class BuildError(RuntimeError):
+    """The supervisor cannot be built here (one-line reason)."""
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("TLSLAB_CACHE")
+    base = Path(env) if env else Path.home() / ".cache" / "tlslab"
+    return base / "hw"
+
+
+def compiler() -> str:
+    cc = os.environ.get("CC", "cc")
+    path = shutil.which(cc)
+    if path is None:
+        raise BuildError(f"no C compiler ({cc!r} not on PATH): the hw backend compiles its supervisor with it")
+    return path
+
+
+def source_hash() -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(CFLAGS).encode())
+    return h.hexdigest()[:16]
+
+
+def supervisor_path(rebuild: bool = False) -> Path:
+    """Path of the compiled supervisor for the current source (built if needed)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise BuildError(f"the hw backend needs Linux on x86-64 (this is {platform.system()} {platform.machine()})")
+    out = cache_dir() / f"supervisor-{source_hash()}"
+    if out.is_file() and os.access(out, os.X_OK) and not rebuild:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".supervisor-", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler(), *CFLAGS, "-o", tmp, str(SOURCE)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BuildError(f"compiling {SOURCE.name} failed: {' '.join(cmd)}\n{proc.stderr.strip()}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

@@ -1,0 +1,224 @@
+"""Measure what a fault costs on this host: untraced, traced-native, hw emulate, hw flip.
+
+For each guest and repeat, the four runs are made back to back (same tree,
+stdout to a regular file, tracer and guest pinned to one CPU). The per-fault
+cost of a strategy in one repeat is
+
+    (run time under the strategy - traced-native run time) / faults
+
+so the cost of tracing itself (the seccomp stop at set_thread_area, ptrace
+attach) cancels. Times are the supervisor's exec-to-exit wall times. Over the
+repeats we report min / median / max, per guest and pooled over guests, plus
+one unpinned run per guest and strategy (BRIEF 4b: unpinned faults cost
+several times more, with high variance).
+
+The result is a ``CostProfile`` (kind "measured", name ``hw-<host>``) in
+``tlslab/hypervisor/profiles/`` and the raw timings in
+``tlslab/hypervisor/profiles/raw/hw-<host>.raw.json`` (a subdirectory, so the
+profile loader, which reads every ``profiles/*.json``, never sees them).
+Price split (a convention; only the per-fault totals are measured):
+``trap_ns`` = the cheaper of the two per-fault costs (the #GP -> ptrace stop
+-> resume round trip both pay), ``emulated_access_ns`` = emulate's extra per
+emulated access, ``descriptor_write_ns`` = flip's extra per descriptor write;
+``instruction_ns`` = untraced run time / the model's instruction count (system
+calls folded in).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlslab.hw.backend import run_hw
+from tlslab.hw.build import source_hash
+
+DEFAULT_GUESTS = ("lsr", "syscalls", "malloc", "stdio", "canary")
+DEFAULT_ARGS = {"lsr": (".",), "syscalls": ("2000",)}
+STRATEGIES = ("untraced", "native", "emulate", "flip")
+
+
+def host_name() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", socket.gethostname()) or "host"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+@dataclass
+class CalibrationOptions:
+    guests: tuple[str, ...] = DEFAULT_GUESTS
+    repeat: int = 5
+    cpu: int = 0
+    tree: str = "small"
+    unpinned: bool = True
+    with_model: bool = True          # instruction counts (and fault predictions) from the Unicorn model
+
+
+def _one(guest_path: str, argv: list[str], strategy: str, opts: CalibrationOptions, cpu) -> dict:
+    r = run_hw(guest_path, argv, strategy=strategy, tree=opts.tree, stdout="file", cpu=cpu)
+    if not r.ok or r.status != 0:
+        raise RuntimeError(f"{argv[0]} {strategy}: guest failed (status {r.status}, signal {r.signal}): "
+                           f"{r.summary.get('first_delivered')}")
+    return {"run_ns": r.summary["run_ns"], "wall_ns": r.summary["wall_ns"], "faults": r.faults,
+            "switches": r.descriptor_switches, "stdout_bytes": len(r.stdout)}
+
+
+def _model_counts(name: str, args: tuple[str, ...], tree: str) -> dict:
+    from tlslab.experiment import RunSpec, execute
+
+    out = {}
+    for strategy in ("native", "emulate", "flip"):
+        res, _ = execute(RunSpec(name, args, strategy=strategy, tree=tree, stdout="file"))
+        out[strategy] = {"instructions": res.counters["instructions"],
+                         "traps": res.counters["strategy"]["traps"]}
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_calibration(opts: CalibrationOptions, raw_path: Path | None = None, progress=None) -> dict:
+    """Measure; returns the raw record (also written to ``raw_path`` after every guest)."""
+    from tlslab.guests import resolve_guest
+
+    raw = {
+        "kind": "tlslab hw calibration",
+        "host": host_name(),
+        "cpu_model": _cpu_model(),
+        "kernel": platform.release(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpus": os.cpu_count(),
+        "supervisor": f"supervisor.c sha256 {source_hash()}",
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+        "options": {"guests": list(opts.guests), "repeat": opts.repeat, "cpu": opts.cpu, "tree": opts.tree,
+                    "stdout": "file", "unpinned": opts.unpinned},
+        "method": "per-fault = (strategy run_ns - traced native run_ns) / faults, paired per repeat; "
+                  "run_ns = exec to exit, tracer+guest pinned to one CPU",
+        "guests": {},
+    }
+    for key in opts.guests:
+        guest = resolve_guest(key)
+        args = DEFAULT_ARGS.get(guest.name, ())
+        argv = [guest.name, *args]
+        rec = {"path": str(guest.path), "sha256": guest.sha256, "argv": argv, "runs": {s: [] for s in STRATEGIES}}
+        _one(str(guest.path), argv, "native", opts, opts.cpu)  # warm the page cache and the tree
+        for rep in range(opts.repeat):
+            for strategy in STRATEGIES:
+                rec["runs"][strategy].append(_one(str(guest.path), argv, strategy, opts, opts.cpu))
+            if progress:
+                progress(f"{key}: repeat {rep + 1}/{opts.repeat}")
+        if opts.unpinned:
+            rec["unpinned"] = {s: _one(str(guest.path), argv, s, opts, None) for s in STRATEGIES}
+        if opts.with_model:
+            rec["model"] = _model_counts(key, args, opts.tree)
+        rec["per_fault_ns"] = _per_fault(rec)
+        raw["guests"][key] = rec
+        if raw_path is not None:
+            _write_atomic(raw_path, json.dumps(raw, indent=1) + "\n")
+    raw["summary"] = summarise(raw)
+    raw["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    if raw_path is not None:
+        _write_atomic(raw_path, json.dumps(raw, indent=1) + "\n")
+    return raw
+
+
+def _per_fault(rec: dict) -> dict:
+    out = {}
+    native = rec["runs"]["native"]
+    for strategy in ("emulate", "flip"):
+        costs = [(r["run_ns"] - n["run_ns"]) / r["faults"]
+                 for r, n in zip(rec["runs"][strategy], native) if r["faults"]]
+        out[strategy] = _stats(costs) | {"faults": rec["runs"][strategy][0]["faults"]}
+    if "unpinned" in rec:
+        un = rec["unpinned"]
+        out["unpinned"] = {s: (un[s]["run_ns"] - un["native"]["run_ns"]) / un[s]["faults"]
+                           for s in ("emulate", "flip") if un[s]["faults"]}
+    out["tracing_overhead_ns"] = statistics.median(
+        n["run_ns"] - u["run_ns"] for n, u in zip(native, rec["runs"]["untraced"]))
+    return out
+
+
+def summarise(raw: dict) -> dict:
+    """Pooled per-fault costs over all guests and repeats (ns)."""
+    pooled = {"emulate": [], "flip": []}
+    unpinned = {"emulate": [], "flip": []}
+    for rec in raw["guests"].values():
+        native = rec["runs"]["native"]
+        for strategy in pooled:
+            pooled[strategy] += [(r["run_ns"] - n["run_ns"]) / r["faults"]
+                                 for r, n in zip(rec["runs"][strategy], native) if r["faults"]]
+            if "unpinned" in rec and rec["unpinned"][strategy]["faults"]:
+                unpinned[strategy].append(rec["per_fault_ns"]["unpinned"][strategy])
+    return {"pinned": {s: _stats(v) for s, v in pooled.items()},
+            "unpinned": {s: _stats(v) for s, v in unpinned.items()}}
+
+
+def make_profile(raw: dict):
+    from tlslab.hypervisor.costmodel import CostProfile
+
+    summ = raw.get("summary") or summarise(raw)
+    emu = summ["pinned"]["emulate"]["median"]
+    flp = summ["pinned"]["flip"]["median"]
+    trap = min(emu, flp)
+    instr = []
+    for rec in raw["guests"].values():
+        if "model" in rec:
+            t = statistics.median(r["run_ns"] for r in rec["runs"]["untraced"])
+            instr.append(t / rec["model"]["native"]["instructions"])
+    return CostProfile(
+        name=f"hw-{raw['host']}",
+        kind="measured",
+        description=(f"tlslab calibrate on {raw['host']} ({raw['cpu_model']}, Linux {raw['kernel']}): "
+                     "real #GP faults under a ptrace supervisor, tracer and guest pinned to one CPU; "
+                     "per-fault = median over guests x repeats"),
+        instruction_ns=statistics.median(instr) if instr else 0.0,
+        trap_ns=trap,
+        emulated_access_ns=emu - trap,
+        descriptor_write_ns=flp - trap,
+        provenance={
+            "measured": raw["started"],
+            "guests": list(raw["guests"]),
+            "repeat": raw["options"]["repeat"],
+            "tree": raw["options"]["tree"],
+            "per_fault_ns": summ,
+            "split": "trap_ns = min(emulate, flip) per-fault cost; the remainder goes to emulated_access_ns "
+                     "(emulate) or descriptor_write_ns (flip); instruction_ns = untraced time / model "
+                     "instructions (syscalls folded in)",
+            "raw": f"raw/hw-{raw['host']}.raw.json",
+        },
+    )
+
+
+def profile_paths(host: str | None = None, out_dir: Path | None = None) -> tuple[Path, Path]:
+    from tlslab.hypervisor.costmodel import PROFILE_DIR
+
+    host = host or host_name()
+    base = Path(out_dir) if out_dir else PROFILE_DIR
+    return base / f"hw-{host}.json", base / "raw" / f"hw-{host}.raw.json"

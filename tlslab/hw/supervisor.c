@@ -1,0 +1,1283 @@
+/*
+ * tlslab hw supervisor: run an unmodified static i386 program natively under
+ * ptrace, with its TLS segment truncated below the hypervisor start the way
+ * Xen (x86-32, 2004) truncated it, and answer the resulting #GP (SIGSEGV,
+ * si_code SI_KERNEL) stops with one of the historical strategies:
+ *
+ *   untraced  fork + exec + wait, no ptrace (the native baseline)
+ *   native    traced, descriptors installed as the guest asked (tracing cost)
+ *   emulate   decode the faulting instruction, perform the access with
+ *             process_vm_readv/writev, update registers, advance EIP.
+ *             Forms the decoder does not know are single-stepped with the
+ *             expand-down twin descriptor installed ("step" fallback: exact
+ *             for any instruction, and as safe as flip)
+ *   flip      switch the descriptor between the truncated expand-up form and
+ *             its expand-down twin (PTRACE_SET_THREAD_AREA) and restart
+ *
+ * The descriptor arithmetic is tlslab.x86.xen's (truncate, flip); the JSON
+ * summary records every descriptor installed so the Python side checks they
+ * agree. Only the TLS slots of the GDT (entries 12..14) can be rewritten by a
+ * tracer; LDT descriptors (modify_ldt) are truncated by rewriting the
+ * struct user_desc in guest memory at syscall entry.
+ *
+ * Output: a JSON summary (--json PATH). Exit status 0 when the guest ran (its
+ * own status is in the JSON), 2 usage, 3 set-up failure (reason in the JSON).
+ *
+ * 64-bit host code only; build with plain `cc -O2`.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sched.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/ptrace.h>
+#include <sys/time.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef PTRACE_GET_THREAD_AREA
+#define PTRACE_GET_THREAD_AREA 25
+#define PTRACE_SET_THREAD_AREA 26
+#endif
+#ifndef SI_KERNEL
+#define SI_KERNEL 0x80
+#endif
+
+#define NR32_SET_THREAD_AREA 243
+#define NR32_MODIFY_LDT 123
+#define NR32_RSEQ 386
+#define TLS_FIRST 12 /* GDT_ENTRY_TLS_MIN for 32-bit tasks on x86-64 */
+#define TLS_SLOTS 3
+#define MAX_THREADS 256
+#define SITE_CAP 65536
+#define MISS_CAP 64
+
+/* ------------------------------------------------------------------ types */
+struct udesc { /* struct user_desc, fields unpacked */
+    uint32_t entry, base, limit;
+    uint32_t flags; /* bit0 seg_32bit, 1-2 contents, 3 read_exec_only, 4 limit_in_pages,
+                       5 seg_not_present, 6 useable, 7 lm */
+};
+#define F_32 1u
+#define F_CONTENTS(f) (((f) >> 1) & 3u)
+#define F_ROX 8u
+#define F_PAGES 16u
+#define F_NP 32u
+
+enum { S_UNTRACED, S_NATIVE, S_EMULATE, S_FLIP };
+static const char *strategy_names[] = {"untraced", "native", "emulate", "flip"};
+
+struct slot {
+    int valid;         /* the guest installed something here */
+    int managed;       /* truncated flat segment that we flip/emulate for */
+    int down;          /* current state: expand-down twin installed */
+    struct udesc requested, up, dn;
+};
+
+struct thread {
+    pid_t tid;
+    int alive, seen_stop, in_sta, sta_is_ldt;
+    uint32_t sta_ptr;
+    struct udesc ldt_saved; /* modify_ldt: the guest's own request, restored at exit */
+    int stepping, step_entry;
+    uint32_t step_eip;
+    uint32_t last_fault_eip;
+    int last_fault_flipped;
+    struct slot slots[TLS_SLOTS];
+};
+
+struct site {
+    uint32_t eip;
+    int used, seg; /* 4 = fs, 5 = gs */
+    uint64_t faults, emulated, stepped, to_down, to_up, delivered, neg, pos;
+    int64_t off_min, off_max;
+    uint8_t bytes[16];
+    int nbytes;
+};
+
+/* ------------------------------------------------------------------ state */
+static int strategy = S_EMULATE;
+static uint32_t hv_start = 0xFC000000u;
+static int cpu = 0;
+static const char *json_path, *cwd_path, *stdin_path, *stdout_path, *stderr_path;
+static char *envv[256];
+static int envc;
+static double timeout_s;
+static int step_only; /* emulate: use the step fallback for everything (testing) */
+static int model_env; /* present the guest the Unicorn model's process environment (see below) */
+static uint64_t auxv_hidden;
+static double handler_s; /* time spent inside the fault handler */
+static FILE *trace; /* --trace PATH: one line per fault: eip offset */
+
+static struct thread threads[MAX_THREADS];
+static int nthreads_seen;
+static struct site *sites;
+static uint64_t faults, emulated, stepped, to_down, to_up, delivered, switches, seccomp_stops,
+    tls_installs, ldt_installs, ldt_truncated, signals_passed, other_segv, clones, forks;
+static struct { char key[32]; uint64_t n; } misses[MISS_CAP];
+static int nmisses;
+static char first_delivered[512];
+static FILE *tlslog; /* buffered JSON fragments of TLS installs */
+static char *tlslog_buf;
+static size_t tlslog_len;
+static volatile sig_atomic_t timed_out;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ----------------------------------------------------- descriptor policy */
+/* Same arithmetic as tlslab.x86.xen.truncate / flip, on struct user_desc. */
+static uint64_t eff_limit(const struct udesc *d) {
+    return (d->flags & F_PAGES) ? ((uint64_t)(d->limit & 0xFFFFF) << 12 | 0xFFF) : (d->limit & 0xFFFFF);
+}
+
+static struct udesc truncate_desc(struct udesc d) {
+    uint32_t hv = hv_start;
+    d.limit &= 0xFFFFF;
+    if (d.flags & F_NP) return d;
+    if (F_CONTENTS(d.flags) == 1) { /* expand-down data */
+        uint64_t lim = eff_limit(&d), upper = (d.flags & F_32) ? 0xFFFFFFFFu : 0xFFFFu;
+        if (lim >= upper) return d; /* admits nothing */
+        uint64_t last_linear = ((uint64_t)d.base + upper) & 0xFFFFFFFFu;
+        if (last_linear >= hv) { d.flags |= F_NP; return d; }
+        uint64_t first_safe = upper > last_linear ? upper - last_linear : 0;
+        if (lim + 1 >= first_safe) return d;
+        uint64_t needed = first_safe - 1;
+        if (d.flags & F_PAGES) { d.limit = (uint32_t)(needed >> 12); return d; }
+        if (needed > 0xFFFFF) { d.flags |= F_NP; return d; }
+        d.limit = (uint32_t)needed;
+        return d;
+    }
+    if (d.base >= hv) { d.flags |= F_NP; return d; }
+    uint64_t max_limit = (uint64_t)hv - 1 - d.base;
+    if (eff_limit(&d) <= max_limit) return d;
+    if (!(d.flags & F_PAGES)) { d.limit = (uint32_t)max_limit; return d; }
+    if (max_limit < 0xFFF) { d.flags |= F_NP; return d; }
+    d.limit = (uint32_t)((max_limit - 0xFFF) >> 12);
+    return d;
+}
+
+static int64_t truncated_flat_limit(uint32_t base) {
+    if ((uint64_t)base > (uint64_t)hv_start - 0x1000) return -1;
+    return (int64_t)(((uint64_t)hv_start - base) >> 12) - 1;
+}
+
+static uint32_t expand_down_flat_limit(uint32_t base) {
+    return (uint32_t)(((0x100000000ull - (base & ~0xFFFu)) >> 12) - 1);
+}
+
+/* xen.looks_like_truncated_flat for the expand-up state */
+static int looks_like_truncated_flat_up(const struct udesc *d) {
+    if ((d->flags & F_NP) || (d->flags & 4) /* code */ || !(d->flags & F_32) || !(d->flags & F_PAGES))
+        return 0;
+    if (F_CONTENTS(d->flags) != 0) return 0;
+    int64_t l = truncated_flat_limit(d->base);
+    return l >= 0 && (int64_t)(d->limit & 0xFFFFF) == l;
+}
+
+/* check_data_access: may an access of size bytes at offset go through d? */
+static int desc_admits(const struct udesc *d, uint32_t off, int size, int write) {
+    if (d->flags & F_NP) return 0;
+    int contents = F_CONTENTS(d->flags);
+    if (contents & 2) { /* code: readable unless execute-only, never writable */
+        if (write || (d->flags & F_ROX)) return 0;
+    } else if (write && (d->flags & F_ROX)) return 0;
+    uint64_t last = (uint64_t)off + size - 1;
+    uint64_t lim = eff_limit(d);
+    if (contents == 1) {
+        uint64_t upper = (d->flags & F_32) ? 0xFFFFFFFFu : 0xFFFFu;
+        return off > lim && last <= upper;
+    }
+    return last <= lim;
+}
+
+/* -------------------------------------------------------------- plumbing */
+static void die_setup(const char *what, int err);
+
+static int get_area(pid_t tid, int entry, struct udesc *out) {
+    uint32_t raw[4];
+    if (ptrace(PTRACE_GET_THREAD_AREA, tid, (void *)(long)entry, raw) < 0) return -1;
+    out->entry = raw[0]; out->base = raw[1]; out->limit = raw[2]; out->flags = raw[3];
+    return 0;
+}
+
+static int set_area(pid_t tid, const struct udesc *d) {
+    uint32_t raw[4] = {d->entry, d->base, d->limit, d->flags};
+    return ptrace(PTRACE_SET_THREAD_AREA, tid, (void *)(long)d->entry, raw) < 0 ? -1 : 0;
+}
+
+static int read_mem(pid_t tid, uint32_t addr, void *buf, size_t n) {
+    struct iovec l = {buf, n}, r = {(void *)(uintptr_t)addr, n};
+    return process_vm_readv(tid, &l, 1, &r, 1, 0) == (ssize_t)n ? 0 : -1;
+}
+
+static int write_mem(pid_t tid, uint32_t addr, const void *buf, size_t n) {
+    struct iovec l = {(void *)buf, n}, r = {(void *)(uintptr_t)addr, n};
+    return process_vm_writev(tid, &l, 1, &r, 1, 0) == (ssize_t)n ? 0 : -1;
+}
+
+/* instruction bytes: one process_vm_readv with the 15 bytes split at a page
+ * boundary, so an unmapped next page still yields the bytes before it;
+ * PEEKTEXT (which also reads execute-only pages) if that fails */
+static int fetch_insn(pid_t tid, uint32_t eip, uint8_t *buf) {
+    uint32_t first = 0x1000 - (eip & 0xFFF);
+    if (first > 15) first = 15;
+    struct iovec l = {buf, 15}, r[2] = {{(void *)(uintptr_t)eip, first},
+                                        {(void *)(uintptr_t)(eip + first), 15 - first}};
+    ssize_t got = process_vm_readv(tid, &l, 1, r, first < 15 ? 2 : 1, 0);
+    if (got > 0) return (int)got;
+    int n = 0;
+    uint64_t a = eip & ~7ull;
+    while (n < 15) {
+        errno = 0;
+        long w = ptrace(PTRACE_PEEKTEXT, tid, (void *)a, 0);
+        if (errno) break;
+        for (int i = 0; i < 8; i++) {
+            uint64_t at = a + i;
+            if (at >= eip && n < 16) buf[n++] = (uint8_t)((uint64_t)w >> (8 * i));
+        }
+        a += 8;
+    }
+    return n > 15 ? 15 : n;
+}
+
+static struct thread *thread_of(pid_t tid, int create) {
+    for (int i = 0; i < MAX_THREADS; i++)
+        if (threads[i].alive && threads[i].tid == tid) return &threads[i];
+    if (!create) return NULL;
+    for (int i = 0; i < MAX_THREADS; i++)
+        if (!threads[i].alive) {
+            memset(&threads[i], 0, sizeof threads[i]);
+            threads[i].tid = tid;
+            threads[i].alive = 1;
+            threads[i].last_fault_eip = 0xFFFFFFFFu;
+            nthreads_seen++;
+            return &threads[i];
+        }
+    return NULL;
+}
+
+static struct site *site_of(uint32_t eip) {
+    uint32_t h = (eip * 2654435761u) & (SITE_CAP - 1);
+    for (int i = 0; i < SITE_CAP; i++) {
+        struct site *s = &sites[(h + i) & (SITE_CAP - 1)];
+        if (!s->used) {
+            s->used = 1; s->eip = eip; s->off_min = INT64_MAX; s->off_max = INT64_MIN;
+            return s;
+        }
+        if (s->eip == eip) return s;
+    }
+    return NULL;
+}
+
+static void note_miss(const char *key) {
+    for (int i = 0; i < nmisses; i++)
+        if (!strcmp(misses[i].key, key)) { misses[i].n++; return; }
+    if (nmisses < MISS_CAP) {
+        snprintf(misses[nmisses].key, sizeof misses[nmisses].key, "%s", key);
+        misses[nmisses++].n = 1;
+    }
+}
+
+static void log_tls(pid_t tid, const char *how, const struct udesc *req, const struct udesc *inst,
+                    const struct udesc *dn) {
+    fprintf(tlslog, "%s{\"tid\":%d,\"how\":\"%s\",\"requested\":[%u,%u,%u,%u],\"installed\":[%u,%u,%u,%u]",
+            tls_installs + ldt_installs > 1 ? "," : "", tid, how, req->entry, req->base, req->limit,
+            req->flags, inst->entry, inst->base, inst->limit, inst->flags);
+    if (dn) fprintf(tlslog, ",\"expand_down\":[%u,%u,%u,%u]", dn->entry, dn->base, dn->limit, dn->flags);
+    fprintf(tlslog, "}");
+}
+
+/* Record what the guest installed in a GDT TLS slot and, if truncating, install the truncated form. */
+static void adopt_slot(struct thread *t, int entry, const struct udesc *requested, const char *how) {
+    struct slot *s = &t->slots[entry - TLS_FIRST];
+    memset(s, 0, sizeof *s);
+    s->valid = 1;
+    s->requested = *requested;
+    s->requested.entry = entry;
+    s->up = s->requested;
+    tls_installs++;
+    if (strategy == S_EMULATE || strategy == S_FLIP) {
+        s->up = truncate_desc(s->requested);
+        if (memcmp(&s->up, &s->requested, sizeof s->up) && set_area(t->tid, &s->up) < 0)
+            die_setup("PTRACE_SET_THREAD_AREA", errno);
+        if (looks_like_truncated_flat_up(&s->up)) {
+            s->managed = 1;
+            s->dn = s->up;
+            s->dn.flags = (s->dn.flags & ~6u) | (1u << 1); /* contents = 1: expand-down */
+            s->dn.limit = expand_down_flat_limit(s->up.base);
+        }
+    }
+    log_tls(t->tid, how, &s->requested, &s->up, s->managed ? &s->dn : NULL);
+}
+
+/* ------------------------------------------------------------- decoder */
+enum { K_NONE, K_MOV_LOAD, K_MOV_STORE, K_MOV_IMM, K_MOVZX, K_MOVSX, K_ALU_MR, K_ALU_RM, K_ALU_MI,
+       K_TEST_MR, K_TEST_MI, K_INC, K_DEC, K_PUSH, K_POP, K_CALL, K_JMP, K_XCHG, K_CMPXCHG, K_XADD };
+
+struct insn {
+    int len, seg, kind, alu, size, srcsize, reg, has_mem, known_len, lock, rep, addr16, opsize16;
+    uint32_t off, imm;
+    int uses_esp_after_pop;
+    char miss[32];
+};
+
+static uint32_t reg32(const struct user_regs_struct *r, int n) {
+    switch (n & 7) {
+    case 0: return (uint32_t)r->rax; case 1: return (uint32_t)r->rcx;
+    case 2: return (uint32_t)r->rdx; case 3: return (uint32_t)r->rbx;
+    case 4: return (uint32_t)r->rsp; case 5: return (uint32_t)r->rbp;
+    case 6: return (uint32_t)r->rsi; default: return (uint32_t)r->rdi;
+    }
+}
+
+static unsigned long long *regp(struct user_regs_struct *r, int n) {
+    switch (n & 7) {
+    case 0: return &r->rax; case 1: return &r->rcx; case 2: return &r->rdx; case 3: return &r->rbx;
+    case 4: return &r->rsp; case 5: return &r->rbp; case 6: return &r->rsi; default: return &r->rdi;
+    }
+}
+
+static uint32_t get_reg(const struct user_regs_struct *r, int n, int size) {
+    if (size == 1) return n < 4 ? reg32(r, n) & 0xFF : (reg32(r, n - 4) >> 8) & 0xFF;
+    if (size == 2) return reg32(r, n) & 0xFFFF;
+    return reg32(r, n);
+}
+
+static void set_reg(struct user_regs_struct *r, int n, int size, uint32_t v) {
+    if (size == 1) {
+        unsigned long long *p = regp(r, n & 3);
+        uint32_t cur = (uint32_t)*p;
+        cur = n < 4 ? (cur & ~0xFFu) | (v & 0xFF) : (cur & ~0xFF00u) | ((v & 0xFF) << 8);
+        *p = cur;
+    } else if (size == 2) {
+        unsigned long long *p = regp(r, n);
+        *p = ((uint32_t)*p & ~0xFFFFu) | (v & 0xFFFF);
+    } else {
+        *regp(r, n) = v;
+    }
+}
+
+/* one-byte opcodes with a ModRM byte (i386) */
+static int has_modrm1(int op) {
+    if (op < 0x40) return (op & 7) < 4;
+    switch (op) {
+    case 0x62: case 0x63: case 0x69: case 0x6B: case 0xC0: case 0xC1: case 0xC4: case 0xC5:
+    case 0xC6: case 0xC7: case 0xD0: case 0xD1: case 0xD2: case 0xD3: case 0xF6: case 0xF7:
+    case 0xFE: case 0xFF: return 1;
+    }
+    if (op >= 0x80 && op <= 0x8F) return 1;
+    if (op >= 0xD8 && op <= 0xDF) return 1;
+    return 0;
+}
+
+static int has_modrm2(int op) {
+    if (op >= 0x10 && op <= 0x17) return 1;
+    if (op >= 0x18 && op <= 0x1F) return 1;
+    if (op >= 0x28 && op <= 0x2F) return 1;
+    if (op >= 0x40 && op <= 0x7F) return op != 0x77;
+    if (op >= 0x90 && op <= 0x9F) return 1;
+    switch (op) {
+    case 0x00: case 0x01: case 0x02: case 0x03: case 0xA3: case 0xA4: case 0xA5: case 0xAB: case 0xAC:
+    case 0xAD: case 0xAE: case 0xAF: return 1;
+    }
+    if (op >= 0xB0 && op <= 0xC7) return 1;
+    if (op >= 0xD0) return op != 0xFF;
+    return 0;
+}
+
+/* Decode prefixes, opcode, ModRM/SIB/disp, immediate; compute the offset from regs. */
+static void decode(const uint8_t *b, int n, const struct user_regs_struct *r, struct insn *in) {
+    memset(in, 0, sizeof *in);
+    in->seg = -1;
+    int i = 0;
+    for (; i < n && i < 14; i++) {
+        uint8_t p = b[i];
+        if (p == 0x66) in->opsize16 = 1;
+        else if (p == 0x67) in->addr16 = 1;
+        else if (p == 0xF0) in->lock = 1;
+        else if (p == 0xF2 || p == 0xF3) in->rep = p;
+        else if (p == 0x26 || p == 0x2E || p == 0x36 || p == 0x3E) in->seg = -2;
+        else if (p == 0x64) in->seg = 4;
+        else if (p == 0x65) in->seg = 5;
+        else break;
+    }
+    if (i >= n) { snprintf(in->miss, sizeof in->miss, "truncated"); return; }
+    int two = 0, op = b[i++];
+    if (op == 0x0F) {
+        if (i >= n) { snprintf(in->miss, sizeof in->miss, "truncated"); return; }
+        two = 1; op = b[i++];
+        if (op == 0x38 || op == 0x3A) { snprintf(in->miss, sizeof in->miss, "0f %02x", op); return; }
+    }
+    int osz = in->opsize16 ? 2 : 4;
+    int modrm = two ? has_modrm2(op) : has_modrm1(op);
+    int mod = 0, reg = 0, rm = 0;
+    if (!two && op >= 0xA0 && op <= 0xA3) { /* moffs */
+        if (in->addr16) { snprintf(in->miss, sizeof in->miss, "67 %02x", op); return; }
+        if (i + 4 > n) { snprintf(in->miss, sizeof in->miss, "truncated"); return; }
+        memcpy(&in->off, b + i, 4); i += 4;
+        in->has_mem = 1;
+        in->size = (op & 1) ? osz : 1;
+        in->kind = op < 0xA2 ? K_MOV_LOAD : K_MOV_STORE;
+        in->reg = 0;
+        in->len = i; in->known_len = 1;
+        return;
+    }
+    if (!modrm) { snprintf(in->miss, sizeof in->miss, two ? "0f %02x" : "%02x", op); return; }
+    if (i >= n) { snprintf(in->miss, sizeof in->miss, "truncated"); return; }
+    uint8_t m = b[i++];
+    mod = m >> 6; reg = (m >> 3) & 7; rm = m & 7;
+    in->reg = reg;
+    if (mod == 3) { snprintf(in->miss, sizeof in->miss, "%s%02x reg-form", two ? "0f " : "", op); return; }
+    if (in->addr16) { snprintf(in->miss, sizeof in->miss, "67 %s%02x", two ? "0f " : "", op); return; }
+    uint32_t ea = 0;
+    if (rm == 4) {
+        if (i >= n) { snprintf(in->miss, sizeof in->miss, "truncated"); return; }
+        uint8_t sib = b[i++];
+        int sc = sib >> 6, idx = (sib >> 3) & 7, base = sib & 7;
+        if (base == 5 && mod == 0) {
+            if (i + 4 > n) { snprintf(in->miss, sizeof in->miss, "truncated"); return; }
+            uint32_t d; memcpy(&d, b + i, 4); i += 4; ea = d;
+        } else {
+            ea = reg32(r, base);
+            if (base == 4 && !two && op == 0x8F) in->uses_esp_after_pop = 1;
+        }
+        if (idx != 4) ea += reg32(r, idx) << sc;
+    } else if (rm == 5 && mod == 0) {
+        if (i + 4 > n) { snprintf(in->miss, sizeof in->miss, "truncated"); return; }
+        uint32_t d; memcpy(&d, b + i, 4); i += 4; ea = d;
+    } else {
+        ea = reg32(r, rm);
+        if (rm == 4 && !two && op == 0x8F) in->uses_esp_after_pop = 1;
+    }
+    if (mod == 1) {
+        if (i + 1 > n) { snprintf(in->miss, sizeof in->miss, "truncated"); return; }
+        ea += (uint32_t)(int32_t)(int8_t)b[i++];
+    } else if (mod == 2) {
+        if (i + 4 > n) { snprintf(in->miss, sizeof in->miss, "truncated"); return; }
+        uint32_t d; memcpy(&d, b + i, 4); i += 4; ea += d;
+    }
+    in->off = ea;
+    in->has_mem = 1;
+    in->size = osz; /* default guess of the access size, refined below */
+
+    /* immediates */
+    int immsz = 0;
+    if (!two) {
+        if (op == 0x80 || op == 0x82 || op == 0x83 || op == 0xC6 || op == 0x6B || op == 0xC0 || op == 0xC1)
+            immsz = 1;
+        else if (op == 0x81 || op == 0xC7 || op == 0x69) immsz = osz;
+        else if (op == 0xF6 && reg < 2) immsz = 1;
+        else if (op == 0xF7 && reg < 2) immsz = osz;
+    } else if ((op >= 0x70 && op <= 0x73) || op == 0xA4 || op == 0xAC || op == 0xBA || op == 0xC2 ||
+               (op >= 0xC4 && op <= 0xC6)) {
+        immsz = 1;
+    }
+    if (i + immsz > n) { snprintf(in->miss, sizeof in->miss, "truncated"); return; }
+    if (immsz == 1) in->imm = (uint32_t)(int32_t)(int8_t)b[i];
+    else if (immsz == 2) in->imm = (uint32_t)(b[i] | b[i + 1] << 8);
+    else if (immsz == 4) memcpy(&in->imm, b + i, 4);
+    i += immsz;
+    in->len = i;
+    in->known_len = 1;
+
+    /* semantics we perform */
+    if (!two) {
+        if (op < 0x40 && (op & 7) < 4) {
+            in->alu = op >> 3;
+            in->size = (op & 1) ? osz : 1;
+            in->kind = (op & 2) ? K_ALU_RM : K_ALU_MR;
+            return;
+        }
+        switch (op) {
+        case 0x80: case 0x81: case 0x82: case 0x83:
+            in->alu = reg; in->size = (op == 0x81 || op == 0x83) ? osz : 1; in->kind = K_ALU_MI;
+            if (op == 0x83 && osz == 2) in->imm &= 0xFFFF;
+            return;
+        case 0x84: case 0x85: in->size = (op & 1) ? osz : 1; in->kind = K_TEST_MR; return;
+        case 0x86: case 0x87: in->size = (op & 1) ? osz : 1; in->kind = K_XCHG; return;
+        case 0x88: case 0x89: in->size = (op & 1) ? osz : 1; in->kind = K_MOV_STORE; return;
+        case 0x8A: case 0x8B: in->size = (op & 1) ? osz : 1; in->kind = K_MOV_LOAD; return;
+        case 0x8F: if (reg == 0) { in->kind = K_POP; return; } break;
+        case 0xC6: case 0xC7:
+            if (reg == 0) { in->size = (op & 1) ? osz : 1; in->kind = K_MOV_IMM; return; }
+            break;
+        case 0xF6: case 0xF7:
+            if (reg < 2) { in->size = (op & 1) ? osz : 1; in->kind = K_TEST_MI; return; }
+            break;
+        case 0xFE: case 0xFF:
+            in->size = (op & 1) ? osz : 1;
+            if (reg == 0) { in->kind = K_INC; return; }
+            if (reg == 1) { in->kind = K_DEC; return; }
+            if (op == 0xFF && reg == 2 && !in->opsize16) { in->kind = K_CALL; return; }
+            if (op == 0xFF && reg == 4 && !in->opsize16) { in->kind = K_JMP; return; }
+            if (op == 0xFF && reg == 6) { in->kind = K_PUSH; return; }
+            break;
+        }
+        snprintf(in->miss, sizeof in->miss, "%02x /%d", op, reg);
+        return;
+    }
+    switch (op) {
+    case 0xB6: case 0xBE: in->srcsize = 1; in->size = 1; in->kind = op == 0xB6 ? K_MOVZX : K_MOVSX; return;
+    case 0xB7: case 0xBF: in->srcsize = 2; in->size = 2; in->kind = op == 0xB7 ? K_MOVZX : K_MOVSX; return;
+    case 0xB0: case 0xB1: in->size = (op & 1) ? osz : 1; in->kind = K_CMPXCHG; return;
+    case 0xC0: case 0xC1: in->size = (op & 1) ? osz : 1; in->kind = K_XADD; return;
+    }
+    snprintf(in->miss, sizeof in->miss, "0f %02x", op);
+}
+
+/* ----------------------------------------------------- ALU on the host CPU */
+/* The guest's arithmetic flags go in, the host CPU computes result and flags:
+ * exactly what the hardware would have done (32/16/8-bit ops behave the same
+ * in 64-bit mode). The red zone is skipped before pushing. */
+#define ASM_OP2(OPC, T, C)                                                                         \
+    do {                                                                                           \
+        T x = (T)a, y = (T)b;                                                                      \
+        __asm__ volatile("sub $128,%%rsp\n\tpush %[f]\n\tpopfq\n\t" OPC " %[y],%[x]\n\t"           \
+                         "pushfq\n\tpop %[f]\n\tadd $128,%%rsp"                                    \
+                         : [x] "+" C(x), [f] "+r"(f)                                               \
+                         : [y] C(y)                                                                \
+                         : "cc", "memory");                                                        \
+        res = x;                                                                                   \
+    } while (0)
+#define ASM_OP1(OPC, T, C)                                                                         \
+    do {                                                                                           \
+        T x = (T)a;                                                                                \
+        __asm__ volatile("sub $128,%%rsp\n\tpush %[f]\n\tpopfq\n\t" OPC " %[x]\n\t"                \
+                         "pushfq\n\tpop %[f]\n\tadd $128,%%rsp"                                    \
+                         : [x] "+" C(x), [f] "+r"(f)                                               \
+                         :                                                                         \
+                         : "cc", "memory");                                                        \
+        res = x;                                                                                   \
+    } while (0)
+#define BY_SIZE2(OPC)                                                                              \
+    do {                                                                                           \
+        if (size == 1) ASM_OP2(OPC, uint8_t, "q");                                                \
+        else if (size == 2) ASM_OP2(OPC, uint16_t, "r");                                          \
+        else ASM_OP2(OPC, uint32_t, "r");                                                         \
+    } while (0)
+#define BY_SIZE1(OPC)                                                                              \
+    do {                                                                                           \
+        if (size == 1) ASM_OP1(OPC, uint8_t, "q");                                                \
+        else if (size == 2) ASM_OP1(OPC, uint16_t, "r");                                          \
+        else ASM_OP1(OPC, uint32_t, "r");                                                         \
+    } while (0)
+
+#define ARITH 0x8D5u /* CF PF AF ZF SF OF */
+
+/* op: 0 add 1 or 2 adc 3 sbb 4 and 5 sub 6 xor 7 cmp, 8 test, 9 inc, 10 dec */
+static uint32_t alu(int op, int size, uint32_t a, uint32_t b, uint32_t *eflags) {
+    uint64_t f = 0x2 | (*eflags & ARITH);
+    uint32_t res = a;
+    switch (op) {
+    case 0: BY_SIZE2("add"); break;
+    case 1: BY_SIZE2("or"); break;
+    case 2: BY_SIZE2("adc"); break;
+    case 3: BY_SIZE2("sbb"); break;
+    case 4: BY_SIZE2("and"); break;
+    case 5: BY_SIZE2("sub"); break;
+    case 6: BY_SIZE2("xor"); break;
+    case 7: BY_SIZE2("cmp"); res = a; break;
+    case 8: BY_SIZE2("test"); res = a; break;
+    case 9: BY_SIZE1("inc"); break;
+    case 10: BY_SIZE1("dec"); break;
+    }
+    uint32_t mask = (op == 9 || op == 10) ? (ARITH & ~1u) : ARITH;
+    *eflags = (*eflags & ~mask) | ((uint32_t)f & mask);
+    return res;
+}
+
+/* ------------------------------------------------------------- emulate */
+struct ctx {
+    pid_t tid;
+    struct slot *slot;
+    int refused;
+    char why[160];
+};
+
+static int access_ok(struct ctx *c, uint32_t off, int size, int write, uint32_t *lin) {
+    if (!desc_admits(&c->slot->requested, off, size, write)) {
+        snprintf(c->why, sizeof c->why, "offset %#x outside the requested segment", off);
+        return 0;
+    }
+    uint64_t linear = ((uint64_t)c->slot->requested.base + off) & 0xFFFFFFFFu;
+    uint64_t last = linear + size - 1;
+    if (last > 0xFFFFFFFFu || last >= hv_start) {
+        snprintf(c->why, sizeof c->why, "DISALLOWING UNSAFE ACCESS to %#llx", (unsigned long long)linear);
+        return 0;
+    }
+    *lin = (uint32_t)linear;
+    return 1;
+}
+
+static int gread(struct ctx *c, uint32_t off, int size, uint32_t *v) {
+    uint32_t lin;
+    if (!access_ok(c, off, size, 0, &lin)) return -1;
+    *v = 0;
+    if (read_mem(c->tid, lin, v, size) < 0) {
+        snprintf(c->why, sizeof c->why, "page fault reading %#x", lin);
+        return -1;
+    }
+    return 0;
+}
+
+static int gwrite(struct ctx *c, uint32_t off, int size, uint32_t v) {
+    uint32_t lin;
+    if (!access_ok(c, off, size, 1, &lin)) return -1;
+    if (write_mem(c->tid, lin, &v, size) < 0) {
+        snprintf(c->why, sizeof c->why, "page fault writing %#x", lin);
+        return -1;
+    }
+    return 0;
+}
+
+static uint32_t sext(uint32_t v, int size) {
+    return size == 1 ? (uint32_t)(int32_t)(int8_t)v : size == 2 ? (uint32_t)(int32_t)(int16_t)v : v;
+}
+
+/* returns 0 done, -1 refused (deliver SIGSEGV); registers updated in r */
+static int emulate(struct ctx *c, const struct insn *in, struct user_regs_struct *r) {
+    uint32_t m, v, ef = (uint32_t)r->eflags;
+    int s = in->size;
+    uint32_t next = (uint32_t)r->rip + in->len;
+    switch (in->kind) {
+    case K_MOV_LOAD:
+        if (gread(c, in->off, s, &m)) return -1;
+        set_reg(r, in->reg, s, m);
+        break;
+    case K_MOV_STORE:
+        if (gwrite(c, in->off, s, get_reg(r, in->reg, s))) return -1;
+        break;
+    case K_MOV_IMM:
+        if (gwrite(c, in->off, s, in->imm)) return -1;
+        break;
+    case K_MOVZX: case K_MOVSX: {
+        if (gread(c, in->off, in->srcsize, &m)) return -1;
+        if (in->kind == K_MOVSX) m = sext(m, in->srcsize);
+        set_reg(r, in->reg, in->opsize16 ? 2 : 4, m);
+        break;
+    }
+    case K_ALU_MR: case K_ALU_RM: case K_ALU_MI: case K_TEST_MR: case K_TEST_MI: {
+        if (gread(c, in->off, s, &m)) return -1;
+        int op = in->alu;
+        uint32_t a, b;
+        if (in->kind == K_ALU_RM) { a = get_reg(r, in->reg, s); b = m; }
+        else if (in->kind == K_ALU_MR) { a = m; b = get_reg(r, in->reg, s); }
+        else if (in->kind == K_TEST_MR) { op = 8; a = m; b = get_reg(r, in->reg, s); }
+        else if (in->kind == K_TEST_MI) { op = 8; a = m; b = in->imm; }
+        else { a = m; b = in->imm; }
+        v = alu(op, s, a, b, &ef);
+        if (op != 7 && op != 8) {
+            if (in->kind == K_ALU_RM) set_reg(r, in->reg, s, v);
+            else if (gwrite(c, in->off, s, v)) return -1;
+        }
+        break;
+    }
+    case K_INC: case K_DEC:
+        if (gread(c, in->off, s, &m)) return -1;
+        v = alu(in->kind == K_INC ? 9 : 10, s, m, 0, &ef);
+        if (gwrite(c, in->off, s, v)) return -1;
+        break;
+    case K_XCHG:
+        if (gread(c, in->off, s, &m)) return -1;
+        if (gwrite(c, in->off, s, get_reg(r, in->reg, s))) return -1;
+        set_reg(r, in->reg, s, m);
+        break;
+    case K_CMPXCHG: {
+        if (gread(c, in->off, s, &m)) return -1;
+        uint32_t acc = get_reg(r, 0, s);
+        alu(7, s, acc, m, &ef);
+        if (ef & 0x40) { if (gwrite(c, in->off, s, get_reg(r, in->reg, s))) return -1; }
+        else { if (gwrite(c, in->off, s, m)) return -1; set_reg(r, 0, s, m); }
+        break;
+    }
+    case K_XADD: {
+        if (gread(c, in->off, s, &m)) return -1;
+        uint32_t rv = get_reg(r, in->reg, s);
+        v = alu(0, s, m, rv, &ef);
+        if (gwrite(c, in->off, s, v)) return -1;
+        set_reg(r, in->reg, s, m);
+        break;
+    }
+    case K_PUSH: {
+        if (gread(c, in->off, s, &m)) return -1;
+        uint32_t sp = (uint32_t)r->rsp - s;
+        if (write_mem(c->tid, sp, &m, s) < 0) { snprintf(c->why, sizeof c->why, "push: stack fault"); return -1; }
+        r->rsp = sp;
+        break;
+    }
+    case K_POP: {
+        uint32_t sp = (uint32_t)r->rsp;
+        int ps = in->opsize16 ? 2 : 4;
+        m = 0;
+        if (read_mem(c->tid, sp, &m, ps) < 0) { snprintf(c->why, sizeof c->why, "pop: stack fault"); return -1; }
+        uint32_t off = in->off + (in->uses_esp_after_pop ? ps : 0);
+        if (gwrite(c, off, ps, m)) return -1;
+        r->rsp = sp + ps;
+        break;
+    }
+    case K_CALL: case K_JMP:
+        if (gread(c, in->off, 4, &m)) return -1;
+        if (in->kind == K_CALL) {
+            uint32_t sp = (uint32_t)r->rsp - 4;
+            if (write_mem(c->tid, sp, &next, 4) < 0) { snprintf(c->why, sizeof c->why, "call: stack fault"); return -1; }
+            r->rsp = sp;
+        }
+        next = m;
+        break;
+    default:
+        return -1;
+    }
+    r->eflags = (r->eflags & ~0xFFFFFFFFull) | ef;
+    r->rip = next;
+    return 0;
+}
+
+/* ------------------------------------------------------------ set-up, JSON */
+static const char *setup_error;
+static int setup_errno;
+
+static void json_str(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\') fprintf(f, "\\%c", *s);
+        else if ((unsigned char)*s < 0x20) fprintf(f, "\\u%04x", *s);
+        else fputc(*s, f);
+    }
+    fputc('"', f);
+}
+
+static pid_t child_pid;
+static int exit_status = -1, exit_signal = 0;
+static double t_fork, t_exec, t_end;
+
+static void write_json(void) {
+    if (!json_path) return;
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s.tmp", json_path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) return;
+    fflush(tlslog);
+    fprintf(f, "{\"version\":1,\"strategy\":\"%s\",\"hv_start\":%u,\"cpu\":%d,", strategy_names[strategy],
+            hv_start, cpu);
+    fprintf(f, "\"error\":");
+    if (setup_error) {
+        char buf[300];
+        snprintf(buf, sizeof buf, "%s: %s", setup_error, strerror(setup_errno));
+        json_str(f, buf);
+        fprintf(f, ",\"error_stage\":");
+        json_str(f, setup_error);
+        fprintf(f, ",\"error_errno\":%d", setup_errno);
+    } else fprintf(f, "null");
+    fprintf(f, ",\"status\":");
+    if (exit_status >= 0) fprintf(f, "%d", exit_status); else fprintf(f, "null");
+    fprintf(f, ",\"signal\":%d,\"timed_out\":%s", exit_signal, timed_out ? "true" : "false");
+    fprintf(f, ",\"wall_ns\":%.0f,\"run_ns\":%.0f", (t_end - t_fork) * 1e9,
+            (t_end - (t_exec > 0 ? t_exec : t_fork)) * 1e9);
+    fprintf(f, ",\"faults\":%llu,\"emulated\":%llu,\"stepped\":%llu,\"to_expand_down\":%llu,"
+               "\"to_expand_up\":%llu,\"delivered\":%llu,\"descriptor_switches\":%llu,"
+               "\"seccomp_stops\":%llu,\"tls_installs\":%llu,\"ldt_installs\":%llu,\"ldt_truncated\":%llu,"
+               "\"signals_passed\":%llu,\"other_sigsegv\":%llu,\"clones\":%llu,\"forks\":%llu,\"threads\":%d,"
+               "\"model_env\":%s,\"auxv_hidden\":%llu,\"handler_ns\":%.0f",
+            (unsigned long long)faults, (unsigned long long)emulated, (unsigned long long)stepped,
+            (unsigned long long)to_down, (unsigned long long)to_up, (unsigned long long)delivered,
+            (unsigned long long)switches, (unsigned long long)seccomp_stops,
+            (unsigned long long)tls_installs, (unsigned long long)ldt_installs,
+            (unsigned long long)ldt_truncated, (unsigned long long)signals_passed,
+            (unsigned long long)other_segv, (unsigned long long)clones, (unsigned long long)forks, nthreads_seen,
+            model_env ? "true" : "false", (unsigned long long)auxv_hidden, handler_s * 1e9);
+    fprintf(f, ",\"first_delivered\":");
+    json_str(f, first_delivered);
+    fprintf(f, ",\"decoder_misses\":{");
+    for (int i = 0; i < nmisses; i++) {
+        if (i) fputc(',', f);
+        json_str(f, misses[i].key);
+        fprintf(f, ":%llu", (unsigned long long)misses[i].n);
+    }
+    fprintf(f, "},\"tls\":[%.*s],\"sites\":[", (int)tlslog_len, tlslog_buf ? tlslog_buf : "");
+    int first = 1;
+    for (int i = 0; sites && i < SITE_CAP; i++) {
+        struct site *s = &sites[i];
+        if (!s->used) continue;
+        fprintf(f, "%s{\"eip\":%u,\"segment\":\"%s\",\"faults\":%llu,\"emulated\":%llu,\"stepped\":%llu,"
+                   "\"to_expand_down\":%llu,\"to_expand_up\":%llu,\"delivered\":%llu,\"negative\":%llu,"
+                   "\"positive\":%llu,\"min_offset\":%lld,\"max_offset\":%lld,\"bytes\":\"",
+                first ? "" : ",", s->eip, s->seg == 4 ? "fs" : s->seg == 5 ? "gs" : "?",
+                (unsigned long long)s->faults, (unsigned long long)s->emulated, (unsigned long long)s->stepped,
+                (unsigned long long)s->to_down, (unsigned long long)s->to_up,
+                (unsigned long long)s->delivered, (unsigned long long)s->neg, (unsigned long long)s->pos,
+                (long long)(s->off_min == INT64_MAX ? 0 : s->off_min),
+                (long long)(s->off_max == INT64_MIN ? 0 : s->off_max));
+        for (int k = 0; k < s->nbytes; k++) fprintf(f, "%02x", s->bytes[k]);
+        fprintf(f, "\"}");
+        first = 0;
+    }
+    fprintf(f, "]}\n");
+    fflush(f);
+    fsync(fileno(f));
+    fclose(f);
+    rename(tmp, json_path);
+}
+
+static void die_setup(const char *what, int err) {
+    setup_error = what;
+    setup_errno = err;
+    if (child_pid > 0) kill(child_pid, SIGKILL);
+    t_end = now_s();
+    write_json();
+    fprintf(stderr, "tlslab-hw-supervisor: %s: %s\n", what, strerror(err));
+    exit(3);
+}
+
+static void on_alarm(int sig) { (void)sig; timed_out = 1; }
+
+/* --------------------------------------------------------------- child */
+static void child_fail(int fd, const char *stage) {
+    int e = errno;
+    char buf[64];
+    int n = snprintf(buf, sizeof buf, "%d %s", e, stage);
+    if (write(fd, buf, n) < 0) {}
+    _exit(127);
+}
+
+static int open_to(const char *path, int fd, int flags) {
+    int f = open(path, flags, 0644);
+    if (f < 0) return -1;
+    if (f != fd) { if (dup2(f, fd) < 0) return -1; close(f); }
+    return 0;
+}
+
+static void run_child(int errfd, char **argv, const char *exe) {
+    if (stdin_path && open_to(stdin_path, 0, O_RDONLY) < 0) child_fail(errfd, "stdin");
+    if (stdout_path && open_to(stdout_path, 1, O_WRONLY | O_CREAT | O_TRUNC) < 0) child_fail(errfd, "stdout");
+    if (stderr_path && open_to(stderr_path, 2, O_WRONLY | O_CREAT | O_TRUNC) < 0) child_fail(errfd, "stderr");
+    if (cwd_path && chdir(cwd_path) < 0) child_fail(errfd, "chdir");
+    if (strategy != S_UNTRACED) {
+        if (ptrace(PTRACE_TRACEME, 0, 0, 0) < 0) child_fail(errfd, "PTRACE_TRACEME");
+        raise(SIGSTOP); /* the parent sets options before we go on */
+        /* i386 set_thread_area/modify_ldt: stop for the tracer; rseq: ENOSYS
+         * under --model-env (the model refuses it); everything else runs */
+        struct sock_filter filt[] = {
+            BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_I386, 0, 4),
+            BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, NR32_SET_THREAD_AREA, 4, 0),
+            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, NR32_MODIFY_LDT, 3, 0),
+            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, model_env ? NR32_RSEQ : 0xFFFFFFFFu, 1, 0),
+            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
+            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE),
+        };
+        struct sock_fprog prog = {sizeof filt / sizeof filt[0], filt};
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) child_fail(errfd, "PR_SET_NO_NEW_PRIVS");
+        if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0) child_fail(errfd, "seccomp");
+    }
+    envv[envc] = NULL;
+    execve(exe, argv, envv);
+    child_fail(errfd, "execve");
+}
+
+/* ------------------------------------------------------------ fault path */
+static void record_delivery(struct site *s, uint32_t eip, const char *why) {
+    delivered++;
+    if (s) s->delivered++;
+    if (!first_delivered[0]) snprintf(first_delivered, sizeof first_delivered, "eip %#x: %s", eip, why);
+}
+
+/* returns the signal to deliver on resume (0 = suppress); *step = 1 to single-step */
+static int handle_segv(struct thread *t, int *step) {
+    siginfo_t si;
+    *step = 0;
+    if (ptrace(PTRACE_GETSIGINFO, t->tid, 0, &si) < 0) return SIGSEGV;
+    if (si.si_code != SI_KERNEL || strategy == S_NATIVE) { other_segv++; return SIGSEGV; }
+    struct user_regs_struct r;
+    if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0) return SIGSEGV;
+    uint32_t eip = (uint32_t)r.rip;
+    uint8_t b[16];
+    int n = fetch_insn(t->tid, eip, b);
+    struct insn in;
+    decode(b, n, &r, &in);
+    if (in.seg != 4 && in.seg != 5) { other_segv++; return SIGSEGV; }
+    uint32_t sel = (uint32_t)(in.seg == 4 ? r.fs : r.gs) & 0xFFFF;
+    int entry = sel >> 3;
+    struct site *s = site_of(eip);
+    faults++;
+    if (trace) fprintf(trace, "%#x %d\n", eip, in.has_mem ? (int32_t)in.off : 0);
+    if (s) {
+        s->faults++;
+        s->seg = in.seg;
+        if (!s->nbytes) { memcpy(s->bytes, b, n); s->nbytes = in.known_len ? in.len : n; }
+        if (in.has_mem) {
+            int64_t o = (int32_t)in.off;
+            if (o < s->off_min) s->off_min = o;
+            if (o > s->off_max) s->off_max = o;
+            if (o < 0) s->neg++; else s->pos++;
+        }
+    }
+    if ((sel & 4) || entry < TLS_FIRST || entry >= TLS_FIRST + TLS_SLOTS) {
+        record_delivery(s, eip, "segment is not a GDT TLS slot");
+        return SIGSEGV;
+    }
+    struct slot *sl = &t->slots[entry - TLS_FIRST];
+    if (!sl->valid || !sl->managed) {
+        record_delivery(s, eip, "segment is not a truncated flat segment");
+        return SIGSEGV;
+    }
+    if (strategy == S_FLIP) {
+        int go_down = !sl->down;
+        const struct udesc *next = go_down ? &sl->dn : &sl->up;
+        if (in.has_mem && !in.miss[0]) {
+            if (!desc_admits(next, in.off, in.size, 0)) {
+                record_delivery(s, eip, "genuine fault: flipping does not admit the access");
+                return SIGSEGV;
+            }
+        } else {
+            note_miss(in.miss[0] ? in.miss : "no memory operand");
+            if (t->last_fault_eip == eip && t->last_fault_flipped) {
+                t->last_fault_flipped = 0;
+                record_delivery(s, eip, "genuine fault: faulted in both states");
+                return SIGSEGV;
+            }
+        }
+        if (set_area(t->tid, next) < 0) die_setup("PTRACE_SET_THREAD_AREA", errno);
+        sl->down = go_down;
+        switches++;
+        if (go_down) { to_down++; if (s) s->to_down++; }
+        else { to_up++; if (s) s->to_up++; }
+        t->last_fault_eip = eip;
+        t->last_fault_flipped = 1;
+        return 0;
+    }
+    /* emulate */
+    if (!in.miss[0] && !step_only) {
+        struct ctx c = {t->tid, sl, 0, ""};
+        if (emulate(&c, &in, &r) < 0) {
+            record_delivery(s, eip, c.why[0] ? c.why : "cannot emulate");
+            return SIGSEGV;
+        }
+        if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0) die_setup("PTRACE_SETREGS", errno);
+        emulated++;
+        if (s) s->emulated++;
+        return 0;
+    }
+    /* fallback: execute the instruction once with the expand-down twin (admits
+     * only addresses below the base: nothing in the hypervisor hole) */
+    note_miss(in.miss[0] ? in.miss : "step-only");
+    if (set_area(t->tid, &sl->dn) < 0) die_setup("PTRACE_SET_THREAD_AREA", errno);
+    switches++;
+    t->stepping = 1;
+    t->step_entry = entry;
+    t->step_eip = eip;
+    stepped++;
+    if (s) s->stepped++;
+    *step = 1;
+    return 0;
+}
+
+static void end_step(struct thread *t) {
+    struct slot *sl = &t->slots[t->step_entry - TLS_FIRST];
+    if (set_area(t->tid, &sl->up) < 0) die_setup("PTRACE_SET_THREAD_AREA", errno);
+    switches++;
+    t->stepping = 0;
+}
+
+/* syscall-exit of set_thread_area / modify_ldt */
+static void finish_tls_syscall(struct thread *t) {
+    struct user_regs_struct r;
+    if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0) return;
+    int32_t ret = (int32_t)r.rax;
+    if (t->sta_is_ldt) {
+        if (t->sta_is_ldt == 2) /* restore the guest's own request in its memory */
+            write_mem(t->tid, t->sta_ptr, &t->ldt_saved, 16);
+        return;
+    }
+    if (ret != 0) return;
+    uint32_t raw[4];
+    if (read_mem(t->tid, t->sta_ptr, raw, sizeof raw) < 0) return;
+    int entry = (int)raw[0];
+    if (entry < TLS_FIRST || entry >= TLS_FIRST + TLS_SLOTS) return;
+    struct udesc req;
+    if (get_area(t->tid, entry, &req) < 0) die_setup("PTRACE_GET_THREAD_AREA", errno);
+    adopt_slot(t, entry, &req, "set_thread_area");
+}
+
+static void start_tls_syscall(struct thread *t) {
+    struct user_regs_struct r;
+    if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0) return;
+    seccomp_stops++;
+    t->in_sta = 1;
+    t->sta_is_ldt = 0;
+    if ((uint32_t)r.orig_rax == NR32_MODIFY_LDT) {
+        t->sta_is_ldt = 1;
+        t->sta_ptr = (uint32_t)r.rcx;
+        uint32_t func = (uint32_t)r.rbx;
+        if ((func == 1 || func == 0x11) && (strategy == S_EMULATE || strategy == S_FLIP)) {
+            uint32_t raw[4];
+            if (read_mem(t->tid, t->sta_ptr, raw, 16) == 0) {
+                struct udesc req = {raw[0], raw[1], raw[2], raw[3]}, tr = truncate_desc(req);
+                ldt_installs++;
+                tr.limit |= req.limit & ~0xFFFFFu;
+                if (memcmp(&tr, &req, sizeof tr)) {
+                    uint32_t out[4] = {tr.entry, tr.base, tr.limit, tr.flags};
+                    if (write_mem(t->tid, t->sta_ptr, out, 16) == 0) {
+                        t->ldt_saved = req;
+                        t->sta_is_ldt = 2;
+                        ldt_truncated++;
+                    }
+                }
+                log_tls(t->tid, "modify_ldt", &req, &tr, NULL);
+            }
+        }
+    } else {
+        t->sta_ptr = (uint32_t)r.rbx;
+    }
+}
+
+/* a new thread (clone): adopt and truncate the TLS it was created with */
+static void adopt_new_thread(struct thread *t) {
+    for (int e = TLS_FIRST; e < TLS_FIRST + TLS_SLOTS; e++) {
+        struct udesc d;
+        if (get_area(t->tid, e, &d) < 0) continue;
+        if (!d.base && !d.limit && (d.flags & F_NP)) continue; /* empty */
+        /* inherited unchanged from a thread we manage? then copy its slot */
+        int copied = 0;
+        for (int i = 0; i < MAX_THREADS && !copied; i++) {
+            struct thread *o = &threads[i];
+            if (!o->alive || o == t) continue;
+            struct slot *os = &o->slots[e - TLS_FIRST];
+            if (!os->valid) continue;
+            struct udesc cur = os->down ? os->dn : os->up;
+            if (cur.base == d.base && cur.limit == d.limit && (cur.flags & 0x7F) == (d.flags & 0x7F)) {
+                t->slots[e - TLS_FIRST] = *os;
+                copied = 1;
+            }
+        }
+        if (!copied) adopt_slot(t, e, &d, "clone");
+    }
+}
+
+/* --model-env, at the exec stop: hide the auxv entries the Unicorn model does
+ * not provide (vDSO: AT_SYSINFO, AT_SYSINFO_EHDR; AT_MINSIGSTKSZ; AT_RSEQ_*)
+ * by turning them into AT_IGNORE. Without the vDSO, static glibc builds no
+ * link_map for it (calloc/malloc at start-up) -- which shifts malloc's state
+ * and with it the number of %gs faults. */
+static void hide_auxv(pid_t tid) {
+    struct user_regs_struct r;
+    if (ptrace(PTRACE_GETREGS, tid, 0, &r) < 0) return;
+    uint32_t sp = (uint32_t)r.rsp, argc;
+    if (read_mem(tid, sp, &argc, 4) < 0) return;
+    uint32_t p = sp + 4 + 4 * (argc + 1), v = 1;
+    for (int k = 0; k < 4096 && v; k++, p += 4)  /* envp up to NULL */
+        if (read_mem(tid, p, &v, 4) < 0) return;
+    for (int k = 0; k < 64; k++, p += 8) {
+        uint32_t av[2];
+        if (read_mem(tid, p, av, 8) < 0 || av[0] == 0) break;
+        if (av[0] == 32 || av[0] == 33 || av[0] == 51 || av[0] == 27 || av[0] == 28) {
+            uint32_t ignore = 1;
+            if (write_mem(tid, p, &ignore, 4) == 0) auxv_hidden++;
+        }
+    }
+}
+
+/* ----------------------------------------------------------------- main */
+static void usage(void) {
+    fprintf(stderr,
+            "usage: tlslab-hw-supervisor [--strategy untraced|native|emulate|flip] [--hv-start HEX]\n"
+            "    [--cpu N|-1] [--cwd DIR] [--stdin PATH] [--stdout PATH] [--stderr PATH] [--env K=V]...\n"
+            "    [--timeout SECONDS] [--step-only] [--model-env] [--trace PATH] --json PATH -- EXE ARGV0 [ARGS...]\n");
+    exit(2);
+}
+
+int main(int argc, char **argv) {
+    int i = 1;
+    for (; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--")) { i++; break; }
+        if (i + 1 >= argc && strcmp(a, "--step-only") && strcmp(a, "--model-env")) usage();
+        if (!strcmp(a, "--strategy")) {
+            const char *v = argv[++i];
+            int found = 0;
+            for (int k = 0; k < 4; k++) if (!strcmp(v, strategy_names[k])) { strategy = k; found = 1; }
+            if (!found) usage();
+        } else if (!strcmp(a, "--hv-start")) hv_start = (uint32_t)strtoul(argv[++i], NULL, 0);
+        else if (!strcmp(a, "--cpu")) cpu = atoi(argv[++i]);
+        else if (!strcmp(a, "--cwd")) cwd_path = argv[++i];
+        else if (!strcmp(a, "--stdin")) stdin_path = argv[++i];
+        else if (!strcmp(a, "--stdout")) stdout_path = argv[++i];
+        else if (!strcmp(a, "--stderr")) stderr_path = argv[++i];
+        else if (!strcmp(a, "--json")) json_path = argv[++i];
+        else if (!strcmp(a, "--timeout")) timeout_s = atof(argv[++i]);
+        else if (!strcmp(a, "--step-only")) step_only = 1;
+        else if (!strcmp(a, "--model-env")) model_env = 1;
+        else if (!strcmp(a, "--trace")) { if (!(trace = fopen(argv[++i], "w"))) die_setup("--trace", errno); }
+        else if (!strcmp(a, "--env")) { if (envc < 255) envv[envc++] = argv[++i]; else usage(); }
+        else usage();
+    }
+    if (argc - i < 2) usage();
+    const char *exe = argv[i];
+    char **gargv = argv + i + 1;
+
+    sites = calloc(SITE_CAP, sizeof *sites);
+    tlslog = open_memstream(&tlslog_buf, &tlslog_len);
+    if (!sites || !tlslog) die_setup("malloc", ENOMEM);
+    if (cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(cpu, &set);
+        if (sched_setaffinity(0, sizeof set, &set) < 0) die_setup("sched_setaffinity", errno);
+    }
+    int pfd[2];
+    if (pipe2(pfd, O_CLOEXEC) < 0) die_setup("pipe", errno);
+    struct sigaction sa = {0};
+    sa.sa_handler = on_alarm; /* no SA_RESTART: waitpid returns EINTR */
+    sigaction(SIGALRM, &sa, NULL);
+
+    t_fork = now_s();
+    child_pid = fork();
+    if (child_pid < 0) die_setup("fork", errno);
+    if (child_pid == 0) { close(pfd[0]); run_child(pfd[1], gargv, exe); }
+    close(pfd[1]);
+    if (timeout_s > 0) {
+        struct itimerval it = {{0, 0}, {(long)timeout_s, (long)((timeout_s - (long)timeout_s) * 1e6)}};
+        setitimer(ITIMER_REAL, &it, NULL);
+    }
+
+    int status;
+    if (strategy == S_UNTRACED) {
+        t_exec = t_fork;
+        while (waitpid(child_pid, &status, 0) < 0) {
+            if (errno != EINTR) die_setup("waitpid", errno);
+            if (timed_out) kill(child_pid, SIGKILL);
+        }
+        t_end = now_s();
+    } else {
+        /* initial SIGSTOP (or an early failure) */
+        if (waitpid(child_pid, &status, 0) < 0) die_setup("waitpid", errno);
+        if (!WIFSTOPPED(status)) goto child_failed;
+        /* children the guest forks are traced too (they inherit the seccomp
+         * filter, whose RET_TRACE would fail their set_thread_area untraced) */
+        long opts = PTRACE_O_EXITKILL | PTRACE_O_TRACESECCOMP | PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACECLONE |
+                    PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACEEXEC;
+        if (ptrace(PTRACE_SETOPTIONS, child_pid, 0, (void *)opts) < 0) die_setup("PTRACE_SETOPTIONS", errno);
+        struct thread *main_t = thread_of(child_pid, 1);
+        main_t->seen_stop = 1;
+        if (ptrace(PTRACE_CONT, child_pid, 0, 0) < 0) die_setup("PTRACE_CONT", errno);
+        for (;;) {
+            pid_t w = waitpid(-1, &status, __WALL);
+            if (w < 0) {
+                if (errno == EINTR) { if (timed_out) kill(child_pid, SIGKILL); continue; }
+                if (errno == ECHILD) break;
+                die_setup("waitpid", errno);
+            }
+            if (WIFEXITED(status) || WIFSIGNALED(status)) {
+                struct thread *t = thread_of(w, 0);
+                if (t) t->alive = 0;
+                if (w == child_pid) {
+                    if (t_exec == 0) goto child_failed;
+                    t_end = now_s();
+                    if (WIFEXITED(status)) exit_status = WEXITSTATUS(status);
+                    else exit_signal = WTERMSIG(status);
+                    /* reap remaining threads (already dead with the group) */
+                    while (waitpid(-1, &status, __WALL | WNOHANG) > 0) {}
+                    break;
+                }
+                continue;
+            }
+            if (!WIFSTOPPED(status)) continue;
+            struct thread *t = thread_of(w, 1);
+            if (!t) die_setup("too many threads", EAGAIN);
+            int sig = WSTOPSIG(status), event = status >> 16, deliver = 0;
+            enum __ptrace_request resume = PTRACE_CONT;
+            if (sig == SIGTRAP && event == PTRACE_EVENT_EXEC) {
+                if (model_env) hide_auxv(w);
+                memset(t->slots, 0, sizeof t->slots); /* a new program: no TLS yet */
+                if (w == child_pid && t_exec == 0) t_exec = now_s();
+            } else if (sig == SIGTRAP && event == PTRACE_EVENT_SECCOMP) {
+                start_tls_syscall(t);
+                resume = PTRACE_SYSCALL; /* to its exit */
+            } else if (sig == (SIGTRAP | 0x80)) {
+                if (t->in_sta) { t->in_sta = 0; finish_tls_syscall(t); }
+            } else if (sig == SIGTRAP && (event == PTRACE_EVENT_CLONE || event == PTRACE_EVENT_FORK ||
+                                          event == PTRACE_EVENT_VFORK)) {
+                if (event == PTRACE_EVENT_CLONE) clones++; else forks++;
+            } else if (sig == SIGTRAP && event) {
+                /* other event stops (vfork-done): nothing to do */
+            } else if (sig == SIGTRAP && t->stepping) {
+                end_step(t);
+            } else if ((sig == SIGSTOP || event == PTRACE_EVENT_STOP) && !t->seen_stop) {
+                t->seen_stop = 1; /* first stop of a new thread: it has run no code yet */
+                if (w != child_pid) adopt_new_thread(t);
+            } else if (sig == SIGSEGV) {
+                int step = 0;
+                if (t->stepping) { /* the stepped instruction faulted even expand-down */
+                    end_step(t);
+                    record_delivery(site_of(t->step_eip), t->step_eip, "step fallback faulted: genuine");
+                    deliver = SIGSEGV;
+                } else {
+                    double h0 = now_s();
+                    deliver = handle_segv(t, &step);
+                    handler_s += now_s() - h0;
+                    if (step) resume = PTRACE_SINGLESTEP;
+                    if (deliver) t->last_fault_flipped = 0;
+                }
+            } else {
+                deliver = sig;
+                signals_passed++;
+            }
+            if (ptrace(resume, w, 0, (void *)(long)deliver) < 0 && errno != ESRCH)
+                die_setup("ptrace resume", errno);
+        }
+    }
+    if (exit_status < 0 && !exit_signal) {
+        if (WIFEXITED(status)) exit_status = WEXITSTATUS(status);
+        else if (WIFSIGNALED(status)) exit_signal = WTERMSIG(status);
+    }
+    {
+        char buf[80];
+        ssize_t k = read(pfd[0], buf, sizeof buf - 1);
+        if (k > 0) {
+            buf[k] = 0;
+            static char stage[64];
+            int e = atoi(buf);
+            char *sp = strchr(buf, ' ');
+            snprintf(stage, sizeof stage, "%s", sp ? sp + 1 : "child");
+            exit_status = -1;
+            die_setup(stage, e);
+        }
+    }
+    if (t_end == 0) t_end = now_s();
+    if (trace) fclose(trace);
+    write_json();
+    return 0;
+
+child_failed: {
+        char buf[80];
+        ssize_t k = read(pfd[0], buf, sizeof buf - 1);
+        static char stage[64];
+        int e = EIO;
+        snprintf(stage, sizeof stage, "child exited before exec");
+        if (k > 0) {
+            buf[k] = 0;
+            e = atoi(buf);
+            char *sp = strchr(buf, ' ');
+            snprintf(stage, sizeof stage, "%s", sp ? sp + 1 : "child");
+        }
+        die_setup(stage, e);
+    }
+    return 3;
+}
