@@ -33,6 +33,10 @@ def register(sub) -> None:
                    help="what the guest's stdout looks like to it (changes glibc's behaviour)")
     p.add_argument("--cost-profile", default="nominal", help="cost profile for modelled time (see `tlslab costs`)")
     p.add_argument("--timeout", type=float, default=0, help="wall-clock limit in seconds (0: none)")
+    p.add_argument("--backend", choices=("unicorn", "hw"), default="unicorn",
+                   help="unicorn: the model (default); hw: this CPU with really truncated segments under a "
+                   "ptrace supervisor (strategies native|emulate|flip)")
+    p.add_argument("--cpu", type=int, default=0, help="hw backend: CPU to pin tracer and guest to (-1: unpinned)")
     p.add_argument("--quiet", "-q", action="store_true", help="do not print the guest's output")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of tables")
     p.add_argument("--sites", type=int, default=0, metavar="N", help="also list the N busiest fs/gs sites")
@@ -74,6 +78,8 @@ def run(args) -> int:
     spec = RunSpec(guest=args.guest, args=tuple(args.args), strategy=strategy, profile=args.profile,
                    tree=args.tree or "small", root=args.root, seed=args.seed, stdout=args.stdout,
                    variant=args.variant, applet=args.applet, timeout_seconds=args.timeout)
+    if args.backend == "hw":
+        return run_hardware(spec, args)
     try:
         result, guest = execute(spec)
     except (GuestError, ElfError, FileNotFoundError, NotADirectoryError) as exc:
@@ -108,7 +114,7 @@ def print_summary(spec, guest, result, modelled, profile, nsites: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=False, highlight=False)
+    console = Console(stderr=False, highlight=False, width=110)
     c = result.counters
     s = c["strategy"]
     title = f"{guest.name} ({guest.variant}) under {s['name']} -- {c['policy']}"
@@ -144,3 +150,49 @@ def print_summary(spec, guest, result, modelled, profile, nsites: int) -> None:
             st.add_row(f"{site['eip']:#010x}", site["segment"], f"{site['accesses']:,}", f"{site['negative']:,}",
                        f"{site['positive']:,}", f"{site['violations']:,}", f"{site['min_offset']:#x}..{site['max_offset']:#x}")
         console.print(st)
+
+
+def run_hardware(spec, args) -> int:
+    """The same run on this CPU: real truncated descriptors, real #GP faults."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tlslab.guests import GuestError
+    from tlslab.hw.backend import HW_STRATEGIES, HwError, run_spec
+
+    if spec.strategy not in HW_STRATEGIES:
+        raise UsageError(f"the hw backend runs strategies {', '.join(HW_STRATEGIES[1:])}, not {spec.strategy}")
+    if spec.stdout == "tty":
+        raise UsageError("the hw backend cannot model a tty stdout")
+    try:
+        result, guest = run_spec(spec, cpu=None if args.cpu < 0 else args.cpu)
+    except (GuestError, HwError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"spec": spec.to_dict(), "backend": "hw", "guest_sha256": guest.sha256,
+                          "status": result.status, "signal": result.signal, "faults": result.faults,
+                          "fault_sites": {f"{k:#x}": v for k, v in result.fault_sites.items()},
+                          "counters": result.counters(), "wall_seconds": result.wall_seconds,
+                          "run_seconds": result.run_seconds}, indent=2, sort_keys=True))
+        return 0 if result.ok else 1
+    if not args.quiet:
+        sys.stdout.buffer.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(result.stderr)
+        sys.stderr.flush()
+    console = Console(highlight=False, width=110)
+    console.print(f"[bold]exit status {result.status}[/]" if result.ok else
+                  f"[bold red]guest died: status {result.status}, signal {result.signal}[/]")
+    t = Table(title=f"{guest.name} ({guest.variant}) on this CPU under {spec.strategy} "
+                    f"(truncated below the {spec.profile} hypervisor start)")
+    t.add_column("counter")
+    t.add_column("value", justify="right")
+    t.add_row("#GP faults taken", f"{result.faults:,}")
+    t.add_row("faulting sites", f"{len(result.fault_sites):,}")
+    t.add_row("descriptor switches", f"{result.descriptor_switches:,}")
+    if result.decoder_misses:
+        t.add_row("single-stepped (decoder misses)", str(result.decoder_misses))
+    t.add_row("wall time (traced run, measured)", f"{result.run_seconds * 1000:.1f} ms")
+    t.add_row("pinned to CPU", "no" if result.cpu < 0 else str(result.cpu))
+    console.print(t)
+    return 0 if result.ok else 1
