@@ -42,7 +42,7 @@ def build_vfs(spec: RunSpec, guest: GuestBinary) -> Vfs:
     return Vfs.from_tree(TreeSpec.parse(spec.tree or DEFAULT_TREE), seed=spec.seed)
 
 
-def make_domain(spec: RunSpec) -> tuple[Domain, GuestBinary]:
+def make_domain(spec: RunSpec, **domain_options) -> tuple[Domain, GuestBinary]:
     guest = resolve_guest(spec.guest, spec.variant)
     argv0 = spec.applet or guest.name
 
@@ -53,7 +53,8 @@ def make_domain(spec: RunSpec) -> tuple[Domain, GuestBinary]:
         process.load()
         return process
 
-    domain = Domain(factory, spec.strategy, profile=spec.profile, timeout_seconds=spec.timeout_seconds)
+    domain = Domain(factory, spec.strategy, profile=spec.profile, timeout_seconds=spec.timeout_seconds,
+                    **domain_options)
     return domain, guest
 
 

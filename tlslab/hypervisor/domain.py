@@ -55,10 +55,11 @@ class RunResult:
 
 class Domain:
     def __init__(self, process_factory, strategy: Strategy | str, profile: str = "nonpae",
-                 checks: bool = True, timeout_seconds: float = 0, max_traps: int | None = None):
+                 checks: bool = True, timeout_seconds: float = 0, max_traps: int | None = None,
+                 trace_signs: bool = False):
         self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         self.policy = DescriptorPolicy.xen(profile) if self.strategy.truncates else DescriptorPolicy.native(profile)
-        self.vcpu = VCpu(checks=checks, timeout_seconds=timeout_seconds)
+        self.vcpu = VCpu(checks=checks, timeout_seconds=timeout_seconds, trace_signs=trace_signs)
         self._requested: dict[SegmentDescriptor, SegmentDescriptor] = {}
         self.max_traps = max_traps
         self.process = process_factory(self.vcpu, self._shape_descriptor)

@@ -62,6 +62,11 @@ struct seg_stats {
     int32_t last_sign;      /* +1 / -1 / 0: sign of the previous access */
     int32_t pad;
     uint64_t accesses, negative, positive, sign_changes;
+    /* optional sign-run trace: runs[i] = +length or -length; the current run
+     * is not yet stored (run_length). NULL = tracing off. */
+    int32_t *runs;
+    uint32_t runs_capacity, runs_count;
+    uint32_t run_length, runs_dropped;
 };
 
 struct site {
@@ -293,7 +298,17 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
     struct seg_stats *st = &fp->stats[site->seg == SEG_GS];
     st->accesses++;
     if (sign < 0) st->negative++; else st->positive++;
-    if (st->last_sign != 0 && st->last_sign != sign) st->sign_changes++;
+    if (st->last_sign != 0 && st->last_sign != sign) {
+        st->sign_changes++;
+        if (st->runs) {
+            if (st->runs_count < st->runs_capacity)
+                st->runs[st->runs_count++] = st->last_sign * (int32_t)st->run_length;
+            else
+                st->runs_dropped++;
+        }
+        st->run_length = 0;
+    }
+    st->run_length++;
     st->last_sign = sign;
     site->accesses++;
     if (sign < 0) site->negative++; else site->positive++;

@@ -73,6 +73,11 @@ class SegStats(ctypes.Structure):
         ("negative", ctypes.c_uint64),
         ("positive", ctypes.c_uint64),
         ("sign_changes", ctypes.c_uint64),
+        ("runs", ctypes.POINTER(ctypes.c_int32)),
+        ("runs_capacity", ctypes.c_uint32),
+        ("runs_count", ctypes.c_uint32),
+        ("run_length", ctypes.c_uint32),
+        ("runs_dropped", ctypes.c_uint32),
     ]
 
 
@@ -220,6 +225,25 @@ class Fastpath:
         lib.fp_reset_blocks(self.address)
         self.on_window_access = ctypes.cast(lib.fp_on_window_access, ctypes.c_void_p).value
         self.on_block = ctypes.cast(lib.fp_on_block, ctypes.c_void_p).value
+
+    def enable_sign_trace(self, capacity: int = 1 << 22) -> None:
+        """Record, per segment register, the lengths of runs of same-sign offsets."""
+        self._run_buffers = []
+        for st in self.header.stats:
+            buf = (ctypes.c_int32 * capacity)()
+            self._run_buffers.append(buf)
+            st.runs = ctypes.cast(buf, ctypes.POINTER(ctypes.c_int32))
+            st.runs_capacity = capacity
+
+    def sign_runs(self, index: int) -> tuple[list[int], int]:
+        """(runs as +len/-len including the current one, runs dropped for lack of room)."""
+        st = self.header.stats[index]
+        if not st.runs:
+            return [], 0
+        runs = list(st.runs[: st.runs_count])
+        if st.run_length:
+            runs.append(st.last_sign * st.run_length)
+        return runs, st.runs_dropped
 
     def set_aliases(self, regions: list[tuple[int, int]]) -> None:
         """Tell the hook where the alias regions are (sorted, non-overlapping)."""

@@ -169,7 +169,8 @@ class VCpu:
     therefore no segment enforcement at all, as in plain Unicorn).
     """
 
-    def __init__(self, checks: bool = True, count_instructions: bool = True, timeout_seconds: float = 0):
+    def __init__(self, checks: bool = True, count_instructions: bool = True, timeout_seconds: float = 0,
+                 trace_signs: bool = False):
         self.checks = checks
         self.count_instructions = count_instructions
         self.timeout_us = int(timeout_seconds * 1_000_000)
@@ -191,6 +192,10 @@ class VCpu:
         self._started = False
         self._setup_hypervisor_pages()
         self._setup_hooks()
+        if trace_signs:
+            if not checks:
+                raise ValueError("sign tracing needs checks=True (it is done by the access hook)")
+            self._fast.enable_sign_trace()
 
     # ------------------------------------------------------------ set-up
     def _setup_hypervisor_pages(self) -> None:
@@ -484,6 +489,10 @@ class VCpu:
             for name, st in zip(("fs", "gs"), self._fast.header.stats):
                 out[name] = SegmentCounters(st.accesses, st.negative, st.positive, st.sign_changes)
         return out
+
+    def sign_runs(self, segment: str = "gs") -> tuple[list[int], int]:
+        """Runs of same-sign %fs/%gs offsets in access order (+n: n non-negative, -n: n negative)."""
+        return self._fast.sign_runs(0 if segment == "fs" else 1)
 
     def site_counters(self) -> list[fastpath.SiteCounters]:
         return self._fast.sites() if self.checks else []

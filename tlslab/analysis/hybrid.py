@@ -1,0 +1,92 @@
+"""How well could *any* fault-driven policy do? Emulate vs flip vs the best hybrid.
+
+After a #GP on a truncated segment a hypervisor can emulate the access (the
+segment stays as it is, the next access of the same sign faults again) or flip
+the segment (this access and the following ones of the same sign run free,
+the next one of the other sign faults). Given the exact sequence of signs of
+the guest's %gs offsets (a run-length list from a native run) and the price
+of each action, dynamic programming over the two segment states gives the
+cheapest possible sequence of decisions -- an offline optimum no online policy
+can beat. Pure emulate, pure flip and an online predictor are priced on the
+same sequence; pure emulate and pure flip are also cross-checked against the
+trap counts those strategies really take.
+
+State "up" (truncated expand-up) admits offsets >= 0; "down" (expand-down)
+admits negative ones. Xen starts every segment "up".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PolicyCost:
+    policy: str
+    emulations: int
+    flips: int
+    cost_ns: float
+
+    @property
+    def faults(self) -> int:
+        return self.emulations + self.flips
+
+
+def pure_emulate(runs: list[int], emulate_ns: float, flip_ns: float) -> PolicyCost:
+    n = sum(-r for r in runs if r < 0)
+    return PolicyCost("emulate (always)", n, 0, n * emulate_ns)
+
+
+def pure_flip(runs: list[int], emulate_ns: float, flip_ns: float) -> PolicyCost:
+    flips, up = 0, True
+    for r in runs:
+        if (r > 0) != up:
+            flips += 1
+            up = r > 0
+    return PolicyCost("flip (always)", 0, flips, flips * flip_ns)
+
+
+def predictive(runs: list[int], emulate_ns: float, flip_ns: float) -> PolicyCost:
+    """Online: on a fault, flip iff the previous run of this sign was long enough to pay for it."""
+    last = {True: 1, False: 1}
+    up, emulations, flips = True, 0, 0
+    for r in runs:
+        positive = r > 0
+        length = abs(r)
+        if positive != up:
+            if last[positive] * emulate_ns > flip_ns:
+                flips += 1
+                up = positive
+            else:
+                emulations += length
+        last[positive] = length
+    return PolicyCost("predictive (online)", emulations, flips, emulations * emulate_ns + flips * flip_ns)
+
+
+def optimal(runs: list[int], emulate_ns: float, flip_ns: float) -> PolicyCost:
+    """Offline optimum over fault-driven decisions (one flip or all-emulate per wrong-state run)."""
+    inf = float("inf")
+    # state -> (cost, emulations, flips)
+    up, down = (0.0, 0, 0), (inf, 0, 0)
+    for r in runs:
+        length = abs(r)
+        if r > 0:
+            stay_up = up
+            flip_up = (down[0] + flip_ns, down[1], down[2] + 1)
+            new_up = min(stay_up, flip_up)
+            new_down = (down[0] + length * emulate_ns, down[1] + length, down[2])
+        else:
+            stay_down = down
+            flip_down = (up[0] + flip_ns, up[1], up[2] + 1)
+            new_down = min(stay_down, flip_down)
+            new_up = (up[0] + length * emulate_ns, up[1] + length, up[2])
+        up, down = new_up, new_down
+    best = min(up, down)
+    return PolicyCost("optimal hybrid (offline bound)", best[1], best[2], best[0])
+
+
+POLICIES = (pure_emulate, pure_flip, predictive, optimal)
+
+
+def compare(runs: list[int], emulate_ns: float, flip_ns: float) -> list[PolicyCost]:
+    return [policy(runs, emulate_ns, flip_ns) for policy in POLICIES]
