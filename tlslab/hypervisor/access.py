@@ -30,9 +30,11 @@ class AccessRefused(Exception):
 class GuestAccess:
     """Performs emulated accesses for one trap.
 
-    ``segments`` maps a segment register name to the descriptor the emulator
-    treats it as having (for fs/gs: what the guest asked for, not the truncated
-    copy); registers not listed are flat with base 0 (Linux user cs/ds/es/ss).
+    ``segments`` maps every segment register name to the descriptor the
+    emulator treats it as having (for TLS selectors: what the guest asked for,
+    not the truncated copy), or None for a null selector, which refuses any
+    access (#GP). An emulator must use the base of the register an access
+    really goes through -- %ss for the stack, %es for string destinations.
     """
 
     domain: "object"
@@ -41,13 +43,15 @@ class GuestAccess:
     accesses: int = 0
 
     def linear(self, segment: str, offset: int, size: int, write: bool) -> int:
-        desc = self.segments.get(segment)
-        base = 0
-        if desc is not None:
-            check = check_data_access(desc, offset, size, write)
-            if not check.allowed:
-                raise AccessRefused(f"{segment}:{offset:#x}: {check.message}")
-            base = desc.base
+        if segment not in self.segments:
+            raise AccessRefused(f"no descriptor for %{segment}")
+        desc = self.segments[segment]
+        if desc is None:
+            raise AccessRefused(f"%{segment} holds the null selector")
+        check = check_data_access(desc, offset, size, write)
+        if not check.allowed:
+            raise AccessRefused(f"{segment}:{offset:#x}: {check.message}")
+        base = desc.base
         linear = (base + offset) & 0xFFFFFFFF
         last = linear + size - 1
         if last > 0xFFFFFFFF or last >= self.hypervisor_start:

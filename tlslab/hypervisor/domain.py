@@ -23,6 +23,7 @@ from tlslab.machine.vcpu import Exit, ExitReason, VCpu
 from tlslab.x86.descriptor import SegmentDescriptor
 
 _DISASM = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
+FLAT_USER = SegmentDescriptor.flat_user_data(0)
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,9 @@ class Domain:
         return shaped
 
     def requested_descriptor(self, segment: str) -> SegmentDescriptor | None:
-        """What the guest asked for behind the descriptor fs/gs holds now."""
-        selector = self.vcpu.loaded.get(segment, 0)
-        if not selector:
+        """What the guest asked for behind the TLS descriptor a segment register holds now."""
+        selector = self.vcpu.regs.get(segment) & 0xFFFF
+        if selector < 4 or selector & 4 or layout.selector_index(selector) >= len(self.vcpu.descriptors):
             return None
         installed = self.vcpu.descriptors[layout.selector_index(selector)]
         if installed is None:
@@ -86,6 +87,20 @@ class Domain:
             if shaped.base == installed.base:
                 return requested
         return installed
+
+    def segment_view(self, segment: str) -> SegmentDescriptor | None:
+        """The descriptor an emulator applies to ``segment``; None: null selector (#GP).
+
+        TLS selectors give what the guest asked for (the emulator performs the
+        access the guest meant); Linux's flat user selectors give a flat
+        segment. The hypervisor hole is refused separately, whatever this says.
+        """
+        selector = self.vcpu.regs.get(segment) & 0xFFFF
+        if selector < 4:
+            return None
+        if selector in (layout.USER_DS, layout.USER_CS):
+            return FLAT_USER
+        return self.requested_descriptor(segment)
 
     def symbolize(self, eip: int) -> str:
         return self.process.symbolize(eip)

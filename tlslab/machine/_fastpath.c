@@ -28,8 +28,8 @@
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*mem_protect_fn)(void *uc, uint64_t address, size_t size, uint32_t perms);
-/* segment register an instruction at eip uses for its memory operand:
- * 4 = fs, 5 = gs, 0 = none of them (a plain access into the window region). */
+/* how the instruction at eip uses segments, packed 4 bits each (tlslab.x86.segusage):
+ * fs/gs prefix (0 none), read register, write register, second read register (15 none) */
 typedef int (*classify_site_fn)(uint32_t eip);
 /* 1 = allowed, 0 = segment violation */
 typedef int (*verdict_fn)(int slot, uint32_t generation, uint32_t offset, int size, int write);
@@ -69,9 +69,14 @@ struct seg_stats {
     uint32_t run_length, runs_dropped;
 };
 
+/* Segment registers, numbered as in x86 encodings. */
+enum { R_ES = 0, R_CS = 1, R_SS = 2, R_DS = 3, R_FS = 4, R_GS = 5, R_NONE = 15 };
+
 struct site {
     uint32_t eip;           /* 0 = empty slot */
-    int32_t seg;
+    int32_t seg;            /* the fs/gs prefix (SEG_FS / SEG_GS) or 0: for statistics */
+    uint8_t read_seg, write_seg, second_read_seg, stale;  /* register each access uses; stale: code patched */
+    uint32_t rmw;           /* the explicit operand is read then written: check the write at the read */
     uint64_t accesses, reads, writes, negative, positive, violations;
     uint32_t min_offset, max_offset;   /* as signed 32-bit, compared signed */
 };
@@ -86,7 +91,6 @@ struct exit_info {
     int32_t seg;
     uint32_t eip, offset, linear;
     int32_t size, write;
-    uint32_t protected_start, protected_size;  /* alias region to re-enable, size 0 = none */
 };
 
 struct alias_region { uint32_t start, size; };
@@ -96,7 +100,8 @@ struct fastpath {
     reg_read_fn reg_read;
     int32_t regid_eip;
     int32_t nwindows;
-    int32_t regid_fs, regid_gs;
+    int32_t regid_seg[6];             /* unicorn register ids of es, cs, ss, ds, fs, gs */
+    int32_t regid_esi, regid_edi;
     classify_site_fn classify_site;
     verdict_fn verdict;
     block_icount_fn block_icount;
@@ -104,6 +109,8 @@ struct fastpath {
     uint32_t cur_block_address, cur_block_size, cur_block_icount, pad;
     uint64_t verdict_misses, site_misses, block_misses;
     mem_protect_fn mem_protect;
+    uint32_t protected_start[8], protected_size[8];  /* regions stripped to refuse accesses */
+    int32_t nprotected, protect_overflow;
     uint32_t last_eip, last_linear;   /* read-modify-write: one access, two events */
     uint32_t hv_lo, hv_hi;            /* hypervisor pages (GDT): plain reads allowed */
     int32_t host_access, pad2;        /* set while Python makes Unicorn read the GDT */
@@ -146,13 +153,27 @@ static struct site *find_site(struct fastpath *fp, uint32_t eip)
     uint32_t i = mix32(eip) & (SITE_SLOTS - 1);
     for (uint32_t n = 0; n < SITE_SLOTS; n++, i = (i + 1) & (SITE_SLOTS - 1)) {
         struct site *s = &fp->sites[i];
-        if (s->eip == eip && s->seg != -1)
+        if (s->eip == eip && s->seg != -1) {
+            if (s->stale) {  /* the code was patched: ask again, keep the counters */
+                int usage = fp->classify_site(eip);
+                s->seg = usage & 15;
+                s->read_seg = (usage >> 4) & 15;
+                s->write_seg = (usage >> 8) & 15;
+                s->second_read_seg = (usage >> 12) & 15;
+                s->rmw = (usage >> 16) & 1;
+                s->stale = 0;
+            }
             return s;
+        }
         if (s->eip == 0 && s->seg == -1) {
             fp->site_misses++;
-            int seg = fp->classify_site(eip);
+            int usage = fp->classify_site(eip);
             s->eip = eip;
-            s->seg = seg;
+            s->seg = usage & 15;
+            s->read_seg = (usage >> 4) & 15;
+            s->write_seg = (usage >> 8) & 15;
+            s->second_read_seg = (usage >> 12) & 15;
+            s->rmw = (usage >> 16) & 1;
             s->min_offset = 0x7fffffff;
             s->max_offset = 0x80000000u;
             return s;
@@ -166,6 +187,17 @@ void fp_reset_sites(struct fastpath *fp)
     memset(fp->sites, 0, sizeof fp->sites);
     for (uint32_t i = 0; i < SITE_SLOTS; i++)
         fp->sites[i].seg = -1;
+}
+
+/* Code in [lo, hi) changed: sites whose instruction may overlap it are re-classified. */
+void fp_forget_sites(struct fastpath *fp, uint32_t lo, uint32_t hi)
+{
+    uint32_t from = lo > 15 ? lo - 15 : 0;
+    for (uint32_t i = 0; i < SITE_SLOTS; i++) {
+        struct site *s = &fp->sites[i];
+        if (s->seg != -1 && s->eip >= from && s->eip < hi)
+            s->stale = 1;
+    }
 }
 
 void fp_reset_verdicts(struct fastpath *fp)
@@ -200,12 +232,14 @@ static int lookup_verdict(struct fastpath *fp, int seg, uint32_t generation,
     return fp->verdict(seg, generation, offset, size, write);
 }
 
-/* Refuse the access in flight: strip the permissions of the alias region it hit. */
+/* Refuse the access in flight: strip the permissions of the region it hit.
+ * The first refusal of a run records the exit; later ones in the same
+ * translation block (possible after a store that Unicorn could not stop
+ * precisely) are refused too, but keep the first record. */
 static void refuse(struct fastpath *fp, void *uc, uint32_t linear, int kind)
 {
-    fp->exit.kind = kind;
-    fp->exit.protected_start = 0;
-    fp->exit.protected_size = 0;
+    if (fp->exit.kind == EXIT_NONE)
+        fp->exit.kind = kind;
     int lo = 0, hi = fp->nalias - 1;
     while (lo <= hi) {
         int mid = (lo + hi) / 2;
@@ -213,13 +247,37 @@ static void refuse(struct fastpath *fp, void *uc, uint32_t linear, int kind)
         if (linear < r->start) hi = mid - 1;
         else if (linear - r->start >= r->size) lo = mid + 1;
         else {
-            fp->exit.protected_start = r->start;
-            fp->exit.protected_size = r->size;
+            for (int k = 0; k < fp->nprotected; k++)
+                if (fp->protected_start[k] == r->start)
+                    return;  /* already stripped */
+            if (fp->nprotected < 8) {
+                fp->protected_start[fp->nprotected] = r->start;
+                fp->protected_size[fp->nprotected] = r->size;
+                fp->nprotected++;
+            } else {
+                fp->protect_overflow++;
+            }
             fp->mem_protect(uc, r->start, r->size, 0);
             return;
         }
     }
-    /* not an alias (a hypervisor page): nothing to strip; Python reports it */
+}
+
+/* The window a segment register's current selector points at, or NULL for a
+ * flat (or null) segment. */
+static struct window *window_of(struct fastpath *fp, void *uc, int reg, uint32_t *selector_out)
+{
+    uint32_t selector = 0;
+    fp->reg_read(uc, fp->regid_seg[reg], &selector);
+    selector &= 0xffff;
+    *selector_out = selector;
+    if (selector & 4)
+        return NULL;  /* LDT selectors: no windows (never reached: no LDT is set up) */
+    int slot = (int)(selector >> 3);
+    for (int k = 0; k < fp->nwindows; k++)
+        if (fp->windows[k].slot == slot && slot != 0)
+            return &fp->windows[k];
+    return NULL;
 }
 
 /* UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE over the window region. */
@@ -235,6 +293,11 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
         return;  /* the host (not the guest) is loading a segment register */
     fp->reg_read(uc, fp->regid_eip, &eip);
     struct site *site = find_site(fp, eip);
+    if (fp->exit.kind != EXIT_NONE) {
+        /* a refusal is pending in this block: refuse everything else too */
+        refuse(fp, uc, linear, fp->exit.kind);
+        return;
+    }
     fp->exit.eip = eip;
     fp->exit.size = size;
     fp->exit.write = write;
@@ -242,25 +305,26 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
         refuse(fp, uc, linear, EXIT_TABLE_FULL);
         return;
     }
-    struct window *w = NULL;
-    if (site->seg == SEG_FS || site->seg == SEG_GS) {
-        uint32_t selector = 0;
-        fp->reg_read(uc, site->seg == SEG_FS ? fp->regid_fs : fp->regid_gs, &selector);
-        int slot = (int)((selector & 0xffff) >> 3);
-        for (int k = 0; k < fp->nwindows; k++) {
-            if (fp->windows[k].slot == slot && slot != 0 && !(selector & 4)) {
-                w = &fp->windows[k];
-                break;
-            }
+    int reg = write ? site->write_seg : site->read_seg;
+    uint32_t selector = 0;
+    struct window *w = window_of(fp, uc, reg, &selector);
+    if (!write && site->second_read_seg != R_NONE) {
+        /* cmps: the first read is through `reg` at esi, the second through es at edi */
+        uint32_t esi = 0;
+        fp->reg_read(uc, fp->regid_esi, &esi);
+        uint32_t base = w ? w->base : 0;
+        if (linear - base != esi) {
+            reg = site->second_read_seg;
+            w = window_of(fp, uc, reg, &selector);
         }
     }
-    if (w == NULL && site->seg == 0 && !write && linear >= fp->hv_lo && linear < fp->hv_hi)
+    fp->exit.seg = reg;
+    if (w == NULL && !write && linear >= fp->hv_lo && linear < fp->hv_hi)
         return;  /* descriptor-table reads by the CPU itself (segment loads), or the guest
                   * reading its read-only GDT, as Xen maps it */
     if (w == NULL) {
-        /* not an fs/gs instruction: a plain access into the region above
+        /* a flat (or null) segment: a plain access into the region above
          * guest user space (guest kernel / hypervisor) */
-        fp->exit.seg = site->seg;
         fp->exit.linear = linear;
         fp->exit.offset = linear;
         refuse(fp, uc, linear, EXIT_KERNEL_ACCESS);
@@ -270,10 +334,16 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
      * offset is exact wherever in the hooked region the access landed. */
     uint32_t offset = linear - w->base;
     uint32_t real_linear = offset + w->real_base;
-    fp->exit.seg = site->seg;
     fp->exit.offset = offset;
     fp->exit.linear = real_linear;
     int allowed = lookup_verdict(fp, w->slot, w->generation, offset, size, write);
+    if (allowed && !write && site->rmw && reg == site->write_seg &&
+        !lookup_verdict(fp, w->slot, w->generation, offset, size, 1)) {
+        /* a read-modify-write through a segment it may not write: #GP now, at
+         * the read, where nothing of the instruction has happened yet */
+        allowed = 0;
+        fp->exit.write = 1;
+    }
     if (!allowed) {
         site->violations++;
         refuse(fp, uc, linear, EXIT_SEGMENT_VIOLATION);
@@ -291,11 +361,11 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
     fp->last_linear = linear;
     fp->last_was_read = !write;
     if (write) site->writes++; else site->reads++;
-    if (same_access)
-        return;
+    if (same_access || (reg != R_FS && reg != R_GS))
+        return;  /* statistics are about %fs/%gs accesses */
     int32_t soff = (int32_t)offset;
     int sign = soff < 0 ? -1 : 1;
-    struct seg_stats *st = &fp->stats[site->seg == SEG_GS];
+    struct seg_stats *st = &fp->stats[reg == R_GS];
     st->accesses++;
     if (sign < 0) st->negative++; else st->positive++;
     if (st->last_sign != 0 && st->last_sign != sign) {

@@ -21,7 +21,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 
 SOURCE = Path(__file__).with_name("_fastpath.c")
 
-SEG_NONE, SEG_FS, SEG_GS = 0, 4, 5
+SEG_NONE, SEG_FS, SEG_GS = 0, 4, 5  # x86 segment register numbers (es 0 .. gs 5)
 
 EXIT_NONE = 0
 EXIT_SEGMENT_VIOLATION = 1
@@ -49,8 +49,6 @@ class ExitInfo(ctypes.Structure):
         ("linear", ctypes.c_uint32),
         ("size", ctypes.c_int32),
         ("write", ctypes.c_int32),
-        ("protected_start", ctypes.c_uint32),
-        ("protected_size", ctypes.c_uint32),
     ]
 
 
@@ -85,6 +83,11 @@ class Site(ctypes.Structure):
     _fields_ = [
         ("eip", ctypes.c_uint32),
         ("seg", ctypes.c_int32),
+        ("read_seg", ctypes.c_uint8),
+        ("write_seg", ctypes.c_uint8),
+        ("second_read_seg", ctypes.c_uint8),
+        ("stale", ctypes.c_uint8),
+        ("rmw", ctypes.c_uint32),
         ("accesses", ctypes.c_uint64),
         ("reads", ctypes.c_uint64),
         ("writes", ctypes.c_uint64),
@@ -104,8 +107,9 @@ class FastpathHeader(ctypes.Structure):
         ("reg_read", ctypes.c_void_p),
         ("regid_eip", ctypes.c_int32),
         ("nwindows", ctypes.c_int32),
-        ("regid_fs", ctypes.c_int32),
-        ("regid_gs", ctypes.c_int32),
+        ("regid_seg", ctypes.c_int32 * 6),
+        ("regid_esi", ctypes.c_int32),
+        ("regid_edi", ctypes.c_int32),
         ("classify_site", ctypes.c_void_p),
         ("verdict", ctypes.c_void_p),
         ("block_icount", ctypes.c_void_p),
@@ -118,6 +122,10 @@ class FastpathHeader(ctypes.Structure):
         ("site_misses", ctypes.c_uint64),
         ("block_misses", ctypes.c_uint64),
         ("mem_protect", ctypes.c_void_p),
+        ("protected_start", ctypes.c_uint32 * 8),
+        ("protected_size", ctypes.c_uint32 * 8),
+        ("nprotected", ctypes.c_int32),
+        ("protect_overflow", ctypes.c_int32),
         ("last_eip", ctypes.c_uint32),
         ("last_linear", ctypes.c_uint32),
         ("hv_lo", ctypes.c_uint32),
@@ -171,6 +179,8 @@ def load_library() -> ctypes.CDLL:
     if _LIB is None:
         lib = ctypes.CDLL(str(build_library()))
         lib.fp_sizeof.restype = ctypes.c_size_t
+        lib.fp_forget_sites.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
+        lib.fp_forget_sites.restype = None
         lib.fp_set_aliases.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         lib.fp_set_aliases.restype = ctypes.c_int
         for name in ("fp_reset_sites", "fp_reset_verdicts", "fp_reset_blocks"):
@@ -253,6 +263,9 @@ class Fastpath:
         if self.lib.fp_set_aliases(self.address, starts, sizes, n) != 0:
             raise MemoryError(f"too many guest regions for the fast path ({n})")
 
+    def forget_sites(self, lo: int, hi: int) -> None:
+        self.lib.fp_forget_sites(self.address, lo, hi)
+
     def reset_verdicts(self) -> None:
         self.lib.fp_reset_verdicts(self.address)
 
@@ -269,8 +282,17 @@ class Fastpath:
         copy = ExitInfo()
         ctypes.pointer(copy)[0] = e
         e.kind = EXIT_NONE
-        e.protected_size = 0
         return copy
+
+    def take_protected(self) -> list[tuple[int, int]]:
+        """Regions the hook stripped of permissions since the last call (to give back)."""
+        h = self.header
+        regions = [(h.protected_start[k], h.protected_size[k]) for k in range(h.nprotected)]
+        h.nprotected = 0
+        if h.protect_overflow:
+            h.protect_overflow = 0
+            raise RuntimeError("more than 8 regions refused in one block: cannot restore them")
+        return regions
 
     def sites(self) -> list[SiteCounters]:
         names = {SEG_FS: "fs", SEG_GS: "gs"}

@@ -48,8 +48,10 @@ from unicorn.unicorn_py3.unicorn import uclib
 
 from tlslab.machine import fastpath, layout
 from tlslab.machine.memory import GuestMemory
+from tlslab.x86.decode import decode
 from tlslab.x86.descriptor import SegmentDescriptor
 from tlslab.x86.segcheck import check_data_access
+from tlslab.x86.segusage import SEGMENT_NAMES, SEGMENT_NUMBERS, SegmentUsage, segment_usage
 
 REGISTER_IDS = {
     "eax": X.UC_X86_REG_EAX, "ebx": X.UC_X86_REG_EBX, "ecx": X.UC_X86_REG_ECX,
@@ -147,6 +149,7 @@ class _RawRegisters:
         self._batch_vals = (ctypes.c_uint32 * n)()
         self._batch_ptrs = (ctypes.c_void_p * n)(*(ctypes.addressof(self._batch_vals) + 4 * i for i in range(n)))
         self._read_batch = uclib.uc_reg_read_batch
+        self.fastpath_header = None  # set by VCpu when the access hook is installed
 
     def get(self, name: str) -> int:
         self._read(self._handle, REGISTER_IDS[name], self._ref)
@@ -154,6 +157,15 @@ class _RawRegisters:
 
     def set(self, name: str, value: int) -> None:
         self._value.value = value & 0xFFFFFFFF
+        if name in SEGMENT_NUMBERS and self.fastpath_header is not None:
+            # loading a segment register makes the CPU read the GDT: that is
+            # the host's doing, not a guest access for the hook to judge
+            self.fastpath_header.host_access = 1
+            try:
+                self._write(self._handle, REGISTER_IDS[name], self._ref)
+            finally:
+                self.fastpath_header.host_access = 0
+            return
         self._write(self._handle, REGISTER_IDS[name], self._ref)
 
     def syscall_registers(self) -> tuple[int, ...]:
@@ -185,7 +197,7 @@ class VCpu:
         self._disasm = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
         self._pending: Exit | None = None
         self._unmapped: tuple[int, int, bool, bool] | None = None
-        self._site_segment: dict[int, int] = {}
+        self._site_usage: dict[int, SegmentUsage] = {}
         self._not_retired: dict[tuple[int, int, int], int] = {}
         self.decoded: dict[int, object] = {}  # eip -> decoded instruction, for strategies; cleared on code patches
         self._views: dict[tuple[SegmentDescriptor, int], bytes] = {}
@@ -230,9 +242,13 @@ class VCpu:
             if err:
                 raise UcError(err)
             h = self._fast.header
-            h.regid_fs, h.regid_gs = X.UC_X86_REG_FS, X.UC_X86_REG_GS
-            h.hv_lo = layout.HYPERVISOR_PAGES
-            h.hv_hi = layout.HYPERVISOR_PAGES + layout.HYPERVISOR_PAGES_SIZE
+            for name, number in SEGMENT_NUMBERS.items():
+                h.regid_seg[number] = REGISTER_IDS[name]
+            h.regid_esi, h.regid_edi = X.UC_X86_REG_ESI, X.UC_X86_REG_EDI
+            # plain reads allowed above user space: the GDT page only (Xen maps it read-only)
+            h.hv_lo = layout.GDT_BASE
+            h.hv_hi = layout.GDT_BASE + layout.PAGE_SIZE
+            self.regs.fastpath_header = h
             self._fast.set_aliases(self._refusable_regions())
             h.nwindows = len(layout.SLOT_WINDOW_SHIFT)
             for k, (slot, shift) in enumerate(layout.SLOT_WINDOW_SHIFT.items()):
@@ -261,19 +277,24 @@ class VCpu:
 
     # ------------------------------------------------------- fast-path callbacks
     def _classify_site(self, eip: int) -> int:
-        """Which of fs/gs the instruction at ``eip`` uses for memory (prefix scan)."""
-        seg = 0
-        try:
-            code = self.mem.read(eip, 15) if self.mem.is_mapped(eip, 15) else self.uc.mem_read(eip, 15)
-        except Exception:
-            return 0
-        for b in code:
-            if b not in LEGACY_PREFIXES:
-                break
-            if b in SEGMENT_PREFIX:
-                seg = SEGMENT_PREFIX[b] or 0
-        self._site_segment[eip] = seg
-        return seg
+        """Which segment register each access of the instruction at ``eip`` uses (packed)."""
+        return self.segment_usage(eip).pack()
+
+    def segment_usage(self, eip: int) -> SegmentUsage:
+        usage = self._site_usage.get(eip)
+        if usage is None:
+            try:
+                code = self.mem.read(eip, 15) if self.mem.is_mapped(eip, 15) else bytes(self.uc.mem_read(eip, 15))
+            except Exception:
+                code = b""
+            prefix = None
+            for b in code:
+                if b not in LEGACY_PREFIXES:
+                    break
+                if b in SEGMENT_PREFIX:
+                    prefix = SEGMENT_REGISTER_IDS.get(SEGMENT_PREFIX[b] or 0)
+            usage = self._site_usage[eip] = segment_usage(decode(code, eip), prefix)
+        return usage
 
     def _verdict(self, slot: int, generation: int, offset: int, size: int, write: int) -> int:
         desc = self._by_generation[generation]
@@ -382,7 +403,14 @@ class VCpu:
         uc.reg_write(X.UC_X86_REG_SS, layout.KERNEL_DS)
         uc.reg_write(X.UC_X86_REG_DS, layout.USER_DS)
         uc.reg_write(X.UC_X86_REG_ES, layout.USER_DS)
-        uc.emu_start(layout.ENTRY_STUB, eip, count=1)
+        header = self._fast.header if self._fast is not None else None
+        if header is not None:
+            header.host_access = 1  # the entry stub's iret reads hypervisor pages
+        try:
+            uc.emu_start(layout.ENTRY_STUB, eip, count=1)
+        finally:
+            if header is not None:
+                header.host_access = 0
         if self.regs.get("cs") != layout.USER_CS or self.regs.get("eip") != eip:
             raise RuntimeError("could not enter ring 3")
         self._started = True
@@ -404,12 +432,20 @@ class VCpu:
         stop_eip = self.regs.get("eip")
 
         fast_exit = self._fast.take_exit() if self.checks else None
-        if fast_exit is not None and fast_exit.protected_size:
-            if fast_exit.protected_start == layout.HYPERVISOR_PAGES:
-                self.uc.mem_protect(layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE, UC_PROT_ALL)
-            else:
-                self.mem.restore_alias(fast_exit.protected_start)
+        if self.checks:
+            for start, _size in self._fast.take_protected():
+                if start == layout.HYPERVISOR_PAGES:
+                    self.uc.mem_protect(layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE, UC_PROT_ALL)
+                else:
+                    self.mem.restore_alias(start)
         if fast_exit is not None and error in (UC_ERR_READ_PROT, UC_ERR_WRITE_PROT):
+            if stop_eip != fast_exit.eip:
+                # Unicorn could not stop this store before the instruction completed
+                # (helper-implemented stores such as cmpxchg8b): never resume from it
+                self.counters.exceptions += 1
+                return Exit(ExitReason.EXCEPTION, fast_exit.eip,
+                            message=f"access refused at {fast_exit.eip:#010x} but the instruction could not be "
+                            f"stopped before it completed (stopped at {stop_eip:#010x}); run abandoned")
             self._uncount_rest_of_block(stop_eip)
             return self._exit_from_fastpath(fast_exit)
         if error in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT):
@@ -441,9 +477,9 @@ class VCpu:
         self.counters.instructions = h.instructions
 
     def _exit_from_fastpath(self, e) -> Exit:
-        seg_name = SEGMENT_REGISTER_IDS.get(e.seg)
+        seg_name = SEGMENT_NAMES.get(e.seg, "ds")
         if e.kind == fastpath.EXIT_SEGMENT_VIOLATION:
-            selector = self.loaded[seg_name]
+            selector = self.regs.get(seg_name) & 0xFFFF
             desc = self.descriptors[layout.selector_index(selector)]
             check = check_data_access(desc, e.offset, e.size, bool(e.write))
             v = SegmentViolation(e.eip, seg_name, selector, e.offset, e.size, bool(e.write), e.linear, desc,
@@ -452,33 +488,59 @@ class VCpu:
             return Exit(ExitReason.SEGMENT_VIOLATION, e.eip, violation=v)
         if e.kind in (fastpath.EXIT_PAGE_FAULT, fastpath.EXIT_KERNEL_ACCESS):
             self.counters.page_faults += 1
-            pf = PageFault(e.eip, e.linear, e.size, bool(e.write), via_segment=seg_name if e.kind == fastpath.EXIT_PAGE_FAULT else None)
+            pf = PageFault(e.eip, e.linear, e.size, bool(e.write), via_segment=seg_name)
             where = "outside guest user space" if e.linear >= layout.USER_TOP else "unmapped"
             return Exit(ExitReason.PAGE_FAULT, e.eip, page_fault=pf, message=f"access to {e.linear:#010x} ({where})")
         return Exit(ExitReason.EXCEPTION, e.eip, message="fast-path site table full")
+
+    def _unicorn_base(self, seg: str) -> int:
+        """The base Unicorn uses for ``seg`` now (shifted into a window for TLS slots)."""
+        selector = self.regs.get(seg) & 0xFFFF
+        index = layout.selector_index(selector)
+        if selector & 4 or selector < 4 or index >= len(self.descriptors) or self.descriptors[index] is None:
+            return 0
+        shift = layout.SLOT_WINDOW_SHIFT.get(index, 0) if self.checks else 0
+        return (self.descriptors[index].base + shift) & 0xFFFFFFFF
+
+    def _access_segment(self, usage: SegmentUsage, address: int, write: bool) -> str:
+        """The segment register an access at Unicorn ``address`` went through (as the C hook decides)."""
+        if write:
+            return usage.write
+        if usage.second_read and (address - self._unicorn_base(usage.read)) & 0xFFFFFFFF != self.regs.get("esi"):
+            return usage.second_read  # cmps: not the esi operand, so the es:[edi] one
+        return usage.read
 
     def _exit_from_unmapped(self, eip: int, error: int) -> Exit:
         self.counters.page_faults += 1
         address, size, write, _ = self._unmapped or (eip, 1, False, True)
         fetch = error in (UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT)
-        seg = None if fetch else self._site_segment.get(eip, self._classify_site(eip))
-        linear = address
-        if seg and self.checks:
-            # through a window: translate back to the guest's own address, and
-            # let the segment check take precedence as it does on x86
-            reg = SEGMENT_REGISTER_IDS[seg]
-            selector = self.loaded[reg]
-            desc = self.descriptors[layout.selector_index(selector)]
-            window_base = (desc.base + layout.SLOT_WINDOW_SHIFT.get(layout.selector_index(selector), 0)) & 0xFFFFFFFF
-            offset = (address - window_base) & 0xFFFFFFFF
-            linear = (desc.base + offset) & 0xFFFFFFFF
-            check = check_data_access(desc, offset, size, write)
-            if not check.allowed:
+        linear, seg = address, None
+        if not fetch:
+            usage = self.segment_usage(eip)
+            seg = self._access_segment(usage, address, write)
+            if usage.read_modify_write and seg == usage.write:
+                write = True  # the write permission is checked at the read, as the CPU does
+            selector = self.regs.get(seg) & 0xFFFF
+            index = layout.selector_index(selector)
+            desc = self.descriptors[index] if not selector & 4 and index < len(self.descriptors) else None
+            if seg in ("fs", "gs") and selector < 4:
                 self.counters.page_faults -= 1
-                self.counters.violations[reg] = self.counters.violations.get(reg, 0) + 1
-                v = SegmentViolation(eip, reg, selector, offset, size, write, linear, desc, check.message)
-                return Exit(ExitReason.SEGMENT_VIOLATION, eip, violation=v)
-        pf = PageFault(eip, linear, size, write, fetch=fetch, via_segment=SEGMENT_REGISTER_IDS.get(seg) if seg else None)
+                self.counters.exceptions += 1
+                return Exit(ExitReason.EXCEPTION, eip, vector=13,
+                            message=f"#GP: memory access through %{seg} holding the null selector")
+            if desc is not None and self.checks and index in layout.SLOT_WINDOW_SHIFT:
+                # through a window: translate back to the guest's own address, and
+                # let the segment check take precedence as it does on x86
+                window_base = (desc.base + layout.SLOT_WINDOW_SHIFT[index]) & 0xFFFFFFFF
+                offset = (address - window_base) & 0xFFFFFFFF
+                linear = (desc.base + offset) & 0xFFFFFFFF
+                check = check_data_access(desc, offset, size, write)
+                if not check.allowed:
+                    self.counters.page_faults -= 1
+                    self.counters.violations[seg] = self.counters.violations.get(seg, 0) + 1
+                    v = SegmentViolation(eip, seg, selector, offset, size, write, linear, desc, check.message)
+                    return Exit(ExitReason.SEGMENT_VIOLATION, eip, violation=v)
+        pf = PageFault(eip, linear, size, write, fetch=fetch, via_segment=seg)
         kind = "instruction fetch from" if fetch else ("write to" if write else "read from")
         return Exit(ExitReason.PAGE_FAULT, eip, page_fault=pf, message=f"{kind} unmapped {linear:#010x}")
 
@@ -508,5 +570,9 @@ class VCpu:
         self.uc.ctl_remove_cache(address, address + size)
         self._not_retired.clear()
         self.decoded.clear()
+        for eip in [e for e in self._site_usage if address - 15 <= e < address + size]:
+            del self._site_usage[eip]
         if self._fast is not None:
             self._fast.reset_blocks()
+            if self.checks:
+                self._fast.forget_sites(address, address + size)

@@ -60,8 +60,7 @@ class EmulateStrategy(Strategy):
             c.refused += 1
             c.count("uncovered")
             return Verdict.kill(f"{self.name} does not handle `{insn.mnemonic}`: {why}")
-        segments = {name: domain.requested_descriptor(name) for name in ("fs", "gs")}
-        segments = {k: d for k, d in segments.items() if d is not None}
+        segments = {name: domain.segment_view(name) for name in ("es", "cs", "ss", "ds", "fs", "gs")}
         access = GuestAccess(domain, segments, domain.policy.hypervisor_start)
         cpu = EmulatedCPU(domain, access)
         try:
