@@ -247,9 +247,7 @@ def apply_file(patch_set_path: str | os.PathLike, binary: str | os.PathLike, out
         data = Path(binary).read_bytes()
     except OSError as exc:
         raise PatchError(f"{binary}: {exc.strerror or exc}") from None
-    if ps.binary_sha256 and hashlib.sha256(data).hexdigest() != ps.binary_sha256:
-        # not fatal on its own: the old-bytes check decides, but say so if it fails
-        pass
+    # the old-bytes check decides whether the set fits (binary_sha256 is informational)
     out = apply_to_binary(ps, data)
     tmp = Path(str(output) + ".tmp")
     tmp.write_bytes(out)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from tlslab.linux import nodes as N
 from tlslab.linux.elf import ElfImage, load_elf
 from tlslab.linux.files import O_RDONLY, O_WRONLY, FdTable, OpenFile
+from tlslab.linux.pagecache import PageCache
 from tlslab.linux.stack import InitialStack, StackSpec, build_stack
 from tlslab.linux.syscalls import SyscallCounters, dispatch, syscall_name
 from tlslab.linux.syscalls_proc import ProcessExit, TlsInstall
@@ -99,6 +100,9 @@ class Process:
         self.counters = ProcessCounters()
         self.tls_events: list[TlsInstall] = []
         self.tls_requested: dict[int, SegmentDescriptor | None] = {}
+        # called as hook(index, requested, installed) after every set_thread_area (hypervisor ABIs)
+        self.tls_hooks: list[Callable] = []
+        self.page_cache = PageCache()  # which code pages are file pages (binary-rewriting hazards)
         self.sigactions: dict[int, bytes] = {}
         self.sigmask = 0
         self.rlimits: dict[int, tuple[int, int]] = {}
@@ -125,6 +129,10 @@ class Process:
 
         link.magic._source = source
         link.magic._size = os.path.getsize(path) if os.path.exists(path) else 0
+
+    def exe_node(self) -> N.File:
+        """The file node the executable is read from (/proc/self/exe)."""
+        return self.vfs.root.hidden[b"proc"].entries[b"self"].entries[b"exe"].magic
 
     def _stream(self, fd: int, kind: str) -> N.Device:
         buf = self.stdout if fd == 1 else self.stderr
@@ -158,6 +166,7 @@ class Process:
         """Map the ELF, build the stack, and enter ring 3 at the entry point."""
         mem = self.mem
         self.image = image = load_elf(mem, self.path)
+        self.page_cache.map_file(self.exe_node(), image.segments)
         self.brk_start = self.brk = image.brk_start
         stack_prot = PROT_READ | PROT_WRITE | (PROT_EXEC if image.exec_stack else 0)
         mem.map(layout.STACK_TOP - layout.STACK_SIZE, layout.STACK_SIZE, stack_prot, "[stack]")

@@ -168,6 +168,7 @@ def _read(p, f: OpenFile, n: int, offset: int | None = None) -> bytes:
         raise SyscallError(E.EISDIR)
     if isinstance(node, N.File):
         data = node.read_at(f.offset if offset is None else offset, n)
+        data = p.page_cache.overlay(node, f.offset if offset is None else offset, data)
         if offset is None:
             f.offset += len(data)
         return data
@@ -182,9 +183,11 @@ def _write(p, f: OpenFile, data: bytes, offset: int | None = None) -> int:
     node = f.node
     if isinstance(node, N.File):
         if offset is not None:
+            p.page_cache.check_write(f.path, offset, data)
             return node.write_at(offset, data)
         if f.flags & O_APPEND:
             f.offset = node.size
+        p.page_cache.check_write(f.path, f.offset, data)
         n = node.write_at(f.offset, data)
         f.offset += n
         return n

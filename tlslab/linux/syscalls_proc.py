@@ -390,6 +390,8 @@ def sys_set_thread_area(p, u_info):
     p.vcpu.set_descriptor(index, installed)
     p.tls_requested[index] = requested
     p.tls_events.append(TlsInstall(p.vcpu.counters.instructions, index, requested, installed, ud))
+    for hook in p.tls_hooks:
+        hook(index, requested, installed)
     return 0
 
 

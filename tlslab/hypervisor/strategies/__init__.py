@@ -6,10 +6,13 @@ from tlslab.hypervisor.strategies.base import Action, Strategy, StrategyCounters
 from tlslab.hypervisor.strategies.emulate import Emulate2004Strategy, EmulateStrategy
 from tlslab.hypervisor.strategies.flip import FlipFsStrategy, FlipFullStrategy, FlipStrategy
 from tlslab.hypervisor.strategies.native import NativeStrategy
+from tlslab.hypervisor.strategies.rewrite import RewriteStrategy
+from tlslab.hypervisor.strategies.rewrite2004 import Rewrite2004Strategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (NativeStrategy, EmulateStrategy, Emulate2004Strategy, FlipStrategy, FlipFullStrategy, FlipFsStrategy)
+    for cls in (NativeStrategy, EmulateStrategy, Emulate2004Strategy, FlipStrategy, FlipFullStrategy, FlipFsStrategy,
+                RewriteStrategy, Rewrite2004Strategy)
 }
 
 

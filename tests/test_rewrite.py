@@ -1,0 +1,113 @@
+"""rewrite (Jakub's 65 -> 64 prefix rewrite) on real guests."""
+
+from __future__ import annotations
+
+import pytest
+
+from tlslab.experiment import RunSpec, execute, make_domain
+from tlslab.hypervisor.strategies import STRATEGIES, get_strategy
+from tlslab.hypervisor.strategies.rewrite import FS_SELECTOR, FS_SLOT
+from tlslab.machine import layout
+
+# guests whose output must be identical to native (selfread/prelink/fs-user are hazards: test_hazards)
+PLAIN = ["lsr", "canary", "malloc", "stdio", "syscalls"]
+
+
+@pytest.fixture(scope="module")
+def native():
+    cache = {}
+
+    def get(guest, args=(), variant="default"):
+        key = (guest, args, variant)
+        if key not in cache:
+            cache[key] = execute(RunSpec(guest, args=args, strategy="native", variant=variant))[0]
+        return cache[key]
+    return get
+
+
+def test_registered():
+    assert "rewrite" in STRATEGIES and get_strategy("rewrite").truncates
+
+
+@pytest.mark.parametrize("guest", PLAIN)
+def test_output_identical_and_one_trap_per_site(guest, native):
+    d, _ = make_domain(RunSpec(guest, strategy="rewrite"))
+    r = d.run()
+    nat = native(guest)
+    assert r.ok, r.crash
+    assert (r.status, r.stdout) == (nat.status, nat.stdout)
+    c = r.counters["strategy"]
+    # every trap patched its site; each site trapped once
+    assert c["traps"] == c["patches"] == c["decodes"] == len(d.strategy.patched) > 0
+    assert c["refused"] == 0
+    assert c["by_kind"] == {"fs-twin-installed": 1}
+    assert c["descriptor_writes"] == 1
+    # %gs was never flipped: it is still the truncated expand-up descriptor
+    gs = d.vcpu.descriptors[layout.selector_index(d.vcpu.loaded["gs"])]
+    assert not gs.expand_down
+    assert d.vcpu.loaded["fs"] == FS_SELECTOR
+    twin = d.vcpu.descriptors[FS_SLOT]
+    assert twin.expand_down and twin.base == gs.base
+    for prefix in d.strategy.patched.values():
+        assert d.vcpu.mem.read(prefix, 1) == b"\x64"
+
+
+def test_lsr_traps_equal_distinct_faulting_sites():
+    """The emulate run's distinct -ve faulting sites are exactly the sites rewrite patches."""
+    emu, _ = execute(RunSpec("lsr", strategy="emulate"))
+    faulting = {s["eip"] for s in emu.sites if s["violations"]}
+    d, _ = make_domain(RunSpec("lsr", strategy="rewrite"))
+    r = d.run()
+    assert set(d.strategy.patched) == faulting
+    assert r.counters["strategy"]["traps"] == len(faulting)
+    assert emu.counters["strategy"]["traps"] > 20 * len(faulting)
+
+
+def test_patched_sites_run_through_fs():
+    d, _ = make_domain(RunSpec("lsr", strategy="rewrite"))
+    r = d.run()
+    fs = r.counters["segments"]["fs"]
+    assert fs["accesses"] > 1000 and fs["positive"] == 0   # only -ve accesses go through %fs
+    assert r.counters["violations"] == {"gs": len(d.strategy.patched)}
+
+
+def test_patch_policy_none_is_flip():
+    d, _ = make_domain(RunSpec("lsr", strategy="rewrite"))
+    d.strategy.patch_policy = "none"
+    r = d.run()
+    flip, _ = execute(RunSpec("lsr", strategy="flip"))
+    c = r.counters["strategy"]
+    assert r.ok and r.stdout == flip.stdout
+    assert c["patches"] == 0 and c["traps"] == flip.counters["strategy"]["traps"]
+
+
+def test_nosegneg_variant(native):
+    d, _ = make_domain(RunSpec("lsr", strategy="rewrite", variant="nosegneg"))
+    r = d.run()
+    assert r.ok and r.stdout == native("lsr", variant="nosegneg").stdout
+    assert 0 < r.counters["strategy"]["patches"] == r.counters["strategy"]["traps"]
+
+
+def test_mixed_site_is_unpatched_and_flips(native):
+    """A rewritten site that meets a +ve offset is restored (64 -> 65) and is flipped from then on."""
+    d, _ = make_domain(RunSpec("lsr", strategy="rewrite"))
+    s = d.strategy
+    real = s._try_patch
+    victim = {}
+
+    def patch_then_unpatch_first(domain, v, insn):
+        why = real(domain, v, insn)
+        if why is None and not victim:
+            victim["eip"] = v.eip
+            s._unpatch(domain, v.eip)   # what a %fs fault at a patched site does
+        return why
+
+    s._try_patch = patch_then_unpatch_first
+    r = d.run()
+    assert r.ok and r.stdout == native("lsr").stdout
+    eip = victim["eip"]
+    assert eip in s.mixed and eip not in s.patched
+    unpatch = [p for p in s.patch_set.patches if p.kind == "unpatch"]
+    assert len(unpatch) == 1 and unpatch[0].old == "64" and unpatch[0].new == "65"
+    assert d.vcpu.mem.read(unpatch[0].address, 1) == b"\x65"
+    assert r.counters["strategy"]["by_kind"].get("flip-to-expand-down", 0) > 0

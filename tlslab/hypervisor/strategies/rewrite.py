@@ -1,0 +1,253 @@
+"""rewrite: Jakub Jelinek's in-place prefix rewrite (65 -> 64), 2004 proposal.
+
+Idea (BRIEF section 1, option 3): give ``%fs`` the same base as ``%gs`` but a
+descriptor that admits the *negative* side, keep ``%gs`` the truncated
+expand-up segment (+ve offsets never fault), and on the first #GP at a site
+with a negative ``%gs`` offset rewrite that instruction's 0x65 (gs) prefix to
+0x64 (fs). The site never faults again: one trap per distinct -ve site, then
+none. Every rewrite is a :class:`tlslab.hypervisor.patches.Patch`.
+
+The fs-twin ABI (:class:`FsTwinABI`), which a statically rewritten binary
+needs too: when the guest installs its first flat 4 GiB TLS descriptor
+(glibc's TCB) with set_thread_area, the hypervisor installs in GDT TLS slot 7
+the *expand-down twin* of the installed (truncated) descriptor -- the
+descriptor Xen's flip would produce: same base, limit ``-(base & PAGE_MASK)``,
+covering everything below the base -- or, without truncation (``native``), an
+exact copy; and loads ``%fs`` with selector 0x3b. ``%fs`` then belongs to the
+hypervisor.
+
+Hazard: a guest that uses ``%fs`` itself (fs-user). The ABI notices (a) a
+guest set_thread_area into slot 7, (b) ``%fs`` holding a selector other than
+0x3b at any trap, (c) ``%fs`` already loaded when the TCB is installed. From
+then on the strategy *refuses*: the next trap kills the guest with the reason
+("rewrite refuses: guest uses %fs itself ..."). Rewritten sites executed while
+the guest's own segment is in ``%fs`` address the guest's segment: they fault
+on %fs (caught, killed with that reason) or silently access the wrong memory.
+
+Fallbacks, all counted in ``by_kind``: a site whose rewritten form meets a
++ve offset (it serves both signs) is un-patched (64 -> 65) and marked mixed;
+a -ve fault at a mixed site, at a site the patch policy excludes, or when no
+twin could be installed is fixed by flipping %gs (Xen seg_fixup), and a +ve
+fault on a flipped %gs flips it back.
+
+Patch policy (``patch_policy``): ``exe`` (default) patches only code in the
+guest executable's file-backed PT_LOAD mapping -- our analogue of XenLinux's
+"only files under /lib/tls with no writable shared mapping"; ``all`` any
+executable mapping; ``none`` never (pure flip). Page sharing
+(``page_sharing``): ``shared`` (default: patches land in the page-cache page
+of the executable, as XenLinux patched /lib/tls) or ``private`` (copy-on-write
+first); see :mod:`tlslab.linux.pagecache`.
+"""
+
+from __future__ import annotations
+
+from tlslab.hypervisor import patches as P
+from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict
+from tlslab.hypervisor.strategies.emulate import fetch_and_decode
+from tlslab.machine import layout
+from tlslab.machine.memory import PROT_EXEC
+from tlslab.x86 import xen
+from tlslab.x86.decode import DecodeError
+
+FS_SLOT = 7
+FS_SELECTOR = (FS_SLOT << 3) | 3  # 0x3b
+PATCH_POLICIES = ("exe", "all", "none")
+PAGE_SHARING = ("shared", "private")
+_SEGMENT_PREFIXES = {0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65}
+
+
+def _is_flat_tcb(desc) -> bool:
+    """glibc's TCB request: present 32-bit page-granular expand-up data, limit 0xFFFFF."""
+    return (desc is not None and desc.present and desc.is_data and desc.db and desc.granularity
+            and not desc.expand_down and desc.limit == 0xFFFFF)
+
+
+class FsTwinABI:
+    """Installs and guards the %fs twin of glibc's %gs (see the module docstring)."""
+
+    abi_name = f"fs-twin: GDT TLS slot {FS_SLOT}, %fs = {FS_SELECTOR:#x}, expand-down twin of the TCB descriptor"
+
+    def __init__(self, counters=None):
+        self.counters = counters
+        self.domain = None
+        self.twin = None
+        self.installed = False
+        self.conflict: str | None = None
+
+    def attach(self, domain) -> "FsTwinABI":
+        self.domain = domain
+        domain.process.tls_hooks.append(self._on_set_thread_area)
+        return self
+
+    def _twin_of(self, installed):
+        d = self.domain
+        if not d.policy.truncating:
+            return installed
+        return xen.flip(installed, 0xFFFFFFFC, d.policy.profile, size=4)
+
+    def _on_set_thread_area(self, index: int, requested, installed) -> None:
+        if index == FS_SLOT:
+            if self.installed or self.conflict is None:
+                self.conflict = (f"guest installed its own descriptor in GDT TLS slot {FS_SLOT} "
+                                 f"(the %fs slot of the rewrite ABI)")
+            return
+        if not self.installed and self.conflict is None and _is_flat_tcb(requested) and installed is not None:
+            self.install(installed)
+
+    def install(self, gs_installed) -> bool:
+        """Install the twin of ``gs_installed`` in slot 7 and load %fs; False (conflict set) if impossible."""
+        vcpu = self.domain.vcpu
+        fs = vcpu.loaded["fs"]
+        if fs and fs != FS_SELECTOR:
+            self.conflict = f"guest already holds selector {fs:#x} in %fs"
+            return False
+        if vcpu.descriptors[FS_SLOT] is not None and not self.installed:
+            self.conflict = f"GDT TLS slot {FS_SLOT} is already in use by the guest"
+            return False
+        twin = self._twin_of(gs_installed)
+        if twin is None:
+            self.conflict = "no expand-down twin exists for the %gs descriptor"
+            return False
+        vcpu.set_descriptor(FS_SLOT, twin)
+        vcpu.regs.set("fs", FS_SELECTOR)
+        self.twin, self.installed = twin, True
+        if self.counters is not None:
+            self.counters.descriptor_writes += 1
+            self.counters.count("fs-twin-installed")
+        return True
+
+    def check(self) -> str | None:
+        """Why %fs no longer belongs to the ABI (None: it does)."""
+        if self.conflict:
+            return self.conflict
+        if self.installed:
+            fs = self.domain.vcpu.loaded["fs"]
+            if fs != FS_SELECTOR:
+                self.conflict = f"guest loaded selector {fs:#x} into %fs (the ABI's is {FS_SELECTOR:#x})"
+            elif self.domain.vcpu.descriptors[FS_SLOT] != self.twin:
+                self.conflict = f"GDT TLS slot {FS_SLOT} no longer holds the %fs twin"
+        return self.conflict
+
+
+def attach_fs_abi(domain) -> FsTwinABI:
+    """Give any domain the fs-twin ABI (run a statically rewritten binary under emulate/flip/native)."""
+    return FsTwinABI(getattr(domain.strategy, "counters", None)).attach(domain)
+
+
+def patch_allowed(domain, address: int, size: int, policy: str) -> tuple[bool, str]:
+    if policy == "none":
+        return False, "patch policy none"
+    r = domain.vcpu.mem.region_at(address)
+    if r is None or not r.prot & PROT_EXEC:
+        return False, "not in an executable mapping"
+    if policy == "all":
+        return True, "ok"
+    image = getattr(domain.process, "image", None)
+    if P.file_offset_of(image, address) is None or P.file_offset_of(image, address + size - 1) is None:
+        return False, "not in the executable's file-backed mapping (patch policy exe)"
+    return True, "ok"
+
+
+class RewriteStrategy(Strategy):
+    name = "rewrite"
+    description = "Jakub's in-place prefix rewrite: -ve %gs sites become %fs (65->64), %fs = expand-down twin"
+
+    def __init__(self, patch_policy: str = "exe", page_sharing: str = "shared") -> None:
+        super().__init__()
+        if patch_policy not in PATCH_POLICIES:
+            raise ValueError(f"patch policy {patch_policy!r} is not one of {', '.join(PATCH_POLICIES)}")
+        if page_sharing not in PAGE_SHARING:
+            raise ValueError(f"page sharing {page_sharing!r} is not one of {', '.join(PAGE_SHARING)}")
+        self.patch_policy = patch_policy
+        self.page_sharing = page_sharing
+        self.patch_set: P.PatchSet | None = None
+        self.abi: FsTwinABI | None = None
+        self.patched: dict[int, int] = {}   # site eip -> address of the rewritten prefix byte
+        self.mixed: set[int] = set()
+        self.hazards: list[str] = []
+
+    def attach(self, domain) -> None:
+        self.patch_set = P.new_patch_set(domain, self.name)
+        self.patch_set.abi = FsTwinABI.abi_name
+        self.abi = FsTwinABI(self.counters).attach(domain)
+        domain.process.page_cache.on_leak.append(self._on_leak)
+
+    def _on_leak(self, leak) -> None:
+        self.counters.count("patched-bytes-reached-a-file")
+        self.hazards.append(leak.describe())
+
+    # ------------------------------------------------------------ faults
+    def handle(self, trap: Trap) -> Verdict:
+        v = trap.violation
+        domain = trap.domain
+        c = self.counters
+        c.traps += 1
+        conflict = self.abi.check()
+        if v.segment == "fs":
+            if v.eip in self.patched and conflict is None:
+                self._unpatch(domain, v.eip)
+                return Verdict.restart()
+            c.refused += 1
+            c.count("refused-fs")
+            return Verdict.kill(f"rewrite refuses: guest uses %fs itself ({conflict})" if conflict
+                                else f"fault on %fs at a site rewrite did not patch: {v.reason}")
+        if conflict is not None:
+            c.refused += 1
+            c.count("refused-fs-in-use")
+            return Verdict.kill(f"rewrite refuses: guest uses %fs itself ({conflict})")
+        insn = fetch_and_decode(domain, v.eip)
+        c.decodes += 1
+        if isinstance(insn, DecodeError):
+            c.refused += 1
+            return Verdict.kill(f"cannot decode: {insn}")
+        negative = bool(v.offset & 0x80000000) and not v.descriptor.expand_down
+        if negative and v.eip not in self.mixed:
+            why = self._try_patch(domain, v, insn)
+            if why is None:
+                return Verdict.restart()
+            c.count(f"flip: {why}")
+        return self._flip(domain, v)
+
+    def _flip(self, domain, v) -> Verdict:
+        c = self.counters
+        flipped = xen.flip(v.descriptor, v.offset, domain.policy.profile, size=v.size)
+        if flipped is None:
+            c.refused += 1
+            return Verdict.kill(f"genuine fault: {v.reason}")
+        domain.vcpu.set_descriptor(layout.selector_index(v.selector), flipped)
+        c.descriptor_writes += 1
+        c.count("flip-to-expand-down" if flipped.expand_down else "flip-to-expand-up")
+        return Verdict.restart()
+
+    def _try_patch(self, domain, v, insn) -> str | None:
+        """Rewrite the site's gs prefix; None on success, else why not."""
+        if not self.abi.installed and not self.abi.install(v.descriptor):
+            return f"no %fs twin ({self.abi.conflict})"
+        raw = insn.raw
+        seg_at = None
+        for i in range(insn.prefixes.count):
+            if raw[i] in _SEGMENT_PREFIXES:
+                seg_at = i
+        if seg_at is None or raw[seg_at] != 0x65:
+            return "no gs override prefix to rewrite"
+        addr = v.eip + seg_at
+        ok, why = patch_allowed(domain, addr, 1, self.patch_policy)
+        if not ok:
+            return why
+        P.patch_code(domain, addr, b"\x64", patch_set=self.patch_set, kind="prefix-65-to-64",
+                     instruction=P.disassemble(raw, v.eip), expect=b"\x65",
+                     why=f"-ve %gs offset {v.offset:#x} faulted; the site now uses %fs (expand-down twin)",
+                     shared=self.page_sharing == "shared")
+        self.patched[v.eip] = addr
+        self.counters.patches += 1
+        return None
+
+    def _unpatch(self, domain, eip: int) -> None:
+        addr = self.patched.pop(eip)
+        insn = fetch_and_decode(domain, eip)
+        text = P.disassemble(insn.raw, eip) if not isinstance(insn, DecodeError) else "??"
+        P.patch_code(domain, addr, b"\x65", patch_set=self.patch_set, kind="unpatch", instruction=text,
+                     expect=b"\x64", why="a +ve offset reached the rewritten site: it serves both signs",
+                     shared=self.page_sharing == "shared")
+        self.mixed.add(eip)
+        self.counters.count("unpatched-mixed-site")

@@ -1,0 +1,307 @@
+"""rewrite-2004: Xen's flip plus XenLinux's out-of-line binary rewriting (fixup.c).
+
+What ran in 2004 (BRIEF section 2; our own code after reading Xen's
+seg_fixup.c and XenLinux's arch/xen/i386/kernel/fixup.c):
+
+1. Xen's #GP handler (seg_fixup) flips %gs (expand-up <-> expand-down), then,
+   because the guest kernel enabled VMASST_TYPE_4gb_segments_notify, bounces
+   vector 15 to the guest kernel (``notifications``), error code = the length
+   of the instruction through its displacement.
+2. The guest kernel's handler (do_fixup_4gb_segment) patches the faulting
+   instruction when it can: GS override as first byte, opcode 80-83/89/8B/C7,
+   ModRM ``(reg)`` or ``disp8(reg)`` (``coverage.fixup_2004_handles``). It
+   writes, into a 2-page buffer mapped read+exec at user address 0x1000, a
+   stub: a 4-byte pointer to the stub code, then ``push reg`` (unless the
+   instruction is ``mov (reg),reg``), ``pushf``, ``add %gs:0,reg`` (+ve:
+   never faults on an expand-up %gs), ``popf``, the instruction without its
+   GS prefix (now a flat access at reg = TCB + offset), ``pop reg``, the
+   following instructions relocated until 5 bytes are covered, ``ret``. The
+   site gets ``67 ff 16 <disp16>`` -- ``call *(disp16)`` through the pointer,
+   5 bytes, which is why the buffer sits below 64 KiB -- and NOPs over the
+   rest of the covered bytes. Because the stub is entered by ``call`` and
+   left by ``ret``, a relocated short ``jcc``/``jmp`` (or ``jmp rel32``)
+   becomes ``jcc +1; ret; pushf; add $off,4(%esp); popf; ret``: the return
+   address is moved to the branch target -- stubs are position-independent,
+   so identical code sequences share one stub (de-duplicated by the covered
+   code bytes; XenLinux: a 128-bucket XOR hash plus memcmp).
+3. "Out of room": once the buffer has fewer than 64 free bytes no new stub is
+   made; the faults there are still fixed by Xen's flip (as in 2004: the
+   flip already happened before the notification), so the guest runs, just
+   slower. A site fixup.c cannot handle is likewise only flipped.
+
+Our execution model: after patching, the faulting instruction is restarted
+at its (now patched) address, so the stub performs it. XenLinux instead
+resumed *after* it inside the stub, the flip having let the instruction run
+(its EIP arithmetic ``regs->eip - error_code``); the effect is the same.
+Because Xen flipped first, the stub's ``add %gs:0`` meets an expand-down %gs
+once after each -ve patch and flips it back: about two traps per patched site.
+
+Deliberate deviations from fixup.c, each counted in ``by_kind``:
+* the copied instruction uses its true length; fixup.c used the
+  notification's error code, which omits an immediate (``65 83 /0 ib``,
+  ``65 c7 /0 id``) -- those sites are counted as ``2004-length-bug`` (fixup.c
+  would have relocated a truncated instruction);
+* instructions fixup.c handled with stack tricks (push/pop in the relocated
+  tail, ``ret`` inside it) and anything touching %esp other than an
+  ``(%esp)``-based operand (adjusted by +4 for the return address) are not
+  patched; nor is ``mov %reg,%gs:(%reg)`` or a %esp data register (the stub
+  would store the wrong value);
+* the relocated tail is decoded with fixup.c's length table *and* our decoder;
+  where they disagree the site is not patched (fixup.c would have mis-relocated).
+
+Patch policy (``patch_policy``, as for ``rewrite``): ``exe`` (default) --
+only the executable's file-backed code, our analogue of "/lib/tls files with
+no writable shared mapping"; ``all`` -- any executable mapping, including the
+fixup buffer itself (fixup.c: "always safe to patch the fixup buffer");
+``none`` -- flip + notification only. ``page_sharing``: ``shared`` (default,
+fixup.c wrote through a kernel mapping of the page-cache page) or ``private``.
+Static application of a rewrite-2004 patch set is refused (the buffer is not
+in the ELF file): see :mod:`tlslab.hypervisor.patches`.
+"""
+
+from __future__ import annotations
+
+from tlslab.hypervisor import patches as P
+from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict
+from tlslab.hypervisor.strategies.emulate import fetch_and_decode
+from tlslab.hypervisor.strategies.rewrite import PAGE_SHARING, PATCH_POLICIES, patch_allowed
+from tlslab.machine import layout
+from tlslab.machine.memory import PROT_EXEC, PROT_READ
+from tlslab.x86 import coverage, xen
+from tlslab.x86.decode import DecodeError, decode
+
+FIXUP_BUF_USER = 0x1000
+FIXUP_BUF_SIZE = 0x2000
+FIXUP_RESERVE = 64          # fixup.c: no new stub once fewer than 64 bytes are free
+PATCH_LEN = 5
+MAX_PATCHED = 20            # fixup.c: "Code to patch is too long!"
+_REG32 = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
+_STACK_MNEMONICS = {"push", "pop", "call", "ret", "retf", "leave", "enter", "pushal", "popal", "pushfd",
+                    "popfd", "pushaw", "popaw", "pushf", "popf", "iretd", "int", "into", "int3"}
+_SHORT_JUMPS = set(range(0x70, 0x80)) | {0xEB}
+
+
+class CannotPatch(Exception):
+    """Why fixup.c (or our safer version of it) leaves a site alone."""
+
+
+def _esp_adjusted(insn, extra: int) -> bytes:
+    """``insn`` re-encoded with ``extra`` added to the displacement of its (%esp)-based operand."""
+    raw = bytearray(insn.raw)
+    pos = insn.prefixes.count + len(insn.opcode_bytes)  # ModRM
+    mod = raw[pos] >> 6
+    if insn.sib is None:
+        raise CannotPatch("esp-based operand without SIB")
+    disp_at = pos + 2
+    if mod == 0:
+        raw[pos] |= 0x40
+        raw[disp_at:disp_at] = bytes([extra])
+    elif mod == 1:
+        d = int.from_bytes(raw[disp_at:disp_at + 1], "little", signed=True) + extra
+        if d > 127:
+            raise CannotPatch("esp displacement overflows disp8")
+        raw[disp_at] = d & 0xFF
+    else:
+        d = int.from_bytes(raw[disp_at:disp_at + 4], "little", signed=True) + extra
+        raw[disp_at:disp_at + 4] = (d & 0xFFFFFFFF).to_bytes(4, "little")
+    return bytes(raw)
+
+
+def _adjust_return(off: int) -> bytes:
+    """``pushf; add $off,4(%esp); popf; ret``: continue at return address + off."""
+    if -128 <= off <= 127:
+        add = bytes([0x83, 0x44, 0x24, 0x04, off & 0xFF])
+    else:
+        add = bytes([0x81, 0x44, 0x24, 0x04]) + (off & 0xFFFFFFFF).to_bytes(4, "little")
+    return b"\x9c" + add + b"\x9d\xc3"
+
+
+def build_stub(eip: int, code: bytes, insn) -> tuple[bytes, int, list[str]]:
+    """Stub code (without the 4-byte pointer) for the faulting ``insn`` at ``eip``.
+
+    Returns (code, bytes covered at the site, notes). Raises CannotPatch.
+    """
+    raw = insn.raw
+    opcode, modrm = raw[1], raw[2]
+    reg, rm = (modrm >> 3) & 7, modrm & 7
+    if opcode in (0x89, 0x8B) and reg == 4:
+        raise CannotPatch("%esp as the data register")
+    if opcode == 0x89 and reg == rm:
+        raise CannotPatch("stores the base register itself (mov %reg,%gs:(%reg))")
+    save = not (opcode == 0x8B and reg == rm)
+    out = bytearray()
+    if save:
+        out.append(0x50 + rm)                                  # push reg
+    out.append(0x9C)                                           # pushf
+    out += bytes([0x65, 0x03, 0x05 | (rm << 3)]) + bytes(4)   # add %gs:0,reg
+    out.append(0x9D)                                           # popf
+    out += raw[1:]                                             # the instruction, no GS prefix
+    if save:
+        out.append(0x58 + rm)                                  # pop reg
+    notes = []
+    covered = insn.length
+    while covered < PATCH_LEN:
+        tail = code[covered:]
+        table_len = coverage.fixup_2004_following_length(tail)
+        nxt = decode(tail, eip + covered)
+        if table_len is None or isinstance(nxt, DecodeError):
+            raise CannotPatch("could not decode following instruction")
+        if table_len != nxt.length:
+            raise CannotPatch(f"fixup.c's length table says {table_len} for `{nxt.mnemonic}`, it is {nxt.length}")
+        first = nxt.raw[nxt.prefixes.count]
+        end = covered + nxt.length
+        if first in _SHORT_JUMPS or first == 0xE9:
+            if end < PATCH_LEN:
+                raise CannotPatch("jump before 5 bytes are covered")
+            rel = nxt.immediate
+            off = (end - PATCH_LEN) + rel
+            if first == 0xEB or first == 0xE9:
+                out += _adjust_return(off)
+            else:
+                out += bytes([first, 0x01, 0xC3]) + _adjust_return(off)   # jcc over `ret`
+            notes.append(f"relocated `{nxt.mnemonic}`")
+            return bytes(out), end, notes
+        if nxt.branch_target is not None or nxt.mnemonic in _STACK_MNEMONICS:
+            raise CannotPatch(f"`{nxt.mnemonic}` in the relocated tail")
+        if "esp" in (nxt.reg, nxt.rm_reg) or "sp" in (nxt.reg, nxt.rm_reg):
+            raise CannotPatch(f"`{nxt.mnemonic}` uses %esp")
+        m = nxt.memory
+        if m is not None and m.index == "esp":
+            raise CannotPatch("esp index")
+        if m is not None and m.base == "esp":
+            out += _esp_adjusted(nxt, 4)                      # the call pushed a return address
+            notes.append("esp-relative operand adjusted by +4")
+        else:
+            out += nxt.raw
+        covered = end
+        if covered > MAX_PATCHED:
+            raise CannotPatch("code to patch is too long")
+    out.append(0xC3)                                           # ret (to site + 5: NOPs, then site + covered)
+    return bytes(out), covered, notes
+
+
+class Rewrite2004Strategy(Strategy):
+    name = "rewrite-2004"
+    description = ("XenLinux 2004 fixup.c: Xen flips %gs and notifies (vector 15); the guest kernel patches "
+                   "the site with a call into an out-of-line stub at 0x1000")
+
+    def __init__(self, patch_policy: str = "exe", page_sharing: str = "shared") -> None:
+        super().__init__()
+        if patch_policy not in PATCH_POLICIES:
+            raise ValueError(f"patch policy {patch_policy!r} is not one of {', '.join(PATCH_POLICIES)}")
+        if page_sharing not in PAGE_SHARING:
+            raise ValueError(f"page sharing {page_sharing!r} is not one of {', '.join(PAGE_SHARING)}")
+        self.patch_policy = patch_policy
+        self.page_sharing = page_sharing
+        self.buffer_size = FIXUP_BUF_SIZE
+        self.patch_set: P.PatchSet | None = None
+        self.fixup_idx = 0
+        self.stubs: dict[bytes, int] = {}   # covered code bytes -> address of the stub's pointer
+        self.patched: set[int] = set()
+        self.hazards: list[str] = []
+        self._flip_memo: dict = {}
+
+    def attach(self, domain) -> None:
+        domain.vcpu.mem.map(FIXUP_BUF_USER, FIXUP_BUF_SIZE, PROT_READ | PROT_EXEC, "[fixup]")
+        self.patch_set = P.new_patch_set(domain, self.name)
+        self.patch_set.in_place = False
+        self.patch_set.out_of_line = {"address": f"{FIXUP_BUF_USER:#x}", "size": f"{FIXUP_BUF_SIZE:#x}", "bytes": ""}
+        domain.process.page_cache.on_leak.append(self._on_leak)
+
+    def _on_leak(self, leak) -> None:
+        self.counters.count("patched-bytes-reached-a-file")
+        self.hazards.append(leak.describe())
+
+    # ------------------------------------------------------------ faults
+    def handle(self, trap: Trap) -> Verdict:
+        v = trap.violation
+        domain = trap.domain
+        c = self.counters
+        c.traps += 1
+        if v.segment != "gs":
+            c.refused += 1
+            return Verdict.kill(f"seg_fixup only fixes gs, fault was on {v.segment}")
+        insn = fetch_and_decode(domain, v.eip)
+        c.decodes += 1
+        if isinstance(insn, DecodeError):
+            c.refused += 1
+            return Verdict.kill(f"cannot decode: {insn}")
+        ok, why = coverage.seg_fixup_decodes(insn)
+        if not ok:
+            c.refused += 1
+            c.count("uncovered")
+            return Verdict.kill(f"seg_fixup cannot decode `{insn.mnemonic}`: {why}")
+        # 1. Xen: flip, then bounce vector 15 to the guest kernel
+        key = (v.descriptor, v.offset, v.size)
+        flipped = self._flip_memo.get(key, False)
+        if flipped is False:
+            flipped = self._flip_memo[key] = xen.flip(v.descriptor, v.offset, domain.policy.profile, size=v.size)
+        if flipped is None:
+            c.refused += 1
+            return Verdict.kill(f"genuine fault: {v.reason}")
+        domain.vcpu.set_descriptor(layout.selector_index(v.selector), flipped)
+        c.descriptor_writes += 1
+        c.count("to-expand-down" if flipped.expand_down else "to-expand-up")
+        c.notifications += 1
+        # 2. XenLinux: do_fixup_4gb_segment
+        self._fixup(domain, v.eip, insn)
+        return Verdict.restart()
+
+    def _fixup(self, domain, eip: int, insn) -> None:
+        c = self.counters
+        ok, why = coverage.fixup_2004_handles(insn)
+        if not ok:
+            c.count(f"not patched: {why}")
+            return
+        notify_len = coverage.seg_fixup_notify_length(insn)
+        if notify_len is not None and notify_len != insn.length:
+            c.count("2004-length-bug")
+        mem = domain.vcpu.mem
+        n = MAX_PATCHED
+        while n > 0 and not mem.is_mapped(eip, n):
+            n -= 1
+        code = mem.read(eip, n)
+        try:
+            # reuse a stub made for the same code bytes (de-duplication)
+            for key, ptr in self.stubs.items():
+                if code[: len(key)] == key:
+                    covered, stub_ptr = len(key), ptr
+                    c.count("stub-reused")
+                    break
+            else:
+                stub, covered, _notes = build_stub(eip, code, insn)
+                stub_ptr = None
+            if ((eip ^ (eip + covered - 1)) & ~0xFFF) != 0:
+                raise CannotPatch("patch would straddle a page boundary")
+            allowed, why = patch_allowed(domain, eip, covered, self.patch_policy)
+            if not allowed:
+                raise CannotPatch(why)
+            if stub_ptr is None:
+                if self.fixup_idx > self.buffer_size - FIXUP_RESERVE or \
+                        self.fixup_idx + 4 + len(stub) > self.buffer_size:
+                    c.count("out-of-room")
+                    return
+                stub_ptr = FIXUP_BUF_USER + self.fixup_idx
+                blob = (stub_ptr + 4).to_bytes(4, "little") + stub
+                mem.write(stub_ptr, blob)
+                domain.vcpu.invalidate_code(stub_ptr, len(blob))
+                self.fixup_idx += len(blob)
+                self.stubs[bytes(code[:covered])] = stub_ptr
+                self.patch_set.out_of_line["bytes"] = mem.read(FIXUP_BUF_USER, self.fixup_idx).hex()
+                self.patch_set.patches.append(P.Patch(
+                    address=stub_ptr, symbol=f"[fixup]+{stub_ptr - FIXUP_BUF_USER:#x}", file_offset=None,
+                    old=bytes(len(blob)).hex(), new=blob.hex(), strategy=self.name, kind="fixup-stub",
+                    instruction=P.disassemble(insn.raw, eip),
+                    why=f"stub for the site at {eip:#010x} ({covered} bytes covered)"))
+                c.count("stub-created")
+        except CannotPatch as exc:
+            c.count(f"not patched: {exc}")
+            return
+        patch = b"\x67\xff\x16" + stub_ptr.to_bytes(2, "little") + b"\x90" * (covered - PATCH_LEN)
+        P.patch_code(domain, eip, patch, patch_set=self.patch_set, kind="call-fixup",
+                     instruction=P.disassemble(insn.raw, eip), expect=bytes(code[:covered]),
+                     why=f"call *{stub_ptr:#06x} (stub at {stub_ptr + 4:#06x}); {covered} bytes covered",
+                     shared=self.page_sharing == "shared")
+        self.patch_set.in_place = False
+        self.patched.add(eip)
+        c.patches += 1

@@ -1,0 +1,140 @@
+"""A small, explicit page-cache model: which guest code pages are file pages.
+
+Linux maps a read-only file page (an executable's text) straight from the page
+cache: the page a process executes *is* the page ``read(2)`` of that file
+copies from. XenLinux's fixup.c patched user code by writing through a kernel
+mapping of exactly that page (it refused dirty or anonymous pages, so the page
+it patched was always a clean page-cache page) -- and the patch became part of
+the file as every reader saw it. prelink read a patched /lib/tls library,
+relocated it and wrote a new file: the patch reached the disk (BRIEF section 1).
+
+The model, and nothing more:
+
+* ``map_file(node, segments)`` records, for the executable the ELF loader
+  mapped, which guest addresses are backed by which file offsets of which
+  file node (only the ``filesz`` part of each PT_LOAD: bss is anonymous).
+* A code patcher calls ``note_patch(vaddr, old, new, shared)``. ``shared=True``
+  means it wrote into the page-cache page (Linux's read-only file mapping, as
+  XenLinux did); ``shared=False`` means it first took a private copy-on-write
+  copy of the page (the patch lives only in this process's memory).
+* ``read()`` of a registered file goes through ``overlay``: bytes covered by a
+  shared patch read as the patched bytes. A read that returned patched bytes
+  *taints* the process.
+* ``write()`` to a regular file goes through ``check_write``: once tainted, a
+  write whose data carries a patch's new bytes at that patch's file offset
+  (and not its old bytes) is a leak: "patched bytes reached a file". Leaks are
+  recorded and passed to ``on_leak`` listeners (the patching strategy counts
+  them). Known limits: a patch split across two write() calls, or copied to a
+  different offset, is not detected; mmap(2) of the file does not see patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FilePatch:
+    node_id: int
+    file_offset: int
+    vaddr: int
+    old: bytes
+    new: bytes
+
+
+@dataclass(frozen=True)
+class Leak:
+    path: str            # the file written (as the guest named it when it opened it)
+    file_offset: int     # where in the written file the patched bytes landed
+    vaddr: int           # the patched guest address
+    new: bytes
+
+    def describe(self) -> str:
+        return (f"patched bytes reached a file: {self.path} offset {self.file_offset:#x} holds "
+                f"{self.new.hex(' ')} (the patch at {self.vaddr:#010x})")
+
+
+@dataclass
+class _Mapping:
+    node: object
+    vaddr: int
+    size: int       # file-backed bytes (filesz)
+    offset: int     # file offset of vaddr
+
+
+@dataclass
+class PageCache:
+    mappings: list[_Mapping] = field(default_factory=list)
+    patches: list[FilePatch] = field(default_factory=list)
+    private_patches: int = 0
+    tainted_reads: int = 0
+    leaks: list[Leak] = field(default_factory=list)
+    on_leak: list[Callable[[Leak], None]] = field(default_factory=list)
+
+    # ------------------------------------------------------------ mapping
+    def map_file(self, node, segments) -> None:
+        """Register the file-backed part of each PT_LOAD (objects with vaddr/filesz/offset)."""
+        for s in segments:
+            if s.filesz:
+                self.mappings.append(_Mapping(node, s.vaddr, s.filesz, s.offset))
+
+    def file_offset(self, vaddr: int) -> tuple[object, int] | None:
+        """(file node, file offset) backing guest address ``vaddr``, or None (anonymous)."""
+        for m in self.mappings:
+            if m.vaddr <= vaddr < m.vaddr + m.size:
+                return m.node, m.offset + (vaddr - m.vaddr)
+        return None
+
+    # ------------------------------------------------------------ patches
+    def note_patch(self, vaddr: int, old: bytes, new: bytes, shared: bool) -> bool:
+        """A patcher wrote ``new`` over ``old`` at ``vaddr``; True if a page-cache page changed."""
+        where = self.file_offset(vaddr)
+        if where is None:
+            return False
+        if not shared:
+            self.private_patches += 1
+            return False
+        node, off = where
+        self.patches.append(FilePatch(id(node), off, vaddr, bytes(old), bytes(new)))
+        return True
+
+    # ------------------------------------------------------------ I/O hooks
+    def overlay(self, node, offset: int, data: bytes) -> bytes:
+        """``data`` read from ``node`` at ``offset``, as the (possibly patched) page cache holds it."""
+        if not self.patches or not data:
+            return data
+        nid, end = id(node), offset + len(data)
+        out = None
+        for p in self.patches:
+            if p.node_id != nid or p.file_offset >= end or p.file_offset + len(p.new) <= offset:
+                continue
+            if out is None:
+                out = bytearray(data)
+            for i, b in enumerate(p.new):
+                pos = p.file_offset + i - offset
+                if 0 <= pos < len(out):
+                    out[pos] = b
+        if out is None:
+            return data
+        self.tainted_reads += 1
+        return bytes(out)
+
+    def check_write(self, path: bytes, offset: int, data: bytes) -> None:
+        """The guest wrote ``data`` at ``offset`` of a regular file named ``path``."""
+        if not self.tainted_reads or not self.patches:
+            return
+        end = offset + len(data)
+        for p in self.patches:
+            if p.file_offset < offset or p.file_offset + len(p.new) > end or p.new == p.old:
+                continue
+            pos = p.file_offset - offset
+            if data[pos : pos + len(p.new)] == p.new:
+                leak = Leak(path.decode(errors="replace"), p.file_offset, p.vaddr, p.new)
+                self.leaks.append(leak)
+                for listener in self.on_leak:
+                    listener(leak)
+
+    def as_dict(self) -> dict:
+        return {"shared_patches": len(self.patches), "private_patches": self.private_patches,
+                "tainted_reads": self.tainted_reads, "leaks": [leak.describe() for leak in self.leaks]}
