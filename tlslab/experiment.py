@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from tlslab.guests import GuestBinary, resolve_guest
 from tlslab.hypervisor.domain import Domain, RunResult
+from tlslab.hypervisor.strategies import get_strategy
 from tlslab.linux.process import Process
 from tlslab.linux.tree import TreeSpec
 from tlslab.linux.vfs import Vfs
@@ -31,6 +32,9 @@ class RunSpec:
     variant: str = "default"
     applet: str | None = None       # busybox: argv[0] name
     timeout_seconds: float = 0
+    patch_policy: str = "exe"       # rewrite strategies: exe | all | none
+    page_sharing: str = "shared"    # rewrite strategies: patches in shared page-cache pages or private copies
+    fs_abi: bool = False            # install the fs-twin ABI (statically rewritten binaries) under any strategy
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,8 +57,16 @@ def make_domain(spec: RunSpec, **domain_options) -> tuple[Domain, GuestBinary]:
         process.load()
         return process
 
-    domain = Domain(factory, spec.strategy, profile=spec.profile, timeout_seconds=spec.timeout_seconds,
+    strategy = get_strategy(spec.strategy)
+    for option in ("patch_policy", "page_sharing"):
+        if hasattr(strategy, option):
+            setattr(strategy, option, getattr(spec, option))
+    domain = Domain(factory, strategy, profile=spec.profile, timeout_seconds=spec.timeout_seconds,
                     **domain_options)
+    if spec.fs_abi:
+        from tlslab.hypervisor.strategies.rewrite import attach_fs_abi
+
+        attach_fs_abi(domain)
     return domain, guest
 
 

@@ -170,4 +170,6 @@ class Domain:
             "strategy": {"name": self.strategy.name, **sc},
             "policy": self.policy.describe(),
             "linux": self.process.counters.as_dict(),
+            "hazards": list(getattr(self.strategy, "hazards", [])),
+            "page_cache": page_cache.as_dict() if (page_cache := getattr(self.process, "page_cache", None)) else {},
         }

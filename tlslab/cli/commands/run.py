@@ -37,6 +37,14 @@ def register(sub) -> None:
                    help="unicorn: the model (default); hw: this CPU with really truncated segments under a "
                    "ptrace supervisor (strategies native|emulate|flip)")
     p.add_argument("--cpu", type=int, default=0, help="hw backend: CPU to pin tracer and guest to (-1: unpinned)")
+    p.add_argument("--save-patches", nargs="?", const="patches", default=None, metavar="DIR",
+                   help="rewrite strategies: write the patch set to DIR/<guest>.<variant>.<strategy>.json")
+    p.add_argument("--patch-policy", choices=("exe", "all", "none"), default="exe",
+                   help="rewrite strategies: which code may be patched")
+    p.add_argument("--page-sharing", choices=("shared", "private"), default="shared",
+                   help="rewrite strategies: patches land in shared page-cache pages (as XenLinux did) or private copies")
+    p.add_argument("--fs-abi", action="store_true",
+                   help="install the fs-twin descriptor (run a statically rewritten binary under any strategy)")
     p.add_argument("--quiet", "-q", action="store_true", help="do not print the guest's output")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of tables")
     p.add_argument("--sites", type=int, default=0, metavar="N", help="also list the N busiest fs/gs sites")
@@ -59,7 +67,7 @@ def resolve_strategy(strategy: str | None, mode: str | None) -> str:
 
 
 def run(args) -> int:
-    from tlslab.experiment import RunSpec, execute
+    from tlslab.experiment import RunSpec, make_domain
     from tlslab.guests import GuestError
     from tlslab.hypervisor import costmodel
     from tlslab.linux.elf import ElfError
@@ -77,13 +85,21 @@ def run(args) -> int:
             raise UsageError(str(exc)) from None
     spec = RunSpec(guest=args.guest, args=tuple(args.args), strategy=strategy, profile=args.profile,
                    tree=args.tree or "small", root=args.root, seed=args.seed, stdout=args.stdout,
-                   variant=args.variant, applet=args.applet, timeout_seconds=args.timeout)
+                   variant=args.variant, applet=args.applet, timeout_seconds=args.timeout,
+                   patch_policy=args.patch_policy, page_sharing=args.page_sharing, fs_abi=args.fs_abi)
     if args.backend == "hw":
         return run_hardware(spec, args)
     try:
-        result, guest = execute(spec)
+        domain, guest = make_domain(spec)
     except (GuestError, ElfError, FileNotFoundError, NotADirectoryError) as exc:
         raise UsageError(str(exc)) from None
+    result = domain.run()
+    if args.save_patches is not None:
+        from tlslab.hypervisor.patches import default_patch_path, save_patch_set
+
+        path = save_patch_set(domain, default_patch_path(guest.name, guest.variant, strategy, args.save_patches),
+                              guest=guest.name, variant=guest.variant)
+        print(f"patch set written to {path}", file=sys.stderr)
     modelled = costmodel.predict(profile, result.counters)
 
     if args.json:
@@ -139,6 +155,8 @@ def print_summary(spec, guest, result, modelled, profile, nsites: int) -> None:
     t.add_row("modelled time", f"{modelled.total_ms:.3f} ms  [{profile.label()}]")
     t.add_row("wall time (this lab)", f"{result.wall_seconds:.3f} s")
     console.print(t)
+    for hazard in c.get("hazards", []):
+        console.print(f"[bold yellow]hazard: {hazard}[/]")
     unsupported = c["linux"]["syscalls"].get("unsupported")
     if unsupported:
         console.print(f"[yellow]unsupported system calls (returned -ENOSYS): {unsupported}[/]")
