@@ -1,0 +1,204 @@
+"""The bench runner end to end: durable cells, SIGKILL + --resume, failures that do not stop a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TINY = "dirs=3,files=20,symlinks=2,depth=2,seed=3"
+SMALL_TOML = f"""
+name = "small"
+strategies = ["native", "emulate", "flip", "emulate-2004"]
+variants = ["default"]
+cost_profile = "fit"
+timeout_seconds = 60
+[fit]
+guest = "lsr"
+tree = "{TINY}"
+[[guest]]
+name = "lsr"
+trees = ["{TINY}"]
+[[guest]]
+name = "canary"
+args = ["5"]
+[[guest]]
+name = "malloc"
+args = ["100"]
+"""
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(*args, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tlslab", "bench", "--no-progress", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}, **kw)
+
+
+def run_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if (p / "run.json").is_file())
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "cells.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def small_toml(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("spec") / "small.toml"
+    p.write_text(SMALL_TOML)
+    return p
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_toml, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    cp = bench(str(small_toml), "--out", str(out), "--jobs", "2")
+    assert cp.returncode == 0, cp.stderr
+    (run,) = run_dirs(out)
+    return run
+
+
+def test_uninterrupted_run(uninterrupted):
+    info = json.loads((uninterrupted / "run.json").read_text())
+    recs = records(uninterrupted)
+    assert len(recs) == len(info["cells"]) == 12
+    assert info["status"] == "complete"
+    by = {(r["spec"]["guest"], r["spec"]["strategy"]): r for r in recs}
+    for r in recs:
+        # pyperf-like metadata on every record
+        for key in ("tlslab_version", "git_commit", "python_version", "unicorn_version", "capstone_version",
+                    "cpu_model", "hostname"):
+            assert r["meta"][key], key
+        assert r["guest"]["sha256"] and len(r["guest"]["sha256"]) == 64
+        assert r["started"] <= r["ended"]
+        assert {"nominal"} <= set(r["modelled"]) and all("kind" in m for m in r["modelled"].values())
+    # emulate-2004 on lsr: a guest crash at a named site is a measurement, not a runner failure
+    crash = by[("lsr", "emulate-2004")]
+    assert crash["outcome"] == "guest-crash"
+    assert crash["crash"]["symbol"] and "SIGSEGV" in crash["crash"]["reason"]
+    assert by[("lsr", "emulate")]["outcome"] == "ok"
+    assert by[("lsr", "flip")]["counters"]["strategy"]["traps"] == by[("lsr", "flip")]["timeline"]["faults"]
+    assert by[("lsr", "emulate")]["stdout"]["sha256"] == by[("lsr", "native")]["stdout"]["sha256"]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_sigkill_then_resume_equals_uninterrupted(small_toml, uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "tlslab", "bench", "--no-progress", str(small_toml), "--out",
+                             str(out), "--jobs", "1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        cells = None
+        while time.monotonic() < deadline:
+            runs = run_dirs(out) if out.exists() else []
+            if runs and (runs[0] / "cells.jsonl").exists():
+                cells = runs[0] / "cells.jsonl"
+                if cells.read_bytes().count(b"\n") >= 3:
+                    break
+            assert proc.poll() is None, "the run finished before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no cells written within 120 s")
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # the workers die with the runner (PR_SET_PDEATHSIG / EOF on their pipe)
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [w for w in workers if _alive(w)]
+    done_before = len(records(cells.parent))
+    assert 3 <= done_before < 12
+    with open(cells, "ab") as f:  # as if the kill had landed in the middle of a write
+        f.write(b'{"cell": "0123456789abcdef", "outcome": "o')
+    cp = bench("--resume", str(cells.parent), "--jobs", "2")
+    assert cp.returncode == 0, cp.stderr
+    assert f"{done_before} of 12 cells already recorded" in cp.stderr
+
+    resumed = records(cells.parent)
+    ids = [r["cell"] for r in resumed]
+    assert len(ids) == len(set(ids)) == 12                      # none duplicated, none lost
+    ref = {r["cell"]: r for r in records(uninterrupted)}
+    assert set(ids) == set(ref)                                 # the same cells
+    for r in resumed:
+        assert r["outcome"] == ref[r["cell"]]["outcome"], r["label"]
+        assert r["counters"] == ref[r["cell"]]["counters"], r["label"]   # deterministic guests
+    info = json.loads((cells.parent / "run.json").read_text())
+    assert len(info["sessions"]) == 2
+    assert "ended" not in info["sessions"][0]          # the SIGKILLed session never finished
+    assert info["sessions"][1]["status"] == "complete"
+    assert info["status"] == "complete"
+    # resuming a finished run runs nothing
+    cp = bench("--resume", str(cells.parent))
+    assert cp.returncode == 0 and "0 to run" in cp.stderr
+    assert len(records(cells.parent)) == 12
+
+
+def test_failures_are_recorded_and_the_run_goes_on(tmp_path):
+    spec = tmp_path / "fail.toml"
+    spec.write_text(f"""
+name = "fail"
+strategies = ["native", "emulate", "emulate-2004"]
+variants = ["default"]
+timeout_seconds = 30
+kill_after_seconds = 6
+[[guest]]
+name = "lsr"
+trees = ["{TINY}"]
+[[guest]]
+name = "canary"
+args = ["5"]
+strategies = ["native", "flip"]
+[[guest]]
+name = "./no/such/guest"
+strategies = ["native"]
+""")
+    inject = "hang:lsr [" + TINY + "] default emulate nonpae;raise:canary 5 default flip;die:canary 5 default native"
+    cp = bench(str(spec), "--out", str(tmp_path / "out"), "--jobs", "2", env={"TLSLAB_BENCH_INJECT": inject})
+    assert cp.returncode == 0, cp.stderr
+    (run,) = run_dirs(tmp_path / "out")
+    recs = {(r["spec"]["guest"], r["spec"]["strategy"]): r for r in records(run)}
+    assert len(recs) == 6
+    assert recs[("lsr", "native")]["outcome"] == "ok"
+    hung = recs[("lsr", "emulate")]
+    assert hung["outcome"] == "failed" and "per-cell timeout" in hung["reason"]
+    crash = recs[("lsr", "emulate-2004")]
+    assert crash["outcome"] == "guest-crash" and crash["crash"]["symbol"]
+    raised = recs[("canary", "flip")]
+    assert raised["outcome"] == "failed" and "injected failure" in raised["reason"]
+    assert "RuntimeError" in raised["traceback"]
+    died = recs[("canary", "native")]
+    assert died["outcome"] == "failed" and "worker process died (exit status 3)" in died["reason"]
+    missing = recs[("./no/such/guest", "native")]
+    assert missing["outcome"] == "failed" and "does not exist" in missing["reason"]
+    assert "GuestError" in missing["traceback"]
+    # the summary names the failures
+    assert cp.stdout.count("FAILED") >= 4
+    assert "crash" in cp.stdout

@@ -1,0 +1,307 @@
+"""Benchmark matrix specs (TOML) and their expansion into cells.
+
+A spec names guests (each with its arguments, trees, applet), and the axes
+every guest is crossed with: strategies (``"all"`` = the registry at the time
+the matrix is expanded), build variants, hypervisor profiles. Example::
+
+    name = "small"
+    strategies = ["native", "emulate", "flip"]   # or "all"
+    variants = ["default", "nosegneg"]
+    profiles = ["nonpae"]                        # hypervisor start: nonpae | pae
+    cost_profile = "xen-2004"                    # profile the summary uses ("fit": fit Keir's
+                                                 # table in this run even if xen-2004 is stored)
+    timeout_seconds = 120                        # per cell (the vCPU stops the guest)
+    kill_after_seconds = 180                     # per cell, hard: the worker is killed
+                                                 # (default: timeout * 1.25 + 30)
+
+    [fit]                                        # if cost_profile is not a stored
+    guest = "lsr"                                # profile: fit Keir's 2004 table
+    tree = "4k"                                  # on this workload of the run
+    variant = "default"
+
+    [[guest]]
+    name = "lsr"
+    trees = ["small", "4k"]
+    weight = 8                                   # relative cost: longest first
+
+    [[guest]]
+    name = "busybox"
+    applet = "ls"
+    args = ["-R"]
+    variants = ["default"]                       # per-guest override of an axis
+
+A cell is one ``RunSpec``; its identity is a hash of the spec's canonical JSON
+(:func:`cell_id`), so the same cell has the same id in every run and a resumed
+run recognises what it has already measured.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlslab.experiment import RunSpec
+
+DEFAULT_SPEC = Path(__file__).with_name("default.toml")
+AXES = ("strategies", "variants", "profiles")
+
+
+class SpecError(ValueError):
+    """A malformed matrix spec (one line)."""
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
+
+
+def cell_id(spec: RunSpec | dict) -> str:
+    """Stable identity of a cell: sha256 of the RunSpec's canonical JSON, 16 hex digits."""
+    d = spec.to_dict() if isinstance(spec, RunSpec) else dict(spec)
+    d["args"] = list(d.get("args") or ())
+    return hashlib.sha256(canonical_json(d).encode()).hexdigest()[:16]
+
+
+def spec_from_dict(d: dict) -> RunSpec:
+    d = dict(d)
+    d["args"] = tuple(d.get("args") or ())
+    return RunSpec(**d)
+
+
+@dataclass(frozen=True)
+class Cell:
+    spec: RunSpec
+    workload: str           # "lsr [4k]", "syscalls 300": the row of the summary
+    weight: float = 1.0     # relative expected cost, for scheduling (longest first)
+    skip: str | None = None  # reason if the cell cannot run here (recorded, not run)
+
+    @property
+    def id(self) -> str:
+        return cell_id(self.spec)
+
+    @property
+    def label(self) -> str:
+        s = self.spec
+        return f"{self.workload} {s.variant} {s.strategy} {s.profile}"
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "workload": self.workload, "weight": self.weight, "skip": self.skip,
+                "label": self.label, "spec": {**self.spec.to_dict(), "args": list(self.spec.args)}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cell":
+        return cls(spec_from_dict(d["spec"]), d["workload"], d.get("weight", 1.0), d.get("skip"))
+
+
+@dataclass
+class GuestEntry:
+    name: str
+    args: list[str] = field(default_factory=list)
+    trees: list[str | None] = field(default_factory=lambda: ["small"])
+    applet: str | None = None
+    weight: float = 1.0
+    stdout: str | None = None
+    seed: int | None = None
+    root: str | None = None
+    label: str | None = None
+    overrides: dict = field(default_factory=dict)   # per-guest strategies/variants/profiles
+
+    def workload(self, tree: str | None, many_trees: bool) -> str:
+        base = self.label or " ".join([self.name, *([self.applet] if self.applet else []), *self.args])
+        if self.root:
+            return f"{base} [{self.root}]"
+        if many_trees or self.name in ("lsr", "busybox"):
+            return f"{base} [{tree}]"
+        return base
+
+
+@dataclass
+class MatrixSpec:
+    name: str
+    description: str = ""
+    strategies: list[str] | str = "all"
+    variants: list[str] = field(default_factory=lambda: ["default", "nosegneg"])
+    profiles: list[str] = field(default_factory=lambda: ["nonpae"])
+    cost_profile: str = "nominal"
+    timeout_seconds: float = 300.0
+    stdout: str = "pipe"
+    seed: int = 0
+    max_tasks_per_child: int = 20
+    kill_after_seconds: float | None = None   # hard per-cell deadline (default: timeout * 1.25 + 30 s)
+    fit: dict = field(default_factory=dict)
+    guests: list[GuestEntry] = field(default_factory=list)
+    source: str = ""
+    raw: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_toml(cls, text: str, source: str = "") -> "MatrixSpec":
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise SpecError(f"{source or 'spec'}: not valid TOML: {exc}") from None
+        return cls.from_dict(raw, source)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "") -> "MatrixSpec":
+        where = source or "spec"
+        known = {"name", "description", "strategies", "variants", "profiles", "cost_profile", "timeout_seconds",
+                 "stdout", "seed", "max_tasks_per_child", "kill_after_seconds", "fit", "guest"}
+        unknown = set(raw) - known
+        if unknown:
+            raise SpecError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+        guests_raw = raw.get("guest") or []
+        if not isinstance(guests_raw, list) or not guests_raw:
+            raise SpecError(f"{where}: needs at least one [[guest]] table")
+        guests = []
+        gknown = {"name", "args", "trees", "tree", "applet", "weight", "stdout", "seed", "root", "label", *AXES}
+        for i, g in enumerate(guests_raw):
+            if not isinstance(g, dict) or "name" not in g:
+                raise SpecError(f"{where}: [[guest]] #{i + 1} needs a name")
+            bad = set(g) - gknown
+            if bad:
+                raise SpecError(f"{where}: [[guest]] {g['name']}: unknown key(s) {', '.join(sorted(bad))}")
+            trees = g.get("trees", [g["tree"]] if "tree" in g else ["small"])
+            if isinstance(trees, str):
+                trees = [trees]
+            args = g.get("args", [])
+            if isinstance(args, str) or not all(isinstance(a, str) for a in args):
+                raise SpecError(f"{where}: [[guest]] {g['name']}: args must be a list of strings")
+            guests.append(GuestEntry(
+                name=str(g["name"]), args=list(args), trees=list(trees), applet=g.get("applet"),
+                weight=float(g.get("weight", 1.0)), stdout=g.get("stdout"), seed=g.get("seed"),
+                root=g.get("root"), label=g.get("label"), overrides={k: g[k] for k in AXES if k in g}))
+        spec = cls(
+            name=str(raw.get("name") or Path(source).stem or "matrix"),
+            description=str(raw.get("description", "")),
+            strategies=raw.get("strategies", "all"),
+            variants=list(raw.get("variants", ["default", "nosegneg"])),
+            profiles=list(raw.get("profiles", ["nonpae"])),
+            cost_profile=str(raw.get("cost_profile", "nominal")),
+            timeout_seconds=float(raw.get("timeout_seconds", 300.0)),
+            stdout=str(raw.get("stdout", "pipe")),
+            seed=int(raw.get("seed", 0)),
+            max_tasks_per_child=int(raw.get("max_tasks_per_child", 20)),
+            kill_after_seconds=float(raw["kill_after_seconds"]) if "kill_after_seconds" in raw else None,
+            fit=dict(raw.get("fit", {})),
+            guests=guests,
+            source=source,
+            raw=raw,
+        )
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        from tlslab.guests import VARIANTS
+        from tlslab.linux.tree import TreeSpec, TreeSpecError
+
+        where = self.source or "spec"
+        for g in self.guests:
+            for v in self._axis("variants", g):
+                if v not in VARIANTS:
+                    raise SpecError(f"{where}: unknown variant {v!r} (choose from {', '.join(VARIANTS)})")
+            for p in self._axis("profiles", g):
+                if p not in ("nonpae", "pae"):
+                    raise SpecError(f"{where}: unknown hypervisor profile {p!r} (nonpae | pae)")
+            for s in self._strategies(g):
+                self._check_strategy(s)
+            if not g.root:
+                for t in g.trees:
+                    try:
+                        TreeSpec.parse(t or "small")
+                    except TreeSpecError as exc:
+                        raise SpecError(f"{where}: guest {g.name}: {exc}") from None
+        if self.timeout_seconds <= 0:
+            raise SpecError(f"{where}: timeout_seconds must be > 0")
+
+    def _check_strategy(self, name: str) -> None:
+        from tlslab.hypervisor.strategies import STRATEGIES
+
+        if name not in STRATEGIES:
+            raise SpecError(f"{self.source or 'spec'}: unknown strategy {name!r} "
+                            f"(choose from: {', '.join(STRATEGIES)})")
+
+    def _axis(self, axis: str, g: GuestEntry) -> list:
+        value = g.overrides.get(axis, getattr(self, axis))
+        return [value] if isinstance(value, str) else list(value)
+
+    def _strategies(self, g: GuestEntry) -> list[str]:
+        from tlslab.hypervisor.strategies import STRATEGIES
+
+        value = g.overrides.get("strategies", self.strategies)
+        if value == "all" or value == ["all"]:
+            return list(STRATEGIES)
+        return [value] if isinstance(value, str) else list(value)
+
+    # ------------------------------------------------------------------ expansion
+    def cells(self) -> list[Cell]:
+        """Every cell of the matrix, in spec order (guests x trees x variants x strategies x profiles)."""
+        out: list[Cell] = []
+        seen: set[str] = set()
+        for g in self.guests:
+            trees = [None] if g.root else g.trees
+            for tree in trees:
+                workload = g.workload(tree, len(trees) > 1)
+                for variant in self._axis("variants", g):
+                    skip = _variant_unavailable(g.name, variant)
+                    for strategy in self._strategies(g):
+                        for profile in self._axis("profiles", g):
+                            spec = RunSpec(guest=g.name, args=tuple(g.args), strategy=strategy, profile=profile,
+                                           tree=tree if not g.root else None, root=g.root,
+                                           seed=self.seed if g.seed is None else int(g.seed),
+                                           stdout=g.stdout or self.stdout, variant=variant, applet=g.applet,
+                                           timeout_seconds=self.timeout_seconds)
+                            weight = g.weight * _tree_factor(tree) * (0.4 if strategy == "native" else 1.0)
+                            cell = Cell(spec, workload, round(weight, 3), skip)
+                            if cell.id in seen:
+                                continue
+                            seen.add(cell.id)
+                            out.append(cell)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "source": self.source, "toml": self.raw}
+
+
+def _tree_factor(tree: str | None) -> float:
+    """Cells on bigger trees cost more: entries / 400 (the small tree), at least 1."""
+    from tlslab.linux.tree import TreeSpec
+
+    if tree is None:
+        return 1.0
+    t = TreeSpec.parse(tree)
+    return max(1.0, (t.dirs + t.files + t.symlinks) / 400)
+
+
+@functools.lru_cache(maxsize=None)
+def _variant_unavailable(guest: str, variant: str) -> str | None:
+    """Why a (guest, variant) cannot run on this machine, or None. Only Debian guests are checked here:
+    an unknown bundled guest or a bad path is a worker failure, recorded with its traceback."""
+    from tlslab import debian
+    from tlslab.guests import GuestError, resolve_guest
+
+    if guest not in debian.GUEST_PACKAGES:
+        return None
+    if variant != "default":
+        return f"{guest} has no {variant} build (it is Debian's binary)"
+    try:
+        resolve_guest(guest, variant)
+    except (GuestError, OSError) as exc:
+        return f"{guest} unavailable here: {exc}"
+    except Exception as exc:  # apt/network trouble of any kind: skip, with the reason
+        return f"{guest} unavailable here: {type(exc).__name__}: {exc}"
+    return None
+
+
+def load_spec(path: str | Path | None = None) -> MatrixSpec:
+    p = Path(path) if path else DEFAULT_SPEC
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"matrix spec {p} does not exist") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read matrix spec {p}: {exc}") from None
+    return MatrixSpec.from_toml(text, str(p) if path else f"{p.name} (bundled default)")

@@ -1,0 +1,289 @@
+"""From a run's cell records to today's version of Keir's table.
+
+For every workload x build variant x hypervisor profile: the modelled time of
+each strategy relative to native (``x``), and faults (#GP traps taken) per
+1,000 guest instructions. Modelled times are re-priced from the stored
+counters with the chosen cost profile, so any profile -- stored, or fitted in
+this run -- applies to old runs too.
+
+The cost profile: the spec's ``cost_profile``. If that is ``fit``, or
+``xen-2004`` and no stored profile has that name, it is *fitted in this run* with
+:func:`tlslab.hypervisor.costmodel.fit_xen_2004` on the spec's ``[fit]``
+workload (native/emulate/flip cells of that workload). The fitted workload's
+row then reproduces Keir's 1.00/1.67/2.17 by construction and is marked as
+the fit target: it is not evidence; the other rows are predictions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tlslab.bench.store import RunDir
+from tlslab.hypervisor import costmodel
+
+KEIR_RATIOS = {k: v / costmodel.KEIR_2004_MS["native"] for k, v in costmodel.KEIR_2004_MS.items()}
+
+
+@dataclass
+class ProfileChoice:
+    profile: costmodel.CostProfile
+    note: str
+    fitted: bool
+    fit_key: tuple | None = None      # (workload, variant, hv) the fit was made on
+
+
+@dataclass
+class Summary:
+    run_id: str
+    choice: ProfileChoice
+    strategies: list[str]
+    rows: list[dict]
+    failures: list[dict]
+    crashes: list[dict]
+    skipped: list[dict]
+    counts: dict
+    meta: dict = field(default_factory=dict)
+    spec: dict = field(default_factory=dict)
+    missing: int = 0
+
+
+def _key(rec: dict) -> tuple:
+    s = rec["spec"]
+    return (rec["workload"], s["variant"], s["profile"])
+
+
+def fit_profile(records: list[dict], fit: dict) -> tuple[costmodel.CostProfile, tuple] | None:
+    guest, tree = fit.get("guest", "lsr"), fit.get("tree", "4k")
+    variant, hv = fit.get("variant", "default"), fit.get("profile", "nonpae")
+    by_strategy = {}
+    for rec in records:
+        s = rec["spec"]
+        if (s["guest"], s.get("tree"), s["variant"], s["profile"]) == (guest, tree, variant, hv) \
+                and rec.get("outcome") == "ok":
+            by_strategy[s["strategy"]] = rec
+    if not all(k in by_strategy for k in ("native", "emulate", "flip")):
+        return None
+    workload = by_strategy["native"]["workload"]
+    try:
+        p = costmodel.fit_xen_2004(by_strategy["native"]["counters"], by_strategy["emulate"]["counters"],
+                                   by_strategy["flip"]["counters"], f"{workload} ({variant}, {hv})")
+    except (ValueError, ZeroDivisionError):
+        return None
+    return p, (workload, variant, hv)
+
+
+def _stored_fit_key(profile: costmodel.CostProfile, records: list[dict]) -> tuple | None:
+    """The (workload, variant, hv) of this run that a stored fitted profile was fitted on, if any.
+
+    ``fit_xen_2004``'s workload strings look like "lsr (default, sha256 afcafdd19133) on tree '4k'".
+    """
+    import re
+
+    text = str(profile.provenance.get("workload") or profile.fitted_on)
+    m = re.search(r"(\S+) \((\w+), sha256 ([0-9a-f]+)\) on tree '([^']+)'", text)
+    if not m:
+        return None
+    guest, variant, sha, tree = m.groups()
+    for rec in records:
+        s = rec["spec"]
+        if s["guest"] == guest and s["variant"] == variant and s.get("tree") == tree and s["profile"] == "nonpae" \
+                and (rec.get("guest") or {}).get("sha256", "").startswith(sha):
+            return (rec["workload"], variant, "nonpae")
+    return None
+
+
+def choose_profile(records: list[dict], name: str, fit: dict) -> ProfileChoice:
+    profiles = costmodel.available_profiles()
+    if name in profiles and name != "fit":
+        p = profiles[name]
+        if p.kind == "fitted":
+            key = _stored_fit_key(p, records)
+            where = f"; its fit workload is the row marked (fit target): it reproduces the targets by " \
+                    f"construction and is not evidence, the other rows are predictions" if key else ""
+            return ProfileChoice(p, f"cost profile {p.label()} (stored, FITTED){where}", True, key)
+        return ProfileChoice(p, f"cost profile {p.label()} (stored)", False)
+    if name in ("xen-2004", "fit"):  # "fit": always fit in this run, even if a stored xen-2004 exists
+        fitted = fit_profile(records, fit)
+        if fitted:
+            p, key = fitted
+            return ProfileChoice(p, f"cost profile {p.name}: FITTED in this run to Keir Fraser's 2004 table "
+                                    f"(180/300/390 ms) on {p.fitted_on.split(' on ', 1)[1]}; that row reproduces "
+                                    "the table by construction (not evidence), the other rows are predictions",
+                                 True, key)
+        p = costmodel.NOMINAL
+        return ProfileChoice(p, "cost profile xen-2004 could not be fitted (no ok native/emulate/flip cells of the "
+                                f"[fit] workload {fit or '(lsr, 4k)'}); using {p.label()}: weighted instruction "
+                                "counts, not times", False)
+    p = costmodel.NOMINAL
+    return ProfileChoice(p, f"cost profile {name!r} is unknown here; using {p.label()}", False)
+
+
+def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
+    info = run.read_run()
+    records = list(run.latest().values())
+    spec = info.get("spec", {})
+    choice = choose_profile(records, profile_name or spec.get("cost_profile", "nominal"), spec.get("fit", {}))
+    cells = info.get("cells", [])
+    strategies: list[str] = []
+    order: list[tuple] = []
+    for c in cells:
+        s = c["spec"]
+        if s["strategy"] not in strategies:
+            strategies.append(s["strategy"])
+        k = (c["workload"], s["variant"], s["profile"])
+        if k not in order:
+            order.append(k)
+    for rec in records:  # records of cells not in run.json (should not happen) still show
+        k = _key(rec)
+        if k not in order:
+            order.append(k)
+        if rec["spec"]["strategy"] not in strategies:
+            strategies.append(rec["spec"]["strategy"])
+
+    grouped: dict[tuple, dict[str, dict]] = {k: {} for k in order}
+    for rec in records:
+        grouped[_key(rec)][rec["spec"]["strategy"]] = rec
+
+    rows = []
+    for key in order:
+        by = grouped[key]
+        native = by.get("native")
+        native_ns = None
+        if native and native.get("outcome") == "ok":
+            native_ns = costmodel.predict(choice.profile, native["counters"]).total_ns
+        row = {"workload": key[0], "variant": key[1], "hv_profile": key[2],
+               "native_ms": native_ns / 1e6 if native_ns else None,
+               "fit_target": key == choice.fit_key, "cells": {}}
+        for strat in strategies:
+            rec = by.get(strat)
+            if rec is None:
+                row["cells"][strat] = {"outcome": "missing"}
+                continue
+            cell = {"outcome": rec.get("outcome"), "reason": rec.get("reason"), "cell": rec["cell"]}
+            counters = rec.get("counters")
+            if counters and rec.get("outcome") in ("ok", "guest-crash"):
+                ns = costmodel.predict(choice.profile, counters).total_ns
+                instr = counters.get("instructions", 0)
+                traps = counters.get("strategy", {}).get("traps", 0)
+                cell.update({
+                    "ms": ns / 1e6,
+                    "ratio": (ns / native_ns) if native_ns and rec.get("outcome") == "ok" else None,
+                    "instructions": instr,
+                    "traps": traps,
+                    "faults_per_k": 1000.0 * traps / instr if instr else None,
+                    "negative": counters.get("segments", {}).get("gs", {}).get("negative", 0),
+                    "sign_changes": counters.get("segments", {}).get("gs", {}).get("sign_changes", 0),
+                    "wall_seconds": rec.get("wall_seconds"),
+                })
+                if native and native.get("outcome") == "ok" and rec.get("outcome") == "ok":
+                    cell["output_matches"] = rec["stdout"]["sha256"] == native["stdout"]["sha256"]
+            if rec.get("crash"):
+                cell["crash"] = rec["crash"]
+            row["cells"][strat] = cell
+        em, fl = row["cells"].get("emulate", {}), row["cells"].get("flip", {})
+        row["flip_over_emulate_faults"] = (fl["traps"] / em["traps"]) if em.get("traps") and fl.get("traps") is not None \
+            and em.get("outcome") == "ok" and fl.get("outcome") == "ok" else None
+        rows.append(row)
+
+    failures = [r for r in records if r.get("outcome") == "failed"]
+    crashes = [r for r in records if r.get("outcome") == "guest-crash"]
+    skipped = [r for r in records if r.get("outcome") == "skipped"]
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.get("outcome", "?")] = counts.get(r.get("outcome", "?"), 0) + 1
+    cell_ids = {c["id"] for c in cells}
+    missing = len(cell_ids - {r["cell"] for r in records})
+    return Summary(info.get("run_id", run.id), choice, strategies, rows, failures, crashes, skipped, counts,
+                   info.get("meta", {}), spec, missing)
+
+
+# --------------------------------------------------------------------------- rendering
+
+def fmt_ratio(cell: dict) -> str:
+    o = cell.get("outcome")
+    if o == "ok":
+        r = cell.get("ratio")
+        text = f"{r:.2f}x" if r is not None else "?"
+        if cell.get("output_matches") is False:
+            text += " !out"
+        return text
+    if o == "guest-crash":
+        return "crash"
+    if o == "failed":
+        return "FAILED"
+    if o == "skipped":
+        return "skip"
+    return "-"
+
+
+def fmt_faults(cell: dict) -> str:
+    o = cell.get("outcome")
+    f = cell.get("faults_per_k")
+    if o in ("ok", "guest-crash") and f is not None:
+        return f"{f:.2f}" + ("" if o == "ok" else " (crash)")
+    return fmt_ratio(cell) if o != "ok" else "-"
+
+
+def render(summary: Summary, console=None) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console()
+    if not console.is_terminal and console.width < 160:
+        console.width = 160
+    st = summary.strategies
+    console.print(f"[bold]{escape(summary.choice.note)}[/]")
+    t = Table(title=f"modelled time relative to native (x) -- run {summary.run_id}", header_style="bold",
+              caption="crash: the strategy refused a fault and the guest got SIGSEGV (a measurement, see `tlslab "
+                      "faults`); !out: output differs from native; FAILED: the cell did not run (see failures)")
+    t.add_column("workload")
+    t.add_column("build")
+    t.add_column("native ms", justify="right")
+    for s in st:
+        if s != "native":
+            t.add_column(s, justify="right")
+    t.add_column("flip/emul faults", justify="right")
+    for row in summary.rows:
+        name = escape(row["workload"]) + (" (fit target)" if row["fit_target"] else "")
+        if row["hv_profile"] != "nonpae":
+            name += f" [{row['hv_profile']}]"
+        cells = []
+        for s in st:
+            if s == "native":
+                continue
+            c = row["cells"][s]
+            text = fmt_ratio(c)
+            style = {"guest-crash": "yellow", "failed": "bold red", "skipped": "dim"}.get(c.get("outcome"), "")
+            cells.append(f"[{style}]{text}[/]" if style else text)
+        fr = row["flip_over_emulate_faults"]
+        t.add_row(name, row["variant"], f"{row['native_ms']:.1f}" if row["native_ms"] else fmt_ratio(row["cells"].get("native", {})),
+                  *cells, f"{fr:.2f}" if fr is not None else "-")
+    keir = [f"{KEIR_RATIOS[s]:.2f}x" if s in KEIR_RATIOS else "" for s in st if s != "native"]
+    t.add_row("[italic]Keir 2004: ls -R /usr/lib[/]", "[italic]Xen[/]", "180.0", *keir, "~2 (\"nearly twice\")",
+              style="dim")
+    console.print(t)
+
+    f = Table(title="faults (#GP traps) per 1,000 guest instructions", header_style="bold")
+    f.add_column("workload")
+    f.add_column("build")
+    f.add_column("instructions", justify="right")
+    for s in st:
+        if s != "native":
+            f.add_column(s, justify="right")
+    for row in summary.rows:
+        instr = next((c.get("instructions") for c in row["cells"].values() if c.get("outcome") == "ok"), None)
+        f.add_row(escape(row["workload"]), row["variant"], f"{instr:,}" if instr else "-",
+                  *[fmt_faults(row["cells"][s]) for s in st if s != "native"])
+    console.print(f)
+
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items()))
+    console.print(f"cells: {counts}" + (f", {summary.missing} not run yet (resume the run)" if summary.missing else ""))
+    for r in summary.failures:
+        console.print(f"[bold red]FAILED[/] {escape(r['label'])}: {escape(str(r.get('reason')))}")
+    meta = summary.meta
+    if meta:
+        console.print(f"[dim]tlslab {meta.get('tlslab_version')} @ {meta.get('git_commit', '?')[:12]}"
+                      f"{' (dirty)' if meta.get('git_dirty') else ''}, Python {meta.get('python_version')}, "
+                      f"unicorn {meta.get('unicorn_version')}, capstone {meta.get('capstone_version')}, "
+                      f"{meta.get('cpu_model')} ({meta.get('cpu_count')} CPUs), host {meta.get('hostname')}[/]")

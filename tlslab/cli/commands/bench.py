@@ -1,0 +1,129 @@
+"""`tlslab bench [SPEC.toml] [--jobs N] [--resume RUN] [--out DIR]`: run a benchmark matrix."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tlslab.cli import UsageError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a matrix of guests x strategies x parameters in worker processes; results to results/<run-id>/",
+        description="Run a benchmark matrix (default: the bundled default spec, tlslab/bench/default.toml) in "
+        "worker processes. Every finished cell is appended durably to RESULTS/<run-id>/cells.jsonl; a killed run "
+        "is finished with --resume RUN. At the end: modelled time of each strategy relative to native, and "
+        "faults per 1,000 instructions, per guest and build.",
+    )
+    p.add_argument("spec", nargs="?", default=None, help="matrix spec (TOML); default: the bundled default matrix")
+    p.add_argument("--jobs", "-j", type=int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--resume", metavar="RUN", default=None,
+                   help="finish an interrupted run (a run id under --out, or a run directory)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: run failed and skipped cells again (the newest record of a cell wins)")
+    p.add_argument("--out", default="results", help="results directory (default: results)")
+    p.add_argument("--list", action="store_true", help="print the cells of the matrix and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cost-profile", default=None,
+                   help="cost profile for the summary table (default: the spec's cost_profile)")
+    p.set_defaults(handler=run)
+
+
+def default_jobs() -> int:
+    """One worker per core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from tlslab.bench import runner, summary
+    from tlslab.bench.spec import SpecError, load_spec
+    from tlslab.bench.store import StoreError, resolve_run
+
+    jobs = args.jobs if args.jobs is not None else default_jobs()
+    if jobs < 1:
+        raise UsageError("--jobs must be >= 1")
+    if args.resume and args.spec:
+        raise UsageError("give either a SPEC or --resume RUN (a run keeps its own spec in run.json)")
+    if args.retry_failed and not args.resume:
+        raise UsageError("--retry-failed needs --resume RUN")
+    err = Console(stderr=True, highlight=False)
+    out = Console(highlight=False)
+    argv = ["tlslab", "bench", *sys.argv[2:]] if sys.argv and sys.argv[0].endswith(("tlslab", "__main__.py")) \
+        else list(sys.argv)
+
+    if args.resume:
+        try:
+            rundir = resolve_run(args.resume, args.out)
+            cells, todo, warnings = runner.cells_to_run(rundir, retry_failed=args.retry_failed)
+        except StoreError as exc:
+            raise UsageError(str(exc)) from None
+        for w in warnings:
+            err.print(f"[yellow]warning:[/] {w}")
+        err.print(f"resuming run {rundir.id}: {len(cells) - len(todo)} of {len(cells)} cells already recorded, "
+                  f"{len(todo)} to run")
+    else:
+        try:
+            spec = load_spec(args.spec)
+            if args.list:
+                for c in spec.cells():
+                    print(f"{c.id}  {c.label}" + (f"  [skip: {c.skip}]" if c.skip else ""))
+                return 0
+            rundir, cells = runner.start_run(spec, args.out, jobs, argv)
+        except SpecError as exc:
+            raise UsageError(str(exc)) from None
+        todo = cells
+        err.print(f"run {rundir.id}: {len(cells)} cells ({spec.source}), {jobs} worker(s) -> {rundir.cells_path}")
+
+    if todo:
+        _run_with_progress(rundir, todo, jobs, err, args.no_progress, argv)
+    s = summary.summarize(rundir, args.cost_profile)
+    summary.render(s, out)
+    out.print(f"results: {rundir.path}  (report: tlslab report {rundir.path}; csv: tlslab export {rundir.path} --csv)")
+    return 0
+
+
+def _run_with_progress(rundir, todo, jobs, err, no_progress, argv) -> None:
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from rich.markup import escape
+
+    from tlslab.bench import runner
+
+    total = sum(c.weight for c in todo if not c.skip) or 1.0
+    counts = {"done": 0, "failed": 0, "crash": 0}
+    n = len(todo)
+    progress = Progress(SpinnerColumn(), TextColumn("[bold]bench[/]"), BarColumn(),
+                        TextColumn("{task.fields[cells]}"), TextColumn("elapsed"), TimeElapsedColumn(),
+                        TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
+                        console=err, disable=no_progress, transient=False)
+    task = progress.add_task("bench", total=total, cells=f"0/{n} cells", last="")
+
+    def on_cell(cell, record) -> None:
+        counts["done"] += 1
+        outcome = record.get("outcome")
+        if outcome == "failed":
+            counts["failed"] += 1
+            progress.console.print(f"[bold red]FAILED[/] {escape(cell.label)}: {escape(str(record.get('reason')))}")
+        elif outcome == "guest-crash":
+            counts["crash"] += 1
+        extra = "".join([f", {counts['failed']} failed" if counts["failed"] else "",
+                         f", {counts['crash']} guest crashes" if counts["crash"] else ""])
+        progress.update(task, advance=0 if cell.skip else cell.weight, cells=f"{counts['done']}/{n} cells{extra}",
+                        last=escape(cell.label))
+        if no_progress:
+            err.print(escape(f"[{counts['done']}/{n}] {cell.label}: {outcome}"))
+
+    try:
+        with progress:
+            runner.execute_run(rundir, todo, jobs, progress=on_cell, argv=argv)
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/]: finished cells are saved; finish with "
+                  f"`tlslab bench --resume {rundir.path}`")
+        raise

@@ -1,0 +1,28 @@
+"""``tlslab report``: figures + HTML for one bench run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tlslab.bench.store import RunDir
+from tlslab.bench.summary import summarize
+
+
+def build_report(run: RunDir, out: Path, profile: str | None = None, command: str | None = None) -> Path:
+    from tlslab.report import figures, html
+
+    out.mkdir(parents=True, exist_ok=True)
+    info = run.read_run()
+    records = list(run.latest().values())
+    s = summarize(run, profile)
+    figs = figures.all_figures(s, records, out)
+    page = html.render_html(s, info, records, figs, command, run)
+    index = out / "index.html"
+    index.write_text(page)
+    (out / "summary.json").write_text(json.dumps({
+        "run_id": s.run_id, "cost_profile": s.choice.profile.label(), "profile_note": s.choice.note,
+        "fitted": s.choice.fitted, "strategies": s.strategies, "rows": s.rows, "counts": s.counts,
+        "coverage": figures.coverage_data(records),
+    }, indent=2, sort_keys=True, default=str) + "\n")
+    return index

@@ -1,0 +1,289 @@
+"""One self-contained HTML page for a bench run: tables + figures.
+
+Figures are embedded as ``data:image/svg+xml;base64`` URIs (the page needs no
+other file), and also written next to it as PNG and SVG. No JavaScript, no
+external fonts or styles.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from tlslab.bench.summary import KEIR_RATIOS, Summary, fmt_faults, fmt_ratio
+from tlslab.report.figures import coverage_data
+
+CSS = """
+:root { --fg:#1d1d1f; --muted:#5f6368; --line:#d9d9de; --bg:#ffffff; --band:#f6f7f9; --warn:#fff4d6; --bad:#fde8e4; }
+* { box-sizing: border-box; }
+body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color: var(--fg);
+       background: var(--bg); margin: 0; }
+main { max-width: 1280px; margin: 0 auto; padding: 28px 32px 60px; }
+h1 { font-size: 28px; margin: 0 0 4px; letter-spacing: -0.01em; }
+h2 { font-size: 20px; margin: 36px 0 8px; padding-bottom: 4px; border-bottom: 2px solid var(--line); }
+h3 { font-size: 16px; margin: 22px 0 6px; }
+.sub { color: var(--muted); margin: 0 0 18px; }
+.note { background: var(--warn); border-left: 4px solid #E69F00; padding: 10px 14px; margin: 12px 0; border-radius: 4px; }
+.ok { color: #007a5a; } .bad { color: #b3261e; font-weight: 600; } .crash { color: #a05a00; } .dim { color: var(--muted); }
+table { border-collapse: collapse; margin: 10px 0 6px; font-size: 13.5px; }
+th, td { padding: 5px 10px; border-bottom: 1px solid var(--line); text-align: right; white-space: nowrap; }
+th { background: var(--band); font-weight: 600; position: sticky; top: 0; }
+td.l, th.l { text-align: left; }
+tr.keir td { font-style: italic; color: var(--muted); background: #fafafa; }
+tr.fit td { background: #fffaf0; }
+td.wrap { white-space: normal; max-width: 560px; text-align: left; }
+table.fixed { table-layout: fixed; width: 100%; }
+table.fixed td { white-space: normal; word-break: break-word; vertical-align: top; }
+.scroll { overflow-x: auto; }
+figure { margin: 18px 0 26px; }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; background: white; }
+figcaption { color: var(--muted); font-size: 13px; margin-top: 6px; max-width: 1100px; }
+code, pre { font-family: "SFMono-Regular", Menlo, Consolas, monospace; font-size: 12.5px; }
+pre { background: var(--band); padding: 10px 12px; border-radius: 6px; overflow-x: auto; }
+details { margin: 8px 0; } summary { cursor: pointer; font-weight: 600; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 6px 24px; font-size: 13.5px; }
+.grid div span { color: var(--muted); }
+.toc a { margin-right: 14px; }
+"""
+
+
+def esc(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def data_uri(path: Path) -> str:
+    mime = "image/svg+xml" if path.suffix == ".svg" else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _cls(cell: dict) -> str:
+    return {"guest-crash": "crash", "failed": "bad", "skipped": "dim"}.get(cell.get("outcome"), "")
+
+
+def _ratio_table(s: Summary) -> str:
+    st = [x for x in s.strategies if x != "native"]
+    out = ['<div class="scroll"><table><tr><th class="l">workload</th><th class="l">build</th><th>native ms</th>']
+    out += [f"<th>{esc(x)}</th>" for x in st] + ["<th>flip/emulate faults</th></tr>"]
+    for r in s.rows:
+        name = esc(r["workload"]) + (" <b>(fit target)</b>" if r["fit_target"] else "")
+        if r["hv_profile"] != "nonpae":
+            name += f" [{esc(r['hv_profile'])}]"
+        tds = []
+        for x in st:
+            c = r["cells"][x]
+            title = esc(c.get("reason") or "")
+            tds.append(f'<td class="{_cls(c)}" title="{title}">{esc(fmt_ratio(c))}</td>')
+        fr = r["flip_over_emulate_faults"]
+        nat = f"{r['native_ms']:.1f}" if r["native_ms"] else esc(fmt_ratio(r["cells"].get("native", {})))
+        out.append(f'<tr class="{"fit" if r["fit_target"] else ""}"><td class="l">{name}</td>'
+                   f'<td class="l">{esc(r["variant"])}</td><td>{nat}</td>{"".join(tds)}'
+                   f'<td>{f"{fr:.2f}" if fr is not None else "-"}</td></tr>')
+    keir = "".join(f"<td>{KEIR_RATIOS[x]:.2f}x</td>" if x in KEIR_RATIOS else "<td></td>" for x in st)
+    out.append(f'<tr class="keir"><td class="l">Keir Fraser 2004: ls -R /usr/lib</td><td class="l">Xen</td>'
+               f'<td>180.0</td>{keir}<td>"nearly twice"</td></tr>')
+    out.append("</table></div>")
+    return "\n".join(out)
+
+
+def _faults_table(s: Summary) -> str:
+    st = [x for x in s.strategies if x != "native"]
+    out = ['<div class="scroll"><table><tr><th class="l">workload</th><th class="l">build</th><th>instructions</th>']
+    out += [f"<th>{esc(x)}</th>" for x in st] + ["</tr>"]
+    for r in s.rows:
+        instr = next((c.get("instructions") for c in r["cells"].values() if c.get("outcome") == "ok"), None)
+        tds = "".join(f'<td class="{_cls(r["cells"][x])}">{esc(fmt_faults(r["cells"][x]))}</td>' for x in st)
+        out.append(f'<tr><td class="l">{esc(r["workload"])}</td><td class="l">{esc(r["variant"])}</td>'
+                   f'<td>{f"{instr:,}" if instr else "-"}</td>{tds}</tr>')
+    out.append("</table></div>")
+    return "\n".join(out)
+
+
+def _profiles_table(run, s: Summary) -> str:
+    """The same counters priced by every available cost profile: emulate and flip relative to native."""
+    from tlslab.bench.summary import summarize
+    from tlslab.hypervisor import costmodel
+
+    names = [n for n in costmodel.available_profiles() if n != "nominal"] or ["nominal"]
+    sums = {n: summarize(run, n) for n in names}
+    picks = [x for x in ("emulate", "flip", "rewrite") if x in s.strategies]
+    out = ['<div class="scroll"><table><tr><th class="l" rowspan="2">workload</th><th class="l" rowspan="2">build</th>']
+    for n in names:
+        kind = sums[n].choice.profile.kind
+        out.append(f'<th colspan="{len(picks)}">{esc(n)} <span class="dim">({esc(kind)})</span></th>')
+    out.append("</tr><tr>" + "".join(f"<th>{esc(x)}</th>" for _n in names for x in picks) + "</tr>")
+    for i, row in enumerate(s.rows):
+        tds = []
+        for n in names:
+            r = sums[n].rows[i]
+            for x in picks:
+                c = r["cells"].get(x, {})
+                tds.append(f'<td class="{_cls(c)}">{esc(fmt_ratio(c))}</td>')
+        out.append(f'<tr><td class="l">{esc(row["workload"])}</td><td class="l">{esc(row["variant"])}</td>'
+                   f'{"".join(tds)}</tr>')
+    out.append("</table></div>")
+    notes = "".join(f"<li><b>{esc(n)}</b>: {esc(sums[n].choice.profile.description)}"
+                    + (f" <i>fitted on {esc(sums[n].choice.profile.fitted_on)}</i>" if sums[n].choice.profile.fitted_on else "")
+                    + "</li>" for n in names)
+    return "\n".join(out) + f'<ul class="dim">{notes}</ul>'
+
+
+def _crash_table(s: Summary) -> str:
+    if not s.crashes:
+        return "<p>No guest crashed.</p>"
+    out = ['<div class="scroll"><table class="fixed"><colgroup><col style="width:25%"><col style="width:19%">'
+           '<col style="width:21%"><col style="width:26%"><col style="width:9%"></colgroup>'
+           '<tr><th class="l">cell</th><th class="l">crash site</th>'
+           '<th class="l">instruction</th><th class="l">reason</th><th>instructions before</th></tr>']
+    for r in sorted(s.crashes, key=lambda r: r["label"]):
+        c = r.get("crash") or {}
+        eip = c.get("eip")
+        out.append(f'<tr><td class="l">{esc(r["label"])}</td>'
+                   f'<td class="l"><code>{eip:#010x}</code> &lt;{esc(c.get("symbol", ""))}&gt;</td>'
+                   f'<td class="l"><code>{esc(c.get("instruction", ""))}</code></td>'
+                   f'<td class="wrap">{esc(c.get("reason", ""))}</td>'
+                   f'<td>{r.get("counters", {}).get("instructions", 0):,}</td></tr>')
+    out.append("</table></div>")
+    return "\n".join(out)
+
+
+def _failure_list(s: Summary) -> str:
+    parts = []
+    if s.failures:
+        parts.append("<h3>Failed cells (the runner could not measure them)</h3><ul>")
+        for r in s.failures:
+            tb = r.get("traceback")
+            parts.append(f'<li><b>{esc(r["label"])}</b>: <span class="bad">{esc(r.get("reason"))}</span>'
+                         + (f"<details><summary>traceback</summary><pre>{esc(tb)}</pre></details>" if tb else "")
+                         + "</li>")
+        parts.append("</ul>")
+    if s.skipped:
+        parts.append("<h3>Skipped cells</h3><ul>")
+        for r in s.skipped:
+            parts.append(f'<li>{esc(r["label"])}: <span class="dim">{esc(r.get("reason"))}</span></li>')
+        parts.append("</ul>")
+    if s.missing:
+        parts.append(f'<p class="bad">{s.missing} cells have not run yet: finish with <code>tlslab bench --resume '
+                     f'{esc(s.run_id)}</code>.</p>')
+    return "\n".join(parts) or "<p>Every cell ran.</p>"
+
+
+def _coverage_table(records: list[dict]) -> str:
+    data = coverage_data(records)
+    if not data:
+        return "<p>No ok emulate/flip-full cells to judge the 2004 decoders on.</p>"
+    labels = list(next(iter(data))["decoders"])
+    out = ['<div class="scroll"><table><tr><th class="l">workload (default build)</th>']
+    out += [f"<th>{esc(lab)}</th>" for lab in labels] + ['<th class="l">why not (examples)</th></tr>']
+    for row in data:
+        tds = []
+        whys = []
+        for lab in labels:
+            d = row["decoders"].get(lab)
+            if not d:
+                tds.append("<td>-</td>")
+                continue
+            cls = "ok" if d["unhandled_sites"] == 0 else ("crash" if d["handled_share"] > 0.5 else "bad")
+            tds.append(f'<td class="{cls}">{100 * d["handled_share"]:.0f}% of {d["faults"]:,} faults; '
+                       f'{d["unhandled_sites"]} of {d["sites"]} sites not</td>')
+            if d["reasons"]:
+                whys.append(f"<b>{esc(lab)}</b>: " + esc("; ".join(d["reasons"][:3])))
+        out.append(f'<tr><td class="l">{esc(row["workload"])}</td>{"".join(tds)}'
+                   f'<td class="wrap">{"<br>".join(whys) or "-"}</td></tr>')
+    out.append("</table></div>")
+    return "\n".join(out)
+
+
+def _meta(s: Summary, info: dict) -> str:
+    m = s.meta
+    items = [
+        ("run", s.run_id), ("created", info.get("created", "?")), ("status", info.get("status", "?")),
+        ("tlslab", f"{m.get('tlslab_version')} @ {str(m.get('git_commit'))[:12]}" + (" (dirty tree)" if m.get("git_dirty") else "")),
+        ("Python", m.get("python_version")), ("unicorn", m.get("unicorn_version")), ("capstone", m.get("capstone_version")),
+        ("CPU", f"{m.get('cpu_model')} x {m.get('cpu_count')}"), ("host", m.get("hostname")),
+        ("cells", ", ".join(f"{v} {k}" for k, v in sorted(s.counts.items()))),
+        ("spec", s.spec.get("source", "?")), ("jobs", info.get("jobs", "?")),
+    ]
+    return '<div class="grid">' + "".join(f"<div><span>{esc(k)}:</span> {esc(v)}</div>" for k, v in items) + "</div>"
+
+
+CAPTIONS = {
+    "overhead": "Modelled time of each strategy relative to the untruncated native run of the same guest and build "
+                "(native = 1). Modelled time = counters x prices of the cost profile named below the chart; the lab's "
+                "own wall time is not the quantity of interest. Hatched first group: Keir Fraser's 2004 measurement "
+                "(180/300/390 ms). x: the guest crashed (the strategy refused a fault; see the crash table).",
+    "faults": "#GP faults per 1,000 guest instructions. Emulation faults on every negative-offset access; flipping "
+              "faults whenever consecutive %gs accesses change sign; rewriting faults once per site (then patched). "
+              "Log scale.",
+    "timeline": "Cumulative faults against retired guest instructions, from the exact instruction count at every "
+                "trap (bench cells store 201 points of this curve). The flip/emulate ratio depends on how the "
+                "workload interleaves +ve TCB fields (canary, syscall vector) with -ve TLS variables (errno, tcache).",
+    "coverage": "Share of the faults of today's glibc that each 2004 decoder could have handled: Xen's emulate.c "
+                "against the faults of a full emulator, Xen's seg_fixup.c and XenLinux's fixup.c against those of "
+                "a full-decoder flip. Every unhandled fault is a SIGSEGV for the guest.",
+}
+
+
+def render_html(summary: Summary, info: dict, records: list[dict], figures: dict[str, list[Path]],
+                command: str | None = None, run=None) -> str:
+    s = summary
+    fitted_note = ""
+    if s.choice.fitted:
+        fitted_note = ('<p class="note"><b>Fitted cost profile.</b> ' + esc(s.choice.note) +
+                       '. Judge the model on the rows it was <i>not</i> fitted on.</p>')
+    else:
+        fitted_note = f'<p class="note">{esc(s.choice.note)}</p>'
+    figs = []
+    for name in ("overhead", "faults", "timeline", "coverage"):
+        paths = figures.get(name) or []
+        svg = next((p for p in paths if p.suffix == ".svg"), None)
+        png = next((p for p in paths if p.suffix == ".png"), None)
+        if svg is None:
+            continue
+        links = " ".join(f'<a href="{esc(p.name)}">{esc(p.suffix[1:].upper())}</a>' for p in (png, svg) if p)
+        figs.append(f'<figure id="fig-{name}"><img alt="{esc(name)} figure" src="{data_uri(svg)}">'
+                    f'<figcaption>{esc(CAPTIONS[name])} [{links}]</figcaption></figure>')
+    fig_by_name = {f.split('"')[1].removeprefix("fig-"): f for f in figs}
+    profile = s.choice.profile
+    prices = {k: v for k, v in profile.__dict__.items() if k.endswith("_ns") and v}
+    cmd = f"<pre>{esc(command)}</pre>" if command else ""
+    title = f"tlslab bench report: {esc(s.spec.get('name', s.run_id))}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title><style>{CSS}</style></head>
+<body><main>
+<h1>{title}</h1>
+<p class="sub">What Xen's truncated segment limits cost glibc's negative <code>%gs</code> offsets, per fault strategy:
+real static i386 glibc guests in Unicorn under a model of the hypervisor. Today's version of Keir Fraser's 2004 table
+(<code>ls -R</code>: 180 ms native, 300 ms emulate, 390 ms flip).</p>
+<p class="toc"><a href="#summary">summary</a><a href="#fig-overhead">overhead</a><a href="#faults">faults</a>
+<a href="#fig-timeline">timeline</a><a href="#coverage">2004 coverage</a><a href="#crashes">crashes</a>
+<a href="#failures">failures</a><a href="#run">run</a></p>
+{_meta(s, info)}
+{fitted_note}
+<h2 id="summary">Modelled time relative to native</h2>
+{_ratio_table(s)}
+<p class="dim">crash: the strategy refused a fault and the guest got SIGSEGV (a measurement, not a runner failure);
+!out: output differs from native; FAILED: see below. Cost profile: <b>{esc(profile.label())}</b>;
+prices (ns): <code>{esc(json.dumps({k: round(v, 3) for k, v in prices.items()}))}</code>.</p>
+{fig_by_name.get("overhead", "")}
+{"<h3>The same counters under every cost profile</h3>" + _profiles_table(run, s) if run is not None else ""}
+<h2 id="faults">Faults per 1,000 guest instructions</h2>
+{_faults_table(s)}
+{fig_by_name.get("faults", "")}
+<h2>Fault timeline</h2>
+{fig_by_name.get("timeline", "")}
+<h2 id="coverage">Coverage of the 2004 decoders</h2>
+{_coverage_table(records)}
+{fig_by_name.get("coverage", "")}
+<h2 id="crashes">Guest crashes</h2>
+{_crash_table(s)}
+<h2 id="failures">Failures and skipped cells</h2>
+{_failure_list(s)}
+<h2 id="run">Run</h2>
+{cmd}
+<details><summary>matrix spec</summary><pre>{esc(json.dumps(s.spec, indent=2, sort_keys=True, default=str))}</pre></details>
+<details><summary>run metadata</summary><pre>{esc(json.dumps(s.meta, indent=2, sort_keys=True))}</pre></details>
+</main></body></html>
+"""
