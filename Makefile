@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) -m tlslab bench
+	$(PY) -m tlslab bench --report
 
 guests:
 	$(MAKE) -C guests

@@ -25,6 +25,8 @@ def register(sub) -> None:
                    help="with --resume: run failed and skipped cells again (the newest record of a cell wins)")
     p.add_argument("--out", default="results", help="results directory (default: results)")
     p.add_argument("--list", action="store_true", help="print the cells of the matrix and exit")
+    p.add_argument("--report", action="store_true",
+                   help="also write the report (figures + HTML) to RUN/report when the matrix is done")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--cost-profile", default=None,
                    help="cost profile for the summary table (default: the spec's cost_profile)")
@@ -85,8 +87,27 @@ def run(args) -> int:
         _run_with_progress(rundir, todo, jobs, err, args.no_progress, argv)
     s = summary.summarize(rundir, args.cost_profile)
     summary.render(s, out)
+    (rundir.path / "summary.txt").write_text(_render_text(s))
+    if args.report:
+        from tlslab.report.build import build_report
+
+        index = build_report(rundir, rundir.path / "report", args.cost_profile, f"tlslab bench --report")
+        out.print(f"report: {index}")
     out.print(f"results: {rundir.path}  (report: tlslab report {rundir.path}; csv: tlslab export {rundir.path} --csv)")
     return 0
+
+
+def _render_text(s) -> str:
+    """The summary table as plain text, kept beside the cells."""
+    import io
+
+    from rich.console import Console
+
+    from tlslab.bench import summary
+
+    buf = io.StringIO()
+    summary.render(s, Console(file=buf, width=140, force_terminal=False, color_system=None))
+    return buf.getvalue()
 
 
 def _run_with_progress(rundir, todo, jobs, err, no_progress, argv) -> None:
