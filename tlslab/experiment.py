@@ -7,7 +7,7 @@ hardware backend describe a run the same way; ``execute`` composes the layers
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from tlslab.guests import GuestBinary, resolve_guest
 from tlslab.hypervisor.domain import Domain, RunResult

@@ -18,6 +18,19 @@ Design (what survives what):
 * A *guest crash* (the strategy refused a fault and the guest got SIGSEGV) is a
   successful measurement -- outcome ``guest-crash`` with the crash site --
   and is not a failure of the runner.
+* hw cells (``backend = "hw"``: the guest on this CPU under the ptrace
+  supervisor, :mod:`tlslab.bench.hwcells`) run in a final *serial phase*,
+  after every model cell has finished and the pool has been retired: one
+  worker, one cell at a time, tracer and guest pinned to the ``[hw] cpu``.
+  Their measurement is a wall time, and the ``hw-*`` cost profile it is
+  compared with was calibrated the same way (pinned, nothing else running);
+  a Unicorn worker on the other core would share caches, memory bandwidth
+  and -- on a VM -- possibly the physical core, so running them beside the
+  model cells (even on distinct CPUs) would bias the comparison. The phase
+  is short (tens of traced runs of a second or less). Before it, the runner
+  asks whether this host can run them at all; if not, every hw cell is
+  recorded as *skipped* with the reason (so is a cell whose run reports
+  the backend unavailable).
 * Killing the runner (even SIGKILL) loses at most the cells in flight:
   workers die with it (``PR_SET_PDEATHSIG``, and EOF on their pipe), and
   ``--resume RUN`` re-expands nothing: it takes the cell list from
@@ -193,12 +206,23 @@ def run_cell_safely(cell_dict: dict) -> dict:
     cell = Cell.from_dict(cell_dict)
     started, t0 = now_iso(), time.perf_counter()
     try:
-        record = measure(cell)
+        if cell.backend == "hw":
+            from tlslab.bench import hwcells
+
+            _inject(cell.label)
+            record = hwcells.measure(cell)
+        else:
+            record = measure(cell)
     except BaseException as exc:  # a worker-level failure: recorded, never fatal to the run
         if isinstance(exc, KeyboardInterrupt):
             raise
-        record = {"outcome": "failed", "reason": f"{type(exc).__name__}: {exc}",
-                  "traceback": traceback.format_exc()}
+        from tlslab.hw.backend import HwUnavailable
+
+        if isinstance(exc, HwUnavailable):  # the host cannot do it: a skip with the reason, not a failure
+            record = {"outcome": "skipped", "reason": str(exc)}
+        else:
+            record = {"outcome": "failed", "reason": f"{type(exc).__name__}: {exc}",
+                      "traceback": traceback.format_exc()}
     record.update({"started": started, "ended": now_iso(), "cell_seconds": time.perf_counter() - t0,
                    "worker_pid": os.getpid(), "loadavg_end": _loadavg()})
     return record
@@ -301,7 +325,7 @@ class Runner:
 
     def _finish(self, writer: CellWriter, cell: Cell, record: dict) -> dict:
         full = {"cell": cell.id, "run_id": self.run.id, "label": cell.label, "workload": cell.workload,
-                "spec": cell.to_dict()["spec"], "meta": self.meta, **record}
+                "backend": cell.backend, "spec": cell.to_dict()["spec"], "meta": self.meta, **record}
         full.setdefault("reason", None)
         writer.append(full)
         if self.progress:
@@ -311,16 +335,36 @@ class Runner:
     def run_cells(self, cells: list[Cell]) -> list[dict]:
         writer = CellWriter(self.run.cells_path)
         written: list[dict] = []
-        pending = deque()
-        for cell in cells:
-            if cell.skip:
-                t = now_iso()
-                written.append(self._finish(writer, cell, {"outcome": "skipped", "reason": cell.skip,
-                                                           "started": t, "ended": t}))
-            else:
-                pending.append(cell)
-        # longest first (LPT): the heavy cells do not end up alone at the tail of the run
-        pending = deque(sorted(pending, key=lambda c: -c.weight))
+        model: list[Cell] = []
+        hw: list[Cell] = []
+        try:
+            for cell in cells:
+                if cell.skip:
+                    self._skip(writer, written, cell, cell.skip)
+                else:
+                    (hw if cell.backend == "hw" else model).append(cell)
+            # longest first (LPT): the heavy cells do not end up alone at the tail of the run
+            self._phase(writer, written, sorted(model, key=lambda c: -c.weight), self.jobs)
+            if hw:  # serial, pinned, after the pool is gone (module docstring)
+                from tlslab.bench import hwcells
+
+                why = hwcells.unavailable()
+                if why:
+                    for cell in hw:
+                        self._skip(writer, written, cell, why)
+                else:
+                    self._phase(writer, written, hw, 1)
+        finally:
+            writer.close()
+        return written
+
+    def _skip(self, writer: CellWriter, written: list[dict], cell: Cell, reason: str) -> None:
+        t = now_iso()
+        written.append(self._finish(writer, cell, {"outcome": "skipped", "reason": reason, "started": t, "ended": t}))
+
+    def _phase(self, writer: CellWriter, written: list[dict], cells: list[Cell], jobs: int) -> None:
+        """Run ``cells`` in order on up to ``jobs`` workers; the workers are retired at the end."""
+        pending = deque(cells)
         workers: list[_Worker] = []
         try:
             while pending or any(w.cell for w in workers):
@@ -328,7 +372,7 @@ class Runner:
                     if w.cell is None and w.tasks >= self.max_tasks:
                         w.retire()
                         workers[i] = _Worker(self.ctx)
-                while pending and (len(workers) < self.jobs or any(w.cell is None for w in workers)):
+                while pending and (len(workers) < jobs or any(w.cell is None for w in workers)):
                     idle = next((w for w in workers if w.cell is None), None)
                     if idle is None:
                         idle = _Worker(self.ctx)
@@ -364,8 +408,6 @@ class Runner:
                     w.kill()
                 else:
                     w.retire()
-            writer.close()
-        return written
 
     def _collect(self, w: _Worker, now: float) -> dict | None:
         """The worker's record if it finished, a failed record if it died or overran, else None."""
@@ -395,9 +437,12 @@ class Runner:
 # --------------------------------------------------------------------------- runs
 
 def hard_timeout_for(spec_timeout: float, kill_after: float | None = None):
+    def runs(cell: Cell) -> int:  # an hw cell is `repeat` runs of the guest
+        return max(1, int(cell.options.get("repeat", 1))) if cell.backend == "hw" else 1
+
     if kill_after:
-        return lambda cell: kill_after
-    return lambda cell: (cell.spec.timeout_seconds or spec_timeout) * 1.25 + 30.0
+        return lambda cell: kill_after * runs(cell)
+    return lambda cell: (cell.spec.timeout_seconds or spec_timeout) * 1.25 * runs(cell) + 30.0
 
 
 def new_run_dir(out: str | Path, name: str) -> RunDir:
@@ -418,7 +463,7 @@ def new_run_dir(out: str | Path, name: str) -> RunDir:
 def spec_record(spec: MatrixSpec) -> dict:
     return {**spec.to_dict(), "cost_profile": spec.cost_profile, "fit": spec.fit,
             "timeout_seconds": spec.timeout_seconds, "max_tasks_per_child": spec.max_tasks_per_child,
-            "kill_after_seconds": spec.kill_after_seconds}
+            "kill_after_seconds": spec.kill_after_seconds, "backends": spec.backends, "hw": spec.hw}
 
 
 def start_run(spec: MatrixSpec, out: str | Path, jobs: int, argv: list[str] | None = None,

@@ -30,9 +30,28 @@ the matrix is expanded), build variants, hypervisor profiles. Example::
     args = ["-R"]
     variants = ["default"]                       # per-guest override of an axis
 
-A cell is one ``RunSpec``; its identity is a hash of the spec's canonical JSON
-(:func:`cell_id`), so the same cell has the same id in every run and a resumed
-run recognises what it has already measured.
+Backends: ``backends = ["unicorn"]`` (the default: the model only) or
+``["unicorn", "hw"]``, top level or per guest. ``hw`` adds, next to the model's
+cells, cells that run the same guest on this CPU under the ptrace supervisor
+(:mod:`tlslab.hw`), for the strategies the supervisor implements (native,
+emulate, flip; other strategies get no hw cell). A ``[hw]`` table narrows and
+tunes them::
+
+    [hw]
+    strategies = ["native", "emulate", "flip"]   # subset of these (default: all three)
+    variants = ["default"]                       # default: every variant of the guest
+    repeat = 3                                   # traced runs per cell; the median is the measurement
+    cpu = 0                                      # tracer and guest pinned here
+
+hw cells run after every model cell, one at a time (see runner.py); where the
+host cannot run them (no 32-bit exec, ptrace refused) they are recorded as
+skipped with the reason.
+
+A cell is one ``RunSpec`` plus its backend; its identity is a hash of the
+spec's canonical JSON (:func:`cell_id`; the backend enters the hash only when
+it is not ``unicorn``, so model cells keep the ids they had before backends
+existed), so the same cell has the same id in every run and a resumed run
+recognises what it has already measured.
 """
 
 from __future__ import annotations
@@ -47,7 +66,10 @@ from pathlib import Path
 from tlslab.experiment import RunSpec
 
 DEFAULT_SPEC = Path(__file__).with_name("default.toml")
-AXES = ("strategies", "variants", "profiles")
+AXES = ("strategies", "variants", "profiles", "backends")
+BACKENDS = ("unicorn", "hw")
+HW_BENCH_STRATEGIES = ("native", "emulate", "flip")   # what the ptrace supervisor implements
+HW_KEYS = {"strategies", "variants", "repeat", "cpu"}
 
 
 class SpecError(ValueError):
@@ -58,10 +80,13 @@ def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
 
 
-def cell_id(spec: RunSpec | dict) -> str:
-    """Stable identity of a cell: sha256 of the RunSpec's canonical JSON, 16 hex digits."""
+def cell_id(spec: RunSpec | dict, backend: str = "unicorn") -> str:
+    """Stable identity of a cell: sha256 of the RunSpec's canonical JSON (+ the backend unless it is the
+    model's), 16 hex digits. Model cells keep the ids they had before backends existed."""
     d = spec.to_dict() if isinstance(spec, RunSpec) else dict(spec)
     d["args"] = list(d.get("args") or ())
+    if backend != "unicorn":
+        d["backend"] = backend
     return hashlib.sha256(canonical_json(d).encode()).hexdigest()[:16]
 
 
@@ -77,23 +102,30 @@ class Cell:
     workload: str           # "lsr [4k]", "syscalls 300": the row of the summary
     weight: float = 1.0     # relative expected cost, for scheduling (longest first)
     skip: str | None = None  # reason if the cell cannot run here (recorded, not run)
+    backend: str = "unicorn"  # unicorn (the model) | hw (this CPU, ptrace supervisor)
+    options: dict = field(default_factory=dict, compare=False, hash=False)  # hw: repeat, cpu (not identity)
 
     @property
     def id(self) -> str:
-        return cell_id(self.spec)
+        return cell_id(self.spec, self.backend)
 
     @property
     def label(self) -> str:
         s = self.spec
-        return f"{self.workload} {s.variant} {s.strategy} {s.profile}"
+        return f"{self.workload} {s.variant} {s.strategy} {s.profile}" + (" on hw" if self.backend == "hw" else "")
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "workload": self.workload, "weight": self.weight, "skip": self.skip,
-                "label": self.label, "spec": {**self.spec.to_dict(), "args": list(self.spec.args)}}
+        d = {"id": self.id, "workload": self.workload, "weight": self.weight, "skip": self.skip,
+             "label": self.label, "spec": {**self.spec.to_dict(), "args": list(self.spec.args)}}
+        if self.backend != "unicorn":       # run.json of model-only runs is unchanged
+            d["backend"] = self.backend
+            d["options"] = dict(self.options)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Cell":
-        return cls(spec_from_dict(d["spec"]), d["workload"], d.get("weight", 1.0), d.get("skip"))
+        return cls(spec_from_dict(d["spec"]), d["workload"], d.get("weight", 1.0), d.get("skip"),
+                   d.get("backend", "unicorn"), dict(d.get("options") or {}))
 
 
 @dataclass
@@ -132,6 +164,8 @@ class MatrixSpec:
     max_tasks_per_child: int = 20
     kill_after_seconds: float | None = None   # hard per-cell deadline (default: timeout * 1.25 + 30 s)
     fit: dict = field(default_factory=dict)
+    backends: list[str] = field(default_factory=lambda: ["unicorn"])
+    hw: dict = field(default_factory=dict)    # the [hw] table: strategies, variants, repeat, cpu
     guests: list[GuestEntry] = field(default_factory=list)
     source: str = ""
     raw: dict = field(default_factory=dict)
@@ -149,7 +183,7 @@ class MatrixSpec:
     def from_dict(cls, raw: dict, source: str = "") -> "MatrixSpec":
         where = source or "spec"
         known = {"name", "description", "strategies", "variants", "profiles", "cost_profile", "timeout_seconds",
-                 "stdout", "seed", "max_tasks_per_child", "kill_after_seconds", "fit", "guest"}
+                 "stdout", "seed", "max_tasks_per_child", "kill_after_seconds", "fit", "guest", "backends", "hw"}
         unknown = set(raw) - known
         if unknown:
             raise SpecError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -187,6 +221,8 @@ class MatrixSpec:
             max_tasks_per_child=int(raw.get("max_tasks_per_child", 20)),
             kill_after_seconds=float(raw["kill_after_seconds"]) if "kill_after_seconds" in raw else None,
             fit=dict(raw.get("fit", {})),
+            backends=[raw["backends"]] if isinstance(raw.get("backends"), str) else list(raw.get("backends", ["unicorn"])),
+            hw=dict(raw.get("hw", {})),
             guests=guests,
             source=source,
             raw=raw,
@@ -216,6 +252,32 @@ class MatrixSpec:
                         raise SpecError(f"{where}: guest {g.name}: {exc}") from None
         if self.timeout_seconds <= 0:
             raise SpecError(f"{where}: timeout_seconds must be > 0")
+        self._validate_backends()
+
+    def _validate_backends(self) -> None:
+        where = self.source or "spec"
+        for g in self.guests:
+            backends = self._axis("backends", g)
+            for b in backends:
+                if b not in BACKENDS:
+                    raise SpecError(f"{where}: guest {g.name}: unknown backend {b!r} (choose from {', '.join(BACKENDS)})")
+            if "hw" in backends and "unicorn" not in backends:
+                raise SpecError(f"{where}: guest {g.name}: an hw cell is compared with the model's cell: "
+                                "backends must include unicorn too")
+        bad = set(self.hw) - HW_KEYS
+        if bad:
+            raise SpecError(f"{where}: [hw]: unknown key(s) {', '.join(sorted(bad))} (known: {', '.join(sorted(HW_KEYS))})")
+        for s in self.hw.get("strategies", []):
+            if s not in HW_BENCH_STRATEGIES:
+                raise SpecError(f"{where}: [hw] strategies: {s!r} has no hw implementation "
+                                f"(choose from {', '.join(HW_BENCH_STRATEGIES)})")
+        from tlslab.guests import VARIANTS
+
+        for v in self.hw.get("variants", []):
+            if v not in VARIANTS:
+                raise SpecError(f"{where}: [hw] variants: unknown variant {v!r}")
+        if int(self.hw.get("repeat", 3)) < 1:
+            raise SpecError(f"{where}: [hw] repeat must be >= 1")
 
     def _check_strategy(self, name: str) -> None:
         from tlslab.hypervisor.strategies import STRATEGIES
@@ -260,10 +322,31 @@ class MatrixSpec:
                                 continue
                             seen.add(cell.id)
                             out.append(cell)
+                            if "hw" in self._axis("backends", g) and self._hw_wants(strategy, variant):
+                                hw = Cell(spec, workload, round(0.05 * self.hw_options()["repeat"] * _tree_factor(tree), 3),
+                                          skip or _hw_cell_skip(spec), "hw", self.hw_options())
+                                if hw.id not in seen:
+                                    seen.add(hw.id)
+                                    out.append(hw)
         return out
+
+    def hw_options(self) -> dict:
+        return {"repeat": int(self.hw.get("repeat", 3)), "cpu": int(self.hw.get("cpu", 0))}
+
+    def _hw_wants(self, strategy: str, variant: str) -> bool:
+        strategies = self.hw.get("strategies", HW_BENCH_STRATEGIES)
+        variants = self.hw.get("variants")
+        return strategy in strategies and strategy in HW_BENCH_STRATEGIES and (variants is None or variant in variants)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "source": self.source, "toml": self.raw}
+
+
+def _hw_cell_skip(spec: RunSpec) -> str | None:
+    """Why this hw cell can never run (whatever the host); host availability is decided when it runs."""
+    if spec.stdout == "tty":
+        return "the hw backend cannot model a tty stdout"
+    return None
 
 
 def _tree_factor(tree: str | None) -> float:

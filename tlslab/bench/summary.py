@@ -12,6 +12,12 @@ The cost profile: the spec's ``cost_profile``. If that is ``fit``, or
 workload (native/emulate/flip cells of that workload). The fitted workload's
 row then reproduces Keir's 1.00/1.67/2.17 by construction and is marked as
 the fit target: it is not evidence; the other rows are predictions.
+
+hw cells (the same guests on this CPU, :mod:`tlslab.bench.hwcells`) are kept
+out of those rows; ``Summary.hw`` is their own table: per workload and
+strategy, the modelled time under the measured ``hw-*`` profile (from the
+model's counters) against the measured time, the prediction error, and the
+fault counts of model and CPU (which must be equal).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class Summary:
     meta: dict = field(default_factory=dict)
     spec: dict = field(default_factory=dict)
     missing: int = 0
+    hw: dict | None = None          # tlslab.bench.hwcells.comparison(): None if the run has no hw cells
 
 
 def _key(rec: dict) -> tuple:
@@ -98,8 +105,8 @@ def choose_profile(records: list[dict], name: str, fit: dict) -> ProfileChoice:
         p = profiles[name]
         if p.kind == "fitted":
             key = _stored_fit_key(p, records)
-            where = f"; its fit workload is the row marked (fit target): it reproduces the targets by " \
-                    f"construction and is not evidence, the other rows are predictions" if key else ""
+            where = "; its fit workload is the row marked (fit target): it reproduces the targets by " \
+                    "construction and is not evidence, the other rows are predictions" if key else ""
             return ProfileChoice(p, f"cost profile {p.label()} (stored, FITTED){where}", True, key)
         return ProfileChoice(p, f"cost profile {p.label()} (stored)", False)
     if name in ("xen-2004", "fit"):  # "fit": always fit in this run, even if a stored xen-2004 exists
@@ -119,11 +126,15 @@ def choose_profile(records: list[dict], name: str, fit: dict) -> ProfileChoice:
 
 
 def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
+    from tlslab.bench import hwcells
+
     info = run.read_run()
-    records = list(run.latest().values())
+    all_records = list(run.latest().values())
+    records = [r for r in all_records if not hwcells.is_hw(r)]     # the model's cells: the rows below
     spec = info.get("spec", {})
     choice = choose_profile(records, profile_name or spec.get("cost_profile", "nominal"), spec.get("fit", {}))
-    cells = info.get("cells", [])
+    all_cells = info.get("cells", [])
+    cells = [c for c in all_cells if c.get("backend", "unicorn") == "unicorn"]
     strategies: list[str] = []
     order: list[tuple] = []
     for c in cells:
@@ -185,16 +196,17 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
             and em.get("outcome") == "ok" and fl.get("outcome") == "ok" else None
         rows.append(row)
 
-    failures = [r for r in records if r.get("outcome") == "failed"]
+    failures = [r for r in all_records if r.get("outcome") == "failed"]
     crashes = [r for r in records if r.get("outcome") == "guest-crash"]
-    skipped = [r for r in records if r.get("outcome") == "skipped"]
+    skipped = [r for r in all_records if r.get("outcome") == "skipped"]
     counts: dict[str, int] = {}
-    for r in records:
-        counts[r.get("outcome", "?")] = counts.get(r.get("outcome", "?"), 0) + 1
-    cell_ids = {c["id"] for c in cells}
-    missing = len(cell_ids - {r["cell"] for r in records})
+    for r in all_records:
+        key = r.get("outcome", "?") + (" (hw)" if hwcells.is_hw(r) else "")
+        counts[key] = counts.get(key, 0) + 1
+    cell_ids = {c["id"] for c in all_cells}
+    missing = len(cell_ids - {r["cell"] for r in all_records})
     return Summary(info.get("run_id", run.id), choice, strategies, rows, failures, crashes, skipped, counts,
-                   info.get("meta", {}), spec, missing)
+                   info.get("meta", {}), spec, missing, hwcells.comparison(all_records, choice))
 
 
 # --------------------------------------------------------------------------- rendering
@@ -277,6 +289,7 @@ def render(summary: Summary, console=None) -> None:
                   *[fmt_faults(row["cells"][s]) for s in st if s != "native"])
     console.print(f)
 
+    render_hw(summary, console)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items()))
     console.print(f"cells: {counts}" + (f", {summary.missing} not run yet (resume the run)" if summary.missing else ""))
     for r in summary.failures:
@@ -287,3 +300,80 @@ def render(summary: Summary, console=None) -> None:
                       f"{' (dirty)' if meta.get('git_dirty') else ''}, Python {meta.get('python_version')}, "
                       f"unicorn {meta.get('unicorn_version')}, capstone {meta.get('capstone_version')}, "
                       f"{meta.get('cpu_model')} ({meta.get('cpu_count')} CPUs), host {meta.get('hostname')}[/]")
+
+
+# --------------------------------------------------------------------------- hw vs model
+
+HW_CAPTION = ("measured: median exec-to-exit time of the traced run on this CPU (tracer and guest pinned; "
+              "[min-max] over the repeats); modelled: the model's counters x the measured profile's prices; "
+              "error = (modelled - measured) / measured. The profile prices an instruction from *untraced* runs "
+              "and has no per-run price, so the fixed cost of tracing a run (ptrace attach, the seccomp stop at "
+              "set_thread_area; a fraction of a ms) is not modelled: native cells are under-predicted by it. "
+              "Faults must be equal: the model and the CPU take the same #GP faults at the same instructions. "
+              "The FITTED column prices the same counters for Xen in 2004: not comparable to this CPU's times.")
+
+
+def hw_equal_text(row: dict) -> str:
+    """'=' when faults, sites, stdout and status agree, else what differs (loud)."""
+    if row.get("hw_outcome") != "ok":
+        return row.get("hw_outcome") or "-"
+    if row.get("faults_equal") is None:
+        return "no model cell"
+    names = {"faults_equal": "FAULTS", "sites_equal": "SITES", "stdout_equal": "STDOUT", "status_equal": "STATUS",
+             "faults_stable": "UNSTABLE"}
+    bad = [k for k in names if row.get(k) is False]
+    return "=" if not bad else "DIFFER: " + ",".join(names[k] for k in bad)
+
+
+def fmt_ms(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def fmt_pct(v) -> str:
+    return "-" if v is None else f"{v:+.0f}%"
+
+
+def fmt_x(v) -> str:
+    return "" if v is None else f" ({v:.2f}x)"
+
+
+def render_hw(summary: Summary, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    hw = summary.hw
+    if not hw:
+        return
+    prof = hw["profile"] or "no measured hw-* profile stored"
+    fit = hw["fitted"] or "no fitted profile"
+    t = Table(title=f"hw backend: measured on this CPU vs modelled under {prof} (measured profile); "
+                    f"{fit} FITTED beside", header_style="bold", caption=HW_CAPTION)
+    for col, j in (("workload", "left"), ("build", "left"), ("strategy", "left"), ("faults model", "right"),
+                   ("faults hw", "right"), ("model=hw", "left"), ("measured ms", "right"),
+                   (f"{prof} ms", "right"), ("error", "right"), (f"{fit} ms (FITTED)", "right")):
+        t.add_column(col, justify=j)
+    for r in hw["rows"]:
+        eq = hw_equal_text(r)
+        eq_s = f"[bold red]{escape(eq)}[/]" if eq.startswith("DIFFER") else (
+            f"[dim]{escape(eq)}[/]" if eq != "=" else eq)
+        meas = "-"
+        if r.get("measured_ms") is not None:
+            meas = f"{fmt_ms(r['measured_ms'])} [{fmt_ms(r['measured_min_ms'])}-{fmt_ms(r['measured_max_ms'])}]"
+        elif r.get("hw_outcome") == "skipped":
+            meas = "[dim]skipped[/]"
+        t.add_row(escape(r["workload"]), r["variant"], r["strategy"],
+                  f"{r['model_faults']:,}" if r.get("model_faults") is not None else "-",
+                  f"{r['hw_faults']:,}" if r.get("hw_faults") is not None else "-", eq_s, meas,
+                  fmt_ms(r.get("modelled_ms")), fmt_pct(r.get("error_pct")), fmt_ms(r.get("fitted_ms")))
+    console.print(t)
+    if hw["profile_provenance"]:
+        console.print(f"[dim]{escape(hw['profile_provenance'])}[/]")
+    if hw["median_abs_error_pct"] is not None:
+        console.print(f"prediction error of {prof}: median |error| {hw['median_abs_error_pct']:.0f}%, "
+                      f"max {hw['max_abs_error_pct']:.0f}% over {sum(1 for r in hw['rows'] if r.get('error_pct') is not None)} cells")
+    if hw["skipped"]:
+        console.print(f"[yellow]{len(hw['skipped'])} hw cells skipped[/]: {escape(str(hw['skipped'][0].get('reason')))}")
+    for m in hw["mismatches"]:
+        console.print(f"[bold red]MODEL != HW[/] {escape(m)}")

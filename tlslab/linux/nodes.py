@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import stat
-import zlib
 from collections.abc import Callable
 
 S_IFMT, S_IFSOCK, S_IFLNK, S_IFREG, S_IFBLK = 0o170000, 0o140000, 0o120000, 0o100000, 0o060000

@@ -39,7 +39,6 @@ from unicorn import (
     UC_MEM_WRITE_UNMAPPED,
     UC_MODE_32,
     UC_PROT_ALL,
-    UC_PROT_READ,
     Uc,
     UcError,
 )

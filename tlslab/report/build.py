@@ -13,8 +13,10 @@ def build_report(run: RunDir, out: Path, profile: str | None = None, command: st
     from tlslab.report import figures, html
 
     out.mkdir(parents=True, exist_ok=True)
+    from tlslab.bench.hwcells import is_hw
+
     info = run.read_run()
-    records = list(run.latest().values())
+    records = [r for r in run.latest().values() if not is_hw(r)]   # hw cells: s.hw, their own table
     s = summarize(run, profile)
     figs = figures.all_figures(s, records, out)
     page = html.render_html(s, info, records, figs, command, run)
@@ -24,5 +26,6 @@ def build_report(run: RunDir, out: Path, profile: str | None = None, command: st
         "run_id": s.run_id, "cost_profile": s.choice.profile.label(), "profile_note": s.choice.note,
         "fitted": s.choice.fitted, "strategies": s.strategies, "rows": s.rows, "counts": s.counts,
         "coverage": figures.coverage_data(records),
+        "hw": s.hw,
     }, indent=2, sort_keys=True, default=str) + "\n")
     return index

@@ -1,4 +1,8 @@
-"""Flat exports of a bench run: one CSV row per cell (the newest record of each cell)."""
+"""Flat exports of a bench run: one CSV row per cell (the newest record of each cell).
+
+hw cells (``backend`` = hw) have no model counters: ``traps`` is the #GP faults the CPU took,
+``hw_run_seconds`` the median traced run time, and the modelled columns are empty.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,14 @@ from tlslab.bench.store import RunDir
 from tlslab.hypervisor import costmodel
 
 BASE_COLUMNS = [
-    "run_id", "cell", "workload", "guest", "variant", "args", "applet", "tree", "root", "strategy", "hv_profile",
+    "run_id", "cell", "backend", "workload", "guest", "variant", "args", "applet", "tree", "root", "strategy", "hv_profile",
     "seed", "outcome", "reason", "exit_status", "crash_eip", "crash_symbol", "crash_instruction",
     "guest_sha256", "instructions", "syscalls", "traps", "faults_per_1k_instructions", "decodes",
     "descriptor_writes", "emulated_accesses", "emulated_instructions", "patches", "notifications", "refused",
     "gs_accesses", "gs_negative", "gs_positive", "gs_sign_changes", "fs_accesses", "fs_negative", "fs_positive",
     "fs_sign_changes", "stdout_sha256", "wall_seconds", "cell_seconds", "started", "ended",
     "tlslab_version", "git_commit", "python_version", "unicorn_version", "capstone_version", "cpu_model", "hostname",
+    "hw_run_seconds", "hw_run_seconds_samples", "hw_fault_sites", "hw_cpu",
 ]
 
 
@@ -39,8 +44,11 @@ def rows(run: RunDir) -> tuple[list[str], list[dict]]:
         meta = r.get("meta", {})
         instr = c.get("instructions")
         traps = st.get("traps")
+        hw = r.get("backend") == "hw"
+        if hw:
+            traps = r.get("faults")
         row = {
-            "run_id": r.get("run_id"), "cell": cid, "workload": r.get("workload"), "guest": s["guest"],
+            "run_id": r.get("run_id"), "cell": cid, "backend": r.get("backend", "unicorn"), "workload": r.get("workload"), "guest": s["guest"],
             "variant": s["variant"], "args": " ".join(s.get("args") or []), "applet": s.get("applet") or "",
             "tree": s.get("tree") or "", "root": s.get("root") or "", "strategy": s["strategy"],
             "hv_profile": s["profile"], "seed": s.get("seed"), "outcome": r.get("outcome"),
@@ -64,6 +72,10 @@ def rows(run: RunDir) -> tuple[list[str], list[dict]]:
         for k in ("tlslab_version", "git_commit", "python_version", "unicorn_version", "capstone_version",
                   "cpu_model", "hostname"):
             row[k] = meta.get(k)
+        if hw:
+            row.update({"hw_run_seconds": r.get("run_seconds"),
+                        "hw_run_seconds_samples": " ".join(f"{x:.6f}" for x in r.get("run_seconds_samples") or []),
+                        "hw_fault_sites": len(r.get("hw_fault_sites") or []), "hw_cpu": r.get("cpu")})
         for name, p in profiles.items():
             row[f"modelled_ns[{name}]"] = costmodel.predict(p, c).total_ns if c else None
         out.append(row)

@@ -374,11 +374,138 @@ def coverage_figure(records: list[dict], out: Path) -> list[Path]:
     return _save(fig, out, "coverage")
 
 
+# --------------------------------------------------------------------------- hw: model vs this CPU
+
+HW_MARKERS = {"native": "o", "emulate": "s", "flip": "^"}
+
+
+def hw_figure(summary: Summary, out: Path) -> list[Path]:
+    """Three panels: modelled (measured hw-* profile) against measured ms, log-log with y = x; the
+    prediction error per cell; overhead relative to native measured / modelled / FITTED xen-2004."""
+    hw = summary.hw or {}
+    rows = [r for r in hw.get("rows", []) if r.get("measured_ms") is not None]
+    styles = strategy_styles(["native", "emulate", "flip"])
+    prof, fit = hw.get("profile") or "hw profile", hw.get("fitted") or "fitted profile"
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.6), gridspec_kw={"width_ratios": [1.0, 1.25, 1.25]})
+    if not rows:
+        reason = (hw.get("skipped") or [{}])[0].get("reason") or "no hw cell finished"
+        for ax in axes:
+            ax.axis("off")
+        axes[1].text(0.5, 0.5, "\n".join(_wrap(f"no hw measurements: {reason}", 60)), ha="center", va="center")
+        fig.suptitle("Model vs this CPU (hw backend)", fontsize=13, fontweight="bold")
+        return _save(fig, out, "hw")
+    workloads = list(dict.fromkeys(f"{r['workload']} ({r['variant']})" if r["variant"] != "default" else r["workload"]
+                                   for r in rows))
+
+    def wl(r):
+        return f"{r['workload']} ({r['variant']})" if r["variant"] != "default" else r["workload"]
+
+    # 1: scatter
+    ax = axes[0]
+    pts = [r for r in rows if r.get("modelled_ms")]
+    lo = min([r["measured_ms"] for r in pts] + [r["modelled_ms"] for r in pts] + [1.0]) / 1.6
+    hi = max([r["measured_ms"] for r in pts] + [r["modelled_ms"] for r in pts] + [1.0]) * 1.6
+    ax.plot([lo, hi], [lo, hi], color="#333333", linewidth=1, linestyle="--", label="modelled = measured")
+    ax.fill_between([lo, hi], [lo / 1.25, hi / 1.25], [lo * 1.25, hi * 1.25], color="#999999", alpha=0.15,
+                    label="within 25%")
+    for r in pts:
+        bad = r.get("faults_equal") is False or r.get("sites_equal") is False
+        ax.scatter(r["measured_ms"], r["modelled_ms"], marker=HW_MARKERS.get(r["strategy"], "o"), s=46,
+                   color=styles.get(r["strategy"], {"color": "#999999"})["color"],
+                   edgecolor="#B00020" if bad else "#222222", linewidth=2.0 if bad else 0.5, zorder=3)
+        ax.annotate(wl(r).replace("lsr ", ""), (r["measured_ms"], r["modelled_ms"]), xytext=(4, -3),
+                    textcoords="offset points", fontsize=6.5, color="#444444")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("measured on this CPU (ms, median traced run)")
+    ax.set_ylabel(f"modelled with {prof} (ms, model's counters)")
+    ax.set_title(f"{prof} (measured profile) vs measured", fontsize=11)
+    handles = [plt.Line2D([], [], marker=m, color=styles[s]["color"], linestyle="", markersize=7, label=s)
+               for s, m in HW_MARKERS.items()]
+    ax.legend(handles=handles + ax.get_legend_handles_labels()[0], loc="upper left", frameon=False, fontsize=8)
+
+    # 2: error bars
+    ax = axes[1]
+    strategies = [s for s in HW_MARKERS if any(r["strategy"] == s for r in rows)]
+    bar_w = 0.8 / max(1, len(strategies))
+    for wi, w in enumerate(workloads):
+        for si, strat in enumerate(strategies):
+            r = next((x for x in rows if wl(x) == w and x["strategy"] == strat), None)
+            if r is None or r.get("error_pct") is None:
+                continue
+            x = wi - 0.4 + bar_w * (si + 0.5)
+            st = styles[strat]
+            ax.bar(x, r["error_pct"], bar_w, color=st["color"], hatch=st["hatch"], edgecolor="#333333",
+                   linewidth=0.4)
+            ax.annotate(f"{r['error_pct']:+.0f}%", (x, r["error_pct"]), xytext=(0, 2 if r["error_pct"] >= 0 else -9),
+                        textcoords="offset points", ha="center", fontsize=6.5)
+            if r.get("faults_equal") is False or r.get("sites_equal") is False:
+                ax.annotate("FAULTS\nDIFFER", (x, 0), xytext=(0, 12), textcoords="offset points", ha="center",
+                            fontsize=7, color="#B00020", fontweight="bold")
+    ax.axhline(0, color="#333333", linewidth=1)
+    ax.set_xticks(range(len(workloads)))
+    ax.set_xticklabels(workloads, fontsize=8, rotation=20 if len(workloads) > 3 else 0,
+                       ha="right" if len(workloads) > 3 else "center")
+    ax.set_ylabel("prediction error (%)  = (modelled - measured) / measured")
+    med = hw.get("median_abs_error_pct")
+    ax.set_title(f"prediction error of {prof}" + (f" (median |error| {med:.0f}%)" if med is not None else ""),
+                 fontsize=11)
+    ax.grid(axis="x", visible=False)
+    ax.legend(handles=[Patch(facecolor=styles[s]["color"], hatch=styles[s]["hatch"], edgecolor="#333333", label=s)
+                       for s in strategies], loc="best", frameon=False, fontsize=8)
+
+    # 3: overhead relative to native
+    ax = axes[2]
+    kinds = [("measured_ratio", "measured on this CPU", "#000000", ""),
+             ("modelled_ratio", f"{prof} (measured profile)", "#56B4E9", ""),
+             ("fitted_ratio", f"{fit} (FITTED, 2004 Xen)", "#CC79A7", "//")]
+    faulting = [s for s in strategies if s != "native"]
+    groups = [(w, s) for w in workloads for s in faulting
+              if any(wl(x) == w and x["strategy"] == s and x.get("measured_ratio") for x in rows)]
+    bw = 0.8 / len(kinds)
+    for gi, (w, strat) in enumerate(groups):
+        r = next(x for x in rows if wl(x) == w and x["strategy"] == strat)
+        for ki, (key, _label, color, hatch) in enumerate(kinds):
+            v = r.get(key)
+            if v:
+                ax.bar(gi - 0.4 + bw * (ki + 0.5), v, bw, color=color, hatch=hatch, edgecolor="#333333",
+                       linewidth=0.4, alpha=0.85)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="#333333", linewidth=1, linestyle="--")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{w} {s}" for w, s in groups], fontsize=7.5, rotation=35, ha="right")
+    ax.set_ylabel("time / native time of the same backend (x, log)")
+    ax.set_title("overhead relative to native", fontsize=11)
+    ax.grid(axis="x", visible=False)
+    ax.legend(handles=[Patch(facecolor=c, hatch=h, edgecolor="#333333", label=lab) for _k, lab, c, h in kinds],
+              loc="upper left", frameon=False, fontsize=8)
+    fig.suptitle("Model vs this CPU: the model's counters priced with the measured hw profile, against the traced "
+                 "runs' measured time", fontsize=12, fontweight="bold")
+    prov = hw.get("profile_provenance") or ""
+    fig.text(0.01, -0.01, "\n".join(_wrap(prov + ". " + hw_fitted_note(hw), 200)), fontsize=8, color="#444444",
+             ha="left", va="top")
+    fig.tight_layout()
+    return _save(fig, out, "hw")
+
+
+def hw_fitted_note(hw: dict) -> str:
+    fit = hw.get("fitted_label")
+    if not fit:
+        return ""
+    return (f"{fit}: FITTED to Keir Fraser's 2004 times on one workload; it prices the same counters for Xen in "
+            "2004 and is shown only as overhead relative to native, never against this CPU's times")
+
+
 def all_figures(summary: Summary, records: list[dict], out: Path) -> dict[str, list[Path]]:
     out.mkdir(parents=True, exist_ok=True)
-    return {
+    figs = {
         "overhead": overhead_figure(summary, out),
         "faults": faults_figure(summary, out),
         "timeline": timeline_figure(summary, records, out),
         "coverage": coverage_figure(records, out),
     }
+    if summary.hw:
+        figs["hw"] = hw_figure(summary, out)
+    return figs

@@ -129,6 +129,72 @@ def _profiles_table(run, s: Summary) -> str:
     return "\n".join(out) + f'<ul class="dim">{notes}</ul>'
 
 
+def _hw_section(s: Summary, fig: str) -> str:
+    """Model vs this CPU: measured time, modelled time under the measured hw profile, error, faults."""
+    from tlslab.bench.summary import HW_CAPTION, fmt_ms, fmt_pct, hw_equal_text
+
+    hw = s.hw
+    if not hw:
+        return ""
+    prof = esc(hw["profile"] or "no measured hw-* profile")
+    fit = esc(hw["fitted"] or "no fitted profile")
+    parts = ['<h2 id="hw">Model vs this CPU (hw backend)</h2>']
+    if hw["mismatches"]:
+        parts.append('<p class="note bad"><b>MODEL AND CPU DISAGREE.</b> ' + "<br>".join(esc(m) for m in hw["mismatches"])
+                     + "</p>")
+    parts.append(f'<p class="note"><b>Consistency check, not validation.</b> {esc(hw["profile_provenance"] or "")}. '
+                 f'{esc(_hw_fitted_note(hw))}.</p>')
+    out = ['<div class="scroll"><table><tr><th class="l" rowspan="2">workload</th><th class="l" rowspan="2">build</th>'
+           '<th class="l" rowspan="2">strategy</th><th colspan="3">#GP faults</th>'
+           '<th colspan="3">measured on this CPU</th>'
+           f'<th colspan="3">modelled: {prof} <span class="dim">(measured)</span></th>'
+           f'<th colspan="2">{fit} <b>(FITTED)</b></th></tr>'
+           '<tr><th>model</th><th>hw</th><th class="l">model = hw</th>'
+           '<th>ms (median)</th><th>min-max</th><th>x native</th>'
+           '<th>ms</th><th>x native</th><th>error</th><th>ms</th><th>x native</th></tr>']
+
+    def x(v):
+        return f"{v:.2f}x" if v is not None else "-"
+
+    for r in hw["rows"]:
+        eq = hw_equal_text(r)
+        cls = "bad" if eq.startswith("DIFFER") else ("ok" if eq == "=" else "dim")
+        title = esc(r.get("reason") or "")
+        if r.get("measured_ms") is not None:
+            meas = (f'<td>{fmt_ms(r["measured_ms"])}</td><td class="dim">{fmt_ms(r["measured_min_ms"])}-'
+                    f'{fmt_ms(r["measured_max_ms"])} ({r.get("repeat")} runs)</td><td>{x(r.get("measured_ratio"))}</td>')
+        else:
+            meas = f'<td colspan="3" class="dim" title="{title}">{esc(r.get("hw_outcome"))}</td>'
+        err = r.get("error_pct")
+        mf = f'{r["model_faults"]:,}' if r.get("model_faults") is not None else "-"
+        hf = f'{r["hw_faults"]:,}' if r.get("hw_faults") is not None else "-"
+        err_cls = "bad" if err is not None and abs(err) > 50 else ""
+        out.append(f'<tr><td class="l">{esc(r["workload"])}</td><td class="l">{esc(r["variant"])}</td>'
+                   f'<td class="l">{esc(r["strategy"])}</td><td>{mf}</td><td>{hf}</td>'
+                   f'<td class="l {cls}" title="{title}">{esc(eq)}</td>{meas}'
+                   f'<td>{fmt_ms(r.get("modelled_ms"))}</td><td>{x(r.get("modelled_ratio"))}</td>'
+                   f'<td class="{err_cls}">{fmt_pct(err)}</td>'
+                   f'<td>{fmt_ms(r.get("fitted_ms"))}</td><td>{x(r.get("fitted_ratio"))}</td></tr>')
+    out.append("</table></div>")
+    parts.append("\n".join(out))
+    summ = ""
+    if hw["median_abs_error_pct"] is not None:
+        n = sum(1 for r in hw["rows"] if r.get("error_pct") is not None)
+        summ = (f" Prediction error of {prof} over {n} cells: median |error| {hw['median_abs_error_pct']:.0f}%, "
+                f"max {hw['max_abs_error_pct']:.0f}%.")
+    parts.append(f'<p class="dim">{esc(HW_CAPTION)}{summ}</p>')
+    if hw["skipped"]:
+        parts.append(f'<p class="dim">{len(hw["skipped"])} hw cells skipped: {esc(hw["skipped"][0].get("reason"))}</p>')
+    parts.append(fig)
+    return "\n".join(parts)
+
+
+def _hw_fitted_note(hw: dict) -> str:
+    from tlslab.report.figures import hw_fitted_note
+
+    return hw_fitted_note(hw)
+
+
 def _crash_table(s: Summary) -> str:
     if not s.crashes:
         return "<p>No guest crashed.</p>"
@@ -219,6 +285,13 @@ CAPTIONS = {
     "timeline": "Cumulative faults against retired guest instructions, from the exact instruction count at every "
                 "trap (bench cells store 201 points of this curve). The flip/emulate ratio depends on how the "
                 "workload interleaves +ve TCB fields (canary, syscall vector) with -ve TLS variables (errno, tcache).",
+    "hw": "Left: the model's counters priced with the measured hw profile against the measured time of the same "
+          "guest on this CPU (median of the traced runs), log-log; points on the dashed line are predicted exactly, "
+          "the band is +-25%; a red edge marks a cell whose fault counts differ between model and CPU. Middle: the "
+          "prediction error per cell. Right: overhead relative to native as measured, as modelled with the measured "
+          "profile, and as modelled with the FITTED xen-2004 profile (Xen in 2004: a different machine and trap "
+          "path, so only its ratios are shown). The measured profile comes from the same host: agreement checks "
+          "that time is linear in the counters, it does not validate the model against an independent machine.",
     "coverage": "Share of the faults of today's glibc that each 2004 decoder could have handled: Xen's emulate.c "
                 "against the faults of a full emulator, Xen's seg_fixup.c and XenLinux's fixup.c against those of "
                 "a full-decoder flip. Every unhandled fault is a SIGSEGV for the guest.",
@@ -235,7 +308,7 @@ def render_html(summary: Summary, info: dict, records: list[dict], figures: dict
     else:
         fitted_note = f'<p class="note">{esc(s.choice.note)}</p>'
     figs = []
-    for name in ("overhead", "faults", "timeline", "coverage"):
+    for name in ("overhead", "faults", "timeline", "coverage", "hw"):
         paths = figures.get(name) or []
         svg = next((p for p in paths if p.suffix == ".svg"), None)
         png = next((p for p in paths if p.suffix == ".png"), None)
@@ -259,7 +332,7 @@ real static i386 glibc guests in Unicorn under a model of the hypervisor. Today'
 (<code>ls -R</code>: 180 ms native, 300 ms emulate, 390 ms flip).</p>
 <p class="toc"><a href="#summary">summary</a><a href="#fig-overhead">overhead</a><a href="#faults">faults</a>
 <a href="#fig-timeline">timeline</a><a href="#coverage">2004 coverage</a><a href="#crashes">crashes</a>
-<a href="#failures">failures</a><a href="#run">run</a></p>
+<a href="#failures">failures</a>{'<a href="#hw">model vs CPU</a>' if s.hw else ''}<a href="#run">run</a></p>
 {_meta(s, info)}
 {fitted_note}
 <h2 id="summary">Modelled time relative to native</h2>
@@ -277,6 +350,7 @@ prices (ns): <code>{esc(json.dumps({k: round(v, 3) for k, v in prices.items()}))
 <h2 id="coverage">Coverage of the 2004 decoders</h2>
 {_coverage_table(records)}
 {fig_by_name.get("coverage", "")}
+{_hw_section(s, fig_by_name.get("hw", ""))}
 <h2 id="crashes">Guest crashes</h2>
 {_crash_table(s)}
 <h2 id="failures">Failures and skipped cells</h2>

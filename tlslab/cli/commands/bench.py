@@ -91,7 +91,7 @@ def run(args) -> int:
     if args.report:
         from tlslab.report.build import build_report
 
-        index = build_report(rundir, rundir.path / "report", args.cost_profile, f"tlslab bench --report")
+        index = build_report(rundir, rundir.path / "report", args.cost_profile, "tlslab bench --report")
         out.print(f"report: {index}")
     out.print(f"results: {rundir.path}  (report: tlslab report {rundir.path}; csv: tlslab export {rundir.path} --csv)")
     return 0

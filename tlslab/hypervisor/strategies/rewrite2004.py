@@ -62,12 +62,12 @@ in the ELF file): see :mod:`tlslab.hypervisor.patches`.
 from __future__ import annotations
 
 from tlslab.hypervisor import patches as P
-from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict
+from tlslab.hypervisor.strategies.base import Action, Trap, Verdict
+from tlslab.hypervisor.strategies.flip import FlipStrategy
 from tlslab.hypervisor.strategies.emulate import fetch_and_decode
 from tlslab.hypervisor.strategies.rewrite import PAGE_SHARING, PATCH_POLICIES, patch_allowed
-from tlslab.machine import layout
 from tlslab.machine.memory import PROT_EXEC, PROT_READ
-from tlslab.x86 import coverage, xen
+from tlslab.x86 import coverage
 from tlslab.x86.decode import DecodeError, decode
 
 FIXUP_BUF_USER = 0x1000
@@ -180,7 +180,9 @@ def build_stub(eip: int, code: bytes, insn) -> tuple[bytes, int, list[str]]:
     return bytes(out), covered, notes
 
 
-class Rewrite2004Strategy(Strategy):
+class Rewrite2004Strategy(FlipStrategy):
+    """Xen's side is exactly ``flip`` (seg_fixup coverage, %gs only); on top, the notification and patching."""
+
     name = "rewrite-2004"
     description = ("XenLinux 2004 fixup.c: Xen flips %gs and notifies (vector 15); the guest kernel patches "
                    "the site with a call into an out-of-line stub at 0x1000")
@@ -199,7 +201,6 @@ class Rewrite2004Strategy(Strategy):
         self.stubs: dict[bytes, int] = {}   # covered code bytes -> address of the stub's pointer
         self.patched: set[int] = set()
         self.hazards: list[str] = []
-        self._flip_memo: dict = {}
 
     def attach(self, domain) -> None:
         domain.vcpu.mem.map(FIXUP_BUF_USER, FIXUP_BUF_SIZE, PROT_READ | PROT_EXEC, "[fixup]")
@@ -214,38 +215,14 @@ class Rewrite2004Strategy(Strategy):
 
     # ------------------------------------------------------------ faults
     def handle(self, trap: Trap) -> Verdict:
-        v = trap.violation
-        domain = trap.domain
-        c = self.counters
-        c.traps += 1
-        if v.segment != "gs":
-            c.refused += 1
-            return Verdict.kill(f"seg_fixup only fixes gs, fault was on {v.segment}")
-        insn = fetch_and_decode(domain, v.eip)
-        c.decodes += 1
-        if isinstance(insn, DecodeError):
-            c.refused += 1
-            return Verdict.kill(f"cannot decode: {insn}")
-        ok, why = coverage.seg_fixup_decodes(insn)
-        if not ok:
-            c.refused += 1
-            c.count("uncovered")
-            return Verdict.kill(f"seg_fixup cannot decode `{insn.mnemonic}`: {why}")
-        # 1. Xen: flip, then bounce vector 15 to the guest kernel
-        key = (v.descriptor, v.offset, v.size)
-        flipped = self._flip_memo.get(key, False)
-        if flipped is False:
-            flipped = self._flip_memo[key] = xen.flip(v.descriptor, v.offset, domain.policy.profile, size=v.size)
-        if flipped is None:
-            c.refused += 1
-            return Verdict.kill(f"genuine fault: {v.reason}")
-        domain.vcpu.set_descriptor(layout.selector_index(v.selector), flipped)
-        c.descriptor_writes += 1
-        c.count("to-expand-down" if flipped.expand_down else "to-expand-up")
-        c.notifications += 1
+        # 1. Xen: seg_fixup flips (or refuses), then bounces vector 15 to the guest kernel
+        verdict = super().handle(trap)
+        if verdict.action is not Action.RESTART:
+            return verdict
+        self.counters.notifications += 1
         # 2. XenLinux: do_fixup_4gb_segment
-        self._fixup(domain, v.eip, insn)
-        return Verdict.restart()
+        self._fixup(trap.domain, trap.violation.eip, fetch_and_decode(trap.domain, trap.violation.eip))
+        return verdict
 
     def _fixup(self, domain, eip: int, insn) -> None:
         c = self.counters
