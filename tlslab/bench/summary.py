@@ -306,9 +306,10 @@ def render(summary: Summary, console=None) -> None:
 
 HW_CAPTION = ("measured: median exec-to-exit time of the traced run on this CPU (tracer and guest pinned; "
               "[min-max] over the repeats); modelled: the model's counters x the measured profile's prices; "
-              "error = (modelled - measured) / measured. The profile prices an instruction from *untraced* runs "
-              "and has no per-run price, so the fixed cost of tracing a run (ptrace attach, the seccomp stop at "
-              "set_thread_area; a fraction of a ms) is not modelled: native cells are under-predicted by it. "
+              "error = (modelled - measured) / measured. The profile prices an instruction from untraced runs "
+              "and has no price for tracing itself (ptrace attach, the seccomp filter on every system call, the "
+              "stop at set_thread_area; tracing_overhead_ns in the calibration's raw file), so native cells are "
+              "under-predicted by that cost, most on syscall-heavy guests. "
               "Faults must be equal: the model and the CPU take the same #GP faults at the same instructions. "
               "The FITTED column prices the same counters for Xen in 2004: not comparable to this CPU's times.")
 
@@ -349,7 +350,7 @@ def render_hw(summary: Summary, console) -> None:
     prof = hw["profile"] or "no measured hw-* profile stored"
     fit = hw["fitted"] or "no fitted profile"
     t = Table(title=f"hw backend: measured on this CPU vs modelled under {prof} (measured profile); "
-                    f"{fit} FITTED beside", header_style="bold", caption=HW_CAPTION)
+                    f"{fit} FITTED beside", header_style="bold", caption=escape(HW_CAPTION))
     for col, j in (("workload", "left"), ("build", "left"), ("strategy", "left"), ("faults model", "right"),
                    ("faults hw", "right"), ("model=hw", "left"), ("measured ms", "right"),
                    (f"{prof} ms", "right"), ("error", "right"), (f"{fit} ms (FITTED)", "right")):
