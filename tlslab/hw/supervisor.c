@@ -14,6 +14,12 @@
  *   flip      switch the descriptor between the truncated expand-up form and
  *             its expand-down twin (PTRACE_SET_THREAD_AREA) and restart
  *
+ * A TLS #GP is a forced SIGSEGV, which resets a blocked or ignored SIGSEGV
+ * (handler -> SIG_DFL, unblocked) before the tracer sees it; the supervisor
+ * tracks the guest's intended disposition and puts it back after the faults it
+ * absorbs (see "SIGSEGV disposition"), as on Xen, where the guest kernel's
+ * signal code never sees them.
+ *
  * The descriptor arithmetic is tlslab.x86.xen's (truncate, flip); the JSON
  * summary records every descriptor installed so the Python side checks they
  * agree. Only the TLS slots of the GDT (entries 12..14) can be rewritten by a
@@ -39,6 +45,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/ptrace.h>
 #include <sys/time.h>
 #include <sys/uio.h>
@@ -58,6 +65,21 @@
 #define NR32_SET_THREAD_AREA 243
 #define NR32_MODIFY_LDT 123
 #define NR32_RSEQ 386
+#define NR32_SIGNAL 48
+#define NR32_SIGACTION 67
+#define NR32_SIGRETURN 119
+#define NR32_CLONE 120
+#define NR32_SIGPROCMASK 126
+#define NR32_RT_SIGRETURN 173
+#define NR32_RT_SIGACTION 174
+#define NR32_RT_SIGPROCMASK 175
+#define NR32_CLONE3 435
+#define SA32_NODEFER 0x40000000u
+#define SA32_RESETHAND 0x80000000u
+#define SEGV_BIT (1u << (SIGSEGV - 1))
+#define SIG32_DFL 0u
+#define SIG32_IGN 1u
+#define CLONE_CLEAR_SIGHAND_ 0x100000000ull
 #define TLS_FIRST 12 /* GDT_ENTRY_TLS_MIN for 32-bit tasks on x86-64 */
 #define TLS_SLOTS 3
 #define MAX_THREADS 256
@@ -86,8 +108,25 @@ struct slot {
     struct udesc requested, up, dn;
 };
 
+/* The guest's own signal dispositions, as the i386 kernel's rt_sigaction
+ * struct (handler, flags, restorer, 64-bit mask). One table per process
+ * (threads share it: CLONE_SIGHAND), plus the cached address of an
+ * `int $0x80` in that process's text (0: not looked up yet). */
+struct ksa32 { uint32_t handler, flags, restorer, mask[2]; };
+struct sigtab {
+    struct ksa32 act[65];
+    uint32_t int80;
+};
+
 struct thread {
     pid_t tid;
+    /* SIGSEGV disposition tracking (see "SIGSEGV disposition" below) */
+    struct sigtab *st;    /* the process's handlers (NULL: not tracked) */
+    int blocked_segv;     /* does the guest mean SIGSEGV to be blocked in this thread? */
+    int sig_ready, held;  /* inherited from its creator / first stop held until then */
+    int in_sig, sig_ok;   /* a traced signal syscall is in flight; its arguments were readable */
+    uint32_t sig_nr, sig_arg, sig_out, sig_set;
+    struct ksa32 sig_new;
     int alive, seen_stop, in_sta, sta_is_ldt;
     uint32_t sta_ptr;
     struct udesc ldt_saved; /* modify_ldt: the guest's own request, restored at exit */
@@ -119,6 +158,7 @@ static int step_only; /* emulate: use the step fallback for everything (testing)
 static int model_env; /* present the guest the Unicorn model's process environment (see below) */
 static uint64_t auxv_hidden;
 static double handler_s; /* time spent inside the fault handler */
+static double restore_s;  /* time spent restoring the guest's SIGSEGV disposition */
 static FILE *trace; /* --trace PATH: one line per fault: eip offset */
 
 static struct thread threads[MAX_THREADS];
@@ -126,6 +166,8 @@ static int nthreads_seen;
 static struct site *sites;
 static uint64_t faults, emulated, stepped, to_down, to_up, delivered, switches, seccomp_stops,
     tls_installs, ldt_installs, ldt_truncated, signals_passed, other_segv, clones, forks;
+static uint64_t signal_syscalls, segv_restores, segv_handler_restores, segv_mask_restores, restore_failures,
+    signals_requeued;
 static struct { char key[32]; uint64_t n; } misses[MISS_CAP];
 static int nmisses;
 static char first_delivered[512];
@@ -801,6 +843,12 @@ static void write_json(void) {
             (unsigned long long)ldt_truncated, (unsigned long long)signals_passed,
             (unsigned long long)other_segv, (unsigned long long)clones, (unsigned long long)forks, nthreads_seen,
             model_env ? "true" : "false", (unsigned long long)auxv_hidden, handler_s * 1e9);
+    fprintf(f, ",\"signal_syscalls\":%llu,\"sigsegv_restores\":%llu,\"sigsegv_handler_restores\":%llu,"
+               "\"sigsegv_mask_restores\":%llu,\"restore_failures\":%llu,\"signals_requeued\":%llu,"
+               "\"restore_ns\":%.0f",
+            (unsigned long long)signal_syscalls, (unsigned long long)segv_restores,
+            (unsigned long long)segv_handler_restores, (unsigned long long)segv_mask_restores,
+            (unsigned long long)restore_failures, (unsigned long long)signals_requeued, restore_s * 1e9);
     fprintf(f, ",\"first_delivered\":");
     json_str(f, first_delivered);
     fprintf(f, ",\"decoder_misses\":{");
@@ -872,17 +920,34 @@ static void run_child(int errfd, char **argv, const char *exe) {
         raise(SIGSTOP); /* the parent sets options before we go on */
         /* i386 set_thread_area/modify_ldt: stop for the tracer; rseq: ENOSYS
          * under --model-env (the model refuses it); everything else runs */
+        /* i386 set_thread_area/modify_ldt and the syscalls that change the
+         * guest's signal dispositions or mask (see "SIGSEGV disposition"):
+         * stop for the tracer; sigaction/sigprocmask only when they change
+         * something (second argument non-NULL; signal(2) always); rseq:
+         * ENOSYS under --model-env (the model refuses it); everything else runs */
+        enum { L_ARG1 = 13, L_ALLOW = 15, L_ERRNO, L_TRACE }; /* BPF jumps go forward only */
+#define JEQ_TO(nr, at, label) BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (nr), (label) - (at) - 1, 0)
         struct sock_filter filt[] = {
-            BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
-            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_I386, 0, 4),
-            BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, NR32_SET_THREAD_AREA, 4, 0),
-            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, NR32_MODIFY_LDT, 3, 0),
-            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, model_env ? NR32_RSEQ : 0xFFFFFFFFu, 1, 0),
-            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
-            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE),
+            /* 0 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+            /* 1 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_I386, 0, L_ALLOW - 1 - 1),
+            /* 2 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+            /* 3 */ JEQ_TO(NR32_SET_THREAD_AREA, 3, L_TRACE),
+            /* 4 */ JEQ_TO(NR32_MODIFY_LDT, 4, L_TRACE),
+            /* 5 */ JEQ_TO(model_env ? NR32_RSEQ : 0xFFFFFFFFu, 5, L_ERRNO),
+            /* 6 */ JEQ_TO(NR32_SIGNAL, 6, L_TRACE),
+            /* 7 */ JEQ_TO(NR32_SIGRETURN, 7, L_TRACE),
+            /* 8 */ JEQ_TO(NR32_RT_SIGRETURN, 8, L_TRACE),
+            /* 9 */ JEQ_TO(NR32_SIGACTION, 9, L_ARG1),
+            /* 10 */ JEQ_TO(NR32_RT_SIGACTION, 10, L_ARG1),
+            /* 11 */ JEQ_TO(NR32_SIGPROCMASK, 11, L_ARG1),
+            /* 12 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, NR32_RT_SIGPROCMASK, 0, L_ALLOW - 12 - 1),
+            /* 13 L_ARG1 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1])),
+            /* 14 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, L_ALLOW - 14 - 1, L_TRACE - 14 - 1),
+            /* 15 L_ALLOW */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+            /* 16 L_ERRNO */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
+            /* 17 L_TRACE */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE),
         };
+#undef JEQ_TO
         struct sock_fprog prog = {sizeof filt / sizeof filt[0], filt};
         if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) child_fail(errfd, "PR_SET_NO_NEW_PRIVS");
         if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0) child_fail(errfd, "seccomp");
@@ -1094,6 +1159,296 @@ static void hide_auxv(pid_t tid) {
     }
 }
 
+/* ------------------------------------------------- SIGSEGV disposition */
+/* A #GP in user mode is a forced SIGSEGV: if the guest has SIGSEGV blocked
+ * or ignored, the kernel unblocks it and resets the handler to SIG_DFL
+ * (force_sig_info_to_task) before we see the signal-delivery stop. On Xen the
+ * TLS #GP goes to the hypervisor and the guest's disposition is untouched.
+ * So the supervisor keeps what the guest means its disposition to be --
+ *   - the handler table per process, from signal/sigaction/rt_sigaction
+ *     (recorded at syscall exit when the change took effect), reset like
+ *     the kernel at exec (handlers -> SIG_DFL, SIG_IGN kept, flags/masks
+ *     cleared), SA_RESETHAND applied at delivery, copied at fork / shared
+ *     by threads;
+ *   - per thread, whether SIGSEGV is blocked, from sigprocmask /
+ *     rt_sigprocmask, from handler entry (sa_mask, the signal itself unless
+ *     SA_NODEFER) and from sigreturn (the mask saved in the signal frame,
+ *     read at its seccomp stop; the kernel's SigBlk at its exit if the frame
+ *     cannot be read). Not followed: the temporary masks of sigsuspend,
+ *     pselect/ppoll/epoll_pwait (a handler run inside them starts from the
+ *     mask before the call, here)
+ * -- and, after suppressing a TLS fault of a thread whose SIGSEGV was blocked
+ * or ignored (exactly the cases in which the kernel reset something),
+ * restores it by making the thread execute rt_sigaction / rt_sigprocmask
+ * (an `int $0x80` found in its text, arguments on its stack well below ESP,
+ * registers and memory put back afterwards). Other guests pay nothing at
+ * faults: the check is two loads. */
+static int is_handler_fn(uint32_t h) { return h != SIG32_DFL && h != SIG32_IGN; }
+
+static struct sigtab sigtabs[MAX_THREADS];
+
+static struct sigtab *sigtab_new(const struct sigtab *copy) {
+    for (int i = 0; i < MAX_THREADS; i++) {
+        struct sigtab *s = &sigtabs[i];
+        int used = 0;
+        for (int k = 0; k < MAX_THREADS && !used; k++) used = threads[k].alive && threads[k].st == s;
+        if (used) continue;
+        if (copy) *s = *copy;
+        else memset(s, 0, sizeof *s);
+        return s;
+    }
+    return NULL;
+}
+
+/* what exec (and clone3's CLONE_CLEAR_SIGHAND) does to the handlers */
+static void sigtab_flush(struct sigtab *s, int new_mm) {
+    for (int k = 1; k <= 64; k++) {
+        struct ksa32 *a = &s->act[k];
+        if (a->handler != SIG32_IGN) a->handler = SIG32_DFL;
+        a->flags = a->restorer = a->mask[0] = a->mask[1] = 0;
+    }
+    if (new_mm) s->int80 = 0;
+}
+
+static int sigblk_segv(pid_t tid) { /* the kernel's view: is SIGSEGV blocked in tid? -1 unknown */
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/%d/status", tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    buf[n] = 0;
+    char *p = strstr(buf, "\nSigBlk:");
+    if (!p) return -1;
+    return (int)((strtoull(p + 8, NULL, 16) >> (SIGSEGV - 1)) & 1);
+}
+
+/* seccomp stop of a signal syscall: read what it asks for (the kernel copies
+ * its arguments right after this stop); it is recorded at the exit */
+static void start_sig_syscall(struct thread *t, const struct user_regs_struct *r) {
+    uint32_t nr = (uint32_t)r->orig_rax, b = (uint32_t)r->rbx, c = (uint32_t)r->rcx, d = (uint32_t)r->rdx,
+             si = (uint32_t)r->rsi;
+    signal_syscalls++;
+    t->in_sig = 1;
+    t->sig_nr = nr;
+    t->sig_arg = b;
+    t->sig_out = d;
+    t->sig_ok = 0;
+    memset(&t->sig_new, 0, sizeof t->sig_new);
+    switch (nr) {
+    case NR32_SIGNAL: /* kernel: SA_ONESHOT | SA_NOMASK, empty mask */
+        t->sig_new.handler = c;
+        t->sig_new.flags = SA32_RESETHAND | SA32_NODEFER;
+        t->sig_out = 0;
+        t->sig_ok = 1;
+        break;
+    case NR32_SIGACTION: { /* struct old_sigaction: handler, mask, flags, restorer */
+        uint32_t o[4];
+        if (c && read_mem(t->tid, c, o, sizeof o) == 0) {
+            t->sig_new.handler = o[0];
+            t->sig_new.mask[0] = o[1];
+            t->sig_new.flags = o[2];
+            t->sig_new.restorer = o[3];
+            t->sig_ok = 1;
+        }
+        break;
+    }
+    case NR32_RT_SIGACTION:
+        if (c && si == 8 && read_mem(t->tid, c, &t->sig_new, sizeof t->sig_new) == 0) t->sig_ok = 1;
+        break;
+    case NR32_SIGPROCMASK:
+        if (c && b <= 2 && read_mem(t->tid, c, &t->sig_set, 4) == 0) t->sig_ok = 1;
+        break;
+    case NR32_RT_SIGPROCMASK:
+        if (c && b <= 2 && si == 8 && read_mem(t->tid, c, &t->sig_set, 4) == 0) t->sig_ok = 1;
+        break;
+    default: { /* sigreturn, rt_sigreturn: the kernel restores the mask saved in the
+                * signal frame (ia32: rt_sigframe at ESP-4, uc_sigmask at +252; sigframe
+                * at ESP-8, sc.oldmask at +88); if that cannot be read, /proc at the exit */
+        uint32_t sp = (uint32_t)r->rsp, m;
+        if (read_mem(t->tid, nr == NR32_RT_SIGRETURN ? sp + 248 : sp + 80, &m, 4) == 0) {
+            t->blocked_segv = (m & SEGV_BIT) != 0;
+            t->in_sig = 0; /* done: no exit stop needed */
+        }
+        t->sig_ok = 1;
+    }
+    }
+}
+
+/* its syscall-exit stop: record the change if it took effect (success, or
+ * EFAULT from writing the old value: the kernel applied the new one first) */
+static void finish_sig_syscall(struct thread *t) {
+    t->in_sig = 0;
+    if (t->sig_nr == NR32_SIGRETURN || t->sig_nr == NR32_RT_SIGRETURN) {
+        int b = sigblk_segv(t->tid);
+        if (b >= 0) t->blocked_segv = b;
+        return;
+    }
+    struct user_regs_struct r;
+    if (!t->sig_ok || ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0) return;
+    int32_t ret = (int32_t)r.rax;
+    int took = t->sig_nr == NR32_SIGNAL ? !(ret < 0 && ret >= -4095)
+                                        : ret == 0 || (ret == -EFAULT && t->sig_out != 0);
+    if (!took) return;
+    if (t->sig_nr == NR32_SIGNAL || t->sig_nr == NR32_SIGACTION || t->sig_nr == NR32_RT_SIGACTION) {
+        if (t->st && t->sig_arg >= 1 && t->sig_arg <= 64) t->st->act[t->sig_arg] = t->sig_new;
+        return;
+    }
+    int segv = (t->sig_set & SEGV_BIT) != 0;
+    if (t->sig_arg == 0) { if (segv) t->blocked_segv = 1; }   /* SIG_BLOCK */
+    else if (t->sig_arg == 1) { if (segv) t->blocked_segv = 0; } /* SIG_UNBLOCK */
+    else t->blocked_segv = segv;                                /* SIG_SETMASK */
+}
+
+/* the tracer delivers sig: a handler runs with sa_mask (and sig unless SA_NODEFER) blocked */
+static void note_delivery(struct thread *t, int sig) {
+    if (!t->st || sig < 1 || sig > 64) return;
+    struct ksa32 *a = &t->st->act[sig];
+    if (!is_handler_fn(a->handler)) return;
+    if ((a->mask[0] & SEGV_BIT) || (sig == SIGSEGV && !(a->flags & SA32_NODEFER))) t->blocked_segv = 1;
+    if (a->flags & SA32_RESETHAND) a->handler = SIG32_DFL;
+}
+
+/* PTRACE_EVENT_CLONE/FORK/VFORK of parent: the new task copies (or, with
+ * CLONE_SIGHAND, shares) the handlers and copies the blocked mask */
+static void inherit_signals(struct thread *parent, pid_t ctid) {
+    struct thread *c = thread_of(ctid, 1);
+    if (!c) return;
+    uint64_t flags = 0;
+    struct user_regs_struct r;
+    if (ptrace(PTRACE_GETREGS, parent->tid, 0, &r) == 0) {
+        if ((uint32_t)r.orig_rax == NR32_CLONE) flags = (uint32_t)r.rbx;
+        else if ((uint32_t)r.orig_rax == NR32_CLONE3 && read_mem(parent->tid, (uint32_t)r.rbx, &flags, 8) < 0)
+            flags = 0;
+    }
+    c->blocked_segv = parent->blocked_segv;
+    if ((flags & CLONE_SIGHAND) && parent->st) c->st = parent->st;
+    else {
+        c->st = sigtab_new(parent->st);
+        if (c->st && (flags & CLONE_CLEAR_SIGHAND_)) sigtab_flush(c->st, 0);
+    }
+    c->sig_ready = 1;
+    if (c->held) { /* its first stop came first and waited for this */
+        c->held = 0;
+        if (ptrace(PTRACE_CONT, c->tid, 0, 0) < 0 && errno != ESRCH) die_setup("ptrace resume", errno);
+    }
+}
+
+/* an `int $0x80` (cd 80, anywhere: execution does not care about
+ * instruction boundaries) in an executable mapping of the tracee */
+static uint32_t find_int80(pid_t tid) {
+    char path[64], line[512];
+    snprintf(path, sizeof path, "/proc/%d/maps", tid);
+    FILE *f = fopen(path, "re");
+    if (!f) return 0;
+    uint32_t found = 0;
+    static uint8_t buf[65536 + 1];
+    while (!found && fgets(line, sizeof line, f)) {
+        unsigned long lo, hi;
+        char perms[8];
+        if (sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) != 3 || perms[2] != 'x' || hi > 0xFFFFFFFFul) continue;
+        for (unsigned long a = lo; a < hi && !found; a += 65536) {
+            size_t n = hi - a > 65536 ? 65536 : hi - a;
+            if (read_mem(tid, (uint32_t)a, buf, n + (a + n < hi)) < 0) break;
+            uint8_t *p = memmem(buf, n + (a + n < hi), "\xcd\x80", 2);
+            if (p) found = (uint32_t)(a + (p - buf));
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+static int requeue[16], nrequeue;
+
+/* Make t execute `int $0x80` at `at` with these registers; single-step to the
+ * syscall's exit. Signals that arrive meanwhile are re-sent afterwards.
+ * Returns 0 (result in *ret), -1 failure, -2 the thread is gone (status in *gone). */
+static int inject_syscall(struct thread *t, const struct user_regs_struct *base, uint32_t at, uint32_t nr,
+                          uint32_t a1, uint32_t a2, uint32_t a3, uint32_t a4, int32_t *ret, int *gone) {
+    struct user_regs_struct r = *base;
+    r.rip = at;
+    r.rax = nr; r.rbx = a1; r.rcx = a2; r.rdx = a3; r.rsi = a4;
+    r.orig_rax = (unsigned long long)-1;
+    if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0) return -1;
+    if (ptrace(PTRACE_SINGLESTEP, t->tid, 0, 0) < 0) return -1;
+    for (int guard = 0; guard < 256; guard++) {
+        int st;
+        pid_t w = waitpid(t->tid, &st, __WALL);
+        if (w < 0) {
+            if (errno == EINTR && !timed_out) continue;
+            return -1;
+        }
+        if (WIFEXITED(st) || WIFSIGNALED(st)) { *gone = st; return -2; }
+        if (!WIFSTOPPED(st)) continue;
+        int sig = WSTOPSIG(st), ev = st >> 16;
+        if (sig == SIGTRAP && !ev) { /* the step trap at the syscall's exit */
+            if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0) return -1;
+            if ((uint32_t)r.rip != at + 2) return -1;
+            *ret = (int32_t)r.rax;
+            return 0;
+        }
+        if (!ev && sig != (SIGTRAP | 0x80) && nrequeue < 16) requeue[nrequeue++] = sig;
+        /* our own seccomp stop (rt_sigaction/rt_sigprocmask are traced) or a signal: go on */
+        if (ptrace(PTRACE_SINGLESTEP, t->tid, 0, 0) < 0) return -1;
+    }
+    return -1;
+}
+
+static int needs_restore(const struct thread *t) {
+    return t->st && (t->blocked_segv || t->st->act[SIGSEGV].handler == SIG32_IGN);
+}
+
+/* after suppressing a TLS fault of t (needs_restore(t)): put back what the
+ * kernel's forced SIGSEGV changed. Returns 0, or -2 with *gone = wait status. */
+static int restore_segv(struct thread *t, int *gone) {
+    struct user_regs_struct saved;
+    struct sigtab *s = t->st;
+    int want_handler = s->act[SIGSEGV].handler != SIG32_DFL; /* the kernel set SIG_DFL */
+    int want_mask = t->blocked_segv;                          /* the kernel unblocked it */
+    int rc = 0;
+    nrequeue = 0;
+    segv_restores++;
+    if (ptrace(PTRACE_GETREGS, t->tid, 0, &saved) < 0) { restore_failures++; return 0; }
+    uint8_t chk[2];
+    if (!s->int80 || read_mem(t->tid, s->int80, chk, 2) < 0 || chk[0] != 0xcd || chk[1] != 0x80)
+        s->int80 = find_int80(t->tid);
+    /* scratch: 32 bytes well below ESP (i386 has no red zone; anything below
+     * ESP is dead, but it is put back anyway); on ESP itself if that fails */
+    uint32_t scratch = ((uint32_t)saved.rsp - 1024) & ~15u;
+    uint8_t old[32], args[32] = {0};
+    if (read_mem(t->tid, scratch, old, sizeof old) < 0) {
+        scratch = (uint32_t)saved.rsp & ~3u;
+        if (read_mem(t->tid, scratch, old, sizeof old) < 0) scratch = 0;
+    }
+    if (!s->int80 || !scratch) { restore_failures++; return 0; }
+    memcpy(args, &s->act[SIGSEGV], sizeof s->act[SIGSEGV]); /* 20 bytes: struct sigaction */
+    uint32_t set[2] = {SEGV_BIT, 0};
+    memcpy(args + 24, set, 8);
+    if (write_mem(t->tid, scratch, args, sizeof args) < 0) { restore_failures++; return 0; }
+    int32_t ret = 0;
+    if (want_handler) {
+        rc = inject_syscall(t, &saved, s->int80, NR32_RT_SIGACTION, SIGSEGV, scratch, 0, 8, &ret, gone);
+        if (rc == -2) return -2;
+        if (rc == 0 && ret == 0) segv_handler_restores++;
+        else restore_failures++;
+    }
+    if (want_mask) {
+        rc = inject_syscall(t, &saved, s->int80, NR32_RT_SIGPROCMASK, 0 /* SIG_BLOCK */, scratch + 24, 0, 8,
+                            &ret, gone);
+        if (rc == -2) return -2;
+        if (rc == 0 && ret == 0) segv_mask_restores++;
+        else restore_failures++;
+    }
+    write_mem(t->tid, scratch, old, sizeof old);
+    if (ptrace(PTRACE_SETREGS, t->tid, 0, &saved) < 0) die_setup("PTRACE_SETREGS", errno);
+    for (int i = 0; i < nrequeue; i++) { /* signals that arrived meanwhile: pending again */
+        syscall(SYS_tkill, t->tid, requeue[i]);
+        signals_requeued++;
+    }
+    return 0;
+}
+
 /* ----------------------------------------------------------------- main */
 static void usage(void) {
     fprintf(stderr,
@@ -1176,9 +1531,23 @@ int main(int argc, char **argv) {
         if (ptrace(PTRACE_SETOPTIONS, child_pid, 0, (void *)opts) < 0) die_setup("PTRACE_SETOPTIONS", errno);
         struct thread *main_t = thread_of(child_pid, 1);
         main_t->seen_stop = 1;
+        /* the guest starts with the SIGSEGV disposition and mask we have (exec keeps SIG_IGN) */
+        main_t->st = sigtab_new(NULL);
+        {
+            struct sigaction cur;
+            sigset_t m;
+            if (sigaction(SIGSEGV, NULL, &cur) == 0 && cur.sa_handler == SIG_IGN)
+                main_t->st->act[SIGSEGV].handler = SIG32_IGN;
+            if (sigprocmask(SIG_BLOCK, NULL, &m) == 0) main_t->blocked_segv = sigismember(&m, SIGSEGV) == 1;
+        }
+        main_t->sig_ready = 1;
+        pid_t deferred_w = 0; /* a stop/exit the fault path consumed, to handle here */
+        int deferred_status = 0;
         if (ptrace(PTRACE_CONT, child_pid, 0, 0) < 0) die_setup("PTRACE_CONT", errno);
         for (;;) {
-            pid_t w = waitpid(-1, &status, __WALL);
+            pid_t w;
+            if (deferred_w) { w = deferred_w; status = deferred_status; deferred_w = 0; }
+            else w = waitpid(-1, &status, __WALL);
             if (w < 0) {
                 if (errno == EINTR) { if (timed_out) kill(child_pid, SIGKILL); continue; }
                 if (errno == ECHILD) break;
@@ -1205,16 +1574,25 @@ int main(int argc, char **argv) {
             enum __ptrace_request resume = PTRACE_CONT;
             if (sig == SIGTRAP && event == PTRACE_EVENT_EXEC) {
                 if (model_env) hide_auxv(w);
+                if (t->st) sigtab_flush(t->st, 1);
                 memset(t->slots, 0, sizeof t->slots); /* a new program: no TLS yet */
                 if (w == child_pid && t_exec == 0) t_exec = now_s();
             } else if (sig == SIGTRAP && event == PTRACE_EVENT_SECCOMP) {
-                start_tls_syscall(t);
-                resume = PTRACE_SYSCALL; /* to its exit */
+                struct user_regs_struct sr;
+                if (ptrace(PTRACE_GETREGS, w, 0, &sr) == 0) {
+                    uint32_t nr = (uint32_t)sr.orig_rax;
+                    if (nr == NR32_SET_THREAD_AREA || nr == NR32_MODIFY_LDT) start_tls_syscall(t);
+                    else start_sig_syscall(t, &sr);
+                    resume = t->in_sta || t->in_sig ? PTRACE_SYSCALL /* to its exit */ : PTRACE_CONT;
+                }
             } else if (sig == (SIGTRAP | 0x80)) {
                 if (t->in_sta) { t->in_sta = 0; finish_tls_syscall(t); }
+                else if (t->in_sig) finish_sig_syscall(t);
             } else if (sig == SIGTRAP && (event == PTRACE_EVENT_CLONE || event == PTRACE_EVENT_FORK ||
                                           event == PTRACE_EVENT_VFORK)) {
                 if (event == PTRACE_EVENT_CLONE) clones++; else forks++;
+                unsigned long ctid;
+                if (ptrace(PTRACE_GETEVENTMSG, w, 0, &ctid) == 0) inherit_signals(t, (pid_t)ctid);
             } else if (sig == SIGTRAP && event) {
                 /* other event stops (vfork-done): nothing to do */
             } else if (sig == SIGTRAP && t->stepping) {
@@ -1222,6 +1600,7 @@ int main(int argc, char **argv) {
             } else if ((sig == SIGSTOP || event == PTRACE_EVENT_STOP) && !t->seen_stop) {
                 t->seen_stop = 1; /* first stop of a new thread: it has run no code yet */
                 if (w != child_pid) adopt_new_thread(t);
+                if (!t->sig_ready) { t->held = 1; continue; } /* until its creator's clone event */
             } else if (sig == SIGSEGV) {
                 int step = 0;
                 if (t->stepping) { /* the stepped instruction faulted even expand-down */
@@ -1234,11 +1613,19 @@ int main(int argc, char **argv) {
                     handler_s += now_s() - h0;
                     if (step) resume = PTRACE_SINGLESTEP;
                     if (deliver) t->last_fault_flipped = 0;
+                    else if (needs_restore(t)) { /* the forced SIGSEGV reset the guest's disposition */
+                        double r0 = now_s();
+                        int gone = 0;
+                        int rc = restore_segv(t, &gone);
+                        restore_s += now_s() - r0;
+                        if (rc == -2) { deferred_w = w; deferred_status = gone; continue; }
+                    }
                 }
             } else {
                 deliver = sig;
                 signals_passed++;
             }
+            if (deliver) note_delivery(t, deliver);
             if (ptrace(resume, w, 0, (void *)(long)deliver) < 0 && errno != ESRCH)
                 die_setup("ptrace resume", errno);
         }
