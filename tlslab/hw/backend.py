@@ -111,14 +111,7 @@ def _write_ordered(tree, dest: str, reverse: bool) -> None:
     def fill(rel: str) -> None:
         kids = children.get(rel, [])
         for e in (reversed(kids) if reverse else kids):
-            full = os.path.join(dest, e.path)
-            if e.kind == "dir":
-                os.mkdir(full)
-            elif e.kind == "file":
-                with open(full, "wb") as f:
-                    f.write(tree.content(e))
-            else:
-                os.symlink(e.target, full)
+            tree.create_entry(e, dest)
         for e in kids:
             if e.kind == "dir":
                 fill(e.path)

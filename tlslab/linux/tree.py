@@ -176,6 +176,17 @@ class SyntheticTree:
         return root
 
     # ------------------------------------------------------------ host copy
+    def create_entry(self, e: TreeEntry, dest: str) -> None:
+        """Create one entry (directory, file with its content, or symlink) under ``dest``."""
+        full = os.path.join(dest, e.path)
+        if e.kind == "dir":
+            os.mkdir(full)
+        elif e.kind == "file":
+            with open(full, "wb") as f:
+                f.write(self.content(e))
+        else:
+            os.symlink(e.target, full)
+
     def materialise(self, dest: str | os.PathLike) -> str:
         """Write the identical tree under ``dest`` (created; must not exist or be empty)."""
         dest = os.fspath(dest)
@@ -183,14 +194,7 @@ class SyntheticTree:
         if os.listdir(dest):
             raise FileExistsError(f"{dest} is not empty")
         for e in self.entries:
-            full = os.path.join(dest, e.path)
-            if e.kind == "dir":
-                os.mkdir(full)
-            elif e.kind == "file":
-                with open(full, "wb") as f:
-                    f.write(self.content(e))
-            else:
-                os.symlink(e.target, full)
+            self.create_entry(e, dest)
         # modes and mtimes last, deepest first, so creating children does not touch them
         for e in reversed(self.entries):
             full = os.path.join(dest, e.path)
