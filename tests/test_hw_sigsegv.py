@@ -145,12 +145,14 @@ int main(void) {
     struct sigaction sa;
     sigaction(SIGSEGV, NULL, &sa);
     sigprocmask(SIG_BLOCK, NULL, &cur);
+    if (p) {  /* the child reports first: the output order must not depend on scheduling */
+        int st;
+        waitpid(p, &st, 0);
+    }
     printf("%s ignored=%d blocked=%d tv=%d\n", p ? "parent" : "child", sa.sa_handler == SIG_IGN,
            sigismember(&cur, SIGSEGV), tv);
     fflush(stdout);
     if (p == 0) _exit(0);
-    int st;
-    waitpid(p, &st, 0);
     return 0;
 }
 """
