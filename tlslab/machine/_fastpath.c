@@ -148,32 +148,32 @@ static inline uint32_t mix32(uint64_t key)
     return (uint32_t)key;
 }
 
+/* Store what classify_site says about the instruction at eip (tlslab.x86.segusage). */
+static void classify(struct fastpath *fp, struct site *s, uint32_t eip)
+{
+    int usage = fp->classify_site(eip);
+    s->seg = usage & 15;
+    s->read_seg = (usage >> 4) & 15;
+    s->write_seg = (usage >> 8) & 15;
+    s->second_read_seg = (usage >> 12) & 15;
+    s->rmw = (usage >> 16) & 1;
+    s->stale = 0;
+}
+
 static struct site *find_site(struct fastpath *fp, uint32_t eip)
 {
     uint32_t i = mix32(eip) & (SITE_SLOTS - 1);
     for (uint32_t n = 0; n < SITE_SLOTS; n++, i = (i + 1) & (SITE_SLOTS - 1)) {
         struct site *s = &fp->sites[i];
         if (s->eip == eip && s->seg != -1) {
-            if (s->stale) {  /* the code was patched: ask again, keep the counters */
-                int usage = fp->classify_site(eip);
-                s->seg = usage & 15;
-                s->read_seg = (usage >> 4) & 15;
-                s->write_seg = (usage >> 8) & 15;
-                s->second_read_seg = (usage >> 12) & 15;
-                s->rmw = (usage >> 16) & 1;
-                s->stale = 0;
-            }
+            if (s->stale)  /* the code was patched: ask again, keep the counters */
+                classify(fp, s, eip);
             return s;
         }
         if (s->eip == 0 && s->seg == -1) {
             fp->site_misses++;
-            int usage = fp->classify_site(eip);
             s->eip = eip;
-            s->seg = usage & 15;
-            s->read_seg = (usage >> 4) & 15;
-            s->write_seg = (usage >> 8) & 15;
-            s->second_read_seg = (usage >> 12) & 15;
-            s->rmw = (usage >> 16) & 1;
+            classify(fp, s, eip);
             s->min_offset = 0x7fffffff;
             s->max_offset = 0x80000000u;
             return s;

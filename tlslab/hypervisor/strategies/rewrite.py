@@ -134,6 +134,14 @@ def attach_fs_abi(domain) -> FsTwinABI:
     return FsTwinABI(getattr(domain.strategy, "counters", None)).attach(domain)
 
 
+def check_patch_options(patch_policy: str, page_sharing: str) -> None:
+    """The options both rewrite strategies take (see the module docstring)."""
+    if patch_policy not in PATCH_POLICIES:
+        raise ValueError(f"patch policy {patch_policy!r} is not one of {', '.join(PATCH_POLICIES)}")
+    if page_sharing not in PAGE_SHARING:
+        raise ValueError(f"page sharing {page_sharing!r} is not one of {', '.join(PAGE_SHARING)}")
+
+
 def patch_allowed(domain, address: int, size: int, policy: str) -> tuple[bool, str]:
     if policy == "none":
         return False, "patch policy none"
@@ -154,10 +162,7 @@ class RewriteStrategy(Strategy):
 
     def __init__(self, patch_policy: str = "exe", page_sharing: str = "shared") -> None:
         super().__init__()
-        if patch_policy not in PATCH_POLICIES:
-            raise ValueError(f"patch policy {patch_policy!r} is not one of {', '.join(PATCH_POLICIES)}")
-        if page_sharing not in PAGE_SHARING:
-            raise ValueError(f"page sharing {page_sharing!r} is not one of {', '.join(PAGE_SHARING)}")
+        check_patch_options(patch_policy, page_sharing)
         self.patch_policy = patch_policy
         self.page_sharing = page_sharing
         self.patch_set: P.PatchSet | None = None

@@ -65,7 +65,7 @@ from tlslab.hypervisor import patches as P
 from tlslab.hypervisor.strategies.base import Action, Trap, Verdict
 from tlslab.hypervisor.strategies.flip import FlipStrategy
 from tlslab.hypervisor.strategies.emulate import fetch_and_decode
-from tlslab.hypervisor.strategies.rewrite import PAGE_SHARING, PATCH_POLICIES, patch_allowed
+from tlslab.hypervisor.strategies.rewrite import check_patch_options, patch_allowed
 from tlslab.machine.memory import PROT_EXEC, PROT_READ
 from tlslab.x86 import coverage
 from tlslab.x86.decode import DecodeError, decode
@@ -189,10 +189,7 @@ class Rewrite2004Strategy(FlipStrategy):
 
     def __init__(self, patch_policy: str = "exe", page_sharing: str = "shared") -> None:
         super().__init__()
-        if patch_policy not in PATCH_POLICIES:
-            raise ValueError(f"patch policy {patch_policy!r} is not one of {', '.join(PATCH_POLICIES)}")
-        if page_sharing not in PAGE_SHARING:
-            raise ValueError(f"page sharing {page_sharing!r} is not one of {', '.join(PAGE_SHARING)}")
+        check_patch_options(patch_policy, page_sharing)
         self.patch_policy = patch_policy
         self.page_sharing = page_sharing
         self.buffer_size = FIXUP_BUF_SIZE
