@@ -25,6 +25,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*mem_protect_fn)(void *uc, uint64_t address, size_t size, uint32_t perms);
@@ -34,6 +35,7 @@ typedef int (*classify_site_fn)(uint32_t eip);
 /* 1 = allowed, 0 = segment violation */
 typedef int (*verdict_fn)(int slot, uint32_t generation, uint32_t offset, int size, int write);
 typedef uint32_t (*block_icount_fn)(uint32_t address, uint32_t size);
+typedef int (*emu_stop_fn)(void *uc);
 
 #define SEG_FS 4
 #define SEG_GS 5
@@ -42,6 +44,7 @@ typedef uint32_t (*block_icount_fn)(uint32_t address, uint32_t size);
 #define VERDICT_SLOTS (1u << 16)
 #define BLOCK_SLOTS (1u << 18)
 #define ALIAS_SLOTS 8192
+#define DEADLINE_EVERY 4096u   /* blocks between clock reads (a power of two) */
 
 enum { EXIT_NONE = 0, EXIT_SEGMENT_VIOLATION = 1, EXIT_KERNEL_ACCESS = 2, EXIT_TABLE_FULL = 3, EXIT_PAGE_FAULT = 4 };
 
@@ -115,6 +118,15 @@ struct fastpath {
     uint32_t hv_lo, hv_hi;            /* hypervisor pages (GDT): plain reads allowed */
     int32_t host_access, pad2;        /* set while Python makes Unicorn read the GDT */
     int32_t last_was_read, nalias;
+    /* Wall-clock limit, checked every DEADLINE_EVERY blocks. Unicorn's own
+     * emu_start timeout starts a watcher thread per call that polls every few
+     * microseconds: with one emu_start per guest syscall or fault that thread
+     * costs more than the guest (measured ~2.8x) and takes the other core
+     * away from a second bench worker. */
+    emu_stop_fn emu_stop;
+    uint64_t deadline_ns;             /* CLOCK_MONOTONIC (Python's time.monotonic_ns); 0 = none */
+    uint32_t deadline_tick;
+    int32_t timed_out;
     struct exit_info exit;
     struct window windows[3];
     struct seg_stats stats[2];  /* [0] = fs, [1] = gs */
@@ -391,7 +403,6 @@ void fp_on_block(void *uc, uint64_t address, uint32_t size, void *user)
 {
     struct fastpath *fp = user;
     uint32_t a = (uint32_t)address;
-    (void)uc;
     uint32_t i = mix32(((uint64_t)a << 20) ^ size) & (BLOCK_SLOTS - 1);
     uint32_t icount = 0;
     for (uint32_t n = 0; n < 256; n++, i = (i + 1) & (BLOCK_SLOTS - 1)) {
@@ -412,6 +423,14 @@ void fp_on_block(void *uc, uint64_t address, uint32_t size, void *user)
     fp->block_misses++;
     icount = fp->block_icount(a, size);
 found:
+    if (fp->deadline_ns && (++fp->deadline_tick & (DEADLINE_EVERY - 1)) == 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        if ((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec >= fp->deadline_ns) {
+            fp->timed_out = 1;
+            fp->emu_stop(uc);
+        }
+    }
     fp->instructions += icount;
     fp->cur_block_address = a;
     fp->cur_block_size = size;

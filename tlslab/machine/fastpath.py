@@ -134,6 +134,10 @@ class FastpathHeader(ctypes.Structure):
         ("pad2", ctypes.c_int32),
         ("last_was_read", ctypes.c_int32),
         ("nalias", ctypes.c_int32),
+        ("emu_stop", ctypes.c_void_p),
+        ("deadline_ns", ctypes.c_uint64),
+        ("deadline_tick", ctypes.c_uint32),
+        ("timed_out", ctypes.c_int32),
         ("exit", ExitInfo),
         ("windows", Window * 3),
         ("stats", SegStats * 2),
@@ -226,6 +230,7 @@ class Fastpath:
         h.uc = uc_handle.value if hasattr(uc_handle, "value") else uc_handle
         h.reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
         h.mem_protect = ctypes.cast(uclib.uc_mem_protect, ctypes.c_void_p).value
+        h.emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
         h.regid_eip = regid_eip
         h.classify_site = ctypes.cast(self._callbacks[0], ctypes.c_void_p).value
         h.verdict = ctypes.cast(self._callbacks[1], ctypes.c_void_p).value

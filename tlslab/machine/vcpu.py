@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import time
 from dataclasses import dataclass, field
 
 import capstone
@@ -185,6 +186,7 @@ class VCpu:
         self.checks = checks
         self.count_instructions = count_instructions
         self.timeout_us = int(timeout_seconds * 1_000_000)
+        self._deadline_ns: int | None = None  # the limit is for the whole run, set when it starts
         self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
         self.regs = _RawRegisters(self.uc)
         shifts = tuple(layout.SLOT_WINDOW_SHIFT.values()) if checks else ()
@@ -422,8 +424,20 @@ class VCpu:
         self._unmapped = None
         eip = self.regs.get("eip")
         error = None
+        unicorn_timeout_us = 0
+        if self.timeout_us:
+            now = time.monotonic_ns()
+            if self._deadline_ns is None:
+                self._deadline_ns = now + self.timeout_us * 1000
+                if self._fast is not None and self.count_instructions:
+                    self._fast.header.deadline_ns = self._deadline_ns  # checked by the block hook
+            if now >= self._deadline_ns:  # e.g. a guest that loops in system calls
+                return self._timeout_exit(eip)
+            if self._fast is None or not self.count_instructions:
+                # no block hook to check the clock: Unicorn's watcher thread (slow, see _fastpath.c)
+                unicorn_timeout_us = max(1, (self._deadline_ns - now) // 1000)
         try:
-            self.uc.emu_start(eip, 0xFFFFFFFF, timeout=self.timeout_us)
+            self.uc.emu_start(eip, 0xFFFFFFFF, timeout=unicorn_timeout_us)
         except UcError as exc:
             error = exc.errno
         if self._fast is not None and self.count_instructions:
@@ -457,7 +471,12 @@ class VCpu:
             return self._pending
         if error is not None:
             return Exit(ExitReason.EXCEPTION, stop_eip, message=f"unicorn error: {UcError(error)}")
-        return Exit(ExitReason.TIMEOUT, stop_eip, message="wall-clock limit reached")
+        if self._fast is not None:
+            self._fast.header.timed_out = 0
+        return self._timeout_exit(stop_eip)
+
+    def _timeout_exit(self, eip: int) -> Exit:
+        return Exit(ExitReason.TIMEOUT, eip, message=f"wall-clock limit of {self.timeout_us / 1e6:g} s reached")
 
     def _uncount_rest_of_block(self, eip: int) -> None:
         """A precise stop at ``eip`` retired only the block's instructions before it."""
