@@ -217,3 +217,30 @@ def test_the_limit_is_for_the_whole_run_not_per_exit():
     assert e.reason is ExitReason.TIMEOUT
     assert exits > 100
     assert time.monotonic() - t0 < 5.0
+
+
+@pytest.mark.parametrize(
+    "insn, write",
+    [
+        ("mov dword ptr gs:[0x10], 0x5555", True),
+        ("add dword ptr gs:[0x10], 5", True),       # read-modify-write: refused at the read, as a write
+        ("mov dword ptr gs:[0x7be], 0x5555", True),  # straddles a writable page and a read-only one
+    ],
+)
+def test_gs_writes_respect_the_guest_page_rights(insn, write):
+    """Aliases are mapped with no permissions; the fast path applies the guest's own rights (mprotect)."""
+    v = make_vcpu(f"{insn}; mov ecx, 9")
+    ro_page = (TCB + 0x10) & ~0xFFF if "0x10]" in insn else DATA + 0x1000
+    v.mem.protect(ro_page, 0x1000, PROT_READ)
+    before = v.mem.read(DATA, 0x2000)
+    e = v.run()
+    assert e.reason is ExitReason.PAGE_FAULT, e
+    assert e.page_fault.write is write and e.page_fault.via_segment == "gs"
+    assert "page not writable" in e.message
+    assert v.mem.read(DATA, 0x2000) == before   # nothing of it committed
+    assert v.regs.get("ecx") != 9
+    # reads of the read-only page through %gs still work
+    v2 = make_vcpu("mov ebx, dword ptr gs:[0x10]")
+    v2.mem.write_u32(TCB + 0x10, 0xABCD)
+    v2.mem.protect((TCB + 0x10) & ~0xFFF, 0x1000, PROT_READ)
+    assert v2.run().reason is ExitReason.SYSCALL and v2.regs.get("ebx") == 0xABCD

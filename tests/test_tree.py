@@ -81,3 +81,19 @@ def test_build_gives_stable_inodes():
     wa = walk(a, [])
     assert wa == walk(b, [])
     assert len({ino for _, ino, *_ in wa}) == len(wa)
+
+
+def test_fast_text_generation_equals_its_definition():
+    """content() draws text with getrandbits directly; it must be the same bytes as randint/choice."""
+    import random
+
+    from tlslab.linux.tree import TEXT_EXTS, _text_fast, _text_reference
+
+    t = SyntheticTree("small")
+    texts = [e for e in t.entries if e.kind == "file" and e.path.endswith(TEXT_EXTS)]
+    assert len(texts) > 20
+    for e in texts:
+        seed = f"tlslab-file:{t.spec.seed}:{e.path}"
+        assert _text_fast(random.Random(seed), e.size) == _text_reference(random.Random(seed), e.size)
+    for size in (0, 1, 7, 100, 5000):
+        assert _text_fast(random.Random(size), size) == _text_reference(random.Random(size), size)

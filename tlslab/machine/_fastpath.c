@@ -14,13 +14,21 @@
  * Window mechanism (see tlslab/machine/layout.py): the base Unicorn sees for
  * fs/gs points into a window region above guest user space where every guest
  * region is aliased. A ranged READ/WRITE hook on that region sees every fs/gs
- * access *before* it commits. To refuse one, the hook removes all permissions
- * from the alias region it hit: Unicorn then raises READ_PROT/WRITE_PROT for
- * this very access and stops precisely at the instruction with nothing of it
- * done (measured on Unicorn 2.1.4 for mov/add/inc/pop/push/xchg/cmpxchg).
- * Protecting a *whole* region matters: a partial protect splits the region
- * under Unicorn's feet while it holds a pointer to it. Python restores the
- * permissions before resuming.
+ * access *before* it commits and decides it.
+ *
+ * Refusing: the alias regions are mapped with *no* permissions, always. After
+ * the READ/WRITE hook, Unicorn (2.1.4, cputlb.c load/store helpers) checks
+ * the region's permissions for the same access and asks the READ_PROT /
+ * WRITE_PROT hook, fp_on_prot, whether to let it through: it says yes unless
+ * the READ/WRITE hook refused. A refusal thus raises READ_PROT/WRITE_PROT for
+ * this very access and Unicorn stops precisely at the instruction with nothing
+ * of it done (tested for mov/add/inc/pop/push/xchg/cmpxchg). The guest's own
+ * page rights (mprotect) are checked here too, from the alias table.
+ * An earlier version stripped and restored the region's permissions per
+ * refusal (uc_mem_protect): each call rebuilds Unicorn's flat memory view and
+ * flushes its TLB, ~10 us each, two per fault. The hypervisor pages still work
+ * that way (strip = 1): they must stay readable for the CPU's own GDT reads
+ * and executable for the entry stub, and the guest reaching them is rare.
  */
 #include <stdbool.h>
 #include <stdint.h>
@@ -96,7 +104,9 @@ struct exit_info {
     int32_t size, write;
 };
 
-struct alias_region { uint32_t start, size; };
+/* strip = 0: an alias (Unicorn perms none; perms = the guest's rights to the mirrored pages);
+ * strip = 1: refused by removing the region's permissions (the hypervisor pages). */
+struct alias_region { uint32_t start, size, perms, strip; };
 
 struct fastpath {
     void *uc;
@@ -140,13 +150,16 @@ struct fastpath {
 size_t fp_sizeof(void) { return sizeof(struct fastpath); }
 
 /* Python keeps this sorted list of alias regions in step with guest mappings. */
-int fp_set_aliases(struct fastpath *fp, const uint32_t *starts, const uint32_t *sizes, int n)
+int fp_set_aliases(struct fastpath *fp, const uint32_t *starts, const uint32_t *sizes, const uint32_t *perms,
+                   const uint32_t *strip, int n)
 {
     if (n > ALIAS_SLOTS)
         return -1;
     for (int i = 0; i < n; i++) {
         fp->alias[i].start = starts[i];
         fp->alias[i].size = sizes[i];
+        fp->alias[i].perms = perms[i];
+        fp->alias[i].strip = strip[i];
     }
     fp->nalias = n;
     return 0;
@@ -244,35 +257,65 @@ static int lookup_verdict(struct fastpath *fp, int seg, uint32_t generation,
     return fp->verdict(seg, generation, offset, size, write);
 }
 
-/* Refuse the access in flight: strip the permissions of the region it hit.
- * The first refusal of a run records the exit; later ones in the same
- * translation block (possible after a store that Unicorn could not stop
- * precisely) are refused too, but keep the first record. */
-static void refuse(struct fastpath *fp, void *uc, uint32_t linear, int kind)
+static struct alias_region *alias_at(struct fastpath *fp, uint32_t linear)
 {
-    if (fp->exit.kind == EXIT_NONE)
-        fp->exit.kind = kind;
     int lo = 0, hi = fp->nalias - 1;
     while (lo <= hi) {
         int mid = (lo + hi) / 2;
         struct alias_region *r = &fp->alias[mid];
         if (linear < r->start) hi = mid - 1;
         else if (linear - r->start >= r->size) lo = mid + 1;
-        else {
-            for (int k = 0; k < fp->nprotected; k++)
-                if (fp->protected_start[k] == r->start)
-                    return;  /* already stripped */
-            if (fp->nprotected < 8) {
-                fp->protected_start[fp->nprotected] = r->start;
-                fp->protected_size[fp->nprotected] = r->size;
-                fp->nprotected++;
-            } else {
-                fp->protect_overflow++;
-            }
-            fp->mem_protect(uc, r->start, r->size, 0);
-            return;
-        }
+        else return r;
     }
+    return NULL;
+}
+
+/* Refuse the access in flight. The first refusal of a run records the exit;
+ * later ones in the same translation block (possible after a store that
+ * Unicorn could not stop precisely) are refused too, but keep the first
+ * record. An alias region needs nothing more (fp_on_prot reads the exit); a
+ * strip region loses its permissions until Python gives them back. */
+static void refuse(struct fastpath *fp, void *uc, uint32_t linear, int kind)
+{
+    if (fp->exit.kind == EXIT_NONE)
+        fp->exit.kind = kind;
+    struct alias_region *r = alias_at(fp, linear);
+    if (r == NULL || !r->strip)
+        return;
+    for (int k = 0; k < fp->nprotected; k++)
+        if (fp->protected_start[k] == r->start)
+            return;  /* already stripped */
+    if (fp->nprotected < 8) {
+        fp->protected_start[fp->nprotected] = r->start;
+        fp->protected_size[fp->nprotected] = r->size;
+        fp->nprotected++;
+    } else {
+        fp->protect_overflow++;
+    }
+    fp->mem_protect(uc, r->start, r->size, 0);
+}
+
+/* May the guest's page rights let this access through? Both ends: an access
+ * may straddle two regions with different rights (Unicorn re-checks only the
+ * permissions of the pieces of a split store, which for an alias are none). */
+static int page_rights_allow(struct fastpath *fp, uint32_t linear, int size, int write)
+{
+    uint32_t need = write ? 2u /* UC_PROT_WRITE */ : 1u /* UC_PROT_READ */;
+    struct alias_region *a = alias_at(fp, linear);
+    struct alias_region *b = alias_at(fp, linear + (uint32_t)size - 1);
+    if (a == NULL || b == NULL)
+        return 1;  /* not mapped: Unicorn raises the unmapped error itself */
+    return (a->strip || (a->perms & need)) && (b->strip || (b->perms & need));
+}
+
+/* UC_HOOK_MEM_READ_PROT | UC_HOOK_MEM_WRITE_PROT over the window region:
+ * called for every access to an alias region, right after fp_on_window_access
+ * judged the same access. true = let it through. */
+bool fp_on_prot(void *uc, int type, uint64_t address, int size, int64_t value, void *user)
+{
+    struct fastpath *fp = user;
+    (void)uc; (void)type; (void)address; (void)size; (void)value;
+    return fp->host_access || fp->exit.kind == EXIT_NONE;
 }
 
 /* The window a segment register's current selector points at, or NULL for a
@@ -364,6 +407,14 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
     if (real_linear >= w->user_top || real_linear + (uint32_t)size - 1 >= w->user_top ||
         real_linear + (uint32_t)size - 1 < real_linear) {
         /* the segment admits it, but no guest page is there */
+        refuse(fp, uc, linear, EXIT_PAGE_FAULT);
+        return;
+    }
+    if (!page_rights_allow(fp, linear, size, write) ||
+        (!write && site->rmw && reg == site->write_seg && !page_rights_allow(fp, linear, size, 1))) {
+        /* the segment admits it, but the guest's page rights do not (mprotect) */
+        if (!write && site->rmw)
+            fp->exit.write = 1;
         refuse(fp, uc, linear, EXIT_PAGE_FAULT);
         return;
     }

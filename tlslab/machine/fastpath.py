@@ -185,7 +185,7 @@ def load_library() -> ctypes.CDLL:
         lib.fp_sizeof.restype = ctypes.c_size_t
         lib.fp_forget_sites.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
         lib.fp_forget_sites.restype = None
-        lib.fp_set_aliases.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        lib.fp_set_aliases.argtypes = [ctypes.c_void_p] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
         lib.fp_set_aliases.restype = ctypes.c_int
         for name in ("fp_reset_sites", "fp_reset_verdicts", "fp_reset_blocks"):
             getattr(lib, name).argtypes = [ctypes.c_void_p]
@@ -240,6 +240,7 @@ class Fastpath:
         lib.fp_reset_blocks(self.address)
         self.on_window_access = ctypes.cast(lib.fp_on_window_access, ctypes.c_void_p).value
         self.on_block = ctypes.cast(lib.fp_on_block, ctypes.c_void_p).value
+        self.on_prot = ctypes.cast(lib.fp_on_prot, ctypes.c_void_p).value
 
     def enable_sign_trace(self, capacity: int = 1 << 22) -> None:
         """Record, per segment register, the lengths of runs of same-sign offsets."""
@@ -260,12 +261,15 @@ class Fastpath:
             runs.append(st.last_sign * st.run_length)
         return runs, st.runs_dropped
 
-    def set_aliases(self, regions: list[tuple[int, int]]) -> None:
-        """Tell the hook where the alias regions are (sorted, non-overlapping)."""
+    def set_aliases(self, regions: list[tuple[int, int, int, bool]]) -> None:
+        """Tell the hook where the refusable regions are: (start, size, rights, strip), sorted, non-overlapping.
+
+        ``strip`` False: an alias, mapped with no permissions, ``rights`` = the
+        guest's (Unicorn perms); True: refused by removing its permissions.
+        """
         n = len(regions)
-        starts = (ctypes.c_uint32 * max(n, 1))(*(r[0] for r in regions))
-        sizes = (ctypes.c_uint32 * max(n, 1))(*(r[1] for r in regions))
-        if self.lib.fp_set_aliases(self.address, starts, sizes, n) != 0:
+        arrays = [(ctypes.c_uint32 * max(n, 1))(*(int(r[k]) for r in regions)) for k in range(4)]
+        if self.lib.fp_set_aliases(self.address, *arrays, n) != 0:
             raise MemoryError(f"too many guest regions for the fast path ({n})")
 
     def forget_sites(self, lo: int, hi: int) -> None:

@@ -53,7 +53,11 @@ def unicorn_perms(prot: int) -> int:
 
 
 def alias_perms(prot: int) -> int:
-    """A window alias serves data accesses only: the guest's read/write rights, never exec."""
+    """The rights a window access to a region has: the guest's read/write rights, never exec.
+
+    Unicorn maps every alias with no permissions at all; the fast path checks
+    these rights itself and lets allowed accesses through (``_fastpath.c``).
+    """
     return unicorn_perms(prot) & ~UC_PROT_EXEC
 
 
@@ -138,7 +142,7 @@ class GuestMemory:
         region = Region(start, size, prot, name, buf, host)
         self.uc.mem_map_ptr(start, size, unicorn_perms(prot), host)
         for off in self.alias_offsets:
-            self.uc.mem_map_ptr(start + off, size, alias_perms(prot), host)
+            self.uc.mem_map_ptr(start + off, size, UC_PROT_NONE, host)  # every access asks the fast path
         i = bisect.bisect_left(self._starts, start)
         self._starts.insert(i, start)
         self._regions.insert(i, region)
@@ -150,17 +154,9 @@ class GuestMemory:
         if self.on_change is not None:
             self.on_change()
 
-    def alias_regions(self) -> list[tuple[int, int]]:
-        """(start, size) of every alias mapping, sorted by start."""
-        return sorted((r.start + off, r.size) for off in self.alias_offsets for r in self._regions)
-
-    def restore_alias(self, alias_start: int) -> None:
-        """Give an alias region back the permissions of the guest region it mirrors."""
-        for off in self.alias_offsets:
-            r = self.region_at((alias_start - off) & 0xFFFFFFFF)
-            if r is not None and r.start + off == alias_start:
-                self.uc.mem_protect(alias_start, r.size, alias_perms(r.prot))
-                return
+    def alias_regions(self) -> list[tuple[int, int, int]]:
+        """(start, size, rights of a window access) of every alias mapping, sorted by start."""
+        return sorted((r.start + off, r.size, alias_perms(r.prot)) for off in self.alias_offsets for r in self._regions)
 
     def _unmap_unicorn(self, start: int, size: int) -> None:
         self.uc.mem_unmap(start, size)
@@ -205,8 +201,7 @@ class GuestMemory:
             else:
                 r.prot = prot
                 self.uc.mem_protect(r.start, r.size, unicorn_perms(prot))
-                for off in self.alias_offsets:
-                    self.uc.mem_protect(r.start + off, r.size, alias_perms(prot))
+        self._changed()  # the fast path's copy of the rights (aliases stay mapped with none)
 
     # -- data ------------------------------------------------------------
     def read(self, address: int, size: int) -> bytes:

@@ -34,8 +34,10 @@ from unicorn import (
     UC_HOOK_INTR,
     UC_HOOK_MEM_FETCH_UNMAPPED,
     UC_HOOK_MEM_READ,
+    UC_HOOK_MEM_READ_PROT,
     UC_HOOK_MEM_READ_UNMAPPED,
     UC_HOOK_MEM_WRITE,
+    UC_HOOK_MEM_WRITE_PROT,
     UC_HOOK_MEM_WRITE_UNMAPPED,
     UC_MEM_WRITE_UNMAPPED,
     UC_MODE_32,
@@ -237,11 +239,13 @@ class VCpu:
         if self.checks:
             hh = ctypes.c_size_t()
             lo, hi = layout.WATCHED_REGION
-            err = uclib.uc_hook_add(handle, ctypes.byref(hh), UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE,
-                                    ctypes.c_void_p(self._fast.on_window_access), ctypes.c_void_p(self._fast.address),
-                                    ctypes.c_uint64(lo), ctypes.c_uint64(hi))
-            if err:
-                raise UcError(err)
+            for kinds, callback in ((UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, self._fast.on_window_access),
+                                    (UC_HOOK_MEM_READ_PROT | UC_HOOK_MEM_WRITE_PROT, self._fast.on_prot)):
+                hh = ctypes.c_size_t()
+                err = uclib.uc_hook_add(handle, ctypes.byref(hh), kinds, ctypes.c_void_p(callback),
+                                        ctypes.c_void_p(self._fast.address), ctypes.c_uint64(lo), ctypes.c_uint64(hi))
+                if err:
+                    raise UcError(err)
             h = self._fast.header
             for name, number in SEGMENT_NUMBERS.items():
                 h.regid_seg[number] = REGISTER_IDS[name]
@@ -269,8 +273,8 @@ class VCpu:
 
     def _refusable_regions(self) -> list[tuple[int, int]]:
         """Regions the hook may strip of permissions to refuse an access in flight."""
-        hv = (layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE)
-        return sorted([*self.mem.alias_regions(), hv])
+        hv = (layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE, UC_PROT_ALL, True)
+        return sorted([*((s, z, p, False) for s, z, p in self.mem.alias_regions()), hv])
 
     def _mappings_changed(self) -> None:
         if self.checks and getattr(self, "_fast", None) is not None:
@@ -446,11 +450,10 @@ class VCpu:
 
         fast_exit = self._fast.take_exit() if self.checks else None
         if self.checks:
-            for start, _size in self._fast.take_protected():
-                if start == layout.HYPERVISOR_PAGES:
-                    self.uc.mem_protect(layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE, UC_PROT_ALL)
-                else:
-                    self.mem.restore_alias(start)
+            for start, _size in self._fast.take_protected():  # only strip regions: the hypervisor pages
+                if start != layout.HYPERVISOR_PAGES:
+                    raise RuntimeError(f"fast path stripped an unexpected region at {start:#010x}")
+                self.uc.mem_protect(layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE, UC_PROT_ALL)
         if fast_exit is not None and error in (UC_ERR_READ_PROT, UC_ERR_WRITE_PROT):
             if stop_eip != fast_exit.eip:
                 # Unicorn could not stop this store before the instruction completed
@@ -507,7 +510,12 @@ class VCpu:
         if e.kind in (fastpath.EXIT_PAGE_FAULT, fastpath.EXIT_KERNEL_ACCESS):
             self.counters.page_faults += 1
             pf = PageFault(e.eip, e.linear, e.size, bool(e.write), via_segment=seg_name)
-            where = "outside guest user space" if e.linear >= layout.USER_TOP else "unmapped"
+            if e.linear >= layout.USER_TOP:
+                where = "outside guest user space"
+            elif self.mem.is_mapped(e.linear, e.size):
+                where = "page not writable" if e.write else "page not readable"
+            else:
+                where = "unmapped"
             return Exit(ExitReason.PAGE_FAULT, e.eip, page_fault=pf, message=f"access to {e.linear:#010x} ({where})")
         return Exit(ExitReason.EXCEPTION, e.eip, message="fast-path site table full")
 
