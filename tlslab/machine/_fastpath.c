@@ -135,8 +135,7 @@ struct fastpath {
      * away from a second bench worker. */
     emu_stop_fn emu_stop;
     uint64_t deadline_ns;             /* CLOCK_MONOTONIC (Python's time.monotonic_ns); 0 = none */
-    uint32_t deadline_tick;
-    int32_t timed_out;
+    uint32_t deadline_tick, pad3;
     struct exit_info exit;
     struct window windows[3];
     struct seg_stats stats[2];  /* [0] = fs, [1] = gs */
@@ -478,8 +477,7 @@ found:
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
         if ((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec >= fp->deadline_ns) {
-            fp->timed_out = 1;
-            fp->emu_stop(uc);
+            fp->emu_stop(uc);  /* emu_start returns with no error and no exit: the run loop's TIMEOUT */
         }
     }
     fp->instructions += icount;

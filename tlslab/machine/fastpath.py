@@ -137,7 +137,7 @@ class FastpathHeader(ctypes.Structure):
         ("emu_stop", ctypes.c_void_p),
         ("deadline_ns", ctypes.c_uint64),
         ("deadline_tick", ctypes.c_uint32),
-        ("timed_out", ctypes.c_int32),
+        ("pad3", ctypes.c_uint32),
         ("exit", ExitInfo),
         ("windows", Window * 3),
         ("stats", SegStats * 2),

@@ -237,7 +237,6 @@ class VCpu:
             )
         handle = uc._uch
         if self.checks:
-            hh = ctypes.c_size_t()
             lo, hi = layout.WATCHED_REGION
             for kinds, callback in ((UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, self._fast.on_window_access),
                                     (UC_HOOK_MEM_READ_PROT | UC_HOOK_MEM_WRITE_PROT, self._fast.on_prot)):
@@ -271,8 +270,10 @@ class VCpu:
         uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_unmapped)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
 
-    def _refusable_regions(self) -> list[tuple[int, int]]:
-        """Regions the hook may strip of permissions to refuse an access in flight."""
+    def _refusable_regions(self) -> list[tuple[int, int, int, bool]]:
+        """(start, size, rights, strip) of the regions the fast path refuses accesses in: the aliases
+        (no Unicorn permissions; the guest's rights checked by the hook) and the hypervisor pages
+        (refused by stripping their permissions)."""
         hv = (layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE, UC_PROT_ALL, True)
         return sorted([*((s, z, p, False) for s, z, p in self.mem.alias_regions()), hv])
 
@@ -474,9 +475,7 @@ class VCpu:
             return self._pending
         if error is not None:
             return Exit(ExitReason.EXCEPTION, stop_eip, message=f"unicorn error: {UcError(error)}")
-        if self._fast is not None:
-            self._fast.header.timed_out = 0
-        return self._timeout_exit(stop_eip)
+        return self._timeout_exit(stop_eip)  # stopped by the deadline (block hook or Unicorn's timer)
 
     def _timeout_exit(self, eip: int) -> Exit:
         return Exit(ExitReason.TIMEOUT, eip, message=f"wall-clock limit of {self.timeout_us / 1e6:g} s reached")
