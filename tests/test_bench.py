@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from benchkit import ROOT, TINY, bench, records
+
 pytestmark = pytest.mark.slow
 
-TINY = "dirs=3,files=20,symlinks=2,depth=2,seed=3"
 SMALL_TOML = f"""
 name = "small"
 strategies = ["native", "emulate", "flip", "emulate-2004"]
@@ -34,20 +34,10 @@ args = ["5"]
 name = "malloc"
 args = ["100"]
 """
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def bench(*args, env=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tlslab", "bench", "--no-progress", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}, **kw)
 
 
 def run_dirs(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if (p / "run.json").is_file())
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "cells.jsonl").read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchkit import TINY, bench, records
+
 from tlslab.bench.spec import Cell, MatrixSpec, SpecError, cell_id
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = "dirs=3,files=20,symlinks=2,depth=2,seed=3"
 HW_TOML = f"""
 name = "hw-small"
 strategies = ["native", "emulate", "flip", "emulate-2004"]
@@ -44,15 +43,6 @@ backends = ["unicorn"]
 """
 # per guest: 4 strategies x 2 variants model cells; hw: native/emulate/flip x default
 N_MODEL, N_HW = 3 * 4 * 2, 2 * 3
-
-
-def bench(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tlslab", "bench", "--no-progress", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "cells.jsonl").read_text().splitlines() if line.strip()]
 
 
 def the_run(out: Path) -> Path:

@@ -26,9 +26,9 @@ GS_SELECTOR = (layout.GDT_ENTRY_TLS_MIN << 3) | 3
 PROLOGUE = f"mov eax, {GS_SELECTOR}; mov gs, ax; "
 
 
-def make_vcpu(body: str, desc: SegmentDescriptor | None = None, checks: bool = True) -> VCpu:
+def make_vcpu(body: str, desc: SegmentDescriptor | None = None, checks: bool = True, **vcpu_options) -> VCpu:
     code = bytes(KS.asm(PROLOGUE + body + "; mov eax, 1; int 0x80", CODE)[0])
-    v = VCpu(checks=checks)
+    v = VCpu(checks=checks, **vcpu_options)
     v.mem.map(CODE, 0x1000, PROT_READ | PROT_EXEC)
     v.mem.write(CODE, code)
     v.mem.map(DATA, 0x2000, PROT_READ | PROT_WRITE)
@@ -177,21 +177,11 @@ def test_plain_write_to_hypervisor_pages_is_refused_and_reads_of_gdt_allowed():
     assert v.uc.mem_read(layout.GDT_BASE + 8 * layout.GDT_ENTRY_TLS_MIN, 8) != bytes(8)
 
 
-def _timeout_vcpu(body: str, timeout: float, checks: bool = True, count: bool = True) -> VCpu:
-    code = bytes(KS.asm(body, CODE)[0])
-    v = VCpu(checks=checks, count_instructions=count, timeout_seconds=timeout)
-    v.mem.map(CODE, 0x1000, PROT_READ | PROT_EXEC)
-    v.mem.write(CODE, code)
-    v.mem.map(STACK_TOP - 0x10000, 0x10000, PROT_READ | PROT_WRITE)
-    v.enter_user_mode(CODE, STACK_TOP - 0x100)
-    return v
-
-
 @pytest.mark.parametrize("checks, count", [(True, True), (False, True), (False, False)])
 def test_a_spinning_guest_stops_at_the_wall_clock_limit(checks, count):
     import time
 
-    v = _timeout_vcpu("spin: jmp spin", 0.3, checks, count)
+    v = make_vcpu("spin: jmp spin", checks=checks, count_instructions=count, timeout_seconds=0.3)
     t0 = time.monotonic()
     e = v.run()
     elapsed = time.monotonic() - t0
@@ -205,7 +195,7 @@ def test_the_limit_is_for_the_whole_run_not_per_exit():
     """A guest that loops on system calls returns to the layer above all the time; it still times out."""
     import time
 
-    v = _timeout_vcpu("again: mov eax, 20; int 0x80; jmp again", 0.3)
+    v = make_vcpu("again: mov eax, 20; int 0x80; jmp again", timeout_seconds=0.3)
     t0 = time.monotonic()
     exits = 0
     while time.monotonic() - t0 < 10.0:  # a broken limit fails the test instead of hanging it

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from benchkit import TINY
+
 from tlslab.cli import main
 
-TINY = "dirs=3,files=20,symlinks=2,depth=2,seed=3"
 SPEC = f"""
 name = "report-test"
 strategies = ["native", "emulate", "flip", "flip-full", "emulate-2004"]
