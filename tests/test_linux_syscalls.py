@@ -14,7 +14,7 @@ from tlslab.linux.syscalls import dispatch, implemented
 from tlslab.linux.tree import TREE_SMALL
 from tlslab.linux.vfs import Vfs
 from tlslab.machine.vcpu import VCpu
-from tlslab.x86.descriptor import SegmentDescriptor, UserDesc
+from tlslab.x86.descriptor import UserDesc
 
 SCRATCH = 0x100000
 AT_FDCWD = 0xFFFFFF9C
