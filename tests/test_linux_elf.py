@@ -66,7 +66,10 @@ def test_dynamic_elf(tmp_path):
     src = tmp_path / "d.c"
     src.write_text("int main(void){return 0;}\n")
     subprocess.run(["gcc", "-m32", "-o", str(tmp_path / "dyn"), str(src)], check=True)
-    _one_line_error(tmp_path / "dyn", "dynamically linked: tlslab runs static executables only")
+    _, image = parse_elf(tmp_path / "dyn")
+    assert image.dynamic and image.interp == "/lib/ld-linux.so.2"
+    assert image.needed == ("libc.so.6",)
+    assert image.e_type == "ET_DYN" and image.load_bias == 0x400000 and not image.static_pie
 
 
 @pytest.mark.skipif(not os.path.exists(GUEST), reason="guests/bin/lsr not built")

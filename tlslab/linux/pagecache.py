@@ -79,6 +79,20 @@ class PageCache:
             if s.filesz:
                 self.mappings.append(_Mapping(node, s.vaddr, s.filesz, s.offset))
 
+    def unmap(self, start: int, size: int) -> None:
+        """Forget file mappings inside ``[start, start+size)`` (munmap, MAP_FIXED over them)."""
+        end = start + size
+        keep = []
+        for m in self.mappings:
+            if m.vaddr + m.size <= start or m.vaddr >= end:
+                keep.append(m)
+                continue
+            if m.vaddr < start:
+                keep.append(_Mapping(m.node, m.vaddr, start - m.vaddr, m.offset))
+            if m.vaddr + m.size > end:
+                keep.append(_Mapping(m.node, end, m.vaddr + m.size - end, m.offset + (end - m.vaddr)))
+        self.mappings = keep
+
     def file_offset(self, vaddr: int) -> tuple[object, int] | None:
         """(file node, file offset) backing guest address ``vaddr``, or None (anonymous)."""
         for m in self.mappings:

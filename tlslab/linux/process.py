@@ -15,8 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tlslab.linux import nodes as N
-from tlslab.linux.elf import ElfImage, load_elf
+from tlslab.linux.elf import ElfError, ElfImage, load_interpreter, map_image, parse_elf
+from tlslab.linux.errno import SyscallError
 from tlslab.linux.files import O_RDONLY, O_WRONLY, FdTable, OpenFile
+from tlslab.linux.objects import ObjectMap
 from tlslab.linux.pagecache import PageCache
 from tlslab.linux.stack import InitialStack, StackSpec, build_stack
 from tlslab.linux.syscalls import SyscallCounters, dispatch, syscall_name
@@ -103,6 +105,8 @@ class Process:
         # called as hook(index, requested, installed) after every set_thread_area (hypervisor ABIs)
         self.tls_hooks: list[Callable] = []
         self.page_cache = PageCache()  # which code pages are file pages (binary-rewriting hazards)
+        self.objects = ObjectMap()     # which file backs which address (naming code in shared objects)
+        self.interp: ElfImage | None = None
         self.sigactions: dict[int, bytes] = {}
         self.sigmask = 0
         self.rlimits: dict[int, tuple[int, int]] = {}
@@ -163,21 +167,56 @@ class Process:
             self.fds.install_at(fd, OpenFile(self._stream(fd, self.stdout_model), O_WRONLY, b"<stdout>"))
 
     def load(self) -> None:
-        """Map the ELF, build the stack, and enter ring 3 at the entry point."""
+        """Map the ELF (and its interpreter), build the stack, and enter ring 3.
+
+        As Linux's binfmt_elf: a dynamic executable's PT_INTERP is looked up in
+        the guest's own filesystem (the root the guest sees, never the host's),
+        mapped top-down in the mmap area, and entered; AT_BASE tells it where it
+        is, AT_PHDR/AT_ENTRY where the program is.
+        """
         mem = self.mem
-        self.image = image = load_elf(mem, self.path)
-        self.page_cache.map_file(self.exe_node(), image.segments)
+        data, image = parse_elf(self.path)
+        map_image(mem, data, image)
+        self.image = image
+        exe = self.exe_node()
+        self.page_cache.map_file(exe, image.segments)
+        self.objects.main = image
+        self._note_image(image, exe, os.fsdecode(self.guest_path))
+        entry, base = image.entry, 0
+        if image.interp is not None:
+            node = self._guest_file(image.interp, f"{self.path}: its interpreter {image.interp}")
+            self.interp = load_interpreter(mem, image.interp, node.read_at(0, node.size))
+            self.page_cache.map_file(node, self.interp.segments)
+            self._note_image(self.interp, node, image.interp)
+            entry, base = self.interp.entry, self.interp.load_bias
         self.brk_start = self.brk = image.brk_start
         stack_prot = PROT_READ | PROT_WRITE | (PROT_EXEC if image.exec_stack else 0)
         mem.map(layout.STACK_TOP - layout.STACK_SIZE, layout.STACK_SIZE, stack_prot, "[stack]")
         spec = StackSpec(argv=self.argv, envp=self.envp, execfn=self.guest_path,
                          random16=random.Random(f"tlslab-at-random:{self.seed}").randbytes(16),
-                         phdr=image.phdr, phent=image.phent, phnum=image.phnum, entry=image.entry,
+                         phdr=image.phdr, phent=image.phent, phnum=image.phnum, entry=image.entry, base=base,
                          uid=self.vfs.uid, gid=self.vfs.gid)
         self.initial_stack = build_stack(mem, layout.STACK_TOP, spec)
         for reg in ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp"):  # ELF_PLAT_INIT: edx=0 = no rtld_fini
             self.vcpu.regs.set(reg, 0)
-        self.vcpu.enter_user_mode(image.entry, self.initial_stack.sp)
+        self.vcpu.enter_user_mode(entry, self.initial_stack.sp)
+
+    def _guest_file(self, path: str, what: str) -> N.File:
+        """A regular file of the guest's filesystem (for the loader), or one ElfError line."""
+        try:
+            node = self.vfs.resolve(os.fsencode(path))
+        except SyscallError as exc:
+            raise ElfError(f"{what} cannot be opened in the guest's root ({exc})") from None
+        if not isinstance(node, N.File):
+            raise ElfError(f"{what} is not a regular file in the guest's root")
+        return node
+
+    def _note_image(self, image: ElfImage, node, path: str) -> None:
+        """Record the loader's file mappings of ``image`` (its PT_LOAD pages) for naming code."""
+        for seg in image.segments:
+            if seg.filesz:
+                lo = seg.vaddr - seg.vaddr % layout.PAGE_SIZE
+                self.objects.add(lo, seg.vaddr + seg.filesz - lo, seg.offset - (seg.vaddr - lo), path, node)
 
     # ------------------------------------------------------------ running
     def elapsed_ns(self) -> int:
@@ -205,7 +244,8 @@ class Process:
         return len(self.tls_events)
 
     def symbolize(self, addr: int) -> str:
-        return self.image.symbolize(addr) if self.image else f"{addr:#010x}"
+        """``symbol+0xN`` in the executable, ``libc.so.6:symbol+0xN`` in a shared object."""
+        return self.objects.symbolize(addr)
 
     def summary(self) -> dict:
         """Deterministic counters of this run (identical for identical runs)."""

@@ -40,6 +40,7 @@ class StackSpec:
     phent: int
     phnum: int
     entry: int
+    base: int = 0                   # AT_BASE: where the program interpreter was loaded (0: none)
     uid: int = 1000
     gid: int = 1000
     hwcap: int = DEFAULT_HWCAP
@@ -88,7 +89,7 @@ def build_stack(mem, top: int, spec: StackSpec) -> InitialStack:
     auxv = [
         (AT_HWCAP, spec.hwcap), (AT_PAGESZ, 4096), (AT_CLKTCK, CLOCK_TICKS),
         (AT_PHDR, spec.phdr), (AT_PHENT, spec.phent), (AT_PHNUM, spec.phnum),
-        (AT_BASE, 0), (AT_FLAGS, 0), (AT_ENTRY, spec.entry),
+        (AT_BASE, spec.base), (AT_FLAGS, 0), (AT_ENTRY, spec.entry),
         (AT_UID, spec.uid), (AT_EUID, spec.uid), (AT_GID, spec.gid), (AT_EGID, spec.gid),
         (AT_SECURE, 0), (AT_RANDOM, random_addr), (AT_HWCAP2, spec.hwcap2),
         (AT_EXECFN, execfn_addr), (AT_PLATFORM, platform_addr), (AT_NULL, 0),

@@ -2,10 +2,18 @@
 
 Mappings are exact (page granular, like Linux), so a guest access past brk or
 past a mapping faults as it would natively. File-backed mappings are private
-copies of the file's bytes; MAP_SHARED file writes do not reach the file.
+copies of the file's bytes (the bytes past the end of the file in the last
+page read zero); MAP_SHARED file writes do not reach the file. Every file
+mapping is recorded in the process's object map (naming code in shared
+objects) and page-cache model (which code pages are file pages: the hazard of
+patching them, see ``pagecache``); munmap and MAP_FIXED replacements forget
+what they cover.
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 from tlslab.linux import errno as E
 from tlslab.linux import nodes as N
@@ -44,7 +52,7 @@ def do_mmap(p, addr: int, length: int, prot: int, flags: int, fd: int, offset: i
     size = page_ceil(length)
     if size == 0 or size >= layout.USER_TOP:
         raise SyscallError(E.ENOMEM)
-    content = b""
+    content, f = b"", None
     if not flags & MAP_ANONYMOUS:
         f = p.fds.get(signed(fd))
         if not isinstance(f.node, N.File):
@@ -67,10 +75,31 @@ def do_mmap(p, addr: int, length: int, prot: int, flags: int, fd: int, offset: i
             start = p.mem.find_free(size)
         except MemoryError:
             raise SyscallError(E.ENOMEM) from None
-    p.mem.map(start, size, prot & 7, "[anon]" if flags & MAP_ANONYMOUS else "file")
+    name = "[anon]" if f is None else os.path.basename(os.fsdecode(f.path)) or "file"
+    p.mem.map(start, size, prot & 7, name)
+    forget_mappings(p, start, size)
     if content:
         p.mem.write(start, content)
+    if f is not None:
+        p.objects.add(start, size, offset, os.fsdecode(f.path), f.node)
+        if content:
+            p.page_cache.map_file(f.node, [FileRange(start, len(content), offset)])
     return start
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """The file-backed bytes of one mapping (the page cache's view: vaddr, filesz, offset)."""
+
+    vaddr: int
+    filesz: int
+    offset: int
+
+
+def forget_mappings(p, start: int, size: int) -> None:
+    """``[start, start+size)`` no longer maps what it mapped (munmap, MAP_FIXED, brk shrink)."""
+    p.objects.remove(start, size)
+    p.page_cache.unmap(start, size)
 
 
 @syscall("mmap2")
@@ -90,6 +119,7 @@ def sys_munmap(p, addr, length):
     if addr % PAGE or length == 0 or addr + length > layout.USER_TOP:
         raise SyscallError(E.EINVAL)
     p.mem.unmap(addr, page_ceil(length))
+    forget_mappings(p, addr, page_ceil(length))
     return 0
 
 
@@ -116,6 +146,7 @@ def sys_mremap(p, old, old_size, new_size, flags, new_addr):
     if new_size <= old_size:
         if new_size < old_size:
             p.mem.unmap(old + new_size, old_size - new_size)
+            forget_mappings(p, old + new_size, old_size - new_size)
         return old
     if old + new_size <= layout.MMAP_TOP and not _overlaps(p.mem, old + old_size, new_size - old_size):
         p.mem.map(old + old_size, new_size - old_size, region.prot, region.name)
@@ -130,6 +161,7 @@ def sys_mremap(p, old, old_size, new_size, flags, new_addr):
     p.mem.map(start, new_size, region.prot, region.name)
     p.mem.write(start, data)
     p.mem.unmap(old, old_size)
+    forget_mappings(p, old, old_size)
     return start
 
 
