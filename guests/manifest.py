@@ -2,9 +2,13 @@
 """Write guests/manifest.json for the built guests (called by guests/Makefile).
 
 Per binary: registry key, name, variant, path, source path + sha256, compiler,
-glibc (Debian libc6-dev-i386 version), full flags, binary sha256 and size, and
-the %gs census (tlslab.guests.gs_census) for the whole binary and for our own
-code. No timestamps or absolute paths: the manifest is reproducible.
+glibc (Debian libc6-dev-i386 version), full flags, binary sha256 and size, the
+linkage read back from the ELF (static or dynamic; ELF type; PIE; PT_INTERP;
+DT_NEEDED), and the %gs census (tlslab.guests.gs_census) for the whole binary
+and for our own code. A dynamically linked build also records the libc it was
+linked against at build time (libc6-i386, the 32-bit shared glibc here) and the
+Debian i386 libc it is meant to run with (glibc_runtime). No timestamps or
+absolute paths: the manifest is reproducible.
 """
 from __future__ import annotations
 
@@ -18,7 +22,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))        # use this checkout's tlslab
 
-from tlslab.guests import gs_census, sha256_file  # noqa: E402
+from tlslab.guests import VARIANT_SUFFIX, VARIANTS, gs_census, sha256_file  # noqa: E402
+
+#: the Debian 12 libc6:i386 of the i386 root the dyn builds run under; the
+#: multilib libc6-i386 / libc6-dev-i386 here must be the same glibc (ABI-identical)
+RUNTIME_LIBC = "libc6:i386 2.36-9+deb12u14 (Debian 12 i386 root: /lib/ld-linux.so.2, libc.so.6)"
 
 
 def first_line(cmd: list[str]) -> str:
@@ -29,11 +37,39 @@ def first_line(cmd: list[str]) -> str:
     return out.splitlines()[0].strip() if out else "unknown"
 
 
+def linkage(path: Path) -> dict:
+    """How the binary is linked, read from its ELF headers and dynamic section."""
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        interp = None
+        for seg in elf.iter_segments():
+            if seg["p_type"] == "PT_INTERP":
+                interp = seg.get_interp_name()
+        needed, flags_1 = [], 0
+        for sec in elf.iter_sections():
+            if isinstance(sec, DynamicSection):
+                for tag in sec.iter_tags():
+                    if tag.entry.d_tag == "DT_NEEDED":
+                        needed.append(tag.needed)
+                    elif tag.entry.d_tag == "DT_FLAGS_1":
+                        flags_1 = tag.entry.d_val
+        return {
+            "dynamic": interp is not None,
+            "elf_type": elf["e_type"],
+            "pie": elf["e_type"] == "ET_DYN" and bool(flags_1 & 0x08000000),   # DF_1_PIE
+            "interp": interp,
+            "needed": needed,
+        }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cc", default="gcc")
-    ap.add_argument("--flags-default", required=True)
-    ap.add_argument("--flags-nosegneg", required=True)
+    for variant in VARIANTS:
+        ap.add_argument(f"--flags-{variant}", required=True)
     ap.add_argument("--out", default="manifest.json")
     ap.add_argument("guests", nargs="+")
     args = ap.parse_args()
@@ -41,13 +77,22 @@ def main() -> int:
     os.chdir(HERE)
     compiler = first_line([args.cc, "--version"])
     glibc = first_line(["dpkg-query", "-W", "-f=${Package} ${Version}\n", "libc6-dev-i386"])
+    glibc_shared = first_line(["dpkg-query", "-W", "-f=${Package} ${Version}\n", "libc6-i386"])
     binutils = first_line(["ld", "--version"])
     binaries = []
     for name in args.guests:
         src = Path("src") / f"{name}.c"
-        for variant, flags, suffix in (("default", args.flags_default, ""),
-                                       ("nosegneg", args.flags_nosegneg, ".nosegneg")):
+        for variant in VARIANTS:
+            flags, suffix = getattr(args, f"flags_{variant}"), VARIANT_SUFFIX[variant]
             path = Path("bin") / f"{name}{suffix}"
+            link = linkage(path)
+            if link["dynamic"]:
+                link["glibc_shared"] = glibc_shared
+                link["glibc_runtime"] = RUNTIME_LIBC
+                if not link["pie"]:
+                    raise SystemExit(f"{path}: expected a PIE (Debian gcc's default), got {link['elf_type']}")
+            if link["dynamic"] != (variant == "dyn"):
+                raise SystemExit(f"{path}: variant {variant} but dynamic={link['dynamic']}")
             binaries.append({
                 "key": f"{name}{suffix}",
                 "name": name,
@@ -61,6 +106,7 @@ def main() -> int:
                 "command": f"{args.cc} {flags} -o {path} {src}",
                 "sha256": sha256_file(path),
                 "size": path.stat().st_size,
+                "link": link,
                 "gs": gs_census(path, src),
             })
     manifest = {

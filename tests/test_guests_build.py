@@ -3,6 +3,10 @@
 Native runs need a host that executes i386 ELF binaries (x86-64 Linux with
 IA32 emulation); they are skipped with a reason elsewhere. The busybox tests
 need the cached package or root + apt + the Debian archive; otherwise skipped.
+The rebuild test needs ``gcc -m32`` (Debian gcc-multilib): without it it skips
+with the reason, and with CI=true in the environment it fails instead.
+
+The dynamically linked ``.dyn`` builds have their own file, test_guests_dyn.py.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from elftools.elf.elffile import ELFFile
 
 from tlslab import debian
 from tlslab.guests import (
+    VARIANT_SUFFIX,
+    VARIANTS,
     GuestError,
     gs_census,
     guests_dir,
@@ -37,6 +43,7 @@ OWN_TLS = ["lsr", "syscalls", "malloc", "stdio", "canary", "selfread"]
 MANIFEST = load_manifest()
 ENTRIES = {e["key"]: e for e in MANIFEST["binaries"]}
 KEYS = sorted(ENTRIES)
+STATIC_KEYS = sorted(k for k, e in ENTRIES.items() if e["variant"] in ("default", "nosegneg"))
 
 
 def _bin(key: str) -> Path:
@@ -68,13 +75,21 @@ def run(key_or_path, *args, cwd=None) -> subprocess.CompletedProcess:
 
 # --------------------------------------------------------------------------- manifest
 
-def test_manifest_lists_every_guest_in_both_variants():
-    expected = {g for g in GUESTS} | {g + ".nosegneg" for g in GUESTS}
-    assert set(ENTRIES) == expected
+def test_manifest_lists_every_guest_in_every_variant():
+    assert VARIANTS == ("default", "nosegneg", "dyn")
+    assert set(VARIANT_SUFFIX) == set(VARIANTS)
+    expected = {g + VARIANT_SUFFIX[v] for g in GUESTS for v in VARIANTS}
+    assert set(ENTRIES) == expected and len(MANIFEST["binaries"]) == len(GUESTS) * len(VARIANTS)
     for key, e in ENTRIES.items():
-        assert e["variant"] == ("nosegneg" if key.endswith(".nosegneg") else "default")
-        assert "-m32 -O2 -static -fstack-protector-strong" in e["flags"]
+        assert key == e["name"] + VARIANT_SUFFIX[e["variant"]]
+        assert e["path"] == "bin/" + key
+        if e["variant"] == "dyn":
+            assert "-m32 -O2 -fstack-protector-strong" in e["flags"]
+            assert "-static" not in e["flags"].split()
+        else:
+            assert "-m32 -O2 -static -fstack-protector-strong" in e["flags"]
         assert ("-mno-tls-direct-seg-refs" in e["flags"]) == (e["variant"] == "nosegneg")
+        assert e["link"]["dynamic"] == (e["variant"] == "dyn")
         assert e["compiler"].startswith("gcc")
         assert e["glibc"].startswith("libc6-dev-i386 2.")
 
@@ -91,12 +106,12 @@ def test_binary_matches_manifest(key):
 @pytest.mark.parametrize("name", GUESTS)
 def test_source_matches_manifest(name):
     # a source edited without `make guests` would leave stale binaries
-    for key in (name, name + ".nosegneg"):
+    for key in (name + VARIANT_SUFFIX[v] for v in VARIANTS):
         src = guests_dir() / ENTRIES[key]["source"]["path"]
         assert sha256_file(src) == ENTRIES[key]["source"]["sha256"], f"{src} changed: run `make guests`"
 
 
-@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("key", STATIC_KEYS)
 def test_binary_is_static_elf32_i386_executable(key):
     with open(_bin(key), "rb") as f:
         elf = ELFFile(f)
@@ -130,20 +145,43 @@ def test_gs_census_recomputes_to_manifest():
         assert gs_census(_bin(key), src) == ENTRIES[key]["gs"]
 
 
-@pytest.mark.slow
-def test_rebuild_is_byte_identical():
+def gcc_m32_reason() -> str | None:
+    """Why the recorded guests cannot be rebuilt here (static and dynamic -m32), or None."""
     if shutil.which("gcc") is None or shutil.which("make") is None:
-        pytest.skip("gcc/make not installed")
-    probe = subprocess.run(["gcc", "-m32", "-static", "-x", "c", "-", "-o", os.devnull],
-                           input="int main(void){return 0;}", capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip("gcc -m32 -static does not work here (install gcc-multilib)")
+        return "gcc/make not installed"
+    for extra in (["-static"], []):
+        probe = subprocess.run(["gcc", "-m32", *extra, "-x", "c", "-", "-o", os.devnull],
+                               input="int main(void){return 0;}", capture_output=True, text=True)
+        if probe.returncode != 0:
+            return f"gcc -m32 {' '.join(extra)} does not work here (install gcc-multilib)".replace("  ", " ")
+    return None
+
+
+def require_gcc_m32() -> None:
+    """Skip without gcc -m32, with the reason; under CI=true fail instead (.ci/run installs it)."""
+    reason = gcc_m32_reason()
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"gcc -m32 required in CI: {reason}")
+    pytest.skip(reason)
+
+
+def require_recorded_compiler() -> None:
     got = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     if got != ENTRIES["lsr"]["compiler"]:
         pytest.skip(f"different compiler ({got!r}); byte-identity only holds for the recorded one")
+
+
+@pytest.mark.slow
+def test_rebuild_is_byte_identical():
+    # `make check` rebuilds every guest in every variant (default, nosegneg, dyn)
+    require_gcc_m32()
+    require_recorded_compiler()
     cp = subprocess.run(["make", "-s", "-C", str(guests_dir()), "check"],
                         capture_output=True, text=True, timeout=300)
     assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert f"{len(GUESTS)} x {len(VARIANTS)} binaries byte-identical" in cp.stdout
 
 
 # --------------------------------------------------------------------------- registry
@@ -156,6 +194,7 @@ def test_resolve_bundled_names_and_variants():
     n1 = resolve_guest("lsr", variant="nosegneg")
     n2 = resolve_guest("lsr.nosegneg")
     assert n1 == n2 and n1.variant == "nosegneg" and n1.path.name == "lsr.nosegneg"
+    assert n1.key == "lsr.nosegneg" and not n1.dynamic and not g.dynamic
     assert set(ENTRIES) <= set(list_guests(include_debian=False))
 
 
@@ -359,6 +398,7 @@ def test_busybox_is_locked_static_i386(busybox):
     assert lock["static"] and lock["gs"]["total"] > 1000
     g = resolve_guest("busybox")
     assert g.path == busybox.binary and g.variant == "debian"
+    assert g.key == "busybox" and g.interp is None and not g.dynamic
     assert "busybox" in list_guests()
 
 

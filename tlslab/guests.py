@@ -1,8 +1,10 @@
-"""Guest registry: the static i386 glibc programs tlslab runs.
+"""Guest registry: the i386 glibc programs tlslab runs.
 
 Bundled guests are built by ``guests/Makefile`` (``make guests``) into
-``guests/bin/<name>`` (default build) and ``guests/bin/<name>.nosegneg``
-(``-mno-tls-direct-seg-refs``) and described in ``guests/manifest.json``. The
+``guests/bin/<name>`` (default build, static), ``guests/bin/<name>.nosegneg``
+(static, ``-mno-tls-direct-seg-refs``) and ``guests/bin/<name>.dyn`` (dynamically
+linked PIE: PT_INTERP ``/lib/ld-linux.so.2``, NEEDED ``libc.so.6``) and described
+in ``guests/manifest.json``. The
 real-world guest ``busybox`` comes from Debian's ``busybox-static:i386`` package,
 fetched by :mod:`tlslab.debian` into a cache and pinned in
 ``guests/debian.lock.json``.
@@ -20,11 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
-VARIANTS = ("default", "nosegneg")
-NOSEGNEG_SUFFIX = ".nosegneg"
+VARIANTS = ("default", "nosegneg", "dyn")
+#: registry-name / file-name suffix of each bundled build variant
+VARIANT_SUFFIX = {"default": "", "nosegneg": ".nosegneg", "dyn": ".dyn"}
+NOSEGNEG_SUFFIX = VARIANT_SUFFIX["nosegneg"]     # kept for older callers
 
 
 class GuestError(ValueError):
@@ -34,7 +40,7 @@ class GuestError(ValueError):
 @dataclass(frozen=True)
 class GuestBinary:
     name: str                 # "lsr", "busybox", or a file's basename for external paths
-    variant: str              # "default", "nosegneg", "debian" or "external"
+    variant: str              # "default", "nosegneg", "dyn", "debian" or "external"
     path: Path
     sha256: str
     source: Path | None = None    # C source for bundled guests, the .deb for busybox
@@ -42,8 +48,18 @@ class GuestBinary:
 
     @property
     def key(self) -> str:
-        """The registry name: ``lsr``, ``lsr.nosegneg``, ``busybox``."""
-        return self.name + (NOSEGNEG_SUFFIX if self.variant == "nosegneg" else "")
+        """The registry name: ``lsr``, ``lsr.nosegneg``, ``lsr.dyn``, ``busybox``."""
+        return self.name + VARIANT_SUFFIX.get(self.variant, "")
+
+    @cached_property
+    def interp(self) -> str | None:
+        """The ELF's PT_INTERP (``/lib/ld-linux.so.2``), None for a static binary."""
+        return elf_interp(self.path)
+
+    @property
+    def dynamic(self) -> bool:
+        """Dynamically linked: the ``dyn`` build, or any ELF with a PT_INTERP."""
+        return self.variant == "dyn" or self.interp is not None
 
 
 # --------------------------------------------------------------------------- paths
@@ -70,6 +86,43 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def elf_interp(path: str | os.PathLike) -> str | None:
+    """PT_INTERP of an ELF file from its program headers (no execution, a few reads).
+
+    None if the file is not an ELF or has no PT_INTERP (a static executable).
+    """
+    with open(path, "rb") as f:
+        ident = f.read(16)
+        if len(ident) < 16 or ident[:4] != b"\x7fELF" or ident[4] not in (1, 2) or ident[5] not in (1, 2):
+            return None
+        is64, end = ident[4] == 2, "<" if ident[5] == 1 else ">"
+        hdr = f.read(48 if is64 else 36)
+        try:
+            if is64:
+                phoff, = struct.unpack_from(end + "Q", hdr, 16)
+                phentsize, phnum = struct.unpack_from(end + "HH", hdr, 38)
+            else:
+                phoff, = struct.unpack_from(end + "I", hdr, 12)
+                phentsize, phnum = struct.unpack_from(end + "HH", hdr, 26)
+        except struct.error:
+            return None
+        if phoff == 0 or phentsize < (56 if is64 else 32):
+            return None
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        for i in range(len(table) // phentsize):
+            ph = table[i * phentsize:(i + 1) * phentsize]
+            if struct.unpack_from(end + "I", ph, 0)[0] != 3:       # PT_INTERP
+                continue
+            if is64:
+                offset, filesz = struct.unpack_from(end + "Q", ph, 8)[0], struct.unpack_from(end + "Q", ph, 32)[0]
+            else:
+                offset, filesz = struct.unpack_from(end + "I", ph, 4)[0], struct.unpack_from(end + "I", ph, 16)[0]
+            f.seek(offset)
+            return f.read(min(filesz, 4096)).split(b"\0", 1)[0].decode(errors="replace")
+    return None
+
+
 # --------------------------------------------------------------------------- registry
 
 def load_manifest() -> dict:
@@ -88,7 +141,7 @@ def _bundled_entries() -> dict[str, dict]:
 
 
 def list_guests(include_debian: bool = True) -> list[str]:
-    """Registry names: bundled ``name`` / ``name.nosegneg`` and, if locked, ``busybox``."""
+    """Registry names: bundled ``name`` / ``name.nosegneg`` / ``name.dyn`` and, if locked, ``busybox``."""
     names = sorted(_bundled_entries())
     if include_debian:
         from tlslab import debian
@@ -98,10 +151,13 @@ def list_guests(include_debian: bool = True) -> list[str]:
 
 
 def _split_name(name: str, variant: str) -> tuple[str, str]:
+    """``("lsr.dyn", "default")`` -> ``("lsr", "dyn")``: a variant suffix in the name wins."""
     if variant not in VARIANTS:
         raise GuestError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
-    if name.endswith(NOSEGNEG_SUFFIX):
-        return name[: -len(NOSEGNEG_SUFFIX)], "nosegneg"
+    # longest suffix first, so that no suffix can shadow a longer one ending the same way
+    for var, suffix in sorted(VARIANT_SUFFIX.items(), key=lambda kv: -len(kv[1])):
+        if suffix and name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], var
     return name, variant
 
 
@@ -112,7 +168,8 @@ def _looks_like_path(name: str) -> bool:
 def resolve_guest(name_or_path: str, variant: str = "default") -> GuestBinary:
     """Resolve a bundled guest name, ``busybox``, or a path to an ELF file.
 
-    ``"lsr"`` with ``variant="nosegneg"`` and ``"lsr.nosegneg"`` are the same guest.
+    ``"lsr"`` with ``variant="nosegneg"`` and ``"lsr.nosegneg"`` are the same guest
+    (likewise ``variant="dyn"`` and ``"lsr.dyn"``).
     Bundled and Debian guests are checked against their recorded sha256; an
     explicit path is taken as is (variant ``"external"``).
     """
@@ -121,7 +178,7 @@ def resolve_guest(name_or_path: str, variant: str = "default") -> GuestBinary:
     base, var = _split_name(name_or_path, variant)
 
     entries = _bundled_entries() if manifest_path().exists() else {}
-    key = base + (NOSEGNEG_SUFFIX if var == "nosegneg" else "")
+    key = base + VARIANT_SUFFIX[var]
     if key in entries:
         entry = entries[key]
         path = guests_dir() / entry["path"]
