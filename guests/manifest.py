@@ -24,9 +24,26 @@ sys.path.insert(0, str(HERE.parent))        # use this checkout's tlslab
 
 from tlslab.guests import VARIANT_SUFFIX, VARIANTS, gs_census, sha256_file  # noqa: E402
 
-#: the Debian 12 libc6:i386 of the i386 root the dyn builds run under; the
-#: multilib libc6-i386 / libc6-dev-i386 here must be the same glibc (ABI-identical)
-RUNTIME_LIBC = "libc6:i386 2.36-9+deb12u14 (Debian 12 i386 root: /lib/ld-linux.so.2, libc.so.6)"
+
+def runtime_libc(glibc_shared: str) -> str:
+    """The libc6:i386 of the pinned Debian i386 root (guests/rootfs.lock.json) the dyn
+    builds run under, checked to be the same upstream glibc as the multilib
+    libc6-i386 they were linked against here (so ABI-identical)."""
+    lock = HERE / "rootfs.lock.json"
+    try:
+        roots = json.loads(lock.read_text())["roots"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"{lock}: cannot read the i386 root's libc6 ({exc})") from None
+    for root in roots.values():
+        for pkg in root.get("packages", []):
+            if pkg.get("package") == "libc6" and pkg.get("arch") == "i386":
+                ver = pkg["version"]
+                linked = glibc_shared.split()[-1]
+                if ver.split("-")[0] != linked.split("-")[0]:
+                    raise SystemExit(f"root libc6:i386 {ver} is not the glibc linked against ({glibc_shared})")
+                return (f"libc6:i386 {ver} (Debian {root.get('suite', '?')} i386 root, "
+                        f"guests/rootfs.lock.json: /lib/ld-linux.so.2, libc.so.6)")
+    raise SystemExit(f"{lock}: no libc6:i386 in any root")
 
 
 def first_line(cmd: list[str]) -> str:
@@ -78,6 +95,7 @@ def main() -> int:
     compiler = first_line([args.cc, "--version"])
     glibc = first_line(["dpkg-query", "-W", "-f=${Package} ${Version}\n", "libc6-dev-i386"])
     glibc_shared = first_line(["dpkg-query", "-W", "-f=${Package} ${Version}\n", "libc6-i386"])
+    glibc_runtime = None
     binutils = first_line(["ld", "--version"])
     binaries = []
     for name in args.guests:
@@ -88,7 +106,8 @@ def main() -> int:
             link = linkage(path)
             if link["dynamic"]:
                 link["glibc_shared"] = glibc_shared
-                link["glibc_runtime"] = RUNTIME_LIBC
+                glibc_runtime = glibc_runtime or runtime_libc(glibc_shared)
+                link["glibc_runtime"] = glibc_runtime
                 if not link["pie"]:
                     raise SystemExit(f"{path}: expected a PIE (Debian gcc's default), got {link['elf_type']}")
             if link["dynamic"] != (variant == "dyn"):

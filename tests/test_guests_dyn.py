@@ -13,6 +13,7 @@ brings): without them they skip with the reason, and under CI=true they fail.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -98,6 +99,12 @@ def test_dyn_binary_is_i386_pie_with_ld_linux_and_only_libc(key):
     assert e["glibc"].startswith("libc6-dev-i386 2.36-")
     # the shared glibc linked against at build time is the dev package's version
     assert link["glibc_shared"].split()[1] == e["glibc"].split()[1]
+    # ... and the same upstream glibc as the pinned i386 root's libc6:i386
+    roots = json.loads((guests_dir() / "rootfs.lock.json").read_text())["roots"]
+    root_libc = [p["version"] for r in roots.values() for p in r["packages"]
+                 if p["package"] == "libc6" and p["arch"] == "i386"]
+    assert root_libc and link["glibc_runtime"].split()[1] == root_libc[0]
+    assert root_libc[0].split("-")[0] == link["glibc_shared"].split()[1].split("-")[0]
 
 
 def test_dyn_flags_are_the_static_ones_without_static():
