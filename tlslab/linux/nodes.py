@@ -112,11 +112,13 @@ class Dir(Node):
 
 
 class File(Node):
-    __slots__ = ("_data", "_source", "_size")
+    __slots__ = ("_data", "_source", "_size", "host_path")
 
     def __init__(self, ino: int, mode: int = S_IFREG | 0o644, data: bytes | None = None,
-                 source: Callable[[], bytes] | None = None, size: int | None = None, **kw):
+                 source: Callable[[], bytes] | None = None, size: int | None = None,
+                 host_path: bytes | None = None, **kw):
         super().__init__(ino, mode, **kw)
+        self.host_path = host_path  # the host file a read-only view reads (None: in memory)
         self._data = bytearray(data) if data is not None else None
         self._source = source
         self._size = len(data) if data is not None else (size or 0)
@@ -216,8 +218,8 @@ class Device(Node):
         return len(data)
 
 
-def host_loader(path: bytes, ino_offset: int = 0) -> Callable[[Dir], dict]:
-    """A loader listing host directory ``path`` lazily, read-only (for ``--root``)."""
+def host_loader(path: bytes, ino_offset: int = 0, map_owner: bool = True) -> Callable[[Dir], dict]:
+    """A loader listing host directory ``path`` lazily, read-only (for ``--root`` and root filesystems)."""
 
     def load(_dir: Dir) -> dict[bytes, Node]:
         out: dict[bytes, Node] = {}
@@ -226,7 +228,7 @@ def host_loader(path: bytes, ino_offset: int = 0) -> Callable[[Dir], dict]:
         except OSError:
             return out
         for name in names:
-            out[name] = host_node(os.path.join(path, name), ino_offset)
+            out[name] = host_node(os.path.join(path, name), ino_offset, map_owner)
         return out
 
     return load
@@ -237,23 +239,28 @@ def _fold_ino(ino: int) -> int:
     return ((ino ^ (ino >> 32)) & 0xFFFFFFFF) or 1
 
 
-def host_node(path: bytes, ino_offset: int = 0) -> Node:
+def host_node(path: bytes, ino_offset: int = 0, map_owner: bool = True) -> Node:
+    """A read-only view of host file ``path``.
+
+    ``map_owner``: files the host user owns belong to the guest user (``--root``
+    of one's own files: the guest runs "as" the host user, so permissions work
+    out as for a native run by that user). A root filesystem keeps its owners
+    (root), as a chroot shows them.
+    """
     st = os.lstat(path)
-    # files the host user owns belong to the guest user: the guest runs "as" the
-    # host user, so permissions work out as for a native run by that user
-    uid = GUEST_UID if st.st_uid == os.geteuid() else st.st_uid
-    gid = GUEST_GID if st.st_gid == os.getegid() else st.st_gid
+    uid = GUEST_UID if map_owner and st.st_uid == os.geteuid() else st.st_uid
+    gid = GUEST_GID if map_owner and st.st_gid == os.getegid() else st.st_gid
     kw = dict(mtime_ns=st.st_mtime_ns, uid=uid, gid=gid)
     ino = _fold_ino(st.st_ino + ino_offset)
     if stat.S_ISDIR(st.st_mode):
-        d = Dir(ino, st.st_mode, loader=host_loader(path, ino_offset), **kw)
+        d = Dir(ino, st.st_mode, loader=host_loader(path, ino_offset, map_owner), **kw)
         d.host_size = st.st_size
         return d
     if stat.S_ISREG(st.st_mode):
         def source(p=path) -> bytes:
             with open(p, "rb") as f:
                 return f.read()
-        return File(ino, st.st_mode, source=source, size=st.st_size, **kw)
+        return File(ino, st.st_mode, source=source, size=st.st_size, host_path=path, **kw)
     if stat.S_ISLNK(st.st_mode):
         return Symlink(ino, os.readlink(path), mode=st.st_mode, **kw)
     # fifos, sockets, device nodes: visible, never opened on the host

@@ -48,12 +48,29 @@ class Vfs:
         return cls(tree.build(), **kw)
 
     @classmethod
-    def from_host(cls, directory: str | os.PathLike, **kw) -> Vfs:
+    def from_host(cls, directory: str | os.PathLike, map_owner: bool = True, **kw) -> Vfs:
+        """A read-only view of a host directory (see ``nodes.host_node`` for ``map_owner``)."""
         path = os.fsencode(directory)
         if not os.path.isdir(path):
             raise NotADirectoryError(f"{os.fsdecode(path)} is not a directory")
-        root = N.host_node(path)
+        root = N.host_node(path, map_owner=map_owner)
         return cls(root, **kw)
+
+    def mount(self, path: bytes, tree: N.Dir) -> N.Dir:
+        """Mount directory ``tree`` at absolute guest ``path`` (replacing what the root has there).
+
+        The mount point's parent must exist; the mount is listed in it, as a
+        mount on an existing directory would be. Used to put a data tree
+        (``--tree``, ``--root``) inside a root filesystem.
+        """
+        if not path.startswith(b"/") or path.rstrip(b"/") == b"":
+            raise ValueError(f"mount point must be an absolute path below /, not {os.fsdecode(path)!r}")
+        parent, name = self.resolve_parent(path.rstrip(b"/"))
+        if name in (b".", b".."):
+            raise ValueError(f"bad mount point {os.fsdecode(path)!r}")
+        parent.entries.pop(name, None)
+        parent.attach(name, tree)
+        return tree
 
     def new_ino(self) -> int:
         self._next_ino += 1
@@ -227,6 +244,19 @@ class Vfs:
                 raise SyscallError(E.ENOTEMPTY)
         del old_parent.entries[old]
         new_parent.attach(new, node)
+
+
+def data_tree(tree=None, host_dir: str | os.PathLike | None = None) -> N.Dir:
+    """A data tree to mount (``Vfs.mount``): a synthetic tree spec, or a read-only host directory."""
+    if host_dir is not None:
+        path = os.fsencode(host_dir)
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"{os.fsdecode(path)} is not a directory")
+        return N.host_node(path)
+    from tlslab.linux.tree import SyntheticTree
+
+    spec = tree if isinstance(tree, SyntheticTree) else _synthetic_tree(str(tree))
+    return spec.build()
 
 
 @functools.lru_cache(maxsize=8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from tlslab.cli import UsageError
@@ -12,11 +13,14 @@ def register(sub) -> None:
     p = sub.add_parser(
         "run",
         help="run a guest under the hypervisor model and print its output, counters and modelled time",
-        description="Run a static i386 guest (a bundled name such as lsr, lsr.nosegneg, busybox, or a path) "
-        "inside Unicorn under the Xen segment model. Guest output first, then exit status, counters "
-        "and modelled time. Arguments after `--` go to the guest.",
+        description="Run an i386 guest (a bundled name such as lsr, lsr.nosegneg, lsr.dyn, busybox, a path, "
+        "or with --rootfs a program of the root such as /bin/ls) inside Unicorn under the Xen segment model. "
+        "Dynamically linked programs run through the root's own ld.so and libraries. Guest output first, "
+        "then exit status, counters and modelled time. Arguments after `--` go to the guest.",
+        epilog="example: tlslab run --rootfs debian /bin/ls --strategy flip -- -R /usr/lib",
     )
-    p.add_argument("guest", help="bundled guest name (see `tlslab guests`), busybox, or a path to a static i386 ELF")
+    p.add_argument("guest", help="bundled guest name (see `tlslab guests`), busybox, a path to an i386 ELF, "
+                   "or (with --rootfs) an absolute path inside the root")
     p.add_argument("args", nargs="*", help="guest arguments (put them after --)")
     p.add_argument("--strategy", "-s", default=None,
                    help="fault strategy (see `tlslab strategies`); default: native in --mode native, emulate in --mode xen")
@@ -27,6 +31,14 @@ def register(sub) -> None:
     fs = p.add_mutually_exclusive_group()
     fs.add_argument("--tree", default=None, help="synthetic tree spec or name (small, 4k); default: small")
     fs.add_argument("--root", default=None, help="show this host directory read-only instead of a synthetic tree")
+    p.add_argument("--rootfs", default=None, metavar="NAME",
+                   help="run inside a pinned root filesystem (debian; see `tlslab rootfs`): absolute guest paths, "
+                   "ld.so and libraries come from it; dynamic guests get debian by default")
+    p.add_argument("--tree-at", default="/data", metavar="PATH",
+                   help="with a root filesystem: mount --tree/--root at this guest path and start there (default /data)")
+    p.add_argument("--env", action="append", default=[], metavar="K=V",
+                   help="set (K=V) or remove (K=) a guest environment variable; repeatable. Fixed default: "
+                   "PATH, HOME, LANG=C, TERM=dumb, and LC_ALL=C under a root filesystem")
     p.add_argument("--applet", default=None, help="argv[0] (busybox applet name, e.g. ls)")
     p.add_argument("--seed", type=int, default=0, help="seed for getrandom/AT_RANDOM and the tree")
     p.add_argument("--stdout", choices=("pipe", "file", "null", "tty"), default="pipe",
@@ -83,10 +95,15 @@ def run(args) -> int:
             TreeSpec.parse(args.tree)
         except TreeSpecError as exc:
             raise UsageError(str(exc)) from None
+    for item in args.env:
+        if "=" not in item or item.startswith("="):
+            raise UsageError(f"--env {item!r}: expected KEY=VALUE (or KEY= to remove KEY)")
+    rooted = args.rootfs is not None and args.guest.startswith("/")  # a program of the root works on the root
     spec = RunSpec(guest=args.guest, args=tuple(args.args), strategy=strategy, profile=args.profile,
-                   tree=args.tree or "small", root=args.root, seed=args.seed, stdout=args.stdout,
-                   variant=args.variant, applet=args.applet, timeout_seconds=args.timeout,
-                   patch_policy=args.patch_policy, page_sharing=args.page_sharing, fs_abi=args.fs_abi)
+                   tree=args.tree or (None if rooted else "small"), root=args.root, seed=args.seed,
+                   stdout=args.stdout, variant=args.variant, applet=args.applet, timeout_seconds=args.timeout,
+                   patch_policy=args.patch_policy, page_sharing=args.page_sharing, fs_abi=args.fs_abi,
+                   rootfs=args.rootfs, tree_at=args.tree_at, env=tuple(args.env))
     if args.backend == "hw":
         return run_hardware(spec, args)
     try:
@@ -106,6 +123,9 @@ def run(args) -> int:
         record = {
             "spec": spec.to_dict(),
             "guest_sha256": guest.sha256,
+            "environment": [os.fsdecode(e) for e in domain.process.envp],
+            "objects": [{"path": m.path, "start": m.start, "end": m.end, "offset": m.offset}
+                        for m in domain.process.objects.mappings()],
             "status": result.status,
             "crash": result.crash.describe() if result.crash else None,
             "counters": result.counters,
