@@ -44,7 +44,11 @@ ENOTEMPTY = 39
 ELOOP = 40
 ENODATA = 61
 EOVERFLOW = 75
+ENOTSOCK = 88
+EPROTONOSUPPORT = 93
 EOPNOTSUPP = 95
+EAFNOSUPPORT = 97
+ECONNREFUSED = 111
 ETIMEDOUT = 110
 
 NAMES = {v: k for k, v in globals().items() if k.startswith("E") and isinstance(v, int)}

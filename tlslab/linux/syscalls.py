@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tlslab.linux import errno as E
-from tlslab.linux import syscalls_fs, syscalls_mm, syscalls_proc  # noqa: F401  (registration)
+from tlslab.linux import syscalls_fs, syscalls_mm, syscalls_net, syscalls_proc  # noqa: F401  (registration)
 from tlslab.linux.errno import SyscallError
 from tlslab.linux.syscall_names import SYSCALL_NAMES
 from tlslab.linux.syscall_table import HANDLERS, Handler

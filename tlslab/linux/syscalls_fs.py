@@ -573,3 +573,53 @@ def sys_ioctl(p, fd, request, arg):
     elif request not in (TCSETS, TCSETSW, TCSETSF):
         raise SyscallError(E.EINVAL, f"tty ioctl {request:#x}")
     return 0
+
+
+# ------------------------------------------------------------ extended attributes
+# No file of the guest's filesystem carries extended attributes (no ACLs, no
+# SELinux labels): reading one fails with ENODATA and listing gives nothing, as
+# on a filesystem whose files have none. `ls -l` probes system.posix_acl_access.
+
+@syscall("getxattr")
+def sys_getxattr(p, path, name, value, size):
+    p.vfs.resolve(path_arg(p, path))
+    raise SyscallError(E.ENODATA)
+
+
+@syscall("lgetxattr")
+def sys_lgetxattr(p, path, name, value, size):
+    p.vfs.resolve(path_arg(p, path), follow=False)
+    raise SyscallError(E.ENODATA)
+
+
+@syscall("fgetxattr")
+def sys_fgetxattr(p, fd, name, value, size):
+    p.fds.get(signed(fd))
+    raise SyscallError(E.ENODATA)
+
+
+@syscall("listxattr")
+def sys_listxattr(p, path, buf, size):
+    p.vfs.resolve(path_arg(p, path))
+    return 0
+
+
+@syscall("llistxattr")
+def sys_llistxattr(p, path, buf, size):
+    p.vfs.resolve(path_arg(p, path), follow=False)
+    return 0
+
+
+@syscall("flistxattr")
+def sys_flistxattr(p, fd, buf, size):
+    p.fds.get(signed(fd))
+    return 0
+
+
+@syscall("fadvise64", "fadvise64_64")
+def sys_fadvise64(p, fd):
+    """Advice only: nothing to do in memory, but the descriptor must be valid."""
+    f = p.fds.get(signed(fd))
+    if f.node.fmt == N.S_IFIFO:
+        raise SyscallError(E.ESPIPE)
+    return 0

@@ -172,3 +172,15 @@ def sys_madvise(p, addr, length, advice):
     if advice == 4 and p.mem.is_mapped(addr, page_ceil(length)):  # MADV_DONTNEED: private pages read zero
         p.mem.write(addr, bytes(page_ceil(length)))
     return 0
+
+
+@syscall("mincore")
+def sys_mincore(p, addr, length, vec):
+    """Every mapped guest page is resident (guest memory is host memory we own)."""
+    if addr % PAGE:
+        raise SyscallError(E.EINVAL)
+    pages = page_ceil(length) // PAGE
+    if not p.mem.is_mapped(addr, pages * PAGE):
+        raise SyscallError(E.ENOMEM)
+    p.mem.write(vec, b"\x01" * pages)
+    return 0
