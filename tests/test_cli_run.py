@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 
-def tlslab(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tlslab", *args], capture_output=True, text=True, timeout=timeout)
+def tlslab(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tlslab", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 def test_run_prints_guest_output_then_counters():
@@ -51,14 +53,17 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert "Traceback" not in p.stderr
 
 
-def test_dynamic_elf_is_refused(tmp_path):
+def test_dynamic_elf_without_root_filesystem_is_one_line(tmp_path):
+    """A dynamic ELF needs the pinned root's ld.so; with no root fetched: one line, exit 2."""
     src = tmp_path / "d.c"
     src.write_text("int main(void){return 0;}\n")
     exe = tmp_path / "d"
     if subprocess.run(["gcc", "-m32", "-o", str(exe), str(src)], capture_output=True).returncode != 0:
         pytest.skip("gcc -m32 unavailable")
-    p = tlslab("run", str(exe))
-    assert p.returncode == 2 and "dynamically linked" in p.stderr
+    env_cache = tmp_path / "empty-cache"
+    p = tlslab("run", str(exe), env={"TLSLAB_CACHE": str(env_cache)})
+    assert p.returncode == 2 and "rootfs fetch" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
 
 
 def test_crashing_guest_is_reported_with_site():

@@ -210,6 +210,9 @@ def locked_packages(name: str = "debian") -> list[dict]:
     return list(lock_entry(name)["packages"])
 
 
+RECIPE = 2  # how a root is made from its .debs (2: directory times fixed); part of the directory name
+
+
 def lock_key(entry: dict) -> str:
     """First 12 hex digits of the sha256 of the canonical JSON of a root's lock entry."""
     canonical = json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -222,7 +225,7 @@ def _cache_base(cache_dir: str | os.PathLike | None) -> Path:
 
 def _paths(name: str, entry: dict, cache_dir: str | os.PathLike | None) -> _Paths:
     base = _cache_base(cache_dir)
-    leaf = f"{name}-{lock_key(entry)}"
+    leaf = f"{name}-{lock_key(entry)}-r{RECIPE}"
     rootfs = base / "rootfs"
     return _Paths(base / "debian", rootfs / leaf, rootfs / f"{leaf}.json", rootfs / f".{leaf}.lock")
 
@@ -405,6 +408,23 @@ def _extract_all(debs: list[Path], dest: Path) -> None:
         if cp.returncode != 0:
             raise RootfsUnavailable(f"dpkg-deb -x {deb.name} failed: {debian._last_line(cp)}")
     os.chmod(dest, 0o755)     # mkdtemp made it 0700; guests run as an unprivileged user
+    _fix_directory_times(dest)
+
+
+def _fix_directory_times(top: Path) -> None:
+    """Give every directory the newest mtime found in the root: a function of the .debs alone.
+
+    A directory's mtime changes whenever an entry is added to it, so after
+    unpacking it would be the time of unpacking (``ls -l``, ``find -newer``
+    would then differ between machines and days). Files keep their packaged
+    mtimes; directories all get the newest of them.
+    """
+    newest = 0
+    for dirpath, _dirs, files in os.walk(top):
+        for f in files:
+            newest = max(newest, os.lstat(os.path.join(dirpath, f)).st_mtime_ns)
+    for dirpath, _dirs, _files in os.walk(top, topdown=False):
+        os.utime(dirpath, ns=(newest, newest))
 
 
 def _remove(path: Path) -> None:

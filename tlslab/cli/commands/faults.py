@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from tlslab.cli import UsageError
+from tlslab.cli.guestopts import add_guest_options, spec_from_args
 
 
 def register(sub) -> None:
@@ -17,8 +18,7 @@ def register(sub) -> None:
         "shows which faulting sites each 2004 decoder (Xen emulate.c, Xen seg_fixup.c, XenLinux fixup.c) cannot "
         "handle.",
     )
-    p.add_argument("guest", help="bundled guest name, busybox, or a path to a static i386 ELF")
-    p.add_argument("args", nargs="*", help="guest arguments (put them after --)")
+    add_guest_options(p)
     p.add_argument("--strategy", "-s", default="emulate", help="fault strategy (default: emulate)")
     p.add_argument("--sort", choices=("faults", "accesses", "address"), default="faults", help="row order")
     p.add_argument("--limit", type=int, default=30, metavar="N", help="show at most N sites (0: all; default 30)")
@@ -26,34 +26,17 @@ def register(sub) -> None:
     p.add_argument("--coverage", action="store_true",
                    help="coverage of the 2004 decoders on this guest's faulting sites (runs emulate and flip-full)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--variant", choices=("default", "nosegneg"), default="default", help="guest build variant")
-    p.add_argument("--profile", choices=("nonpae", "pae"), default="nonpae", help="hypervisor start profile")
-    fs = p.add_mutually_exclusive_group()
-    fs.add_argument("--tree", default=None, help="synthetic tree spec or name (small, 4k); default: small")
-    fs.add_argument("--root", default=None, help="show this host directory read-only instead of a synthetic tree")
-    p.add_argument("--applet", default=None, help="argv[0] (busybox applet name, e.g. ls)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=0, help="wall-clock limit in seconds (0: none)")
     p.set_defaults(handler=run)
 
 
 def _spec(args):
-    from tlslab.experiment import RunSpec
     from tlslab.hypervisor.strategies import STRATEGIES
-    from tlslab.linux.tree import TreeSpec, TreeSpecError
 
     if args.strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {args.strategy!r} (choose from: {', '.join(STRATEGIES)})")
     if args.limit < 0 or args.trace < 0:
         raise UsageError("--limit and --trace must be >= 0")
-    if args.tree is not None:
-        try:
-            TreeSpec.parse(args.tree)
-        except TreeSpecError as exc:
-            raise UsageError(str(exc)) from None
-    return RunSpec(guest=args.guest, args=tuple(args.args), strategy=args.strategy, profile=args.profile,
-                   tree=args.tree or "small", root=args.root, seed=args.seed, stdout="pipe",
-                   variant=args.variant, applet=args.applet, timeout_seconds=args.timeout)
+    return spec_from_args(args, args.strategy, stdout="pipe")
 
 
 def _guarded(fn, *a, **kw):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tlslab.cli import UsageError
+from tlslab.cli.guestopts import add_guest_options, spec_from_args
 
 
 def register(sub) -> None:
@@ -14,11 +15,7 @@ def register(sub) -> None:
         "driven policies on that sequence with a cost profile's per-fault prices. The optimal hybrid is an "
         "offline bound (it knows the future); no real policy can beat it.",
     )
-    p.add_argument("guest")
-    p.add_argument("args", nargs="*", help="guest arguments (after --)")
-    p.add_argument("--variant", choices=("default", "nosegneg"), default="default")
-    p.add_argument("--tree", default="small", help="synthetic tree spec or name")
-    p.add_argument("--applet", default=None)
+    add_guest_options(p)
     p.add_argument("--cost-profile", default=None,
                    help="profile giving the per-fault prices (default: a measured hw profile if present)")
     p.add_argument("--emulate-ns", type=float, default=None, help="override the price of one emulated fault")
@@ -37,7 +34,8 @@ def run(args) -> int:
     from rich.table import Table
 
     from tlslab.analysis import hybrid
-    from tlslab.experiment import RunSpec, make_domain
+    from tlslab.experiment import make_domain
+    from tlslab.linux.elf import ElfError
     from tlslab.guests import GuestError
     from tlslab.hypervisor import costmodel
 
@@ -57,11 +55,10 @@ def run(args) -> int:
     if emulate_ns <= 0 or flip_ns <= 0:
         raise UsageError(f"profile {name} gives no per-fault prices (emulate {emulate_ns} ns, flip {flip_ns} ns)")
 
-    spec = RunSpec(args.guest, tuple(args.args), strategy="native", tree=args.tree, variant=args.variant,
-                   applet=args.applet)
+    spec = spec_from_args(args, "native")
     try:
         domain, guest = make_domain(spec, trace_signs=True)
-    except GuestError as exc:
+    except (GuestError, ElfError, FileNotFoundError, NotADirectoryError) as exc:
         raise UsageError(str(exc)) from None
     result = domain.run()
     if not result.ok:

@@ -7,6 +7,7 @@ import os
 import sys
 
 from tlslab.cli import UsageError
+from tlslab.cli.guestopts import add_guest_options, spec_from_args
 
 
 def register(sub) -> None:
@@ -19,32 +20,14 @@ def register(sub) -> None:
         "then exit status, counters and modelled time. Arguments after `--` go to the guest.",
         epilog="example: tlslab run --rootfs debian /bin/ls --strategy flip -- -R /usr/lib",
     )
-    p.add_argument("guest", help="bundled guest name (see `tlslab guests`), busybox, a path to an i386 ELF, "
-                   "or (with --rootfs) an absolute path inside the root")
-    p.add_argument("args", nargs="*", help="guest arguments (put them after --)")
+    add_guest_options(p)
     p.add_argument("--strategy", "-s", default=None,
                    help="fault strategy (see `tlslab strategies`); default: native in --mode native, emulate in --mode xen")
     p.add_argument("--mode", choices=("native", "xen"), default=None,
                    help="native: no truncation; xen: truncated segments (implied by --strategy)")
-    p.add_argument("--profile", choices=("nonpae", "pae"), default="nonpae", help="hypervisor start profile")
-    p.add_argument("--variant", choices=("default", "nosegneg"), default="default", help="guest build variant")
-    fs = p.add_mutually_exclusive_group()
-    fs.add_argument("--tree", default=None, help="synthetic tree spec or name (small, 4k); default: small")
-    fs.add_argument("--root", default=None, help="show this host directory read-only instead of a synthetic tree")
-    p.add_argument("--rootfs", default=None, metavar="NAME",
-                   help="run inside a pinned root filesystem (debian; see `tlslab rootfs`): absolute guest paths, "
-                   "ld.so and libraries come from it; dynamic guests get debian by default")
-    p.add_argument("--tree-at", default="/data", metavar="PATH",
-                   help="with a root filesystem: mount --tree/--root at this guest path and start there (default /data)")
-    p.add_argument("--env", action="append", default=[], metavar="K=V",
-                   help="set (K=V) or remove (K=) a guest environment variable; repeatable. Fixed default: "
-                   "PATH, HOME, LANG=C, TERM=dumb, and LC_ALL=C under a root filesystem")
-    p.add_argument("--applet", default=None, help="argv[0] (busybox applet name, e.g. ls)")
-    p.add_argument("--seed", type=int, default=0, help="seed for getrandom/AT_RANDOM and the tree")
     p.add_argument("--stdout", choices=("pipe", "file", "null", "tty"), default="pipe",
                    help="what the guest's stdout looks like to it (changes glibc's behaviour)")
     p.add_argument("--cost-profile", default="nominal", help="cost profile for modelled time (see `tlslab costs`)")
-    p.add_argument("--timeout", type=float, default=0, help="wall-clock limit in seconds (0: none)")
     p.add_argument("--backend", choices=("unicorn", "hw"), default="unicorn",
                    help="unicorn: the model (default); hw: this CPU with really truncated segments under a "
                    "ptrace supervisor (strategies native|emulate|flip)")
@@ -79,31 +62,18 @@ def resolve_strategy(strategy: str | None, mode: str | None) -> str:
 
 
 def run(args) -> int:
-    from tlslab.experiment import RunSpec, make_domain
+    from tlslab.experiment import make_domain
     from tlslab.guests import GuestError
     from tlslab.hypervisor import costmodel
     from tlslab.linux.elf import ElfError
-    from tlslab.linux.tree import TreeSpec, TreeSpecError
 
     strategy = resolve_strategy(args.strategy, args.mode)
     try:
         profile = costmodel.get_profile(args.cost_profile)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.tree is not None:
-        try:
-            TreeSpec.parse(args.tree)
-        except TreeSpecError as exc:
-            raise UsageError(str(exc)) from None
-    for item in args.env:
-        if "=" not in item or item.startswith("="):
-            raise UsageError(f"--env {item!r}: expected KEY=VALUE (or KEY= to remove KEY)")
-    rooted = args.rootfs is not None and args.guest.startswith("/")  # a program of the root works on the root
-    spec = RunSpec(guest=args.guest, args=tuple(args.args), strategy=strategy, profile=args.profile,
-                   tree=args.tree or (None if rooted else "small"), root=args.root, seed=args.seed,
-                   stdout=args.stdout, variant=args.variant, applet=args.applet, timeout_seconds=args.timeout,
-                   patch_policy=args.patch_policy, page_sharing=args.page_sharing, fs_abi=args.fs_abi,
-                   rootfs=args.rootfs, tree_at=args.tree_at, env=tuple(args.env))
+    spec = spec_from_args(args, strategy, stdout=args.stdout, patch_policy=args.patch_policy,
+                          page_sharing=args.page_sharing, fs_abi=args.fs_abi)
     if args.backend == "hw":
         return run_hardware(spec, args)
     try:

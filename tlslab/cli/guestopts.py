@@ -1,0 +1,65 @@
+"""The options that say *what runs* (guest, build, filesystem, environment), shared by every command.
+
+`run`, `faults` and `hybrid` describe a guest run the same way; declaring the
+options once keeps their choices (variants, trees, root filesystems) in step
+with the registries instead of repeating literals in each command.
+"""
+
+from __future__ import annotations
+
+from tlslab.cli import UsageError
+
+GUEST_HELP = ("bundled guest name (see `tlslab guests`; lsr, lsr.nosegneg, lsr.dyn), busybox, a path to an "
+              "i386 ELF, or with --rootfs an absolute path inside the root (e.g. /bin/ls)")
+
+
+def add_guest_options(p, tree_default_note: str = "small") -> None:
+    """Guest, arguments, build variant, filesystem and environment options."""
+    from tlslab.guests import VARIANTS
+
+    p.add_argument("guest", help=GUEST_HELP)
+    p.add_argument("args", nargs="*", help="guest arguments (put them after --)")
+    p.add_argument("--variant", choices=VARIANTS, default="default",
+                   help="guest build variant (the name suffix .nosegneg/.dyn says the same)")
+    p.add_argument("--profile", choices=("nonpae", "pae"), default="nonpae", help="hypervisor start profile")
+    fs = p.add_mutually_exclusive_group()
+    fs.add_argument("--tree", default=None,
+                    help=f"synthetic tree spec or name (small, 4k, dirs=..,files=..); default: {tree_default_note}")
+    fs.add_argument("--root", default=None, help="show this host directory read-only instead of a synthetic tree")
+    p.add_argument("--rootfs", default=None, metavar="NAME",
+                   help="run inside a pinned root filesystem (debian; see `tlslab rootfs`): absolute guest paths, "
+                   "ld.so and libraries come from it; dynamically linked guests get debian by default")
+    p.add_argument("--tree-at", default="/data", metavar="PATH",
+                   help="with a root filesystem: mount --tree/--root at this guest path and start there (default /data)")
+    p.add_argument("--env", action="append", default=[], metavar="K=V",
+                   help="set (K=V) or remove (K=) a guest environment variable; repeatable. Fixed default: "
+                   "PATH, HOME, LANG=C, TERM=dumb, and LC_ALL=C under a root filesystem")
+    p.add_argument("--applet", default=None, help="argv[0] (busybox applet name, e.g. ls)")
+    p.add_argument("--seed", type=int, default=0, help="seed for getrandom/AT_RANDOM and the tree")
+    p.add_argument("--timeout", type=float, default=0, help="wall-clock limit in seconds (0: none)")
+
+
+def spec_from_args(args, strategy: str, **extra):
+    """A RunSpec from the options above (bad values: UsageError, one line).
+
+    A program of the root (``--rootfs NAME /abs/path``) works on the root: it
+    gets no data tree unless one is named. Every other guest gets ``small``.
+    """
+    from tlslab.experiment import RunSpec
+    from tlslab.linux.tree import TreeSpec, TreeSpecError
+
+    if args.tree is not None:
+        try:
+            TreeSpec.parse(args.tree)
+        except TreeSpecError as exc:
+            raise UsageError(str(exc)) from None
+    for item in args.env:
+        if "=" not in item or item.startswith("="):
+            raise UsageError(f"--env {item!r}: expected KEY=VALUE (or KEY= to remove KEY)")
+    if not args.tree_at.startswith("/") or args.tree_at.rstrip("/") == "":
+        raise UsageError(f"--tree-at {args.tree_at!r}: expected an absolute path below /")
+    rooted = args.rootfs is not None and args.guest.startswith("/")
+    return RunSpec(guest=args.guest, args=tuple(args.args), strategy=strategy, profile=args.profile,
+                   tree=args.tree or (None if rooted else "small"), root=args.root, seed=args.seed,
+                   variant=args.variant, applet=args.applet, timeout_seconds=args.timeout,
+                   rootfs=args.rootfs, tree_at=args.tree_at, env=tuple(args.env), **extra)
