@@ -56,7 +56,7 @@ class RunSpec:
     variant: str = "default"
     applet: str | None = None       # busybox: argv[0] name
     timeout_seconds: float = 0
-    patch_policy: str = "exe"       # rewrite strategies: exe | all | none
+    patch_policy: str = "auto"      # rewrite strategies: auto | lib | exe | all | none
     page_sharing: str = "shared"    # rewrite strategies: patches in shared page-cache pages or private copies
     fs_abi: bool = False            # install the fs-twin ABI (statically rewritten binaries) under any strategy
     rootfs: str | None = None       # pinned root filesystem (debian); dynamic guests get DEFAULT_ROOTFS

@@ -25,6 +25,7 @@ class FileMapping:
     offset: int     # file offset of ``start``
     path: str       # the path the guest opened it by
     node: object    # the VFS file node
+    shared_writable: bool = False  # MAP_SHARED with PROT_WRITE
 
     @property
     def name(self) -> str:
@@ -40,11 +41,14 @@ class ObjectMap:
         self._images: dict[int, ElfImage | None] = {}  # id(node) -> parsed image (link addresses)
         self.main: ElfImage | None = None                # the executable, as loaded
 
-    def add(self, start: int, size: int, offset: int, path: str, node) -> None:
+    def add(self, start: int, size: int, offset: int, path: str, node, shared_writable: bool = False) -> None:
         self.remove(start, size)
         i = bisect.bisect_left(self._starts, start)
         self._starts.insert(i, start)
-        self._maps.insert(i, FileMapping(start, start + size, offset, path, node))
+        self._maps.insert(i, FileMapping(start, start + size, offset, path, node, shared_writable))
+
+    def has_writable_shared_mapping(self, node) -> bool:
+        return any(m.node is node and m.shared_writable for m in self._maps)
 
     def remove(self, start: int, size: int) -> None:
         """Forget ``[start, start+size)``; mappings cut in two keep their outer pieces."""
@@ -55,9 +59,9 @@ class ObjectMap:
                 keep.append(m)
                 continue
             if m.start < start:
-                keep.append(FileMapping(m.start, start, m.offset, m.path, m.node))
+                keep.append(FileMapping(m.start, start, m.offset, m.path, m.node, m.shared_writable))
             if m.end > end:
-                keep.append(FileMapping(end, m.end, m.offset + (end - m.start), m.path, m.node))
+                keep.append(FileMapping(end, m.end, m.offset + (end - m.start), m.path, m.node, m.shared_writable))
         keep.sort(key=lambda m: m.start)
         self._maps = keep
         self._starts = [m.start for m in keep]

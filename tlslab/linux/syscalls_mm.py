@@ -81,7 +81,8 @@ def do_mmap(p, addr: int, length: int, prot: int, flags: int, fd: int, offset: i
     if content:
         p.mem.write(start, content)
     if f is not None:
-        p.objects.add(start, size, offset, os.fsdecode(f.path), f.node)
+        p.objects.add(start, size, offset, os.fsdecode(f.path), f.node,
+                      shared_writable=bool(flags & MAP_SHARED and prot & PROT_WRITE))
         if content:
             p.page_cache.map_file(f.node, [FileRange(start, len(content), offset)])
     return start

@@ -8,6 +8,7 @@ import sys
 
 from tlslab.cli import UsageError
 from tlslab.cli.guestopts import add_guest_options, spec_from_args
+from tlslab.hypervisor.patchpolicy import PAGE_SHARING, PATCH_POLICIES
 
 
 def register(sub) -> None:
@@ -34,9 +35,11 @@ def register(sub) -> None:
     p.add_argument("--cpu", type=int, default=0, help="hw backend: CPU to pin tracer and guest to (-1: unpinned)")
     p.add_argument("--save-patches", nargs="?", const="patches", default=None, metavar="DIR",
                    help="rewrite strategies: write the patch set to DIR/<guest>.<variant>.<strategy>.json")
-    p.add_argument("--patch-policy", choices=("exe", "all", "none"), default="exe",
-                   help="rewrite strategies: which code may be patched")
-    p.add_argument("--page-sharing", choices=("shared", "private"), default="shared",
+    p.add_argument("--patch-policy", choices=PATCH_POLICIES, default="auto",
+                   help="rewrite strategies: which code may be patched: lib = libraries mapped from under /lib with "
+                   "no writable shared mapping (XenLinux's rule), exe = the executable (its analogue for static "
+                   "programs), auto = lib for dynamic programs, exe for static ones (default), all, none")
+    p.add_argument("--page-sharing", choices=PAGE_SHARING, default="shared",
                    help="rewrite strategies: patches land in shared page-cache pages (as XenLinux did) or private copies")
     p.add_argument("--fs-abi", action="store_true",
                    help="install the fs-twin descriptor (run a statically rewritten binary under any strategy)")

@@ -30,18 +30,26 @@ a -ve fault at a mixed site, at a site the patch policy excludes, or when no
 twin could be installed is fixed by flipping %gs (Xen seg_fixup), and a +ve
 fault on a flipped %gs flips it back.
 
-Patch policy (``patch_policy``): ``exe`` (default) patches only code in the
-guest executable's file-backed PT_LOAD mapping -- our analogue of XenLinux's
-"only files under /lib/tls with no writable shared mapping"; ``all`` any
-executable mapping; ``none`` never (pure flip). Page sharing
-(``page_sharing``): ``shared`` (default: patches land in the page-cache page
-of the executable, as XenLinux patched /lib/tls) or ``private`` (copy-on-write
-first); see :mod:`tlslab.linux.pagecache`.
+Patch policy (``patch_policy``): ``lib`` is XenLinux's own rule on real
+files -- patch only code of a shared object the loader mapped from under the
+patch directory (``patch_dir``, default ``/lib``: 2004's /lib/tls libraries
+sat there; today's libc is /lib/i386-linux-gnu/libc.so.6), and only while
+that file has no writable shared mapping in the process (fixup.c's
+"safe_to_patch"). ``exe`` patches only code in the guest executable's
+file-backed mapping: our analogue of that rule for static programs, which
+have no libraries. ``auto`` (default) is ``lib`` for a dynamically linked
+program and ``exe`` for a static one. ``all``: any executable mapping;
+``none``: never (pure flip). Page sharing (``page_sharing``): ``shared``
+(default: patches land in the page-cache page of the file, as XenLinux
+patched /lib/tls) or ``private`` (copy-on-write first); see :mod:`tlslab.linux.pagecache`.
 """
 
 from __future__ import annotations
 
+import posixpath
+
 from tlslab.hypervisor import patches as P
+from tlslab.hypervisor.patchpolicy import DEFAULT_PATCH_DIR, PATCH_POLICIES, check_patch_options  # noqa: F401
 from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict
 from tlslab.hypervisor.strategies.emulate import fetch_and_decode
 from tlslab.machine import layout
@@ -51,8 +59,6 @@ from tlslab.x86.decode import DecodeError
 
 FS_SLOT = 7
 FS_SELECTOR = (FS_SLOT << 3) | 3  # 0x3b
-PATCH_POLICIES = ("exe", "all", "none")
-PAGE_SHARING = ("shared", "private")
 _SEGMENT_PREFIXES = {0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65}
 
 
@@ -134,21 +140,39 @@ def attach_fs_abi(domain) -> FsTwinABI:
     return FsTwinABI(getattr(domain.strategy, "counters", None)).attach(domain)
 
 
-def check_patch_options(patch_policy: str, page_sharing: str) -> None:
-    """The options both rewrite strategies take (see the module docstring)."""
-    if patch_policy not in PATCH_POLICIES:
-        raise ValueError(f"patch policy {patch_policy!r} is not one of {', '.join(PATCH_POLICIES)}")
-    if page_sharing not in PAGE_SHARING:
-        raise ValueError(f"page sharing {page_sharing!r} is not one of {', '.join(PAGE_SHARING)}")
+def effective_policy(domain, policy: str) -> str:
+    """``auto`` resolved for this process: ``lib`` if it has a program interpreter, else ``exe``."""
+    if policy != "auto":
+        return policy
+    return "lib" if getattr(domain.process, "interp", None) is not None else "exe"
 
 
-def patch_allowed(domain, address: int, size: int, policy: str) -> tuple[bool, str]:
+def _under(path: str, directory: str) -> bool:
+    path, directory = posixpath.normpath(path), posixpath.normpath(directory)
+    return directory == "/" or path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def patch_allowed(domain, address: int, size: int, policy: str,
+                  patch_dir: str = DEFAULT_PATCH_DIR) -> tuple[bool, str]:
+    policy = effective_policy(domain, policy)
     if policy == "none":
         return False, "patch policy none"
     r = domain.vcpu.mem.region_at(address)
     if r is None or not r.prot & PROT_EXEC:
         return False, "not in an executable mapping"
     if policy == "all":
+        return True, "ok"
+    if policy == "lib":
+        objects = domain.process.objects
+        first, last = objects.mapping_at(address), objects.mapping_at(address + size - 1)
+        if first is None or last is None or first.node is not last.node:
+            return False, "not in one file mapping (patch policy lib)"
+        if first.node is domain.process.exe_node():
+            return False, "the executable, not a library (patch policy lib)"
+        if not _under(first.path, patch_dir):
+            return False, f"{first.name} was mapped from outside {patch_dir} (patch policy lib)"
+        if objects.has_writable_shared_mapping(first.node):
+            return False, f"{first.name} has a writable shared mapping (not safe to patch)"
         return True, "ok"
     image = getattr(domain.process, "image", None)
     if P.file_offset_of(image, address) is None or P.file_offset_of(image, address + size - 1) is None:
@@ -160,7 +184,7 @@ class RewriteStrategy(Strategy):
     name = "rewrite"
     description = "Jakub's in-place prefix rewrite: -ve %gs sites become %fs (65->64), %fs = expand-down twin"
 
-    def __init__(self, patch_policy: str = "exe", page_sharing: str = "shared") -> None:
+    def __init__(self, patch_policy: str = "auto", page_sharing: str = "shared") -> None:
         super().__init__()
         check_patch_options(patch_policy, page_sharing)
         self.patch_policy = patch_policy

@@ -49,9 +49,11 @@ Deliberate deviations from fixup.c, each counted in ``by_kind``:
 * the relocated tail is decoded with fixup.c's length table *and* our decoder;
   where they disagree the site is not patched (fixup.c would have mis-relocated).
 
-Patch policy (``patch_policy``, as for ``rewrite``): ``exe`` (default) --
-only the executable's file-backed code, our analogue of "/lib/tls files with
-no writable shared mapping"; ``all`` -- any executable mapping, including the
+Patch policy (``patch_policy``, as for ``rewrite``): ``auto`` (default) --
+``lib`` for a dynamic program: only code of libraries the loader mapped from
+under /lib with no writable shared mapping, fixup.c's own rule on real files;
+``exe`` for a static one, its analogue (the executable's file-backed code);
+``all`` -- any executable mapping, including the
 fixup buffer itself (fixup.c: "always safe to patch the fixup buffer");
 ``none`` -- flip + notification only. ``page_sharing``: ``shared`` (default,
 fixup.c wrote through a kernel mapping of the page-cache page) or ``private``.
@@ -187,7 +189,7 @@ class Rewrite2004Strategy(FlipStrategy):
     description = ("XenLinux 2004 fixup.c: Xen flips %gs and notifies (vector 15); the guest kernel patches "
                    "the site with a call into an out-of-line stub at 0x1000")
 
-    def __init__(self, patch_policy: str = "exe", page_sharing: str = "shared") -> None:
+    def __init__(self, patch_policy: str = "auto", page_sharing: str = "shared") -> None:
         super().__init__()
         check_patch_options(patch_policy, page_sharing)
         self.patch_policy = patch_policy
