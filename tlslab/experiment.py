@@ -173,6 +173,7 @@ def make_domain(spec: RunSpec, **domain_options) -> tuple[Domain, GuestBinary]:
             setattr(strategy, option, getattr(spec, option))
     domain = Domain(factory, strategy, profile=spec.profile, timeout_seconds=spec.timeout_seconds,
                     **domain_options)
+    domain.program = program  # what ran: for run records (the root a dynamic guest got by default)
     if spec.fs_abi:
         from tlslab.hypervisor.strategies.rewrite import attach_fs_abi
 

@@ -97,6 +97,8 @@ def run(args) -> int:
             "spec": spec.to_dict(),
             "guest_sha256": guest.sha256,
             "environment": [os.fsdecode(e) for e in domain.process.envp],
+            "rootfs": domain.program.rootfs,
+            "guest_path": domain.program.guest_path,
             "objects": [{"path": m.path, "start": m.start, "end": m.end, "offset": m.offset}
                         for m in domain.process.objects.mappings()],
             "status": result.status,
