@@ -24,6 +24,9 @@ REWRITING = ("rewrite", "rewrite-2004")
 
 
 def register(sub) -> None:
+    from tlslab.guests import VARIANTS
+    from tlslab.hypervisor.patchpolicy import PAGE_SHARING, PATCH_POLICIES
+
     p = sub.add_parser("patch", help="record, show and statically apply binary-rewriting patch sets",
                        description=__doc__.split("\n\n")[1] if __doc__ else None)
     psub = p.add_subparsers(dest="patch_command", metavar="ACTION")
@@ -33,10 +36,11 @@ def register(sub) -> None:
     r.add_argument("--arg", "-a", dest="guest_args", action="append", default=[], metavar="ARG",
                    help="one guest argument (repeat for more; e.g. -a /proc/self/exe -a /out)")
     r.add_argument("--strategy", "-s", choices=REWRITING, default="rewrite")
-    r.add_argument("--variant", choices=("default", "nosegneg"), default="default")
-    r.add_argument("--patch-policy", choices=("exe", "all", "none"), default="exe",
-                   help="which code may be patched (exe: the executable's file-backed code)")
-    r.add_argument("--page-sharing", choices=("shared", "private"), default="shared",
+    r.add_argument("--variant", choices=VARIANTS, default="default")
+    r.add_argument("--patch-policy", choices=PATCH_POLICIES, default="exe",
+                   help="which code may be patched (exe: the executable's file-backed code; lib: libraries "
+                   "mapped from under /lib; see `tlslab run --help`)")
+    r.add_argument("--page-sharing", choices=PAGE_SHARING, default="shared",
                    help="patch the page-cache page (shared, as XenLinux) or a private copy")
     r.add_argument("--tree", default="small", help="synthetic tree spec for the guest's filesystem")
     r.add_argument("--output", "-o", default=None,
@@ -60,10 +64,9 @@ def run_and_record(guest: str, args=(), strategy: str = "rewrite", variant: str 
     """Run ``guest`` under a rewriting strategy; returns (domain, result, guest binary)."""
     from tlslab.experiment import RunSpec, make_domain
 
-    spec = RunSpec(guest=guest, args=tuple(args), strategy=strategy, variant=variant, tree=tree)
+    spec = RunSpec(guest=guest, args=tuple(args), strategy=strategy, variant=variant, tree=tree,
+                   patch_policy=patch_policy, page_sharing=page_sharing)
     domain, binary = make_domain(spec)
-    domain.strategy.patch_policy = patch_policy
-    domain.strategy.page_sharing = page_sharing
     result = domain.run()
     return domain, result, binary
 
