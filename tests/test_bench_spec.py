@@ -76,7 +76,7 @@ def test_default_spec_covers_everything():
     cells = spec.cells()
     assert DEFAULT_SPEC.is_file()
     assert {c.spec.strategy for c in cells} == set(STRATEGIES)
-    assert {c.spec.variant for c in cells} == {"default", "nosegneg"}
+    assert {c.spec.variant for c in cells} == {"default", "nosegneg", "dyn"}
     guests = {c.spec.guest for c in cells}
     assert {"lsr", "syscalls", "malloc", "stdio", "canary", "fs-user", "selfread", "prelink", "busybox"} <= guests
     assert {c.spec.tree for c in cells if c.spec.guest == "lsr"} == {"small", "4k"}
@@ -110,3 +110,166 @@ def test_resolve_run(tmp_path):
     assert resolve_run(str(run.path)).path == run.path
     with pytest.raises(StoreError):
         resolve_run("r2", tmp_path)
+
+
+# --------------------------------------------------------------------------- root filesystems, labels, dyn
+
+ROOTED = """
+name = "rooted"
+strategies = ["native", "emulate", "flip"]
+variants = ["default", "nosegneg"]
+[[guest]]
+name = "/bin/ls"
+rootfs = "debian"
+args = ["-R", "/usr/lib"]
+label = "keir"
+[[guest]]
+name = "/bin/ls"
+rootfs = "debian"
+args = ["-R", "/usr/lib/python3.11"]
+[[guest]]
+name = "lsr"
+variants = ["dyn"]
+trees = ["small"]
+[[guest]]
+name = "lsr"
+rootfs = "debian"
+variants = ["default"]
+tree_at = "/srv"
+env = ["LANG=C"]
+"""
+
+
+@pytest.fixture
+def roots_present(monkeypatch):
+    """Expansion without touching the root cache: every pinned root counts as present."""
+    from tlslab.bench import spec as spec_mod
+
+    monkeypatch.setattr(spec_mod, "_rootfs_missing", lambda name: None)
+
+
+def test_rooted_programs_labels_and_dyn(roots_present):
+    cells = MatrixSpec.from_toml(ROOTED, "rooted.toml").cells()
+    keir = [c for c in cells if c.workload == "keir"]
+    assert len(keir) == 3                                        # one build: the root's own
+    for c in keir:
+        assert c.spec.guest == "/bin/ls" and c.spec.rootfs == "debian" and c.spec.variant == "default"
+        assert c.spec.args == ("-R", "/usr/lib") and c.spec.tree is None and c.skip is None
+    assert keir[0].label == "keir default native nonpae"
+    unlabelled = {c.workload for c in cells if c.spec.args == ("-R", "/usr/lib/python3.11")}
+    assert unlabelled == {"/bin/ls -R /usr/lib/python3.11 [debian]"}
+    dyn = [c for c in cells if c.spec.variant == "dyn"]
+    assert len(dyn) == 3 and all(c.spec.rootfs is None and c.spec.tree == "small" for c in dyn)
+    assert {c.workload for c in dyn} == {"lsr [small]"}          # same row name; the build is a column
+    mounted = [c for c in cells if c.spec.guest == "lsr" and c.spec.rootfs]
+    assert {(c.spec.tree_at, c.spec.env, c.spec.tree) for c in mounted} == {("/srv", ("LANG=C",), "small")}
+    assert len({c.id for c in cells}) == len(cells) == 12
+
+
+def test_rooted_cells_are_skipped_when_the_root_is_absent(monkeypatch):
+    from tlslab.bench import spec as spec_mod
+
+    monkeypatch.setattr(spec_mod, "_rootfs_missing",
+                        lambda name: f"root filesystem {name} unavailable here: not fetched; run `tlslab rootfs fetch`")
+    cells = MatrixSpec.from_toml(ROOTED, "rooted.toml").cells()
+    for c in cells:
+        needs_root = bool(c.spec.rootfs) or c.spec.variant == "dyn"
+        assert bool(c.skip) == needs_root, c.label
+        if needs_root:
+            assert "tlslab rootfs fetch" in c.skip
+
+
+def test_a_root_lost_after_expansion_is_a_skip_not_a_failure(monkeypatch):
+    """The worker's RootfsUnavailable (the root went away after expansion) is recorded as skipped."""
+    import tlslab.rootfs
+    from tlslab.bench.runner import run_cell_safely
+    from tlslab.bench.spec import Cell
+
+    def gone(name="debian", fetch=True, cache_dir=None):
+        raise tlslab.rootfs.RootfsUnavailable(f"root {name!r} is not fetched; run `tlslab rootfs fetch`")
+
+    monkeypatch.setattr(tlslab.rootfs, "materialise", gone)
+    cell = Cell(RunSpec(guest="/bin/ls", args=("-R", "/usr/lib"), rootfs="debian", tree=None, strategy="flip"), "keir")
+    rec = run_cell_safely(cell.to_dict())
+    assert rec["outcome"] == "skipped" and "tlslab rootfs fetch" in rec["reason"]
+
+
+def test_hw_cells_of_rooted_programs_follow_the_backend(roots_present):
+    from tlslab.bench.spec import hw_runs_root_programs
+
+    text = ROOTED.replace('label = "keir"', 'label = "keir"\nbackends = ["unicorn", "hw"]')
+    hw = [c for c in MatrixSpec.from_toml(text, "rooted.toml").cells() if c.backend == "hw"]
+    assert {c.spec.strategy for c in hw} == {"native", "emulate", "flip"}
+    for c in hw:
+        assert (c.skip is None) == hw_runs_root_programs(), c.skip
+
+
+# Ids of cells of results/reference (made before root filesystems, dyn builds and the auto patch policy
+# existed): the same cells of the default matrix must keep them, or --resume and comparisons break.
+REFERENCE_IDS = {
+    "lsr [small] default native nonpae": "9c0d427a16408828",
+    "lsr [small] default native nonpae on hw": "3ca5f1cb06d02eba",
+    "lsr [small] default emulate nonpae": "488ca412cb46c0be",
+}
+
+
+def test_existing_cell_ids_are_stable():
+    import pathlib
+
+    cells = {c.label: c for c in load_spec().cells()}
+    for label, cid in REFERENCE_IDS.items():
+        assert cells[label].id == cid, label
+    ref = pathlib.Path(__file__).resolve().parent.parent / "results" / "reference" / "run" / "run.json"
+    if ref.is_file():       # every cell of the reference run that the default matrix still has
+        recorded = {c["label"]: c["id"] for c in json.loads(ref.read_text())["cells"]}
+        common = set(recorded) & set(cells)
+        assert len(common) >= 100
+        assert {k: cells[k].id for k in common} == {k: recorded[k] for k in common}
+        rewrite = [k for k in common if " rewrite " in k]
+        assert rewrite        # patch_policy auto == exe for static guests: same id as when exe was the default
+
+
+def test_new_runspec_fields_enter_the_id_only_when_set():
+    base = RunSpec(guest="lsr", strategy="flip")
+    d = base.to_dict()
+    old = {k: v for k, v in d.items() if k not in ("rootfs", "tree_at", "env")}
+    old["patch_policy"] = "exe"
+    assert cell_id(base) == cell_id(old) == cell_id({**d, "env": []})
+    assert cell_id(RunSpec(guest="lsr", strategy="flip", rootfs="debian")) != cell_id(base)
+    assert cell_id(RunSpec(guest="lsr", strategy="flip", env=("A=1",))) != cell_id(base)
+    assert cell_id(RunSpec(guest="lsr", strategy="flip", tree_at="/srv")) != cell_id(base)
+    dyn = RunSpec(guest="lsr", strategy="rewrite", variant="dyn")          # auto = lib there, not exe
+    assert cell_id(dyn) != cell_id(RunSpec(guest="lsr", strategy="rewrite", variant="dyn", patch_policy="exe"))
+
+
+@pytest.mark.parametrize("guest, msg", [
+    ('name="/bin/ls"\nrootfs="nosuch"', "unknown root filesystem 'nosuch'"),
+    ('name="/bin/ls"\nrootfs=3', "rootfs must be the name of a pinned root"),
+    ('name="/bin/ls"\nrootfs="debian"\nlabel=5', "label must be a non-empty string"),
+    ('name="/bin/ls"\nrootfs="debian"\nvariants=["nosegneg"]', "only its packaged build"),
+    ('name="/bin/ls"\nrootfs="debian"\nenv=["NOEQUALS"]', "KEY=VALUE"),
+    ('name="/bin/ls"\nrootfs="debian"\ntree_at="data"', "tree_at must be an absolute path"),
+    ('name="/bin/ls"\nrootfs="debian"\ntrees=[3]', "trees must be a list of strings"),
+    ('name="lsr"\ntrees=[]', "needs rootfs"),
+    ('name="lsr"\ntree_at="/srv"', "tree_at needs rootfs"),
+    ("name=7", "name must be a non-empty string"),
+])
+def test_bad_rooted_specs(guest, msg):
+    with pytest.raises(SpecError, match=msg) as info:
+        MatrixSpec.from_toml(f"[[guest]]\n{guest}\n", "bad.toml")
+    assert "\n" not in str(info.value)
+
+
+def test_relative_name_with_rootfs_is_a_bundled_guest(roots_present):
+    cells = MatrixSpec.from_toml('variants=["dyn"]\nstrategies=["flip"]\n[[guest]]\nname="lsr"\nrootfs="debian"\n',
+                                 "t.toml").cells()
+    assert [(c.spec.guest, c.spec.rootfs, c.spec.tree, c.workload) for c in cells] == \
+        [("lsr", "debian", "small", "lsr [small]")]
+
+
+def test_default_spec_has_keir_and_lsr_dyn(roots_present):
+    cells = load_spec().cells()
+    keir = [c for c in cells if c.workload == "keir"]
+    assert {c.spec.strategy for c in keir} == set(STRATEGIES)
+    assert all(c.spec.guest == "/bin/ls" and c.spec.rootfs == "debian" and c.spec.args[0] == "-R" for c in keir)
+    assert {c.spec.variant for c in cells if c.spec.guest == "lsr"} == {"default", "nosegneg", "dyn"}

@@ -180,6 +180,9 @@ def measure(cell: Cell) -> dict:
         "fault_sites": fault_sites(result, guest, domain, recorder),
         "timeline": recorder.timeline(counters.get("instructions", 0)),
     }
+    root = rootfs_facts(cell.spec, guest)
+    if root is not None:        # records of cells without a root filesystem are unchanged
+        record["rootfs"] = root
     crash = result.crash
     if crash is None:
         record["outcome"] = "ok"
@@ -195,6 +198,30 @@ def measure(cell: Cell) -> dict:
             record["outcome"] = "guest-crash"
             record["reason"] = crash.describe()
     return record
+
+
+def rootfs_facts(spec, guest) -> dict | None:
+    """What a cell ran in, if it ran under a pinned root filesystem: the root's name, suite and lock key,
+    its package versions, and the number of entries below each absolute directory argument (ls -R /usr/lib:
+    what was listed). None for cells without a root filesystem."""
+    from tlslab import rootfs
+    from tlslab.experiment import DEFAULT_ROOTFS
+
+    name = spec.rootfs or (DEFAULT_ROOTFS if guest.dynamic else None)
+    if not name:
+        return None
+    info = rootfs.describe(name)
+    top = Path(info["path"])
+    entries = {}
+    for arg in spec.args:
+        if arg.startswith("/"):
+            path = top / arg.lstrip("/")
+            if path.is_dir() and not path.is_symlink():
+                entries[arg] = rootfs.count_entries(path)
+    return {"name": name, "suite": info["suite"], "arch": info["arch"],
+            "key": rootfs.lock_key(rootfs.lock_entry(name)),
+            "packages": {p["package"]: p["version"] for p in info["packages"]},
+            "usr_lib_entries": info["usr_lib_entries"], "arg_entries": entries}
 
 
 def _blob(data: bytes, head: int = 2048) -> dict:
@@ -217,8 +244,11 @@ def run_cell_safely(cell_dict: dict) -> dict:
         if isinstance(exc, KeyboardInterrupt):
             raise
         from tlslab.hw.backend import HwUnavailable
+        from tlslab.rootfs import RootfsUnavailable
 
-        if isinstance(exc, HwUnavailable):  # the host cannot do it: a skip with the reason, not a failure
+        # the host cannot do it (no 32-bit exec, ptrace refused; the root filesystem is not fetched here):
+        # a skip with the reason, not a failure
+        if isinstance(exc, (HwUnavailable, RootfsUnavailable)):
             record = {"outcome": "skipped", "reason": str(exc)}
         else:
             record = {"outcome": "failed", "reason": f"{type(exc).__name__}: {exc}",

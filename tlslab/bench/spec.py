@@ -30,6 +30,22 @@ the matrix is expanded), build variants, hypervisor profiles. Example::
     args = ["-R"]
     variants = ["default"]                       # per-guest override of an axis
 
+    [[guest]]                                    # a program of a pinned root filesystem
+    name = "/bin/ls"                             # (absolute path inside the root: tlslab rootfs)
+    rootfs = "debian"
+    args = ["-R", "/usr/lib"]
+    label = "keir"                               # the workload's name in the summary
+                                                 # (default: name + args + [rootfs])
+
+Root filesystems (``rootfs``, a name of ``guests/rootfs.lock.json``): a guest
+named by an absolute path is a program of that root, run with ``/`` = the
+root; it has no data tree unless ``trees`` names some (mounted at ``tree_at``,
+default /data, and the working directory), and only the ``default`` build. A
+bundled guest (relative name) may take ``rootfs`` too; its ``dyn`` variant
+gets the ``debian`` root anyway. ``env = ["K=V", ...]`` overrides the fixed
+environment. Cells whose root is not fetched here are recorded as skipped
+with the reason (``tlslab rootfs fetch``), like busybox when it is not fetched.
+
 Backends: ``backends = ["unicorn"]`` (the default: the model only) or
 ``["unicorn", "hw"]``, top level or per guest. ``hw`` adds, next to the model's
 cells, cells that run the same guest on this CPU under the ptrace supervisor
@@ -51,7 +67,12 @@ A cell is one ``RunSpec`` plus its backend; its identity is a hash of the
 spec's canonical JSON (:func:`cell_id`; the backend enters the hash only when
 it is not ``unicorn``, so model cells keep the ids they had before backends
 existed), so the same cell has the same id in every run and a resumed run
-recognises what it has already measured.
+recognises what it has already measured. RunSpec fields added since
+(``rootfs``, ``tree_at``, ``env``: :data:`LATE_FIELDS`) likewise enter the
+hash only when they are not at their defaults, and the ``auto`` patch policy
+(the default since it exists: ``exe`` for static programs, ``lib`` for
+dynamic ones) enters it as ``exe`` for cells without a root filesystem,
+the default those cells' ids were made with.
 """
 
 from __future__ import annotations
@@ -63,13 +84,16 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlslab.experiment import RunSpec
+from tlslab.experiment import DEFAULT_ROOTFS, DEFAULT_TREE_AT, RunSpec
 
 DEFAULT_SPEC = Path(__file__).with_name("default.toml")
 AXES = ("strategies", "variants", "profiles", "backends")
 BACKENDS = ("unicorn", "hw")
 HW_BENCH_STRATEGIES = ("native", "emulate", "flip")   # what the ptrace supervisor implements
 HW_KEYS = {"strategies", "variants", "repeat", "cpu"}
+#: RunSpec fields added after cell ids were first recorded, with their defaults: they enter a cell's
+#: identity only when set to something else, so every earlier cell keeps its id.
+LATE_FIELDS = {"rootfs": None, "tree_at": DEFAULT_TREE_AT, "env": ()}
 
 
 class SpecError(ValueError):
@@ -85,15 +109,38 @@ def cell_id(spec: RunSpec | dict, backend: str = "unicorn") -> str:
     model's), 16 hex digits. Model cells keep the ids they had before backends existed."""
     d = spec.to_dict() if isinstance(spec, RunSpec) else dict(spec)
     d["args"] = list(d.get("args") or ())
+    for name, default in LATE_FIELDS.items():
+        if name in d and _is_default(d[name], default):
+            del d[name]
+    if d.get("patch_policy") == "auto" and not _runs_in_root(d):
+        d["patch_policy"] = "exe"   # what auto is for a static guest, and the default its ids were made with
     if backend != "unicorn":
         d["backend"] = backend
     return hashlib.sha256(canonical_json(d).encode()).hexdigest()[:16]
 
 
+def _runs_in_root(d: dict) -> bool:
+    """A cell run under a root filesystem: its program is dynamically linked (or of the root)."""
+    return bool(d.get("rootfs")) or d.get("variant") == "dyn"
+
+
+def _is_default(value, default) -> bool:
+    if isinstance(default, tuple):
+        return not value
+    return value == default
+
+
 def spec_from_dict(d: dict) -> RunSpec:
     d = dict(d)
     d["args"] = tuple(d.get("args") or ())
+    if "env" in d:
+        d["env"] = tuple(d.get("env") or ())
     return RunSpec(**d)
+
+
+def spec_to_dict(spec: RunSpec) -> dict:
+    """A RunSpec as JSON-able data (lists for tuples)."""
+    return {**spec.to_dict(), "args": list(spec.args), "env": list(spec.env)}
 
 
 @dataclass(frozen=True)
@@ -116,7 +163,7 @@ class Cell:
 
     def to_dict(self) -> dict:
         d = {"id": self.id, "workload": self.workload, "weight": self.weight, "skip": self.skip,
-             "label": self.label, "spec": {**self.spec.to_dict(), "args": list(self.spec.args)}}
+             "label": self.label, "spec": spec_to_dict(self.spec)}
         if self.backend != "unicorn":       # run.json of model-only runs is unchanged
             d["backend"] = self.backend
             d["options"] = dict(self.options)
@@ -139,12 +186,28 @@ class GuestEntry:
     seed: int | None = None
     root: str | None = None
     label: str | None = None
+    rootfs: str | None = None       # a pinned root filesystem (tlslab.rootfs): / of the guest
+    tree_at: str = DEFAULT_TREE_AT  # under a root filesystem: where a data tree is mounted
+    env: list[str] = field(default_factory=list)
     overrides: dict = field(default_factory=dict)   # per-guest strategies/variants/profiles
+
+    @property
+    def rooted_program(self) -> bool:
+        """A program of the root filesystem (absolute name + rootfs), not a bundled guest."""
+        return bool(self.rootfs) and self.name.startswith("/")
+
+    def tree_list(self) -> list[str | None]:
+        """The data trees of the cells: None = no tree (a host root, or a root-filesystem program without one)."""
+        if self.root or not self.trees:
+            return [None]
+        return list(self.trees)
 
     def workload(self, tree: str | None, many_trees: bool) -> str:
         base = self.label or " ".join([self.name, *([self.applet] if self.applet else []), *self.args])
         if self.root:
             return f"{base} [{self.root}]"
+        if tree is None:
+            return base if self.label or not self.rootfs else f"{base} [{self.rootfs}]"
         if many_trees or self.name in ("lsr", "busybox"):
             return f"{base} [{tree}]"
         return base
@@ -191,23 +254,58 @@ class MatrixSpec:
         if not isinstance(guests_raw, list) or not guests_raw:
             raise SpecError(f"{where}: needs at least one [[guest]] table")
         guests = []
-        gknown = {"name", "args", "trees", "tree", "applet", "weight", "stdout", "seed", "root", "label", *AXES}
+        gknown = {"name", "args", "trees", "tree", "applet", "weight", "stdout", "seed", "root", "label", "rootfs",
+                  "tree_at", "env", *AXES}
         for i, g in enumerate(guests_raw):
             if not isinstance(g, dict) or "name" not in g:
                 raise SpecError(f"{where}: [[guest]] #{i + 1} needs a name")
+            if not isinstance(g["name"], str) or not g["name"]:
+                raise SpecError(f"{where}: [[guest]] #{i + 1}: name must be a non-empty string")
             bad = set(g) - gknown
             if bad:
                 raise SpecError(f"{where}: [[guest]] {g['name']}: unknown key(s) {', '.join(sorted(bad))}")
-            trees = g.get("trees", [g["tree"]] if "tree" in g else ["small"])
+            name = g["name"]
+            rootfs = _guest_rootfs(where, g)
+            rooted_program = rootfs is not None and name.startswith("/")
+            trees = g.get("trees", [g["tree"]] if "tree" in g else ([] if rooted_program else ["small"]))
             if isinstance(trees, str):
                 trees = [trees]
+            if not isinstance(trees, list) or not all(isinstance(t, str) for t in trees):
+                raise SpecError(f"{where}: [[guest]] {name}: trees must be a list of strings")
+            if not trees and rootfs is None and not g.get("root"):
+                raise SpecError(f"{where}: [[guest]] {name}: trees = [] (no data tree) needs rootfs "
+                                "(a program of a root filesystem)")
             args = g.get("args", [])
-            if isinstance(args, str) or not all(isinstance(a, str) for a in args):
-                raise SpecError(f"{where}: [[guest]] {g['name']}: args must be a list of strings")
+            if isinstance(args, str) or not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+                raise SpecError(f"{where}: [[guest]] {name}: args must be a list of strings")
+            label = g.get("label")
+            if label is not None and (not isinstance(label, str) or not label.strip()):
+                raise SpecError(f"{where}: [[guest]] {name}: label must be a non-empty string")
+            tree_at = g.get("tree_at", DEFAULT_TREE_AT)
+            if not isinstance(tree_at, str) or not tree_at.startswith("/"):
+                raise SpecError(f"{where}: [[guest]] {name}: tree_at must be an absolute path (a string)")
+            if "tree_at" in g and rootfs is None:
+                raise SpecError(f"{where}: [[guest]] {name}: tree_at needs rootfs (without a root filesystem "
+                                "the tree is /)")
+            env = g.get("env", [])
+            if isinstance(env, str) or not isinstance(env, list) \
+                    or not all(isinstance(e, str) and "=" in e and not e.startswith("=") for e in env):
+                raise SpecError(f"{where}: [[guest]] {name}: env must be a list of \"KEY=VALUE\" strings")
+            if rooted_program and g.get("root"):
+                raise SpecError(f"{where}: [[guest]] {name}: a program of a root filesystem takes trees, not root")
+            overrides = {k: g[k] for k in AXES if k in g}
+            if rooted_program:
+                variants = overrides.get("variants", ["default"])
+                variants = [variants] if isinstance(variants, str) else variants
+                if list(variants) != ["default"]:
+                    raise SpecError(f"{where}: [[guest]] {name}: a program of the {rootfs} root has only its "
+                                    "packaged build: variants = [\"default\"]")
+                overrides["variants"] = ["default"]
             guests.append(GuestEntry(
-                name=str(g["name"]), args=list(args), trees=list(trees), applet=g.get("applet"),
+                name=name, args=list(args), trees=list(trees), applet=g.get("applet"),
                 weight=float(g.get("weight", 1.0)), stdout=g.get("stdout"), seed=g.get("seed"),
-                root=g.get("root"), label=g.get("label"), overrides={k: g[k] for k in AXES if k in g}))
+                root=g.get("root"), label=label, rootfs=rootfs, tree_at=tree_at, env=list(env),
+                overrides=overrides))
         spec = cls(
             name=str(raw.get("name") or Path(source).stem or "matrix"),
             description=str(raw.get("description", "")),
@@ -245,7 +343,7 @@ class MatrixSpec:
             for s in self._strategies(g):
                 self._check_strategy(s)
             if not g.root:
-                for t in g.trees:
+                for t in (t for t in g.tree_list() if t is not None):
                     try:
                         TreeSpec.parse(t or "small")
                     except TreeSpecError as exc:
@@ -304,18 +402,19 @@ class MatrixSpec:
         out: list[Cell] = []
         seen: set[str] = set()
         for g in self.guests:
-            trees = [None] if g.root else g.trees
+            trees = g.tree_list()
             for tree in trees:
                 workload = g.workload(tree, len(trees) > 1)
                 for variant in self._axis("variants", g):
-                    skip = _variant_unavailable(g.name, variant)
+                    skip = _variant_unavailable(g.name, variant) or _root_unavailable(g, variant)
                     for strategy in self._strategies(g):
                         for profile in self._axis("profiles", g):
                             spec = RunSpec(guest=g.name, args=tuple(g.args), strategy=strategy, profile=profile,
-                                           tree=tree if not g.root else None, root=g.root,
+                                           tree=tree, root=g.root,
                                            seed=self.seed if g.seed is None else int(g.seed),
                                            stdout=g.stdout or self.stdout, variant=variant, applet=g.applet,
-                                           timeout_seconds=self.timeout_seconds)
+                                           timeout_seconds=self.timeout_seconds, rootfs=g.rootfs,
+                                           tree_at=g.tree_at, env=tuple(g.env))
                             weight = g.weight * _tree_factor(tree) * (0.4 if strategy == "native" else 1.0)
                             cell = Cell(spec, workload, round(weight, 3), skip)
                             if cell.id in seen:
@@ -346,7 +445,22 @@ def _hw_cell_skip(spec: RunSpec) -> str | None:
     """Why this hw cell can never run (whatever the host); host availability is decided when it runs."""
     if spec.stdout == "tty":
         return "the hw backend cannot model a tty stdout"
+    if (spec.rootfs or spec.variant == "dyn") and not hw_runs_root_programs():
+        return "the hw backend cannot run programs under a root filesystem (rootfs, dyn builds) yet"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def hw_runs_root_programs() -> bool:
+    """Whether tlslab.hw.backend.run_spec passes a RunSpec's root filesystem to the supervisor."""
+    import inspect
+
+    try:
+        from tlslab.hw import backend
+
+        return "rootfs" in inspect.getsource(backend.run_spec)
+    except Exception:
+        return False
 
 
 def _tree_factor(tree: str | None) -> float:
@@ -376,6 +490,48 @@ def _variant_unavailable(guest: str, variant: str) -> str | None:
         return f"{guest} unavailable here: {exc}"
     except Exception as exc:  # apt/network trouble of any kind: skip, with the reason
         return f"{guest} unavailable here: {type(exc).__name__}: {exc}"
+    return None
+
+
+def rootfs_names() -> list[str]:
+    """The root filesystems pinned in guests/rootfs.lock.json."""
+    from tlslab import rootfs
+
+    try:
+        return sorted(rootfs.load_lock().get("roots", {}))
+    except Exception:
+        return []
+
+
+def _guest_rootfs(where: str, g: dict) -> str | None:
+    if "rootfs" not in g:
+        return None
+    value = g["rootfs"]
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{where}: [[guest]] {g['name']}: rootfs must be the name of a pinned root (a string)")
+    names = rootfs_names()
+    if value not in names:
+        raise SpecError(f"{where}: [[guest]] {g['name']}: unknown root filesystem {value!r} "
+                        f"(pinned in guests/rootfs.lock.json: {', '.join(names) or 'none'})")
+    return value
+
+
+def _root_unavailable(g: GuestEntry, variant: str) -> str | None:
+    """Why the root filesystem a (guest, variant) runs in is not here (None if it is, or it needs none)."""
+    name = g.rootfs or (DEFAULT_ROOTFS if variant == "dyn" else None)
+    return _rootfs_missing(name) if name else None
+
+
+@functools.lru_cache(maxsize=None)
+def _rootfs_missing(name: str) -> str | None:
+    from tlslab import rootfs
+
+    try:
+        rootfs.materialise(name, fetch=False)
+    except rootfs.GuestError as exc:     # RootfsUnavailable, RootfsMismatch: one line, with the hint
+        return f"root filesystem {name} unavailable here: {exc}"
+    except Exception as exc:  # noqa: BLE001 -- a damaged cache of any kind: skip, with the reason
+        return f"root filesystem {name} unavailable here: {type(exc).__name__}: {exc}"
     return None
 
 
