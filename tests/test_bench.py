@@ -192,3 +192,55 @@ strategies = ["native"]
     # the summary names the failures
     assert cp.stdout.count("FAILED") >= 4
     assert "crash" in cp.stdout
+
+
+ROOTED_TOML = f"""
+name = "rooted"
+strategies = ["native", "emulate", "flip"]
+variants = ["default"]
+cost_profile = "fit"
+timeout_seconds = 60
+[fit]
+guest = "lsr"
+tree = "{TINY}"
+[[guest]]
+name = "lsr"
+trees = ["{TINY}"]
+[[guest]]
+name = "/bin/ls"                      # Keir's benchmark on a small directory of the pinned root
+rootfs = "debian"
+args = ["-R", "/usr/lib/python3.11/json"]
+label = "keir-json"
+"""
+
+
+def test_rooted_program_end_to_end(debian_rootfs, tmp_path):
+    spec = tmp_path / "rooted.toml"
+    spec.write_text(ROOTED_TOML)
+    cp = bench(str(spec), "--out", str(tmp_path / "out"), "--jobs", "2", "--report")
+    assert cp.returncode == 0, cp.stderr
+    (run,) = run_dirs(tmp_path / "out")
+    recs = {(r["workload"], r["spec"]["strategy"]): r for r in records(run)}
+    assert len(recs) == 6 and all(r["outcome"] == "ok" for r in recs.values()), \
+        [(k, r["outcome"], r.get("reason")) for k, r in recs.items()]
+    keir = {s: recs[("keir-json", s)] for s in ("native", "emulate", "flip")}
+    native = keir["native"]
+    assert native["spec"]["guest"] == "/bin/ls" and native["spec"]["rootfs"] == "debian"
+    assert native["guest"]["variant"] == "rootfs:debian"
+    assert native["stdout"]["head"].startswith("/usr/lib/python3.11/json:\n") and "decoder.py" in native["stdout"]["head"]
+    assert {r["stdout"]["sha256"] for r in keir.values()} == {native["stdout"]["sha256"]}
+    facts = native["rootfs"]
+    assert facts["name"] == "debian" and facts["packages"]["coreutils"].startswith("9.1")
+    assert facts["arg_entries"] == {"/usr/lib/python3.11/json": len(list((debian_rootfs / "usr/lib/python3.11/json").iterdir()))}
+    em, fl = (keir[s]["counters"]["strategy"]["traps"] for s in ("emulate", "flip"))
+    assert 0 < em < fl
+    assert "rootfs" not in recs[(f"lsr [{TINY}]", "native")]           # static guests' records are unchanged
+    # the summary sets it beside Keir's 2004 row, as an out-of-sample prediction of the FITTED profile
+    out = " ".join(cp.stdout.split())
+    assert "Keir Fraser's benchmark" in out and "FITTED" in out and "out-of-sample prediction" in out
+    assert f"{em:,}" in out and f"{fl:,}" in out and f"{fl / em:.2f}" in out
+    assert "coreutils 9.1 ls -R, dynamically linked, glibc 2.36" in out
+    page = (run / "report" / "index.html").read_text()
+    assert "Keir Fraser's benchmark" in page and "keir-json: Debian 12" in page
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert [r["workload"] for r in summary["rows"] if r["keir"]] == ["keir-json"]

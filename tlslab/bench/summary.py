@@ -13,6 +13,13 @@ workload (native/emulate/flip cells of that workload). The fitted workload's
 row then reproduces Keir's 1.00/1.67/2.17 by construction and is marked as
 the fit target: it is not evidence; the other rows are predictions.
 
+Keir's benchmark (``Summary.keir``, :func:`keir_comparison`): the rows that
+run Keir Fraser's 2004 command itself (``ls -R`` of a pinned root filesystem:
+the ``keir`` workload of the default matrix) and the fit target, beside his
+2004 row: emulate and flip faults, their ratio ("nearly twice" in 2004) and
+modelled times under the profile in use. With a FITTED profile every row but
+the fit target is an out-of-sample prediction, and is labelled so.
+
 hw cells (the same guests on this CPU, :mod:`tlslab.bench.hwcells`) are kept
 out of those rows; ``Summary.hw`` is their own table: per workload and
 strategy, the modelled time under the measured ``hw-*`` profile (from the
@@ -28,6 +35,8 @@ from tlslab.bench.store import RunDir
 from tlslab.hypervisor import costmodel
 
 KEIR_RATIOS = {k: v / costmodel.KEIR_2004_MS["native"] for k, v in costmodel.KEIR_2004_MS.items()}
+KEIR_2004_FAULTS = "nearly twice"   # Keir Fraser's flip/emulate fault ratio (xen-devel, October 2004)
+DEBIAN_RELEASES = {"buster": "10", "bullseye": "11", "bookworm": "12", "trixie": "13"}
 
 
 @dataclass
@@ -52,6 +61,7 @@ class Summary:
     spec: dict = field(default_factory=dict)
     missing: int = 0
     hw: dict | None = None          # tlslab.bench.hwcells.comparison(): None if the run has no hw cells
+    keir: dict | None = None        # keir_comparison(): None if the run has no Keir-benchmark row
 
 
 def _key(rec: dict) -> tuple:
@@ -162,9 +172,12 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
         native_ns = None
         if native and native.get("outcome") == "ok":
             native_ns = costmodel.predict(choice.profile, native["counters"]).total_ns
+        any_rec = next(iter(by.values()), None)
         row = {"workload": key[0], "variant": key[1], "hv_profile": key[2],
                "native_ms": native_ns / 1e6 if native_ns else None,
-               "fit_target": key == choice.fit_key, "cells": {}}
+               "fit_target": key == choice.fit_key, "cells": {},
+               "keir": bool(any_rec and is_keir_benchmark(any_rec["spec"])),
+               "rootfs": next((r["rootfs"] for r in by.values() if r.get("rootfs")), None)}
         for strat in strategies:
             rec = by.get(strat)
             if rec is None:
@@ -206,7 +219,99 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
     cell_ids = {c["id"] for c in all_cells}
     missing = len(cell_ids - {r["cell"] for r in all_records})
     return Summary(info.get("run_id", run.id), choice, strategies, rows, failures, crashes, skipped, counts,
-                   info.get("meta", {}), spec, missing, hwcells.comparison(all_records, choice))
+                   info.get("meta", {}), spec, missing, hwcells.comparison(all_records, choice),
+                   keir_comparison(rows, choice, all_cells, skipped))
+
+
+# --------------------------------------------------------------------------- Keir's benchmark
+
+def is_keir_benchmark(spec: dict) -> bool:
+    """Keir Fraser's 2004 command: ``ls -R`` of a pinned root filesystem (a program of the root)."""
+    guest = str(spec.get("guest") or "")
+    return bool(spec.get("rootfs")) and guest.startswith("/") and guest.rsplit("/", 1)[-1] == "ls" \
+        and "-R" in (spec.get("args") or ())
+
+
+def _upstream(version: str | None) -> str:
+    """Debian version -> upstream: '2.36-9+deb12u14' -> '2.36', '1:2.5.1-4' -> '2.5.1'."""
+    if not version:
+        return "?"
+    return version.split(":", 1)[-1].rsplit("-", 1)[0]
+
+
+def keir_caption(workload: str, facts: dict | None, args: list[str] | tuple = ()) -> str:
+    """One line: what the keir workload is (from the root filesystem facts its cells recorded)."""
+    if not facts:
+        return f"{workload}: ls -R of a pinned root filesystem (ran no cell here: no facts recorded)"
+    pk = facts.get("packages") or {}
+    suite = facts.get("suite", "?")
+    release = f"Debian {DEBIAN_RELEASES[suite]} ({suite})" if suite in DEBIAN_RELEASES else f"Debian {suite}"
+    entries = facts.get("arg_entries") or {}
+    listed = next((a for a in args if a in entries), None) or next(iter(entries), None)
+    what = f"{listed} of the pinned {facts.get('arch', 'i386')} root ({entries[listed]:,} entries)" if listed \
+        else f"the pinned {facts.get('arch', 'i386')} root"
+    return (f"{workload}: {release} coreutils {_upstream(pk.get('coreutils'))} ls -R, dynamically linked, "
+            f"glibc {_upstream(pk.get('libc6'))} (NPTL), listing {what}; Keir Fraser's 2004 command, run today")
+
+
+def keir_comparison(rows: list[dict], choice: ProfileChoice, cells: list[dict] | None = None,
+                    skipped: list[dict] | None = None) -> dict | None:
+    """Keir's 2004 row beside today's: the Keir-benchmark rows and the fit target (faults, ratio, ms)."""
+    keir_cells = [c for c in cells or [] if c.get("backend", "unicorn") == "unicorn" and is_keir_benchmark(c["spec"])]
+    picked = [r for r in rows if r.get("keir") or r.get("fit_target")]
+    if not keir_cells and not any(r.get("keir") for r in picked):
+        return None
+    prof = choice.profile
+    fit_name = next((r["workload"] for r in rows if r.get("fit_target")), None) or _fitted_on(prof)
+    out_rows = []
+    for r in sorted(picked, key=lambda r: not r.get("keir")):
+        c = r["cells"]
+        em, fl, nat = c.get("emulate", {}), c.get("flip", {}), c.get("native", {})
+        if r.get("fit_target"):
+            role = "fit target (Keir's times by construction)"
+        elif choice.fitted:
+            role = f"out-of-sample prediction (FITTED on {fit_name or 'another workload'})"
+        else:
+            role = f"priced with {prof.label()}"
+        args = next((cc["spec"].get("args") for cc in keir_cells if cc["workload"] == r["workload"]), ())
+        out_rows.append({
+            "workload": r["workload"], "variant": r["variant"], "hv_profile": r["hv_profile"],
+            "keir": r.get("keir", False), "fit_target": r.get("fit_target", False), "role": role,
+            "instructions": next((x.get("instructions") for x in (nat, em, fl) if x.get("instructions")), None),
+            "emulate_faults": em.get("traps") if em.get("outcome") == "ok" else None,
+            "flip_faults": fl.get("traps") if fl.get("outcome") == "ok" else None,
+            "flip_over_emulate": r.get("flip_over_emulate_faults"),
+            "native_ms": r.get("native_ms"),
+            "emulate_ms": em.get("ms") if em.get("outcome") == "ok" else None,
+            "flip_ms": fl.get("ms") if fl.get("outcome") == "ok" else None,
+            "emulate_x": em.get("ratio"), "flip_x": fl.get("ratio"),
+            "outcomes": {k: c.get(k, {}).get("outcome", "missing") for k in ("native", "emulate", "flip")},
+            "caption": keir_caption(r["workload"], r.get("rootfs"), args) if r.get("keir") else None,
+        })
+    skip = next((s for s in skipped or [] if is_keir_benchmark(s.get("spec") or {})), None)
+    return {
+        "profile": prof.name, "profile_label": prof.label(), "fitted": choice.fitted, "fit_workload": fit_name,
+        "keir_2004": {"native_ms": costmodel.KEIR_2004_MS["native"], "emulate_ms": costmodel.KEIR_2004_MS["emulate"],
+                      "flip_ms": costmodel.KEIR_2004_MS["flip"], "emulate_x": KEIR_RATIOS["emulate"],
+                      "flip_x": KEIR_RATIOS["flip"], "flip_over_emulate": KEIR_2004_FAULTS},
+        "rows": out_rows,
+        "skipped": skip.get("reason") if skip else None,
+        "note": keir_note(choice, fit_name),
+    }
+
+
+def _fitted_on(prof: costmodel.CostProfile) -> str | None:
+    """'lsr (default, sha256 afcafdd19133) on tree '4k'' from a fitted profile's description, or None."""
+    text = str(prof.provenance.get("workload") or prof.fitted_on or "")
+    return text.split(") on ", 1)[-1] if text.startswith("Keir") else (text or None)
+
+
+def keir_note(choice: ProfileChoice, fit_name: str | None) -> str:
+    prof = choice.profile
+    if choice.fitted:
+        return (f"ms: modelled under {prof.name}, FITTED to Keir's three times on {fit_name or 'its fit workload'}; "
+                "on keir (Keir's own command, run today) it is an out-of-sample prediction, not a measurement")
+    return f"ms: modelled under {prof.label()}"
 
 
 # --------------------------------------------------------------------------- rendering
@@ -275,6 +380,7 @@ def render(summary: Summary, console=None) -> None:
     t.add_row("[italic]Keir 2004: ls -R /usr/lib[/]", "[italic]Xen[/]", "180.0", *keir, "~2 (\"nearly twice\")",
               style="dim")
     console.print(t)
+    render_keir(summary, console)
 
     f = Table(title="faults (#GP traps) per 1,000 guest instructions", header_style="bold")
     f.add_column("workload")
@@ -300,6 +406,56 @@ def render(summary: Summary, console=None) -> None:
                       f"{' (dirty)' if meta.get('git_dirty') else ''}, Python {meta.get('python_version')}, "
                       f"unicorn {meta.get('unicorn_version')}, capstone {meta.get('capstone_version')}, "
                       f"{meta.get('cpu_model')} ({meta.get('cpu_count')} CPUs), host {meta.get('hostname')}[/]")
+
+
+def fmt_count(v) -> str:
+    return "-" if v is None else f"{v:,}"
+
+
+def fmt_xr(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def render_keir(summary: Summary, console) -> None:
+    """Keir Fraser's 2004 row and today's keir row(s) (+ the fit target): faults, ratio, modelled ms."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    k = summary.keir
+    if not k:
+        return
+    fitted = " FITTED" if k["fitted"] else ""
+    t = Table(title=f"Keir Fraser's benchmark, ls -R /usr/lib: 2004 vs today (ms: {k['profile']}{fitted})",
+              header_style="bold", caption=escape(k["note"]))
+    for col, j in (("workload", "left"), ("build", "left"), ("instructions", "right"), ("emulate faults", "right"),
+                   ("flip faults", "right"), ("flip/emul", "right"), ("native ms", "right"), ("emulate ms", "right"),
+                   ("flip ms", "right"), ("what", "left")):
+        t.add_column(col, justify=j)
+    k4 = k["keir_2004"]
+    t.add_row("[italic]Keir 2004: ls -R /usr/lib[/]", "[italic]Xen[/]", "-", "-", "-", f"\"{k4['flip_over_emulate']}\"",
+              f"{k4['native_ms']:.0f}", f"{k4['emulate_ms']:.0f} ({k4['emulate_x']:.2f}x)",
+              f"{k4['flip_ms']:.0f} ({k4['flip_x']:.2f}x)", "measured on Xen, 2004", style="dim")
+    for r in k["rows"]:
+        name = escape(r["workload"]) + (" (fit target)" if r["fit_target"] else "")
+        if r["hv_profile"] != "nonpae":
+            name += f" [{r['hv_profile']}]"
+
+        def ms(key, x):
+            if r[key] is None:
+                return r["outcomes"].get(key.removesuffix("_ms"), "-")
+            return fmt_ms(r[key]) + (f" ({r[x]:.2f}x)" if r.get(x) is not None else "")
+
+        fr = r["flip_over_emulate"]
+        t.add_row(name, r["variant"], fmt_count(r["instructions"]), fmt_count(r["emulate_faults"]),
+                  fmt_count(r["flip_faults"]), f"{fr:.2f}" if fr is not None else "-",
+                  fmt_ms(r["native_ms"]) if r["native_ms"] is not None else r["outcomes"]["native"],
+                  ms("emulate_ms", "emulate_x"), ms("flip_ms", "flip_x"), escape(r["role"]))
+    console.print(t)
+    for r in k["rows"]:
+        if r.get("caption"):
+            console.print(f"[dim]{escape(r['caption'])}[/]")
+    if k.get("skipped"):
+        console.print(f"[yellow]keir cells skipped[/]: {escape(str(k['skipped']))}")
 
 
 # --------------------------------------------------------------------------- hw vs model

@@ -5,8 +5,9 @@
   first, hatched group for reference; crashes marked with an x.
 * ``faults``    -- #GP faults per 1,000 guest instructions (log scale).
 * ``timeline``  -- cumulative faults against guest instructions for emulate
-  and flip on the same guest (lsr, the workload with the largest flip/emulate
-  ratio and the one with the smallest). Source: the compact timeline every
+  and flip on the same guest (lsr, keir -- Keir's own ``ls -R /usr/lib`` --
+  when the run has it, the workload with the largest flip/emulate ratio and
+  the one with the smallest). Source: the compact timeline every
   bench cell stores (``record["timeline"]``: cumulative faults at 201 evenly
   spaced instruction counts, recorded by the trace proxy from the exact
   instruction count at each trap).
@@ -29,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from tlslab.bench.summary import KEIR_RATIOS, Summary  # noqa: E402
+from tlslab.bench.summary import KEIR_RATIOS, Summary, is_keir_benchmark  # noqa: E402
 from tlslab.inspect.trace import HISTORICAL  # noqa: E402
 
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000", "#999999"]
@@ -97,6 +98,12 @@ def _rows(summary: Summary, variant: str) -> list[dict]:
             and any(c.get("outcome") in ("ok", "guest-crash") for c in r["cells"].values())]
 
 
+VARIANT_NOTES = {
+    "nosegneg": " (-mno-tls-direct-seg-refs for our code; glibc as Debian built it)",
+    "dyn": " (our code dynamically linked: the pinned root's ld.so and libc.so.6)",
+}
+
+
 def _short_name(row: dict) -> str:
     name = row["workload"]
     if row["hv_profile"] != "nonpae":
@@ -125,7 +132,8 @@ def _grouped(summary: Summary, metric: str, out: Path, name: str, title: str, yl
             labels.append("Keir 2004\nls -R /usr/lib")
             groups.append({s: {"outcome": "ok", "ratio": KEIR_RATIOS[s]} for s in strategies if s in KEIR_RATIOS})
         for r in rows:
-            labels.append(_short_name(r) + ("\n(fit target)" if r["fit_target"] else ""))
+            labels.append(_short_name(r) + ("\n(fit target)" if r["fit_target"] else "")
+                          + ("\nDebian ls -R" if r.get("keir") else ""))
             groups.append(r["cells"])
         values = [v.get(metric) for g in groups for v in g.values() if isinstance(v, dict) and v.get(metric)]
         ymax = max(values + [1.0])
@@ -168,9 +176,10 @@ def _grouped(summary: Summary, metric: str, out: Path, name: str, title: str, yl
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{variant} build" if variant == "default" else
-                     f"{variant} build (-mno-tls-direct-seg-refs for our code; glibc as Debian built it)",
-                     fontsize=10, fontweight="normal", loc="left")
+        note = VARIANT_NOTES.get(variant, "")
+        if variant == "default" and any(r.get("keir") for r in rows):
+            note = " (keir: Debian's own ls and glibc from the pinned root)"
+        ax.set_title(f"{variant} build{note}", fontsize=10, fontweight="normal", loc="left")
         if log:
             ax.set_yscale("log")
         ax.grid(axis="x", visible=False)
@@ -245,7 +254,7 @@ def _timeline_candidates(records: list[dict]) -> list[tuple[str, dict, dict]]:
     return out
 
 
-def pick_timelines(records: list[dict], n: int = 3) -> list[tuple[str, dict, dict]]:
+def pick_timelines(records: list[dict], n: int = 4) -> list[tuple[str, dict, dict]]:
     cands = _timeline_candidates(records)
     if not cands:
         return []
@@ -257,6 +266,9 @@ def pick_timelines(records: list[dict], n: int = 3) -> list[tuple[str, dict, dic
     lsr = [c for c in cands if c[0].startswith("lsr")]
     if lsr:  # the biggest lsr tree: the ls -R workload
         chosen.append(max(lsr, key=lambda c: c[1]["timeline"]["total_instructions"]))
+    keir = [c for c in cands if is_keir_benchmark(c[1]["spec"])]
+    if keir:  # Keir's own command (ls -R /usr/lib of the pinned root)
+        chosen.append(keir[0])
     rest = [c for c in cands if c not in chosen]
     if rest:
         chosen.append(max(rest, key=ratio))

@@ -87,6 +87,54 @@ def _ratio_table(s: Summary) -> str:
     return "\n".join(out)
 
 
+def _keir_table(s: Summary) -> str:
+    """Keir Fraser's 2004 row beside today's keir row(s) and the fit target: faults, ratio, modelled ms."""
+    from tlslab.bench.summary import fmt_count, fmt_ms
+
+    k = s.keir
+    if not k:
+        return ""
+    fitted = " <b>(FITTED)</b>" if k["fitted"] else ""
+    out = ['<h3 id="keir">Keir Fraser\'s benchmark, <code>ls -R /usr/lib</code>: 2004 and today</h3>',
+           '<div class="scroll"><table><tr><th class="l" rowspan="2">workload</th><th class="l" rowspan="2">build</th>'
+           '<th rowspan="2">instructions</th><th colspan="3">#GP faults</th>'
+           f'<th colspan="3">ms: {esc(k["profile"])}{fitted}</th><th class="l" rowspan="2">what</th></tr>'
+           '<tr><th>emulate</th><th>flip</th><th>flip/emulate</th><th>native</th><th>emulate</th><th>flip</th></tr>']
+    k4 = k["keir_2004"]
+    out.append(f'<tr class="keir"><td class="l">Keir Fraser 2004: ls -R /usr/lib</td><td class="l">Xen</td>'
+               f'<td>-</td><td>-</td><td>-</td><td>"{esc(k4["flip_over_emulate"])}"</td>'
+               f'<td>{k4["native_ms"]:.0f}</td><td>{k4["emulate_ms"]:.0f} ({k4["emulate_x"]:.2f}x)</td>'
+               f'<td>{k4["flip_ms"]:.0f} ({k4["flip_x"]:.2f}x)</td><td class="l">measured on Xen, 2004</td></tr>')
+    for r in k["rows"]:
+        def ms(key, x):
+            if r[key] is None:
+                return esc(r["outcomes"].get(key.removesuffix("_ms"), "-"))
+            return fmt_ms(r[key]) + (f" ({r[x]:.2f}x)" if r.get(x) is not None else "")
+
+        fr = r["flip_over_emulate"]
+        name = esc(r["workload"]) + (" <b>(fit target)</b>" if r["fit_target"] else "")
+        out.append(f'<tr class="{"fit" if r["fit_target"] else ""}"><td class="l">{name}</td>'
+                   f'<td class="l">{esc(r["variant"])}</td><td>{fmt_count(r["instructions"])}</td>'
+                   f'<td>{fmt_count(r["emulate_faults"])}</td><td>{fmt_count(r["flip_faults"])}</td>'
+                   f'<td>{f"{fr:.2f}" if fr is not None else "-"}</td>'
+                   f'<td>{fmt_ms(r["native_ms"]) if r["native_ms"] is not None else esc(r["outcomes"]["native"])}</td>'
+                   f'<td>{ms("emulate_ms", "emulate_x")}</td><td>{ms("flip_ms", "flip_x")}</td>'
+                   f'<td class="wrap">{esc(r["role"])}</td></tr>')
+    out.append("</table></div>")
+    notes = [esc(k["note"]) + "."] + [esc(r["caption"]) + "." for r in k["rows"] if r.get("caption")]
+    if k.get("skipped"):
+        notes.append(f'keir cells skipped: {esc(k["skipped"])}')
+    out.append('<p class="dim">' + "<br>".join(notes) + "</p>")
+    return "\n".join(out)
+
+
+def keir_captions(s: Summary) -> str:
+    """What the keir workload is, for figure captions ('' if the run has none)."""
+    if not s.keir:
+        return ""
+    return " ".join(r["caption"] + "." for r in s.keir["rows"] if r.get("caption"))
+
+
 def _faults_table(s: Summary) -> str:
     st = [x for x in s.strategies if x != "native"]
     out = ['<div class="scroll"><table><tr><th class="l">workload</th><th class="l">build</th><th>instructions</th>']
@@ -315,8 +363,9 @@ def render_html(summary: Summary, info: dict, records: list[dict], figures: dict
         if svg is None:
             continue
         links = " ".join(f'<a href="{esc(p.name)}">{esc(p.suffix[1:].upper())}</a>' for p in (png, svg) if p)
+        caption = CAPTIONS[name] + (" " + keir_captions(s) if name in ("overhead", "faults", "timeline") else "")
         figs.append(f'<figure id="fig-{name}"><img alt="{esc(name)} figure" src="{data_uri(svg)}">'
-                    f'<figcaption>{esc(CAPTIONS[name])} [{links}]</figcaption></figure>')
+                    f'<figcaption>{esc(caption.strip())} [{links}]</figcaption></figure>')
     fig_by_name = {f.split('"')[1].removeprefix("fig-"): f for f in figs}
     profile = s.choice.profile
     prices = {k: v for k, v in profile.__dict__.items() if k.endswith("_ns") and v}
@@ -330,13 +379,14 @@ def render_html(summary: Summary, info: dict, records: list[dict], figures: dict
 <p class="sub">What Xen's truncated segment limits cost glibc's negative <code>%gs</code> offsets, per fault strategy:
 real static i386 glibc guests in Unicorn under a model of the hypervisor. Today's version of Keir Fraser's 2004 table
 (<code>ls -R</code>: 180 ms native, 300 ms emulate, 390 ms flip).</p>
-<p class="toc"><a href="#summary">summary</a><a href="#fig-overhead">overhead</a><a href="#faults">faults</a>
+<p class="toc"><a href="#summary">summary</a>{'<a href="#keir">Keir 2004 vs today</a>' if s.keir else ''}<a href="#fig-overhead">overhead</a><a href="#faults">faults</a>
 <a href="#fig-timeline">timeline</a><a href="#coverage">2004 coverage</a><a href="#crashes">crashes</a>
 <a href="#failures">failures</a>{'<a href="#hw">model vs CPU</a>' if s.hw else ''}<a href="#run">run</a></p>
 {_meta(s, info)}
 {fitted_note}
 <h2 id="summary">Modelled time relative to native</h2>
 {_ratio_table(s)}
+{_keir_table(s)}
 <p class="dim">crash: the strategy refused a fault and the guest got SIGSEGV (a measurement, not a runner failure);
 !out: output differs from native; FAILED: see below. Cost profile: <b>{esc(profile.label())}</b>;
 prices (ns): <code>{esc(json.dumps({k: round(v, 3) for k, v in prices.items()}))}</code>.</p>
