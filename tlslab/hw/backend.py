@@ -8,6 +8,19 @@ regular file or /dev/null -- the kind changes what glibc does, see BRIEF 4b).
 
 Strategies: ``untraced`` (plain fork/exec/wait), ``native`` (traced, nothing
 truncated), ``emulate``, ``flip``. Faults are counted per site (EIP).
+
+Root-filesystem runs (``RunSpec.rootfs``, dynamic guests): the guest runs
+chrooted into the materialised root (``tlslab.rootfs``) with the model's argv
+(argv[0] as the guest knows its path), environment (``experiment.environment``)
+and credentials (uid/gid 1000, no supplementary groups: it can write neither
+the root nor the host), cwd ``/``. A program of the root is executed by its
+path inside the chroot (AT_EXECFN as ``chroot ROOT PROG`` gives it); a bundled
+guest outside the root is opened before the chroot and executed by descriptor,
+the kernel finding its PT_INTERP inside the root. A data tree is mounted at
+``tree_at`` (the cwd) in a private mount namespace of the guest: a read-only
+tmpfs view with read-only bind mounts of the root's top-level entries and of
+the tree; the root and the host's mount table are never touched, and the
+view disappears with the guest. chroot and mounts need root.
 """
 
 from __future__ import annotations
@@ -58,6 +71,29 @@ class HwResult:
     def fault_sites(self) -> dict[int, int]:
         """EIP -> faults at that instruction."""
         return {s["eip"]: s["faults"] for s in self.sites if s["faults"]}
+
+    @property
+    def objects(self) -> list[dict]:
+        """The guest's file mappings at its exit (path, start, end, offset, perms), as /proc/PID/maps
+        gives them (symlinks resolved); paths inside the chroot are given as the guest sees them."""
+        jail = self.summary.get("chroot")
+        out = []
+        for m in self.summary.get("objects", []):
+            path = m["path"]
+            if jail and (path + "/").startswith(jail.rstrip("/") + "/"):
+                path = "/" + path[len(jail.rstrip("/")):].lstrip("/")
+            out.append({**m, "path": path})
+        return out
+
+    def object_sites(self) -> dict[tuple[str, int], int]:
+        """(object path, file offset) -> faults: fault sites independent of load addresses."""
+        maps = self.objects
+        sites: dict[tuple[str, int], int] = {}
+        for eip, n in self.fault_sites.items():
+            key = next(((m["path"], eip - m["start"] + m["offset"]) for m in maps if m["start"] <= eip < m["end"]),
+                       ("?", eip))
+            sites[key] = sites.get(key, 0) + n
+        return sites
 
     @property
     def decoder_misses(self) -> dict[str, int]:
@@ -211,6 +247,11 @@ def run_hw(
     fresh_tree: bool = False,
     step_only: bool = False,
     model_env: bool = True,
+    chroot: str | os.PathLike | None = None,
+    exe_in_root: str | None = None,
+    tree_at: str = "/data",
+    uid: int | None = None,
+    gid: int | None = None,
 ) -> HwResult:
     """Run ``guest_path`` natively with ``argv`` (argv[0] included; default its basename).
 
@@ -221,6 +262,11 @@ def run_hw(
     ``model_env`` (default) gives the guest the model's process environment:
     no vDSO/AT_MINSIGSTKSZ/AT_RSEQ_* in the auxv and rseq refused with ENOSYS
     (the binary itself is never modified).
+    ``chroot``: run chrooted into this directory (needs root). The guest is
+    then ``exe_in_root`` (a path inside it) if given, else ``guest_path``
+    executed by descriptor; cwd is ``/``, or ``tree_at`` with the data tree
+    (``root`` or ``tree``; None for neither) mounted there in a private mount
+    namespace. ``uid``/``gid``: drop to these after chroot.
     Raises HwUnavailable when the host cannot do this at all, HwError when the
     supervisor failed for this run.
     """
@@ -241,13 +287,34 @@ def run_hw(
     elif tree is not None:
         cwd = materialised_tree(tree, fresh=fresh_tree)
     else:
-        cwd = os.getcwd()
+        cwd = None if chroot is not None else os.getcwd()
     cpu = -1 if cpu is None else int(cpu)
 
     with tempfile.TemporaryDirectory(prefix="tlslab-hw-") as work:
         json_path = os.path.join(work, "summary.json")
+        jail: list[str] = []
+        if chroot is not None:
+            chroot = os.fspath(chroot)
+            if not os.path.isdir(chroot):
+                raise HwError(f"root filesystem {chroot} is not a directory")
+            jail = ["--chroot", chroot]
+            if cwd is not None:  # the data tree, mounted at tree_at in the guest's private namespace
+                if not tree_at.startswith("/") or tree_at.rstrip("/") == "":
+                    raise HwError(f"cannot mount the data tree at {tree_at}: not an absolute path below /")
+                view = os.path.join(work, "view")
+                os.mkdir(view, 0o700)
+                jail += ["--view", view, "--mount-src", cwd, "--mount-at", tree_at]
+                cwd = tree_at
+            else:
+                cwd = "/"
+            if uid is not None:
+                jail += ["--uid", str(int(uid))]
+            if gid is not None:
+                jail += ["--gid", str(int(gid))]
+            if exe_in_root is None:
+                jail.append("--exec-fd")
         cmd = [str(exe), "--strategy", strategy, "--hv-start", hex(_hv_start(profile)), "--cpu", str(cpu),
-               "--cwd", cwd, "--json", json_path, "--timeout", str(timeout)]
+               "--cwd", cwd, "--json", json_path, "--timeout", str(timeout), *jail]
         for e in env if env is not None else _default_env():
             cmd += ["--env", e]
         if step_only:
@@ -260,7 +327,7 @@ def run_hw(
             cmd += ["--stdout", out_path, "--stderr", err_path]
         elif stdout == "null":
             cmd += ["--stdout", "/dev/null", "--stderr", "/dev/null"]
-        cmd += ["--", guest_path, *argv]
+        cmd += ["--", exe_in_root if chroot is not None and exe_in_root else guest_path, *argv]
         try:
             proc = subprocess.run(cmd, input=b"", capture_output=True, timeout=timeout + 30)
         except subprocess.TimeoutExpired:
@@ -321,28 +388,63 @@ def _read_summary(json_path: str, proc: subprocess.CompletedProcess, guest_path:
     return summary
 
 
+ROOT_NEEDED = "the hw backend runs root-filesystem programs chrooted, which needs root"
+
+
+def _i386_image(path):
+    """The parsed i386 ELF at ``path``; HwError (one line) for anything else (64-bit, not ELF, ...)."""
+    from tlslab.linux.elf import ElfError, parse_elf
+
+    try:
+        return parse_elf(path)[1]
+    except ElfError as exc:
+        raise HwError(str(exc)) from None
+
+
 def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[HwResult, object]:
     """Run a ``tlslab.experiment.RunSpec`` on the hardware (for ``tlslab run --backend hw``).
 
-    Same guest resolution, argv (``[applet or name, *args]``), tree/root and
-    stdout kind as the Unicorn model's ``execute(spec)``. ``spec.strategy``
-    must be one of HW_STRATEGIES. Returns ``(HwResult, GuestBinary)``.
+    Same program resolution (``experiment.resolve_program``), argv
+    (``[argv0, *args]``), environment (``experiment.environment``), tree/root
+    and stdout kind as the Unicorn model's ``execute(spec)``; programs with a
+    root filesystem (``rootfs``, or dynamic guests) run chrooted into it as
+    uid/gid 1000 (see the module docstring), which needs root. Anything but an
+    i386 ELF is refused (HwError). ``spec.strategy`` must be one of
+    HW_STRATEGIES. Returns ``(HwResult, GuestBinary)``.
     """
+    from tlslab.experiment import environment, resolve_program
     from tlslab.guests import resolve_guest
 
-    guest = resolve_guest(spec.guest, spec.variant)
-    argv0 = spec.applet or guest.name
-    return run_hw(
-        guest.path,
-        [argv0, *spec.args],
-        strategy=spec.strategy,
-        tree=None if spec.root else (spec.tree or "small"),
-        root=spec.root,
-        stdout=spec.stdout,
-        cpu=cpu,
-        profile=spec.profile,
-        timeout=timeout if timeout is not None else (spec.timeout_seconds or 120.0),
-    ), guest
+    rooted_path = bool(spec.rootfs) and spec.guest.startswith("/")
+    if not rooted_path:  # a registry guest or host path: refuse non-i386 files before anything else
+        image = _i386_image(resolve_guest(spec.guest, spec.variant).path)
+        rooted = bool(spec.rootfs) or image.dynamic
+    else:
+        rooted = True
+    if rooted and os.geteuid() != 0:
+        raise HwError(ROOT_NEEDED)
+    try:
+        program = resolve_program(spec)
+    except ValueError as exc:  # ElfError from resolving a dynamic guest
+        raise HwError(str(exc).splitlines()[0]) from None
+    guest = program.guest
+    _i386_image(guest.path)
+    env = [os.fsdecode(e) for e in environment(spec, program.rootfs)]
+    timeout = timeout if timeout is not None else (spec.timeout_seconds or 120.0)
+    common = dict(strategy=spec.strategy, stdout=spec.stdout, cpu=cpu, profile=spec.profile, env=env,
+                  timeout=timeout)
+    if program.rootfs is None:
+        return run_hw(guest.path, [program.argv0, *spec.args],
+                      tree=None if spec.root else (spec.tree or "small"), root=spec.root, **common), guest
+    import inspect
+
+    from tlslab.linux.vfs import Vfs
+
+    creds = inspect.signature(Vfs).parameters  # the model's guest credentials: Vfs(uid=, gid=) defaults
+    return run_hw(guest.path, [program.argv0, *spec.args],
+                  tree=None if spec.root else spec.tree, root=spec.root,
+                  chroot=program.root_dir, exe_in_root=program.guest_path if rooted_path else None,
+                  tree_at=spec.tree_at, uid=creds["uid"].default, gid=creds["gid"].default, **common), guest
 
 
 # ----------------------------------------------------------------- checks

@@ -44,7 +44,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <grp.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/ptrace.h>
 #include <sys/time.h>
@@ -156,6 +160,13 @@ static int envc;
 static double timeout_s;
 static int step_only; /* emulate: use the step fallback for everything (testing) */
 static int model_env; /* present the guest the Unicorn model's process environment (see below) */
+/* root-filesystem runs (see run_child): chroot, a private mount namespace
+ * for a data tree, the model's uid/gid, exec by descriptor */
+static const char *chroot_dir, *view_dir, *mount_src, *mount_at;
+static long guest_uid = -1, guest_gid = -1;
+static int exec_fd;
+static char *objects_buf; /* JSON fragments: the guest's file mappings at exit (record_objects) */
+static size_t objects_len;
 static uint64_t auxv_hidden;
 static double handler_s; /* time spent inside the fault handler */
 static double restore_s;  /* time spent restoring the guest's SIGSEGV disposition */
@@ -857,7 +868,11 @@ static void write_json(void) {
         json_str(f, misses[i].key);
         fprintf(f, ":%llu", (unsigned long long)misses[i].n);
     }
-    fprintf(f, "},\"tls\":[%.*s],\"sites\":[", (int)tlslog_len, tlslog_buf ? tlslog_buf : "");
+    fprintf(f, "},\"objects\":[%.*s]", (int)objects_len, objects_buf ? objects_buf : "");
+    fprintf(f, ",\"chroot\":");
+    if (chroot_dir) json_str(f, view_dir ? view_dir : chroot_dir); else fprintf(f, "null");
+    fprintf(f, ",\"uid\":%ld,\"gid\":%ld", guest_uid, guest_gid);
+    fprintf(f, ",\"tls\":[%.*s],\"sites\":[", (int)tlslog_len, tlslog_buf ? tlslog_buf : "");
     int first = 1;
     for (int i = 0; sites && i < SITE_CAP; i++) {
         struct site *s = &sites[i];
@@ -910,11 +925,115 @@ static int open_to(const char *path, int fd, int flags) {
     return 0;
 }
 
+/* bind src read-only on dst (created: a directory or an empty file) */
+static void bind_ro(int errfd, const char *src, const char *dst, int is_dir) {
+    if (is_dir) {
+        if (mkdir(dst, 0755) < 0) child_fail(errfd, "mkdir view entry");
+    } else {
+        int f = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (f < 0) child_fail(errfd, "create view entry");
+        close(f);
+    }
+    if (mount(src, dst, NULL, MS_BIND | MS_REC, NULL) < 0) child_fail(errfd, "bind mount");
+    if (mount(NULL, dst, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0)
+        child_fail(errfd, "remount bind read-only");
+}
+
+/* Fill view directory dst (on the tmpfs) with src's entries: symlinks copied,
+ * everything else bound read-only -- except the directory on the way to the
+ * data tree's mount point `rest` (relative, no leading '/'), which is
+ * replicated the same way one level down, and the mount point itself, where
+ * the data tree is bound (replacing what the root has there; its parent must
+ * exist in the root, as in the model). */
+static void populate(int errfd, const char *src, const char *dst, const char *rest) {
+    char s2[4096], d2[4096], link[4096], first[256] = "";
+    const char *next = NULL;
+    if (rest) {
+        while (*rest == '/') rest++;
+        const char *e = strchrnul(rest, '/');
+        if ((size_t)(e - rest) >= sizeof first) { errno = ENAMETOOLONG; child_fail(errfd, "tree mount point"); }
+        memcpy(first, rest, e - rest);
+        first[e - rest] = 0;
+        while (*e == '/') e++;
+        next = *e ? e : NULL;
+        if (!first[0] || !strcmp(first, ".") || !strcmp(first, "..")) {
+            errno = EINVAL;
+            child_fail(errfd, "tree mount point");
+        }
+    }
+    int found = 0;
+    DIR *d = opendir(src);
+    if (!d) child_fail(errfd, "opendir root");
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        snprintf(s2, sizeof s2, "%s/%s", src, de->d_name);
+        snprintf(d2, sizeof d2, "%s/%s", dst, de->d_name);
+        struct stat st;
+        if (lstat(s2, &st) < 0) child_fail(errfd, "lstat root entry");
+        int on_path = first[0] && !strcmp(de->d_name, first);
+        if (on_path && !next) continue; /* the mount point: the data tree goes here */
+        if (on_path) {
+            if (!S_ISDIR(st.st_mode)) { errno = ENOTDIR; child_fail(errfd, "tree mount point"); }
+            if (mkdir(d2, st.st_mode & 07777) < 0) child_fail(errfd, "mkdir view entry");
+            populate(errfd, s2, d2, next);
+            found = 1;
+            continue;
+        }
+        if (S_ISLNK(st.st_mode)) {
+            ssize_t k = readlink(s2, link, sizeof link - 1);
+            if (k < 0) child_fail(errfd, "readlink root entry");
+            link[k] = 0;
+            if (symlink(link, d2) < 0) child_fail(errfd, "symlink view entry");
+            continue;
+        }
+        bind_ro(errfd, s2, d2, S_ISDIR(st.st_mode));
+    }
+    closedir(d);
+    if (first[0] && next && !found) { errno = ENOENT; child_fail(errfd, "tree mount point"); }
+    if (first[0] && !next) {
+        snprintf(d2, sizeof d2, "%s/%s", dst, first);
+        bind_ro(errfd, mount_src, d2, 1);
+    }
+}
+
+/* --view: in a private mount namespace of the child (gone with the guest):
+ * a tmpfs on view_dir holding read-only bind mounts of chroot_dir's entries
+ * (see populate) and the data tree bound read-only at mount_at; the child
+ * then chroots into view_dir. The tmpfs itself stays writable by root only
+ * (mode 0755, like the root's own /), so a uid-1000 guest creating a file in
+ * / gets EACCES as in the model and as in a plain chroot; it is discarded
+ * with the namespace anyway. Neither the root filesystem nor the host's
+ * mount table is touched. */
+static void build_view(int errfd) {
+    if (unshare(CLONE_NEWNS) < 0) child_fail(errfd, "unshare(CLONE_NEWNS)");
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) child_fail(errfd, "mount private /");
+    if (mount("tlslab-view", view_dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0)
+        child_fail(errfd, "mount tmpfs view");
+    populate(errfd, chroot_dir, view_dir, mount_src ? mount_at : NULL);
+}
+
 static void run_child(int errfd, char **argv, const char *exe) {
+    int xfd = -1;
     if (stdin_path && open_to(stdin_path, 0, O_RDONLY) < 0) child_fail(errfd, "stdin");
     if (stdout_path && open_to(stdout_path, 1, O_WRONLY | O_CREAT | O_TRUNC) < 0) child_fail(errfd, "stdout");
     if (stderr_path && open_to(stderr_path, 2, O_WRONLY | O_CREAT | O_TRUNC) < 0) child_fail(errfd, "stderr");
+    /* a program outside the root: opened here, executed by descriptor after
+     * chroot (the kernel then looks up its PT_INTERP inside the root) */
+    if (exec_fd && (xfd = open(exe, O_RDONLY | O_CLOEXEC)) < 0) child_fail(errfd, "open program");
+    if (chroot_dir) {
+        if (view_dir) build_view(errfd);
+        if (chroot(view_dir ? view_dir : chroot_dir) < 0) child_fail(errfd, "chroot");
+        if (chdir("/") < 0) child_fail(errfd, "chdir /");
+    }
     if (cwd_path && chdir(cwd_path) < 0) child_fail(errfd, "chdir");
+    /* the model's guest runs as uid/gid 1000: drop root after chroot (no
+     * supplementary groups), so the guest can write neither root nor host */
+    if (guest_gid >= 0 || guest_uid >= 0) {
+        if (setgroups(0, NULL) < 0) child_fail(errfd, "setgroups");
+        if (guest_gid >= 0 && setgid((gid_t)guest_gid) < 0) child_fail(errfd, "setgid");
+        if (guest_uid >= 0 && setuid((uid_t)guest_uid) < 0) child_fail(errfd, "setuid");
+    }
     if (strategy != S_UNTRACED) {
         if (ptrace(PTRACE_TRACEME, 0, 0, 0) < 0) child_fail(errfd, "PTRACE_TRACEME");
         raise(SIGSTOP); /* the parent sets options before we go on */
@@ -953,7 +1072,8 @@ static void run_child(int errfd, char **argv, const char *exe) {
         if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0) child_fail(errfd, "seccomp");
     }
     envv[envc] = NULL;
-    execve(exe, argv, envv);
+    if (xfd >= 0) syscall(SYS_execveat, xfd, "", argv, envv, AT_EMPTY_PATH);
+    else execve(exe, argv, envv);
     child_fail(errfd, "execve");
 }
 
@@ -1449,12 +1569,49 @@ static int restore_segv(struct thread *t, int *gone) {
     return 0;
 }
 
+/* the guest's file mappings at its exit (/proc/PID/maps, paths as the
+ * supervisor sees them): "objects" in the JSON, so that fault sites can be
+ * named by (object, file offset) whatever the load addresses */
+static void record_objects(pid_t pid) {
+    char path[64], line[4352];
+    snprintf(path, sizeof path, "/proc/%d/maps", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    FILE *out = open_memstream(&objects_buf, &objects_len);
+    if (!out) { fclose(f); return; }
+    int first = 1;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long long lo, hi, off;
+        char perms[8];
+        int n = 0;
+        if (sscanf(line, "%llx-%llx %7s %llx %*s %*s %n", &lo, &hi, perms, &off, &n) < 4 || !n) continue;
+        char *name = line + n;
+        name[strcspn(name, "\n")] = 0;
+        if (name[0] != '/') continue; /* anonymous, [stack], [heap], ... */
+        fprintf(out, "%s{\"start\":%llu,\"end\":%llu,\"offset\":%llu,\"perms\":", first ? "" : ",", lo, hi, off);
+        json_str(out, perms);
+        fprintf(out, ",\"path\":");
+        json_str(out, name);
+        fputc('}', out);
+        first = 0;
+    }
+    fclose(f);
+    fclose(out);
+}
+
 /* ----------------------------------------------------------------- main */
 static void usage(void) {
     fprintf(stderr,
             "usage: tlslab-hw-supervisor [--strategy untraced|native|emulate|flip] [--hv-start HEX]\n"
             "    [--cpu N|-1] [--cwd DIR] [--stdin PATH] [--stdout PATH] [--stderr PATH] [--env K=V]...\n"
-            "    [--timeout SECONDS] [--step-only] [--model-env] [--trace PATH] --json PATH -- EXE ARGV0 [ARGS...]\n");
+            "    [--timeout SECONDS] [--step-only] [--model-env] [--trace PATH]\n"
+            "    [--chroot DIR [--view EMPTYDIR [--mount-src DIR --mount-at PATH]]] [--uid N] [--gid N] [--exec-fd]\n"
+            "    --json PATH -- EXE ARGV0 [ARGS...]\n"
+            "  --chroot: the guest runs chrooted in DIR; --cwd is then a path inside it, and EXE too\n"
+            "  unless --exec-fd (EXE is a host path, opened before chroot and executed by descriptor).\n"
+            "  --view: in a private mount namespace, build DIR's view (read-only binds of DIR's top-level\n"
+            "  entries on a tmpfs mounted on EMPTYDIR) with --mount-src bound read-only at --mount-at.\n"
+            "  --uid/--gid: drop to these ids (no supplementary groups) after chroot, before exec.\n");
     exit(2);
 }
 
@@ -1463,7 +1620,8 @@ int main(int argc, char **argv) {
     for (; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--")) { i++; break; }
-        if (i + 1 >= argc && strcmp(a, "--step-only") && strcmp(a, "--model-env")) usage();
+        if (i + 1 >= argc && strcmp(a, "--step-only") && strcmp(a, "--model-env") && strcmp(a, "--exec-fd"))
+            usage();
         if (!strcmp(a, "--strategy")) {
             const char *v = argv[++i];
             int found = 0;
@@ -1481,9 +1639,17 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--model-env")) model_env = 1;
         else if (!strcmp(a, "--trace")) { if (!(trace = fopen(argv[++i], "w"))) die_setup("--trace", errno); }
         else if (!strcmp(a, "--env")) { if (envc < 255) envv[envc++] = argv[++i]; else usage(); }
+        else if (!strcmp(a, "--chroot")) chroot_dir = argv[++i];
+        else if (!strcmp(a, "--view")) view_dir = argv[++i];
+        else if (!strcmp(a, "--mount-src")) mount_src = argv[++i];
+        else if (!strcmp(a, "--mount-at")) mount_at = argv[++i];
+        else if (!strcmp(a, "--uid")) guest_uid = atol(argv[++i]);
+        else if (!strcmp(a, "--gid")) guest_gid = atol(argv[++i]);
+        else if (!strcmp(a, "--exec-fd")) exec_fd = 1;
         else usage();
     }
     if (argc - i < 2) usage();
+    if ((view_dir && !chroot_dir) || (mount_src && !view_dir) || (!mount_src != !mount_at)) usage();
     const char *exe = argv[i];
     char **gargv = argv + i + 1;
 
@@ -1527,7 +1693,7 @@ int main(int argc, char **argv) {
         /* children the guest forks are traced too (they inherit the seccomp
          * filter, whose RET_TRACE would fail their set_thread_area untraced) */
         long opts = PTRACE_O_EXITKILL | PTRACE_O_TRACESECCOMP | PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACECLONE |
-                    PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACEEXEC;
+                    PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACEEXEC | PTRACE_O_TRACEEXIT;
         if (ptrace(PTRACE_SETOPTIONS, child_pid, 0, (void *)opts) < 0) die_setup("PTRACE_SETOPTIONS", errno);
         struct thread *main_t = thread_of(child_pid, 1);
         main_t->seen_stop = 1;
@@ -1593,6 +1759,8 @@ int main(int argc, char **argv) {
                 if (event == PTRACE_EVENT_CLONE) clones++; else forks++;
                 unsigned long ctid;
                 if (ptrace(PTRACE_GETEVENTMSG, w, 0, &ctid) == 0) inherit_signals(t, (pid_t)ctid);
+            } else if (sig == SIGTRAP && event == PTRACE_EVENT_EXIT) {
+                if (w == child_pid) record_objects(w); /* its mappings, still there */
             } else if (sig == SIGTRAP && event) {
                 /* other event stops (vfork-done): nothing to do */
             } else if (sig == SIGTRAP && t->stepping) {
