@@ -376,12 +376,17 @@ def _read_summary(json_path: str, proc: subprocess.CompletedProcess, guest_path:
     if error:
         stage, errno_ = summary.get("error_stage", ""), summary.get("error_errno", 0)
         if stage in ("PTRACE_TRACEME", "PTRACE_SETOPTIONS", "seccomp", "PR_SET_NO_NEW_PRIVS") or (
+            # root-filesystem runs in a container that forbids chroot / mount namespaces
+            errno_ == 1 and stage in ("chroot", "unshare(CLONE_NEWNS)", "mount private /", "mount tmpfs view")
+        ) or (
             # ENOEXEC for a well-formed i386 ELF: the kernel has no 32-bit support (IA32_EMULATION off)
             stage == "execve" and errno_ == 8 and _is_i386_elf(guest_path)
         ):
             hint = {
                 "PTRACE_TRACEME": " (ptrace refused: container seccomp/yama, or not permitted)",
                 "execve": " (this kernel cannot execute 32-bit i386 programs)",
+                "chroot": " (root-filesystem programs run chrooted)",
+                "unshare(CLONE_NEWNS)": " (a data tree inside a root filesystem needs a private mount namespace)",
             }.get(stage, "")
             raise HwUnavailable(f"hw backend unavailable: {error}{hint}")
         raise HwError(f"supervisor failed: {error}")
