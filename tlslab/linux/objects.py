@@ -40,6 +40,7 @@ class ObjectMap:
         self._maps: list[FileMapping] = []
         self._images: dict[int, ElfImage | None] = {}  # id(node) -> parsed image (link addresses)
         self.main: ElfImage | None = None                # the executable, as loaded
+        self.main_node: object | None = None             # ... and its file node
 
     def add(self, start: int, size: int, offset: int, path: str, node, shared_writable: bool = False) -> None:
         self.remove(start, size)
@@ -86,10 +87,10 @@ class ObjectMap:
         return self._images[key]
 
     def symbolize(self, addr: int) -> str:
-        """``object:symbol+0xN`` for library code, ``symbol+0xN`` for the executable's own."""
+        """``object:symbol+0xN`` in a dynamic program's objects, ``symbol+0xN`` in a static executable."""
         main = self.main
         m = self.mapping_at(addr)
-        if m is None or (main is not None and not main.dynamic and m.path == main.path):
+        if m is None or (main is not None and not main.dynamic and m.node is self.main_node):
             return main.symbolize(addr) if main is not None else f"{addr:#010x}"
         image = self._image(m)
         if image is None:

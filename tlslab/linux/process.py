@@ -180,7 +180,7 @@ class Process:
         self.image = image
         exe = self.exe_node()
         self.page_cache.map_file(exe, image.segments)
-        self.objects.main = image
+        self.objects.main, self.objects.main_node = image, exe
         self._note_image(image, exe, os.fsdecode(self.guest_path))
         entry, base = image.entry, 0
         if image.interp is not None:
