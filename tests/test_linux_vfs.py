@@ -106,3 +106,22 @@ def test_host_view_is_read_only(tmp_path):
     assert (tmp_path / "d" / "f").read_bytes() == b"host"
     assert sorted(os.listdir(tmp_path)) == ["d", "l"]
     assert v.resolve(b"/d").ino == v.resolve(b"/d").ino < 1 << 32
+
+
+def test_host_directory_stream_has_dots_where_the_host_put_them(tmp_path):
+    """readdir of a host directory: "." and ".." once each, at the host's positions, names in host order."""
+    import os as _os
+
+    from tlslab.linux.files import O_RDONLY, OpenFile
+    from tlslab.linux.nodes import host_readdir
+
+    for i in range(40):
+        (tmp_path / f"f{i:02d}").write_text("x")
+    names, dots = host_readdir(_os.fsencode(tmp_path))
+    assert names == [_os.fsencode(n) for n in _os.listdir(tmp_path)]
+    vfs = Vfs.from_host(tmp_path)
+    stream = [name for name, _ in OpenFile(vfs.root, O_RDONLY, b"/").dir_listing(vfs.root)]
+    assert stream.count(b".") == 1 and stream.count(b"..") == 1
+    assert [n for n in stream if n not in (b".", b"..")] == names
+    if dots is not None:
+        assert (stream.index(b"."), stream.index(b"..")) == dots

@@ -38,7 +38,7 @@ class OpenFile:
     def dir_listing(self, parent: N.Dir) -> list[tuple[bytes, N.Node]]:
         if self.listing is None or self.offset == 0:
             d = self.node
-            self.listing = [(b".", d), (b"..", parent)] + d.listing()
+            self.listing = d.readdir_stream(parent)
         return self.listing
 
 

@@ -7,8 +7,10 @@ copied up on its first write). Names are bytes, as the guest sees them.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
+import sys
 from collections.abc import Callable
 
 S_IFMT, S_IFSOCK, S_IFLNK, S_IFREG, S_IFBLK = 0o170000, 0o140000, 0o120000, 0o100000, 0o060000
@@ -56,7 +58,7 @@ class Node:
 
 
 class Dir(Node):
-    __slots__ = ("_entries", "parent", "name", "hidden", "_loader", "host_size", "_host_order")
+    __slots__ = ("_entries", "parent", "name", "hidden", "_loader", "host_size", "_host_order", "dot_positions")
 
     def __init__(self, ino: int, mode: int = S_IFDIR | 0o755, loader: Callable[[Dir], dict] | None = None, **kw):
         super().__init__(ino, mode, **kw)
@@ -67,6 +69,9 @@ class Dir(Node):
         self.name = b""
         self.hidden: dict[bytes, Node] = {}  # mounts reachable by name but not listed (see vfs)
         self.host_size: int | None = None
+        # where the host's readdir returned "." and ".." (ext4 hashes them in among the names);
+        # None: first, as tmpfs and in-memory directories do
+        self.dot_positions: tuple[int, int] | None = None
 
     @property
     def entries(self) -> dict[bytes, Node]:
@@ -98,6 +103,16 @@ class Dir(Node):
         """
         items = list(self.entries.items())
         return items if self._host_order else items[::-1]
+
+    def readdir_stream(self, parent: Dir) -> list[tuple[bytes, Node]]:
+        """Everything readdir returns, "." and ".." included, in the order it returns them."""
+        items = self.listing()
+        if self.dot_positions is None:
+            return [(b".", self), (b"..", parent)] + items
+        out = list(items)
+        for pos, entry in sorted(zip(self.dot_positions, ((b".", self), (b"..", parent))), key=lambda x: x[0]):
+            out.insert(min(pos, len(out)), entry)
+        return out
 
     @property
     def size(self) -> int:
@@ -221,17 +236,71 @@ class Device(Node):
 def host_loader(path: bytes, ino_offset: int = 0, map_owner: bool = True) -> Callable[[Dir], dict]:
     """A loader listing host directory ``path`` lazily, read-only (for ``--root`` and root filesystems)."""
 
-    def load(_dir: Dir) -> dict[bytes, Node]:
+    def load(directory: Dir) -> dict[bytes, Node]:
         out: dict[bytes, Node] = {}
         try:
-            names = os.listdir(path)  # the host's readdir order, deliberately unsorted
+            names, dots = host_readdir(path)  # the host's readdir order, deliberately unsorted
         except OSError:
             return out
+        directory.dot_positions = dots
         for name in names:
             out[name] = host_node(os.path.join(path, name), ino_offset, map_owner)
         return out
 
     return load
+
+
+class _Dirent(ctypes.Structure):  # glibc's struct dirent on 64-bit Linux (= dirent64)
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64), ("d_reclen", ctypes.c_ushort),
+                ("d_type", ctypes.c_ubyte), ("d_name", ctypes.c_char * 256)]
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.opendir.restype = ctypes.c_void_p
+        lib.opendir.argtypes = [ctypes.c_char_p]
+        lib.readdir.restype = ctypes.POINTER(_Dirent)
+        lib.readdir.argtypes = [ctypes.c_void_p]
+        lib.closedir.argtypes = [ctypes.c_void_p]
+        _LIBC = lib
+    return _LIBC
+
+
+def host_readdir(path: bytes) -> tuple[list[bytes], tuple[int, int] | None]:
+    """The names of host directory ``path`` in readdir order, and where "." and ".." came in it.
+
+    ``os.listdir`` drops "." and ".."; a program that walks a directory sees
+    them wherever the filesystem returns them (ext4: at their hash positions),
+    and that order decides what it allocates when. Falls back to os.listdir
+    (dots first) where libc's readdir cannot be called this way (not 64-bit Linux).
+    """
+    if sys.platform != "linux" or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return os.listdir(path), None
+    lib = _libc()
+    handle = lib.opendir(path)
+    if not handle:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(path))
+    names: list[bytes] = []
+    dots = {}
+    try:
+        while True:
+            ent = lib.readdir(handle)
+            if not ent:
+                break
+            name = ent.contents.d_name
+            if name in (b".", b".."):
+                dots[name] = len(names) + len(dots)
+            else:
+                names.append(name)
+    finally:
+        lib.closedir(handle)
+    return names, (dots[b"."], dots[b".."]) if len(dots) == 2 else None
 
 
 def _fold_ino(ino: int) -> int:
