@@ -185,6 +185,7 @@ def run_hardware(spec, args) -> int:
         print(json.dumps({"spec": spec.to_dict(), "backend": "hw", "guest_sha256": guest.sha256,
                           "status": result.status, "signal": result.signal, "faults": result.faults,
                           "fault_sites": {f"{k:#x}": v for k, v in result.fault_sites.items()},
+                          "object_sites": {f"{path}+{off:#x}": n for (path, off), n in result.object_sites().items()},
                           "counters": result.counters(), "wall_seconds": result.wall_seconds,
                           "run_seconds": result.run_seconds}, indent=2, sort_keys=True))
         return 0 if result.ok else 1
