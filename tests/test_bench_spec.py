@@ -194,14 +194,18 @@ def test_a_root_lost_after_expansion_is_a_skip_not_a_failure(monkeypatch):
     assert rec["outcome"] == "skipped" and "tlslab rootfs fetch" in rec["reason"]
 
 
-def test_hw_cells_of_rooted_programs_follow_the_backend(roots_present):
-    from tlslab.bench.spec import hw_runs_root_programs
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_hw_cells_of_rooted_programs_need_root(roots_present, monkeypatch, euid):
+    """The hw backend runs programs of a root filesystem chrooted: without root their hw cells are skipped."""
+    import os
 
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
     text = ROOTED.replace('label = "keir"', 'label = "keir"\nbackends = ["unicorn", "hw"]')
     hw = [c for c in MatrixSpec.from_toml(text, "rooted.toml").cells() if c.backend == "hw"]
     assert {c.spec.strategy for c in hw} == {"native", "emulate", "flip"}
     for c in hw:
-        assert (c.skip is None) == hw_runs_root_programs(), c.skip
+        assert (c.skip is None) == (euid == 0), c.skip
+        assert euid == 0 or "needs root" in c.skip
 
 
 # Ids of cells of results/reference (made before root filesystems, dyn builds and the auto patch policy
