@@ -1,5 +1,6 @@
 """Flat exports of a bench run: one CSV row per cell (the newest record of each cell).
 
+``rootfs``: the pinned root filesystem a cell's program ran in (``keir``: /bin/ls of debian), empty if none.
 hw cells (``backend`` = hw) have no model counters: ``traps`` is the #GP faults the CPU took,
 ``hw_run_seconds`` the median traced run time, and the modelled columns are empty.
 """
@@ -13,7 +14,7 @@ from tlslab.bench.store import RunDir
 from tlslab.hypervisor import costmodel
 
 BASE_COLUMNS = [
-    "run_id", "cell", "backend", "workload", "guest", "variant", "args", "applet", "tree", "root", "strategy", "hv_profile",
+    "run_id", "cell", "backend", "workload", "guest", "variant", "args", "applet", "tree", "root", "rootfs", "strategy", "hv_profile",
     "seed", "outcome", "reason", "exit_status", "crash_eip", "crash_symbol", "crash_instruction",
     "guest_sha256", "instructions", "syscalls", "traps", "faults_per_1k_instructions", "decodes",
     "descriptor_writes", "emulated_accesses", "emulated_instructions", "patches", "notifications", "refused",
@@ -50,7 +51,8 @@ def rows(run: RunDir) -> tuple[list[str], list[dict]]:
         row = {
             "run_id": r.get("run_id"), "cell": cid, "backend": r.get("backend", "unicorn"), "workload": r.get("workload"), "guest": s["guest"],
             "variant": s["variant"], "args": " ".join(s.get("args") or []), "applet": s.get("applet") or "",
-            "tree": s.get("tree") or "", "root": s.get("root") or "", "strategy": s["strategy"],
+            "tree": s.get("tree") or "", "root": s.get("root") or "", "rootfs": s.get("rootfs") or "",
+            "strategy": s["strategy"],
             "hv_profile": s["profile"], "seed": s.get("seed"), "outcome": r.get("outcome"),
             "reason": r.get("reason") or "", "exit_status": r.get("status"),
             "crash_eip": f"{crash['eip']:#010x}" if crash.get("eip") is not None else "",

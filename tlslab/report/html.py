@@ -377,7 +377,7 @@ def render_html(summary: Summary, info: dict, records: list[dict], figures: dict
 <body><main>
 <h1>{title}</h1>
 <p class="sub">What Xen's truncated segment limits cost glibc's negative <code>%gs</code> offsets, per fault strategy:
-real static i386 glibc guests in Unicorn under a model of the hypervisor. Today's version of Keir Fraser's 2004 table
+real i386 glibc programs (our static and dynamic guests, Debian's own binaries) in Unicorn under a model of the hypervisor. Today's version of Keir Fraser's 2004 table
 (<code>ls -R</code>: 180 ms native, 300 ms emulate, 390 ms flip).</p>
 <p class="toc"><a href="#summary">summary</a>{'<a href="#keir">Keir 2004 vs today</a>' if s.keir else ''}<a href="#fig-overhead">overhead</a><a href="#faults">faults</a>
 <a href="#fig-timeline">timeline</a><a href="#coverage">2004 coverage</a><a href="#crashes">crashes</a>
