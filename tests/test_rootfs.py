@@ -112,7 +112,7 @@ def test_root_has_the_programs_and_a_real_usr_lib(debian_rootfs):
 def test_stamp_is_beside_the_root_not_inside(debian_rootfs):
     stamp_file = debian_rootfs.with_name(debian_rootfs.name + ".json")
     stamp = json.loads(stamp_file.read_text())
-    assert stamp["name"] == "debian" and debian_rootfs.name.endswith(stamp["key"])
+    assert stamp["name"] == "debian" and debian_rootfs.name == f"debian-{stamp['key']}-r{rootfs.RECIPE}"
     assert stamp["key"] == rootfs.lock_key(rootfs.lock_entry("debian"))
     assert stamp["usr_lib_entries"] == rootfs.count_entries(debian_rootfs / "usr" / "lib")
     assert not any(p.suffix == ".json" for p in debian_rootfs.iterdir())
