@@ -1,5 +1,16 @@
 """Shared pytest configuration. Keep it small; add fixtures others need here.
 
+**CI and skipping (the one definition).** ``CI`` is true exactly when the
+environment has ``CI=true`` (the string ``true``, nothing else: ``.ci/run``
+exports it, as GitHub Actions and GitLab CI do). A test that cannot run calls
+``unavailable(reason)``: it skips with the reason, but under ``CI=true`` it
+fails instead, because ``.ci/run`` installs everything the suite needs
+(gcc-multilib for ``gcc -m32 -static``, chromium, busybox-static:i386, the
+pinned Debian i386 root) and a skip there would hide a test that never ran.
+Pass ``ci_installs=False`` only for what CI cannot provide (a different
+compiler than the recorded one, a kernel that refuses modify_ldt, ...).
+``require_gcc32()`` is the check for ``gcc -m32 -static`` (cached).
+
 ``oracle_summary``: tests that compare tlslab with the real CPU store one line
 each under their name (how many cases were compared, how many disagreed); the
 lines are printed in a "hardware oracle" section at the end of every run, with
@@ -7,17 +18,57 @@ or without ``-s``.
 
 ``debian_rootfs``: the materialised pinned Debian i386 root (``tlslab.rootfs``),
 built from cached .debs, never downloading (``tlslab rootfs fetch`` does that);
-skips with the reason when it is not fetched, fails instead under ``CI=true``.
+``unavailable`` when it is not fetched.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
+CI = os.environ.get("CI") == "true"
+GCC32 = ["gcc", "-m32", "-static"]
+
 _ORACLE_SUMMARY = pytest.StashKey[dict]()
+
+
+def unavailable(reason: str, ci_installs: bool = True):
+    """Skip with ``reason``; under ``CI=true`` fail instead (unless CI cannot provide it)."""
+    if CI and ci_installs:
+        pytest.fail(f"CI=true, and CI provides this, yet: {reason}")
+    pytest.skip(reason)
+
+
+@functools.cache
+def gcc32_problem() -> str | None:
+    """Why ``gcc -m32 -static`` cannot build and run an i386 program here, or None."""
+    if shutil.which("gcc") is None:
+        return "gcc is not installed (Debian: gcc-multilib)"
+    with tempfile.TemporaryDirectory() as d:
+        src, exe = os.path.join(d, "t.c"), os.path.join(d, "t")
+        Path(src).write_text("int main(void) { return 0; }\n")
+        cp = subprocess.run([*GCC32, "-o", exe, src], capture_output=True, text=True)
+        if cp.returncode != 0:
+            return f"gcc -m32 -static does not work here (install gcc-multilib): {cp.stderr.strip()[-200:]}"
+        try:
+            run = subprocess.run([exe], capture_output=True, timeout=30)
+        except OSError as exc:
+            return f"cannot execute a 32-bit program: {exc}"
+        if run.returncode != 0:
+            return f"a 32-bit program exits with {run.returncode} here"
+    return None
+
+
+def require_gcc32() -> None:
+    why = gcc32_problem()
+    if why:
+        unavailable(why)
 
 
 @pytest.fixture(scope="session")
@@ -32,10 +83,7 @@ def debian_rootfs() -> Path:
     try:
         return materialise("debian", fetch=False)
     except RootfsUnavailable as exc:
-        reason = f"Debian i386 root unavailable: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable(f"Debian i386 root unavailable: {exc}")
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:
