@@ -9,10 +9,8 @@ import pytest
 from tlslab.experiment import RunSpec, execute, make_domain
 
 
-def _run(guest, strategy, args=(), **attrs):
-    d, _ = make_domain(RunSpec(guest, args=args, strategy=strategy))
-    for k, v in attrs.items():
-        setattr(d.strategy, k, v)
+def _run(guest, strategy, args=(), **options):
+    d, _ = make_domain(RunSpec(guest, args=args, strategy=strategy, **options))
     return d, d.run()
 
 

@@ -72,8 +72,7 @@ def test_patched_sites_run_through_fs():
 
 
 def test_patch_policy_none_is_flip():
-    d, _ = make_domain(RunSpec("lsr", strategy="rewrite"))
-    d.strategy.patch_policy = "none"
+    d, _ = make_domain(RunSpec("lsr", strategy="rewrite", patch_policy="none"))
     r = d.run()
     flip, _ = execute(RunSpec("lsr", strategy="flip"))
     c = r.counters["strategy"]

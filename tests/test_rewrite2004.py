@@ -61,8 +61,7 @@ def test_out_of_room_falls_back_to_flip():
 
 def test_patch_policy_none():
     flip, _ = execute(RunSpec("lsr", strategy="flip"))
-    d, _ = make_domain(RunSpec("lsr", strategy="rewrite-2004"))
-    d.strategy.patch_policy = "none"
+    d, _ = make_domain(RunSpec("lsr", strategy="rewrite-2004", patch_policy="none"))
     r = d.run()
     c = r.counters["strategy"]
     assert c["patches"] == 0 and c["traps"] == flip.counters["strategy"]["traps"] == c["notifications"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tlslab.guests import GuestBinary, GuestError, resolve_guest, sha256_file
 from tlslab.hypervisor.domain import Domain, RunResult
-from tlslab.hypervisor.strategies import get_strategy
+from tlslab.hypervisor.strategies import get_strategy, option_names
 from tlslab.linux import nodes as N
 from tlslab.linux.dynlink import check_dependencies
 from tlslab.linux.elf import parse_elf
@@ -167,10 +167,8 @@ def make_domain(spec: RunSpec, **domain_options) -> tuple[Domain, GuestBinary]:
         process.load()
         return process
 
-    strategy = get_strategy(spec.strategy)
-    for option in ("patch_policy", "page_sharing"):
-        if hasattr(strategy, option):
-            setattr(strategy, option, getattr(spec, option))
+    # the run spec carries every strategy's options; each strategy takes the ones it declares
+    strategy = get_strategy(spec.strategy, **{name: getattr(spec, name) for name in option_names(spec.strategy)})
     domain = Domain(factory, strategy, profile=spec.profile, timeout_seconds=spec.timeout_seconds,
                     **domain_options)
     domain.program = program  # what ran: for run records (the root a dynamic guest got by default)

@@ -122,7 +122,6 @@ class Domain:
         started = time.perf_counter()
         status: int | None = None
         crash: GuestCrash | None = None
-        traps = 0
         while True:
             e: Exit = self.vcpu.run()
             if e.reason is ExitReason.SYSCALL:
@@ -133,8 +132,8 @@ class Domain:
                     break
                 continue
             if e.reason is ExitReason.SEGMENT_VIOLATION:
-                traps += 1
-                verdict = self.strategy.handle(Trap(e.violation, self))
+                verdict = self.strategy.handle(Trap(e.violation, self))  # the strategy counts its traps
+                traps = self.strategy.counters.traps
                 if verdict.action is Action.KILL:
                     crash = self.crash_at(e.eip, f"SIGSEGV ({self.strategy.name}): {verdict.reason}")
                     break

@@ -186,8 +186,9 @@ def save_patch_set(domain, path: str | os.PathLike, guest: str | None = None, va
         ps.variant = variant
     strategy = domain.strategy
     ps.notes = [n for n in ps.notes if not n.startswith("patch policy ")]
-    if hasattr(strategy, "patch_policy"):
-        ps.notes.append(f"patch policy {strategy.patch_policy}, page sharing {strategy.page_sharing}")
+    options = getattr(strategy, "options", None)
+    if hasattr(options, "patch_policy"):
+        ps.notes.append(f"patch policy {options.patch_policy}, page sharing {options.page_sharing}")
     for hazard in getattr(strategy, "hazards", []):
         ps.notes.append(f"hazard: {hazard}")
     d = ps.to_dict()

@@ -6,18 +6,29 @@ instruction and moved EIP), restart (it changed state; run the instruction
 again) or kill (inject SIGSEGV: the fault is genuine or unhandled, reported
 with its site). Strategies act on real guest state -- a wrong one breaks the
 guest instead of producing numbers.
+
+Every strategy follows one template (``Strategy.handle``): count the trap,
+let the strategy refuse or settle it before decoding (``before_decode``: the
+2004 code looked at the segment first), decode the instruction once
+(``fetch_and_decode``, cached), hand it to the strategy's own ``step``, and
+count a kill as a refusal. Options are declared per strategy as a frozen
+dataclass (``Options``) and validated when the strategy is made
+(``tlslab.hypervisor.strategies.get_strategy(name, **options)``).
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from tlslab.machine.vcpu import SegmentViolation
+from tlslab.x86.decode import DecodeError, decode
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the domain drives strategies; strategies only receive it
     from tlslab.hypervisor.domain import Domain
+
+MAX_INSN = 15
 
 
 class Action(enum.Enum):
@@ -32,15 +43,15 @@ class Verdict:
     reason: str = ""
 
     @classmethod
-    def resume(cls) -> "Verdict":
+    def resume(cls) -> Verdict:
         return cls(Action.RESUME)
 
     @classmethod
-    def restart(cls) -> "Verdict":
+    def restart(cls) -> Verdict:
         return cls(Action.RESTART)
 
     @classmethod
-    def kill(cls, reason: str) -> "Verdict":
+    def kill(cls, reason: str) -> Verdict:
         return cls(Action.KILL, reason)
 
 
@@ -65,21 +76,102 @@ class StrategyCounters:
 @dataclass(frozen=True)
 class Trap:
     violation: SegmentViolation
-    domain: "Domain"
+    domain: Domain
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A strategy without options."""
+
+
+class StrategyOptionError(ValueError):
+    """An option the strategy does not declare, or a bad value (one line)."""
+
+
+def fetch_and_decode(domain, eip: int):
+    """Decode the instruction at ``eip`` (fewer bytes near the end of a mapping).
+
+    Cached per address: guest code does not change unless a strategy patches
+    it, and patching clears the cache (``VCpu.invalidate_code``). Returns a
+    ``DecodeError`` (never raises) when nothing is mapped there.
+    """
+    cached = domain.vcpu.decoded.get(eip)
+    if cached is not None:
+        return cached
+    mem = domain.vcpu.mem
+    n = MAX_INSN
+    while n > 0 and not mem.is_mapped(eip, n):
+        n -= 1
+    if n == 0:
+        return DecodeError(f"instruction at {eip:#010x} is not mapped")
+    insn = domain.vcpu.decoded[eip] = decode(mem.read(eip, n), eip)
+    return insn
 
 
 class Strategy:
-    """Base class: subclasses set ``name``/``description`` and implement ``handle``."""
+    """Base class: subclasses set ``name``/``description`` and implement ``step``.
+
+    ``Options`` is the strategy's declared options (a frozen dataclass whose
+    ``__post_init__`` validates); the instance holds them as ``options``.
+    """
 
     name = "?"
     description = ""
     truncates = True  # does this strategy run under a truncating hypervisor?
+    Options: ClassVar[type] = NoOptions
 
-    def __init__(self) -> None:
+    def __init__(self, options=None) -> None:
+        self.options = options if options is not None else self.Options()
         self.counters = StrategyCounters()
 
-    def attach(self, domain: "Domain") -> None:
+    @classmethod
+    def make(cls, **options) -> Strategy:
+        """A strategy with ``options`` checked against its declaration (StrategyOptionError)."""
+        try:
+            opts = cls.Options(**options)
+        except TypeError as exc:
+            known = ", ".join(f.name for f in cls.Options.__dataclass_fields__.values()) or "none"
+            raise StrategyOptionError(f"strategy {cls.name}: {exc} (its options: {known})") from None
+        except ValueError as exc:
+            raise StrategyOptionError(f"strategy {cls.name}: {exc}") from None
+        return cls(opts)
+
+    def attach(self, domain: Domain) -> None:
         """Called once the guest is loaded, before it runs."""
 
     def handle(self, trap: Trap) -> Verdict:
+        """The template: count, pre-check, decode once, step, count a kill."""
+        c = self.counters
+        c.traps += 1
+        verdict = self.before_decode(trap)
+        if verdict is None:
+            insn = fetch_and_decode(trap.domain, trap.violation.eip)
+            c.decodes += 1
+            if isinstance(insn, DecodeError):
+                verdict = Verdict.kill(f"cannot decode: {insn}")
+            else:
+                verdict = self.step(trap, insn)
+        if verdict.action is Action.KILL:
+            c.refused += 1
+        return verdict
+
+    def before_decode(self, trap: Trap) -> Verdict | None:
+        """A verdict reached without decoding (None: decode and ``step``)."""
+        return None
+
+    def step(self, trap: Trap, insn) -> Verdict:
         raise NotImplementedError
+
+
+class WatchesLeaks:
+    """Patching strategies: record "patched bytes reached a file" from the page-cache model."""
+
+    hazards: list[str]
+
+    def watch_leaks(self, domain) -> None:
+        self.hazards = []
+        domain.process.page_cache.on_leak.append(self._on_leak)
+
+    def _on_leak(self, leak) -> None:
+        self.counters.count("patched-bytes-reached-a-file")
+        self.hazards.append(leak.describe())

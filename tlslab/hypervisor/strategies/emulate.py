@@ -12,29 +12,6 @@ from __future__ import annotations
 from tlslab.hypervisor.access import AccessRefused, EmulatedCPU, GuestAccess
 from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict
 from tlslab.x86 import coverage, semantics
-from tlslab.x86.decode import DecodeError, decode
-
-MAX_INSN = 15
-
-
-def fetch_and_decode(domain, eip: int):
-    """Decode the instruction at ``eip`` (fewer bytes near the end of a mapping).
-
-    Cached per address: guest code does not change unless a strategy patches
-    it, and patching clears the cache (``VCpu.invalidate_code``).
-    """
-    cached = domain.vcpu.decoded.get(eip)
-    if cached is not None:
-        return cached
-    mem = domain.vcpu.mem
-    n = MAX_INSN
-    while n > 0 and not mem.is_mapped(eip, n):
-        n -= 1
-    if n == 0:
-        return DecodeError(f"instruction at {eip:#010x} is not mapped")
-    insn = domain.vcpu.decoded[eip] = decode(mem.read(eip, n), eip)
-    return insn
-
 
 class EmulateStrategy(Strategy):
     name = "emulate"
@@ -45,19 +22,12 @@ class EmulateStrategy(Strategy):
     def covered(self, insn, violation) -> tuple[bool, str]:
         return semantics.supported(insn)
 
-    def handle(self, trap: Trap) -> Verdict:
+    def step(self, trap: Trap, insn) -> Verdict:
         v = trap.violation
         domain = trap.domain
         c = self.counters
-        c.traps += 1
-        insn = fetch_and_decode(domain, v.eip)
-        c.decodes += 1
-        if isinstance(insn, DecodeError):
-            c.refused += 1
-            return Verdict.kill(f"cannot decode: {insn}")
         ok, why = self.covered(insn, v)
         if not ok:
-            c.refused += 1
             c.count("uncovered")
             return Verdict.kill(f"{self.name} does not handle `{insn.mnemonic}`: {why}")
         segments = {name: domain.segment_view(name) for name in ("es", "cs", "ss", "ds", "fs", "gs")}
@@ -66,11 +36,9 @@ class EmulateStrategy(Strategy):
         try:
             semantics.execute(insn, cpu)
         except AccessRefused as exc:
-            c.refused += 1
             c.count("refused-unsafe" if exc.linear is not None else "refused-segment")
             return Verdict.kill(f"DISALLOWING UNSAFE ACCESS: {exc.reason}")
         except (semantics.UnsupportedInstruction, semantics.DivideError) as exc:
-            c.refused += 1
             return Verdict.kill(f"cannot emulate `{insn.mnemonic}`: {exc}")
         cpu.commit()
         c.emulated_instructions += 1

@@ -9,10 +9,8 @@ so every alternation between +ve and -ve offsets costs a fault. Variants:
 from __future__ import annotations
 
 from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict
-from tlslab.hypervisor.strategies.emulate import fetch_and_decode
 from tlslab.machine import layout
 from tlslab.x86 import coverage, xen
-from tlslab.x86.decode import DecodeError
 
 
 class FlipStrategy(Strategy):
@@ -21,27 +19,23 @@ class FlipStrategy(Strategy):
     segments = ("gs",)
     full_decoder = False
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
         self._memo: dict = {}  # (descriptor, offset, size) -> flipped descriptor (pure function)
 
-    def handle(self, trap: Trap) -> Verdict:
+    def before_decode(self, trap: Trap) -> Verdict | None:
+        v = trap.violation
+        if v.segment not in self.segments:
+            return Verdict.kill(f"{self.name} only fixes {'/'.join(self.segments)}, fault was on {v.segment}")
+        return None
+
+    def step(self, trap: Trap, insn) -> Verdict:
         v = trap.violation
         domain = trap.domain
         c = self.counters
-        c.traps += 1
-        if v.segment not in self.segments:
-            c.refused += 1
-            return Verdict.kill(f"{self.name} only fixes {'/'.join(self.segments)}, fault was on {v.segment}")
-        insn = fetch_and_decode(domain, v.eip)
-        c.decodes += 1
-        if isinstance(insn, DecodeError):
-            c.refused += 1
-            return Verdict.kill(f"cannot decode: {insn}")
         if not self.full_decoder:
             ok, why = coverage.seg_fixup_decodes(insn)
             if not ok:
-                c.refused += 1
                 c.count("uncovered")
                 return Verdict.kill(f"seg_fixup cannot decode `{insn.mnemonic}`: {why}")
         key = (v.descriptor, v.offset, v.size)
@@ -49,7 +43,6 @@ class FlipStrategy(Strategy):
         if flipped is False:
             flipped = self._memo[key] = xen.flip(v.descriptor, v.offset, domain.policy.profile, size=v.size)
         if flipped is None:
-            c.refused += 1
             return Verdict.kill(f"genuine fault: {v.reason}")
         domain.vcpu.set_descriptor(layout.selector_index(v.selector), flipped)
         c.descriptor_writes += 1

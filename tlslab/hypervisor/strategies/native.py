@@ -8,7 +8,6 @@ class NativeStrategy(Strategy):
     description = "no truncation: descriptors installed as asked (bare-metal / no-/lib/tls baseline)"
     truncates = False
 
-    def handle(self, trap: Trap) -> Verdict:
+    def before_decode(self, trap: Trap) -> Verdict | None:
         # with untruncated segments a violation is the guest's own bug
-        self.counters.refused += 1
         return Verdict.kill(trap.violation.reason)

@@ -47,11 +47,11 @@ patched /lib/tls) or ``private`` (copy-on-write first); see :mod:`tlslab.linux.p
 from __future__ import annotations
 
 import posixpath
+from dataclasses import dataclass
 
 from tlslab.hypervisor import patches as P
 from tlslab.hypervisor.patchpolicy import DEFAULT_PATCH_DIR, PATCH_POLICIES, check_patch_options  # noqa: F401
-from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict
-from tlslab.hypervisor.strategies.emulate import fetch_and_decode
+from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict, WatchesLeaks, fetch_and_decode
 from tlslab.machine import layout
 from tlslab.machine.memory import PROT_EXEC
 from tlslab.x86 import xen
@@ -180,68 +180,76 @@ def patch_allowed(domain, address: int, size: int, policy: str,
     return True, "ok"
 
 
-class RewriteStrategy(Strategy):
+@dataclass(frozen=True)
+class PatchOptions:
+    """Options of the patching strategies (see the module docstring)."""
+
+    patch_policy: str = "auto"
+    page_sharing: str = "shared"
+
+    def __post_init__(self) -> None:
+        check_patch_options(self.patch_policy, self.page_sharing)
+
+
+class RewriteStrategy(WatchesLeaks, Strategy):
     name = "rewrite"
     description = "Jakub's in-place prefix rewrite: -ve %gs sites become %fs (65->64), %fs = expand-down twin"
+    Options = PatchOptions
 
-    def __init__(self, patch_policy: str = "auto", page_sharing: str = "shared") -> None:
-        super().__init__()
-        check_patch_options(patch_policy, page_sharing)
-        self.patch_policy = patch_policy
-        self.page_sharing = page_sharing
+    def __init__(self, options: PatchOptions | None = None) -> None:
+        super().__init__(options)
         self.patch_set: P.PatchSet | None = None
         self.abi: FsTwinABI | None = None
         self.patched: dict[int, int] = {}   # site eip -> address of the rewritten prefix byte
         self.mixed: set[int] = set()
         self.hazards: list[str] = []
 
+    @property
+    def patch_policy(self) -> str:
+        return self.options.patch_policy
+
+    @property
+    def page_sharing(self) -> str:
+        return self.options.page_sharing
+
     def attach(self, domain) -> None:
         self.patch_set = P.new_patch_set(domain, self.name)
         self.patch_set.abi = FsTwinABI.abi_name
         self.abi = FsTwinABI(self.counters).attach(domain)
-        domain.process.page_cache.on_leak.append(self._on_leak)
-
-    def _on_leak(self, leak) -> None:
-        self.counters.count("patched-bytes-reached-a-file")
-        self.hazards.append(leak.describe())
+        self.watch_leaks(domain)
 
     # ------------------------------------------------------------ faults
-    def handle(self, trap: Trap) -> Verdict:
+    def before_decode(self, trap: Trap) -> Verdict | None:
         v = trap.violation
-        domain = trap.domain
         c = self.counters
-        c.traps += 1
         conflict = self.abi.check()
         if v.segment == "fs":
             if v.eip in self.patched and conflict is None:
-                self._unpatch(domain, v.eip)
+                self._unpatch(trap.domain, v.eip)
                 return Verdict.restart()
-            c.refused += 1
             c.count("refused-fs")
             return Verdict.kill(f"rewrite refuses: guest uses %fs itself ({conflict})" if conflict
                                 else f"fault on %fs at a site rewrite did not patch: {v.reason}")
         if conflict is not None:
-            c.refused += 1
             c.count("refused-fs-in-use")
             return Verdict.kill(f"rewrite refuses: guest uses %fs itself ({conflict})")
-        insn = fetch_and_decode(domain, v.eip)
-        c.decodes += 1
-        if isinstance(insn, DecodeError):
-            c.refused += 1
-            return Verdict.kill(f"cannot decode: {insn}")
+        return None
+
+    def step(self, trap: Trap, insn) -> Verdict:
+        v = trap.violation
+        domain = trap.domain
         negative = bool(v.offset & 0x80000000) and not v.descriptor.expand_down
         if negative and v.eip not in self.mixed:
             why = self._try_patch(domain, v, insn)
             if why is None:
                 return Verdict.restart()
-            c.count(f"flip: {why}")
+            self.counters.count(f"flip: {why}")
         return self._flip(domain, v)
 
     def _flip(self, domain, v) -> Verdict:
         c = self.counters
         flipped = xen.flip(v.descriptor, v.offset, domain.policy.profile, size=v.size)
         if flipped is None:
-            c.refused += 1
             return Verdict.kill(f"genuine fault: {v.reason}")
         domain.vcpu.set_descriptor(layout.selector_index(v.selector), flipped)
         c.descriptor_writes += 1

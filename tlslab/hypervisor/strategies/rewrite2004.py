@@ -64,10 +64,9 @@ in the ELF file): see :mod:`tlslab.hypervisor.patches`.
 from __future__ import annotations
 
 from tlslab.hypervisor import patches as P
-from tlslab.hypervisor.strategies.base import Action, Trap, Verdict
+from tlslab.hypervisor.strategies.base import Action, Trap, Verdict, WatchesLeaks
 from tlslab.hypervisor.strategies.flip import FlipStrategy
-from tlslab.hypervisor.strategies.emulate import fetch_and_decode
-from tlslab.hypervisor.strategies.rewrite import check_patch_options, patch_allowed
+from tlslab.hypervisor.strategies.rewrite import PatchOptions, patch_allowed
 from tlslab.machine.memory import PROT_EXEC, PROT_READ
 from tlslab.x86 import coverage
 from tlslab.x86.decode import DecodeError, decode
@@ -182,18 +181,17 @@ def build_stub(eip: int, code: bytes, insn) -> tuple[bytes, int, list[str]]:
     return bytes(out), covered, notes
 
 
-class Rewrite2004Strategy(FlipStrategy):
+class Rewrite2004Strategy(WatchesLeaks, FlipStrategy):
     """Xen's side is exactly ``flip`` (seg_fixup coverage, %gs only); on top, the notification and patching."""
 
     name = "rewrite-2004"
     description = ("XenLinux 2004 fixup.c: Xen flips %gs and notifies (vector 15); the guest kernel patches "
                    "the site with a call into an out-of-line stub at 0x1000")
 
-    def __init__(self, patch_policy: str = "auto", page_sharing: str = "shared") -> None:
-        super().__init__()
-        check_patch_options(patch_policy, page_sharing)
-        self.patch_policy = patch_policy
-        self.page_sharing = page_sharing
+    Options = PatchOptions
+
+    def __init__(self, options: PatchOptions | None = None) -> None:
+        super().__init__(options)
         self.buffer_size = FIXUP_BUF_SIZE
         self.patch_set: P.PatchSet | None = None
         self.fixup_idx = 0
@@ -206,21 +204,25 @@ class Rewrite2004Strategy(FlipStrategy):
         self.patch_set = P.new_patch_set(domain, self.name)
         self.patch_set.in_place = False
         self.patch_set.out_of_line = {"address": f"{FIXUP_BUF_USER:#x}", "size": f"{FIXUP_BUF_SIZE:#x}", "bytes": ""}
-        domain.process.page_cache.on_leak.append(self._on_leak)
+        self.watch_leaks(domain)
 
-    def _on_leak(self, leak) -> None:
-        self.counters.count("patched-bytes-reached-a-file")
-        self.hazards.append(leak.describe())
+    @property
+    def patch_policy(self) -> str:
+        return self.options.patch_policy
+
+    @property
+    def page_sharing(self) -> str:
+        return self.options.page_sharing
 
     # ------------------------------------------------------------ faults
-    def handle(self, trap: Trap) -> Verdict:
+    def step(self, trap: Trap, insn) -> Verdict:
         # 1. Xen: seg_fixup flips (or refuses), then bounces vector 15 to the guest kernel
-        verdict = super().handle(trap)
+        verdict = super().step(trap, insn)
         if verdict.action is not Action.RESTART:
             return verdict
         self.counters.notifications += 1
         # 2. XenLinux: do_fixup_4gb_segment
-        self._fixup(trap.domain, trap.violation.eip, fetch_and_decode(trap.domain, trap.violation.eip))
+        self._fixup(trap.domain, trap.violation.eip, insn)
         return verdict
 
     def _fixup(self, domain, eip: int, insn) -> None:
