@@ -97,8 +97,11 @@ def test_default_matrix_has_hw_cells():
 
     hw = [c for c in load_spec().cells() if c.backend == "hw"]
     assert {c.spec.strategy for c in hw} == {"native", "emulate", "flip"}
-    assert {c.workload for c in hw} >= {"lsr [small]", "lsr [4k]"}
-    assert {c.spec.variant for c in hw} == {"default"}
+    assert {c.workload for c in hw} >= {"lsr [small]", "lsr [4k]", "keir"}
+    assert {c.spec.variant for c in hw} == {"default", "dyn"}
+    keir = {c.spec.strategy for c in hw if c.workload == "keir"}
+    assert keir == {"native", "emulate", "flip"}
+    assert {c.spec.guest for c in hw if c.spec.variant == "dyn"} == {"lsr"}
 
 
 def test_worker_records_unavailable_backend_as_skipped(monkeypatch):
@@ -292,3 +295,73 @@ def test_a_fault_count_difference_is_flagged_loudly(hw_run, tmp_path):
     assert "MODEL != HW" in buf.getvalue() and "DIFFER: FAULTS" in buf.getvalue()
     page = build_report(RunDir(copy), tmp_path / "report").read_text()
     assert "MODEL AND CPU DISAGREE" in page
+
+
+# --------------------------------------------------------------------------- a program of the pinned root
+
+ROOTED_TOML = """
+name = "hw-rooted"
+strategies = ["native", "emulate", "flip"]
+variants = ["default"]
+timeout_seconds = 120
+backends = ["unicorn", "hw"]
+[hw]
+repeat = 2
+[[guest]]
+name = "/bin/ls"
+rootfs = "debian"
+args = ["-R", "/usr/lib/python3.11/json"]
+label = "ls json"
+"""
+
+
+def _cell_records(cells) -> list[dict]:
+    """Run ``cells`` in this process, model cells first, as the runner records them."""
+    from tlslab.bench.runner import run_cell_safely
+
+    out = []
+    for c in sorted(cells, key=lambda c: c.backend == "hw"):
+        rec = run_cell_safely(c.to_dict())
+        out.append({"cell": c.id, "label": c.label, "workload": c.workload, "backend": c.backend,
+                    "spec": c.to_dict()["spec"], "meta": {}, **rec})
+    return out
+
+
+@pytest.mark.oracle
+def test_rooted_program_sites_compare_by_object_and_offset(hw_ok, debian_rootfs):
+    """Debian's dynamic ls chrooted on this CPU: ld.so and libc land at randomised addresses (ASLR), never
+    at the model's; the hw cell names its sites (object, file offset) and the model's the same way."""
+    from tlslab.bench import hwcells
+    from tlslab.hw.backend import ROOT_NEEDED
+
+    if os.geteuid() != 0:
+        _unavailable(ROOT_NEEDED)
+    recs = _cell_records(MatrixSpec.from_toml(ROOTED_TOML, "rooted.toml").cells())
+    hw = {r["spec"]["strategy"]: r for r in recs if r["backend"] == "hw"}
+    model = {r["spec"]["strategy"]: r for r in recs if r["backend"] == "unicorn"}
+    assert set(hw) == {"native", "emulate", "flip"}
+    for strategy, r in hw.items():
+        assert r["outcome"] == "ok", (r["label"], r.get("reason"))
+        assert r["faults_stable"], r["faults_per_repeat"]
+        assert r["tree_order_matches"] is None          # no data tree: nothing to check
+        if strategy == "native":
+            assert r["faults"] == 0 and r["model_objects"] == []
+            continue
+        assert r["faults"] > 0
+        for s in r["hw_fault_sites"]:                   # every site in a file of the root, as the guest names it
+            assert os.path.isfile(os.path.join(debian_rootfs, s["object"].lstrip("/"))) and s["offset"] >= 0, s
+        assert "libc.so.6" in {s["object"].rsplit("/", 1)[1] for s in r["hw_fault_sites"]}
+        model_eips = {s["eip"] for s in model[strategy]["sites"] if s["violations"]}
+        if Path("/proc/sys/kernel/randomize_va_space").read_text().strip() != "0":
+            assert model_eips != {s["eip"] for s in r["hw_fault_sites"]}   # by EIP they could not be compared
+    table = hwcells.comparison(recs)
+    assert not table["mismatches"], table["mismatches"]
+    for row in table["rows"]:
+        assert row["faults_equal"] and row["sites_equal"] and row["stdout_equal"] and row["status_equal"], row
+        assert row["model_sites"] == row["hw_sites"] == len(hw[row["strategy"]]["hw_fault_sites"])
+    # one site moved by a byte is a difference
+    bad = json.loads(json.dumps(recs))
+    victim = next(r for r in bad if r["backend"] == "hw" and r["spec"]["strategy"] == "emulate")
+    victim["hw_fault_sites"][0]["offset"] += 1
+    (m,) = hwcells.comparison(bad)["mismatches"]
+    assert "emulate" in m and "sites differ" in m

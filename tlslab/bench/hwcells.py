@@ -11,6 +11,16 @@
   (must be equal), stdout (sha256), modelled time under the measured ``hw-*`` cost profile from
   the *model's* counters against the measured time (the prediction error), and the FITTED
   xen-2004 prediction beside it.
+
+Fault sites are compared by (object, file offset), not by EIP: the host loads ld.so and the
+libraries of a dynamic program at randomised addresses on every run (ASLR), the model at its own
+fixed ones. The hw side names each site from the guest's mappings at exit
+(``HwResult.object_sites``); the model's cell records sites by EIP, so the hw cell also records the
+model's file mappings for the same spec (``model_objects``, :func:`model_objects`), with the paths
+named as the chrooted guest's /proc/PID/maps names them, and :func:`comparison` maps the model
+cell's EIPs through them. A static program's mappings are its executable's PT_LOAD pages at its
+link addresses on both sides (the same key for the same EIP: the comparison is the EIP one).
+Records of older runs (sites by EIP only) are still compared by EIP.
 """
 
 from __future__ import annotations
@@ -58,8 +68,82 @@ def _blob(data: bytes) -> dict:
     return blob(data)
 
 
+def _in_root(root: str, path: str) -> str:
+    """``path`` of the guest's filesystem with every symlink resolved inside ``root``, as the chrooted
+    guest's /proc/PID/maps names the file (Debian's /lib is a symlink to usr/lib)."""
+    parts, out, hops = [p for p in path.split("/") if p], [], 0
+    while parts:
+        p = parts.pop(0)
+        if p == ".":
+            continue
+        if p == "..":
+            out = out[:-1]
+            continue
+        full = os.path.join(root, *out, p)
+        if os.path.islink(full) and hops < 40:
+            hops += 1
+            target = os.readlink(full)
+            if target.startswith("/"):
+                out = []
+            parts = [x for x in target.split("/") if x] + parts
+            continue
+        out.append(p)
+    return "/" + "/".join(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _model_layout(spec) -> tuple[tuple[str, int, int, int], ...]:
+    from tlslab.experiment import make_domain
+
+    domain, _guest = make_domain(spec)
+    program = domain.program
+    if program.rootfs is not None:   # ld.so maps the libraries while the program runs: run it
+        domain.run()
+    own = os.path.realpath(program.guest.path)
+    bundled = not (program.rootfs and spec.guest.startswith("/"))   # a guest outside the root: exec'd by descriptor
+    out = []
+    for m in domain.process.objects.mappings():
+        path = os.fsdecode(m.path)
+        if path == program.guest_path and (program.root_dir is None or bundled):
+            path = own                  # the host file the supervisor executes
+        elif program.root_dir is not None:
+            path = _in_root(str(program.root_dir), path)
+        out.append((path, m.start, m.end, m.offset))
+    return tuple(out)
+
+
+def model_objects(spec) -> list[dict]:
+    """The model's file mappings for ``spec`` at the guest's exit, named as the hw run names them.
+
+    A static program's are its executable's PT_LOAD pages (the model's loader, no run needed); a
+    program of a root filesystem or a dynamic one is run in the model (its layout is deterministic
+    and does not depend on the strategy: run natively, once per process for the three strategies)."""
+    import dataclasses
+
+    layout = _model_layout(dataclasses.replace(spec, strategy="native"))
+    return [{"path": p, "start": a, "end": b, "offset": o} for p, a, b, o in layout]
+
+
+def object_key(eip: int, objects: list[dict]) -> tuple[str, int]:
+    """(object path, file offset) of ``eip`` in ``objects`` (``HwResult.objects`` rows); ("?", eip) outside."""
+    return next(((m["path"], eip - m["start"] + m["offset"]) for m in objects if m["start"] <= eip < m["end"]),
+                ("?", eip))
+
+
+def keyed_sites(sites: dict[int, int], objects: list[dict] | None) -> dict:
+    """EIP -> faults as (object, offset) -> faults (``objects`` None: by EIP, for records of older runs)."""
+    if objects is None:
+        return dict(sites)
+    out: dict = {}
+    for eip, n in sites.items():
+        key = object_key(eip, objects)
+        out[key] = out.get(key, 0) + n
+    return out
+
+
 def measure(cell: Cell) -> dict:
     """Run one hw cell in this process and build its record (raises HwUnavailable / HwError / GuestError)."""
+    from tlslab.experiment import resolve_program
     from tlslab.hw.backend import HwUnavailable, materialised_tree, run_spec, tree_order_matches
     from tlslab.hw.build import source_hash
 
@@ -76,10 +160,14 @@ def measure(cell: Cell) -> dict:
         runs.append(r)
     first = runs[0]
     sites = sorted(first.fault_sites.items())
-    stable = all(r.faults == first.faults and r.fault_sites == first.fault_sites for r in runs)
+    maps = first.objects
+    # by (object, offset): the host randomises where ld.so and the libraries are loaded on every run
+    stable = all(r.faults == first.faults and r.object_sites() == first.object_sites() for r in runs)
+    spec = cell.spec
+    rooted = resolve_program(spec).rootfs is not None
     order = None
-    if not cell.spec.root:
-        order = tree_order_matches(materialised_tree(cell.spec.tree or "small"))
+    if not spec.root and (spec.tree or not rooted):   # the tree run_spec materialised; none: no tree, no check
+        order = tree_order_matches(materialised_tree(spec.tree or "small"))
     record = {
         "backend": "hw",
         "guest": {"name": guest.name, "variant": guest.variant, "path": str(guest.path), "sha256": guest.sha256},
@@ -88,7 +176,11 @@ def measure(cell: Cell) -> dict:
         "faults": first.faults,
         "faults_stable": stable,
         "faults_per_repeat": [r.faults for r in runs],
-        "hw_fault_sites": [{"eip": eip, "faults": n} for eip, n in sites],
+        "hw_fault_sites": [{"eip": eip, "object": key[0], "offset": key[1], "faults": n}
+                           for eip, n in sites for key in [object_key(eip, maps)]],
+        # the model's mappings for this spec, to name the model cell's sites the same way (none needed
+        # when the CPU took no fault: a model fault then shows as a site of its own, ("?", eip))
+        "model_objects": model_objects(spec) if sites else [],
         "hw_counters": first.counters(),
         "run_seconds": statistics.median(r.run_seconds for r in runs),
         "run_seconds_samples": [r.run_seconds for r in runs],
@@ -146,8 +238,26 @@ def fitted_profile(choice=None):
     return next((p for p in costmodel.available_profiles().values() if p.kind == "fitted"), None)
 
 
-def _model_sites(rec: dict) -> dict[int, int]:
-    return {s["eip"]: s["violations"] for s in rec.get("sites") or [] if s.get("violations")}
+def _model_sites(rec: dict, hw: dict | None = None) -> dict:
+    """The model cell's fault sites, keyed as hw record ``hw`` keys its own (see :func:`_hw_sites`)."""
+    sites = {s["eip"]: s["violations"] for s in rec.get("sites") or [] if s.get("violations")}
+    return keyed_sites(sites, hw.get("model_objects") if hw is not None and _by_object(hw) else None)
+
+
+def _by_object(hw: dict) -> bool:
+    return "model_objects" in hw
+
+
+def _hw_sites(hw: dict) -> dict:
+    """(object, offset) -> faults; EIP -> faults for records of runs made before sites had objects."""
+    rows = hw.get("hw_fault_sites") or []
+    if _by_object(hw):
+        out: dict = {}
+        for s in rows:
+            key = (s["object"], s["offset"])
+            out[key] = out.get(key, 0) + s["faults"]
+        return out
+    return {s["eip"]: s["faults"] for s in rows}
 
 
 def comparison(records: list[dict], choice=None) -> dict | None:
@@ -170,7 +280,7 @@ def comparison(records: list[dict], choice=None) -> dict | None:
                "hw_outcome": h.get("outcome"), "model_outcome": m.get("outcome") if m else "missing",
                "reason": h.get("reason"), "label": h.get("label")}
         if h.get("outcome") == "ok":
-            row.update({"hw_faults": h["faults"], "hw_sites": len(h.get("hw_fault_sites") or []),
+            row.update({"hw_faults": h["faults"], "hw_sites": len(_hw_sites(h)),
                         "measured_ms": h["run_seconds"] * 1e3,
                         "measured_min_ms": min(h["run_seconds_samples"]) * 1e3,
                         "measured_max_ms": max(h["run_seconds_samples"]) * 1e3,
@@ -179,14 +289,14 @@ def comparison(records: list[dict], choice=None) -> dict | None:
         if m is not None and m.get("outcome") == "ok" and m.get("counters"):
             c = m["counters"]
             row["model_faults"] = c.get("strategy", {}).get("traps", 0)
-            msites = _model_sites(m)
+            msites = _model_sites(m, h)
             row["model_sites"] = len(msites)
             if prof is not None:
                 row["modelled_ms"] = costmodel.predict(prof, c).total_ns / 1e6
             if fitted is not None:
                 row["fitted_ms"] = costmodel.predict(fitted, c).total_ns / 1e6
             if h.get("outcome") == "ok":
-                hsites = {s["eip"]: s["faults"] for s in h.get("hw_fault_sites") or []}
+                hsites = _hw_sites(h)
                 row["faults_equal"] = row["model_faults"] == h["faults"]
                 row["sites_equal"] = msites == hsites
                 row["stdout_equal"] = (m.get("stdout") or {}).get("sha256") == (h.get("stdout") or {}).get("sha256")
