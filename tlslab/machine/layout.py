@@ -59,5 +59,10 @@ KERNEL_CS = GDT_ENTRY_KERNEL_CS << 3
 KERNEL_DS = GDT_ENTRY_KERNEL_DS << 3
 
 
+def window_base(slot: int, base: int) -> int:
+    """The base Unicorn gets for a TLS slot with a window: the real base shifted into the window."""
+    return (base + SLOT_WINDOW_SHIFT[slot]) & 0xFFFF_FFFF
+
+
 def selector_index(selector: int) -> int:
     return selector >> 3

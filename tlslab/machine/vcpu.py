@@ -16,7 +16,6 @@ land in the window, where the fast path sees them before they commit.
 from __future__ import annotations
 
 import ctypes
-import enum
 import time
 from dataclasses import dataclass, field
 
@@ -49,20 +48,22 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3.unicorn import uclib
 
 from tlslab.machine import fastpath, layout
+from tlslab.machine.exits import (  # noqa: F401  (re-exported: the vCPU's public vocabulary)
+    Exit,
+    ExitReason,
+    PageFault,
+    SegmentViolation,
+    exit_from_fastpath,
+    exit_from_unmapped,
+)
 from tlslab.machine.memory import GuestMemory
+from tlslab.machine.registers import REGISTER_IDS, SYSCALL_REGS, RawRegisters, host_access  # noqa: F401
+from tlslab.machine.windows import DescriptorViews
 from tlslab.x86.decode import decode
 from tlslab.x86.descriptor import SegmentDescriptor
 from tlslab.x86.segcheck import check_data_access
-from tlslab.x86.segusage import SEGMENT_NAMES, SEGMENT_NUMBERS, SegmentUsage, segment_usage
+from tlslab.x86.segusage import SEGMENT_NUMBERS, SegmentUsage, segment_usage
 
-REGISTER_IDS = {
-    "eax": X.UC_X86_REG_EAX, "ebx": X.UC_X86_REG_EBX, "ecx": X.UC_X86_REG_ECX,
-    "edx": X.UC_X86_REG_EDX, "esi": X.UC_X86_REG_ESI, "edi": X.UC_X86_REG_EDI,
-    "ebp": X.UC_X86_REG_EBP, "esp": X.UC_X86_REG_ESP, "eip": X.UC_X86_REG_EIP,
-    "eflags": X.UC_X86_REG_EFLAGS, "cs": X.UC_X86_REG_CS, "ds": X.UC_X86_REG_DS,
-    "es": X.UC_X86_REG_ES, "ss": X.UC_X86_REG_SS, "fs": X.UC_X86_REG_FS, "gs": X.UC_X86_REG_GS,
-}
-SYSCALL_REGS = ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp")
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
                 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC"}
@@ -70,54 +71,6 @@ VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "
 SEGMENT_PREFIX = {0x26: None, 0x2E: None, 0x36: None, 0x3E: None, 0x64: fastpath.SEG_FS, 0x65: fastpath.SEG_GS}
 LEGACY_PREFIXES = {0x66, 0x67, 0xF0, 0xF2, 0xF3} | set(SEGMENT_PREFIX)
 SEGMENT_REGISTER_IDS = {fastpath.SEG_FS: "fs", fastpath.SEG_GS: "gs"}
-# A valid ring-3 data descriptor with P=0: loading it raises #NP. Used for a
-# slot that has no window, so that it can never be used unchecked.
-_NOT_PRESENT_TLS = SegmentDescriptor(limit=0xFFFFF, rw=True, s=True, dpl=3, present=False, db=True,
-                                     granularity=True).to_bytes()
-_EMPTY_SLOT = bytes(8)  # what Linux has in an unused TLS slot: loading it faults
-
-
-class ExitReason(enum.Enum):
-    SYSCALL = "syscall"                      # int 0x80; EIP already past it
-    SEGMENT_VIOLATION = "segment-violation"  # fs/gs access refused by its descriptor (#GP)
-    PAGE_FAULT = "page-fault"                # access to an unmapped page or outside user space
-    EXCEPTION = "exception"                  # other CPU exception (#UD, #GP from privileged insn, ...)
-    TIMEOUT = "timeout"                      # wall-clock limit reached
-
-
-@dataclass(frozen=True)
-class SegmentViolation:
-    """A refused fs/gs access: everything a #GP handler needs to act on it."""
-
-    eip: int
-    segment: str            # "fs" or "gs"
-    selector: int
-    offset: int             # 32-bit effective address within the segment
-    size: int
-    write: bool
-    linear: int             # (real base + offset) mod 2^32
-    descriptor: SegmentDescriptor
-    reason: str
-
-
-@dataclass(frozen=True)
-class PageFault:
-    eip: int
-    linear: int
-    size: int
-    write: bool
-    fetch: bool = False
-    via_segment: str | None = None  # "fs"/"gs" when the access used one
-
-
-@dataclass(frozen=True)
-class Exit:
-    reason: ExitReason
-    eip: int
-    violation: SegmentViolation | None = None
-    page_fault: PageFault | None = None
-    vector: int | None = None
-    message: str = ""
 
 
 @dataclass
@@ -137,44 +90,6 @@ class MachineCounters:
     exceptions: int = 0
 
 
-class _RawRegisters:
-    """Register access through the C API directly: ~3x cheaper than Uc.reg_read."""
-
-    def __init__(self, uc: Uc):
-        self._handle = uc._uch
-        self._value = ctypes.c_uint32()
-        self._ref = ctypes.byref(self._value)
-        self._read = uclib.uc_reg_read
-        self._write = uclib.uc_reg_write
-        n = len(SYSCALL_REGS)
-        self._batch_ids = (ctypes.c_int * n)(*(REGISTER_IDS[r] for r in SYSCALL_REGS))
-        self._batch_vals = (ctypes.c_uint32 * n)()
-        self._batch_ptrs = (ctypes.c_void_p * n)(*(ctypes.addressof(self._batch_vals) + 4 * i for i in range(n)))
-        self._read_batch = uclib.uc_reg_read_batch
-        self.fastpath_header = None  # set by VCpu when the access hook is installed
-
-    def get(self, name: str) -> int:
-        self._read(self._handle, REGISTER_IDS[name], self._ref)
-        return self._value.value
-
-    def set(self, name: str, value: int) -> None:
-        self._value.value = value & 0xFFFFFFFF
-        if name in SEGMENT_NUMBERS and self.fastpath_header is not None:
-            # loading a segment register makes the CPU read the GDT: that is
-            # the host's doing, not a guest access for the hook to judge
-            self.fastpath_header.host_access = 1
-            try:
-                self._write(self._handle, REGISTER_IDS[name], self._ref)
-            finally:
-                self.fastpath_header.host_access = 0
-            return
-        self._write(self._handle, REGISTER_IDS[name], self._ref)
-
-    def syscall_registers(self) -> tuple[int, ...]:
-        self._read_batch(self._handle, self._batch_ids, self._batch_ptrs, len(SYSCALL_REGS))
-        return tuple(self._batch_vals)
-
-
 class VCpu:
     """One guest CPU and its address space.
 
@@ -190,20 +105,18 @@ class VCpu:
         self.timeout_us = int(timeout_seconds * 1_000_000)
         self._deadline_ns: int | None = None  # the limit is for the whole run, set when it starts
         self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
-        self.regs = _RawRegisters(self.uc)
+        self.regs = RawRegisters(self.uc)
         shifts = tuple(layout.SLOT_WINDOW_SHIFT.values()) if checks else ()
         self.mem = GuestMemory(self.uc, alias_offsets=shifts, on_change=self._mappings_changed)
         self.counters = MachineCounters()
         self.descriptors: list[SegmentDescriptor | None] = [None] * layout.GDT_ENTRIES
-        self._generations: dict[SegmentDescriptor, int] = {}
-        self._by_generation: list[SegmentDescriptor] = []
+        self.views = DescriptorViews(checks)
         self._disasm = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
         self._pending: Exit | None = None
         self._unmapped: tuple[int, int, bool, bool] | None = None
         self._site_usage: dict[int, SegmentUsage] = {}
         self._not_retired: dict[tuple[int, int, int], int] = {}
         self.decoded: dict[int, object] = {}  # eip -> decoded instruction, for strategies; cleared on code patches
-        self._views: dict[tuple[SegmentDescriptor, int], bytes] = {}
         self._started = False
         self._setup_hypervisor_pages()
         self._setup_hooks()
@@ -259,7 +172,7 @@ class VCpu:
                 w = h.windows[k]
                 w.slot = slot
                 w.user_top = layout.USER_TOP
-                w.base = shift
+                w.base = shift  # window_base(slot, 0): no descriptor yet
         if self.count_instructions:
             hh = ctypes.c_size_t()
             err = uclib.uc_hook_add(handle, ctypes.byref(hh), UC_HOOK_BLOCK, ctypes.c_void_p(self._fast.on_block),
@@ -303,7 +216,7 @@ class VCpu:
         return usage
 
     def _verdict(self, slot: int, generation: int, offset: int, size: int, write: int) -> int:
-        desc = self._by_generation[generation]
+        desc = self.views.descriptor(generation)
         return 1 if check_data_access(desc, offset, size, bool(write)).allowed else 0
 
     def _block_icount(self, address: int, size: int) -> int:
@@ -334,12 +247,7 @@ class VCpu:
 
     # ------------------------------------------------------------ segments
     def generation_of(self, desc: SegmentDescriptor) -> int:
-        gen = self._generations.get(desc)
-        if gen is None:
-            gen = len(self._by_generation)
-            self._generations[desc] = gen
-            self._by_generation.append(desc)
-        return gen
+        return self.views.generation_of(desc)
 
     @property
     def loaded(self) -> dict[str, int]:
@@ -355,11 +263,11 @@ class VCpu:
         if not layout.GDT_ENTRY_TLS_MIN <= index < layout.GDT_ENTRY_TLS_MIN + layout.GDT_ENTRY_TLS_ENTRIES:
             raise ValueError(f"GDT entry {index} is not a TLS slot")
         self.descriptors[index] = desc
-        self.uc.mem_write(layout.GDT_BASE + 8 * index, self._view(index, desc))
+        self.uc.mem_write(layout.GDT_BASE + 8 * index, self.views.view(index, desc))
         if self.checks and index in layout.SLOT_WINDOW_SHIFT and desc is not None:
             for w in self._fast.header.windows:
                 if w.slot == index:
-                    w.base = (desc.base + layout.SLOT_WINDOW_SHIFT[index]) & 0xFFFFFFFF
+                    w.base = layout.window_base(index, desc.base)
                     w.real_base = desc.base
                     w.generation = self.generation_of(desc)
         if self._started:
@@ -370,33 +278,8 @@ class VCpu:
 
     def _host_load(self, reg: str, selector: int) -> None:
         """Reload a segment register from the table (the CPU reads the GDT: not a guest access)."""
-        if self._fast is not None:
-            self._fast.header.host_access = 1
-        try:
+        with host_access(self._fast.header if self._fast is not None else None):
             self.regs.set(reg, selector)
-        finally:
-            if self._fast is not None:
-                self._fast.header.host_access = 0
-
-    def _view(self, index: int, desc: SegmentDescriptor | None) -> bytes:
-        """The 8 bytes Unicorn reads for a TLS slot."""
-        if desc is None:
-            return _EMPTY_SLOT
-        if not desc.present:
-            return desc.to_bytes()
-        if not self.checks:
-            return desc.to_bytes()  # baseline: plain Unicorn, limits unenforced
-        if index not in layout.SLOT_WINDOW_SHIFT:
-            return _NOT_PRESENT_TLS
-        view = self._views.get((desc, index))
-        if view is None:
-            # flat expand-up data with the base shifted into the slot's window;
-            # Unicorn ignores limits anyway, the model descriptor is what is checked
-            base = (desc.base + layout.SLOT_WINDOW_SHIFT[index]) & 0xFFFFFFFF
-            view = self._views[(desc, index)] = SegmentDescriptor(
-                base=base, limit=0xFFFFF, present=True, s=True, rw=True, accessed=True,
-                db=True, granularity=True, dpl=3).to_bytes()
-        return view
 
     # ------------------------------------------------------------ control
     def enter_user_mode(self, eip: int, esp: int) -> None:
@@ -409,14 +292,8 @@ class VCpu:
         uc.reg_write(X.UC_X86_REG_SS, layout.KERNEL_DS)
         uc.reg_write(X.UC_X86_REG_DS, layout.USER_DS)
         uc.reg_write(X.UC_X86_REG_ES, layout.USER_DS)
-        header = self._fast.header if self._fast is not None else None
-        if header is not None:
-            header.host_access = 1  # the entry stub's iret reads hypervisor pages
-        try:
-            uc.emu_start(layout.ENTRY_STUB, eip, count=1)
-        finally:
-            if header is not None:
-                header.host_access = 0
+        with host_access(self._fast.header if self._fast is not None else None):
+            uc.emu_start(layout.ENTRY_STUB, eip, count=1)  # the stub's iret reads hypervisor pages
         if self.regs.get("cs") != layout.USER_CS or self.regs.get("eip") != eip:
             raise RuntimeError("could not enter ring 3")
         self._started = True
@@ -464,10 +341,10 @@ class VCpu:
                             message=f"access refused at {fast_exit.eip:#010x} but the instruction could not be "
                             f"stopped before it completed (stopped at {stop_eip:#010x}); run abandoned")
             self._uncount_rest_of_block(stop_eip)
-            return self._exit_from_fastpath(fast_exit)
+            return exit_from_fastpath(self, fast_exit)
         if error in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT):
             self._uncount_rest_of_block(stop_eip)
-            return self._exit_from_unmapped(stop_eip, error)
+            return exit_from_unmapped(self, stop_eip, error, self._unmapped)
         if self._pending is not None:
             if self._pending.reason is ExitReason.EXCEPTION:
                 self.counters.exceptions += 1
@@ -495,79 +372,6 @@ class VCpu:
             not_retired = self._not_retired[key] = sum(1 for _ in self._disasm.disasm_lite(code, eip))
         h.instructions -= not_retired
         self.counters.instructions = h.instructions
-
-    def _exit_from_fastpath(self, e) -> Exit:
-        seg_name = SEGMENT_NAMES.get(e.seg, "ds")
-        if e.kind == fastpath.EXIT_SEGMENT_VIOLATION:
-            selector = self.regs.get(seg_name) & 0xFFFF
-            desc = self.descriptors[layout.selector_index(selector)]
-            check = check_data_access(desc, e.offset, e.size, bool(e.write))
-            v = SegmentViolation(e.eip, seg_name, selector, e.offset, e.size, bool(e.write), e.linear, desc,
-                                 check.message if not check.allowed else "refused")
-            self.counters.violations[seg_name] = self.counters.violations.get(seg_name, 0) + 1
-            return Exit(ExitReason.SEGMENT_VIOLATION, e.eip, violation=v)
-        if e.kind in (fastpath.EXIT_PAGE_FAULT, fastpath.EXIT_KERNEL_ACCESS):
-            self.counters.page_faults += 1
-            pf = PageFault(e.eip, e.linear, e.size, bool(e.write), via_segment=seg_name)
-            if e.linear >= layout.USER_TOP:
-                where = "outside guest user space"
-            elif self.mem.is_mapped(e.linear, e.size):
-                where = "page not writable" if e.write else "page not readable"
-            else:
-                where = "unmapped"
-            return Exit(ExitReason.PAGE_FAULT, e.eip, page_fault=pf, message=f"access to {e.linear:#010x} ({where})")
-        return Exit(ExitReason.EXCEPTION, e.eip, message="fast-path site table full")
-
-    def _unicorn_base(self, seg: str) -> int:
-        """The base Unicorn uses for ``seg`` now (shifted into a window for TLS slots)."""
-        selector = self.regs.get(seg) & 0xFFFF
-        index = layout.selector_index(selector)
-        if selector & 4 or selector < 4 or index >= len(self.descriptors) or self.descriptors[index] is None:
-            return 0
-        shift = layout.SLOT_WINDOW_SHIFT.get(index, 0) if self.checks else 0
-        return (self.descriptors[index].base + shift) & 0xFFFFFFFF
-
-    def _access_segment(self, usage: SegmentUsage, address: int, write: bool) -> str:
-        """The segment register an access at Unicorn ``address`` went through (as the C hook decides)."""
-        if write:
-            return usage.write
-        if usage.second_read and (address - self._unicorn_base(usage.read)) & 0xFFFFFFFF != self.regs.get("esi"):
-            return usage.second_read  # cmps: not the esi operand, so the es:[edi] one
-        return usage.read
-
-    def _exit_from_unmapped(self, eip: int, error: int) -> Exit:
-        self.counters.page_faults += 1
-        address, size, write, _ = self._unmapped or (eip, 1, False, True)
-        fetch = error in (UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT)
-        linear, seg = address, None
-        if not fetch:
-            usage = self.segment_usage(eip)
-            seg = self._access_segment(usage, address, write)
-            if usage.read_modify_write and seg == usage.write:
-                write = True  # the write permission is checked at the read, as the CPU does
-            selector = self.regs.get(seg) & 0xFFFF
-            index = layout.selector_index(selector)
-            desc = self.descriptors[index] if not selector & 4 and index < len(self.descriptors) else None
-            if seg in ("fs", "gs") and selector < 4:
-                self.counters.page_faults -= 1
-                self.counters.exceptions += 1
-                return Exit(ExitReason.EXCEPTION, eip, vector=13,
-                            message=f"#GP: memory access through %{seg} holding the null selector")
-            if desc is not None and self.checks and index in layout.SLOT_WINDOW_SHIFT:
-                # through a window: translate back to the guest's own address, and
-                # let the segment check take precedence as it does on x86
-                window_base = (desc.base + layout.SLOT_WINDOW_SHIFT[index]) & 0xFFFFFFFF
-                offset = (address - window_base) & 0xFFFFFFFF
-                linear = (desc.base + offset) & 0xFFFFFFFF
-                check = check_data_access(desc, offset, size, write)
-                if not check.allowed:
-                    self.counters.page_faults -= 1
-                    self.counters.violations[seg] = self.counters.violations.get(seg, 0) + 1
-                    v = SegmentViolation(eip, seg, selector, offset, size, write, linear, desc, check.message)
-                    return Exit(ExitReason.SEGMENT_VIOLATION, eip, violation=v)
-        pf = PageFault(eip, linear, size, write, fetch=fetch, via_segment=seg)
-        kind = "instruction fetch from" if fetch else ("write to" if write else "read from")
-        return Exit(ExitReason.PAGE_FAULT, eip, page_fault=pf, message=f"{kind} unmapped {linear:#010x}")
 
     # ------------------------------------------------------------ counters
     def segment_counters(self) -> dict[str, SegmentCounters]:

@@ -50,7 +50,7 @@ import posixpath
 from dataclasses import dataclass
 
 from tlslab.hypervisor import patches as P
-from tlslab.hypervisor.patchpolicy import DEFAULT_PATCH_DIR, PATCH_POLICIES, check_patch_options  # noqa: F401
+from tlslab.hypervisor.patchpolicy import DEFAULT_PATCH_DIR, check_patch_options
 from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict, WatchesLeaks, fetch_and_decode
 from tlslab.machine import layout
 from tlslab.machine.memory import PROT_EXEC
