@@ -26,7 +26,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlslab.guests import GuestBinary, GuestError, guests_dir, sha256_file
+from tlslab.artifacts import GuestBinary, GuestError, guests_dir, sha256_file
+from tlslab.census import gs_census
 
 # registry name -> (Debian package, binary path inside the package)
 GUEST_PACKAGES: dict[str, tuple[str, str]] = {"busybox": ("busybox-static", "bin/busybox")}
@@ -313,8 +314,6 @@ def _verify_and_extract(name: str, arch: str, entry: dict, deb: Path, pkgdir: Pa
 def describe_binary(path: Path) -> dict:
     """ELF facts the lock records: class, machine, static or not, %gs census."""
     from elftools.elf.elffile import ELFFile
-
-    from tlslab.guests import gs_census
 
     with open(path, "rb") as f:
         elf = ELFFile(f)

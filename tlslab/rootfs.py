@@ -87,7 +87,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlslab import debian
-from tlslab.guests import GuestError, guests_dir, sha256_file
+from tlslab.artifacts import GuestError, guests_dir, sha256_file
 
 # --------------------------------------------------------------------------- what is pinned
 

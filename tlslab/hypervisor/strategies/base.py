@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
-from tlslab.machine.vcpu import SegmentViolation
+from tlslab.hypervisor.policy import DescriptorPolicy
+from tlslab.linux.process import Process
+from tlslab.machine.vcpu import SegmentViolation, VCpu
 from tlslab.x86.decode import DecodeError, decode
-
-if TYPE_CHECKING:  # the domain drives strategies; strategies only receive it
-    from tlslab.hypervisor.domain import Domain
+from tlslab.x86.descriptor import SegmentDescriptor
 
 MAX_INSN = 15
 
@@ -73,10 +73,23 @@ class StrategyCounters:
         self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
 
 
+class DomainView(Protocol):
+    """What a strategy may use of the domain that trapped to it (the domain drives; strategies receive)."""
+
+    vcpu: VCpu
+    process: Process
+    policy: DescriptorPolicy
+    strategy: Strategy
+
+    def segment_view(self, segment: str) -> SegmentDescriptor | None: ...
+
+    def symbolize(self, eip: int) -> str: ...
+
+
 @dataclass(frozen=True)
 class Trap:
     violation: SegmentViolation
-    domain: Domain
+    domain: DomainView
 
 
 @dataclass(frozen=True)
@@ -136,7 +149,7 @@ class Strategy:
             raise StrategyOptionError(f"strategy {cls.name}: {exc}") from None
         return cls(opts)
 
-    def attach(self, domain: Domain) -> None:
+    def attach(self, domain: DomainView) -> None:
         """Called once the guest is loaded, before it runs."""
 
     def handle(self, trap: Trap) -> Verdict:
