@@ -34,7 +34,10 @@ from adversary import harness as H
 SEED = int(os.environ.get("TLSLAB_ADVERSARY_SEED", "20041012"))
 N_PER_STRATEGY = int(os.environ.get("TLSLAB_ADVERSARY_N", "10000"))
 PROFILES = ("nonpae", "pae")
-MUST_BE_ZERO = ("hole", "lab_exceptions", "silent_commit", "outside_user", "spurious_violation")
+# every counter of the harness that must stay zero, all of them asserted
+MUST_BE_ZERO = ("hole", "lab_exceptions", "silent_commit", "outside_user", "spurious_violation", "emu_wrong_linear",
+                "emu_beyond_request", "null_selector_commits", "exits_cap", "timeouts", "unsafe_survived",
+                "commit_beyond_request")
 
 
 def _explain(strategy: str, st: H.Stats) -> str:
@@ -55,6 +58,8 @@ def test_named_nasty_cases(strategy, monkeypatch):
         H.run_many(strategy, profile, cases, st)
     assert st.sequences == 2 * len(cases)
     assert st.refused > 0
+    # every named case makes an access that must kill the guest, and every one of them is killed
+    assert st.fatal_refusals > 0 and st.guest_faults == st.sequences, _explain(strategy, st)
     bad = {k: getattr(st, k) for k in MUST_BE_ZERO if getattr(st, k)}
     assert not bad, _explain(strategy, st)
 
@@ -74,10 +79,10 @@ def _summary(results: dict[str, H.Stats], wall: float, gen_seconds: float) -> st
     cols = ("sequences", "reached_handler", "accesses", "committed", "refused", "violations", "traps_handled", "emulated",
             "blind_spot", "hv_page_reads", "hole", "lab_exceptions", "silent_commit", "outside_user",
             "spurious_violation", "refused_as_page_fault", "null_selector_commits", "emu_wrong_linear",
-            "emu_beyond_request", "guest_faults", "seconds")
+            "emu_beyond_request", "exits_cap", "timeouts", "ping_pong", "fatal_livelock", "commit_beyond_request", "fatal_refusals", "unsafe_survived", "guest_faults", "seconds")
     short = ("seqs", "faulted", "accesses", "committed", "refused", "#GP exits", "handled", "emulated", "blind", "GDT rd",
              "HOLE", "LAB EXC", "silent", "outside", "spurious", "ref.as PF", "null-sel", "emu≠lin", "emu>req",
-             "guest flt", "cpu s")
+             "exit cap", "timeout", "pingpong", "fatal-hang", "beyond-req", "fatal", "UNSAFE OK", "guest flt", "cpu s")
     w = [max(len(s), 9) for s in short]
     out = [f"adversarial security run: seed {SEED}, {N_PER_STRATEGY} sequences per strategy "
            f"(half nonpae, half pae), generation {gen_seconds:.1f} s, wall {wall:.1f} s",
@@ -108,10 +113,17 @@ def test_adversarial_sequences_never_reach_the_hole(capsys):
         print("\n" + table)
     problems = []
     for name, st in results.items():
-        assert st.sequences >= 10_000 or N_PER_STRATEGY < 10_000, f"{name}: only {st.sequences} sequences"
+        assert st.sequences == N_PER_STRATEGY, f"{name}: {st.sequences} sequences, not {N_PER_STRATEGY}"
         # the generator is doing its job: most sequences meet a refusal under truncation
         if H.STRATEGIES[name].truncates:
             assert st.reached_handler >= st.sequences // 3, f"{name}: only {st.reached_handler} sequences faulted"
+        # flip's known livelock (an instruction whose accesses straddle offset 0 under a truncated segment,
+        # e.g. `lfs ecx, gs:[-4]`: no expand-up or expand-down segment admits both): rare, listed, bounded
+        # (10,000 sequences, seed 20041012: flip-full 5, flip-fs 5, rewrite 4, of them 1 each on an access the
+        # guest's own descriptor refuses: the guest hangs where it should die -- see fatal_livelock)
+        assert st.ping_pong <= max(5, st.sequences // 500), f"{name}: {st.ping_pong} ping-pong sequences"
+        assert st.fatal_livelock <= max(1, st.sequences // 5000), f"{name}: {st.fatal_livelock} fatal livelocks"
+        assert name.startswith(("flip", "rewrite")) or st.ping_pong == 0, f"{name} ping-pongs"
         if any(getattr(st, k) for k in MUST_BE_ZERO):
             problems.append(_explain(name, st))
     assert not problems, table + "\n\n" + "\n\n".join(problems)

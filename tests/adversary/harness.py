@@ -23,8 +23,16 @@ The oracle does not use tlslab's decoder, fast path or strategies:
 2. ``GuestAccess.read``/``write`` are wrapped: every access the hypervisor
    performs by emulation is recomputed from the segment register's selector
    and the descriptor in its slot.
-3. ``check_data_access`` on the descriptor installed at that moment decides
-   whether an access must be refused.
+3. ``sdm_allows`` (below: the SDM's segment rule re-derived from the raw
+   descriptor bits, not tlslab's ``check_data_access``) on the descriptor
+   installed at that moment decides whether an access must be refused, and
+   the hypervisor hole is the Xen constant of the profile (``HOLE_START``),
+   not tlslab's policy object.
+4. An access that is refused and *must be fatal* (the guest's own descriptor
+   refuses it, or it would land outside guest user space or in the hole, or
+   it is not a TLS access at all) must end the sequence with the guest
+   killed: a strategy that resumes past it (skips the instruction) is caught
+   as ``unsafe_survived``.
 """
 
 from __future__ import annotations
@@ -51,9 +59,11 @@ from tlslab.machine import layout
 from tlslab.machine.memory import PROT_EXEC, PROT_READ, PROT_WRITE
 from tlslab.machine.vcpu import ExitReason
 from tlslab.x86.descriptor import SegmentDescriptor
-from tlslab.x86.segcheck import check_data_access
 
 U32 = 0xFFFFFFFF
+# HYPERVISOR_VIRT_START of Xen 2.0/3.0 x86-32 (xen/include/asm-x86/config.h): 4 GiB - 64 MiB non-PAE,
+# 4 GiB - 168 MiB PAE. Written here, not read from tlslab.x86.xen, so that the oracle does not share it.
+HOLE_START = {"nonpae": 0xFC00_0000, "pae": 0xF580_0000}
 MAX_EXITS = 200
 CODE_SLOTS = 0x2000          # distinct code slots before any is reused (8 MiB of code)
 MAXF = 0
@@ -64,6 +74,40 @@ STRING_MNEMONICS = ("movs", "cmps", "lods", "stos", "scas")
 SEG_NAMES = {CX.X86_REG_CS: "cs", CX.X86_REG_DS: "ds", CX.X86_REG_ES: "es", CX.X86_REG_FS: "fs",
              CX.X86_REG_GS: "gs", CX.X86_REG_SS: "ss"}
 FLAT = SegmentDescriptor.flat_user_data(0)
+
+def sdm_allows(desc: SegmentDescriptor, offset: int, size: int, write: bool) -> bool:
+    """Intel SDM vol. 3, 3.4.5 and 5.3, from the descriptor's 8 raw bytes (independent of tlslab.x86.segcheck).
+
+    Present, a data segment (or a readable code segment for reads), writable for
+    writes; expand-up: the last byte at or below the (G-scaled) limit; expand-down:
+    the first byte above the limit and the last at or below 0xFFFF / 0xFFFFFFFF (B).
+    One measured exception (tests/test_oracle.py, on the CPU): a flat expand-up
+    segment (base 0, limit 4 GiB - 1) lets an access wrap past 4 GiB.
+    """
+    raw = int.from_bytes(desc.to_bytes(), "little")
+    lo, hi = raw & U32, raw >> 32
+    limit = (lo & 0xFFFF) | (hi & 0xF_0000)
+    base = (lo >> 16) | ((hi & 0xFF) << 16) | (hi & 0xFF00_0000)
+    typ, s, p = (hi >> 8) & 0xF, (hi >> 12) & 1, (hi >> 15) & 1
+    big, gran = (hi >> 22) & 1, (hi >> 23) & 1
+    if not p or not s:
+        return False
+    if typ & 8:                      # code: never writable, readable if R
+        if write or not typ & 2:
+            return False
+        down = False
+    else:
+        if write and not typ & 2:
+            return False
+        down = bool(typ & 4)
+    eff = (limit << 12) | 0xFFF if gran else limit
+    last = offset + size - 1
+    if down:
+        return offset > eff and last <= (U32 if big else 0xFFFF)
+    if last <= eff:
+        return True
+    return base == 0 and eff == U32 and offset <= U32
+
 
 _CS_LITE = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
 SEG_REGS = ("cs", "ds", "es", "fs", "gs", "ss")
@@ -89,6 +133,12 @@ class Stats:
     lab_exceptions: int = 0      # MUST be 0
     emu_beyond_request: int = 0  # emulated although the guest's own descriptor refuses it
     emu_wrong_linear: int = 0    # emulator touched another linear address than the guest's
+    fatal_refusals: int = 0      # refused accesses that must kill the guest (see the module docstring)
+    unsafe_survived: int = 0     # sequences that went on after such an access: MUST be 0
+    fatal_livelock: int = 0      # ... of which one access must have killed the guest (its own descriptor refuses it)
+    commit_beyond_request: int = 0   # committed through a TLS window although the guest's own descriptor refuses it
+    ping_pong: int = 0           # exit cap reached restarting one instruction whose accesses straddle
+                                 # offset 0 (no single expand-up/down segment admits both): flip's livelock
     spurious_violation: int = 0  # #GP reported for an access the oracle allows
     null_selector_commits: int = 0
     guest_faults: int = 0
@@ -187,7 +237,7 @@ class Lab:
         self.domain = d = Domain(factory, strategy, profile=profile)
         self.vcpu = v = d.vcpu
         self.process = d.process
-        self.hv = d.policy.hypervisor_start
+        self.hv = HOLE_START[profile]
         mem = v.mem
         mem.map(G.LOW, G.LOW_SIZE, PROT_READ | PROT_WRITE, "low")
         mem.map(G.DATA, G.DATA_SIZE, PROT_READ | PROT_WRITE, "data")
@@ -318,6 +368,14 @@ class Lab:
         d, v = self.domain, self.vcpu
         self.reset(seq)
         reached = False
+        fatal: list[str] = []      # refused accesses after which the guest must die
+        vio_sites: list[tuple[int, bool]] = []   # (eip, negative offset) of every violation
+
+        def survived(how: str) -> None:
+            if fatal:
+                st.unsafe_survived += 1
+                st.fail("unsafe-access-survived", seq, f"{how} after a refused access that must be fatal: {fatal[0]}")
+
         for _ in range(MAX_EXITS):
             self.log.clear()
             self.emulated.clear()
@@ -325,18 +383,24 @@ class Lab:
             descriptors = list(v.descriptors)
             e = v.run()
             refusal = e.reason in (ExitReason.SEGMENT_VIOLATION, ExitReason.PAGE_FAULT, ExitReason.EXCEPTION)
-            self._judge(seq, st, e, descriptors, refusal)
+            why = self._judge(seq, st, e, descriptors, refusal)
+            if why:
+                st.fatal_refusals += 1
+                fatal.append(why)
             if e.reason is ExitReason.SYSCALL:
                 try:
                     self.in_handler = True
                     d.process.handle_syscall()
-                except ProcessExit:
+                except ProcessExit as done:
+                    if not done.signal:
+                        survived(f"the guest exited normally (status {done.status})")
                     return
                 finally:
                     self.in_handler = False
                 continue
             if e.reason is ExitReason.SEGMENT_VIOLATION:
                 st.violations += 1
+                vio_sites.append((e.eip, e.violation.offset >= 0x8000_0000))
                 if not reached:
                     reached = True
                     st.reached_handler += 1
@@ -354,9 +418,21 @@ class Lab:
             if e.reason is ExitReason.TIMEOUT:
                 st.timeouts += 1
                 st.fail("timeout", seq, f"{e}", limit=3)
+                survived("timed out")
                 return
             st.guest_faults += 1
             return
+        last = vio_sites[-20:]
+        if len(last) == 20 and len({eip for eip, _ in last}) == 1 and len({neg for _, neg in last}) == 2:
+            # one instruction, refused alternately at negative and positive offsets, restarted forever:
+            # nothing of it commits and nothing after it runs, but the guest hangs instead of dying
+            st.ping_pong += 1
+            if fatal:
+                st.fatal_livelock += 1
+            st.fail("ping-pong", seq, f"{MAX_EXITS} exits restarting eip {last[0][0]:#x}"
+                    + (f"; one access must be fatal: {fatal[0]}" if fatal else ""), limit=3)
+            return
+        survived(f"ran on for {MAX_EXITS} exits")
         st.exits_cap += 1
         st.fail("exit-cap", seq, f"more than {MAX_EXITS} exits (trap ping-pong?)", limit=3)
 
@@ -385,7 +461,7 @@ class Lab:
                 shift = layout.SLOT_WINDOW_SHIFT[slot]
                 real = (a.addr - shift) & U32
                 offset = (real - desc.base) & U32
-                allowed = check_data_access(desc, offset, a.size, a.write).allowed
+                allowed = sdm_allows(desc, offset, a.size, a.write)
             else:
                 real = a.addr
                 offset = a.addr
@@ -413,6 +489,11 @@ class Lab:
                 else:
                     st.outside_user += 1
                     st.fail("outside-user-space", seq, where)
+            in_blind_spot = windowed and a.addr < layout.USER_TOP and real >= layout.USER_TOP
+            if windowed and not in_blind_spot and self.process.tls_requested.get(slot) is not None \
+                    and not sdm_allows(self.process.tls_requested[slot], offset, a.size, a.write):
+                st.commit_beyond_request += 1
+                st.fail("commit-beyond-request", seq, where, limit=3)
             if not allowed:
                 if windowed and a.addr < layout.USER_TOP and real >= layout.USER_TOP:
                     st.blind_spot += 0   # counted above: the documented blind spot
@@ -422,6 +503,11 @@ class Lab:
                 else:
                     st.silent_commit += 1
                     st.fail("silent-commit", seq, where)
+        fatal = None
+        if e.reason is ExitReason.SEGMENT_VIOLATION:   # page faults and exceptions end the sequence anyway
+            for a in log[uncommitted_from:]:
+                if not a.host and fatal is None:
+                    fatal = self._must_be_fatal(a, descriptors)
         if e.reason is ExitReason.SEGMENT_VIOLATION:
             tail = [a for a in log[uncommitted_from:] if not a.host]
             vio = e.violation
@@ -431,16 +517,52 @@ class Lab:
                 if not a.selector & 4 and slot in layout.SLOT_WINDOW_SHIFT and descriptors[slot] is not None:
                     desc = descriptors[slot]
                     off = (a.addr - layout.SLOT_WINDOW_SHIFT[slot] - desc.base) & U32
-                    if not check_data_access(desc, off, a.size, a.write).allowed:
+                    if not sdm_allows(desc, off, a.size, a.write):
                         ok = True
                     # SDM: a read-modify-write whose destination is not writable faults
                     # (#GP) before anything happens -- the lab reports it at the read
                     elif vio.write and not a.write and _is_read_modify_write(self.info.get(a.eip)) \
-                            and not check_data_access(desc, off, a.size, True).allowed:
+                            and not sdm_allows(desc, off, a.size, True):
                         ok = True
             if not ok:
                 st.spurious_violation += 1
                 st.fail("spurious-violation", seq, f"{vio} tail={tail}", limit=3)
+        return fatal
+
+    def _must_be_fatal(self, a: Access, descriptors) -> str | None:
+        """Why refused access ``a`` must kill the guest, or None if a strategy may resume it."""
+        slot = a.selector >> 3
+        if a.selector & 4 or slot not in layout.SLOT_WINDOW_SHIFT or descriptors[slot] is None:
+            # not through a TLS window: fatal if it is refused at all (nothing may handle it)
+            where = f"{a.seg}={a.selector:#x} {a.addr:#x} (eip {a.eip:#x})"
+            if a.seg in ("fs", "gs") and a.selector < 4:
+                return f"null selector: {where}"
+            if a.addr + a.size - 1 >= layout.USER_TOP:
+                return f"outside guest user space: {where}"
+            r = self.vcpu.mem.region_at(a.addr)
+            if r is None or not (r.prot & (PROT_WRITE if a.write else PROT_READ | PROT_EXEC)):
+                return f"page fault: {where}"
+            return None
+        rmw = _is_read_modify_write(self.info.get(a.eip))
+        installed = descriptors[slot]
+        inst_off = (a.addr - layout.SLOT_WINDOW_SHIFT[slot] - installed.base) & U32
+        if all(sdm_allows(installed, inst_off, a.size, w) for w in {a.write, a.write or rmw}):
+            return None          # not what was refused
+        requested = self.process.tls_requested.get(slot)
+        if requested is None:
+            return None          # a strategy's own descriptor (the %fs twin of rewrite, flip-fs): judged as above
+        real = (a.addr - layout.SLOT_WINDOW_SHIFT[slot]) & U32
+        offset = (real - descriptors[slot].base) & U32
+        for write in {a.write, a.write or rmw}:
+            if not sdm_allows(requested, offset, a.size, write):
+                return f"the guest's own {a.seg} descriptor refuses {a.seg}:{offset:#x} (eip {a.eip:#x})"
+        linear = (requested.base + offset) & U32
+        last = linear + a.size - 1
+        if last > U32 or last >= self.hv:
+            return f"{a.seg}:{offset:#x} reaches the hypervisor hole at {linear:#x} (eip {a.eip:#x})"
+        if last >= layout.USER_TOP:
+            return f"{a.seg}:{offset:#x} is outside guest user space at {linear:#x} (eip {a.eip:#x})"
+        return None
 
     def _judge_emulated(self, seq, st: Stats) -> None:
         for segment, offset, size, write, lab_linear, selector in self.emulated:
@@ -464,7 +586,7 @@ class Lab:
             if real != lab_linear:
                 st.emu_wrong_linear += 1
                 st.fail("emulated-wrong-linear", seq, where, limit=3)
-            if requested is not None and not check_data_access(requested, offset, size, write).allowed:
+            if requested is not None and not sdm_allows(requested, offset, size, write):
                 st.emu_beyond_request += 1
                 st.fail("emulated-beyond-request", seq, where, limit=3)
 
