@@ -20,7 +20,8 @@ import statistics
 import time
 
 from tlslab.guests import resolve_guest
-from tlslab.linux.process import Process, run_native
+from tlslab.hypervisor.domain import run_process
+from tlslab.linux.process import Process
 from tlslab.linux.tree import TREE_4K, TreeSpec
 from tlslab.linux.vfs import Vfs
 from tlslab.machine.vcpu import VCpu
@@ -31,7 +32,7 @@ def one_run(path: str, tree: str, checks: bool) -> tuple[float, int, bytes]:
     process = Process(vcpu, path, argv=["lsr", "."], vfs=Vfs.from_tree(TreeSpec.parse(tree)))
     process.load()
     started = time.perf_counter()
-    status = run_native(process)
+    status = run_process(process)
     elapsed = time.perf_counter() - started
     assert status == 0, f"lsr exited {status}"
     return elapsed, vcpu.counters.instructions, bytes(process.stdout)

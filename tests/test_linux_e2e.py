@@ -14,7 +14,8 @@ import subprocess
 
 import pytest
 
-from tlslab.linux.process import DEFAULT_ENV, Process, run_native
+from tlslab.hypervisor.domain import run_process
+from tlslab.linux.process import DEFAULT_ENV, Process
 from tlslab.linux.tree import TREE_4K, TREE_SMALL, SyntheticTree
 from tlslab.linux.vfs import Vfs
 from tlslab.machine.vcpu import VCpu
@@ -146,7 +147,7 @@ def native(exe: str, argv: list[str], cwd: str) -> subprocess.CompletedProcess:
 
 def guest(exe: str, argv: list[str], tree, checks: bool) -> tuple[int, Process]:
     p = Process(VCpu(checks=checks), exe, argv=argv, vfs=Vfs.from_tree(tree), seed=1)
-    return run_native(p), p
+    return run_process(p), p
 
 
 def compare(exe, argv, tree, root, checks=True, sort_lines=False):
@@ -197,7 +198,7 @@ def test_host_root_view(small_tree):
     exe = _guest_path("lsr")
     n = native(exe, ["lsr", "."], root)
     p = Process(VCpu(checks=True), exe, argv=["lsr", "."], vfs=Vfs.from_host(root), seed=1)
-    assert run_native(p) == n.returncode and bytes(p.stdout) == n.stdout
+    assert run_process(p) == n.returncode and bytes(p.stdout) == n.stdout
 
 
 def test_prelink_writes_only_the_overlay(small_tree, tmp_path):

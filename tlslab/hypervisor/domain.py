@@ -18,6 +18,7 @@ import capstone
 
 from tlslab.hypervisor.policy import DescriptorPolicy
 from tlslab.hypervisor.strategies import Action, Strategy, Trap, get_strategy
+from tlslab.linux.syscalls_proc import ProcessExit
 from tlslab.machine import layout
 from tlslab.machine.vcpu import Exit, ExitReason, VCpu
 from tlslab.x86.descriptor import SegmentDescriptor
@@ -39,6 +40,14 @@ class GuestCrash:
         return f"guest crashed at {self.eip:#010x} <{self.symbol}>: `{self.instruction}`: {self.reason}"
 
 
+class GuestCrashed(RuntimeError):
+    """``run_process`` raises this when the guest did not exit (it carries the one crash record)."""
+
+    def __init__(self, crash: GuestCrash):
+        super().__init__(crash.describe())
+        self.crash = crash
+
+
 @dataclass
 class RunResult:
     status: int | None            # exit status; None if the guest crashed or timed out
@@ -55,16 +64,30 @@ class RunResult:
 
 
 class Domain:
+    """One guest process on one vCPU under one strategy: ``run()`` is tlslab's only run loop.
+
+    ``process_factory(vcpu, shape_descriptor)`` builds the loaded process on
+    the domain's vCPU; ``adopt`` wraps a process that already has its own.
+    """
+
     def __init__(self, process_factory, strategy: Strategy | str, profile: str = "nonpae",
                  checks: bool = True, timeout_seconds: float = 0, max_traps: int | None = None,
-                 trace_signs: bool = False):
+                 trace_signs: bool = False, vcpu: VCpu | None = None):
         self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         self.policy = DescriptorPolicy.xen(profile) if self.strategy.truncates else DescriptorPolicy.native(profile)
-        self.vcpu = VCpu(checks=checks, timeout_seconds=timeout_seconds, trace_signs=trace_signs)
+        self.vcpu = vcpu if vcpu is not None else VCpu(checks=checks, timeout_seconds=timeout_seconds,
+                                                       trace_signs=trace_signs)
         self._requested: dict[SegmentDescriptor, SegmentDescriptor] = {}
         self.max_traps = max_traps
         self.process = process_factory(self.vcpu, self._shape_descriptor)
         self.strategy.attach(self)
+
+    @classmethod
+    def adopt(cls, process, strategy: Strategy | str = "native", **options) -> Domain:
+        """A domain around ``process`` and the vCPU it was built on (loaded here if it is not yet)."""
+        if process.image is None:
+            process.load()
+        return cls(lambda _vcpu, _policy: process, strategy, vcpu=process.vcpu, **options)
 
     # the policy as the Linux layer sees it: remember what was asked for
     def _shape_descriptor(self, requested: SegmentDescriptor) -> SegmentDescriptor:
@@ -117,8 +140,6 @@ class Domain:
         return GuestCrash(eip, self.symbolize(eip), text, reason)
 
     def run(self) -> RunResult:
-        from tlslab.linux.syscalls_proc import ProcessExit
-
         started = time.perf_counter()
         status: int | None = None
         crash: GuestCrash | None = None
@@ -172,3 +193,11 @@ class Domain:
             "hazards": list(getattr(self.strategy, "hazards", [])),
             "page_cache": page_cache.as_dict() if (page_cache := getattr(self.process, "page_cache", None)) else {},
         }
+
+
+def run_process(process, strategy: Strategy | str = "native") -> int:
+    """Run an already-built process to its exit status through the one run loop; GuestCrashed otherwise."""
+    result = Domain.adopt(process, strategy).run()
+    if result.crash is not None:
+        raise GuestCrashed(result.crash)
+    return result.status

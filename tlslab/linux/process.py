@@ -1,8 +1,7 @@
 """A Linux i386 process on a VCpu: ELF image, stack, files, system calls, counters.
 
-The hypervisor layer drives its own run loop and calls ``handle_syscall`` on
-SYSCALL exits; ``run_native`` is the plain loop (no strategies) for tests and
-for the native baseline. Everything a run produces is deterministic given the
+The hypervisor layer's run loop (``tlslab.hypervisor.domain``, the only one)
+calls ``handle_syscall`` on SYSCALL exits. Everything a run produces is deterministic given the
 binary, argv, env, filesystem and seed.
 """
 
@@ -34,24 +33,12 @@ _STREAM_MODES = {"pipe": N.S_IFIFO | 0o600, "file": N.S_IFREG | 0o644, "null": N
                  "tty": N.S_IFCHR | 0o620}
 _STREAM_RDEV = {"pipe": (0, 0), "file": (0, 0), "null": (1, 3), "tty": (136, 0)}
 
-__all__ = ["Process", "ProcessExit", "GuestCrash", "run_native", "DEFAULT_ENV", "identity_policy"]
+__all__ = ["Process", "ProcessExit", "DEFAULT_ENV", "identity_policy"]
 
 
 def identity_policy(desc: SegmentDescriptor) -> SegmentDescriptor:
     """Native Linux: the descriptor the guest asked for is the one installed."""
     return desc
-
-
-class GuestCrash(RuntimeError):
-    """The guest stopped on something other than a system call (native loop)."""
-
-    def __init__(self, exit, where: str):
-        self.exit = exit
-        self.eip = exit.eip
-        self.reason = exit.reason
-        self.where = where
-        detail = f": {exit.message}" if exit.message else ""
-        super().__init__(f"guest crashed: {exit.reason.value} at {exit.eip:#010x} ({where}){detail}")
 
 
 @dataclass
@@ -256,26 +243,3 @@ class Process:
 
     def describe_syscall(self, nr: int) -> str:
         return syscall_name(nr)
-
-
-def run_native(process: Process, max_exits: int | None = None) -> int:
-    """Run ``process`` with no hypervisor strategy until it exits; its exit status.
-
-    Any exit other than a system call raises GuestCrash with the symbolized location.
-    """
-    from tlslab.machine.vcpu import ExitReason
-
-    if process.image is None:
-        process.load()
-    n = 0
-    while max_exits is None or n < max_exits:
-        n += 1
-        e = process.vcpu.run()
-        if e.reason is ExitReason.SYSCALL:
-            try:
-                process.handle_syscall()
-            except ProcessExit as exc:
-                return exc.status
-            continue
-        raise GuestCrash(e, process.symbolize(e.eip))
-    raise RuntimeError(f"guest did not exit within {max_exits} exits")
