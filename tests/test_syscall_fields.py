@@ -36,7 +36,8 @@ from pathlib import Path
 import pytest
 
 from conftest import GCC32, require_gcc32
-from tlslab.linux.process import DEFAULT_ENV, Process, run_native
+from tlslab.hypervisor.domain import run_process
+from tlslab.linux.process import DEFAULT_ENV, Process
 from tlslab.linux.vfs import Vfs
 from tlslab.machine.vcpu import VCpu
 
@@ -401,7 +402,7 @@ def run_native_probe(exe: str, paths: list[str], cwd: Path) -> tuple[bytes, set[
 
 def run_guest_probe(exe: str, paths: list[str], vfs: Vfs) -> bytes:
     p = Process(VCpu(checks=True), exe, argv=["sysprobe", *paths], vfs=vfs, seed=1)
-    status = run_native(p)
+    status = run_process(p)
     assert status == 0 and not bytes(p.stderr), bytes(p.stderr)
     assert not p.counters.syscalls.unsupported, p.counters.syscalls.unsupported
     return bytes(p.stdout)
