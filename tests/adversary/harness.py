@@ -135,6 +135,7 @@ class Stats:
     emu_wrong_linear: int = 0    # emulator touched another linear address than the guest's
     fatal_refusals: int = 0      # refused accesses that must kill the guest (see the module docstring)
     unsafe_survived: int = 0     # sequences that went on after such an access: MUST be 0
+    blind_survived: int = 0      # ... went on only through a blind-spot access after it (documented limitation)
     fatal_livelock: int = 0      # ... of which one access must have killed the guest (its own descriptor refuses it)
     commit_beyond_request: int = 0   # committed through a TLS window although the guest's own descriptor refuses it
     ping_pong: int = 0           # exit cap reached restarting one instruction whose accesses straddle
@@ -371,8 +372,15 @@ class Lab:
         fatal: list[str] = []      # refused accesses after which the guest must die
         vio_sites: list[tuple[int, bool]] = []   # (eip, negative offset) of every violation
 
+        blind_before = [0]
+
         def survived(how: str) -> None:
-            if fatal:
+            if fatal and st.blind_spot > blind_before[0]:
+                # the documented blind spot (layout.py) let a later access through unseen, e.g. rewrite's
+                # %fs twin (slot 7) reaching [1 GiB, 2 GiB): a known limitation, counted apart
+                st.blind_survived += 1
+                st.fail("blind-spot-survived", seq, f"{how}; blind-spot access after: {fatal[0]}", limit=3)
+            elif fatal:
                 st.unsafe_survived += 1
                 st.fail("unsafe-access-survived", seq, f"{how} after a refused access that must be fatal: {fatal[0]}")
 
@@ -386,6 +394,8 @@ class Lab:
             why = self._judge(seq, st, e, descriptors, refusal)
             if why:
                 st.fatal_refusals += 1
+                if not fatal:
+                    blind_before[0] = st.blind_spot
                 fatal.append(why)
             if e.reason is ExitReason.SYSCALL:
                 try:
