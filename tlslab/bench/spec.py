@@ -101,6 +101,76 @@ class SpecError(ValueError):
     """A malformed matrix spec (one line)."""
 
 
+STDOUT_KINDS = ("pipe", "file", "null", "tty")
+HV_PROFILES = ("nonpae", "pae")
+MAX_CELLS = 20_000              # a matrix bigger than this is a mistake (the default has a few hundred)
+MAX_TIMEOUT = 7 * 86400.0       # seconds, per cell
+MAX_HW_REPEAT = 1000
+FIT_KEYS = {"guest", "tree", "variant", "profile"}
+
+
+def _where(where: str, key: str) -> str:
+    return f"{where}: {key}"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _number(where: str, key: str, v, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if not _is_number(v) or v != v:     # NaN
+        raise SpecError(f"{_where(where, key)} must be a number, not {type(v).__name__} {v!r}")
+    if (v <= lo if lo_open else v < lo) or v > hi:
+        raise SpecError(f"{_where(where, key)} = {v!r} is out of range ({'>' if lo_open else '>='} {lo:g}, "
+                        f"<= {hi:g})")
+    return float(v)
+
+
+def _integer(where: str, key: str, v, lo: int, hi: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise SpecError(f"{_where(where, key)} must be an integer, not {type(v).__name__} {v!r}")
+    if not lo <= v <= hi:
+        raise SpecError(f"{_where(where, key)} = {v} is out of range ({lo}..{hi})")
+    return v
+
+
+def _string(where: str, key: str, v, *, empty: bool = False) -> str:
+    if not isinstance(v, str) or (not empty and not v.strip()):
+        raise SpecError(f"{_where(where, key)} must be a {'' if empty else 'non-empty '}string, "
+                        f"not {type(v).__name__} {v!r}")
+    if "\x00" in v:
+        raise SpecError(f"{_where(where, key)} contains a NUL character")
+    return v
+
+
+def _string_list(where: str, key: str, v, *, one_ok: bool = True, empty_ok: bool = False) -> list[str]:
+    """A list of strings; a single string is one item when ``one_ok`` (never iterated by character)."""
+    if isinstance(v, str) and one_ok:
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise SpecError(f"{_where(where, key)} must be a list of strings, not {type(v).__name__} {v!r}")
+    if not v and not empty_ok:
+        raise SpecError(f"{_where(where, key)} must not be empty")
+    for x in v:
+        _string(where, key, x, empty=True)
+    return list(v)
+
+
+def _choices(where: str, key: str, values: list[str], known, what: str) -> list[str]:
+    for x in values:
+        if x not in known:
+            raise SpecError(f"{_where(where, key)}: unknown {what} {x!r} (choose from {', '.join(known)})")
+    return values
+
+
+def _axis_value(where: str, key: str, v) -> list[str] | str:
+    """strategies/variants/profiles/backends: a string or a list of strings, never empty."""
+    if isinstance(v, str):
+        _string(where, key, v)
+        return v if key == "strategies" and v == "all" else [v]
+    return _string_list(where, key, v)
+
+
 def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
 
@@ -245,7 +315,13 @@ class MatrixSpec:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "") -> "MatrixSpec":
+        """Check every key's type and range, then every name (guests, strategies, variants, profiles,
+        trees, root filesystems): a bad spec is one line naming the key, before anything runs."""
+        from tlslab.guests import VARIANTS
+
         where = source or "spec"
+        if not isinstance(raw, dict):
+            raise SpecError(f"{where}: a matrix spec is a TOML table")
         known = {"name", "description", "strategies", "variants", "profiles", "cost_profile", "timeout_seconds",
                  "stdout", "seed", "max_tasks_per_child", "kill_after_seconds", "fit", "guest", "backends", "hw"}
         unknown = set(raw) - known
@@ -254,20 +330,74 @@ class MatrixSpec:
         guests_raw = raw.get("guest") or []
         if not isinstance(guests_raw, list) or not guests_raw:
             raise SpecError(f"{where}: needs at least one [[guest]] table")
+        top = {}
+        for key in AXES:
+            if key in raw:
+                top[key] = _axis_value(where, key, raw[key])
+        if "variants" in top:
+            _choices(where, "variants", top["variants"], VARIANTS, "variant")
+        if "profiles" in top:
+            _choices(where, "profiles", top["profiles"], HV_PROFILES, "hypervisor profile")
+        if "backends" in top:
+            _choices(where, "backends", top["backends"], BACKENDS, "backend")
+        for key in ("name", "description"):
+            if key in raw:
+                _string(where, key, raw[key], empty=True)
+        if "cost_profile" in raw:
+            _check_cost_profile(where, _string(where, "cost_profile", raw["cost_profile"]))
+        if "timeout_seconds" in raw:
+            _number(where, "timeout_seconds", raw["timeout_seconds"], 0, MAX_TIMEOUT, lo_open=True)
+        if "kill_after_seconds" in raw:
+            _number(where, "kill_after_seconds", raw["kill_after_seconds"], 0, MAX_TIMEOUT, lo_open=True)
+        if "stdout" in raw:
+            _choices(where, "stdout", [_string(where, "stdout", raw["stdout"])], STDOUT_KINDS, "stdout kind")
+        if "seed" in raw:
+            _integer(where, "seed", raw["seed"], 0, 2**63 - 1)
+        if "max_tasks_per_child" in raw:
+            _integer(where, "max_tasks_per_child", raw["max_tasks_per_child"], 1, 1_000_000)
+        fit = raw.get("fit", {})
+        if not isinstance(fit, dict):
+            raise SpecError(f"{where}: [fit] must be a table (guest, tree, variant, profile)")
+        bad = set(fit) - FIT_KEYS
+        if bad:
+            raise SpecError(f"{where}: [fit]: unknown key(s) {', '.join(sorted(bad))} "
+                            f"(known: {', '.join(sorted(FIT_KEYS))})")
+        for key in fit:
+            _string(where, f"[fit] {key}", fit[key])
+        if "variant" in fit:
+            _choices(where, "[fit] variant", [fit["variant"]], VARIANTS, "variant")
+        if "profile" in fit:
+            _choices(where, "[fit] profile", [fit["profile"]], HV_PROFILES, "hypervisor profile")
+        hw = raw.get("hw", {})
+        if not isinstance(hw, dict):
+            raise SpecError(f"{where}: [hw] must be a table ({', '.join(sorted(HW_KEYS))})")
+        hw = dict(hw)
+        if "strategies" in hw:
+            hw["strategies"] = _string_list(where, "[hw] strategies", hw["strategies"])
+        if "variants" in hw:
+            hw["variants"] = _choices(where, "[hw] variants", _string_list(where, "[hw] variants", hw["variants"]),
+                                      VARIANTS, "variant")
+        if "repeat" in hw:
+            _integer(where, "[hw] repeat", hw["repeat"], 1, MAX_HW_REPEAT)
+        if "cpu" in hw:
+            _integer(where, "[hw] cpu", hw["cpu"], -1, 4095)
         guests = []
         gknown = {"name", "args", "trees", "tree", "applet", "weight", "stdout", "seed", "root", "label", "rootfs",
                   "tree_at", "env", *AXES}
         for i, g in enumerate(guests_raw):
             if not isinstance(g, dict) or "name" not in g:
                 raise SpecError(f"{where}: [[guest]] #{i + 1} needs a name")
-            if not isinstance(g["name"], str) or not g["name"]:
+            if not isinstance(g["name"], str) or not g["name"] or "\x00" in g["name"]:
                 raise SpecError(f"{where}: [[guest]] #{i + 1}: name must be a non-empty string")
             bad = set(g) - gknown
             if bad:
                 raise SpecError(f"{where}: [[guest]] {g['name']}: unknown key(s) {', '.join(sorted(bad))}")
             name = g["name"]
+            gw = f"{where}: [[guest]] {name}"
             rootfs = _guest_rootfs(where, g)
             rooted_program = rootfs is not None and name.startswith("/")
+            if "tree" in g and "trees" in g:
+                raise SpecError(f"{gw}: give trees or tree, not both")
             trees = g.get("trees", [g["tree"]] if "tree" in g else ([] if rooted_program else ["small"]))
             if isinstance(trees, str):
                 trees = [trees]
@@ -279,6 +409,7 @@ class MatrixSpec:
             args = g.get("args", [])
             if isinstance(args, str) or not isinstance(args, list) or not all(isinstance(a, str) for a in args):
                 raise SpecError(f"{where}: [[guest]] {name}: args must be a list of strings")
+            _string_list(gw, "args", args, one_ok=False, empty_ok=True)
             label = g.get("label")
             if label is not None and (not isinstance(label, str) or not label.strip()):
                 raise SpecError(f"{where}: [[guest]] {name}: label must be a non-empty string")
@@ -294,7 +425,22 @@ class MatrixSpec:
                 raise SpecError(f"{where}: [[guest]] {name}: env must be a list of \"KEY=VALUE\" strings")
             if rooted_program and g.get("root"):
                 raise SpecError(f"{where}: [[guest]] {name}: a program of a root filesystem takes trees, not root")
-            overrides = {k: g[k] for k in AXES if k in g}
+            applet = g.get("applet")
+            if applet is not None:
+                _string(gw, "applet", applet)
+            weight = _number(gw, "weight", g.get("weight", 1.0), 0, 1e6, lo_open=True)
+            stdout = g.get("stdout")
+            if stdout is not None:
+                _choices(gw, "stdout", [_string(gw, "stdout", stdout)], STDOUT_KINDS, "stdout kind")
+            seed = g.get("seed")
+            if seed is not None:
+                _integer(gw, "seed", seed, 0, 2**63 - 1)
+            root = g.get("root")
+            if root is not None:
+                _string(gw, "root", root)
+                if not os.path.isdir(root):
+                    raise SpecError(f"{gw}: root {root!r} is not a directory here")
+            overrides = {k: _axis_value(gw, k, g[k]) for k in AXES if k in g}
             if rooted_program:
                 variants = overrides.get("variants", ["default"])
                 variants = [variants] if isinstance(variants, str) else variants
@@ -303,25 +449,25 @@ class MatrixSpec:
                                     "packaged build: variants = [\"default\"]")
                 overrides["variants"] = ["default"]
             guests.append(GuestEntry(
-                name=name, args=list(args), trees=list(trees), applet=g.get("applet"),
-                weight=float(g.get("weight", 1.0)), stdout=g.get("stdout"), seed=g.get("seed"),
-                root=g.get("root"), label=label, rootfs=rootfs, tree_at=tree_at, env=list(env),
+                name=name, args=list(args), trees=list(trees), applet=applet,
+                weight=weight, stdout=stdout, seed=seed,
+                root=root, label=label, rootfs=rootfs, tree_at=tree_at, env=list(env),
                 overrides=overrides))
         spec = cls(
             name=str(raw.get("name") or Path(source).stem or "matrix"),
             description=str(raw.get("description", "")),
-            strategies=raw.get("strategies", "all"),
-            variants=list(raw.get("variants", ["default", "nosegneg"])),
-            profiles=list(raw.get("profiles", ["nonpae"])),
+            strategies=top.get("strategies", "all"),
+            variants=list(top.get("variants", ["default", "nosegneg"])),
+            profiles=list(top.get("profiles", ["nonpae"])),
             cost_profile=str(raw.get("cost_profile", "nominal")),
             timeout_seconds=float(raw.get("timeout_seconds", 300.0)),
             stdout=str(raw.get("stdout", "pipe")),
             seed=int(raw.get("seed", 0)),
             max_tasks_per_child=int(raw.get("max_tasks_per_child", 20)),
             kill_after_seconds=float(raw["kill_after_seconds"]) if "kill_after_seconds" in raw else None,
-            fit=dict(raw.get("fit", {})),
-            backends=[raw["backends"]] if isinstance(raw.get("backends"), str) else list(raw.get("backends", ["unicorn"])),
-            hw=dict(raw.get("hw", {})),
+            fit=dict(fit),
+            backends=list(top.get("backends", ["unicorn"])),
+            hw=hw,
             guests=guests,
             source=source,
             raw=raw,
@@ -343,6 +489,8 @@ class MatrixSpec:
                     raise SpecError(f"{where}: unknown hypervisor profile {p!r} (nonpae | pae)")
             for s in self._strategies(g):
                 self._check_strategy(s)
+            for v in self._axis("variants", g):
+                _check_guest(where, g, v)
             if not g.root:
                 for t in (t for t in g.tree_list() if t is not None):
                     try:
@@ -352,6 +500,10 @@ class MatrixSpec:
         if self.timeout_seconds <= 0:
             raise SpecError(f"{where}: timeout_seconds must be > 0")
         self._validate_backends()
+        n = sum(len(g.tree_list()) * len(self._axis("variants", g)) * len(self._strategies(g))
+                * len(self._axis("profiles", g)) * len(self._axis("backends", g)) for g in self.guests)
+        if n > MAX_CELLS:
+            raise SpecError(f"{where}: the matrix has {n:,} cells, more than the limit of {MAX_CELLS:,}")
 
     def _validate_backends(self) -> None:
         where = self.source or "spec"
@@ -440,6 +592,41 @@ class MatrixSpec:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "source": self.source, "toml": self.raw}
+
+
+def _check_cost_profile(where: str, name: str) -> None:
+    from tlslab.hypervisor import costmodel
+
+    known = list(costmodel.available_profiles())
+    if name not in known and name not in ("fit", "xen-2004"):
+        raise SpecError(f"{where}: cost_profile: unknown cost profile {name!r} "
+                        f"(choose from {', '.join([*known, 'fit'])}; see `tlslab costs`)")
+
+
+def _check_guest(where: str, g: "GuestEntry", variant: str) -> None:
+    """The guest exists: a bundled name (in this variant), a Debian guest, or a path to a file. Programs of a
+    root filesystem are looked up in the root when their cells run (skipped if it is not fetched)."""
+    from tlslab import debian
+    from tlslab.guests import VARIANT_SUFFIX, _bundled_entries, _looks_like_path, _split_name, manifest_path
+
+    if g.rooted_program:
+        return
+    name = g.name
+    try:
+        base, var = _split_name(name, variant)
+    except Exception as exc:  # noqa: BLE001 -- a name the registry cannot even split
+        raise SpecError(f"{where}: [[guest]] {name}: {exc}") from None
+    entries = _bundled_entries() if manifest_path().exists() else {}
+    if base + VARIANT_SUFFIX.get(var, "") in entries or base in debian.GUEST_PACKAGES:
+        return
+    if _looks_like_path(name):
+        if not os.path.isfile(name):
+            raise SpecError(f"{where}: [[guest]] {name}: no such file")
+        return
+    names = sorted({e["name"] for e in entries.values()} | set(debian.GUEST_PACKAGES))
+    if any(base + VARIANT_SUFFIX.get(v, "") in entries for v in VARIANT_SUFFIX):
+        raise SpecError(f"{where}: [[guest]] {name}: has no {var} build")
+    raise SpecError(f"{where}: [[guest]] {name}: unknown guest (known: {', '.join(names)}; or a path)")
 
 
 def _hw_cell_skip(spec: RunSpec) -> str | None:

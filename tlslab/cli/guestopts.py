@@ -7,15 +7,22 @@ with the registries instead of repeating literals in each command.
 
 from __future__ import annotations
 
+import os
+
 from tlslab.cli import UsageError
 
 GUEST_HELP = ("bundled guest name (see `tlslab guests`; lsr, lsr.nosegneg, lsr.dyn), busybox, a path to an "
               "i386 ELF, or with --rootfs an absolute path inside the root (e.g. /bin/ls)")
 
 
+MAX_TIMEOUT = 7 * 86400.0
+MAX_SEED = 2**63 - 1
+
+
 def add_guest_options(p, tree_default_note: str = "small") -> None:
     """Guest, arguments, build variant, filesystem and environment options."""
     from tlslab.guests import VARIANTS
+    from tlslab.linux.tree import LIMITS_HELP
 
     p.add_argument("guest", help=GUEST_HELP)
     p.add_argument("args", nargs="*", help="guest arguments (put them after --)")
@@ -24,7 +31,8 @@ def add_guest_options(p, tree_default_note: str = "small") -> None:
     p.add_argument("--profile", choices=("nonpae", "pae"), default="nonpae", help="hypervisor start profile")
     fs = p.add_mutually_exclusive_group()
     fs.add_argument("--tree", default=None,
-                    help=f"synthetic tree spec or name (small, 4k, dirs=..,files=..); default: {tree_default_note}")
+                    help=f"synthetic tree spec or name (small, 4k, dirs=..,files=..,symlinks=..,depth=..); "
+                    f"{LIMITS_HELP}; default: {tree_default_note}")
     fs.add_argument("--root", default=None, help="show this host directory read-only instead of a synthetic tree")
     p.add_argument("--rootfs", default=None, metavar="NAME",
                    help="run inside a pinned root filesystem (debian; see `tlslab rootfs`): absolute guest paths, "
@@ -35,8 +43,10 @@ def add_guest_options(p, tree_default_note: str = "small") -> None:
                    help="set (K=V) or remove (K=) a guest environment variable; repeatable. Fixed default: "
                    "PATH, HOME, LANG=C, TERM=dumb, and LC_ALL=C under a root filesystem")
     p.add_argument("--applet", default=None, help="argv[0] (busybox applet name, e.g. ls)")
-    p.add_argument("--seed", type=int, default=0, help="seed for getrandom/AT_RANDOM and the tree")
-    p.add_argument("--timeout", type=float, default=0, help="wall-clock limit in seconds (0: none)")
+    p.add_argument("--seed", type=int, default=0, help=f"seed for getrandom/AT_RANDOM and the tree (0..2^63-1)")
+    p.add_argument("--timeout", type=float, default=0,
+                   help=f"wall-clock limit in seconds for the whole run, building its filesystem included "
+                   f"(0: none; at most {MAX_TIMEOUT:g})")
 
 
 def spec_from_args(args, strategy: str, **extra):
@@ -48,11 +58,21 @@ def spec_from_args(args, strategy: str, **extra):
     from tlslab.experiment import RunSpec
     from tlslab.linux.tree import TreeSpec, TreeSpecError
 
+    import math
+
     if args.tree is not None:
         try:
             TreeSpec.parse(args.tree)
         except TreeSpecError as exc:
             raise UsageError(str(exc)) from None
+    if not math.isfinite(args.timeout) or not 0 <= args.timeout <= MAX_TIMEOUT:
+        raise UsageError(f"--timeout {args.timeout:g}: expected 0 (no limit) .. {MAX_TIMEOUT:g} seconds")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed {args.seed}: expected 0 .. 2^63-1")
+    if not args.guest or "\x00" in args.guest or any("\x00" in a for a in args.args):
+        raise UsageError("the guest and its arguments must be non-empty strings without NUL characters")
+    if args.root is not None and not os.path.isdir(args.root):
+        raise UsageError(f"--root {args.root!r}: not a directory")
     for item in args.env:
         if "=" not in item or item.startswith("="):
             raise UsageError(f"--env {item!r}: expected KEY=VALUE (or KEY= to remove KEY)")

@@ -12,10 +12,13 @@ repeats we report min / median / max, per guest and pooled over guests, plus
 one unpinned run per guest and strategy (BRIEF 4b: unpinned faults cost
 several times more, with high variance).
 
-The result is a ``CostProfile`` (kind "measured", name ``hw-<host>``) in
-``tlslab/hypervisor/profiles/`` and the raw timings in
-``tlslab/hypervisor/profiles/raw/hw-<host>.raw.json`` (a subdirectory, so the
-profile loader, which reads every ``profiles/*.json``, never sees them).
+The result is a ``CostProfile`` (kind "measured", name ``hw-<host>``) in the
+user's profile directory (``$TLSLAB_PROFILES`` or ``~/.config/tlslab/profiles``,
+:func:`tlslab.hypervisor.costmodel.user_profile_dir`; the bundled
+``tlslab/hypervisor/profiles/`` only with ``--replace-bundled``) and the raw
+timings in ``raw/hw-<host>.raw.json`` beside it (a subdirectory, so the
+profile loader, which reads every ``*.json`` there, never sees them). The
+profile's provenance names the host and CPU model it was measured on.
 Price split (a convention; only the per-fault totals are measured):
 ``trap_ns`` = the cheaper of the two per-fault costs (the #GP -> ptrace stop
 -> resume round trip both pay), ``emulated_access_ns`` = emulate's extra per
@@ -204,6 +207,9 @@ def make_profile(raw: dict):
         descriptor_write_ns=flp - trap,
         provenance={
             "measured": raw["started"],
+            "host": raw["host"],
+            "cpu_model": raw.get("cpu_model"),
+            "kernel": raw.get("kernel"),
             "guests": list(raw["guests"]),
             "repeat": raw["options"]["repeat"],
             "tree": raw["options"]["tree"],
@@ -216,9 +222,12 @@ def make_profile(raw: dict):
     )
 
 
-def profile_paths(host: str | None = None, out_dir: Path | None = None) -> tuple[Path, Path]:
-    from tlslab.hypervisor.costmodel import PROFILE_DIR
+def profile_paths(host: str | None = None, out_dir: Path | None = None,
+                  bundled: bool = False) -> tuple[Path, Path]:
+    """Where the profile and its raw timings go: ``out_dir``, else the bundled directory if ``bundled``,
+    else the user's profile directory."""
+    from tlslab.hypervisor.costmodel import PROFILE_DIR, user_profile_dir
 
     host = host or host_name()
-    base = Path(out_dir) if out_dir else PROFILE_DIR
+    base = Path(out_dir) if out_dir else (PROFILE_DIR if bundled else user_profile_dir())
     return base / f"hw-{host}.json", base / "raw" / f"hw-{host}.raw.json"

@@ -15,10 +15,22 @@ just weighted counts).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PROFILE_DIR = Path(__file__).with_name("profiles")
+PROFILE_DIR = Path(__file__).with_name("profiles")   # bundled profiles (tracked in the repository)
+
+
+def user_profile_dir() -> Path:
+    """Where ``tlslab calibrate`` and ``tlslab costs fit-xen-2004`` write: $TLSLAB_PROFILES, else
+    $XDG_CONFIG_HOME/tlslab/profiles (~/.config/tlslab/profiles). A profile here overrides a bundled
+    profile of the same name."""
+    env = os.environ.get("TLSLAB_PROFILES")
+    if env:
+        return Path(env)
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(config) / "tlslab" / "profiles"
 
 PRICE_FIELDS = (
     "instruction_ns",
@@ -30,6 +42,10 @@ PRICE_FIELDS = (
     "patch_ns",
     "notification_ns",
 )
+
+
+FAULT_PRICE_FIELDS = ("trap_ns", "decode_ns", "descriptor_write_ns", "emulated_access_ns", "patch_ns",
+                     "notification_ns")
 
 
 @dataclass(frozen=True)
@@ -48,10 +64,18 @@ class CostProfile:
     fitted_on: str = ""             # for kind == "fitted": targets and workload
     provenance: dict = field(default_factory=dict)
 
+    def prices_faults(self) -> bool:
+        """Whether a fault costs anything under this profile (else every strategy models as native)."""
+        return any(getattr(self, f) for f in FAULT_PRICE_FIELDS)
+
     def label(self) -> str:
         if self.kind == "fitted":
-            return f"{self.name} (FITTED to {self.fitted_on})"
-        return f"{self.name} ({self.kind})"
+            text = f"{self.name} (FITTED to {self.fitted_on}"
+        elif self.kind == "nominal":
+            text = f"{self.name} (nominal: a weighted instruction count, not a time"
+        else:
+            text = f"{self.name} ({self.kind}"
+        return text + ("" if self.prices_faults() else "; faults not priced") + ")"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -100,10 +124,24 @@ NOMINAL = CostProfile(
 
 
 def available_profiles() -> dict[str, CostProfile]:
+    """nominal, the bundled profiles, then the user's (a user profile replaces a bundled one of its name;
+    an unreadable or malformed user file is left out)."""
     profiles = {NOMINAL.name: NOMINAL}
     if PROFILE_DIR.is_dir():
         for path in sorted(PROFILE_DIR.glob("*.json")):
             p = CostProfile.from_json(path.read_text())
+            profiles[p.name] = p
+    user = user_profile_dir()
+    try:
+        paths = sorted(user.glob("*.json")) if user.is_dir() else []
+    except OSError:
+        paths = []
+    for path in paths:
+        try:
+            p = CostProfile.from_json(path.read_text())
+        except (OSError, ValueError, TypeError):
+            continue
+        if p.name != NOMINAL.name:
             profiles[p.name] = p
     return profiles
 

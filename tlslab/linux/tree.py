@@ -32,6 +32,16 @@ class TreeSpecError(ValueError):
     """A malformed tree spec string (one line)."""
 
 
+#: Bounds of every tree spec (inclusive): a tree is built in memory before the guest starts, so a spec
+#: is refused with one line instead of taking minutes and gigabytes. ``entries`` = dirs + files + symlinks.
+LIMITS = {"dirs": 100_000, "files": 500_000, "symlinks": 100_000, "depth": 64, "seed": 2**63 - 1,
+          "fanout": 1_000_000, "dangling": 100, "max_size": 64 << 20}
+MAX_ENTRIES = 500_000
+MAX_SPEC_CHARS = 1000
+LIMITS_HELP = (f"at most {LIMITS['dirs']:,} dirs, {LIMITS['files']:,} files, {LIMITS['symlinks']:,} symlinks "
+               f"and {MAX_ENTRIES:,} entries in all; depth 1..{LIMITS['depth']}; max_size <= 64 MiB")
+
+
 @dataclass(frozen=True)
 class TreeSpec:
     dirs: int = 30
@@ -45,22 +55,36 @@ class TreeSpec:
 
     @classmethod
     def parse(cls, text: str) -> TreeSpec:
+        if not isinstance(text, str):
+            raise TreeSpecError(f"a tree spec is a string, not {type(text).__name__}")
+        if len(text) > MAX_SPEC_CHARS:
+            raise TreeSpecError(f"tree spec of {len(text)} characters (at most {MAX_SPEC_CHARS})")
         text = NAMED_TREES.get(text, text)
         known = {f.name for f in fields(cls)}
         values = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = part.partition("=")
+            key = key.strip()
             if not sep or key not in known:
-                raise TreeSpecError(f"bad tree spec item {part!r} (known: {', '.join(sorted(known))})")
-            try:
-                values[key] = int(value)
-            except ValueError:
-                raise TreeSpecError(f"tree spec {key}={value!r} is not an integer") from None
-            if values[key] < 0:
-                raise TreeSpecError(f"tree spec {key} must be >= 0")
+                raise TreeSpecError(f"bad tree spec item {part!r} (known: {', '.join(sorted(known))}; or a name: "
+                                    f"{', '.join(NAMED_TREES)})")
+            value = value.strip()
+            if not value.isascii() or not value.isdigit() or len(value) > 19:
+                raise TreeSpecError(f"tree spec {key}={value!r} is not an integer 0..{LIMITS[key]}")
+            values[key] = int(value)
+            if values[key] > LIMITS[key]:
+                raise TreeSpecError(f"tree spec {key}={values[key]} is more than the limit of {LIMITS[key]:,}")
         if values.get("depth", 1) < 1:
             raise TreeSpecError("tree spec depth must be >= 1")
-        return cls(**values)
+        spec = cls(**values)
+        if spec.entries > MAX_ENTRIES:
+            raise TreeSpecError(f"tree spec of {spec.entries:,} entries (dirs + files + symlinks): more than the "
+                                f"limit of {MAX_ENTRIES:,}")
+        return spec
+
+    @property
+    def entries(self) -> int:
+        return self.dirs + self.files + self.symlinks
 
     def __str__(self) -> str:
         return ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
@@ -93,6 +117,53 @@ def _size(rng: random.Random, max_size: int) -> int:
     return min(max_size, int(rng.lognormvariate(7.0, 1.6)))
 
 
+class _OrderedSubset:
+    """A subset of 0..n-1 as a sequence in increasing order, with O(log n) add, discard, len and
+    indexing (a Fenwick tree of membership bits): ``random.choice`` on it draws exactly what it would
+    draw on the equivalent list."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.tree = [0] * (n + 1)
+        self.member = bytearray(n)
+        self.count = 0
+        self.top = 1 << max(0, n.bit_length() - 1) if n else 0
+
+    def _update(self, i: int, delta: int) -> None:
+        i += 1
+        while i <= self.n:
+            self.tree[i] += delta
+            i += i & -i
+
+    def add(self, i: int) -> None:
+        if not self.member[i]:
+            self.member[i] = 1
+            self.count += 1
+            self._update(i, 1)
+
+    def discard(self, i: int) -> None:
+        if self.member[i]:
+            self.member[i] = 0
+            self.count -= 1
+            self._update(i, -1)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k: int) -> int:
+        """The k-th member (0-based) in increasing order."""
+        if not 0 <= k < self.count:
+            raise IndexError(k)
+        pos, rest, step = 0, k + 1, self.top
+        while step:
+            nxt = pos + step
+            if nxt <= self.n and self.tree[nxt] < rest:
+                pos = nxt
+                rest -= self.tree[nxt]
+            step >>= 1
+        return pos          # 0-based index of the member (1-based position pos + 1)
+
+
 class SyntheticTree:
     """The entries of one spec, in creation order (the root itself is not listed)."""
 
@@ -112,15 +183,30 @@ class SyntheticTree:
         rng = random.Random(f"tlslab-tree:{s.seed}")
         dirs: list[tuple[str, int]] = [("", 0)]          # (path, depth)
         names: dict[str, set[str]] = {"": set()}
-        subdirs: dict[str, int] = {"": 0}
+        subdirs: list[int] = [0]                         # per dirs index
+        # The parent of each new directory is drawn uniformly from the directories, in creation order,
+        # that are shallower than depth and have fewer than fanout subdirectories (else from all the
+        # shallower ones). Both lists are kept up to date instead of rebuilt per directory, so a tree
+        # of n directories costs O(n log n), not O(n^2); the draws are the same as rebuilding them.
+        shallow = [0]                                    # indices of dirs with depth < s.depth
+        open_ = _OrderedSubset(s.dirs + 1)               # ... and fewer than fanout subdirectories
+        if s.fanout > 0:
+            open_.add(0)
         for _ in range(s.dirs):
-            candidates = [d for d in dirs if d[1] < s.depth and subdirs[d[0]] < s.fanout]
-            candidates = candidates or [d for d in dirs if d[1] < s.depth]
-            parent, depth = rng.choice(candidates)
+            k = rng.choice(open_) if len(open_) else rng.choice(shallow)
+            parent, depth = dirs[k]
             path = posixpath.join(parent, _name(rng, names[parent]))
+            index = len(dirs)
             dirs.append((path, depth + 1))
-            names[path], subdirs[path] = set(), 0
-            subdirs[parent] += 1
+            names[path] = set()
+            subdirs.append(0)
+            subdirs[k] += 1
+            if subdirs[k] == s.fanout:
+                open_.discard(k)
+            if depth + 1 < s.depth:
+                shallow.append(index)
+                if s.fanout > 0:
+                    open_.add(index)
             self.entries.append(TreeEntry(path, "dir", 0o755, self._mtime(rng)))
         files = []
         for _ in range(s.files):

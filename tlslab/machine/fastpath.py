@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,6 +178,24 @@ def build_library() -> Path:
 
 _LIB: ctypes.CDLL | None = None
 
+#: every live fast path, so that Ctrl-C can stop whichever one is running (:func:`request_stop_all`)
+_LIVE: "weakref.WeakSet[Fastpath]" = weakref.WeakSet()
+
+
+def request_stop_all() -> int:
+    """Make every live fast path stop its guest at the block hook's next clock check (a deadline of "now").
+
+    Called on Ctrl-C, possibly from a thread other than the one in ``emu_start``: a guest spinning
+    without system calls never returns to Python, so only the block hook can stop it. Returns how many
+    fast paths were told."""
+    try:
+        live = list(_LIVE)
+    except RuntimeError:        # the set changed while we looked: try once more
+        live = list(_LIVE)
+    for fp in live:
+        fp.header.deadline_ns = 1
+    return len(live)
+
 
 def load_library() -> ctypes.CDLL:
     global _LIB
@@ -241,6 +260,7 @@ class Fastpath:
         self.on_window_access = ctypes.cast(lib.fp_on_window_access, ctypes.c_void_p).value
         self.on_block = ctypes.cast(lib.fp_on_block, ctypes.c_void_p).value
         self.on_prot = ctypes.cast(lib.fp_on_prot, ctypes.c_void_p).value
+        _LIVE.add(self)
 
     def enable_sign_trace(self, capacity: int = 1 << 22) -> None:
         """Record, per segment register, the lengths of runs of same-sign offsets."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from tlslab.cli import UsageError
+from tlslab.cli import Interrupted, UsageError
 
 
 def register(sub) -> None:
@@ -18,7 +18,8 @@ def register(sub) -> None:
         "faults per 1,000 instructions, per guest and build.",
     )
     p.add_argument("spec", nargs="?", default=None, help="matrix spec (TOML); default: the bundled default matrix")
-    p.add_argument("--jobs", "-j", type=int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--jobs", "-j", type=int, default=None,
+                   help=f"worker processes, 1..{MAX_JOBS} (default: one per core)")
     p.add_argument("--resume", metavar="RUN", default=None,
                    help="finish an interrupted run (a run id under --out, or a run directory)")
     p.add_argument("--retry-failed", action="store_true",
@@ -31,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--cost-profile", default=None,
                    help="cost profile for the summary table (default: the spec's cost_profile)")
     p.set_defaults(handler=run)
+
+
+MAX_JOBS = 1024
 
 
 def default_jobs() -> int:
@@ -47,16 +51,24 @@ def run(args) -> int:
     from tlslab.bench import runner, summary
     from tlslab.bench.spec import SpecError, load_spec
     from tlslab.bench.store import StoreError, resolve_run
+    from rich.markup import escape
 
     jobs = args.jobs if args.jobs is not None else default_jobs()
-    if jobs < 1:
-        raise UsageError("--jobs must be >= 1")
+    if not 1 <= jobs <= MAX_JOBS:
+        raise UsageError(f"--jobs must be 1..{MAX_JOBS}")
     if args.resume and args.spec:
         raise UsageError("give either a SPEC or --resume RUN (a run keeps its own spec in run.json)")
     if args.retry_failed and not args.resume:
         raise UsageError("--retry-failed needs --resume RUN")
     err = Console(stderr=True, highlight=False)
     out = Console(highlight=False)
+    if args.cost_profile is not None:
+        from tlslab.bench.spec import _check_cost_profile
+
+        try:
+            _check_cost_profile("--cost-profile", args.cost_profile)
+        except SpecError as exc:
+            raise UsageError(str(exc)) from None
     argv = ["tlslab", "bench", *sys.argv[2:]] if sys.argv and sys.argv[0].endswith(("tlslab", "__main__.py")) \
         else list(sys.argv)
 
@@ -67,9 +79,9 @@ def run(args) -> int:
         except StoreError as exc:
             raise UsageError(str(exc)) from None
         for w in warnings:
-            err.print(f"[yellow]warning:[/] {w}")
-        err.print(f"resuming run {rundir.id}: {len(cells) - len(todo)} of {len(cells)} cells already recorded, "
-                  f"{len(todo)} to run")
+            err.print(f"[yellow]warning:[/] {escape(str(w))}")
+        err.print(escape(f"resuming run {rundir.id}: {len(cells) - len(todo)} of {len(cells)} cells already "
+                         f"recorded, {len(todo)} to run"))
     else:
         try:
             spec = load_spec(args.spec)
@@ -81,19 +93,30 @@ def run(args) -> int:
         except SpecError as exc:
             raise UsageError(str(exc)) from None
         todo = cells
-        err.print(f"run {rundir.id}: {len(cells)} cells ({spec.source}), {jobs} worker(s) -> {rundir.cells_path}")
+        err.print(escape(f"run {rundir.id}: {len(cells)} cells ({spec.source}), {jobs} worker(s) -> "
+                         f"{rundir.cells_path}"))
 
-    if todo:
-        _run_with_progress(rundir, todo, jobs, err, args.no_progress, argv)
-    s = summary.summarize(rundir, args.cost_profile)
-    summary.render(s, out)
-    (rundir.path / "summary.txt").write_text(_render_text(s))
-    if args.report:
-        from tlslab.report.build import build_report
+    try:
+        if todo:
+            _run_with_progress(rundir, todo, jobs, err, args.no_progress, argv)
+        s = summary.summarize(rundir, args.cost_profile)
+        summary.render(s, out)
+        (rundir.path / "summary.txt").write_text(_render_text(s))
+        if args.report:
+            from tlslab.report.build import build_report
 
-        index = build_report(rundir, rundir.path / "report", args.cost_profile, "tlslab bench --report")
-        out.print(f"report: {index}")
-    out.print(f"results: {rundir.path}  (report: tlslab report {rundir.path}; csv: tlslab export {rundir.path} --csv)")
+            index = build_report(rundir, rundir.path / "report", args.cost_profile, "tlslab bench --report")
+            out.print(escape(f"report: {index}"))
+    except KeyboardInterrupt:
+        raise Interrupted(f"finished cells are saved in {rundir.path}; finish with "
+                          f"`tlslab bench --resume {rundir.path}`") from None
+    out.print(escape(f"results: {rundir.path}  (report: tlslab report {rundir.path}; "
+                     f"csv: tlslab export {rundir.path} --csv)"))
+    measured = sum(v for k, v in s.counts.items() if k.split(" ")[0] in ("ok", "guest-crash"))
+    failed = sum(v for k, v in s.counts.items() if k.split(" ")[0] == "failed")
+    if failed and not measured:
+        err.print(f"[bold red]every cell that ran failed[/] ({failed}): see the reasons above")
+        return 1
     return 0
 
 
@@ -106,7 +129,7 @@ def _render_text(s) -> str:
     from tlslab.bench import summary
 
     buf = io.StringIO()
-    summary.render(s, Console(file=buf, width=140, force_terminal=False, color_system=None))
+    summary.render(s, Console(file=buf, width=160, force_terminal=False, color_system=None))
     return buf.getvalue()
 
 
@@ -120,10 +143,15 @@ def _run_with_progress(rundir, todo, jobs, err, no_progress, argv) -> None:
     total = sum(c.weight for c in todo if not c.skip) or 1.0
     counts = {"done": 0, "failed": 0, "crash": 0}
     n = len(todo)
-    progress = Progress(SpinnerColumn(), TextColumn("[bold]bench[/]"), BarColumn(),
-                        TextColumn("{task.fields[cells]}"), TextColumn("elapsed"), TimeElapsedColumn(),
-                        TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"),
-                        console=err, disable=no_progress, transient=False)
+    if err.width >= 120:
+        columns = (SpinnerColumn(), TextColumn("[bold]bench[/]"), BarColumn(),
+                   TextColumn("{task.fields[cells]}"), TextColumn("elapsed"), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[last]}"))
+    else:   # 80 columns: no last-cell label, a shorter bar; the cell count and both times stay whole
+        columns = (SpinnerColumn(), BarColumn(bar_width=max(10, err.width - 62)),
+                   TextColumn("{task.fields[cells]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn())
+    progress = Progress(*columns, console=err, disable=no_progress, transient=False)
     task = progress.add_task("bench", total=total, cells=f"0/{n} cells", last="")
 
     def on_cell(cell, record) -> None:
@@ -135,16 +163,11 @@ def _run_with_progress(rundir, todo, jobs, err, no_progress, argv) -> None:
         elif outcome == "guest-crash":
             counts["crash"] += 1
         extra = "".join([f", {counts['failed']} failed" if counts["failed"] else "",
-                         f", {counts['crash']} guest crashes" if counts["crash"] else ""])
+                         f", {counts['crash']} crashed" if counts["crash"] else ""])
         progress.update(task, advance=0 if cell.skip else cell.weight, cells=f"{counts['done']}/{n} cells{extra}",
                         last=escape(cell.label))
         if no_progress:
             err.print(escape(f"[{counts['done']}/{n}] {cell.label}: {outcome}"))
 
-    try:
-        with progress:
-            runner.execute_run(rundir, todo, jobs, progress=on_cell, argv=argv)
-    except KeyboardInterrupt:
-        err.print(f"[yellow]interrupted[/]: finished cells are saved; finish with "
-                  f"`tlslab bench --resume {rundir.path}`")
-        raise
+    with progress:
+        runner.execute_run(rundir, todo, jobs, progress=on_cell, argv=argv)

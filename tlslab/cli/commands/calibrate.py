@@ -4,15 +4,21 @@
     tlslab calibrate --repeat 9 --guest lsr --guest syscalls.nosegneg
     tlslab calibrate --no-write            # measure and print only
 
-Writes ``tlslab/hypervisor/profiles/hw-<host>.json`` (a CostProfile, kind
-"measured") and ``tlslab/hypervisor/profiles/raw/hw-<host>.raw.json``.
+Writes ``hw-<host>.json`` (a CostProfile, kind "measured") and
+``raw/hw-<host>.raw.json`` to the user's profile directory ($TLSLAB_PROFILES or
+~/.config/tlslab/profiles); ``--replace-bundled`` writes the bundled
+``tlslab/hypervisor/profiles/`` instead (the copy tracked in the repository).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
-from tlslab.cli import UsageError
+from tlslab.cli import RunFailed, UsageError
+
+
+MAX_REPEAT = 1000
 
 
 def register(sub) -> None:
@@ -25,7 +31,7 @@ def register(sub) -> None:
         "hw flip; per-fault cost = (strategy time - traced native time) / faults. Writes a "
         "measured cost profile hw-<host> and the raw timings.",
     )
-    p.add_argument("--repeat", type=int, default=5, help="repeats per guest and strategy (default 5)")
+    p.add_argument("--repeat", type=int, default=5, help=f"repeats per guest and strategy, 1..{MAX_REPEAT} (default 5)")
     p.add_argument("--guest", action="append", metavar="GUEST",
                    help=f"guest to measure (repeatable; default: {' '.join(DEFAULT_GUESTS)})")
     p.add_argument("--cpu", type=int, default=0, help="CPU to pin tracer and guest to (default 0)")
@@ -34,7 +40,10 @@ def register(sub) -> None:
     p.add_argument("--no-model", action="store_true",
                    help="do not run the Unicorn model for instruction counts (instruction_ns = 0)")
     p.add_argument("--no-write", action="store_true", help="print only; write no profile")
-    p.add_argument("--out-dir", help="write the profile here instead of tlslab/hypervisor/profiles")
+    p.add_argument("--out-dir", help="write the profile here (default: $TLSLAB_PROFILES or ~/.config/tlslab/profiles)")
+    p.add_argument("--replace-bundled", action="store_true",
+                   help="write the bundled profile in tlslab/hypervisor/profiles (tracked in the repository) "
+                   "instead of the user's directory")
     p.set_defaults(handler=run)
 
 
@@ -47,28 +56,40 @@ def run(args) -> int:
     from tlslab.hw.calibrate import (DEFAULT_GUESTS, CalibrationOptions, host_name, make_profile,
                                      profile_paths, run_calibration)
 
-    if args.repeat < 1:
-        raise UsageError("--repeat must be at least 1")
+    if not 1 <= args.repeat <= MAX_REPEAT:
+        raise UsageError(f"--repeat must be 1..{MAX_REPEAT}")
+    if args.replace_bundled and args.out_dir:
+        raise UsageError("give --out-dir or --replace-bundled, not both")
+    if args.cpu < 0 or args.cpu >= (os.cpu_count() or 1) * 64:
+        raise UsageError(f"--cpu {args.cpu}: not a CPU number of this host")
+    from tlslab.linux.tree import TreeSpec, TreeSpecError
+
+    try:
+        TreeSpec.parse(args.tree)
+    except TreeSpecError as exc:
+        raise UsageError(str(exc)) from None
     opts = CalibrationOptions(guests=tuple(args.guest or DEFAULT_GUESTS), repeat=args.repeat, cpu=args.cpu,
                               tree=args.tree, unpinned=not args.no_unpinned, with_model=not args.no_model)
-    console = Console()
-    err = Console(stderr=True)
-    profile_path, raw_path = profile_paths(host_name(), args.out_dir)
+    from rich.markup import escape
+
+    console = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    profile_path, raw_path = profile_paths(host_name(), args.out_dir, bundled=args.replace_bundled)
     try:
         raw = run_calibration(opts, None if args.no_write else raw_path,
-                              progress=lambda m: err.print(f"[dim]{m}[/dim]"))
+                              progress=lambda m: err.print(f"[dim]{escape(str(m))}[/dim]"))
     except (GuestError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     except HwError as exc:
-        print(f"tlslab calibrate: {exc}", file=sys.stderr)
-        return 1
+        raise RunFailed(str(exc)) from None
 
     us = lambda ns: f"{ns / 1000:.1f}"  # noqa: E731
     mmm = lambda st: f"{us(st['min'])} / {us(st['median'])} / {us(st['max'])}" if st.get("n") else "-"  # noqa: E731
-    table = Table(title=f"per-fault cost on {raw['host']}, µs min / median / max "
-                        f"(pinned to CPU {opts.cpu}, {opts.repeat} repeats)")
+    table = Table(title=escape(f"per-fault cost on {raw['host']}, µs min / median / max "
+                               f"(pinned to CPU {opts.cpu}, {opts.repeat} repeats)"))
+    # min / median / max wrap at the slashes in a narrow terminal instead of being cut to "1.6…"
     for col in ("guest", "E faults", "emulate µs", "F faults", "flip µs", "unpinned E/F", "=model"):
-        table.add_column(col, justify="left" if col == "guest" else "right", no_wrap=True)
+        table.add_column(col, justify="left" if col == "guest" else "right", overflow="fold")
     for key, rec in raw["guests"].items():
         pf = rec["per_fault_ns"]
         e, f = pf["emulate"], pf["flip"]
@@ -78,15 +99,15 @@ def run(args) -> int:
             agree = "yes" if (rec["model"]["emulate"]["traps"] == e["faults"]
                               and rec["model"]["flip"]["traps"] == f["faults"]) else "NO"
         unp = f"{us(un['emulate'])} / {us(un['flip'])}" if "emulate" in un and "flip" in un else "-"
-        table.add_row(key, str(e["faults"]), mmm(e), str(f["faults"]), mmm(f), unp, agree)
+        table.add_row(escape(key), str(e["faults"]), mmm(e), str(f["faults"]), mmm(f), unp, agree)
     s = raw["summary"]
     un = s["unpinned"]
     unp = (f"{us(un['emulate']['median'])} / {us(un['flip']['median'])}"
            if un["emulate"].get("n") and un["flip"].get("n") else "-")
     table.add_row("[bold]all[/bold]", "", mmm(s["pinned"]["emulate"]), "", mmm(s["pinned"]["flip"]), unp, "")
     console.print(table)
-    console.print(f"load average before/after: {raw.get('loadavg_before')} / {raw.get('loadavg_after')} "
-                  f"({raw.get('cpus')} CPUs): other work on the pinned CPU inflates these costs")
+    console.print(escape(f"load average before/after: {raw.get('loadavg_before')} / {raw.get('loadavg_after')} "
+                         f"({raw.get('cpus')} CPUs): other work on the pinned CPU inflates these costs"))
     profile = make_profile(raw)
     if args.no_write:
         console.print(f"profile {profile.name} (not written): trap {profile.trap_ns:.0f} ns, "
@@ -97,5 +118,8 @@ def run(args) -> int:
     tmp = profile_path.with_name(profile_path.name + ".tmp")
     tmp.write_text(profile.to_json())
     tmp.replace(profile_path)
-    console.print(f"wrote {profile_path} and {raw_path}")
+    console.print(escape(f"wrote {profile_path} and {raw_path}"))
+    if not args.replace_bundled and not args.out_dir:
+        console.print(escape(f"profile {profile.name} (user) overrides a bundled profile of that name; "
+                             "--replace-bundled writes tlslab/hypervisor/profiles instead"))
     return 0

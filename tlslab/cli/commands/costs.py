@@ -11,6 +11,9 @@ def register(sub) -> None:
     p.add_argument("--guest", default="lsr", help="fit workload guest (default lsr)")
     p.add_argument("--tree", default="4k", help="fit workload tree (default: the 4k tree)")
     p.add_argument("--no-write", action="store_true", help="print the fitted profile, do not save it")
+    p.add_argument("--replace-bundled", action="store_true",
+                   help="save to the bundled tlslab/hypervisor/profiles (tracked in the repository) instead of "
+                   "the user's profile directory ($TLSLAB_PROFILES or ~/.config/tlslab/profiles)")
     p.set_defaults(handler=run)
 
 
@@ -18,28 +21,47 @@ def run(args) -> int:
     from tlslab.hypervisor import costmodel
 
     if args.action == "list":
+        import textwrap
+
         for name, prof in costmodel.available_profiles().items():
             prices = ", ".join(f"{f.removesuffix('_ns')} {getattr(prof, f):,.1f} ns" for f in costmodel.PRICE_FIELDS
                                if getattr(prof, f))
-            print(f"{prof.label()}\n    {prof.description}\n    {prices}")
+            print(textwrap.fill(prof.label(), 79, subsequent_indent="    "))
+            print(textwrap.fill(prof.description, 79, initial_indent="    ", subsequent_indent="    "))
+            print(textwrap.fill(prices, 79, initial_indent="    ", subsequent_indent="    "))
         return 0
 
+    from tlslab.cli import RunFailed
     from tlslab.experiment import RunSpec, execute
+    from tlslab.guests import GuestError
+    from tlslab.linux.elf import ElfError
+    from tlslab.linux.tree import TreeSpec, TreeSpecError
 
+    try:
+        TreeSpec.parse(args.tree)
+    except TreeSpecError as exc:
+        raise UsageError(str(exc)) from None
     counters = {}
     for strategy in ("native", "emulate", "flip"):
-        result, guest = execute(RunSpec(args.guest, strategy=strategy, tree=args.tree))
+        try:
+            result, guest = execute(RunSpec(args.guest, strategy=strategy, tree=args.tree))
+        except (GuestError, ElfError, FileNotFoundError, NotADirectoryError) as exc:
+            raise UsageError(str(exc)) from None
         if not result.ok:
-            raise UsageError(f"{strategy} run failed: {result.crash.describe()}")
+            raise RunFailed(f"{strategy} run failed: {result.crash.describe()}")
         counters[strategy] = result.counters
     workload = f"{guest.name} ({guest.variant}, sha256 {guest.sha256[:12]}) on tree {args.tree!r}"
-    profile = costmodel.fit_xen_2004(counters["native"], counters["emulate"], counters["flip"], workload)
+    try:
+        profile = costmodel.fit_xen_2004(counters["native"], counters["emulate"], counters["flip"], workload)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise RunFailed(f"cannot fit on {workload}: {exc}") from None
     print(profile.to_json(), end="")
     for strategy, target in costmodel.KEIR_2004_MS.items():
         got = costmodel.predict(profile, counters[strategy]).total_ms
         print(f"check: {strategy:8s} modelled {got:7.1f} ms  (Keir: {target:.0f} ms; equal by construction: FITTED)")
     if not args.no_write:
-        path = costmodel.PROFILE_DIR / f"{profile.name}.json"
+        base = costmodel.PROFILE_DIR if args.replace_bundled else costmodel.user_profile_dir()
+        path = base / f"{profile.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(profile.to_json())
         print(f"wrote {path}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from tlslab.cli import UsageError
 from tlslab.cli.guestopts import add_guest_options, spec_from_args
@@ -49,6 +50,31 @@ def register(sub) -> None:
     p.set_defaults(handler=run)
 
 
+def build_domain(spec, **options):
+    """``make_domain`` under the run's --timeout: building the filesystem and loading the guest count
+    against it, and the guest gets what is left. Bad guests, files and trees: UsageError (one line)."""
+    from tlslab.cli.interrupt import RunTimeout, deadline
+    from tlslab.experiment import make_domain
+    from tlslab.guests import GuestError
+    from tlslab.linux.elf import ElfError
+    from tlslab.linux.tree import TreeSpecError
+
+    started = time.monotonic()
+    try:
+        with deadline(spec.timeout_seconds, "building the guest's filesystem and loading it"):
+            domain, guest = make_domain(spec, **options)
+    except (GuestError, ElfError, TreeSpecError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as exc:
+        raise UsageError(str(exc)) from None
+    if spec.timeout_seconds:
+        left = spec.timeout_seconds - (time.monotonic() - started)
+        if left <= 0:
+            raise RunTimeout(f"timed out: building the guest's filesystem and loading it took longer than "
+                             f"--timeout {spec.timeout_seconds:g} s")
+        domain.vcpu.timeout_us = max(1, int(left * 1_000_000))   # the rest of the budget, from the first run
+    return domain, guest
+
+
 def resolve_strategy(strategy: str | None, mode: str | None) -> str:
     from tlslab.hypervisor.strategies import STRATEGIES
 
@@ -65,10 +91,7 @@ def resolve_strategy(strategy: str | None, mode: str | None) -> str:
 
 
 def run(args) -> int:
-    from tlslab.experiment import make_domain
-    from tlslab.guests import GuestError
     from tlslab.hypervisor import costmodel
-    from tlslab.linux.elf import ElfError
 
     strategy = resolve_strategy(args.strategy, args.mode)
     try:
@@ -79,10 +102,7 @@ def run(args) -> int:
                           page_sharing=args.page_sharing, fs_abi=args.fs_abi)
     if args.backend == "hw":
         return run_hardware(spec, args)
-    try:
-        domain, guest = make_domain(spec)
-    except (GuestError, ElfError, FileNotFoundError, NotADirectoryError) as exc:
-        raise UsageError(str(exc)) from None
+    domain, guest = build_domain(spec)
     result = domain.run()
     if args.save_patches is not None:
         from tlslab.hypervisor.patches import default_patch_path, save_patch_set
@@ -121,53 +141,73 @@ def run(args) -> int:
     return 0 if result.ok else 1
 
 
-def print_summary(spec, guest, result, modelled, profile, nsites: int) -> None:
+def console(stderr: bool = False):
+    """A rich console as wide as the terminal (or $COLUMNS; 80 when neither says)."""
     from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def modelled_text(modelled, profile) -> str:
+    """'12.345 ms under nominal (...)': every modelled time names its profile, and says when the profile
+    prices no faults (then the strategies cost the same)."""
+    text = f"{modelled.total_ms:,.3f} ms under {profile.label()}"
+    return text
+
+
+def print_summary(spec, guest, result, modelled, profile, nsites: int) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    console = Console(stderr=False, highlight=False, width=110)
+    con = console()
     c = result.counters
     s = c["strategy"]
     title = f"{guest.name} ({guest.variant}) under {s['name']} -- {c['policy']}"
     if result.crash:
-        console.print(f"[bold red]{result.crash.describe()}[/]")
+        con.print(f"[bold red]{escape(result.crash.describe())}[/]")
     else:
-        console.print(f"[bold]exit status {result.status}[/]")
-    t = Table(title=title, show_header=True, header_style="bold")
-    t.add_column("counter")
-    t.add_column("value", justify="right")
+        con.print(f"[bold]exit status {result.status}[/]")
+    t = Table(title=escape(title), show_header=True, header_style="bold")
+    t.add_column("counter", overflow="fold")
+    t.add_column("value", justify="right", overflow="fold")
     t.add_row("guest instructions", f"{c['instructions']:,}")
     t.add_row("system calls", f"{c['linux']['syscalls']['total']:,}")
     for seg, sc in sorted(c["segments"].items()):
         if sc["accesses"]:
-            t.add_row(f"%{seg} accesses (direct)", f"{sc['accesses']:,}  (-ve {sc['negative']:,}, +ve {sc['positive']:,}, "
-                      f"sign changes {sc['sign_changes']:,})")
+            # accesses the CPU performed without a fault; faulting ones are the violations below
+            t.add_row(f"%{seg} accesses run directly", f"{sc['accesses']:,}")
+            t.add_row(f"  negative / positive offset", f"{sc['negative']:,} / {sc['positive']:,}")
+            t.add_row(f"  sign changes", f"{sc['sign_changes']:,}")
     t.add_row("segment violations (#GP)", f"{sum(c['violations'].values()):,}")
     for key in ("traps", "decodes", "descriptor_writes", "emulated_instructions", "emulated_accesses", "patches",
                 "notifications", "refused"):
         if s.get(key):
-            t.add_row(key.replace("_", " "), f"{s[key]:,}")
-    t.add_row("modelled time", f"{modelled.total_ms:.3f} ms  [{profile.label()}]")
+            label = key.replace("_", " ") + (" (by the hypervisor)" if key.startswith("emulated") else "")
+            t.add_row(label, f"{s[key]:,}")
+    t.add_row("modelled time", f"{modelled.total_ms:,.3f} ms")
     t.add_row("wall time (this lab)", f"{result.wall_seconds:.3f} s")
-    console.print(t)
+    con.print(t)
+    con.print(escape(f"modelled time: {modelled_text(modelled, profile)}"))
+    if s.get("traps") and not profile.prices_faults():
+        con.print(escape(f"note: {profile.name} gives faults no price, so the {s['traps']:,} faults above cost "
+                         "nothing here and every strategy models as native; see `tlslab costs` (--cost-profile)"))
     for hazard in c.get("hazards", []):
-        console.print(f"[bold yellow]hazard: {hazard}[/]")
+        con.print(f"[bold yellow]hazard: {escape(str(hazard))}[/]")
     unsupported = c["linux"]["syscalls"].get("unsupported")
     if unsupported:
-        console.print(f"[yellow]unsupported system calls (returned -ENOSYS): {unsupported}[/]")
+        con.print(f"[yellow]unsupported system calls (returned -ENOSYS): {escape(str(unsupported))}[/]")
     if nsites and result.sites:
         st = Table(title=f"busiest fs/gs sites (of {len(result.sites)})")
         for col in ("eip", "seg", "accesses", "-ve", "+ve", "violations", "offsets"):
-            st.add_column(col, justify="right")
+            st.add_column(col, justify="right", overflow="fold")
         for site in sorted(result.sites, key=lambda x: -(x["accesses"] + x["violations"]))[:nsites]:
             st.add_row(f"{site['eip']:#010x}", site["segment"], f"{site['accesses']:,}", f"{site['negative']:,}",
                        f"{site['positive']:,}", f"{site['violations']:,}", f"{site['min_offset']:#x}..{site['max_offset']:#x}")
-        console.print(st)
+        con.print(st)
 
 
 def run_hardware(spec, args) -> int:
     """The same run on this CPU: real truncated descriptors, real #GP faults."""
-    from rich.console import Console
     from rich.table import Table
 
     from tlslab.guests import GuestError
@@ -177,9 +217,15 @@ def run_hardware(spec, args) -> int:
         raise UsageError(f"the hw backend runs strategies {', '.join(HW_STRATEGIES[1:])}, not {spec.strategy}")
     if spec.stdout == "tty":
         raise UsageError("the hw backend cannot model a tty stdout")
+    from tlslab.cli import RunFailed
+    from tlslab.hw.backend import HwUnavailable
+    from tlslab.linux.elf import ElfError
+
     try:
         result, guest = run_spec(spec, cpu=None if args.cpu < 0 else args.cpu)
-    except (GuestError, HwError) as exc:
+    except HwUnavailable as exc:        # this host cannot run it: not the user's input
+        raise RunFailed(str(exc)) from None
+    except (GuestError, HwError, ElfError) as exc:
         raise UsageError(str(exc)) from None
     if args.json:
         print(json.dumps({"spec": spec.to_dict(), "backend": "hw", "guest_sha256": guest.sha256,
@@ -194,11 +240,13 @@ def run_hardware(spec, args) -> int:
         sys.stdout.flush()
         sys.stderr.buffer.write(result.stderr)
         sys.stderr.flush()
-    console = Console(highlight=False, width=110)
-    console.print(f"[bold]exit status {result.status}[/]" if result.ok else
-                  f"[bold red]guest died: status {result.status}, signal {result.signal}[/]")
-    t = Table(title=f"{guest.name} ({guest.variant}) on this CPU under {spec.strategy} "
-                    f"(truncated below the {spec.profile} hypervisor start)")
+    from rich.markup import escape
+
+    con = console()
+    con.print(f"[bold]exit status {result.status}[/]" if result.ok else
+              f"[bold red]guest died: status {result.status}, signal {result.signal}[/]")
+    t = Table(title=escape(f"{guest.name} ({guest.variant}) on this CPU under {spec.strategy} "
+                           f"(truncated below the {spec.profile} hypervisor start)"))
     t.add_column("counter")
     t.add_column("value", justify="right")
     t.add_row("#GP faults taken", f"{result.faults:,}")
@@ -208,5 +256,5 @@ def run_hardware(spec, args) -> int:
         t.add_row("single-stepped (decoder misses)", str(result.decoder_misses))
     t.add_row("wall time (traced run, measured)", f"{result.run_seconds * 1000:.1f} ms")
     t.add_row("pinned to CPU", "no" if result.cpu < 0 else str(result.cpu))
-    console.print(t)
+    con.print(t)
     return 0 if result.ok else 1
