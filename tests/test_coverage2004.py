@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-keystone = pytest.importorskip("keystone")
+import keystone  # a test dependency (pyproject [test]): never skipped
 
 from tlslab.x86.coverage import (  # noqa: E402
     emulate_2004_handles,

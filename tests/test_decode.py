@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-capstone = pytest.importorskip("capstone")
-keystone = pytest.importorskip("keystone")
+from conftest import unavailable
+
+import capstone  # a test dependency (pyproject [test]): never skipped
+import keystone  # a test dependency (pyproject [test]): never skipped
 from capstone import x86_const as X  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -106,14 +108,14 @@ def static_i386_binary(tmp_path_factory) -> Path:
             return candidate
     gcc = shutil.which("gcc")
     if gcc is None:
-        pytest.skip("no gcc to build a static i386 binary")
+        unavailable("no gcc to build a static i386 binary")
     work = tmp_path_factory.mktemp("i386")
     (work / "sample.c").write_text(SAMPLE_C)
     result = subprocess.run(
         [gcc, "-m32", "-static", "-O2", "-fstack-protector-strong", "sample.c", "-o", "sample"],
         cwd=work, capture_output=True, text=True)
     if result.returncode != 0:
-        pytest.skip(f"gcc -m32 -static unavailable: {result.stderr.strip()[:200]}")
+        unavailable(f"gcc -m32 -static unavailable: {result.stderr.strip()[:200]}")
     return work / "sample"
 
 

@@ -20,6 +20,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from conftest import unavailable
 from elftools.elf.elffile import ELFFile
 
 from tlslab import debian
@@ -64,7 +66,13 @@ def _native_i386_reason() -> str | None:
 
 
 NATIVE_REASON = _native_i386_reason()
-needs_native = pytest.mark.skipif(NATIVE_REASON is not None, reason=NATIVE_REASON or "")
+needs_native = pytest.mark.usefixtures("_native_i386")
+
+
+@pytest.fixture
+def _native_i386():
+    if NATIVE_REASON is not None:
+        unavailable(NATIVE_REASON)
 
 
 def run(key_or_path, *args, cwd=None) -> subprocess.CompletedProcess:
@@ -162,15 +170,13 @@ def require_gcc_m32() -> None:
     reason = gcc_m32_reason()
     if reason is None:
         return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"gcc -m32 required in CI: {reason}")
-    pytest.skip(reason)
+    unavailable(f"gcc -m32 required: {reason}")
 
 
 def require_recorded_compiler() -> None:
     got = subprocess.run(["gcc", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     if got != ENTRIES["lsr"]["compiler"]:
-        pytest.skip(f"different compiler ({got!r}); byte-identity only holds for the recorded one")
+        unavailable(f"different compiler ({got!r}); byte-identity only holds for the recorded one", ci_installs=False)
 
 
 @pytest.mark.slow
@@ -345,7 +351,7 @@ def test_guest_runs_natively(name):
 def test_fs_user_ldt(tmp_path):
     cp = run("fs-user", "ldt")
     if "modify_ldt failed" in cp.stdout:
-        pytest.skip(f"kernel refuses modify_ldt: {cp.stdout.strip()}")
+        unavailable(f"kernel refuses modify_ldt: {cp.stdout.strip()}", ci_installs=False)
     assert cp.returncode == 0
     assert "LDT descriptor, %fs loaded by the program" in cp.stdout
     assert run("fs-user").stdout.splitlines()[1:] == cp.stdout.splitlines()[1:]
@@ -382,7 +388,7 @@ def busybox():
     try:
         return debian.fetch_package("busybox-static", "i386")
     except debian.DebianUnavailable as exc:
-        pytest.skip(f"busybox-static:i386 unavailable: {exc}")
+        unavailable(f"busybox-static:i386 unavailable (tlslab fetch): {exc}")
 
 
 def test_busybox_is_locked_static_i386(busybox):

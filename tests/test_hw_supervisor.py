@@ -14,6 +14,8 @@ import subprocess
 
 import pytest
 
+from conftest import require_gcc32, unavailable
+
 from tlslab.hw.backend import HwError, HwUnavailable, policy_mismatches, run_hw
 from tlslab.hw.build import cache_dir, source_hash, supervisor_path
 
@@ -130,15 +132,12 @@ int main(void) {
 
 
 def _unavailable(reason: str):
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"hw backend required in CI: {reason}")
-    pytest.skip(reason)
+    unavailable(f"hw backend: {reason}")
 
 
 @pytest.fixture(scope="module")
 def progs(tmp_path_factory):
-    if shutil.which("gcc") is None:
-        pytest.skip("no gcc")
+    require_gcc32()
     out = tmp_path_factory.mktemp("hwprogs")
     built = {}
     for name, src, extra in (("semantics", SEMANTICS_C, []), ("threads", THREADS_C, ["-pthread"]),
@@ -146,7 +145,7 @@ def progs(tmp_path_factory):
         (out / f"{name}.c").write_text(src)
         r = subprocess.run([*CFLAGS, *extra, "-o", str(out / name), str(out / f"{name}.c")], capture_output=True)
         if r.returncode:
-            pytest.skip(f"gcc -m32 -static unavailable: {r.stderr.decode()[:200]}")
+            unavailable(f"gcc -m32 -static {' '.join(extra)} failed: {r.stderr.decode()[:200]}")
         built[name] = str(out / name)
     try:
         run_hw(built["semantics"], strategy="native", tree=None)
@@ -262,7 +261,7 @@ def _guest(key: str) -> str:
     try:
         return str(resolve_guest(key).path)
     except GuestError as exc:
-        pytest.skip(str(exc))
+        unavailable(str(exc))
 
 
 @pytest.mark.parametrize("args", [[], ["ldt"]], ids=["gdt", "ldt"])

@@ -14,6 +14,8 @@ import subprocess
 
 import pytest
 
+from conftest import require_gcc32, unavailable
+
 from tlslab.hypervisor.domain import run_process
 from tlslab.linux.process import DEFAULT_ENV, Process
 from tlslab.linux.tree import TREE_4K, TREE_SMALL, SyntheticTree
@@ -21,9 +23,6 @@ from tlslab.linux.vfs import Vfs
 from tlslab.machine.vcpu import VCpu
 
 CFLAGS = ["gcc", "-m32", "-static", "-O2", "-fstack-protector-strong"]
-HAVE_GCC32 = shutil.which("gcc") is not None and subprocess.run(
-    [*CFLAGS, "-x", "c", "-", "-o", "/dev/null"], input=b"int main(){return 0;}", capture_output=True).returncode == 0
-needs_gcc32 = pytest.mark.skipif(not HAVE_GCC32, reason="gcc -m32 -static (gcc-multilib) unavailable")
 
 PROGRAMS = {
     "hello": r"""
@@ -129,8 +128,7 @@ def small_tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory):
-    if not HAVE_GCC32:
-        pytest.skip("gcc -m32 -static (gcc-multilib) unavailable")
+    require_gcc32()
     out = tmp_path_factory.mktemp("progs")
     built = {}
     for name, src in PROGRAMS.items():
@@ -177,7 +175,7 @@ def _guest_path(key: str) -> str:
     try:
         return str(resolve_guest(key).path)
     except GuestError as exc:
-        pytest.skip(str(exc))
+        unavailable(str(exc))
 
 
 BUNDLED = [("lsr", ["."]), ("lsr", []), ("syscalls", ["300"]), ("malloc", []), ("stdio", []),
@@ -247,7 +245,7 @@ def _busybox() -> str:
     try:
         return str(resolve_guest("busybox").path)
     except (GuestError, OSError) as exc:
-        pytest.skip(f"busybox unavailable: {exc}")
+        unavailable(f"busybox unavailable (tlslab fetch): {exc}")
 
 
 def _files(tree, suffix="", limit=60):

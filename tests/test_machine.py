@@ -72,19 +72,20 @@ def test_violation_stops_before_commit(insn, write):
     v = make_vcpu(f"mov ebx, 0x77; {insn}; mov ecx, 9", truncated())
     v.mem.write_u32(TCB - 0x20, 0x11111111)
     v.mem.write_u32(STACK_TOP - 0x100, 0xAAAAAAAA)
-    before_esp = None
     e = v.run()
     assert e.reason is ExitReason.SEGMENT_VIOLATION
     vio = e.violation
     assert vio.segment == "gs"
-    assert vio.offset in (0xFFFFFFE0, 0xFFFFFFFF)
+    assert vio.offset == (0xFFFFFFFF if "gs:[-0x1]" in insn else 0xFFFFFFE0)
+    assert vio.size == (1 if "byte" in insn else 4)
     assert vio.write is write
     assert vio.linear == (TCB + vio.offset) & 0xFFFFFFFF
     # nothing of the instruction happened
     assert v.mem.read_u32(TCB - 0x20) == 0x11111111
     assert v.regs.get("ebx") == 0x77
     assert v.regs.get("ecx") == 0
-    assert v.regs.get("esp") == STACK_TOP - 0x100 if before_esp is None else before_esp
+    assert v.regs.get("esp") == STACK_TOP - 0x100          # push/pop did not move the stack
+    assert v.mem.read_u32(STACK_TOP - 0x104) == 0 and v.mem.read_u32(STACK_TOP - 0x100) == 0xAAAAAAAA
     code = v.mem.read(vio.eip, 8)
     assert code[0] == 0x65  # EIP is the faulting gs-prefixed instruction
 
@@ -171,10 +172,14 @@ def test_plain_write_to_hypervisor_pages_is_refused_and_reads_of_gdt_allowed():
     v = make_vcpu(f"mov ebx, dword ptr [{layout.GDT_BASE + 8 * layout.GDT_ENTRY_USER_DS:#x}]")
     assert v.run().reason is ExitReason.SYSCALL  # Xen maps the GDT read-only into the guest
     v = make_vcpu(f"mov dword ptr [{layout.GDT_BASE + 8 * layout.GDT_ENTRY_TLS_MIN:#x}], 0")
+    gdt = bytes(v.uc.mem_read(layout.GDT_BASE, 8 * layout.GDT_ENTRIES))
     e = v.run()
     assert e.reason is ExitReason.PAGE_FAULT
-    # the GDT is intact and the guest can still use %gs afterwards
-    assert v.uc.mem_read(layout.GDT_BASE + 8 * layout.GDT_ENTRY_TLS_MIN, 8) != bytes(8)
+    assert e.page_fault.linear == layout.GDT_BASE + 8 * layout.GDT_ENTRY_TLS_MIN and e.page_fault.write
+    # the GDT is intact, byte for byte, and its TLS entry is a present ring-3 data segment
+    assert bytes(v.uc.mem_read(layout.GDT_BASE, 8 * layout.GDT_ENTRIES)) == gdt
+    tls = int.from_bytes(gdt[8 * layout.GDT_ENTRY_TLS_MIN:8 * layout.GDT_ENTRY_TLS_MIN + 8], "little")
+    assert (tls >> 40) & 0xF0 == 0xF0     # P=1, DPL=3, S=1
 
 
 @pytest.mark.parametrize("checks, count", [(True, True), (False, True), (False, False)])

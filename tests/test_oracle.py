@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from conftest import unavailable
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -42,15 +44,12 @@ pytestmark = pytest.mark.oracle
 PROBE_SOURCE = Path(__file__).parent / "oracle" / "probe.c"
 REGION_SIZE = 4 << 20  # the probe's own mmap region; must match probe.c
 U32 = 0xFFFF_FFFF
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 MIN_COMPARED = 2000
 LOAD_FAULTS = {AccessFault.NOT_PRESENT, AccessFault.NOT_DATA}
 
 
 def _unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"hardware oracle must run in CI but cannot: {reason}")
-    pytest.skip(f"hardware oracle unavailable: {reason}")
+    unavailable(f"hardware oracle unavailable: {reason}")
 
 
 @pytest.fixture(scope="session")

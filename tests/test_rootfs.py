@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from conftest import unavailable
+
 from tlslab import rootfs
 from tlslab.guests import GuestError
 
@@ -164,10 +166,10 @@ def test_concurrent_materialise_and_unstamped_rebuild(debian_rootfs, tmp_path):
 
 def test_native_ls_R_usr_lib_in_chroot(debian_rootfs):
     if os.geteuid() != 0:
-        pytest.skip("chroot needs root (run as root, as .ci/run does)")
+        unavailable("chroot needs root (run as root, as .ci/run does)")
     chroot = shutil.which("chroot")
     if chroot is None:
-        pytest.skip("no chroot(8) on this host")
+        unavailable("no chroot(8) on this host")
     cp = subprocess.run([chroot, str(debian_rootfs), "/bin/ls", "-R", "/usr/lib"],
                         capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
     assert cp.returncode == 0, cp.stderr[-2000:]

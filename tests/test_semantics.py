@@ -20,8 +20,8 @@ import struct
 
 import pytest
 
-unicorn = pytest.importorskip("unicorn")
-keystone = pytest.importorskip("keystone")
+import unicorn  # a test dependency (pyproject [test]): never skipped
+import keystone  # a test dependency (pyproject [test]): never skipped
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from unicorn import x86_const as U  # noqa: E402
@@ -452,14 +452,19 @@ def test_stack_and_control(data):
 @relaxed(100)
 @given(st.data())
 def test_pop_with_esp_base(data):
-    """POP computes an esp-based destination address after incrementing ESP."""
-    disp = data.draw(st.integers(-0x80, 0x7C))
+    """POP computes an esp-based destination address after incrementing ESP: through %gs, and flat."""
     regs, pages = data.draw(machine_state({}))
     regs["esp"] = STACK_TOP
-    # gs:[esp + disp] must land in the data page: shift the gs-relative view
-    # by using ds instead (flat), so the address is inside the stack page.
-    text = f"pop dword ptr [esp {_signed(disp)}]"
-    run_both(text, regs, pages)
+    if data.draw(st.booleans()):
+        # gs:[esp + disp]: disp brings esp (+4 after the pop) back into the gs page,
+        # so the store lands at GS_BASE + 4 + d, inside the mapped data page
+        d = data.draw(st.integers(-0x800, 0x7F8))
+        text = f"pop dword ptr gs:[esp {_signed(d - STACK_TOP)}]"
+        _insn, effects = run_both(text, regs, pages)
+        assert [(a.segment, a.kind) for a in effects.accesses] == [("ss", "read"), ("gs", "write")]
+    else:
+        disp = data.draw(st.integers(-0x80, 0x7C))       # [esp + disp]: ss-relative, inside the stack page
+        run_both(f"pop dword ptr [esp {_signed(disp)}]", regs, pages)
 
 
 @relaxed(300)

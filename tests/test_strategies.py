@@ -37,17 +37,30 @@ def test_full_strategies_match_native_output(guest, variant):
         assert result.status == base.status, strategy
 
 
+# Regression pin (measured, not derived): the bundled guests emulate-2004 runs to the end. Every other bundled
+# guest meets a %gs instruction outside emulate.c's 2004 repertoire before it exits (checked below per crash).
+EMULATE_2004_RUNS = {"fs-user", "prelink"}
+# What Xen 2004's emulate.c decoded: mov and cmp in their ModRM forms (88/89/8A/8B, 38/39/3A/3B)
+EMULATE_2004_OPCODES = {0x88, 0x89, 0x8A, 0x8B, 0x38, 0x39, 0x3A, 0x3B}
+
+
 @pytest.mark.parametrize("guest", BUNDLED)
 def test_historical_strategies_match_or_fail_at_a_named_site(guest):
+    import re
+
     base = native_run(guest, "default")
-    for strategy in ("emulate-2004",):
-        result, _ = execute(RunSpec(guest, strategy=strategy))
-        if result.ok:
-            assert result.stdout == base.stdout
-        else:
-            crash = result.crash
-            assert crash.symbol and "+" in crash.symbol and crash.instruction != "??"
-            assert strategy in crash.reason
+    result, _ = execute(RunSpec(guest, strategy="emulate-2004"))
+    if guest in EMULATE_2004_RUNS:
+        assert result.ok, result.crash and result.crash.describe()
+        assert result.stdout == base.stdout and result.status == base.status
+        return
+    assert not result.ok, f"{guest} now runs under emulate-2004: update EMULATE_2004_RUNS"
+    crash = result.crash
+    assert crash.symbol and "+" in crash.symbol and "gs:[" in crash.instruction
+    m = re.search(r"does not handle `(\w+)`: opcode ([0-9a-f]{2}) not emulated", crash.reason)
+    assert m and "emulate-2004" in crash.reason, crash.reason
+    assert crash.instruction.split()[0] == m.group(1)
+    assert int(m.group(2), 16) not in EMULATE_2004_OPCODES
 
 
 def test_emulate_faults_equal_negative_accesses_and_flip_faults_equal_sign_changes():
