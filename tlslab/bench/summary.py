@@ -218,9 +218,86 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
         counts[key] = counts.get(key, 0) + 1
     cell_ids = {c["id"] for c in all_cells}
     missing = len(cell_ids - {r["cell"] for r in all_records})
+    hw = hwcells.comparison(all_records, choice)
+    if hw and hw.get("profile"):
+        hw = honest_provenance(hw, all_records)
     return Summary(info.get("run_id", run.id), choice, strategies, rows, failures, crashes, skipped, counts,
-                   info.get("meta", {}), spec, missing, hwcells.comparison(all_records, choice),
+                   info.get("meta", {}), spec, missing, hw,
                    keir_comparison(rows, choice, all_cells, skipped))
+
+
+# --------------------------------------------------------------------------- where a profile was measured
+
+def _host_key(name: str | None) -> str | None:
+    import re
+
+    return (re.sub(r"[^A-Za-z0-9_.-]+", "-", name) or "host") if name else None
+
+
+def profile_origin(prof: costmodel.CostProfile) -> tuple[str | None, str | None]:
+    """(host, CPU model) a measured profile was measured on: from its provenance (calibrate records both
+    since they were compared), else its raw timings file, else its description; None where unknown."""
+    import json
+    import re
+
+    pv = prof.provenance or {}
+    host, cpu = pv.get("host"), pv.get("cpu_model")
+    if (not host or not cpu) and pv.get("raw"):
+        for base in (costmodel.user_profile_dir(), costmodel.PROFILE_DIR):
+            try:
+                raw = json.loads((base / str(pv["raw"])).read_text())
+            except (OSError, ValueError, TypeError):
+                continue
+            host, cpu = host or raw.get("host"), cpu or raw.get("cpu_model")
+            break
+    if not host or not cpu:
+        m = re.search(r"calibrate on (\S+) \((.+?), Linux", prof.description or "")
+        if m:
+            host, cpu = host or m.group(1), cpu or m.group(2)
+    if not host and prof.name.startswith("hw-"):
+        host = prof.name.removeprefix("hw-")
+    return host, cpu
+
+
+def this_machine() -> tuple[str, str]:
+    """(host, CPU model) of this machine, as records and calibrate name them."""
+    import socket
+
+    from tlslab.bench.runner import cpu_model
+
+    return socket.gethostname(), cpu_model()
+
+
+def same_machine(prof: costmodel.CostProfile, host: str | None, cpu: str | None) -> tuple[bool, str]:
+    """Whether runs on (host, cpu) are on the machine ``prof`` was measured on -- host name AND CPU model
+    must agree (a host name alone says little: "vm", "localhost") -- and one sentence saying so."""
+    p_host, p_cpu = profile_origin(prof)
+    if host and cpu and p_host and p_cpu and _host_key(host) == _host_key(p_host) and cpu == p_cpu:
+        return True, (f"the hw cells ran on the host and CPU model the profile was measured on ({host}, {cpu}), "
+                      "so this is a consistency check of the cost model's linearity (counters x per-event "
+                      "prices), not an independent validation")
+    if host and p_host and _host_key(host) == _host_key(p_host):
+        return False, (f"the hw cells ran on a host also named {host} but on {cpu or 'an unrecorded CPU'}, and "
+                       f"{prof.name} was measured on {p_cpu or 'an unrecorded CPU'}: not known to be the same "
+                       "machine, so absolute errors include the machines' difference")
+    return False, (f"the hw cells ran on host {host or '?'} ({cpu or 'CPU not recorded'}), {prof.name} was "
+                   f"measured on {p_host or '?'} ({p_cpu or 'CPU not recorded'}): a different machine, so absolute "
+                   "errors include the machines' difference")
+
+
+def honest_provenance(hw: dict, records: list[dict]) -> dict:
+    """The hw comparison with its provenance sentence decided on host name and CPU model."""
+    prof = costmodel.available_profiles().get(hw["profile"])
+    if prof is None:
+        return hw
+    metas = [r.get("meta", {}) for r in records if r.get("backend") == "hw" and r.get("outcome") == "ok"]
+    meta = metas[0] if metas else {}
+    same, sentence = same_machine(prof, meta.get("hostname") or hw.get("host"), meta.get("cpu_model"))
+    text = hw.get("profile_provenance") or ""
+    for cut in ("; the hw cells ran on",):
+        if cut in text:
+            text = text[: text.index(cut)]
+    return {**hw, "profile_provenance": f"{text}; {sentence}" if text else sentence, "same_machine": same}
 
 
 # --------------------------------------------------------------------------- Keir's benchmark
@@ -346,12 +423,16 @@ def render(summary: Summary, console=None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    import os
+
     console = console or Console()
-    if not console.is_terminal and console.width < 160:
+    if not console.is_terminal and not os.environ.get("COLUMNS") and console.width < 160:
         console.width = 160
+    if console.width < NARROW:
+        return render_narrow(summary, console)
     st = summary.strategies
     console.print(f"[bold]{escape(summary.choice.note)}[/]")
-    t = Table(title=f"modelled time relative to native (x) -- run {summary.run_id}", header_style="bold",
+    t = Table(title=escape(f"modelled time relative to native (x) -- run {summary.run_id}"), header_style="bold",
               caption="crash: the strategy refused a fault and the guest got SIGSEGV (a measurement, see `tlslab "
                       "faults`); !out: output differs from native; FAILED: the cell did not run (see failures)")
     t.add_column("workload")
@@ -364,7 +445,7 @@ def render(summary: Summary, console=None) -> None:
     for row in summary.rows:
         name = escape(row["workload"]) + (" (fit target)" if row["fit_target"] else "")
         if row["hv_profile"] != "nonpae":
-            name += f" [{row['hv_profile']}]"
+            name += escape(f" [{row['hv_profile']}]")
         cells = []
         for s in st:
             if s == "native":
@@ -397,15 +478,100 @@ def render(summary: Summary, console=None) -> None:
 
     render_hw(summary, console)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items()))
-    console.print(f"cells: {counts}" + (f", {summary.missing} not run yet (resume the run)" if summary.missing else ""))
+    console.print(escape(f"cells: {counts}") + (f", {summary.missing} not run yet (resume the run)"
+                                                if summary.missing else ""))
     for r in summary.failures:
         console.print(f"[bold red]FAILED[/] {escape(r['label'])}: {escape(str(r.get('reason')))}")
     meta = summary.meta
     if meta:
-        console.print(f"[dim]tlslab {meta.get('tlslab_version')} @ {meta.get('git_commit', '?')[:12]}"
+        console.print("[dim]" + escape(f"tlslab {meta.get('tlslab_version')} @ {str(meta.get('git_commit') or '?')[:12]}"
                       f"{' (dirty)' if meta.get('git_dirty') else ''}, Python {meta.get('python_version')}, "
                       f"unicorn {meta.get('unicorn_version')}, capstone {meta.get('capstone_version')}, "
-                      f"{meta.get('cpu_model')} ({meta.get('cpu_count')} CPUs), host {meta.get('hostname')}[/]")
+                      f"{meta.get('cpu_model')} ({meta.get('cpu_count')} CPUs), host {meta.get('hostname')}") + "[/]")
+
+
+NARROW = 120   # columns below which the summary is printed one table per build (render_narrow)
+
+#: strategy column headers at narrow widths
+SHORT = {"emulate": "emul", "emulate-2004": "em04", "flip": "flip", "flip-full": "flipF", "flip-fs": "flipfs",
+         "rewrite": "rewr", "rewrite-2004": "rw04", "native": "nat"}
+
+
+def render_narrow(summary: Summary, console) -> None:
+    """The summary for a terminal narrower than NARROW columns (80): one table per strategy group with
+    abbreviated headers (legend below), workloads wrapped, every figure whole; the full tables are in
+    RUN/summary.txt."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    st = [s for s in summary.strategies if s != "native"]
+    console.print(f"[bold]{escape(summary.choice.note)}[/]")
+    per = max(1, (console.width - 34) // 8)      # strategy columns that fit beside workload/build/native
+    groups = [st[i:i + per] for i in range(0, len(st), per)] or [[]]
+    for k, group in enumerate(groups):
+        t = Table(title=f"modelled time / native (x), run {summary.run_id}" +
+                  (f" ({k + 1}/{len(groups)})" if len(groups) > 1 else ""), header_style="bold", pad_edge=False)
+        t.add_column("workload", overflow="fold", ratio=1, min_width=12)
+        t.add_column("build", overflow="fold", max_width=8)
+        t.add_column("nat ms", justify="right", no_wrap=True)
+        for s in group:
+            t.add_column(escape(SHORT.get(s, s[:6])), justify="right", no_wrap=True)
+        for row in summary.rows:
+            name = escape(row["workload"]) + (" (fit)" if row["fit_target"] else "")
+            if row["hv_profile"] != "nonpae":
+                name += escape(f" [{row['hv_profile']}]")
+            cells = []
+            for s in group:
+                c = row["cells"][s]
+                text = fmt_ratio(c)
+                style = {"guest-crash": "yellow", "failed": "bold red", "skipped": "dim"}.get(c.get("outcome"), "")
+                cells.append(f"[{style}]{text}[/]" if style else text)
+            native = f"{row['native_ms']:.1f}" if row["native_ms"] else fmt_ratio(row["cells"].get("native", {}))
+            t.add_row(name, escape(row["variant"]), native, *cells)
+        keir = [f"{KEIR_RATIOS[s]:.2f}x" if s in KEIR_RATIOS else "" for s in group]
+        t.add_row("[italic]Keir 2004[/]", "[italic]Xen[/]", "180.0", *keir, style="dim")
+        console.print(t)
+    legend = ", ".join(f"{SHORT.get(s, s[:6])} = {s}" for s in st if SHORT.get(s, s[:6]) != s)
+    if legend:
+        console.print(f"[dim]{escape(legend)}; crash: SIGSEGV under the strategy; !out: output differs; "
+                      "FAILED: did not run[/]")
+    f = Table(title="faults per 1,000 instructions; flip/emulate faults", header_style="bold", pad_edge=False)
+    f.add_column("workload", overflow="fold", ratio=1, min_width=12)
+    f.add_column("build", overflow="fold", max_width=8)
+    for s in ("emulate", "flip"):
+        if s in st:
+            f.add_column(SHORT[s], justify="right", no_wrap=True)
+    f.add_column("flip/emul", justify="right", no_wrap=True)
+    for row in summary.rows:
+        fr = row["flip_over_emulate_faults"]
+        f.add_row(escape(row["workload"]), escape(row["variant"]),
+                  *[fmt_faults(row["cells"][s]) for s in ("emulate", "flip") if s in st],
+                  f"{fr:.2f}" if fr is not None else "-")
+    console.print(f)
+    if summary.keir:
+        k = summary.keir
+        for r in k["rows"]:
+            fr = r["flip_over_emulate"]
+            console.print(escape(f"keir: {r['workload']} ({r['variant']}): emulate {fmt_count(r['emulate_faults'])}"
+                                 f" faults, flip {fmt_count(r['flip_faults'])}"
+                                 + (f" ({fr:.2f}x; 2004: nearly twice)" if fr is not None else "")
+                                 + f"; {r['role']}"))
+    if summary.hw:
+        hw = summary.hw
+        n = len(hw["rows"])
+        console.print(escape(f"hw backend: {hw['ok']} of {n} cells ran on the CPU; "
+                             f"{len(hw['mismatches'])} disagree with the model"))
+        for m in hw["mismatches"]:
+            console.print(f"[bold red]MODEL != HW[/] {escape(m)}")
+        if hw.get("profile_provenance"):
+            console.print(f"[dim]{escape(hw['profile_provenance'])}[/]")
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items()))
+    console.print(escape(f"cells: {counts}") + (f", {summary.missing} not run yet (resume the run)"
+                                                if summary.missing else ""))
+    for r in summary.failures:
+        console.print(f"[bold red]FAILED[/] {escape(r['label'])}: {escape(str(r.get('reason')))}")
+    console.print("[dim]the full tables (every strategy, instructions, Keir's table, hw vs model): "
+                  "RUN/summary.txt, or a terminal of 120+ columns[/]")
 
 
 def fmt_count(v) -> str:
@@ -425,7 +591,7 @@ def render_keir(summary: Summary, console) -> None:
     if not k:
         return
     fitted = " FITTED" if k["fitted"] else ""
-    t = Table(title=f"Keir Fraser's benchmark, ls -R /usr/lib: 2004 vs today (ms: {k['profile']}{fitted})",
+    t = Table(title=escape(f"Keir Fraser's benchmark, ls -R /usr/lib: 2004 vs today (ms: {k['profile']}{fitted})"),
               header_style="bold", caption=escape(k["note"]))
     for col, j in (("workload", "left"), ("build", "left"), ("instructions", "right"), ("emulate faults", "right"),
                    ("flip faults", "right"), ("flip/emul", "right"), ("native ms", "right"), ("emulate ms", "right"),
@@ -438,7 +604,7 @@ def render_keir(summary: Summary, console) -> None:
     for r in k["rows"]:
         name = escape(r["workload"]) + (" (fit target)" if r["fit_target"] else "")
         if r["hv_profile"] != "nonpae":
-            name += f" [{r['hv_profile']}]"
+            name += escape(f" [{r['hv_profile']}]")
 
         def ms(key, x):
             if r[key] is None:
@@ -505,8 +671,8 @@ def render_hw(summary: Summary, console) -> None:
         return
     prof = hw["profile"] or "no measured hw-* profile stored"
     fit = hw["fitted"] or "no fitted profile"
-    t = Table(title=f"hw backend: measured on this CPU vs modelled under {prof} (measured profile); "
-                    f"{fit} FITTED beside", header_style="bold", caption=escape(HW_CAPTION))
+    t = Table(title=escape(f"hw backend: measured on this CPU vs modelled under {prof} (measured profile); "
+                           f"{fit} FITTED beside"), header_style="bold", caption=escape(HW_CAPTION))
     for col, j in (("workload", "left"), ("build", "left"), ("strategy", "left"), ("faults model", "right"),
                    ("faults hw", "right"), ("model=hw", "left"), ("measured ms", "right"),
                    (f"{prof} ms", "right"), ("error", "right"), (f"{fit} ms (FITTED)", "right")):
@@ -517,7 +683,7 @@ def render_hw(summary: Summary, console) -> None:
             f"[dim]{escape(eq)}[/]" if eq != "=" else eq)
         meas = "-"
         if r.get("measured_ms") is not None:
-            meas = f"{fmt_ms(r['measured_ms'])} [{fmt_ms(r['measured_min_ms'])}-{fmt_ms(r['measured_max_ms'])}]"
+            meas = escape(f"{fmt_ms(r['measured_ms'])} [{fmt_ms(r['measured_min_ms'])}-{fmt_ms(r['measured_max_ms'])}]")
         elif r.get("hw_outcome") == "skipped":
             meas = "[dim]skipped[/]"
         t.add_row(escape(r["workload"]), r["variant"], r["strategy"],
@@ -528,8 +694,9 @@ def render_hw(summary: Summary, console) -> None:
     if hw["profile_provenance"]:
         console.print(f"[dim]{escape(hw['profile_provenance'])}[/]")
     if hw["median_abs_error_pct"] is not None:
-        console.print(f"prediction error of {prof}: median |error| {hw['median_abs_error_pct']:.0f}%, "
-                      f"max {hw['max_abs_error_pct']:.0f}% over {sum(1 for r in hw['rows'] if r.get('error_pct') is not None)} cells")
+        console.print(escape(f"prediction error of {prof}: median |error| {hw['median_abs_error_pct']:.0f}%, "
+                             f"max {hw['max_abs_error_pct']:.0f}% over "
+                             f"{sum(1 for r in hw['rows'] if r.get('error_pct') is not None)} cells"))
     if hw["skipped"]:
         console.print(f"[yellow]{len(hw['skipped'])} hw cells skipped[/]: {escape(str(hw['skipped'][0].get('reason')))}")
     for m in hw["mismatches"]:

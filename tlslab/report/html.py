@@ -190,7 +190,9 @@ def _hw_section(s: Summary, fig: str) -> str:
     if hw["mismatches"]:
         parts.append('<p class="note bad"><b>MODEL AND CPU DISAGREE.</b> ' + "<br>".join(esc(m) for m in hw["mismatches"])
                      + "</p>")
-    parts.append(f'<p class="note"><b>Consistency check, not validation.</b> {esc(hw["profile_provenance"] or "")}. '
+    head = ("Consistency check, not validation." if hw.get("same_machine")
+            else "Measured profile from another machine (or one not known to be this one).")
+    parts.append(f'<p class="note"><b>{head}</b> {esc(hw["profile_provenance"] or "")}. '
                  f'{esc(_hw_fitted_note(hw))}.</p>')
     out = ['<div class="scroll"><table><tr><th class="l" rowspan="2">workload</th><th class="l" rowspan="2">build</th>'
            '<th class="l" rowspan="2">strategy</th><th colspan="3">#GP faults</th>'
@@ -338,8 +340,9 @@ CAPTIONS = {
           "the band is +-25%; a red edge marks a cell whose fault counts differ between model and CPU. Middle: the "
           "prediction error per cell. Right: overhead relative to native as measured, as modelled with the measured "
           "profile, and as modelled with the FITTED xen-2004 profile (Xen in 2004: a different machine and trap "
-          "path, so only its ratios are shown). The measured profile comes from the same host: agreement checks "
-          "that time is linear in the counters, it does not validate the model against an independent machine.",
+          "path, so only its ratios are shown). Where the measured profile comes from the same host and CPU model "
+          "(see the note above the table), agreement checks that time is linear in the counters, it does not "
+          "validate the model against an independent machine; otherwise errors include the machines' difference.",
     "coverage": "Share of the faults of today's glibc that each 2004 decoder could have handled: Xen's emulate.c "
                 "against the faults of a full emulator, Xen's seg_fixup.c and XenLinux's fixup.c against those of "
                 "a full-decoder flip. Every unhandled fault is a SIGSEGV for the guest.",

@@ -8,6 +8,10 @@ from tlslab.cli import UsageError
 from tlslab.cli.guestopts import add_guest_options, spec_from_args
 
 
+MAX_ROWS = 1_000_000
+WIDE = 120      # columns from which every column of the site table is shown
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "faults",
@@ -21,8 +25,10 @@ def register(sub) -> None:
     add_guest_options(p)
     p.add_argument("--strategy", "-s", default="emulate", help="fault strategy (default: emulate)")
     p.add_argument("--sort", choices=("faults", "accesses", "address"), default="faults", help="row order")
-    p.add_argument("--limit", type=int, default=30, metavar="N", help="show at most N sites (0: all; default 30)")
-    p.add_argument("--trace", type=int, default=0, metavar="N", help="print the first N fault events in order")
+    p.add_argument("--limit", type=int, default=30, metavar="N",
+                   help="show at most N sites (0: all; default 30; at most 1,000,000)")
+    p.add_argument("--trace", type=int, default=0, metavar="N",
+                   help="print the first N fault events in order (at most 1,000,000)")
     p.add_argument("--coverage", action="store_true",
                    help="coverage of the 2004 decoders on this guest's faulting sites (runs emulate and flip-full)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -34,18 +40,24 @@ def _spec(args):
 
     if args.strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {args.strategy!r} (choose from: {', '.join(STRATEGIES)})")
-    if args.limit < 0 or args.trace < 0:
-        raise UsageError("--limit and --trace must be >= 0")
+    if not 0 <= args.limit <= MAX_ROWS or not 0 <= args.trace <= MAX_ROWS:
+        raise UsageError(f"--limit and --trace must be 0..{MAX_ROWS:,}")
     return spec_from_args(args, args.strategy, stdout="pipe")
 
 
-def _guarded(fn, *a, **kw):
+def _guarded(fn, spec, *a, **kw):
+    """Run ``fn(spec, ...)`` under the spec's --timeout (filesystem building included); bad guests and files
+    are one-line usage errors."""
+    from tlslab.cli.interrupt import deadline
     from tlslab.guests import GuestError
     from tlslab.linux.elf import ElfError
+    from tlslab.linux.tree import TreeSpecError
 
     try:
-        return fn(*a, **kw)
-    except (GuestError, ElfError, FileNotFoundError, NotADirectoryError) as exc:
+        with deadline(spec.timeout_seconds, "the run"):
+            return fn(spec, *a, **kw)
+    except (GuestError, ElfError, TreeSpecError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as exc:
         raise UsageError(str(exc)) from None
 
 
@@ -79,10 +91,13 @@ def run(args) -> int:
 
 
 def _console():
+    """As wide as the terminal (or $COLUMNS); 150 columns when writing to a file or pipe with neither."""
+    import os
+
     from rich.console import Console
 
     c = Console(highlight=False)
-    if not c.is_terminal and c.width < 150:
+    if not c.is_terminal and not os.environ.get("COLUMNS") and c.width < 150:
         c.width = 150
     return c
 
@@ -103,21 +118,30 @@ def _print_sites(view, rows, shown, args) -> None:
     console.print(f"[bold]{escape(head)}[/]")
     if r.crash:
         console.print(f"[bold red]{escape(r.crash.describe())}[/]")
+    wide = console.width >= WIDE
     t = Table(header_style="bold", title=f"fs/gs sites by {args.sort}" +
               (f" (first {len(shown)} of {len(rows)})" if len(shown) < len(rows) else ""))
-    for col, just in (("address", "right"), ("symbol", "left"), ("instruction", "left"), ("seg", "left"),
-                      ("offsets", "right"), ("sign", "center"), ("accesses", "right"), ("faults", "right"),
-                      ("strategy", "left")):
-        t.add_column(col, justify=just, overflow="fold")
+    cols = (("address", "right"), ("symbol", "left"), ("instruction", "left"), ("seg", "left"),
+            ("offsets", "right"), ("sign", "center"), ("accesses", "right"), ("faults", "right"),
+            ("strategy", "left"))
+    narrow_cols = {"address", "symbol", "instruction", "faults", "strategy"}
+    for col, just in cols:
+        if wide or col in narrow_cols:
+            t.add_column(col, justify=just, overflow="fold")
     for x in shown:
         offs = "?" if x["min_offset"] is None else (
             fmt_offset(x["min_offset"]) if x["min_offset"] == x["max_offset"]
             else f"{fmt_offset(x['min_offset'])}..{fmt_offset(x['max_offset'])}")
         style = "red" if x["refused"] else ("yellow" if x["faults"] else "")
         handling = escape(x["handling"])
-        t.add_row(f"{x['eip']:#010x}", escape(x["symbol"]), escape(x["instruction"]), x["segment"], offs, x["sign"],
-                  f"{x['accesses']:,}", f"{x['faults']:,}", f"[{style}]{handling}[/]" if style else handling)
+        values = {"address": f"{x['eip']:#010x}", "symbol": escape(x["symbol"]),
+                  "instruction": escape(x["instruction"]), "seg": escape(x["segment"]), "offsets": offs,
+                  "sign": escape(x["sign"]), "accesses": f"{x['accesses']:,}", "faults": f"{x['faults']:,}",
+                  "strategy": f"[{style}]{handling}[/]" if style else handling}
+        t.add_row(*(values[c] for c, _ in cols if wide or c in narrow_cols))
     console.print(t)
+    if not wide:
+        console.print(f"[dim]seg, offsets, sign and accesses: at {WIDE}+ columns (COLUMNS={WIDE}) or with --json[/]")
 
 
 def _print_trace(view, n: int) -> None:
@@ -167,20 +191,22 @@ def _print_coverage(spec, cov, args) -> int:
     console = _console()
     for strat, run in cov["runs"].items():
         status = "ran to completion" if run["ok"] else f"crashed: {run['crash']}"
-        console.print(f"{spec.guest} under {strat}: {run['faults']:,} faults at {len(run['sites'])} sites; {escape(status)}")
-    t = Table(header_style="bold", title=f"2004 decoders on the faulting sites of {spec.guest} ({spec.variant})")
+        console.print(escape(f"{spec.guest} under {strat}: {run['faults']:,} faults at {len(run['sites'])} sites; "
+                             f"{status}"))
+    t = Table(header_style="bold", title=escape(f"2004 decoders on the faulting sites of {spec.guest} ({spec.variant})"))
     for col in ("decoder", "source", "faces faults of", "faulting sites", "cannot handle", "faults at those sites"):
-        t.add_column(col, justify="left" if col in ("decoder", "source", "faces faults of") else "right")
+        t.add_column(col, justify="left" if col in ("decoder", "source", "faces faults of") else "right",
+                     overflow="fold")
     for label, d in cov["decoders"].items():
         pct = 100.0 * d["unhandled_faults"] / d["faults"] if d["faults"] else 0.0
-        t.add_row(label, d["source"], d["faces"], str(d["sites"]), str(d["unhandled_sites"]),
-                  f"{d['unhandled_faults']:,} of {d['faults']:,} ({pct:.1f}%)")
+        t.add_row(escape(label), escape(str(d["source"])), escape(str(d["faces"])), str(d["sites"]),
+                  str(d["unhandled_sites"]), f"{d['unhandled_faults']:,} of {d['faults']:,} ({pct:.1f}%)")
     console.print(t)
     for label, d in cov["decoders"].items():
         if not d["unhandled"]:
-            console.print(f"[green]{label}: handles every faulting site[/]")
+            console.print(f"[green]{escape(label)}: handles every faulting site[/]")
             continue
-        u = Table(header_style="bold", title=f"{label}: sites it cannot handle")
+        u = Table(header_style="bold", title=escape(f"{label}: sites it cannot handle"))
         for col in ("address", "symbol", "instruction", "faults", "why"):
             u.add_column(col, overflow="fold", justify="right" if col in ("address", "faults") else "left")
         rows = u_rows = d["unhandled"] if not args.limit else d["unhandled"][: args.limit]

@@ -175,9 +175,8 @@ def print_summary(spec, guest, result, modelled, profile, nsites: int) -> None:
     for seg, sc in sorted(c["segments"].items()):
         if sc["accesses"]:
             # accesses the CPU performed without a fault; faulting ones are the violations below
-            t.add_row(f"%{seg} accesses run directly", f"{sc['accesses']:,}")
-            t.add_row(f"  negative / positive offset", f"{sc['negative']:,} / {sc['positive']:,}")
-            t.add_row(f"  sign changes", f"{sc['sign_changes']:,}")
+            t.add_row(f"%{seg} accesses (direct)", f"{sc['accesses']:,} (sign changes {sc['sign_changes']:,})")
+            t.add_row("  -ve / +ve offset (direct)", f"{sc['negative']:,} / {sc['positive']:,}")
     t.add_row("segment violations (#GP)", f"{sum(c['violations'].values()):,}")
     for key in ("traps", "decodes", "descriptor_writes", "emulated_instructions", "emulated_accesses", "patches",
                 "notifications", "refused"):
@@ -187,6 +186,9 @@ def print_summary(spec, guest, result, modelled, profile, nsites: int) -> None:
     t.add_row("modelled time", f"{modelled.total_ms:,.3f} ms")
     t.add_row("wall time (this lab)", f"{result.wall_seconds:.3f} s")
     con.print(t)
+    if s.get("traps"):
+        con.print("[dim]direct: accesses the CPU made without a fault; an access that faulted is a segment "
+                  "violation, handled by the strategy (emulated accesses are counted by the hypervisor)[/]")
     con.print(escape(f"modelled time: {modelled_text(modelled, profile)}"))
     if s.get("traps") and not profile.prices_faults():
         con.print(escape(f"note: {profile.name} gives faults no price, so the {s['traps']:,} faults above cost "
