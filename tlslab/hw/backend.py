@@ -9,6 +9,18 @@ regular file or /dev/null -- the kind changes what glibc does, see BRIEF 4b).
 Strategies: ``untraced`` (plain fork/exec/wait), ``native`` (traced, nothing
 truncated), ``emulate``, ``flip``. Faults are counted per site (EIP).
 
+Processes and threads: the supervisor follows every fork, vfork, clone and
+execve of the guest (ptrace's TRACEFORK/VFORK/CLONE/EXEC options; a new task
+is traced from its first instruction and its TLS descriptors -- inherited, or
+installed untruncated by the kernel for CLONE_SETTLS -- are truncated before
+it runs), handles each task's faults on that task, and counts per process
+(``HwResult.processes``; ``faults`` is the total). A site belongs to one
+program image of one process; ``object_sites`` names it by (object, offset)
+from that image's own mappings and sums over processes. The run ends when
+every process the guest started is gone; at the timeout, or when the guest
+starts more than ``max_procs`` processes, the whole tree is killed
+(``HwResult.stopped``).
+
 Root-filesystem runs (``RunSpec.rootfs``, dynamic guests): the guest runs
 chrooted into the materialised root (``tlslab.rootfs``) with the model's argv
 (argv[0] as the guest knows its path), environment (``experiment.environment``)
@@ -65,31 +77,73 @@ class HwResult:
 
     @property
     def ok(self) -> bool:
-        return self.signal == 0 and not self.summary.get("timed_out")
+        return self.signal == 0 and not self.summary.get("timed_out") and not self.summary.get("stopped")
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the supervisor killed the guest's process tree ("timeout", "max_procs", ...), or None."""
+        return self.summary.get("stopped")
+
+    def _guest_path(self, path: str) -> str:
+        """A host path as the chrooted guest sees it (unchanged outside a chroot)."""
+        jail = self.summary.get("chroot")
+        if jail and (path + "/").startswith(jail.rstrip("/") + "/"):
+            return "/" + path[len(jail.rstrip("/")):].lstrip("/")
+        return path
+
+    @property
+    def processes(self) -> list[dict]:
+        """Every process the guest ran, in creation order: pid, ppid, program (as the guest sees it,
+        after its last execve; a forked child that did not exec runs its parent's), programs (one per
+        image), tasks (threads included), exited/status/signal/killed, and its counters (faults,
+        emulated, stepped, flips = to_expand_down + to_expand_up, delivered, tls_installs, ...)."""
+        images = self.summary.get("images", [])
+        out = []
+        for p in self.summary.get("processes", []):
+            progs = [self._guest_path(images[i]["program"]) for i in p.get("images", []) if i < len(images)]
+            out.append({**p, "program": self._guest_path(p.get("program", "")), "programs": progs})
+        return out
 
     @property
     def fault_sites(self) -> dict[int, int]:
-        """EIP -> faults at that instruction."""
-        return {s["eip"]: s["faults"] for s in self.sites if s["faults"]}
+        """EIP -> faults at that instruction (summed over processes: with several programs, EIPs of different
+        images can coincide; ``object_sites`` keeps them apart)."""
+        out: dict[int, int] = {}
+        for s in self.sites:
+            if s["faults"]:
+                out[s["eip"]] = out.get(s["eip"], 0) + s["faults"]
+        return out
 
     @property
     def objects(self) -> list[dict]:
         """The guest's file mappings at its exit (path, start, end, offset, perms), as /proc/PID/maps
         gives them (symlinks resolved); paths inside the chroot are given as the guest sees them."""
-        jail = self.summary.get("chroot")
-        out = []
-        for m in self.summary.get("objects", []):
-            path = m["path"]
-            if jail and (path + "/").startswith(jail.rstrip("/") + "/"):
-                path = "/" + path[len(jail.rstrip("/")):].lstrip("/")
-            out.append({**m, "path": path})
-        return out
+        return [{**m, "path": self._guest_path(m["path"])} for m in self.summary.get("objects", [])]
+
+    def image_objects(self, image: int) -> list[dict]:
+        """The file mappings of one program image (``sites[i]["image"]``), read at its process's exit or
+        before its execve, paths as the guest sees them."""
+        images = self.summary.get("images", [])
+        if not 0 <= image < len(images):
+            return []
+        return [{**m, "path": self._guest_path(m["path"])} for m in images[image].get("objects", [])]
 
     def object_sites(self) -> dict[tuple[str, int], int]:
-        """(object path, file offset) -> faults: fault sites independent of load addresses."""
-        maps = self.objects
+        """(object path, file offset) -> faults: fault sites independent of load addresses, each site named
+        with the mappings of its own process image and summed over all processes."""
+        per_image: dict[int, list[dict]] = {}
         sites: dict[tuple[str, int], int] = {}
-        for eip, n in self.fault_sites.items():
+        for s in self.sites:
+            eip, n = s["eip"], s["faults"]
+            if not n:
+                continue
+            image = s.get("image")
+            if image is None or image < 0:
+                maps = self.objects
+            else:
+                if image not in per_image:
+                    per_image[image] = self.image_objects(image)
+                maps = per_image[image]
             key = next(((m["path"], eip - m["start"] + m["offset"]) for m in maps if m["start"] <= eip < m["end"]),
                        ("?", eip))
             sites[key] = sites.get(key, 0) + n
@@ -105,7 +159,8 @@ class HwResult:
 
     def counters(self) -> dict:
         keys = ("faults", "emulated", "stepped", "to_expand_down", "to_expand_up", "delivered",
-                "descriptor_switches", "tls_installs", "ldt_installs", "threads", "other_sigsegv")
+                "descriptor_switches", "tls_installs", "ldt_installs", "threads", "other_sigsegv",
+                "processes_started")
         return {k: self.summary.get(k, 0) for k in keys} | {"decoder_misses": self.decoder_misses}
 
 
@@ -252,6 +307,7 @@ def run_hw(
     tree_at: str = "/data",
     uid: int | None = None,
     gid: int | None = None,
+    max_procs: int = 1024,
 ) -> HwResult:
     """Run ``guest_path`` natively with ``argv`` (argv[0] included; default its basename).
 
@@ -266,7 +322,9 @@ def run_hw(
     then ``exe_in_root`` (a path inside it) if given, else ``guest_path``
     executed by descriptor; cwd is ``/``, or ``tree_at`` with the data tree
     (``root`` or ``tree``; None for neither) mounted there in a private mount
-    namespace. ``uid``/``gid``: drop to these after chroot.
+    namespace. ``uid``/``gid``: drop to these after chroot. ``max_procs``: processes the guest may
+    start in all (itself included); one more, or the ``timeout``, and the supervisor kills the whole
+    process tree and reports it (``HwResult.stopped``; ``timed_out`` for the timeout).
     Raises HwUnavailable when the host cannot do this at all, HwError when the
     supervisor failed for this run.
     """
@@ -314,7 +372,8 @@ def run_hw(
             if exe_in_root is None:
                 jail.append("--exec-fd")
         cmd = [str(exe), "--strategy", strategy, "--hv-start", hex(_hv_start(profile)), "--cpu", str(cpu),
-               "--cwd", cwd, "--json", json_path, "--timeout", str(timeout), *jail]
+               "--cwd", cwd, "--json", json_path, "--timeout", str(timeout), "--max-procs", str(int(max_procs)),
+               *jail]
         for e in env if env is not None else _default_env():
             cmd += ["--env", e]
         if step_only:

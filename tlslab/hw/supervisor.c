@@ -78,6 +78,8 @@
 #define NR32_RT_SIGACTION 174
 #define NR32_RT_SIGPROCMASK 175
 #define NR32_CLONE3 435
+#define NR32_EXECVE 11
+#define NR32_EXECVEAT 358
 #define SA32_NODEFER 0x40000000u
 #define SA32_RESETHAND 0x80000000u
 #define SEGV_BIT (1u << (SIGSEGV - 1))
@@ -86,8 +88,8 @@
 #define CLONE_CLEAR_SIGHAND_ 0x100000000ull
 #define TLS_FIRST 12 /* GDT_ENTRY_TLS_MIN for 32-bit tasks on x86-64 */
 #define TLS_SLOTS 3
-#define MAX_THREADS 256
-#define SITE_CAP 65536
+#define MAX_THREADS 4096 /* live tasks at once */
+#define SITE_CAP 262144
 #define MISS_CAP 64
 
 /* ------------------------------------------------------------------ types */
@@ -120,10 +122,13 @@ struct ksa32 { uint32_t handler, flags, restorer, mask[2]; };
 struct sigtab {
     struct ksa32 act[65];
     uint32_t int80;
+    int refs; /* tasks using it (0: free) */
 };
 
 struct thread {
     pid_t tid;
+    int proc;             /* index in procs[] (-1: creator's event not seen yet) */
+    int adopted;          /* its inherited TLS slots were read (adopt_new_thread) */
     /* SIGSEGV disposition tracking (see "SIGSEGV disposition" below) */
     struct sigtab *st;    /* the process's handlers (NULL: not tracked) */
     int blocked_segv;     /* does the guest mean SIGSEGV to be blocked in this thread? */
@@ -143,11 +148,36 @@ struct thread {
 
 struct site {
     uint32_t eip;
+    int image; /* index in images[]: one program image of one process */
     int used, seg; /* 4 = fs, 5 = gs */
     uint64_t faults, emulated, stepped, to_down, to_up, delivered, neg, pos;
     int64_t off_min, off_max;
     uint8_t bytes[16];
     int nbytes;
+};
+
+/* Every process the guest creates (fork, vfork, clone without CLONE_THREAD)
+ * and the main one: its counters (the same names as the totals; COUNT adds to
+ * both) and its program images (one per execve; a forked child starts with a
+ * copy of its parent's program). Threads share their process's entry. */
+struct counters {
+    uint64_t faults, emulated, stepped, to_down, to_up, delivered, switches, tls_installs, ldt_installs,
+        signals_passed, other_segv, segv_restores, group_stops;
+};
+struct proc {
+    pid_t pid, ppid;
+    int image;         /* current image (-1: the main process before its exec) */
+    int live, tasks;   /* tasks alive now / created in it (the first included) */
+    int exited, status, sig, killed;
+    struct counters c;
+};
+struct image {
+    pid_t pid;
+    int proc;
+    char program[512]; /* /proc/PID/exe at the exec event (host path) */
+    uint64_t faults;
+    char *objects;     /* JSON fragments: its file mappings (record_objects), or NULL */
+    size_t objects_len;
 };
 
 /* ------------------------------------------------------------------ state */
@@ -165,8 +195,6 @@ static int model_env; /* present the guest the Unicorn model's process environme
 static const char *chroot_dir, *view_dir, *mount_src, *mount_at;
 static long guest_uid = -1, guest_gid = -1;
 static int exec_fd;
-static char *objects_buf; /* JSON fragments: the guest's file mappings at exit (record_objects) */
-static size_t objects_len;
 static uint64_t auxv_hidden;
 static double handler_s; /* time spent inside the fault handler */
 static double restore_s;  /* time spent restoring the guest's SIGSEGV disposition */
@@ -176,9 +204,20 @@ static struct thread threads[MAX_THREADS];
 static int nthreads_seen;
 static struct site *sites;
 static uint64_t faults, emulated, stepped, to_down, to_up, delivered, switches, seccomp_stops,
-    tls_installs, ldt_installs, ldt_truncated, signals_passed, other_segv, clones, forks;
+    tls_installs, ldt_installs, ldt_truncated, signals_passed, other_segv, clones, forks, group_stops;
 static uint64_t signal_syscalls, segv_restores, segv_handler_restores, segv_mask_restores, restore_failures,
     signals_requeued;
+/* processes and images (see struct proc) */
+static struct proc *procs;     /* max_procs + 1 entries: never reallocated */
+static int nprocs, max_procs = 1024;
+static struct image *images;
+static int nimages, cap_images;
+static struct proc *cp;        /* the process whose event is being handled (NULL: none) */
+#define COUNT(f) do { (f)++; if (cp) cp->c.f++; } while (0)
+/* stopping the guest (timeout, process limit, too many tasks): every task is killed */
+static const char *stop_reason;
+static volatile sig_atomic_t stopping, tick;
+static uint64_t killed_tasks;
 static struct { char key[32]; uint64_t n; } misses[MISS_CAP];
 static int nmisses;
 static char first_delivered[512];
@@ -186,6 +225,8 @@ static FILE *tlslog; /* buffered JSON fragments of TLS installs */
 static char *tlslog_buf;
 static size_t tlslog_len;
 static volatile sig_atomic_t timed_out;
+static pid_t tids[MAX_THREADS]; /* tids[i] = threads[i].tid while alive, else 0 (a dense scan) */
+static int last_thread;         /* index of the last thread_of hit */
 
 static double now_s(void) {
     struct timespec ts;
@@ -310,30 +351,58 @@ static int fetch_insn(pid_t tid, uint32_t eip, uint8_t *buf) {
 }
 
 static struct thread *thread_of(pid_t tid, int create) {
+    if (tid <= 0) return NULL;
+    if (tids[last_thread] == tid) return &threads[last_thread];
     for (int i = 0; i < MAX_THREADS; i++)
-        if (threads[i].alive && threads[i].tid == tid) return &threads[i];
+        if (tids[i] == tid) return &threads[last_thread = i];
     if (!create) return NULL;
     for (int i = 0; i < MAX_THREADS; i++)
         if (!threads[i].alive) {
             memset(&threads[i], 0, sizeof threads[i]);
-            threads[i].tid = tid;
+            threads[i].tid = tids[i] = tid;
             threads[i].alive = 1;
+            threads[i].proc = -1;
             threads[i].last_fault_eip = 0xFFFFFFFFu;
             nthreads_seen++;
-            return &threads[i];
+            return &threads[last_thread = i];
         }
     return NULL;
 }
 
-static struct site *site_of(uint32_t eip) {
-    uint32_t h = (eip * 2654435761u) & (SITE_CAP - 1);
+static void set_tid(struct thread *t, pid_t tid) {
+    t->tid = tids[t - threads] = tid;
+}
+
+static int image_new(int proc, const char *program) {
+    if (nimages == cap_images) {
+        int cap = cap_images ? 2 * cap_images : 64;
+        struct image *n = realloc(images, cap * sizeof *n);
+        if (!n) die_setup("malloc", ENOMEM);
+        images = n;
+        cap_images = cap;
+    }
+    struct image *im = &images[nimages];
+    memset(im, 0, sizeof *im);
+    im->proc = proc;
+    im->pid = procs[proc].pid;
+    snprintf(im->program, sizeof im->program, "%s", program ? program : "");
+    return nimages++;
+}
+
+/* the image t runs now (-1: none) */
+static int image_of(const struct thread *t) {
+    return t->proc >= 0 ? procs[t->proc].image : -1;
+}
+
+static struct site *site_of(int image, uint32_t eip) {
+    uint32_t h = (eip * 2654435761u ^ (uint32_t)image * 0x9E3779B9u) & (SITE_CAP - 1);
     for (int i = 0; i < SITE_CAP; i++) {
         struct site *s = &sites[(h + i) & (SITE_CAP - 1)];
         if (!s->used) {
-            s->used = 1; s->eip = eip; s->off_min = INT64_MAX; s->off_max = INT64_MIN;
+            s->used = 1; s->eip = eip; s->image = image; s->off_min = INT64_MAX; s->off_max = INT64_MIN;
             return s;
         }
-        if (s->eip == eip) return s;
+        if (s->eip == eip && s->image == image) return s;
     }
     return NULL;
 }
@@ -349,8 +418,8 @@ static void note_miss(const char *key) {
 
 static void log_tls(pid_t tid, const char *how, const struct udesc *req, const struct udesc *inst,
                     const struct udesc *dn) {
-    fprintf(tlslog, "%s{\"tid\":%d,\"how\":\"%s\",\"requested\":[%u,%u,%u,%u],\"installed\":[%u,%u,%u,%u]",
-            tls_installs + ldt_installs > 1 ? "," : "", tid, how, req->entry, req->base, req->limit,
+    fprintf(tlslog, "%s{\"pid\":%d,\"tid\":%d,\"how\":\"%s\",\"requested\":[%u,%u,%u,%u],\"installed\":[%u,%u,%u,%u]",
+            tls_installs + ldt_installs > 1 ? "," : "", cp ? cp->pid : 0, tid, how, req->entry, req->base, req->limit,
             req->flags, inst->entry, inst->base, inst->limit, inst->flags);
     if (dn) fprintf(tlslog, ",\"expand_down\":[%u,%u,%u,%u]", dn->entry, dn->base, dn->limit, dn->flags);
     fprintf(tlslog, "}");
@@ -364,7 +433,7 @@ static void adopt_slot(struct thread *t, int entry, const struct udesc *requeste
     s->requested = *requested;
     s->requested.entry = entry;
     s->up = s->requested;
-    tls_installs++;
+    COUNT(tls_installs);
     if (strategy == S_EMULATE || strategy == S_FLIP) {
         s->up = truncate_desc(s->requested);
         if (memcmp(&s->up, &s->requested, sizeof s->up) && set_area(t->tid, &s->up) < 0)
@@ -840,6 +909,10 @@ static void write_json(void) {
     fprintf(f, ",\"status\":");
     if (exit_status >= 0) fprintf(f, "%d", exit_status); else fprintf(f, "null");
     fprintf(f, ",\"signal\":%d,\"timed_out\":%s", exit_signal, timed_out ? "true" : "false");
+    fprintf(f, ",\"stopped\":");
+    if (stop_reason) json_str(f, stop_reason); else fprintf(f, "null");
+    fprintf(f, ",\"max_procs\":%d,\"processes_started\":%d,\"killed_tasks\":%llu,\"group_stops\":%llu", max_procs,
+            nprocs, (unsigned long long)killed_tasks, (unsigned long long)group_stops);
     fprintf(f, ",\"wall_ns\":%.0f,\"run_ns\":%.0f", (t_end - t_fork) * 1e9,
             (t_end - (t_exec > 0 ? t_exec : t_fork)) * 1e9);
     fprintf(f, ",\"faults\":%llu,\"emulated\":%llu,\"stepped\":%llu,\"to_expand_down\":%llu,"
@@ -868,7 +941,43 @@ static void write_json(void) {
         json_str(f, misses[i].key);
         fprintf(f, ":%llu", (unsigned long long)misses[i].n);
     }
-    fprintf(f, "},\"objects\":[%.*s]", (int)objects_len, objects_buf ? objects_buf : "");
+    {
+        const struct image *mi = nprocs && procs[0].image >= 0 ? &images[procs[0].image] : NULL;
+        fprintf(f, "},\"objects\":[%.*s]", mi ? (int)mi->objects_len : 0, mi && mi->objects ? mi->objects : "");
+    }
+    fprintf(f, ",\"processes\":[");
+    for (int i = 0; i < nprocs; i++) {
+        const struct proc *p = &procs[i];
+        const struct counters *c = &p->c;
+        fprintf(f, "%s{\"pid\":%d,\"ppid\":%d,\"program\":", i ? "," : "", p->pid, p->ppid);
+        json_str(f, p->image >= 0 ? images[p->image].program : "");
+        fprintf(f, ",\"images\":[");
+        int first_im = 1;
+        for (int k = 0; k < nimages; k++)
+            if (images[k].proc == i) { fprintf(f, "%s%d", first_im ? "" : ",", k); first_im = 0; }
+        fprintf(f, "],\"tasks\":%d,\"exited\":%s,\"status\":", p->tasks, p->exited ? "true" : "false");
+        if (p->exited && p->status >= 0) fprintf(f, "%d", p->status); else fprintf(f, "null");
+        fprintf(f, ",\"signal\":%d,\"killed\":%s,\"faults\":%llu,\"emulated\":%llu,\"stepped\":%llu,"
+                   "\"flips\":%llu,\"to_expand_down\":%llu,\"to_expand_up\":%llu,\"delivered\":%llu,"
+                   "\"descriptor_switches\":%llu,\"tls_installs\":%llu,\"ldt_installs\":%llu,"
+                   "\"signals_passed\":%llu,\"other_sigsegv\":%llu,\"sigsegv_restores\":%llu,\"group_stops\":%llu}",
+                p->sig, p->killed ? "true" : "false", (unsigned long long)c->faults,
+                (unsigned long long)c->emulated, (unsigned long long)c->stepped,
+                (unsigned long long)(c->to_down + c->to_up), (unsigned long long)c->to_down,
+                (unsigned long long)c->to_up, (unsigned long long)c->delivered, (unsigned long long)c->switches,
+                (unsigned long long)c->tls_installs, (unsigned long long)c->ldt_installs,
+                (unsigned long long)c->signals_passed, (unsigned long long)c->other_segv,
+                (unsigned long long)c->segv_restores, (unsigned long long)c->group_stops);
+    }
+    fprintf(f, "],\"images\":[");
+    for (int k = 0; k < nimages; k++) {
+        const struct image *im = &images[k];
+        fprintf(f, "%s{\"pid\":%d,\"program\":", k ? "," : "", im->pid);
+        json_str(f, im->program);
+        fprintf(f, ",\"faults\":%llu,\"objects\":[%.*s]}", (unsigned long long)im->faults, (int)im->objects_len,
+                im->objects ? im->objects : "");
+    }
+    fprintf(f, "]");
     fprintf(f, ",\"chroot\":");
     if (chroot_dir) json_str(f, view_dir ? view_dir : chroot_dir); else fprintf(f, "null");
     fprintf(f, ",\"uid\":%ld,\"gid\":%ld", guest_uid, guest_gid);
@@ -877,10 +986,10 @@ static void write_json(void) {
     for (int i = 0; sites && i < SITE_CAP; i++) {
         struct site *s = &sites[i];
         if (!s->used) continue;
-        fprintf(f, "%s{\"eip\":%u,\"segment\":\"%s\",\"faults\":%llu,\"emulated\":%llu,\"stepped\":%llu,"
+        fprintf(f, "%s{\"eip\":%u,\"image\":%d,\"pid\":%d,\"segment\":\"%s\",\"faults\":%llu,\"emulated\":%llu,\"stepped\":%llu,"
                    "\"to_expand_down\":%llu,\"to_expand_up\":%llu,\"delivered\":%llu,\"negative\":%llu,"
                    "\"positive\":%llu,\"min_offset\":%lld,\"max_offset\":%lld,\"bytes\":\"",
-                first ? "" : ",", s->eip, s->seg == 4 ? "fs" : s->seg == 5 ? "gs" : "?",
+                first ? "" : ",", s->eip, s->image, s->image >= 0 ? images[s->image].pid : 0, s->seg == 4 ? "fs" : s->seg == 5 ? "gs" : "?",
                 (unsigned long long)s->faults, (unsigned long long)s->emulated, (unsigned long long)s->stepped,
                 (unsigned long long)s->to_down, (unsigned long long)s->to_up,
                 (unsigned long long)s->delivered, (unsigned long long)s->neg, (unsigned long long)s->pos,
@@ -897,17 +1006,103 @@ static void write_json(void) {
     rename(tmp, json_path);
 }
 
+/* ------------------------------------------------ stopping the guest tree */
+/* Every descendant of the supervisor, by a scan of /proc (ppid chains): what
+ * the untraced strategy has to go by, and a second net under the tracees we
+ * know (a child forked a moment ago, not yet reported). The supervisor is a
+ * child subreaper, so orphaned guest processes stay its descendants. */
+#define PH_CAP 131072
+static pid_t ph_pid[PH_CAP], ph_ppid[PH_CAP];
+static pid_t ph_parent(pid_t p) { /* -1: not seen */
+    for (uint32_t h = ((uint32_t)p * 2654435761u) & (PH_CAP - 1);; h = (h + 1) & (PH_CAP - 1)) {
+        if (!ph_pid[h]) return -1;
+        if (ph_pid[h] == p) return ph_ppid[h];
+    }
+}
+static int kill_descendants(void) {
+    static pid_t pid_[65536], ppid_[65536];
+    int n = 0, killed = 0;
+    memset(ph_pid, 0, sizeof ph_pid);
+    pid_t me = getpid();
+    DIR *d = opendir("/proc");
+    if (!d) return 0;
+    struct dirent *de;
+    while ((de = readdir(d)) && n < 65536) {
+        if (de->d_name[0] < '1' || de->d_name[0] > '9') continue;
+        char path[300], buf[512];
+        snprintf(path, sizeof path, "/proc/%s/stat", de->d_name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        ssize_t k = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (k <= 0) continue;
+        buf[k] = 0;
+        char *rp = strrchr(buf, ')');
+        int pp;
+        char st;
+        if (!rp || sscanf(rp + 1, " %c %d", &st, &pp) != 2) continue;
+        pid_[n] = atoi(de->d_name);
+        ppid_[n] = pp;
+        uint32_t h = ((uint32_t)pid_[n] * 2654435761u) & (PH_CAP - 1);
+        while (ph_pid[h]) h = (h + 1) & (PH_CAP - 1);
+        ph_pid[h] = pid_[n];
+        ph_ppid[h] = pp;
+        n++;
+    }
+    closedir(d);
+    for (int i = 0; i < n; i++) {
+        pid_t p = ppid_[i];
+        for (int hop = 0; hop < 4096 && p > 1; hop++) {
+            if (p == me) { if (kill(pid_[i], SIGKILL) == 0) killed++; break; }
+            p = ph_parent(p);
+        }
+    }
+    return killed;
+}
+
+/* SIGKILL every task we trace and every descendant */
+static void sweep(void) {
+    for (int i = 0; i < MAX_THREADS; i++)
+        if (tids[i]) kill(tids[i], SIGKILL);
+    if (child_pid > 0) kill(child_pid, SIGKILL);
+    kill_descendants();
+}
+
+/* stop the run: the whole guest tree is killed (again every 100 ms until the
+ * supervisor has no child and no tracee left) and the reason reported */
+static void begin_stop(const char *why) {
+    if (!stop_reason) stop_reason = why;
+    if (stopping) return;
+    stopping = 1;
+    struct itimerval it = {{0, 100000}, {0, 100000}};
+    setitimer(ITIMER_REAL, &it, NULL);
+    sweep();
+}
+
 static void die_setup(const char *what, int err) {
     setup_error = what;
     setup_errno = err;
-    if (child_pid > 0) kill(child_pid, SIGKILL);
+    if (child_pid > 0) { stopping = 1; sweep(); }
     t_end = now_s();
     write_json();
     fprintf(stderr, "tlslab-hw-supervisor: %s: %s\n", what, strerror(err));
     exit(3);
 }
 
-static void on_alarm(int sig) { (void)sig; timed_out = 1; }
+static volatile sig_atomic_t interrupted;
+static void on_term(int sig) { (void)sig; interrupted = 1; }
+
+/* a stop report that is a group-stop, not a signal-delivery stop */
+static int is_group_stop(pid_t tid) {
+    siginfo_t si;
+    return ptrace(PTRACE_GETSIGINFO, tid, 0, &si) < 0 && errno == EINVAL;
+}
+
+static void on_alarm(int sig) {
+    (void)sig;
+    if (!stopping) timed_out = 1;
+    tick = 1;
+}
 
 /* --------------------------------------------------------------- child */
 static void child_fail(int fd, const char *stage) {
@@ -1044,7 +1239,7 @@ static void run_child(int errfd, char **argv, const char *exe) {
          * stop for the tracer; sigaction/sigprocmask only when they change
          * something (second argument non-NULL; signal(2) always); rseq:
          * ENOSYS under --model-env (the model refuses it); everything else runs */
-        enum { L_ARG1 = 13, L_ALLOW = 15, L_ERRNO, L_TRACE }; /* BPF jumps go forward only */
+        enum { L_ARG1 = 15, L_ALLOW = 17, L_ERRNO, L_TRACE }; /* BPF jumps go forward only */
 #define JEQ_TO(nr, at, label) BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (nr), (label) - (at) - 1, 0)
         struct sock_filter filt[] = {
             /* 0 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
@@ -1059,12 +1254,14 @@ static void run_child(int errfd, char **argv, const char *exe) {
             /* 9 */ JEQ_TO(NR32_SIGACTION, 9, L_ARG1),
             /* 10 */ JEQ_TO(NR32_RT_SIGACTION, 10, L_ARG1),
             /* 11 */ JEQ_TO(NR32_SIGPROCMASK, 11, L_ARG1),
-            /* 12 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, NR32_RT_SIGPROCMASK, 0, L_ALLOW - 12 - 1),
-            /* 13 L_ARG1 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1])),
-            /* 14 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, L_ALLOW - 14 - 1, L_TRACE - 14 - 1),
-            /* 15 L_ALLOW */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-            /* 16 L_ERRNO */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
-            /* 17 L_TRACE */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE),
+            /* 12 */ JEQ_TO(NR32_EXECVE, 12, L_TRACE),   /* the image's mappings before it goes */
+            /* 13 */ JEQ_TO(NR32_EXECVEAT, 13, L_TRACE),
+            /* 14 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, NR32_RT_SIGPROCMASK, 0, L_ALLOW - 14 - 1),
+            /* 15 L_ARG1 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1])),
+            /* 16 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, L_ALLOW - 16 - 1, L_TRACE - 16 - 1),
+            /* 17 L_ALLOW */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+            /* 18 L_ERRNO */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
+            /* 19 L_TRACE */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE),
         };
 #undef JEQ_TO
         struct sock_fprog prog = {sizeof filt / sizeof filt[0], filt};
@@ -1079,7 +1276,7 @@ static void run_child(int errfd, char **argv, const char *exe) {
 
 /* ------------------------------------------------------------ fault path */
 static void record_delivery(struct site *s, uint32_t eip, const char *why) {
-    delivered++;
+    COUNT(delivered);
     if (s) s->delivered++;
     if (!first_delivered[0]) snprintf(first_delivered, sizeof first_delivered, "eip %#x: %s", eip, why);
 }
@@ -1089,7 +1286,7 @@ static int handle_segv(struct thread *t, int *step) {
     siginfo_t si;
     *step = 0;
     if (ptrace(PTRACE_GETSIGINFO, t->tid, 0, &si) < 0) return SIGSEGV;
-    if (si.si_code != SI_KERNEL || strategy == S_NATIVE) { other_segv++; return SIGSEGV; }
+    if (si.si_code != SI_KERNEL || strategy == S_NATIVE) { COUNT(other_segv); return SIGSEGV; }
     struct user_regs_struct r;
     if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0) return SIGSEGV;
     uint32_t eip = (uint32_t)r.rip;
@@ -1097,11 +1294,12 @@ static int handle_segv(struct thread *t, int *step) {
     int n = fetch_insn(t->tid, eip, b);
     struct insn in;
     decode(b, n, &r, &in);
-    if (in.seg != 4 && in.seg != 5) { other_segv++; return SIGSEGV; }
+    if (in.seg != 4 && in.seg != 5) { COUNT(other_segv); return SIGSEGV; }
     uint32_t sel = (uint32_t)(in.seg == 4 ? r.fs : r.gs) & 0xFFFF;
     int entry = sel >> 3;
-    struct site *s = site_of(eip);
-    faults++;
+    struct site *s = site_of(image_of(t), eip);
+    COUNT(faults);
+    if (image_of(t) >= 0) images[image_of(t)].faults++;
     if (trace) fprintf(trace, "%#x %d\n", eip, in.has_mem ? (int32_t)in.off : 0);
     if (s) {
         s->faults++;
@@ -1141,9 +1339,9 @@ static int handle_segv(struct thread *t, int *step) {
         }
         if (set_area(t->tid, next) < 0) die_setup("PTRACE_SET_THREAD_AREA", errno);
         sl->down = go_down;
-        switches++;
-        if (go_down) { to_down++; if (s) s->to_down++; }
-        else { to_up++; if (s) s->to_up++; }
+        COUNT(switches);
+        if (go_down) { COUNT(to_down); if (s) s->to_down++; }
+        else { COUNT(to_up); if (s) s->to_up++; }
         t->last_fault_eip = eip;
         t->last_fault_flipped = 1;
         return 0;
@@ -1156,7 +1354,7 @@ static int handle_segv(struct thread *t, int *step) {
             return SIGSEGV;
         }
         if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0) die_setup("PTRACE_SETREGS", errno);
-        emulated++;
+        COUNT(emulated);
         if (s) s->emulated++;
         return 0;
     }
@@ -1164,11 +1362,11 @@ static int handle_segv(struct thread *t, int *step) {
      * only addresses below the base: nothing in the hypervisor hole) */
     note_miss(in.miss[0] ? in.miss : "step-only");
     if (set_area(t->tid, &sl->dn) < 0) die_setup("PTRACE_SET_THREAD_AREA", errno);
-    switches++;
+    COUNT(switches);
     t->stepping = 1;
     t->step_entry = entry;
     t->step_eip = eip;
-    stepped++;
+    COUNT(stepped);
     if (s) s->stepped++;
     *step = 1;
     return 0;
@@ -1177,7 +1375,7 @@ static int handle_segv(struct thread *t, int *step) {
 static void end_step(struct thread *t) {
     struct slot *sl = &t->slots[t->step_entry - TLS_FIRST];
     if (set_area(t->tid, &sl->up) < 0) die_setup("PTRACE_SET_THREAD_AREA", errno);
-    switches++;
+    COUNT(switches);
     t->stepping = 0;
 }
 
@@ -1215,7 +1413,7 @@ static void start_tls_syscall(struct thread *t) {
             uint32_t raw[4];
             if (read_mem(t->tid, t->sta_ptr, raw, 16) == 0) {
                 struct udesc req = {raw[0], raw[1], raw[2], raw[3]}, tr = truncate_desc(req);
-                ldt_installs++;
+                COUNT(ldt_installs);
                 tr.limit |= req.limit & ~0xFFFFFu;
                 if (memcmp(&tr, &req, sizeof tr)) {
                     uint32_t out[4] = {tr.entry, tr.base, tr.limit, tr.flags};
@@ -1233,26 +1431,28 @@ static void start_tls_syscall(struct thread *t) {
     }
 }
 
-/* a new thread (clone): adopt and truncate the TLS it was created with */
+/* A new task (fork, vfork, clone), stopped before its first instruction,
+ * after its creator's event (inherit_signals copied the creator's slots as
+ * they were at the clone: the creator has not run since, or we copied them
+ * at its event stop). A slot the kernel still holds as inherited keeps the
+ * creator's state (truncated, or flipped: the child inherits the GDT TLS
+ * entries as they were); any other descriptor -- CLONE_SETTLS, which the
+ * kernel installs untruncated -- is adopted and truncated here, with
+ * PTRACE_SET_THREAD_AREA on the new tid, before it runs any code. */
 static void adopt_new_thread(struct thread *t) {
+    t->adopted = 1;
     for (int e = TLS_FIRST; e < TLS_FIRST + TLS_SLOTS; e++) {
+        struct slot *ts = &t->slots[e - TLS_FIRST];
         struct udesc d;
         if (get_area(t->tid, e, &d) < 0) continue;
-        if (!d.base && !d.limit && (d.flags & F_NP)) continue; /* empty */
-        /* inherited unchanged from a thread we manage? then copy its slot */
-        int copied = 0;
-        for (int i = 0; i < MAX_THREADS && !copied; i++) {
-            struct thread *o = &threads[i];
-            if (!o->alive || o == t) continue;
-            struct slot *os = &o->slots[e - TLS_FIRST];
-            if (!os->valid) continue;
-            struct udesc cur = os->down ? os->dn : os->up;
-            if (cur.base == d.base && cur.limit == d.limit && (cur.flags & 0x7F) == (d.flags & 0x7F)) {
-                t->slots[e - TLS_FIRST] = *os;
-                copied = 1;
-            }
+        if (!d.base && !d.limit && (d.flags & F_NP)) { memset(ts, 0, sizeof *ts); continue; } /* empty */
+        if (ts->valid) {
+            struct udesc cur = ts->down ? ts->dn : ts->up;
+            if (cur.base == d.base && (cur.limit & 0xFFFFF) == (d.limit & 0xFFFFF) &&
+                (cur.flags & 0x7F) == (d.flags & 0x7F))
+                continue; /* inherited as it was */
         }
-        if (!copied) adopt_slot(t, e, &d, "clone");
+        adopt_slot(t, e, &d, "clone");
     }
 }
 
@@ -1310,11 +1510,10 @@ static struct sigtab sigtabs[MAX_THREADS];
 static struct sigtab *sigtab_new(const struct sigtab *copy) {
     for (int i = 0; i < MAX_THREADS; i++) {
         struct sigtab *s = &sigtabs[i];
-        int used = 0;
-        for (int k = 0; k < MAX_THREADS && !used; k++) used = threads[k].alive && threads[k].st == s;
-        if (used) continue;
+        if (s->refs) continue;
         if (copy) *s = *copy;
         else memset(s, 0, sizeof *s);
+        s->refs = 1;
         return s;
     }
     return NULL;
@@ -1430,29 +1629,82 @@ static void note_delivery(struct thread *t, int sig) {
     if (a->flags & SA32_RESETHAND) a->handler = SIG32_DFL;
 }
 
-/* PTRACE_EVENT_CLONE/FORK/VFORK of parent: the new task copies (or, with
- * CLONE_SIGHAND, shares) the handlers and copies the blocked mask */
-static void inherit_signals(struct thread *parent, pid_t ctid) {
-    struct thread *c = thread_of(ctid, 1);
-    if (!c) return;
+/* the clone flags of the clone/clone3 that parent (at its event stop) made; 0 for fork/vfork */
+static uint64_t clone_flags(const struct thread *parent, int *known) {
     uint64_t flags = 0;
     struct user_regs_struct r;
+    *known = 0;
     if (ptrace(PTRACE_GETREGS, parent->tid, 0, &r) == 0) {
-        if ((uint32_t)r.orig_rax == NR32_CLONE) flags = (uint32_t)r.rbx;
-        else if ((uint32_t)r.orig_rax == NR32_CLONE3 && read_mem(parent->tid, (uint32_t)r.rbx, &flags, 8) < 0)
-            flags = 0;
+        uint32_t nr = (uint32_t)r.orig_rax;
+        if (nr == NR32_CLONE) { flags = (uint32_t)r.rbx; *known = 1; }
+        else if (nr == NR32_CLONE3) *known = read_mem(parent->tid, (uint32_t)r.rbx, &flags, 8) == 0;
+        else *known = 1; /* fork, vfork */
     }
+    return flags;
+}
+
+/* is tid a thread of another task's group? (/proc: when the clone flags could not be read) */
+static int tgid_of(pid_t tid) {
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/status", tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    buf[n] = 0;
+    char *p = strstr(buf, "\nTgid:");
+    return p ? atoi(p + 7) : -1;
+}
+
+/* PTRACE_EVENT_CLONE/FORK/VFORK of parent, new task c: it belongs to a new
+ * process (fork, vfork, clone without CLONE_THREAD) or to parent's; it copies
+ * (or, with CLONE_SIGHAND, shares) the handlers and copies the blocked mask
+ * and the parent's TLS slots as they are now (see adopt_new_thread) */
+static void inherit_signals(struct thread *parent, struct thread *c, uint64_t flags, int new_proc) {
     c->blocked_segv = parent->blocked_segv;
-    if ((flags & CLONE_SIGHAND) && parent->st) c->st = parent->st;
+    if ((flags & CLONE_SIGHAND) && parent->st) { c->st = parent->st; c->st->refs++; }
     else {
         c->st = sigtab_new(parent->st);
         if (c->st && (flags & CLONE_CLEAR_SIGHAND_)) sigtab_flush(c->st, 0);
     }
-    c->sig_ready = 1;
-    if (c->held) { /* its first stop came first and waited for this */
-        c->held = 0;
-        if (ptrace(PTRACE_CONT, c->tid, 0, 0) < 0 && errno != ESRCH) die_setup("ptrace resume", errno);
+    memcpy(c->slots, parent->slots, sizeof c->slots);
+    if (new_proc) {
+        struct proc *pp = parent->proc >= 0 ? &procs[parent->proc] : NULL;
+        struct proc *np = &procs[nprocs];
+        memset(np, 0, sizeof *np);
+        np->pid = c->tid;
+        np->ppid = pp ? pp->pid : parent->tid;
+        np->image = -1;
+        c->proc = nprocs++;
+        np->image = image_new(c->proc, pp && pp->image >= 0 ? images[pp->image].program : "");
+    } else {
+        c->proc = parent->proc;
     }
+    if (c->proc >= 0) { procs[c->proc].live++; procs[c->proc].tasks++; }
+    c->sig_ready = 1;
+}
+
+/* t is gone (exit or killed; status -1: vanished without a report, e.g. the
+ * old leader at a non-leader's execve) */
+static void thread_gone(struct thread *t, int status) {
+    if (t->st && --t->st->refs < 0) t->st->refs = 0;
+    t->st = NULL;
+    if (t->proc >= 0) {
+        struct proc *p = &procs[t->proc];
+        p->live--;
+        if (t->tid == p->pid && status != -1) {
+            p->exited = 1;
+            if (WIFEXITED(status)) p->status = WEXITSTATUS(status);
+            else {
+                p->status = -1;
+                p->sig = WTERMSIG(status);
+                if (stopping && p->sig == SIGKILL) p->killed = 1;
+            }
+        }
+    }
+    t->alive = 0;
+    tids[t - threads] = 0;
 }
 
 /* an `int $0x80` (cd 80, anywhere: execution does not care about
@@ -1528,7 +1780,7 @@ static int restore_segv(struct thread *t, int *gone) {
     int want_mask = t->blocked_segv;                          /* the kernel unblocked it */
     int rc = 0;
     nrequeue = 0;
-    segv_restores++;
+    COUNT(segv_restores);
     if (ptrace(PTRACE_GETREGS, t->tid, 0, &saved) < 0) { restore_failures++; return 0; }
     uint8_t chk[2];
     if (!s->int80 || read_mem(t->tid, s->int80, chk, 2) < 0 || chk[0] != 0xcd || chk[1] != 0x80)
@@ -1569,15 +1821,22 @@ static int restore_segv(struct thread *t, int *gone) {
     return 0;
 }
 
-/* the guest's file mappings at its exit (/proc/PID/maps, paths as the
- * supervisor sees them): "objects" in the JSON, so that fault sites can be
- * named by (object, file offset) whatever the load addresses */
-static void record_objects(pid_t pid) {
+/* an image's file mappings (/proc/PID/maps, paths as the supervisor sees
+ * them), read at its process's exit or before its execve: "objects" of the
+ * image in the JSON (the main process's last image also as the top-level
+ * "objects"), so that fault sites can be named by (object, file offset)
+ * whatever the load addresses */
+static void record_objects(pid_t pid, int img) {
     char path[64], line[4352];
+    if (img < 0) return;
+    struct image *im = &images[img];
     snprintf(path, sizeof path, "/proc/%d/maps", pid);
     FILE *f = fopen(path, "r");
     if (!f) return;
-    FILE *out = open_memstream(&objects_buf, &objects_len);
+    free(im->objects);
+    im->objects = NULL;
+    im->objects_len = 0;
+    FILE *out = open_memstream(&im->objects, &im->objects_len);
     if (!out) { fclose(f); return; }
     int first = 1;
     while (fgets(line, sizeof line, f)) {
@@ -1604,14 +1863,16 @@ static void usage(void) {
     fprintf(stderr,
             "usage: tlslab-hw-supervisor [--strategy untraced|native|emulate|flip] [--hv-start HEX]\n"
             "    [--cpu N|-1] [--cwd DIR] [--stdin PATH] [--stdout PATH] [--stderr PATH] [--env K=V]...\n"
-            "    [--timeout SECONDS] [--step-only] [--model-env] [--trace PATH]\n"
+            "    [--timeout SECONDS] [--max-procs N] [--step-only] [--model-env] [--trace PATH]\n"
             "    [--chroot DIR [--view EMPTYDIR [--mount-src DIR --mount-at PATH]]] [--uid N] [--gid N] [--exec-fd]\n"
             "    --json PATH -- EXE ARGV0 [ARGS...]\n"
             "  --chroot: the guest runs chrooted in DIR; --cwd is then a path inside it, and EXE too\n"
             "  unless --exec-fd (EXE is a host path, opened before chroot and executed by descriptor).\n"
             "  --view: in a private mount namespace, build DIR's view (read-only binds of DIR's top-level\n"
             "  entries on a tmpfs mounted on EMPTYDIR) with --mount-src bound read-only at --mount-at.\n"
-            "  --uid/--gid: drop to these ids (no supplementary groups) after chroot, before exec.\n");
+            "  --uid/--gid: drop to these ids (no supplementary groups) after chroot, before exec.\n"
+            "  --max-procs: processes the guest may start in all (the first included, default 1024);\n"
+            "  beyond it, as at --timeout, every guest task is killed (\"stopped\" in the JSON).\n");
     exit(2);
 }
 
@@ -1646,6 +1907,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--uid")) guest_uid = atol(argv[++i]);
         else if (!strcmp(a, "--gid")) guest_gid = atol(argv[++i]);
         else if (!strcmp(a, "--exec-fd")) exec_fd = 1;
+        else if (!strcmp(a, "--max-procs")) { if ((max_procs = atoi(argv[++i])) < 1) usage(); }
         else usage();
     }
     if (argc - i < 2) usage();
@@ -1654,8 +1916,12 @@ int main(int argc, char **argv) {
     char **gargv = argv + i + 1;
 
     sites = calloc(SITE_CAP, sizeof *sites);
+    procs = calloc((size_t)max_procs + 1, sizeof *procs);
     tlslog = open_memstream(&tlslog_buf, &tlslog_len);
-    if (!sites || !tlslog) die_setup("malloc", ENOMEM);
+    if (!sites || !procs || !tlslog) die_setup("malloc", ENOMEM);
+    /* orphaned guest processes are re-parented to us, not to init: the run
+     * waits for them and, when stopped, kills them (sweep) */
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0) die_setup("PR_SET_CHILD_SUBREAPER", errno);
     if (cpu >= 0) {
         cpu_set_t set;
         CPU_ZERO(&set);
@@ -1667,6 +1933,10 @@ int main(int argc, char **argv) {
     struct sigaction sa = {0};
     sa.sa_handler = on_alarm; /* no SA_RESTART: waitpid returns EINTR */
     sigaction(SIGALRM, &sa, NULL);
+    sa.sa_handler = on_term; /* killed politely: the guest tree goes with us, reported */
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
 
     t_fork = now_s();
     child_pid = fork();
@@ -1678,25 +1948,45 @@ int main(int argc, char **argv) {
         setitimer(ITIMER_REAL, &it, NULL);
     }
 
-    int status;
+    int status = 0;
     if (strategy == S_UNTRACED) {
         t_exec = t_fork;
-        while (waitpid(child_pid, &status, 0) < 0) {
-            if (errno != EINTR) die_setup("waitpid", errno);
-            if (timed_out) kill(child_pid, SIGKILL);
+        for (;;) { /* until every descendant is gone (orphans come to us: subreaper) */
+            if (interrupted && !stopping) begin_stop("supervisor interrupted");
+            if (timed_out && !stopping) begin_stop("timeout");
+            if (stopping && tick) { tick = 0; sweep(); }
+            pid_t w = waitpid(-1, &status, 0);
+            if (w < 0) {
+                if (errno == EINTR) continue;
+                if (errno == ECHILD) break;
+                die_setup("waitpid", errno);
+            }
+            if (w == child_pid) {
+                t_end = now_s();
+                if (WIFEXITED(status)) exit_status = WEXITSTATUS(status);
+                else if (WIFSIGNALED(status)) exit_signal = WTERMSIG(status);
+            }
         }
-        t_end = now_s();
     } else {
         /* initial SIGSTOP (or an early failure) */
         if (waitpid(child_pid, &status, 0) < 0) die_setup("waitpid", errno);
         if (!WIFSTOPPED(status)) goto child_failed;
-        /* children the guest forks are traced too (they inherit the seccomp
-         * filter, whose RET_TRACE would fail their set_thread_area untraced) */
+        /* every task the guest creates is traced from its first instruction
+         * (fork, vfork, clone: auto-attached, starting with a SIGSTOP), and
+         * every exec is seen: they all inherit the seccomp filter, whose
+         * RET_TRACE would fail their set_thread_area untraced */
         long opts = PTRACE_O_EXITKILL | PTRACE_O_TRACESECCOMP | PTRACE_O_TRACESYSGOOD | PTRACE_O_TRACECLONE |
                     PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACEEXEC | PTRACE_O_TRACEEXIT;
         if (ptrace(PTRACE_SETOPTIONS, child_pid, 0, (void *)opts) < 0) die_setup("PTRACE_SETOPTIONS", errno);
         struct thread *main_t = thread_of(child_pid, 1);
         main_t->seen_stop = 1;
+        main_t->adopted = 1;
+        procs[0].pid = child_pid;
+        procs[0].ppid = getpid();
+        procs[0].image = -1; /* its first image starts at the exec */
+        procs[0].live = procs[0].tasks = 1;
+        nprocs = 1;
+        main_t->proc = 0;
         /* the guest starts with the SIGSEGV disposition and mask we have (exec keeps SIG_IGN) */
         main_t->st = sigtab_new(NULL);
         {
@@ -1710,45 +2000,82 @@ int main(int argc, char **argv) {
         pid_t deferred_w = 0; /* a stop/exit the fault path consumed, to handle here */
         int deferred_status = 0;
         if (ptrace(PTRACE_CONT, child_pid, 0, 0) < 0) die_setup("PTRACE_CONT", errno);
+        /* Events of all tasks, in the order the kernel reports them; no wait
+         * is ever for one task only (but restore_segv's few single steps), so
+         * a vfork parent -- suspended by the kernel until its child execs or
+         * exits -- never holds up the child. Runs until no tracee and no
+         * child is left: the main process's exit does not end the run while
+         * processes it started still run. */
         for (;;) {
+            if (interrupted && !stopping) begin_stop("supervisor interrupted");
+            if (timed_out && !stopping) begin_stop("timeout");
+            if (stopping && tick) { tick = 0; sweep(); }
             pid_t w;
             if (deferred_w) { w = deferred_w; status = deferred_status; deferred_w = 0; }
             else w = waitpid(-1, &status, __WALL);
             if (w < 0) {
-                if (errno == EINTR) { if (timed_out) kill(child_pid, SIGKILL); continue; }
+                if (errno == EINTR) continue;
                 if (errno == ECHILD) break;
                 die_setup("waitpid", errno);
             }
+            struct thread *t = thread_of(w, 0);
+            cp = t && t->proc >= 0 ? &procs[t->proc] : NULL;
             if (WIFEXITED(status) || WIFSIGNALED(status)) {
-                struct thread *t = thread_of(w, 0);
-                if (t) t->alive = 0;
+                if (stopping && WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) killed_tasks++;
+                if (t) thread_gone(t, status);
                 if (w == child_pid) {
-                    if (t_exec == 0) goto child_failed;
+                    if (t_exec == 0 && !stopping) goto child_failed;
                     t_end = now_s();
                     if (WIFEXITED(status)) exit_status = WEXITSTATUS(status);
                     else exit_signal = WTERMSIG(status);
-                    /* reap remaining threads (already dead with the group) */
-                    while (waitpid(-1, &status, __WALL | WNOHANG) > 0) {}
-                    break;
                 }
                 continue;
             }
             if (!WIFSTOPPED(status)) continue;
-            struct thread *t = thread_of(w, 1);
-            if (!t) die_setup("too many threads", EAGAIN);
+            if (!t) t = thread_of(w, 1);
+            if (!t) begin_stop("too many tasks");
+            if (stopping) { /* it was sent SIGKILL: let it go and die (also from an exit-event stop) */
+                kill(w, SIGKILL);
+                ptrace(PTRACE_CONT, w, 0, 0);
+                continue;
+            }
             int sig = WSTOPSIG(status), event = status >> 16, deliver = 0;
             enum __ptrace_request resume = PTRACE_CONT;
             if (sig == SIGTRAP && event == PTRACE_EVENT_EXEC) {
+                /* a non-leader's execve: it takes the leader's tid, the old leader vanishes unreported */
+                unsigned long former = 0;
+                if (ptrace(PTRACE_GETEVENTMSG, w, 0, &former) == 0 && former && (pid_t)former != w) {
+                    struct thread *o = thread_of((pid_t)former, 0);
+                    if (o && o != t) {
+                        thread_gone(t, -1);
+                        set_tid(o, w);
+                        t = o;
+                    }
+                }
                 if (model_env) hide_auxv(w);
                 if (t->st) sigtab_flush(t->st, 1);
                 memset(t->slots, 0, sizeof t->slots); /* a new program: no TLS yet */
+                t->stepping = 0;
+                t->last_fault_eip = 0xFFFFFFFFu;
+                t->last_fault_flipped = 0;
+                if (cp) { /* a new image of this process */
+                    char path[64], prog[512];
+                    snprintf(path, sizeof path, "/proc/%d/exe", w);
+                    ssize_t k = readlink(path, prog, sizeof prog - 1);
+                    prog[k > 0 ? k : 0] = 0;
+                    cp->image = image_new(t->proc, prog);
+                }
                 if (w == child_pid && t_exec == 0) t_exec = now_s();
             } else if (sig == SIGTRAP && event == PTRACE_EVENT_SECCOMP) {
                 struct user_regs_struct sr;
                 if (ptrace(PTRACE_GETREGS, w, 0, &sr) == 0) {
                     uint32_t nr = (uint32_t)sr.orig_rax;
                     if (nr == NR32_SET_THREAD_AREA || nr == NR32_MODIFY_LDT) start_tls_syscall(t);
-                    else start_sig_syscall(t, &sr);
+                    else if (nr == NR32_EXECVE || nr == NR32_EXECVEAT) {
+                        /* the image that may end here: its mappings, for naming its sites */
+                        int img = image_of(t);
+                        if (img >= 0 && images[img].faults) record_objects(w, img);
+                    } else start_sig_syscall(t, &sr);
                     resume = t->in_sta || t->in_sig ? PTRACE_SYSCALL /* to its exit */ : PTRACE_CONT;
                 }
             } else if (sig == (SIGTRAP | 0x80)) {
@@ -1756,24 +2083,55 @@ int main(int argc, char **argv) {
                 else if (t->in_sig) finish_sig_syscall(t);
             } else if (sig == SIGTRAP && (event == PTRACE_EVENT_CLONE || event == PTRACE_EVENT_FORK ||
                                           event == PTRACE_EVENT_VFORK)) {
-                if (event == PTRACE_EVENT_CLONE) clones++; else forks++;
-                unsigned long ctid;
-                if (ptrace(PTRACE_GETEVENTMSG, w, 0, &ctid) == 0) inherit_signals(t, (pid_t)ctid);
+                unsigned long ctid = 0;
+                int known;
+                uint64_t flags = clone_flags(t, &known);
+                if (ptrace(PTRACE_GETEVENTMSG, w, 0, &ctid) == 0 && ctid > 0) {
+                    if (event == PTRACE_EVENT_CLONE) clones++; else forks++;
+                    int new_proc = event != PTRACE_EVENT_CLONE || !(flags & CLONE_THREAD);
+                    if (event == PTRACE_EVENT_CLONE && !known) new_proc = tgid_of((pid_t)ctid) == (pid_t)ctid;
+                    struct thread *c = NULL;
+                    if (new_proc && nprocs >= max_procs) begin_stop("max_procs");
+                    else if (!(c = thread_of((pid_t)ctid, 1))) begin_stop("too many tasks");
+                    if (stopping) { ptrace(PTRACE_CONT, w, 0, 0); continue; }
+                    inherit_signals(t, c, flags, new_proc);
+                    if (c->held) { /* its first stop came first and waited for this */
+                        struct proc *save = cp;
+                        cp = c->proc >= 0 ? &procs[c->proc] : NULL;
+                        adopt_new_thread(c);
+                        cp = save;
+                        c->held = 0;
+                        if (ptrace(PTRACE_CONT, c->tid, 0, 0) < 0 && errno != ESRCH) die_setup("ptrace resume", errno);
+                    }
+                }
             } else if (sig == SIGTRAP && event == PTRACE_EVENT_EXIT) {
-                if (w == child_pid) record_objects(w); /* its mappings, still there */
+                /* its mappings, still there: the main process's always (the top-level
+                 * "objects"), others' when they faulted (by the leader, else the first) */
+                int img = image_of(t);
+                if (img >= 0 && (w == child_pid ||
+                                 (images[img].faults && (cp->pid == w || !images[img].objects))))
+                    record_objects(w, img);
             } else if (sig == SIGTRAP && event) {
                 /* other event stops (vfork-done): nothing to do */
             } else if (sig == SIGTRAP && t->stepping) {
                 end_step(t);
             } else if ((sig == SIGSTOP || event == PTRACE_EVENT_STOP) && !t->seen_stop) {
-                t->seen_stop = 1; /* first stop of a new thread: it has run no code yet */
-                if (w != child_pid) adopt_new_thread(t);
+                t->seen_stop = 1; /* first stop of a new task: it has run no code yet */
                 if (!t->sig_ready) { t->held = 1; continue; } /* until its creator's clone event */
+                if (!t->adopted) adopt_new_thread(t);
+            } else if (event == PTRACE_EVENT_STOP || (!event && (sig == SIGSTOP || sig == SIGTSTP ||
+                                                                  sig == SIGTTIN || sig == SIGTTOU) &&
+                                                      is_group_stop(w))) {
+                /* a group-stop report (not a signal to deliver): resume it. A traced
+                 * task (PTRACE_TRACEME, not SEIZE) cannot be left in group-stop
+                 * without blocking the supervisor's view of it: as under strace,
+                 * job-control stops of guest processes do not stop them */
+                COUNT(group_stops);
             } else if (sig == SIGSEGV) {
                 int step = 0;
                 if (t->stepping) { /* the stepped instruction faulted even expand-down */
                     end_step(t);
-                    record_delivery(site_of(t->step_eip), t->step_eip, "step fallback faulted: genuine");
+                    record_delivery(site_of(image_of(t), t->step_eip), t->step_eip, "step fallback faulted: genuine");
                     deliver = SIGSEGV;
                 } else {
                     double h0 = now_s();
@@ -1791,16 +2149,12 @@ int main(int argc, char **argv) {
                 }
             } else {
                 deliver = sig;
-                signals_passed++;
+                COUNT(signals_passed);
             }
             if (deliver) note_delivery(t, deliver);
             if (ptrace(resume, w, 0, (void *)(long)deliver) < 0 && errno != ESRCH)
                 die_setup("ptrace resume", errno);
         }
-    }
-    if (exit_status < 0 && !exit_signal) {
-        if (WIFEXITED(status)) exit_status = WEXITSTATUS(status);
-        else if (WIFSIGNALED(status)) exit_signal = WTERMSIG(status);
     }
     {
         char buf[80];
