@@ -1,12 +1,18 @@
-"""A domain: one guest process on one vCPU under one hypervisor strategy.
+"""A domain: a guest (one or many processes and threads) under one hypervisor strategy.
 
-``Domain.run()`` is the run loop, explicit about every exit (KVM style):
+``Domain.run()`` is the run loop, explicit about every exit (KVM style), for
+whichever task the guest kernel (``tlslab.linux.kernel``) has on the CPU:
 
-    SYSCALL            -> the Linux personality handles it
-    SEGMENT_VIOLATION  -> the strategy: resume / restart / kill (SIGSEGV)
-    PAGE_FAULT         -> SIGSEGV (nothing to fix: the guest touched no memory)
-    EXCEPTION          -> SIGSEGV/SIGILL/SIGFPE equivalent, reported
+    SYSCALL            -> the Linux personality handles it (it may block, fork, exec, exit)
+    SEGMENT_VIOLATION  -> the strategy: resume / restart / kill (SIGSEGV to that process)
+    PAGE_FAULT         -> SIGSEGV to that process (nothing to fix: the guest touched no memory)
+    EXCEPTION          -> SIGSEGV/SIGILL equivalent to that process, reported
     TIMEOUT            -> the run is abandoned, reported
+
+Between exits the kernel picks what runs next and delivers signals. The run
+ends when the first process exits (its status is the run's); a crash of the
+first process is the run's crash, a crash of any other is recorded in its
+process listing and signalled to its parent, as on Linux.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import capstone
 
 from tlslab.hypervisor.policy import DescriptorPolicy
 from tlslab.hypervisor.strategies import Action, Strategy, Trap, get_strategy
+from tlslab.linux.kernel import RUNNABLE, Block, Kernel, TooManyProcesses
+from tlslab.linux.signals import SIGILL, SIGSEGV
 from tlslab.linux.syscalls_proc import ProcessExit
 from tlslab.machine import layout
 from tlslab.machine.vcpu import Exit, ExitReason, VCpu
@@ -75,12 +83,32 @@ class Domain:
                  trace_signs: bool = False, vcpu: VCpu | None = None):
         self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         self.policy = DescriptorPolicy.xen(profile) if self.strategy.truncates else DescriptorPolicy.native(profile)
-        self.vcpu = vcpu if vcpu is not None else VCpu(checks=checks, timeout_seconds=timeout_seconds,
-                                                       trace_signs=trace_signs)
+        self._vcpu_options = dict(checks=checks, timeout_seconds=timeout_seconds, trace_signs=trace_signs)
+        first_vcpu = vcpu if vcpu is not None else VCpu(**self._vcpu_options)
         self._requested: dict[SegmentDescriptor, SegmentDescriptor] = {}
         self.max_traps = max_traps
-        self.process = process_factory(self.vcpu, self._shape_descriptor)
+        self.first_process = process_factory(first_vcpu, self._shape_descriptor)
+        self.kernel = Kernel(self.first_process, self._new_vcpu, self._shape_descriptor)
+        self.kernel.on_new_address_space.append(self._on_new_address_space)
         self.strategy.attach(self)
+
+    # the process and vCPU that trapped: the task the kernel has on the CPU
+    @property
+    def process(self):
+        return self.kernel.current.process
+
+    @property
+    def vcpu(self) -> VCpu:
+        return self.kernel.current.process.vcpu
+
+    def _new_vcpu(self) -> VCpu:
+        vcpu = VCpu(**self._vcpu_options)
+        vcpu.share_deadline(self.first_process.vcpu)
+        return vcpu
+
+    def _on_new_address_space(self, process, how: str) -> None:
+        """A fork or exec made an address space: the strategy sets up its per-process state there."""
+        self.strategy.attach_process(self, process, how)
 
     @classmethod
     def adopt(cls, process, strategy: Strategy | str = "native", **options) -> Domain:
@@ -141,59 +169,96 @@ class Domain:
 
     def run(self) -> RunResult:
         started = time.perf_counter()
-        status: int | None = None
+        k = self.kernel
         crash: GuestCrash | None = None
-        while True:
-            e: Exit = self.vcpu.run()
-            if e.reason is ExitReason.SYSCALL:
-                try:
-                    self.process.handle_syscall()
-                except ProcessExit as done:
-                    status = done.status
+        try:
+            while self._resume():
+                task = k.current
+                process = task.process
+                e: Exit = process.vcpu.run()
+                if e.reason is ExitReason.SYSCALL:
+                    try:
+                        process.handle_syscall()
+                    except Block as blocked:
+                        k.block(task, blocked)
+                    except ProcessExit as done:  # a bare process (no kernel) ending itself
+                        k.exit_process(process, done.status, done.signal)
+                    continue
+                if e.reason is ExitReason.SEGMENT_VIOLATION:
+                    process.faults += 1
+                    verdict = self.strategy.handle(Trap(e.violation, self))  # the strategy counts its traps
+                    traps = self.strategy.counters.traps
+                    if verdict.action is Action.KILL:
+                        self._kill(process, self.crash_at(e.eip, f"SIGSEGV ({self.strategy.name}): {verdict.reason}"))
+                    elif self.max_traps is not None and traps >= self.max_traps:
+                        crash = self.crash_at(e.eip, f"stopped after {traps} traps (--max-traps)")
+                        break
+                    continue
+                if e.reason is ExitReason.PAGE_FAULT:
+                    pf = e.page_fault
+                    where = pf.linear if pf else 0
+                    hole = " (hypervisor hole)" if where >= self.policy.hypervisor_start else ""
+                    self._kill(process, self.crash_at(e.eip, f"SIGSEGV: {e.message}{hole}"))
+                    continue
+                if e.reason is ExitReason.TIMEOUT:
+                    crash = self.crash_at(e.eip, "timed out")
                     break
-                continue
-            if e.reason is ExitReason.SEGMENT_VIOLATION:
-                verdict = self.strategy.handle(Trap(e.violation, self))  # the strategy counts its traps
-                traps = self.strategy.counters.traps
-                if verdict.action is Action.KILL:
-                    crash = self.crash_at(e.eip, f"SIGSEGV ({self.strategy.name}): {verdict.reason}")
-                    break
-                if self.max_traps is not None and traps >= self.max_traps:
-                    crash = self.crash_at(e.eip, f"stopped after {traps} traps (--max-traps)")
-                    break
-                continue
-            if e.reason is ExitReason.PAGE_FAULT:
-                pf = e.page_fault
-                where = pf.linear if pf else 0
-                hole = " (hypervisor hole)" if where >= self.policy.hypervisor_start else ""
-                crash = self.crash_at(e.eip, f"SIGSEGV: {e.message}{hole}")
-                break
-            if e.reason is ExitReason.TIMEOUT:
-                crash = self.crash_at(e.eip, "timed out")
-                break
-            crash = self.crash_at(e.eip, e.message or "CPU exception")
-            break
+                self._kill(process, self.crash_at(e.eip, e.message or "CPU exception"), SIGILL)
+        except TooManyProcesses as exc:
+            crash = self.crash_at(self.vcpu.regs.get("eip"), f"stopped: {exc} (a fork bomb?)")
+        if crash is None and not k.finished:
+            crash = self.crash_at(self.vcpu.regs.get("eip"), f"deadlock: {k.deadlock_report()}")
+        first = self.first_process
+        if crash is None and first.crash is not None:
+            crash = first.crash
+        status = None
+        if crash is None:  # killed by a signal without a crash record (abort, SIGPIPE): the shell's 128+n
+            status = first.exit_status if not first.exit_signal else 128 + first.exit_signal
         wall = time.perf_counter() - started
-        return RunResult(status, bytes(self.process.stdout), bytes(self.process.stderr), crash,
-                         self.counters(), wall, [asdict(s) for s in self.vcpu.site_counters()])
+        return RunResult(status, bytes(first.stdout), bytes(first.stderr), crash,
+                         self.counters(), wall, self.sites())
+
+    def _resume(self) -> bool:
+        """Make the task the kernel chose ready to run (signals delivered); False: the run is over."""
+        k = self.kernel
+        while not k.finished:
+            cur = k.current
+            if cur.state == RUNNABLE and cur.process.alive and not k.yield_requested:
+                k.deliver_signals(cur)
+                if cur.state == RUNNABLE and cur.process.alive:
+                    return True
+                continue
+            forced, k.yield_requested = k.yield_requested, False
+            if not k.schedule(force=forced):
+                return False
+        return False
+
+    def _kill(self, process, crash: GuestCrash, signal: int = SIGSEGV) -> None:
+        self.kernel.exit_process(process, 0, signal, crash=crash)
+
+    def sites(self) -> list[dict]:
+        """Per-instruction fs/gs counters of every address space of the run."""
+        return self.kernel.merged_sites()
 
     def counters(self) -> dict:
-        vc = self.vcpu.counters
-        seg = {name: asdict(c) for name, c in self.vcpu.segment_counters().items()}
-        sc = asdict(self.strategy.counters)
-        return {
-            "instructions": vc.instructions,
-            "segment_loads": vc.segment_loads,
-            "violations": dict(vc.violations),
-            "page_faults": vc.page_faults,
-            "segments": seg,
-            "strategy": {"name": self.strategy.name, **sc},
+        k = self.kernel
+        machine = k.machine_totals()
+        first = self.first_process
+        out = {
+            "instructions": k.total_instructions(),
+            "segment_loads": machine["segment_loads"],
+            "violations": machine["violations"],
+            "page_faults": machine["page_faults"],
+            "segments": machine["segments"],
+            "strategy": {"name": self.strategy.name, **asdict(self.strategy.counters)},
             "policy": self.policy.describe(),
-            "linux": self.process.counters.as_dict(),
+            "linux": first.counters.as_dict(),
             "hazards": list(getattr(self.strategy, "hazards", [])),
-            "page_cache": page_cache.as_dict() if (page_cache := getattr(self.process, "page_cache", None)) else {},
+            "page_cache": first.page_cache.as_dict(),
         }
-
+        if len(k.processes) > 1 or len(k.tasks) > 1:
+            out["kernel"] = k.summary()
+        return out
 
 def run_process(process, strategy: Strategy | str = "native") -> int:
     """Run an already-built process to its exit status through the one run loop; GuestCrashed otherwise."""

@@ -76,3 +76,16 @@ class FdTable:
     def close(self, fd: int) -> None:
         if self.fds.pop(fd, None) is None:
             raise SyscallError(E.EBADF, f"fd {fd}")
+
+    def copy(self) -> FdTable:
+        """fork: a new table whose descriptors refer to the same open file descriptions."""
+        table = FdTable()
+        table.fds = {fd: FdEntry(entry.file, entry.cloexec) for fd, entry in self.fds.items()}
+        return table
+
+    def close_on_exec(self) -> None:
+        for fd in [fd for fd, entry in self.fds.items() if entry.cloexec]:
+            del self.fds[fd]
+
+    def close_all(self) -> None:
+        self.fds.clear()

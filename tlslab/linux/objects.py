@@ -42,6 +42,14 @@ class ObjectMap:
         self.main: ElfImage | None = None                # the executable, as loaded
         self.main_node: object | None = None             # ... and its file node
 
+    def fork(self) -> ObjectMap:
+        """The same mappings in a forked address space (parsed images are shared)."""
+        other = ObjectMap()
+        other._starts, other._maps = list(self._starts), list(self._maps)
+        other._images = self._images
+        other.main, other.main_node = self.main, self.main_node
+        return other
+
     def add(self, start: int, size: int, offset: int, path: str, node, shared_writable: bool = False) -> None:
         self.remove(start, size)
         i = bisect.bisect_left(self._starts, start)

@@ -72,6 +72,16 @@ class PageCache:
     leaks: list[Leak] = field(default_factory=list)
     on_leak: list[Callable[[Leak], None]] = field(default_factory=list)
 
+    def fork(self, keep_mappings: bool = True) -> PageCache:
+        """Another address space's view of the same page cache (fork: same mappings; exec: none).
+
+        Patches and leaks are the files' state, shared by every process.
+        """
+        view = PageCache(mappings=list(self.mappings) if keep_mappings else [], patches=self.patches,
+                         leaks=self.leaks, on_leak=self.on_leak)
+        view.private_patches = self.private_patches if keep_mappings else 0
+        return view
+
     # ------------------------------------------------------------ mapping
     def map_file(self, node, segments) -> None:
         """Register the file-backed part of each PT_LOAD (objects with vaddr/filesz/offset)."""

@@ -18,7 +18,9 @@ from tlslab.linux.elf import ElfError, ElfImage, load_interpreter, map_image, pa
 from tlslab.linux.errno import SyscallError
 from tlslab.linux.files import O_RDONLY, O_WRONLY, FdTable, OpenFile
 from tlslab.linux.objects import ObjectMap
+from tlslab.linux.kernel import Task
 from tlslab.linux.pagecache import PageCache
+from tlslab.linux.signals import DEFAULT_ACTION, SIG_DFL, SIG_IGN, SigAction, default_terminates
 from tlslab.linux.stack import InitialStack, StackSpec, build_stack
 from tlslab.linux.syscalls import SyscallCounters, dispatch, syscall_name
 from tlslab.linux.syscalls_proc import ProcessExit, TlsInstall
@@ -45,9 +47,11 @@ def identity_policy(desc: SegmentDescriptor) -> SegmentDescriptor:
 class ProcessCounters:
     syscalls: SyscallCounters = field(default_factory=SyscallCounters)
     set_thread_area: int = 0
+    signals_delivered: int = 0
 
     def as_dict(self) -> dict:
-        return {"syscalls": self.syscalls.as_dict(), "set_thread_area": self.set_thread_area}
+        return {"syscalls": self.syscalls.as_dict(), "set_thread_area": self.set_thread_area,
+                "signals_delivered": self.signals_delivered}
 
 
 class Process:
@@ -86,20 +90,20 @@ class Process:
         self._setup_stdio()
 
         self.pid, self.ppid = 1000, 999
+        self.kernel = None           # set when a Kernel adopts the process (tlslab.linux.kernel)
+        self.task = Task(self.pid, self)  # the thread running (or last run) in this process
+        self.threads = [self.task]
         self.counters = ProcessCounters()
         self.tls_events: list[TlsInstall] = []
-        self.tls_requested: dict[int, SegmentDescriptor | None] = {}
         # called as hook(index, requested, installed) after every set_thread_area (hypervisor ABIs)
         self.tls_hooks: list[Callable] = []
         self.page_cache = PageCache()  # which code pages are file pages (binary-rewriting hazards)
         self.objects = ObjectMap()     # which file backs which address (naming code in shared objects)
         self.interp: ElfImage | None = None
         self.sigactions: dict[int, bytes] = {}
-        self.sigmask = 0
         self.rlimits: dict[int, tuple[int, int]] = {}
-        self.clear_child_tid = 0
-        self.robust_list = 0
         self.slept_ns = 0
+        self.crash = None
         self._rng = random.Random(f"tlslab-getrandom:{seed}")
         self.image: ElfImage | None = None
         self.initial_stack: InitialStack | None = None
@@ -207,24 +211,139 @@ class Process:
 
     # ------------------------------------------------------------ running
     def elapsed_ns(self) -> int:
-        """Guest time since start: 1 ns per retired instruction, plus time slept."""
+        """Guest time since start: 1 ns per retired instruction (of every process), plus time slept."""
+        if self.kernel is not None:
+            return self.kernel.elapsed_ns()
         return self.vcpu.counters.instructions + self.slept_ns
+
+    # -- thread state, as the system calls see it
+    @property
+    def tls_requested(self) -> dict:
+        """The running thread's TLS array (what the guest asked for, per GDT slot)."""
+        return self.task.tls
+
+    @property
+    def sigmask(self) -> int:
+        return self.task.sigmask
+
+    @sigmask.setter
+    def sigmask(self, value: int) -> None:
+        self.task.sigmask = value
+
+    @property
+    def clear_child_tid(self) -> int:
+        return self.task.clear_child_tid
+
+    @clear_child_tid.setter
+    def clear_child_tid(self, value: int) -> None:
+        self.task.clear_child_tid = value
+
+    @property
+    def robust_list(self) -> int:
+        return self.task.robust_list
+
+    @robust_list.setter
+    def robust_list(self, value: int) -> None:
+        self.task.robust_list = value
+
+    def sleep(self, ns: int) -> None:
+        """Guest time passes (nanosleep): the one clock moves on."""
+        if self.kernel is not None:
+            self.kernel.slept_ns += ns
+        else:
+            self.slept_ns += ns
+
+    def raise_signal(self, sig: int) -> None:
+        """Send ``sig`` to the running thread (SIGPIPE on a write to a pipe with no reader)."""
+        if self.kernel is not None:
+            self.kernel.send_signal(self, sig, task=self.task)
+            return
+        action = self.sigaction(sig)
+        if action.handler == SIG_DFL and default_terminates(sig):
+            raise ProcessExit(128 + sig, signal=sig)
+
+    def sigaction(self, sig: int) -> SigAction:
+        raw = self.sigactions.get(sig)
+        return SigAction.unpack(raw) if raw is not None else DEFAULT_ACTION
+
+    # -- process lifetime (the kernel calls these)
+    def fork_into(self, vcpu) -> Process:
+        """A copy of this process on ``vcpu``: memory, descriptors, handlers, cwd (fork)."""
+        child = Process.__new__(Process)
+        child.__dict__.update(self.__dict__)
+        child.vcpu, child.mem = vcpu, vcpu.mem
+        for r in self.mem.regions():
+            vcpu.mem.map(r.start, r.size, r.prot, r.name)
+            vcpu.mem.write(r.start, bytes(r.buffer))
+        child.fds = self.fds.copy()
+        child.vfs = self.vfs.fork()
+        child.sigactions = dict(self.sigactions)
+        child.rlimits = dict(self.rlimits)
+        child.counters = ProcessCounters()
+        child.tls_events = []
+        child.tls_hooks = list(self.tls_hooks)
+        child.page_cache = self.page_cache.fork()
+        child.objects = self.objects.fork()
+        child._rng = random.Random()
+        child._rng.setstate(self._rng.getstate())
+        child.exit_status, child.exit_signal, child.crash = None, 0, None
+        return child
+
+    def replace_image(self, vcpu, path: str, guest_path: bytes, argv: list[bytes], envp: list[bytes]) -> None:
+        """execve: this process now runs ``path`` on a fresh address space."""
+        self.vcpu, self.mem = vcpu, vcpu.mem
+        self.path = os.fspath(path)
+        self.guest_path = guest_path
+        self.argv, self.envp = list(argv), list(envp)
+        self.vfs.exe_path = guest_path
+        self._bind_exe()
+        self.fds.close_on_exec()
+        self.sigactions = {sig: raw for sig, raw in self.sigactions.items() if SigAction.unpack(raw).handler == SIG_IGN}
+        self.page_cache = self.page_cache.fork(keep_mappings=False)
+        self.objects = ObjectMap()
+        self.interp = None
+        self.image = None
+        self.load()
+
+    def on_switch_in(self) -> None:
+        """This process is about to run: /proc/self names it."""
+        self._bind_exe()
+
+    def close_all_files(self) -> None:
+        self.fds.close_all()
+
+    def release_memory(self) -> None:
+        """A zombie keeps its record, not its address space."""
+
+    def pipe_end_open(self, pipe, end: str) -> bool:
+        if self.kernel is not None:
+            return self.kernel.pipe_ends_open(pipe, end)
+        node = pipe.read_end if end == "r" else pipe.write_end
+        return any(entry.file.node is node for entry in self.fds.fds.values())
 
     def random_bytes(self, n: int) -> bytes:
         return self._rng.randbytes(n)
 
     def handle_syscall(self) -> None:
-        """Perform the system call the guest just made (eax and args in registers).
+        """Perform the system call the running thread just made (eax and args in registers).
 
-        Raises ProcessExit when the guest exits or is killed.
+        A call that must wait raises ``Block`` (the kernel parks the thread and
+        re-runs the call later); exit, exit_group and fatal signals end threads
+        and processes through the kernel (``TaskEnded``); a process with no
+        kernel raises ProcessExit instead.
         """
         regs = self.vcpu.regs.syscall_registers()
+        task = self.task
         try:
             result = dispatch(self, regs[0], regs[1:], self.counters.syscalls)
         except ProcessExit as exc:
             self.exit_status, self.exit_signal = exc.status, exc.signal
             raise
-        self.vcpu.regs.set("eax", result)
+        if task.state == "runnable" and self.alive_task(task):
+            self.vcpu.regs.set("eax", result)
+
+    def alive_task(self, task) -> bool:
+        return getattr(self, "alive", True) and task.process is self and self.task is task
 
     @property
     def set_thread_area_calls(self) -> int:

@@ -11,8 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tlslab.linux import errno as E
-from tlslab.linux import syscalls_fs, syscalls_mm, syscalls_net, syscalls_proc  # noqa: F401  (registration)
+from tlslab.linux import syscalls_fs, syscalls_mm, syscalls_net, syscalls_proc, syscalls_task  # noqa: F401
 from tlslab.linux.errno import SyscallError
+from tlslab.linux.kernel import Block
 from tlslab.linux.syscall_names import SYSCALL_NAMES
 from tlslab.linux.syscall_table import HANDLERS, Handler
 from tlslab.machine.memory import GuestFault
@@ -23,6 +24,7 @@ class SyscallCounters:
     by_name: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)        # "name:EFOO" -> count
     unsupported: Counter = field(default_factory=Counter)   # "name(nr)" -> count
+    restarts: Counter = field(default_factory=Counter)      # calls that blocked and were re-run
 
     @property
     def total(self) -> int:
@@ -30,7 +32,8 @@ class SyscallCounters:
 
     def as_dict(self) -> dict:
         return {"total": self.total, "by_name": dict(sorted(self.by_name.items())),
-                "errors": dict(sorted(self.errors.items())), "unsupported": dict(sorted(self.unsupported.items()))}
+                "errors": dict(sorted(self.errors.items())), "unsupported": dict(sorted(self.unsupported.items())),
+                "restarts": dict(sorted(self.restarts.items()))}
 
 
 def syscall_name(nr: int) -> str:
@@ -56,6 +59,10 @@ def dispatch(process, nr: int, args: tuple[int, ...], counters: SyscallCounters)
     counters.by_name[handler.name] += 1
     try:
         return handler.func(process, *args[: handler.nargs]) & 0xFFFFFFFF
+    except Block:
+        counters.by_name[handler.name] -= 1  # it will be re-run, and counted then
+        counters.restarts[handler.name] += 1
+        raise
     except SyscallError as exc:
         errno = exc.errno
     except GuestFault:

@@ -7,9 +7,12 @@ from tlslab.linux import nodes as N
 from tlslab.linux import structs as S
 from tlslab.linux.errno import SyscallError
 from tlslab.linux.files import (
-    O_ACCMODE, O_APPEND, O_CLOEXEC, O_CREAT, O_DIRECTORY, O_EXCL, O_NOFOLLOW, O_PATH, O_RDONLY, O_RDWR,
+    O_ACCMODE, O_APPEND, O_CLOEXEC, O_CREAT, O_DIRECTORY, O_EXCL, O_NOFOLLOW, O_NONBLOCK, O_PATH, O_RDONLY, O_RDWR,
     O_TRUNC, O_WRONLY, OpenFile,
 )
+from tlslab.linux.kernel import Block
+from tlslab.linux.pipes import PIPE_BUF, PipeEnd
+from tlslab.linux.signals import SIGPIPE
 from tlslab.linux.syscall_table import signed, syscall
 from tlslab.linux.vfs import R_OK, W_OK, X_OK
 
@@ -174,7 +177,33 @@ def _read(p, f: OpenFile, n: int, offset: int | None = None) -> bytes:
         return data
     if isinstance(node, N.Device):
         return node.read(n)
+    if isinstance(node, PipeEnd):
+        return _pipe_read(p, f, node.pipe, n)
     raise SyscallError(E.EINVAL)
+
+
+def _pipe_read(p, f: OpenFile, pipe, n: int) -> bytes:
+    if pipe.buffer:
+        return pipe.take(n)
+    if not p.pipe_end_open(pipe, "w"):
+        return b""  # end of file: no writer left
+    if f.flags & O_NONBLOCK:
+        raise SyscallError(E.EAGAIN)
+    raise Block("pipe read", lambda: bool(pipe.buffer) or not p.pipe_end_open(pipe, "w"))
+
+
+def _pipe_write(p, f: OpenFile, pipe, data: bytes) -> int:
+    if not p.pipe_end_open(pipe, "r"):
+        p.raise_signal(SIGPIPE)
+        raise SyscallError(E.EPIPE)
+    if not data:
+        return 0
+    n = pipe.put(data)
+    if n:
+        return n
+    if f.flags & O_NONBLOCK:
+        raise SyscallError(E.EAGAIN)
+    raise Block("pipe write", lambda: pipe.space >= min(len(data), PIPE_BUF) or not p.pipe_end_open(pipe, "r"))
 
 
 def _write(p, f: OpenFile, data: bytes, offset: int | None = None) -> int:
@@ -193,6 +222,8 @@ def _write(p, f: OpenFile, data: bytes, offset: int | None = None) -> int:
         return n
     if isinstance(node, N.Device):
         return node.write(data)
+    if isinstance(node, PipeEnd):
+        return _pipe_write(p, f, node.pipe, data)
     raise SyscallError(E.EINVAL)
 
 

@@ -1,8 +1,10 @@
-"""Process, identity, time, signal, randomness and TLS system calls.
+"""Identity, time, signal disposition, randomness, limits and TLS system calls.
 
 Deterministic by construction: the clock is the guest instruction count (1 ns
-per instruction) plus any time the guest slept, from a fixed epoch; random
-bytes come from the process seed. Signals are recorded, never delivered.
+per instruction, every process counted) plus any time the guest slept, from a
+fixed epoch; random bytes come from the process seed. Process and thread
+lifetime (fork, clone, exec, exit, wait, kill, futex) lives in
+``syscalls_task``; signal delivery in ``signals`` and ``kernel``.
 ``rseq`` answers ENOSYS, which glibc 2.35+ tolerates (it then runs without
 restartable sequences, as on kernels before 4.18).
 """
@@ -53,26 +55,6 @@ class TlsInstall:
 
 
 # ------------------------------------------------------------------ exit, ids
-@syscall("exit")
-def sys_exit(p, status):
-    raise ProcessExit(status & 0xFF)
-
-
-@syscall("exit_group")
-def sys_exit_group(p, status):
-    raise ProcessExit(status & 0xFF)
-
-
-@syscall("getpid", "gettid")
-def sys_getpid(p):
-    return p.pid
-
-
-@syscall("getppid")
-def sys_getppid(p):
-    return p.ppid
-
-
 @syscall("getpgrp", "getsid")
 def sys_getpgrp(p):
     return p.pid
@@ -100,38 +82,12 @@ def sys_getgroups32(p, size, lst):
     return 1
 
 
-@syscall("set_tid_address")
-def sys_set_tid_address(p, tidptr):
-    p.clear_child_tid = tidptr
-    return p.pid
-
-
-@syscall("set_robust_list")
-def sys_set_robust_list(p, head, length):
-    if length != 12:
-        raise SyscallError(E.EINVAL)
-    p.robust_list = head
-    return 0
-
-
 @syscall("rseq")
 def sys_rseq(p, rseq, length, flags, sig):
     raise SyscallError(E.ENOSYS, "rseq refused: glibc falls back")
 
 
-@syscall("futex", "futex_time64")
-def sys_futex(p, uaddr, op, val, timeout, uaddr2, val3):
-    cmd = op & 0x7F
-    if cmd in (0, 9):  # WAIT / WAIT_BITSET: one thread, so nobody could wake us
-        if p.mem.read_u32(uaddr) != val:
-            raise SyscallError(E.EAGAIN)
-        raise SyscallError(E.ETIMEDOUT if timeout else E.EINTR)
-    if cmd in (1, 10):  # WAKE: no waiters
-        return 0
-    raise SyscallError(E.ENOSYS, f"futex op {op}")
-
-
-# ------------------------------------------------------------------ signals (recorded only)
+# ------------------------------------------------------------------ signal dispositions
 @syscall("rt_sigaction")
 def sys_rt_sigaction(p, sig, act, oldact, sigsetsize):
     if not 1 <= sig <= 64 or sig in (SIGKILL, 19) and act or sigsetsize != 8:
@@ -172,35 +128,6 @@ def sys_sigaltstack(p, ss, old):
     return 0
 
 
-def _signal_self(p, sig: int) -> int:
-    if sig == 0:
-        return 0
-    if sig in (SIGKILL, SIGABRT, SIGSEGV) or sig not in p.sigactions:
-        raise ProcessExit(128 + sig, signal=sig)
-    return 0  # a handler is installed: recorded, not delivered
-
-
-@syscall("kill")
-def sys_kill(p, pid, sig):
-    if signed(pid) not in (p.pid, 0, -1):
-        raise SyscallError(E.ESRCH)
-    return _signal_self(p, sig)
-
-
-@syscall("tgkill")
-def sys_tgkill(p, tgid, tid, sig):
-    if tid != p.pid:
-        raise SyscallError(E.ESRCH)
-    return _signal_self(p, sig)
-
-
-@syscall("tkill")
-def sys_tkill(p, tid, sig):
-    if tid != p.pid:
-        raise SyscallError(E.ESRCH)
-    return _signal_self(p, sig)
-
-
 # ------------------------------------------------------------------ system info, limits
 @syscall("uname")
 def sys_uname(p, buf):
@@ -237,11 +164,6 @@ def sys_prlimit64(p, pid, resource, new, old):
     if new:
         lo, hi = S.RLIMIT64.unpack(p.mem.read(new, 16))
         p.rlimits[resource] = (min(lo, RLIM_INFINITY), min(hi, RLIM_INFINITY))
-    return 0
-
-
-@syscall("sched_yield")
-def sys_sched_yield(p):
     return 0
 
 
@@ -322,7 +244,7 @@ def _sleep(p, req: int, fmt) -> int:
     sec, nsec = fmt.unpack(p.mem.read(req, fmt.size))
     if sec < 0 or not 0 <= nsec < 1_000_000_000:
         raise SyscallError(E.EINVAL)
-    p.slept_ns += sec * 1_000_000_000 + nsec
+    p.sleep(sec * 1_000_000_000 + nsec)
     return 0
 
 

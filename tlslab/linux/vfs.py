@@ -10,6 +10,7 @@ materialised tree.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import random
@@ -35,7 +36,7 @@ class Vfs:
         self.cwd: N.Dir = root
         self.uid, self.gid, self.umask = uid, gid, umask
         self.exe_path = exe_path
-        self._next_ino = FIRST_OVERLAY_INO
+        self._ino = [FIRST_OVERLAY_INO]  # shared by every process's view (fork)
         self._urandom = random.Random(f"tlslab-urandom:{seed}")
         self._mount_specials(exe_source)
 
@@ -73,8 +74,13 @@ class Vfs:
         return tree
 
     def new_ino(self) -> int:
-        self._next_ino += 1
-        return self._next_ino
+        self._ino[0] += 1
+        return self._ino[0]
+
+    def fork(self) -> Vfs:
+        """A child process's view: the same filesystem, its own working directory and identity."""
+        view = copy.copy(self)
+        return view
 
     def _mount_specials(self, exe_source) -> None:
         dev = N.Dir(self.new_ino(), dev=N.DEV_DEVTMPFS, uid=0, gid=0)

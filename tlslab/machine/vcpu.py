@@ -300,6 +300,26 @@ class VCpu:
         if self._fast is not None:
             self._fast.header.instructions = 0  # the entry stub is not the guest's
 
+    def share_deadline(self, other: VCpu) -> None:
+        """Run under ``other``'s wall-clock limit (one limit for every address space of a run)."""
+        self.timeout_us = other.timeout_us
+        if other._deadline_ns is not None:
+            self._deadline_ns = other._deadline_ns
+            if self._fast is not None and self.count_instructions:
+                self._fast.header.deadline_ns = self._deadline_ns
+
+    def release(self) -> None:
+        """Free the address space and the engine (the counters stay readable)."""
+        for r in self.mem.regions():
+            self.mem.unmap(r.start, r.size)
+        self.uc.close() if hasattr(self.uc, "close") else None
+
+    def load_context(self, context) -> None:
+        """Resume a thread: registers saved with ``uc.context_save()`` (from this or another vCPU)."""
+        with host_access(self._fast.header if self._fast is not None else None):
+            self.uc.context_restore(context)
+        self._started = True
+
     def run(self) -> Exit:
         """Run until the guest needs a layer above; see ``ExitReason``."""
         self._pending = None

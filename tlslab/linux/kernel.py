@@ -1,0 +1,577 @@
+"""The guest kernel: processes and threads, a deterministic scheduler, and the one CPU's TLS slots.
+
+Processes (``Process``: an address space on its own ``VCpu``, a descriptor
+table, a working directory) hold one or more threads (``Task``: registers, its
+own TLS array, a signal mask). One task runs at a time. The scheduler is
+deterministic: it switches only when the running task blocks (a system call
+that must wait: wait4, a pipe, a futex), exits, yields, or has used its
+instruction quantum, and it always takes the first ready task in creation
+order after the current one. The same run therefore gives the same counters
+every time. A task blocked in a system call is re-run from its ``int $0x80``
+when what it waits for is ready (the call is restarted, as Linux restarts an
+interrupted call).
+
+The TLS slots model one CPU under XenLinux (docs/xenlinux-tls-context-switch.md):
+the GDT has one set of TLS slots; at a switch, each slot whose descriptor in
+the incoming thread's TLS array differs from the outgoing thread's is
+rewritten through the hypervisor policy (truncated under Xen), which undoes a
+flip; a slot that is the same in both threads keeps whatever it holds, flipped
+or not. Rewrites are counted (``tls_reloads``). A new thread's TLS descriptor
+(CLONE_SETTLS) is installed in its TLS array before the thread can be
+scheduled at all: it never runs with a descriptor the policy has not shaped.
+
+Limits: a run starts at most ``max_processes`` processes and has at most
+``max_live`` alive at once (fork fails with EAGAIN beyond it); exceeding the
+total stops the run with a report. When the first process (init) exits, the
+run ends and every process still alive is killed and listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tlslab.linux import errno as E
+from tlslab.linux import signals as SIG
+from tlslab.linux.errno import SyscallError
+from tlslab.linux.pipes import PipeEnd
+from tlslab.machine import layout
+
+TLS_SLOTS = tuple(range(layout.GDT_ENTRY_TLS_MIN, layout.GDT_ENTRY_TLS_MIN + layout.GDT_ENTRY_TLS_ENTRIES))
+DEFAULT_QUANTUM = 2_000_000   # instructions a task may run before the scheduler looks again
+MAX_PROCESSES = 4096          # processes a run may start in all
+MAX_LIVE = 256                # processes alive at once (fork: EAGAIN beyond)
+FIRST_PID = 1000
+
+RUNNABLE, BLOCKED, DEAD = "runnable", "blocked", "dead"
+
+
+class Block(Exception):
+    """Raised by a system call that must wait: the task sleeps until ``ready()`` and the call is re-run."""
+
+    def __init__(self, what: str, ready: Callable[[], bool], interruptible: bool = True):
+        super().__init__(what)
+        self.what = what
+        self.ready = ready
+        self.interruptible = interruptible
+
+
+class TooManyProcesses(RuntimeError):
+    """The run started more processes than its limit (a fork bomb?)."""
+
+
+@dataclass(eq=False)
+class Task:
+    """A thread: what the CPU needs to resume it, and what it waits for."""
+
+    tid: int
+    process: object                                      # its Process (thread group)
+    tls: dict[int, object | None] = field(default_factory=dict)  # its own TLS array, as the guest asked
+    context: object | None = None                        # saved registers while another task runs
+    state: str = RUNNABLE
+    waiting: Block | None = None
+    clear_child_tid: int = 0
+    robust_list: int = 0
+    sigmask: int = 0
+    pending: list[int] = field(default_factory=list)     # signals directed at this thread
+    instructions: int = 0                                # retired while this task was on the CPU
+    switches_in: int = 0
+    exit_code: int | None = None
+
+    def describe(self) -> str:
+        return f"tid {self.tid} ({self.state}{': ' + self.waiting.what if self.waiting else ''})"
+
+
+@dataclass
+class ProcessRecord:
+    """One line of a run's process listing (deterministic)."""
+
+    pid: int
+    ppid: int
+    program: str
+    argv: list[str]
+    threads: int
+    instructions: int
+    faults: int
+    tls_reloads: int
+    exit_status: int | None
+    exit_signal: int
+    killed_at_end: bool = False
+
+
+class Kernel:
+    """Owns every task and process of a run; the hypervisor's run loop asks it what runs next."""
+
+    def __init__(self, init, new_vcpu: Callable[[], object], shape: Callable, quantum: int = DEFAULT_QUANTUM,
+                 max_processes: int = MAX_PROCESSES, max_live: int = MAX_LIVE):
+        self.new_vcpu = new_vcpu          # a fresh VCpu for a new address space (fork, exec)
+        self.shape = shape                # the hypervisor's descriptor policy (truncation under Xen)
+        self.quantum = quantum
+        self.max_processes, self.max_live = max_processes, max_live
+        self.next_id = FIRST_PID
+        self.tasks: list[Task] = []       # creation order = scheduling order
+        self.processes: list = []         # every process ever started, in order
+        self.retired_instructions = 0     # of address spaces that were replaced or ended
+        self.slept_ns = 0
+        self.tls_reloads = 0
+        self.switches = 0
+        self.futex_waiters: dict[tuple[int, int], list[tuple[Task, int]]] = {}
+        self.init = init
+        self.current: Task | None = None
+        self.gdt_owner: Task | None = None  # whose TLS array the CPU's TLS slots were last loaded for
+        self.finished = False
+        self.yield_requested = False
+        self.end_reason = ""
+        self.killed_at_end: list[int] = []
+        self.on_new_address_space: list[Callable] = []  # hypervisor hooks (strategies' per-process state)
+        self._retired_machine = {"segment_loads": 0, "page_faults": 0, "violations": {}, "segments": {}}
+        self._retired_sites: dict[tuple, dict] = {}
+        self._adopt(init, parent=None)
+        task = self._new_task(init)
+        self.current = self.gdt_owner = task
+
+    # ------------------------------------------------------------ bookkeeping
+    def _alloc_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+    def _adopt(self, process, parent) -> None:
+        if len(self.processes) >= self.max_processes:
+            raise TooManyProcesses(f"more than {self.max_processes} processes started")
+        process.kernel = self
+        process.pid = self._alloc_id() if self.processes else FIRST_PID
+        if not self.processes:
+            self.next_id = FIRST_PID + 1
+        process.ppid = parent.pid if parent is not None else FIRST_PID - 1
+        process.parent = parent
+        process.children = []
+        process.threads = []
+        process.alive = True
+        process.zombie = False
+        process.reaped = False
+        process.faults = 0
+        process.tls_reloads = 0
+        process.retired = 0
+        if parent is not None:
+            parent.children.append(process)
+        self.processes.append(process)
+
+    def _new_task(self, process, tid: int | None = None) -> Task:
+        task = Task(tid if tid is not None else process.pid, process)
+        process.threads.append(task)
+        self.tasks.append(task)
+        process.task = task
+        return task
+
+    def live_processes(self) -> list:
+        return [p for p in self.processes if p.alive]
+
+    def total_instructions(self) -> int:
+        live = sum(v.counters.instructions for _p, v in self._live_vcpus())
+        return self.retired_instructions + live
+
+    def elapsed_ns(self) -> int:
+        """The guest clock: 1 ns per instruction retired by any task, plus time slept."""
+        return self.total_instructions() + self.slept_ns
+
+    # ------------------------------------------------------------ scheduling
+    def _ready(self, task: Task) -> bool:
+        if task.state == RUNNABLE:
+            return True
+        if task.state == BLOCKED:
+            if task.waiting is not None and task.waiting.ready():
+                return True
+            if task.waiting is not None and task.waiting.interruptible and self._deliverable(task) is not None:
+                return True
+        return False
+
+    def schedule(self, force: bool = False) -> bool:
+        """Make the first ready task after the current one current; False when none is ready."""
+        cur = self.current
+        if cur is not None and cur.state == RUNNABLE and not force:
+            return True
+        order = self.tasks
+        start = order.index(cur) + 1 if cur in order else 0
+        candidates = order[start:] + order[:start]
+        for task in candidates:
+            if task.state != DEAD and self._ready(task):
+                if task.state == BLOCKED:
+                    task.state = RUNNABLE
+                    task.waiting = None
+                self.switch_to(task)
+                return True
+        return False
+
+    def preempt(self) -> None:
+        """The running task used its quantum: let the next ready task run."""
+        self.schedule(force=True)
+
+    def switch_to(self, task: Task) -> None:
+        prev = self.current
+        if prev is task and self.gdt_owner is task:
+            return
+        if prev is not None and prev.state != DEAD and prev.process.alive and prev.process.vcpu is not None:
+            if prev.context is None and prev.process.task is prev:
+                prev.context = prev.process.vcpu.uc.context_save()
+        self.switches += 1
+        task.switches_in += 1
+        vcpu = task.process.vcpu
+        if task.process.task is not task or task.context is not None:
+            if task.context is not None:
+                vcpu.load_context(task.context)
+                task.context = None
+        task.process.task = task
+        self._load_tls(task)
+        self.current = task
+        task.process.on_switch_in()
+
+    def _load_tls(self, task: Task) -> None:
+        """XenLinux's __switch_to: rewrite each TLS slot whose descriptor differs from the outgoing thread's."""
+        vcpu = task.process.vcpu
+        prev = self.gdt_owner
+        carried = prev.process.vcpu.descriptors if prev is not None and prev.process.vcpu is not None else None
+        for slot in TLS_SLOTS:
+            want = task.tls.get(slot)
+            before = prev.tls.get(slot) if prev is not None else None
+            if prev is None or want != before:
+                installed = self.shape(want) if want is not None else None
+                if prev is not None:
+                    self.tls_reloads += 1
+                    task.process.tls_reloads += 1
+            else:
+                installed = carried[slot] if carried is not None else vcpu.descriptors[slot]
+            if vcpu.descriptors[slot] != installed:
+                vcpu.set_descriptor(slot, installed)
+        self.gdt_owner = task
+
+    def block(self, task: Task, blocked: Block) -> None:
+        """``task``'s system call must wait: re-run its ``int $0x80`` when ``blocked.ready()``."""
+        regs = task.process.vcpu.regs
+        regs.set("eip", regs.get("eip") - 2)
+        task.state = BLOCKED
+        task.waiting = blocked
+
+    def any_ready(self) -> bool:
+        return any(t.state != DEAD and self._ready(t) for t in self.tasks)
+
+    def deadlock_report(self) -> str:
+        waiting = [f"pid {t.process.pid} {t.describe()}" for t in self.tasks if t.state == BLOCKED]
+        return "every task is blocked: " + "; ".join(waiting[:8])
+
+    # ------------------------------------------------------------ creation
+    def fork(self, parent_task: Task, child_stack: int = 0) -> object:
+        """A new process: a copy of the parent's address space, descriptor table and registers."""
+        parent = parent_task.process
+        if len(self.live_processes()) >= self.max_live:
+            raise SyscallError(E.EAGAIN, "too many live processes")
+        vcpu = self.new_vcpu()
+        child = parent.fork_into(vcpu)
+        self._adopt(child, parent)
+        task = self._new_task(child)
+        task.tls = dict(parent_task.tls)
+        task.sigmask = parent_task.sigmask
+        context = parent.vcpu.uc.context_save()
+        vcpu.load_context(context)
+        for slot in TLS_SLOTS:  # the child's CPU state starts as the parent's
+            vcpu.set_descriptor(slot, parent.vcpu.descriptors[slot])
+        vcpu.regs.set("eax", 0)
+        if child_stack:
+            vcpu.regs.set("esp", child_stack)
+        task.context = vcpu.uc.context_save()
+        for hook in self.on_new_address_space:
+            hook(child, "fork")
+        return child
+
+    def clone_thread(self, parent_task: Task, child_stack: int, tls_desc) -> Task:
+        """A new thread of the same process; its TLS array is complete before it can run."""
+        process = parent_task.process
+        tid = self._alloc_id()
+        task = Task(tid, process)
+        task.tls = dict(parent_task.tls)
+        if tls_desc is not None:
+            slot, requested = tls_desc
+            task.tls[slot] = requested
+        task.sigmask = parent_task.sigmask
+        vcpu = process.vcpu
+        saved = vcpu.uc.context_save()
+        vcpu.regs.set("eax", 0)
+        if child_stack:
+            vcpu.regs.set("esp", child_stack)
+        task.context = vcpu.uc.context_save()
+        vcpu.load_context(saved)
+        process.threads.append(task)
+        self.tasks.append(task)
+        return task
+
+    def exec_image(self, task: Task, load: Callable[[object], None]) -> None:
+        """execve: a fresh address space for ``task``'s process; other threads end; handlers reset."""
+        process = task.process
+        for other in list(process.threads):
+            if other is not task:
+                self._end_task(other)
+        old = process.vcpu
+        self._retire_vcpu(process, old)
+        vcpu = self.new_vcpu()
+        load(vcpu)
+        task.context = None
+        task.tls = {}
+        process.task = task
+        self.gdt_owner = None if self.gdt_owner is task else self.gdt_owner
+        self._load_tls(task)
+        self.gdt_owner = task
+        for hook in self.on_new_address_space:
+            hook(process, "exec")
+
+    # ------------------------------------------------------------ ending
+    def _end_task(self, task: Task) -> None:
+        if task.state == DEAD:
+            return
+        task.state = DEAD
+        task.waiting = None
+        p = task.process
+        if task.clear_child_tid and p.alive and p.vcpu is not None:
+            try:
+                p.mem.write_u32(task.clear_child_tid, 0)
+            except Exception:  # noqa: BLE001 - an unmapped address: Linux ignores the fault too
+                pass
+            self.futex_wake(p, task.clear_child_tid, 1)
+        if self.gdt_owner is task:
+            pass  # the CPU's slots keep what they hold until the next switch compares against it
+
+    def exit_thread(self, task: Task, status: int) -> None:
+        """exit(2): this thread ends; the process ends with its last thread."""
+        self._end_task(task)
+        if all(t.state == DEAD for t in task.process.threads):
+            self.exit_process(task.process, status, 0)
+
+    def exit_process(self, process, status: int, signal: int, crash=None) -> None:
+        """exit_group or a fatal signal: every thread ends, the process becomes a zombie."""
+        if not process.alive:
+            return
+        for t in process.threads:
+            self._end_task(t)
+        process.exit_status = None if signal else status & 0xFF
+        process.exit_signal = signal
+        process.crash = crash
+        process.alive = False
+        process.zombie = True
+        self._retire_vcpu(process, process.vcpu, keep=process is self.init)
+        process.close_all_files()
+        init = self.init
+        for child in process.children:
+            if process is not init:
+                child.ppid = init.pid
+                child.parent = init
+                init.children.append(child)
+        parent = process.parent
+        if process is init:
+            self.finished = True
+            self.end_reason = "init exited"
+            for p in self.live_processes():
+                self.killed_at_end.append(p.pid)
+                self.exit_process(p, 0, SIG.SIGKILL)
+            return
+        if parent is not None and parent.alive:
+            code = SIG.CLD_KILLED if signal else SIG.CLD_EXITED
+            info = SIG.siginfo(SIG.SIGCHLD, code, process.pid, process.vfs.uid, signal or status & 0xFF)
+            self.send_signal(parent, SIG.SIGCHLD, info)
+
+    def wait_status(self, process) -> int:
+        if process.exit_signal:
+            return process.exit_signal & 0x7F
+        return (process.exit_status & 0xFF) << 8
+
+    # ------------------------------------------------------------ machine counters
+    def _retire_vcpu(self, process, vcpu, keep: bool = False) -> None:
+        """An address space ends (exit, exec): fold its counters into the run's; free it unless ``keep``."""
+        n = vcpu.counters.instructions
+        self.retired_instructions += n
+        process.retired += n
+        self._fold(process, vcpu, self._retired_machine, self._retired_sites)
+        vcpu.retired = True
+        if not keep:
+            process.vcpu = None
+            process.mem = None
+            vcpu.release()
+
+    @staticmethod
+    def _fold(process, vcpu, machine: dict, sites: dict) -> None:
+        c = vcpu.counters
+        machine["segment_loads"] += c.segment_loads
+        machine["page_faults"] += c.page_faults
+        for seg, n in c.violations.items():
+            machine["violations"][seg] = machine["violations"].get(seg, 0) + n
+        for seg, sc in vcpu.segment_counters().items():
+            acc = machine["segments"].setdefault(seg, {"accesses": 0, "negative": 0, "positive": 0,
+                                                       "sign_changes": 0})
+            for key in acc:
+                acc[key] += getattr(sc, key)
+        program = os.fsdecode(process.guest_path)
+        for site in vcpu.site_counters():
+            d = dataclasses.asdict(site)
+            key = (program, d["eip"], d["segment"])
+            acc = sites.get(key)
+            if acc is None:
+                sites[key] = d
+                continue
+            for name in ("accesses", "reads", "writes", "negative", "positive", "violations"):
+                acc[name] += d[name]
+            acc["min_offset"] = min(acc["min_offset"], d["min_offset"])
+            acc["max_offset"] = max(acc["max_offset"], d["max_offset"])
+
+    def _live_vcpus(self):
+        for p in self.processes:
+            if p.vcpu is not None and not getattr(p.vcpu, "retired", False):
+                yield p, p.vcpu
+
+    def machine_totals(self) -> dict:
+        machine = {"segment_loads": self._retired_machine["segment_loads"],
+                   "page_faults": self._retired_machine["page_faults"],
+                   "violations": dict(self._retired_machine["violations"]),
+                   "segments": {k: dict(v) for k, v in self._retired_machine["segments"].items()}}
+        for p, vcpu in self._live_vcpus():
+            self._fold(p, vcpu, machine, {})
+        return machine
+
+    def merged_sites(self) -> list[dict]:
+        """Site counters of every address space, merged per (program, eip, segment)."""
+        sites = {k: dict(v) for k, v in self._retired_sites.items()}
+        for p, vcpu in self._live_vcpus():
+            self._fold(p, vcpu, {"segment_loads": 0, "page_faults": 0, "violations": {}, "segments": {}}, sites)
+        programs = {key[0] for key in sites}
+        out = []
+        for (program, _eip, _seg), d in sites.items():
+            if len(programs) > 1:
+                d["program"] = program
+            out.append(d)
+        return out
+
+    # ------------------------------------------------------------ signals
+    def send_signal(self, process, sig: int, info: bytes | None = None, task: Task | None = None) -> None:
+        """Queue ``sig`` (or apply its default action now if that is to ignore it)."""
+        if not process.alive or sig == 0:
+            return
+        action = process.sigaction(sig)
+        if action.handler == SIG.SIG_IGN or (action.handler == SIG.SIG_DFL and not SIG.default_terminates(sig)):
+            if sig != SIG.SIGKILL:
+                return
+        target = task or next((t for t in process.threads if t.state != DEAD and not t.sigmask & SIG.bit(sig)),
+                              next((t for t in process.threads if t.state != DEAD), None))
+        if target is None:
+            return
+        if sig == SIG.SIGKILL:
+            self.exit_process(process, 0, SIG.SIGKILL)
+            return
+        if sig not in [s for s, _ in target.pending]:
+            target.pending.append((sig, info or SIG.siginfo(sig)))
+
+    def _deliverable(self, task: Task):
+        for sig, info in task.pending:
+            if not task.sigmask & SIG.bit(sig) or sig in (SIG.SIGKILL, SIG.SIGSEGV):
+                return sig, info
+        return None
+
+    def deliver_signals(self, task: Task) -> None:
+        """Before ``task`` returns to user mode: run the default action or enter a handler."""
+        p = task.process
+        while p.alive and task.state != DEAD:
+            found = self._deliverable(task)
+            if found is None:
+                return
+            task.pending.remove(found)
+            sig, info = found
+            action = p.sigaction(sig)
+            if action.handler == SIG.SIG_IGN:
+                continue
+            if action.handler == SIG.SIG_DFL:
+                if SIG.default_terminates(sig):
+                    self.exit_process(p, 0, sig)
+                    return
+                continue
+            if task.state == BLOCKED:
+                task.state, task.waiting = RUNNABLE, None
+                regs = p.vcpu.regs
+                if action.flags & SIG.SA_RESTART:
+                    pass  # EIP is at the int $0x80: the call is re-run after the handler
+                else:
+                    regs.set("eip", regs.get("eip") + 2)
+                    regs.set("eax", -E.EINTR & 0xFFFFFFFF)
+            oldmask = task.sigmask
+            SIG.setup_frame(p.mem, p.vcpu.regs, sig, action, oldmask, info)
+            task.sigmask |= action.mask | (0 if action.flags & SIG.SA_NODEFER else SIG.bit(sig))
+            task.sigmask &= ~SIG.UNBLOCKABLE
+            if action.flags & SIG.SA_RESETHAND:
+                p.sigactions.pop(sig, None)
+            p.counters.signals_delivered += 1
+            return  # one frame at a time: the handler runs first
+
+    # ------------------------------------------------------------ futexes
+    def futex_key(self, process, addr: int) -> tuple[int, int]:
+        return (id(process.vcpu), addr)
+
+    def futex_wait(self, task: Task, addr: int, bitset: int) -> Block:
+        key = self.futex_key(task.process, addr)
+        entry = [task, bitset, False]
+        self.futex_waiters.setdefault(key, []).append(entry)
+        return Block(f"futex {addr:#x}", lambda: entry[2])
+
+    def futex_wake(self, process, addr: int, n: int, bitset: int = 0xFFFFFFFF) -> int:
+        key = self.futex_key(process, addr)
+        waiters = self.futex_waiters.get(key, [])
+        woken = 0
+        for entry in list(waiters):
+            if woken >= n:
+                break
+            task, mask, done = entry
+            if done or task.state == DEAD or not mask & bitset:
+                continue
+            entry[2] = True
+            waiters.remove(entry)
+            woken += 1
+        return woken
+
+    def futex_requeue(self, process, addr: int, n_wake: int, addr2: int, n_requeue: int) -> int:
+        woken = self.futex_wake(process, addr, n_wake)
+        src = self.futex_waiters.get(self.futex_key(process, addr), [])
+        dst = self.futex_waiters.setdefault(self.futex_key(process, addr2), [])
+        moved = 0
+        for entry in list(src):
+            if moved >= n_requeue:
+                break
+            src.remove(entry)
+            dst.append(entry)
+            moved += 1
+        return woken + moved
+
+    # ------------------------------------------------------------ pipes
+    def pipe_ends_open(self, pipe, end: str) -> bool:
+        """Does any live process hold a descriptor on this end of the pipe?"""
+        node = pipe.read_end if end == "r" else pipe.write_end
+        for p in self.processes:
+            if p.alive and any(entry.file.node is node for entry in p.fds.fds.values()):
+                return True
+        return False
+
+    # ------------------------------------------------------------ reporting
+    def records(self) -> list[ProcessRecord]:
+        out = []
+        for p in self.processes:
+            live = p.vcpu is not None and not getattr(p.vcpu, "retired", False)
+            instructions = p.retired + (p.vcpu.counters.instructions if live else 0)
+            out.append(ProcessRecord(
+                pid=p.pid, ppid=p.ppid, program=os.fsdecode(p.guest_path), argv=[os.fsdecode(a) for a in p.argv],
+                threads=len(p.threads), instructions=instructions, faults=p.faults, tls_reloads=p.tls_reloads,
+                exit_status=p.exit_status, exit_signal=p.exit_signal, killed_at_end=p.pid in self.killed_at_end))
+        return out
+
+    def summary(self) -> dict:
+        return {"processes": len(self.processes), "threads": len(self.tasks), "switches": self.switches,
+                "tls_reloads": self.tls_reloads, "killed_at_end": list(self.killed_at_end),
+                "end_reason": self.end_reason,
+                "listing": [dataclasses.asdict(r) for r in self.records()]}
+
+
+def is_pipe(f) -> bool:
+    return isinstance(f.node, PipeEnd)
