@@ -153,6 +153,8 @@ def test_sigkill_then_resume_equals_uninterrupted(small_toml, uninterrupted, tmp
 
 def test_failures_are_recorded_and_the_run_goes_on(tmp_path):
     spec = tmp_path / "fail.toml"
+    notelf = tmp_path / "notelf"        # exists (a spec naming a missing guest is refused before the run)
+    notelf.write_text("not an ELF file\n")
     spec.write_text(f"""
 name = "fail"
 strategies = ["native", "emulate", "emulate-2004"]
@@ -167,7 +169,7 @@ name = "canary"
 args = ["5"]
 strategies = ["native", "flip"]
 [[guest]]
-name = "./no/such/guest"
+name = "{notelf}"
 strategies = ["native"]
 """)
     inject = "hang:lsr [" + TINY + "] default emulate nonpae;raise:canary 5 default flip;die:canary 5 default native"
@@ -186,9 +188,9 @@ strategies = ["native"]
     assert "RuntimeError" in raised["traceback"]
     died = recs[("canary", "native")]
     assert died["outcome"] == "failed" and "worker process died (exit status 3)" in died["reason"]
-    missing = recs[("./no/such/guest", "native")]
-    assert missing["outcome"] == "failed" and "does not exist" in missing["reason"]
-    assert "GuestError" in missing["traceback"]
+    missing = recs[(str(notelf), "native")]
+    assert missing["outcome"] == "failed" and "ELF" in missing["reason"]
+    assert "ElfError" in missing["traceback"]
     # the summary names the failures
     assert cp.stdout.count("FAILED") >= 4
     assert "crash" in cp.stdout

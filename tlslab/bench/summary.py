@@ -423,11 +423,7 @@ def render(summary: Summary, console=None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    import os
-
     console = console or Console()
-    if not console.is_terminal and not os.environ.get("COLUMNS") and console.width < 160:
-        console.width = 160
     if console.width < NARROW:
         return render_narrow(summary, console)
     st = summary.strategies

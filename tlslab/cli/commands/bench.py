@@ -62,6 +62,8 @@ def run(args) -> int:
         raise UsageError("--retry-failed needs --resume RUN")
     err = Console(stderr=True, highlight=False)
     out = Console(highlight=False)
+    if not out.is_terminal and not os.environ.get("COLUMNS") and out.width < 160:
+        out.width = 160     # a file or pipe, with no width asked for: the full tables
     if args.cost_profile is not None:
         from tlslab.bench.spec import _check_cost_profile
 
