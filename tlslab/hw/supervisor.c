@@ -48,6 +48,7 @@
 #include <grp.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/ptrace.h>
@@ -373,7 +374,9 @@ static void set_tid(struct thread *t, pid_t tid) {
     t->tid = tids[t - threads] = tid;
 }
 
-static int image_new(int proc, const char *program) {
+static int image_new(int proc, const char *program_) {
+    char program[sizeof images[0].program];
+    snprintf(program, sizeof program, "%s", program_ ? program_ : ""); /* it may point into images[] */
     if (nimages == cap_images) {
         int cap = cap_images ? 2 * cap_images : 64;
         struct image *n = realloc(images, cap * sizeof *n);
@@ -385,7 +388,7 @@ static int image_new(int proc, const char *program) {
     memset(im, 0, sizeof *im);
     im->proc = proc;
     im->pid = procs[proc].pid;
-    snprintf(im->program, sizeof im->program, "%s", program ? program : "");
+    memcpy(im->program, program, sizeof im->program);
     return nimages++;
 }
 
@@ -1019,7 +1022,7 @@ static pid_t ph_parent(pid_t p) { /* -1: not seen */
         if (ph_pid[h] == p) return ph_ppid[h];
     }
 }
-static int kill_descendants(void) {
+static int signal_descendants(int sig) {
     static pid_t pid_[65536], ppid_[65536];
     int n = 0, killed = 0;
     memset(ph_pid, 0, sizeof ph_pid);
@@ -1053,19 +1056,28 @@ static int kill_descendants(void) {
     for (int i = 0; i < n; i++) {
         pid_t p = ppid_[i];
         for (int hop = 0; hop < 4096 && p > 1; hop++) {
-            if (p == me) { if (kill(pid_[i], SIGKILL) == 0) killed++; break; }
+            if (p == me) { if (kill(pid_[i], sig) == 0) killed++; break; }
             p = ph_parent(p);
         }
     }
     return killed;
 }
 
-/* SIGKILL every task we trace and every descendant */
+/* SIGKILL every task we trace, and every descendant: those are first frozen
+ * with SIGSTOP until a pass finds no more of them (an untraced fork bomb
+ * forks faster than a scan kills; stopped, it cannot), then killed. Tracees
+ * cannot outrun us: a new one stops before its first instruction. */
 static void sweep(void) {
     for (int i = 0; i < MAX_THREADS; i++)
         if (tids[i]) kill(tids[i], SIGKILL);
     if (child_pid > 0) kill(child_pid, SIGKILL);
-    kill_descendants();
+    int prev = -1;
+    for (int pass = 0; pass < 64; pass++) {
+        int n = signal_descendants(SIGSTOP);
+        if (n == prev) break;
+        prev = n;
+    }
+    signal_descendants(SIGKILL);
 }
 
 /* stop the run: the whole guest tree is killed (again every 100 ms until the
@@ -1225,6 +1237,11 @@ static void run_child(int errfd, char **argv, const char *exe) {
     /* the model's guest runs as uid/gid 1000: drop root after chroot (no
      * supplementary groups), so the guest can write neither root nor host */
     if (guest_gid >= 0 || guest_uid >= 0) {
+        /* a net under the process limit where the supervisor cannot count
+         * (untraced): the unprivileged guest's uid may not have more than
+         * max_procs processes at once (fork fails with EAGAIN) */
+        struct rlimit rl = {(rlim_t)max_procs, (rlim_t)max_procs};
+        if (guest_uid > 0 && setrlimit(RLIMIT_NPROC, &rl) < 0) child_fail(errfd, "setrlimit(RLIMIT_NPROC)");
         if (setgroups(0, NULL) < 0) child_fail(errfd, "setgroups");
         if (guest_gid >= 0 && setgid((gid_t)guest_gid) < 0) child_fail(errfd, "setgid");
         if (guest_uid >= 0 && setuid((uid_t)guest_uid) < 0) child_fail(errfd, "setuid");
