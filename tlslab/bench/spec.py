@@ -106,6 +106,7 @@ HV_PROFILES = ("nonpae", "pae")
 MAX_CELLS = 20_000              # a matrix bigger than this is a mistake (the default has a few hundred)
 MAX_TIMEOUT = 7 * 86400.0       # seconds, per cell
 MAX_HW_REPEAT = 1000
+MAX_SPEC_BYTES = 1 << 20
 FIT_KEYS = {"guest", "tree", "variant", "profile"}
 
 
@@ -714,9 +715,17 @@ def _rootfs_missing(name: str) -> str | None:
 def load_spec(path: str | Path | None = None) -> MatrixSpec:
     p = Path(path) if path else DEFAULT_SPEC
     try:
+        if not p.exists():
+            raise FileNotFoundError(p)
+        if not p.is_file():         # a directory, a FIFO (reading it would block), a device
+            raise SpecError(f"matrix spec {p} is not a regular file")
+        if p.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"matrix spec {p} is larger than {MAX_SPEC_BYTES:,} bytes")
         text = p.read_text()
     except FileNotFoundError:
         raise SpecError(f"matrix spec {p} does not exist") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"matrix spec {p} is not UTF-8 text") from None
     except OSError as exc:
         raise SpecError(f"cannot read matrix spec {p}: {exc}") from None
     return MatrixSpec.from_toml(text, str(p) if path else f"{p.name} (bundled default)")

@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1 :]
+    if any("\0" in a for a in argv + (passthrough or [])):   # not from a shell (execve cannot), but from callers
+        print("tlslab: error: an argument contains a NUL character", file=sys.stderr)
+        return EXIT_USAGE
     debug = "--debug" in argv or os.environ.get("TLSLAB_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     command = "tlslab"

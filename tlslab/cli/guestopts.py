@@ -71,8 +71,18 @@ def spec_from_args(args, strategy: str, **extra):
         raise UsageError(f"--seed {args.seed}: expected 0 .. 2^63-1")
     if not args.guest or "\x00" in args.guest or any("\x00" in a for a in args.args):
         raise UsageError("the guest and its arguments must be non-empty strings without NUL characters")
+    if args.rootfs is not None:
+        from tlslab.rootfs import ROOTFS_NAMES
+
+        if args.rootfs not in ROOTFS_NAMES:
+            raise UsageError(f"--rootfs {args.rootfs!r}: unknown root filesystem (choose from "
+                             f"{', '.join(ROOTFS_NAMES)}; see `tlslab rootfs`)")
     if args.root is not None and not os.path.isdir(args.root):
         raise UsageError(f"--root {args.root!r}: not a directory")
+    if args.root is not None and os.path.islink(args.root.rstrip("/") or "/"):
+        # the read-only view is taken of the directory itself (vfs.Vfs.from_host does not follow a link at the top)
+        raise UsageError(f"--root {args.root!r} is a symbolic link: give the directory it points to "
+                         f"({os.path.realpath(args.root)})")
     for item in args.env:
         if "=" not in item or item.startswith("="):
             raise UsageError(f"--env {item!r}: expected KEY=VALUE (or KEY= to remove KEY)")

@@ -76,10 +76,16 @@ def record(args) -> int:
     from tlslab.hypervisor.patches import default_patch_path, save_patch_set
     from tlslab.linux.elf import ElfError
 
+    from tlslab.linux.tree import TreeSpec, TreeSpecError
+
+    try:
+        TreeSpec.parse(args.tree)
+    except TreeSpecError as exc:
+        raise UsageError(str(exc)) from None
     try:
         domain, result, binary = run_and_record(args.guest, args.guest_args, args.strategy, args.variant,
                                                 args.patch_policy, args.page_sharing, args.tree)
-    except (GuestError, ElfError, FileNotFoundError) as exc:
+    except (GuestError, ElfError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
         raise UsageError(str(exc)) from None
     out = args.output or default_patch_path(binary.name, binary.variant, args.strategy)
     path = save_patch_set(domain, out, guest=binary.name, variant=binary.variant)
@@ -91,13 +97,28 @@ def record(args) -> int:
     return 0 if result.ok else 1
 
 
+def _regular_file(path: str, what: str) -> None:
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{what} {path} is not a regular file")
+
+
 def show(args) -> int:
     from tlslab.hypervisor.patches import PatchError, load_patch_set
 
+    _regular_file(args.patchset, "patch set")
     try:
         ps = load_patch_set(args.patchset)
     except PatchError as exc:
         raise UsageError(str(exc)) from None
+    except (ValueError, AttributeError) as exc:    # not UTF-8, not a JSON object
+        raise UsageError(f"{args.patchset}: not a patch set ({exc})") from None
     print(f"{ps.guest} ({ps.variant}) {ps.strategy}: {len(ps.patches)} patches, "
           f"{'in place' if ps.in_place else 'out-of-line buffer at ' + ps.out_of_line.get('address', '?')}")
     if ps.abi:
@@ -111,9 +132,13 @@ def show(args) -> int:
 def apply(args) -> int:
     from tlslab.hypervisor.patches import PatchError, apply_file
 
+    _regular_file(args.patchset, "patch set")
+    _regular_file(args.binary, "binary")
     try:
         n = apply_file(args.patchset, args.binary, args.output)
     except PatchError as exc:
         raise UsageError(str(exc)) from None
+    except (ValueError, AttributeError) as exc:
+        raise UsageError(f"{args.patchset}: not a patch set ({exc})") from None
     print(f"applied {n} patches: {args.output}", file=sys.stdout)
     return 0
