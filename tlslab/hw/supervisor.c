@@ -26,6 +26,30 @@
  * tracer; LDT descriptors (modify_ldt) are truncated by rewriting the
  * struct user_desc in guest memory at syscall entry.
  *
+ * Processes and threads: every task the guest creates (fork, vfork, clone,
+ * clone3) is traced from its first instruction (PTRACE_O_TRACEFORK/VFORK/
+ * CLONE/EXEC/EXIT), and the seccomp filter, inherited across fork and exec,
+ * brings every process's set_thread_area to us, so each new image's
+ * set_thread_area(-1) is truncated like the first one. State is per task
+ * (tid): its TLS slots, the step fallback, the SIGSEGV mask; a new task
+ * inherits its creator's slots as they were at the clone (truncated, or
+ * flipped), and a descriptor the kernel installed for CLONE_SETTLS -- as
+ * asked, untruncated -- is truncated with PTRACE_SET_THREAD_AREA on the new
+ * tid before it runs (adopt_new_thread). Faults are emulated in, or flipped
+ * on, the faulting tid. Under flip a flipped descriptor is that thread's
+ * alone: Linux keeps a TLS array per thread and reloads it into the GDT at
+ * every context switch, so a flip neither leaks into another thread nor is
+ * undone by switching away and back. XenLinux differs: its __switch_to
+ * rewrites a GDT TLS slot (one update_descriptor, which re-truncates) only
+ * when the incoming thread's copy differs from the outgoing one's, so a flip
+ * reverts when switching between threads with different TLS bases and
+ * survives between tasks with byte-identical slots
+ * (docs/xenlinux-tls-context-switch.md). Counts are kept per process
+ * ("processes") and in total; fault sites per program image ("images": one
+ * per process and execve, with its mappings read before the execve or at
+ * exit). The run lasts until every guest process is gone; at --timeout or
+ * beyond --max-procs processes the whole tree is killed ("stopped").
+ *
  * Output: a JSON summary (--json PATH). Exit status 0 when the guest ran (its
  * own status is in the JSON), 2 usage, 3 set-up failure (reason in the JSON).
  *
@@ -205,7 +229,7 @@ static struct thread threads[MAX_THREADS];
 static int nthreads_seen;
 static struct site *sites;
 static uint64_t faults, emulated, stepped, to_down, to_up, delivered, switches, seccomp_stops,
-    tls_installs, ldt_installs, ldt_truncated, signals_passed, other_segv, clones, forks, group_stops;
+    tls_installs, ldt_installs, ldt_truncated, signals_passed, other_segv, clones, forks, vforks, group_stops;
 static uint64_t signal_syscalls, segv_restores, segv_handler_restores, segv_mask_restores, restore_failures,
     signals_requeued;
 /* processes and images (see struct proc) */
@@ -914,8 +938,9 @@ static void write_json(void) {
     fprintf(f, ",\"signal\":%d,\"timed_out\":%s", exit_signal, timed_out ? "true" : "false");
     fprintf(f, ",\"stopped\":");
     if (stop_reason) json_str(f, stop_reason); else fprintf(f, "null");
-    fprintf(f, ",\"max_procs\":%d,\"processes_started\":%d,\"killed_tasks\":%llu,\"group_stops\":%llu", max_procs,
-            nprocs, (unsigned long long)killed_tasks, (unsigned long long)group_stops);
+    fprintf(f, ",\"max_procs\":%d,\"processes_started\":%d,\"killed_tasks\":%llu,\"group_stops\":%llu,\"vforks\":%llu",
+            max_procs, nprocs, (unsigned long long)killed_tasks, (unsigned long long)group_stops,
+            (unsigned long long)vforks);
     fprintf(f, ",\"wall_ns\":%.0f,\"run_ns\":%.0f", (t_end - t_fork) * 1e9,
             (t_end - (t_exec > 0 ? t_exec : t_fork)) * 1e9);
     fprintf(f, ",\"faults\":%llu,\"emulated\":%llu,\"stepped\":%llu,\"to_expand_down\":%llu,"
@@ -1481,6 +1506,7 @@ static void adopt_new_thread(struct thread *t) {
 static void hide_auxv(pid_t tid) {
     struct user_regs_struct r;
     if (ptrace(PTRACE_GETREGS, tid, 0, &r) < 0) return;
+    if (r.cs != 0x23) return; /* not an i386 image (a guest may exec a 64-bit program): its own layout */
     uint32_t sp = (uint32_t)r.rsp, argc;
     if (read_mem(tid, sp, &argc, 4) < 0) return;
     uint32_t p = sp + 4 + 4 * (argc + 1), v = 1;
@@ -2105,6 +2131,7 @@ int main(int argc, char **argv) {
                 uint64_t flags = clone_flags(t, &known);
                 if (ptrace(PTRACE_GETEVENTMSG, w, 0, &ctid) == 0 && ctid > 0) {
                     if (event == PTRACE_EVENT_CLONE) clones++; else forks++;
+                    if (event == PTRACE_EVENT_VFORK) vforks++;
                     int new_proc = event != PTRACE_EVENT_CLONE || !(flags & CLONE_THREAD);
                     if (event == PTRACE_EVENT_CLONE && !known) new_proc = tgid_of((pid_t)ctid) == (pid_t)ctid;
                     struct thread *c = NULL;
