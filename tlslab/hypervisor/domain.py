@@ -6,6 +6,7 @@ whichever task the guest kernel (``tlslab.linux.kernel``) has on the CPU:
     SYSCALL            -> the Linux personality handles it (it may block, fork, exec, exit)
     SEGMENT_VIOLATION  -> the strategy: resume / restart / kill (SIGSEGV to that process)
     PAGE_FAULT         -> SIGSEGV to that process (nothing to fix: the guest touched no memory)
+    PREEMPTED          -> the task used its quantum while another was ready: the kernel switches
     EXCEPTION          -> SIGSEGV/SIGILL equivalent to that process, reported
     TIMEOUT            -> the run is abandoned, reported
 
@@ -159,7 +160,8 @@ class Domain:
     def crash_at(self, eip: int, reason: str) -> GuestCrash:
         text = "??"
         try:
-            code = self.vcpu.mem.read(eip, 15) if self.vcpu.mem.is_mapped(eip, 15) else b""
+            mem = self.vcpu.mem if self.vcpu is not None else None
+            code = mem.read(eip, 15) if mem is not None and mem.is_mapped(eip, 15) else b""
             insn = next(_DISASM.disasm(code, eip, 1), None)
             if insn is not None:
                 text = f"{insn.mnemonic} {insn.op_str}".strip()
@@ -175,7 +177,10 @@ class Domain:
             while self._resume():
                 task = k.current
                 process = task.process
-                e: Exit = process.vcpu.run()
+                e: Exit = process.vcpu.run(budget=k.quantum if k.others_ready() else None)
+                if e.reason is ExitReason.PREEMPTED:
+                    k.preempt()
+                    continue
                 if e.reason is ExitReason.SYSCALL:
                     try:
                         process.handle_syscall()
@@ -205,9 +210,11 @@ class Domain:
                     break
                 self._kill(process, self.crash_at(e.eip, e.message or "CPU exception"), SIGILL)
         except TooManyProcesses as exc:
-            crash = self.crash_at(self.vcpu.regs.get("eip"), f"stopped: {exc} (a fork bomb?)")
+            crash = self.crash_at(self._eip(), f"stopped: {exc} (a fork bomb?)")
         if crash is None and not k.finished:
-            crash = self.crash_at(self.vcpu.regs.get("eip"), f"deadlock: {k.deadlock_report()}")
+            crash = self.crash_at(self._eip(), f"deadlock: {k.deadlock_report()}")
+        if not k.finished:
+            k.stop_all()
         first = self.first_process
         if crash is None and first.crash is not None:
             crash = first.crash
@@ -232,6 +239,10 @@ class Domain:
             if not k.schedule(force=forced):
                 return False
         return False
+
+    def _eip(self) -> int:
+        vcpu = self.vcpu
+        return vcpu.regs.get("eip") if vcpu is not None and vcpu.regs is not None else 0
 
     def _kill(self, process, crash: GuestCrash, signal: int = SIGSEGV) -> None:
         self.kernel.exit_process(process, 0, signal, crash=crash)

@@ -253,6 +253,11 @@ class Kernel:
         task.state = BLOCKED
         task.waiting = blocked
 
+    def others_ready(self) -> bool:
+        """Is a task other than the running one ready (so the running one gets a quantum)?"""
+        cur = self.current
+        return any(t is not cur and t.state != DEAD and self._ready(t) for t in self.tasks)
+
     def any_ready(self) -> bool:
         return any(t.state != DEAD and self._ready(t) for t in self.tasks)
 
@@ -377,6 +382,14 @@ class Kernel:
             code = SIG.CLD_KILLED if signal else SIG.CLD_EXITED
             info = SIG.siginfo(SIG.SIGCHLD, code, process.pid, process.vfs.uid, signal or status & 0xFF)
             self.send_signal(parent, SIG.SIGCHLD, info)
+
+    def stop_all(self) -> None:
+        """The run is abandoned (timeout, limit, deadlock): every live process is killed and listed."""
+        self.end_reason = self.end_reason or "stopped"
+        for p in self.live_processes():
+            self.killed_at_end.append(p.pid)
+            self.exit_process(p, 0, SIG.SIGKILL)
+        self.finished = True
 
     def wait_status(self, process) -> int:
         if process.exit_signal:

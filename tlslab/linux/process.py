@@ -272,9 +272,10 @@ class Process:
         child = Process.__new__(Process)
         child.__dict__.update(self.__dict__)
         child.vcpu, child.mem = vcpu, vcpu.mem
-        for r in self.mem.regions():
-            vcpu.mem.map(r.start, r.size, r.prot, r.name)
-            vcpu.mem.write(r.start, bytes(r.buffer))
+        with vcpu.mem.batched():
+            for r in self.mem.regions():
+                region = vcpu.mem.map(r.start, r.size, r.prot, r.name)
+                region.buffer[:] = r.buffer
         child.fds = self.fds.copy()
         child.vfs = self.vfs.fork()
         child.sigactions = dict(self.sigactions)

@@ -135,7 +135,10 @@ struct fastpath {
      * away from a second bench worker. */
     emu_stop_fn emu_stop;
     uint64_t deadline_ns;             /* CLOCK_MONOTONIC (Python's time.monotonic_ns); 0 = none */
-    uint32_t deadline_tick, pad3;
+    uint32_t deadline_tick, budget_hit;
+    /* Instruction budget (a scheduler quantum): stop before the first block
+     * that starts at or beyond it, without counting that block; 0 = none. */
+    uint64_t budget_end;
     struct exit_info exit;
     struct window windows[3];
     struct seg_stats stats[2];  /* [0] = fs, [1] = gs */
@@ -473,6 +476,12 @@ void fp_on_block(void *uc, uint64_t address, uint32_t size, void *user)
     fp->block_misses++;
     icount = fp->block_icount(a, size);
 found:
+    if (fp->budget_end && fp->instructions >= fp->budget_end) {
+        fp->budget_hit = 1;
+        fp->budget_end = 0;
+        fp->emu_stop(uc);
+        return;  /* the block does not run now: it is counted when it does */
+    }
     if (fp->deadline_ns && (++fp->deadline_tick & (DEADLINE_EVERY - 1)) == 0) {
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -26,6 +26,7 @@ class ExitReason(enum.Enum):
     PAGE_FAULT = "page-fault"                # access to an unmapped page or outside user space
     EXCEPTION = "exception"                  # other CPU exception (#UD, #GP from privileged insn, ...)
     TIMEOUT = "timeout"                      # wall-clock limit reached
+    PREEMPTED = "preempted"                  # the instruction budget given to run() is used up
 
 
 @dataclass(frozen=True)

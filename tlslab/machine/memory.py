@@ -11,6 +11,7 @@ every fs/gs access raises a protection event before it commits.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import mmap
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ class GuestMemory:
         self._starts: list[int] = []
         self._regions: list[Region] = []
         self.mapped_bytes = 0
+        self._batch_depth = 0
+        self._batch_dirty = False
 
     # -- queries ---------------------------------------------------------
     def regions(self) -> list[Region]:
@@ -151,8 +154,22 @@ class GuestMemory:
         return region
 
     def _changed(self) -> None:
-        if self.on_change is not None:
+        if self._batch_depth:
+            self._batch_dirty = True
+        elif self.on_change is not None:
             self.on_change()
+
+    @contextlib.contextmanager
+    def batched(self):
+        """Many mapping changes, one notification (fork copies a whole address space)."""
+        self._batch_depth += 1
+        try:
+            yield self
+        finally:
+            self._batch_depth -= 1
+            if not self._batch_depth and self._batch_dirty:
+                self._batch_dirty = False
+                self._changed()
 
     def alias_regions(self) -> list[tuple[int, int, int]]:
         """(start, size, rights of a window access) of every alias mapping, sorted by start."""

@@ -65,6 +65,8 @@ from tlslab.x86.segcheck import check_data_access
 from tlslab.x86.segusage import SEGMENT_NUMBERS, SegmentUsage, segment_usage
 
 
+_BLOCK_ICOUNTS: dict[bytes, int] = {}  # block bytes -> instruction count (a count does not depend on where)
+
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
                 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC"}
 
@@ -224,7 +226,12 @@ class VCpu:
             code = self.mem.read(address, size)
         except Exception:
             code = bytes(self.uc.mem_read(address, size))
-        return sum(1 for _ in self._disasm.disasm_lite(code, address))
+        n = _BLOCK_ICOUNTS.get(code)
+        if n is None:  # the same library code is translated again in every new address space
+            n = _BLOCK_ICOUNTS[code] = sum(1 for _ in self._disasm.disasm_lite(code, address))
+            if len(_BLOCK_ICOUNTS) > 1 << 18:
+                _BLOCK_ICOUNTS.clear()
+        return n
 
     # ------------------------------------------------------------ Python hooks
     def _on_interrupt(self, uc, intno, user_data) -> None:
@@ -309,10 +316,14 @@ class VCpu:
                 self._fast.header.deadline_ns = self._deadline_ns
 
     def release(self) -> None:
-        """Free the address space and the engine (the counters stay readable)."""
-        for r in self.mem.regions():
-            self.mem.unmap(r.start, r.size)
-        self.uc.close() if hasattr(self.uc, "close") else None
+        """This address space is over (exit, exec): drop the engine and its memory together.
+
+        The counters stay readable; the engine and the host buffers it maps go
+        when the last reference does (nothing is unmapped one region at a time).
+        """
+        self.mem = None
+        self.uc = None
+        self.regs = None
 
     def load_context(self, context) -> None:
         """Resume a thread: registers saved with ``uc.context_save()`` (from this or another vCPU)."""
@@ -320,8 +331,16 @@ class VCpu:
             self.uc.context_restore(context)
         self._started = True
 
-    def run(self) -> Exit:
-        """Run until the guest needs a layer above; see ``ExitReason``."""
+    def run(self, budget: int | None = None) -> Exit:
+        """Run until the guest needs a layer above; see ``ExitReason``.
+
+        ``budget``: stop (PREEMPTED) at the first block boundary after that
+        many more instructions: a scheduler quantum, deterministic because
+        block boundaries are a property of the code.
+        """
+        if budget is not None and self._fast is not None and self.count_instructions:
+            self._fast.header.budget_end = self._fast.header.instructions + max(1, budget)
+            self._fast.header.budget_hit = 0
         self._pending = None
         self._unmapped = None
         eip = self.regs.get("eip")
@@ -346,6 +365,10 @@ class VCpu:
             self.counters.instructions = self._fast.header.instructions
         stop_eip = self.regs.get("eip")
 
+        if self._fast is not None:
+            budget_hit = self._fast.header.budget_hit
+            self._fast.header.budget_end = 0
+            self._fast.header.budget_hit = budget_hit
         fast_exit = self._fast.take_exit() if self.checks else None
         if self.checks:
             for start, _size in self._fast.take_protected():  # only strip regions: the hypervisor pages
@@ -372,6 +395,9 @@ class VCpu:
             return self._pending
         if error is not None:
             return Exit(ExitReason.EXCEPTION, stop_eip, message=f"unicorn error: {UcError(error)}")
+        if self._fast is not None and self._fast.header.budget_hit:
+            self._fast.header.budget_hit = 0
+            return Exit(ExitReason.PREEMPTED, stop_eip)
         return self._timeout_exit(stop_eip)  # stopped by the deadline (block hook or Unicorn's timer)
 
     def _timeout_exit(self, eip: int) -> Exit:

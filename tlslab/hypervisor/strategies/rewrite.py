@@ -132,6 +132,10 @@ class FsTwinABI:
                 self.conflict = f"guest loaded selector {fs:#x} into %fs (the ABI's is {FS_SELECTOR:#x})"
             elif self.domain.vcpu.descriptors[FS_SLOT] != self.twin:
                 self.conflict = f"GDT TLS slot {FS_SLOT} no longer holds the %fs twin"
+            elif (gs := self.domain.vcpu.descriptors[FS_SLOT - 1]) is not None and gs.base != self.twin.base:
+                # another thread's TCB: one twin serves one %gs base (per-thread twins are not modelled)
+                self.conflict = (f"the running thread's %gs base {gs.base:#x} is not the %fs twin's "
+                                 f"{self.twin.base:#x} (threads need a twin each; not modelled)")
         return self.conflict
 
 
