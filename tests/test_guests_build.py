@@ -37,10 +37,10 @@ from tlslab.guests import (
     sha256_file,
 )
 
-GUESTS = ["lsr", "syscalls", "malloc", "stdio", "canary", "fs-user", "selfread", "prelink"]
+GUESTS = ["lsr", "syscalls", "malloc", "stdio", "canary", "fs-user", "selfread", "prelink", "threads"]
 # guests whose own source has a __thread variable: the default build has direct
 # negative %gs accesses in our code, the nosegneg build none
-OWN_TLS = ["lsr", "syscalls", "malloc", "stdio", "canary", "selfread"]
+OWN_TLS = ["lsr", "syscalls", "malloc", "stdio", "canary", "selfread", "threads"]
 
 MANIFEST = load_manifest()
 ENTRIES = {e["key"]: e for e in MANIFEST["binaries"]}
