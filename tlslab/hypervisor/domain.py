@@ -88,6 +88,7 @@ class Domain:
         first_vcpu = vcpu if vcpu is not None else VCpu(**self._vcpu_options)
         self._requested: dict[SegmentDescriptor, SegmentDescriptor] = {}
         self.max_traps = max_traps
+        self._refused: str | None = None
         self.first_process = process_factory(first_vcpu, self._shape_descriptor)
         self.kernel = Kernel(self.first_process, self._new_vcpu, self._shape_descriptor)
         self.kernel.on_new_address_space.append(self._on_new_address_space)
@@ -108,8 +109,14 @@ class Domain:
         return vcpu
 
     def _on_new_address_space(self, process, how: str) -> None:
-        """A fork or exec made an address space: the strategy sets up its per-process state there."""
-        self.strategy.attach_process(self, process, how)
+        """A fork or exec made an address space: the strategy sets up its per-process state there.
+
+        A strategy that cannot follow (its state is one address space's) returns
+        why; the run then ends with that refusal instead of running on wrongly.
+        """
+        why = self.strategy.attach_process(self, process, how)
+        if why and self._refused is None:
+            self._refused = why
 
     @classmethod
     def adopt(cls, process, strategy: Strategy | str = "native", **options) -> Domain:
@@ -188,6 +195,9 @@ class Domain:
                         k.block(task, blocked)
                     except ProcessExit as done:  # a bare process (no kernel) ending itself
                         k.exit_process(process, done.status, done.signal)
+                    if self._refused is not None:
+                        crash = self.crash_at(e.eip, f"SIGSEGV ({self.strategy.name}): {self._refused}")
+                        break
                     continue
                 if e.reason is ExitReason.SEGMENT_VIOLATION:
                     process.faults += 1
@@ -263,7 +273,7 @@ class Domain:
             "segments": machine["segments"],
             "strategy": {"name": self.strategy.name, **asdict(self.strategy.counters)},
             "policy": self.policy.describe(),
-            "linux": first.counters.as_dict(),
+            "linux": k.linux_totals(),
             "hazards": list(getattr(self.strategy, "hazards", [])),
             "page_cache": first.page_cache.as_dict(),
         }

@@ -568,6 +568,19 @@ class Kernel:
         return False
 
     # ------------------------------------------------------------ reporting
+    def linux_totals(self) -> dict:
+        """The personality's counters summed over every process of the run (one process: its own)."""
+        if len(self.processes) == 1:
+            return self.init.counters.as_dict()
+        total = self.init.counters.__class__()
+        for p in self.processes:
+            c = p.counters
+            for name in ("by_name", "errors", "unsupported", "restarts"):
+                getattr(total.syscalls, name).update(getattr(c.syscalls, name))
+            total.set_thread_area += c.set_thread_area
+            total.signals_delivered += c.signals_delivered
+        return total.as_dict()
+
     def records(self) -> list[ProcessRecord]:
         out = []
         for p in self.processes:

@@ -17,6 +17,7 @@ STATFS64 = struct.Struct("<IIQQQQQiiIII16x")
 TIMESPEC32 = struct.Struct("<iI")
 TIMESPEC64 = struct.Struct("<qq")
 TIMEVAL32 = struct.Struct("<iI")
+POLLFD = struct.Struct("<ihh")  # struct pollfd: fd, events, revents
 RLIMIT32 = struct.Struct("<II")
 RLIMIT64 = struct.Struct("<QQ")
 IOVEC = struct.Struct("<II")

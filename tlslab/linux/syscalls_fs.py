@@ -654,3 +654,47 @@ def sys_fadvise64(p, fd):
     if f.node.fmt == N.S_IFIFO:
         raise SyscallError(E.ESPIPE)
     return 0
+
+
+# ------------------------------------------------------------------ poll
+POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
+
+
+def _poll_revents(p, fd: int, events: int) -> int:
+    entry = p.fds.fds.get(fd)
+    if entry is None:
+        return POLLNVAL
+    f = entry.file
+    node = f.node
+    if isinstance(node, PipeEnd):
+        pipe = node.pipe
+        if node.end == "r":
+            ready = POLLIN if pipe.buffer else 0
+            return (ready & events) | (0 if p.pipe_end_open(pipe, "w") else POLLHUP)
+        if not p.pipe_end_open(pipe, "r"):
+            return POLLERR
+        return POLLOUT & events if pipe.space else 0
+    return events & (POLLIN | POLLOUT)  # files and devices never block
+
+
+@syscall("poll")
+def sys_poll(p, fds, nfds, timeout):
+    """Readiness of regular files, devices and pipes; waits (blocks) only on pipes, as nothing else blocks."""
+    if nfds > 1024:
+        raise SyscallError(E.EINVAL)
+    raw = p.mem.read(fds, 8 * nfds) if nfds else b""
+    entries = [S.POLLFD.unpack_from(raw, 8 * i) for i in range(nfds)]
+    out, ready = bytearray(raw), 0
+    for i, (fd, events, _rev) in enumerate(entries):
+        revents = 0 if fd < 0 else _poll_revents(p, fd, events | POLLERR | POLLHUP)
+        S.POLLFD.pack_into(out, 8 * i, fd, events, revents)
+        ready += bool(revents)
+    if ready or signed(timeout) == 0:
+        if nfds:
+            p.mem.write(fds, bytes(out))
+        return ready
+    if signed(timeout) > 0:
+        p.sleep(signed(timeout) * 1_000_000)
+        return 0
+    raise Block("poll", lambda: any(fd >= 0 and _poll_revents(p, fd, ev | POLLERR | POLLHUP)
+                                    for fd, ev, _r in entries))

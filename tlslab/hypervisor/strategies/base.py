@@ -152,8 +152,12 @@ class Strategy:
     def attach(self, domain: DomainView) -> None:
         """Called once the guest is loaded, before it runs."""
 
-    def attach_process(self, domain: DomainView, process, how: str) -> None:
-        """A new address space appeared (``how``: "fork" copies the parent's, "exec" is fresh)."""
+    def attach_process(self, domain: DomainView, process, how: str) -> str | None:
+        """A new address space appeared (``how``: "fork" copies the parent's, "exec" is fresh).
+
+        Returns None, or why this strategy cannot follow the guest there (the run stops with it).
+        """
+        return None
 
     def handle(self, trap: Trap) -> Verdict:
         """The template: count, pre-check, decode once, step, count a kill."""

@@ -208,6 +208,12 @@ class RewriteStrategy(WatchesLeaks, Strategy):
         self.mixed: set[int] = set()
         self.hazards: list[str] = []
 
+    def attach_process(self, domain, process, how: str) -> str | None:
+        # patched sites, stubs and the %fs twin are one address space's state: not modelled across
+        # fork and exec (per-process patch state is future work), so say so instead of running on
+        return (f"{self.name} models one address space; the guest's {how} is not followed "
+                "(patch state per process is not modelled)")
+
     @property
     def patch_policy(self) -> str:
         return self.options.patch_policy
