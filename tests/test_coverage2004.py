@@ -24,7 +24,7 @@ def asm(text: str) -> bytes:
     return bytes(encoding)
 
 
-# The faulting forms seen on real glibc (brief 4b), as glibc emits them.
+# The faulting forms seen on real glibc (docs/measurements.md#faulting-forms), as glibc emits them.
 GLIBC_FORMS = {
     "65 8B /r": "mov eax, dword ptr gs:[eax]",            # mov %gs:(%eax),%eax (-0x24)
     "65 89 /r": "mov dword ptr gs:[edx], ecx",             # errno store via register

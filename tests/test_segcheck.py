@@ -26,7 +26,7 @@ def reason(desc, offset, size=1, write=False):
     return check_data_access(desc, offset, size, write).reason
 
 
-def test_brief_example_flat_segment_allows_minus_four():
+def test_worked_example_flat_segment_allows_minus_four():
     flat = SegmentDescriptor.decode(0x00CF_F200_0000_FFFF)
     assert check_data_access(flat, 0xFFFF_FFFC, 4, write=False).allowed
 

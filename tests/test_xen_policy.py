@@ -37,7 +37,7 @@ def test_profiles():
         get_profile("x86_64")
 
 
-def test_brief_example_allowed_natively_refused_after_truncation():
+def test_worked_example_allowed_natively_refused_after_truncation():
     flat = SegmentDescriptor.decode(0x00CF_F200_0000_FFFF)
     truncated = truncate(flat, "nonpae")
     assert truncated.encode() == 0x00CF_F200_0000_BFFF  # limit field 0xFBFFF

@@ -4,7 +4,7 @@ The run is set up to match the Unicorn model's (``tlslab.experiment``): the
 same argv, exactly the model's environment (``tlslab.linux.process.DEFAULT_ENV``),
 cwd = the synthetic tree materialised from the same spec (or a host
 directory), stdin an empty pipe, and stdout/stderr of the same kind (a pipe, a
-regular file or /dev/null -- the kind changes what glibc does, see BRIEF 4b).
+regular file or /dev/null -- the kind changes what glibc does, see docs/measurements.md#glibc).
 
 Strategies: ``untraced`` (plain fork/exec/wait), ``native`` (traced, nothing
 truncated), ``emulate``, ``flip``. Faults are counted per site (EIP).
@@ -313,7 +313,7 @@ def run_hw(
 
     cwd is ``root`` if given, else the synthetic ``tree`` materialised on disk
     (None: the current directory). ``cpu=None`` or ``-1`` leaves tracer and
-    guest unpinned (slow and noisy: BRIEF 4b). ``step_only`` makes emulate use
+    guest unpinned (slow and noisy: docs/measurements.md#cpu). ``step_only`` makes emulate use
     its single-step fallback for every fault (a test of the fallback).
     ``model_env`` (default) gives the guest the model's process environment:
     no vDSO/AT_MINSIGSTKSZ/AT_RSEQ_* in the auxv and rseq refused with ENOSYS

@@ -9,7 +9,7 @@ cost of a strategy in one repeat is
 so the cost of tracing itself (the seccomp stop at set_thread_area, ptrace
 attach) cancels. Times are the supervisor's exec-to-exit wall times. Over the
 repeats we report min / median / max, per guest and pooled over guests, plus
-one unpinned run per guest and strategy (BRIEF 4b: unpinned faults cost
+one unpinned run per guest and strategy (docs/measurements.md#cpu: unpinned faults cost
 several times more, with high variance).
 
 The result is a ``CostProfile`` (kind "measured", name ``hw-<host>``) in the

@@ -2,7 +2,7 @@
 
 Native hardware installs it as asked. Xen (x86-32, paravirtual) truncates every
 guest segment so that nothing at or above the hypervisor start is reachable
-(BRIEF section 1); the truncation rule itself lives in ``tlslab.x86.xen``.
+(docs/background.md#problem); the truncation rule itself lives in ``tlslab.x86.xen``.
 """
 
 from __future__ import annotations

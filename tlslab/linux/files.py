@@ -2,7 +2,7 @@
 
 Directory reads use a listing snapshot taken when the stream is at position 0;
 the position is an entry index, so every ``d_off`` fits 32 bits (glibc's
-non-LFS ``readdir`` fails with EOVERFLOW otherwise, BRIEF section 4).
+non-LFS ``readdir`` fails with EOVERFLOW otherwise, docs/measurements.md#glibc).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ copies from. XenLinux's fixup.c patched user code by writing through a kernel
 mapping of exactly that page (it refused dirty or anonymous pages, so the page
 it patched was always a clean page-cache page) -- and the patch became part of
 the file as every reader saw it. prelink read a patched /lib/tls library,
-relocated it and wrote a new file: the patch reached the disk (BRIEF section 1).
+relocated it and wrote a new file: the patch reached the disk (docs/background.md#prelink).
 
 The model, and nothing more:
 

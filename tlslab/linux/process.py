@@ -58,7 +58,7 @@ class Process:
     """One single-threaded guest process.
 
     ``stdout`` models what fds 1 and 2 are, which changes what glibc does
-    (BRIEF 4b: a char device makes stdio call isatty, i.e. an ioctl that fails
+    (docs/measurements.md#glibc: a char device makes stdio call isatty, i.e. an ioctl that fails
     and writes errno): 'pipe' (S_IFIFO), 'file' (S_IFREG), 'null' (/dev/null),
     'tty' (a terminal: TCGETS succeeds, output line-buffered by glibc).
     """

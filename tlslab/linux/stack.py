@@ -8,7 +8,7 @@ NULL, envp[], NULL, auxv pairs, AT_NULL, with the final %esp (pointing at argc)
 
 AT_SYSINFO and AT_SYSINFO_EHDR are omitted: there is no vDSO. Static glibc
 2.36 ignores AT_SYSINFO anyway (``%gs:0x10`` points at ``int $0x80; ret``
-inside libc, BRIEF section 4), and without AT_SYSINFO_EHDR glibc makes real
+inside libc, docs/measurements.md#glibc), and without AT_SYSINFO_EHDR glibc makes real
 ``clock_gettime`` system calls, which keeps time under tlslab's control.
 AT_RSEQ_* are omitted too: rseq is refused with ENOSYS (see syscalls_proc).
 """

@@ -1,6 +1,6 @@
 /*
  * tlslab machine fast path: the per-access and per-block work that would cost
- * several microseconds per event as Python callbacks (BRIEF section 4: a Python
+ * several microseconds per event as Python callbacks (docs/measurements.md#hook-costs: a Python
  * callback plus reg_read(EIP) costs ~5 us; a ~1.6 M-instruction guest makes
  * ~12,000 fs/gs accesses and ~300,000 block entries).
  *

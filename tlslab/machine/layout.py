@@ -1,6 +1,6 @@
 """The linear address map the machine gives a guest, and why.
 
-Unicorn does not enforce segment limits (BRIEF section 4), so the machine must
+Unicorn does not enforce segment limits (docs/measurements.md#unicorn), so the machine must
 see every fs/gs access itself, before it commits, without a Python callback per
 instruction. The layout makes that possible:
 

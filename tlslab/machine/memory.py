@@ -1,7 +1,7 @@
 """Guest memory: host-owned pages mapped into Unicorn, plus their window aliases.
 
 Every guest page lives in a host buffer we own (``mmap``) and is mapped into
-Unicorn with ``mem_map_ptr``. That buys two things the brief measured as
+Unicorn with ``mem_map_ptr``. That buys two things measured as (docs/measurements.md#unicorn)
 essential (section 4): Python reads and writes guest memory by slicing the
 buffer instead of paying for ``uc.mem_read``, and the same page can be mapped a
 second time, with no permissions, in a segment *window* (see ``layout``) so that

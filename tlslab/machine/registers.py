@@ -1,7 +1,7 @@
 """Guest registers through Unicorn's C API, and the one switch that marks host-made accesses.
 
 ``RawRegisters`` reads and writes registers with ``uc_reg_read``/``uc_reg_write``
-directly (about 3x cheaper than ``Uc.reg_read``: the brief measured 1.8 us a
+directly (about 3x cheaper than ``Uc.reg_read``: measured at 1.8 us a
 call through the Python binding, and a fault needs a dozen). ``host_access``
 tells the fast path that the accesses Unicorn is about to make (a segment
 load reading the GDT, the entry stub's iret) are the host's, not the guest's.

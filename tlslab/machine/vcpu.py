@@ -95,7 +95,7 @@ class MachineCounters:
 class VCpu:
     """One guest CPU and its address space.
 
-    ``checks=False`` gives the baseline the brief's speed target is measured
+    ``checks=False`` gives the baseline the speed target (docs/machine.md#history) is measured
     against: no windows, no protection events, fs/gs bases used as-is (and
     therefore no segment enforcement at all, as in plain Unicorn).
     """
@@ -141,7 +141,7 @@ class VCpu:
             gdt[8 * index : 8 * index + 8] = d.to_bytes()
         uc.mem_write(layout.GDT_BASE, bytes(gdt))
         uc.reg_write(X.UC_X86_REG_GDTR, (0, layout.GDT_BASE, 8 * layout.GDT_ENTRIES - 1, 0))
-        uc.mem_write(layout.ENTRY_STUB, b"\xcf")  # iret: the one way into ring 3 (BRIEF section 4)
+        uc.mem_write(layout.ENTRY_STUB, b"\xcf")  # iret: the one way into ring 3 (docs/measurements.md#unicorn)
 
     def _setup_hooks(self) -> None:
         uc = self.uc

@@ -1,6 +1,6 @@
 """rewrite: Jakub Jelinek's in-place prefix rewrite (65 -> 64), 2004 proposal.
 
-Idea (BRIEF section 1, option 3): give ``%fs`` the same base as ``%gs`` but a
+Idea (docs/background.md#prefix-rewrite): give ``%fs`` the same base as ``%gs`` but a
 descriptor that admits the *negative* side, keep ``%gs`` the truncated
 expand-up segment (+ve offsets never fault), and on the first #GP at a site
 with a negative ``%gs`` offset rewrite that instruction's 0x65 (gs) prefix to

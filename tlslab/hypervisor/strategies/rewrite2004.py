@@ -1,6 +1,6 @@
 """rewrite-2004: Xen's flip plus XenLinux's out-of-line binary rewriting (fixup.c).
 
-What ran in 2004 (BRIEF section 2; our own code after reading Xen's
+What ran in 2004 (docs/background.md#fixup-c; our own code after reading Xen's
 seg_fixup.c and XenLinux's arch/xen/i386/kernel/fixup.c):
 
 1. Xen's #GP handler (seg_fixup) flips %gs (expand-up <-> expand-down), then,
