@@ -60,3 +60,20 @@ def test_a_toy_strategy_needs_only_step():
     r = d.run()
     assert not r.ok and "refusing" in r.crash.reason
     assert strategy.counters.traps == strategy.counters.decodes == strategy.counters.refused == 1
+
+
+def test_a_new_strategy_is_one_new_module(tmp_path, monkeypatch):
+    """Discovery: a module dropped into the strategies package registers its strategy, in order."""
+    import tlslab.hypervisor.strategies as registry
+
+    (tmp_path / "toy_refuse.py").write_text(
+        "from tlslab.hypervisor.strategies.base import Strategy, Verdict\n\n\n"
+        "class ToyRefuse(Strategy):\n"
+        '    name = "toy-refuse"\n'
+        '    description = "kill on every fault"\n\n'
+        "    def step(self, trap, insn):\n"
+        '        return Verdict.kill("toy")\n')
+    monkeypatch.setattr(registry, "__path__", [*registry.__path__, str(tmp_path)])
+    found = registry._discover()
+    assert list(found)[-1] == "toy-refuse" and list(found)[:8] == list(STRATEGIES)
+    assert found["toy-refuse"].make().name == "toy-refuse"

@@ -168,7 +168,8 @@ def make_domain(spec: RunSpec, **domain_options) -> tuple[Domain, GuestBinary]:
         return process
 
     # the run spec carries every strategy's options; each strategy takes the ones it declares
-    strategy = get_strategy(spec.strategy, **{name: getattr(spec, name) for name in option_names(spec.strategy)})
+    strategy = get_strategy(spec.strategy, **{name: getattr(spec, name) for name in option_names(spec.strategy)
+                                              if hasattr(spec, name)})
     domain = Domain(factory, strategy, profile=spec.profile, timeout_seconds=spec.timeout_seconds,
                     **domain_options)
     domain.program = program  # what ran: for run records (the root a dynamic guest got by default)

@@ -1,6 +1,14 @@
-"""Fault strategies, one small module each; ``STRATEGIES`` is the registry."""
+"""Fault strategies, one small module each; ``STRATEGIES`` is the registry.
+
+The registry is discovered: every module of this package is imported and each
+``Strategy`` subclass with a ``name`` defined there is registered, in ``order``
+(then name). Adding a strategy is one new module (and its test).
+"""
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from tlslab.hypervisor.strategies.base import (
     Action,
@@ -11,17 +19,24 @@ from tlslab.hypervisor.strategies.base import (
     Verdict,
     fetch_and_decode,
 )
-from tlslab.hypervisor.strategies.emulate import Emulate2004Strategy, EmulateStrategy
-from tlslab.hypervisor.strategies.flip import FlipFsStrategy, FlipFullStrategy, FlipStrategy
-from tlslab.hypervisor.strategies.native import NativeStrategy
-from tlslab.hypervisor.strategies.rewrite import RewriteStrategy
-from tlslab.hypervisor.strategies.rewrite2004 import Rewrite2004Strategy
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls
-    for cls in (NativeStrategy, EmulateStrategy, Emulate2004Strategy, FlipStrategy, FlipFullStrategy, FlipFsStrategy,
-                RewriteStrategy, Rewrite2004Strategy)
-}
+
+def _discover() -> dict[str, type[Strategy]]:
+    found: dict[str, type[Strategy]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            if (isinstance(obj, type) and issubclass(obj, Strategy) and obj.__module__ == module.__name__
+                    and obj.name != "?"):
+                if obj.name in found and found[obj.name] is not obj:
+                    raise RuntimeError(f"two strategies are named {obj.name!r}")
+                found[obj.name] = obj
+    return dict(sorted(found.items(), key=lambda item: (item[1].order, item[0])))
+
+
+STRATEGIES: dict[str, type[Strategy]] = _discover()
 
 
 class UnknownStrategy(ValueError):

@@ -131,6 +131,7 @@ class Strategy:
     name = "?"
     description = ""
     truncates = True  # does this strategy run under a truncating hypervisor?
+    order: ClassVar[int] = 100  # position in listings and "all" (the historical ones first)
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, options=None) -> None:

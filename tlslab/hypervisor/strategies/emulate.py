@@ -15,6 +15,7 @@ from tlslab.x86 import coverage, semantics
 
 class EmulateStrategy(Strategy):
     name = "emulate"
+    order = 10
     description = "decode the faulting instruction, perform the access in the hypervisor, advance EIP (full coverage)"
 
     historical = False
@@ -49,6 +50,7 @@ class EmulateStrategy(Strategy):
 
 class Emulate2004Strategy(EmulateStrategy):
     name = "emulate-2004"
+    order = 11
     description = "Xen 2004 emulate.c: mov/cmp subset, -ve offsets only, unsafe addresses refused"
     historical = True
 

@@ -15,6 +15,7 @@ from tlslab.x86 import coverage, xen
 
 class FlipStrategy(Strategy):
     name = "flip"
+    order = 20
     description = "Xen 2004 seg_fixup: flip %gs expand-up <-> expand-down and restart (its decoder, gs only)"
     segments = ("gs",)
     full_decoder = False
@@ -52,12 +53,14 @@ class FlipStrategy(Strategy):
 
 class FlipFullStrategy(FlipStrategy):
     name = "flip-full"
+    order = 21
     description = "flip with a full decoder (any fs/gs form), gs only"
     full_decoder = True
 
 
 class FlipFsStrategy(FlipStrategy):
     name = "flip-fs"
+    order = 22
     description = "flip with a full decoder, fixing both %gs and %fs"
     full_decoder = True
     segments = ("fs", "gs")

@@ -5,6 +5,7 @@ from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict
 
 class NativeStrategy(Strategy):
     name = "native"
+    order = 0
     description = "no truncation: descriptors installed as asked (bare-metal / no-/lib/tls baseline)"
     truncates = False
 

@@ -197,6 +197,7 @@ class PatchOptions:
 
 class RewriteStrategy(WatchesLeaks, Strategy):
     name = "rewrite"
+    order = 30
     description = "Jakub's in-place prefix rewrite: -ve %gs sites become %fs (65->64), %fs = expand-down twin"
     Options = PatchOptions
 

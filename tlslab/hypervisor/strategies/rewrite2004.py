@@ -185,6 +185,7 @@ class Rewrite2004Strategy(WatchesLeaks, FlipStrategy):
     """Xen's side is exactly ``flip`` (seg_fixup coverage, %gs only); on top, the notification and patching."""
 
     name = "rewrite-2004"
+    order = 31
     description = ("XenLinux 2004 fixup.c: Xen flips %gs and notifies (vector 15); the guest kernel patches "
                    "the site with a call into an out-of-line stub at 0x1000")
 
