@@ -29,6 +29,7 @@ import functools
 import os
 import statistics
 
+from tlslab.bench.blobs import blob
 from tlslab.bench.spec import Cell, cell_id
 
 FORCE_ENV = "TLSLAB_BENCH_HW_UNAVAILABLE"
@@ -63,8 +64,6 @@ def unavailable() -> str | None:
 
 
 def _blob(data: bytes) -> dict:
-    from tlslab.bench.runner import _blob as blob
-
     return blob(data)
 
 

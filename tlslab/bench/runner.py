@@ -44,7 +44,6 @@ contains SUBSTR.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
@@ -58,6 +57,8 @@ import traceback
 from collections import deque
 from pathlib import Path
 
+from tlslab.bench import hwcells
+from tlslab.bench.blobs import blob
 from tlslab.bench.spec import Cell, MatrixSpec
 from tlslab.bench.store import FINISHED, RETRYABLE, CellWriter, RunDir
 
@@ -224,9 +225,7 @@ def rootfs_facts(spec, guest) -> dict | None:
             "usr_lib_entries": info["usr_lib_entries"], "arg_entries": entries}
 
 
-def _blob(data: bytes, head: int = 2048) -> dict:
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "head": data[:head].decode("utf-8", "replace")}
+_blob = blob
 
 
 def run_cell_safely(cell_dict: dict) -> dict:
@@ -234,8 +233,6 @@ def run_cell_safely(cell_dict: dict) -> dict:
     started, t0 = now_iso(), time.perf_counter()
     try:
         if cell.backend == "hw":
-            from tlslab.bench import hwcells
-
             _inject(cell.label)
             record = hwcells.measure(cell)
         else:
@@ -376,8 +373,6 @@ class Runner:
             # longest first (LPT): the heavy cells do not end up alone at the tail of the run
             self._phase(writer, written, sorted(model, key=lambda c: -c.weight), self.jobs)
             if hw:  # serial, pinned, after the pool is gone (module docstring)
-                from tlslab.bench import hwcells
-
                 why = hwcells.unavailable()
                 if why:
                     for cell in hw:
