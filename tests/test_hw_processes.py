@@ -222,6 +222,24 @@ def test_pthreads_each_thread_truncated_and_counted(threads_exe, oracle_summary)
         oracle_summary[f"hw-procs threads {strategy}"] = f"{r.faults} faults, 5 threads in 1 process"
 
 
+def test_orphan_killed_when_the_main_process_exits(threads_exe, tmp_path):
+    """As in the model, the run ends with the first process: a child left spinning is killed, and listed."""
+    src, exe = tmp_path / "orphan.c", tmp_path / "orphan"
+    src.write_text('#include <stdio.h>\n#include <unistd.h>\n'
+                   'int main(void) { if (fork() == 0) for (;;) {} puts("parent done"); return 0; }\n')
+    cp = subprocess.run([*GCC32, "-o", str(exe), str(src)], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    for strategy in ("untraced", "emulate", "flip"):
+        t0 = time.monotonic()
+        r = run_hw(str(exe), strategy=strategy, tree=None, timeout=30)
+        assert time.monotonic() - t0 < 10, "the run waited for the orphan"
+        assert r.ok and r.status == 0 and r.stdout == b"parent done\n" and r.stopped is None
+        assert r.summary["orphans_killed"] == 1
+        if strategy != "untraced":
+            main, child = r.processes
+            assert not main["killed"] and child["killed"] and child["ppid"] == main["pid"]
+
+
 # ------------------------------------------------------- limits, timeout
 def _free_uid() -> int:
     """A uid no process has now: what is left of it after a run was the guest's."""

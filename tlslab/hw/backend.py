@@ -16,10 +16,11 @@ installed untruncated by the kernel for CLONE_SETTLS -- are truncated before
 it runs), handles each task's faults on that task, and counts per process
 (``HwResult.processes``; ``faults`` is the total). A site belongs to one
 program image of one process; ``object_sites`` names it by (object, offset)
-from that image's own mappings and sums over processes. The run ends when
-every process the guest started is gone; at the timeout, or when the guest
-starts more than ``max_procs`` processes, the whole tree is killed
-(``HwResult.stopped``).
+from that image's own mappings and sums over processes. The run ends with
+the guest's first process, as in the model: processes it leaves running are
+killed then (``summary["orphans_killed"]``, ``killed`` in their entries); at
+the timeout, or when the guest starts more than ``max_procs`` processes, the
+whole tree is killed (``HwResult.stopped``).
 
 Root-filesystem runs (``RunSpec.rootfs``, dynamic guests): the guest runs
 chrooted into the materialised root (``tlslab.rootfs``) with the model's argv

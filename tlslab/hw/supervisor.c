@@ -47,8 +47,9 @@
  * (docs/xenlinux-tls-context-switch.md). Counts are kept per process
  * ("processes") and in total; fault sites per program image ("images": one
  * per process and execve, with its mappings read before the execve or at
- * exit). The run lasts until every guest process is gone; at --timeout or
- * beyond --max-procs processes the whole tree is killed ("stopped").
+ * exit). The run ends with the main process: processes still running then
+ * are killed ("orphans_killed"); at --timeout or beyond --max-procs
+ * processes the whole tree is killed ("stopped").
  *
  * Output: a JSON summary (--json PATH). Exit status 0 when the guest ran (its
  * own status is in the JSON), 2 usage, 3 set-up failure (reason in the JSON).
@@ -242,7 +243,7 @@ static struct proc *cp;        /* the process whose event is being handled (NULL
 /* stopping the guest (timeout, process limit, too many tasks): every task is killed */
 static const char *stop_reason;
 static volatile sig_atomic_t stopping, tick;
-static uint64_t killed_tasks;
+static uint64_t killed_tasks, orphans_killed;
 static struct { char key[32]; uint64_t n; } misses[MISS_CAP];
 static int nmisses;
 static char first_delivered[512];
@@ -938,6 +939,7 @@ static void write_json(void) {
     fprintf(f, ",\"signal\":%d,\"timed_out\":%s", exit_signal, timed_out ? "true" : "false");
     fprintf(f, ",\"stopped\":");
     if (stop_reason) json_str(f, stop_reason); else fprintf(f, "null");
+    fprintf(f, ",\"orphans_killed\":%llu", (unsigned long long)orphans_killed);
     fprintf(f, ",\"max_procs\":%d,\"processes_started\":%d,\"killed_tasks\":%llu,\"group_stops\":%llu,\"vforks\":%llu",
             max_procs, nprocs, (unsigned long long)killed_tasks, (unsigned long long)group_stops,
             (unsigned long long)vforks);
@@ -1110,6 +1112,23 @@ static void sweep(void) {
 static void begin_stop(const char *why) {
     if (!stop_reason) stop_reason = why;
     if (stopping) return;
+    stopping = 1;
+    struct itimerval it = {{0, 100000}, {0, 100000}};
+    setitimer(ITIMER_REAL, &it, NULL);
+    sweep();
+}
+
+/* The main process is gone: processes it left behind are killed (the run
+ * ends with its first process, as in the model) and counted ("orphans_killed";
+ * their entries in "processes" say killed). Not a stop: the run is complete. */
+static void end_orphans(void) {
+    if (stopping) return;
+    int left = 0;
+    for (int i = 0; i < MAX_THREADS; i++) left += tids[i] != 0;
+    if (strategy == S_UNTRACED) left = signal_descendants(0);
+    if (!left) return;
+    for (int i = 0; i < nprocs; i++) orphans_killed += procs[i].pid != child_pid && !procs[i].exited;
+    if (strategy == S_UNTRACED) orphans_killed = (uint64_t)left;
     stopping = 1;
     struct itimerval it = {{0, 100000}, {0, 100000}};
     setitimer(ITIMER_REAL, &it, NULL);
@@ -2008,6 +2027,7 @@ int main(int argc, char **argv) {
                 t_end = now_s();
                 if (WIFEXITED(status)) exit_status = WEXITSTATUS(status);
                 else if (WIFSIGNALED(status)) exit_signal = WTERMSIG(status);
+                end_orphans();
             }
         }
     } else {
@@ -2071,6 +2091,7 @@ int main(int argc, char **argv) {
                     t_end = now_s();
                     if (WIFEXITED(status)) exit_status = WEXITSTATUS(status);
                     else exit_signal = WTERMSIG(status);
+                    end_orphans();
                 }
                 continue;
             }
