@@ -25,7 +25,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tlslab.guests import GuestBinary, GuestError, resolve_guest, sha256_file
+from tlslab.guests import GuestBinary, GuestError, repo_root, resolve_guest, sha256_file
 from tlslab.hypervisor.domain import Domain, RunResult
 from tlslab.hypervisor.strategies import get_strategy, option_names
 from tlslab.linux import nodes as N
@@ -124,14 +124,26 @@ def environment(spec: RunSpec, rootfs: str | None) -> list[bytes]:
     return [k + b"=" + v for k, v in env.items()]
 
 
+def host_directory(path: str) -> str:
+    """A ``root`` data directory: as given, or (relative and not found from here) in the repository.
+
+    Specs name bundled data such as ``guests/boot`` relative to the checkout, so
+    a cell's identity does not depend on where the checkout lives.
+    """
+    if os.path.isabs(path) or os.path.isdir(path):
+        return path
+    candidate = repo_root() / path
+    return str(candidate) if candidate.is_dir() else path
+
+
 def build_vfs(spec: RunSpec, program: Program | None = None) -> Vfs:
     if program is None or program.root_dir is None:
         if spec.root:
-            return Vfs.from_host(spec.root, seed=spec.seed)
+            return Vfs.from_host(host_directory(spec.root), seed=spec.seed)
         return Vfs.from_tree(TreeSpec.parse(spec.tree or DEFAULT_TREE), seed=spec.seed)
     vfs = Vfs.from_host(program.root_dir, map_owner=False, seed=spec.seed)
     if spec.root or spec.tree:
-        tree = data_tree(host_dir=spec.root) if spec.root else data_tree(TreeSpec.parse(spec.tree))
+        tree = data_tree(host_dir=host_directory(spec.root)) if spec.root else data_tree(TreeSpec.parse(spec.tree))
         if not spec.root:
             _set_dev(tree, MOUNT_DEV)
         try:

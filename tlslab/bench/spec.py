@@ -85,7 +85,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlslab.experiment import DEFAULT_ROOTFS, DEFAULT_TREE_AT, RunSpec
+from tlslab.experiment import DEFAULT_ROOTFS, DEFAULT_TREE_AT, RunSpec, host_directory
 
 DEFAULT_SPEC = Path(__file__).with_name("default.toml")
 AXES = ("strategies", "variants", "profiles", "backends")
@@ -277,7 +277,7 @@ class GuestEntry:
     def workload(self, tree: str | None, many_trees: bool) -> str:
         base = self.label or " ".join([self.name, *([self.applet] if self.applet else []), *self.args])
         if self.root:
-            return f"{base} [{self.root}]"
+            return base if self.label else f"{base} [{self.root}]"
         if tree is None:
             return base if self.label or not self.rootfs else f"{base} [{self.rootfs}]"
         if many_trees or self.name in ("lsr", "busybox"):
@@ -424,8 +424,6 @@ class MatrixSpec:
             if isinstance(env, str) or not isinstance(env, list) \
                     or not all(isinstance(e, str) and "=" in e and not e.startswith("=") for e in env):
                 raise SpecError(f"{where}: [[guest]] {name}: env must be a list of \"KEY=VALUE\" strings")
-            if rooted_program and g.get("root"):
-                raise SpecError(f"{where}: [[guest]] {name}: a program of a root filesystem takes trees, not root")
             applet = g.get("applet")
             if applet is not None:
                 _string(gw, "applet", applet)
@@ -439,7 +437,7 @@ class MatrixSpec:
             root = g.get("root")
             if root is not None:
                 _string(gw, "root", root)
-                if not os.path.isdir(root):
+                if not os.path.isdir(host_directory(root)):
                     raise SpecError(f"{gw}: root {root!r} is not a directory here")
             overrides = {k: _axis_value(gw, k, g[k]) for k in AXES if k in g}
             if rooted_program:
