@@ -317,7 +317,7 @@ def test_a_big_tree_is_built_in_n_log_n():
 def test_the_timeout_covers_building_the_filesystem(capsys):
     t0 = time.monotonic()
     rc, _, err = call(["run", "lsr", "-q", "--timeout", "0.3", "--tree", "dirs=100000,files=400000,symlinks=0"], capsys)
-    assert rc == 1 and time.monotonic() - t0 < 3.0
+    assert rc == 1 and time.monotonic() - t0 < 6.0      # ~1 s; building the whole tree takes longer
     assert "building the guest's filesystem" in one_line(err)
 
 

@@ -277,9 +277,11 @@ def same_machine(prof: costmodel.CostProfile, host: str | None, cpu: str | None)
                       "so this is a consistency check of the cost model's linearity (counters x per-event "
                       "prices), not an independent validation")
     if host and p_host and _host_key(host) == _host_key(p_host):
+        verdict = ("a different machine under the same host name" if cpu and p_cpu
+                   else "not known to be the same machine")
         return False, (f"the hw cells ran on a host also named {host} but on {cpu or 'an unrecorded CPU'}, and "
-                       f"{prof.name} was measured on {p_cpu or 'an unrecorded CPU'}: not known to be the same "
-                       "machine, so absolute errors include the machines' difference")
+                       f"{prof.name} was measured on {p_cpu or 'an unrecorded CPU'}: {verdict}, so absolute "
+                       "errors include the machines' difference")
     return False, (f"the hw cells ran on host {host or '?'} ({cpu or 'CPU not recorded'}), {prof.name} was "
                    f"measured on {p_host or '?'} ({p_cpu or 'CPU not recorded'}): a different machine, so absolute "
                    "errors include the machines' difference")
