@@ -164,6 +164,19 @@ class Domain:
     def symbolize(self, eip: int) -> str:
         return self.process.symbolize(eip)
 
+    def site_code(self, site: dict, size: int = 15) -> tuple[str, bytes]:
+        """(symbol, code bytes) of a site of any program of the run, read from the file it was mapped from."""
+        eip = site["eip"]
+        objects = self.kernel.objects_of(site.get("program")) or self.first_process.objects
+        m = objects.mapping_at(eip)
+        code = b""
+        if m is not None:
+            try:
+                code = m.node.read_at(m.offset + (eip - m.start), min(size, m.end - eip))
+            except (AttributeError, OSError):
+                code = b""
+        return objects.symbolize(eip), bytes(code)
+
     def crash_at(self, eip: int, reason: str) -> GuestCrash:
         text = "??"
         try:

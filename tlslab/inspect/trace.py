@@ -231,12 +231,13 @@ def fault_sites(result, guest, domain, recorder: RecordingStrategy | None = None
         if not site.get("violations"):
             continue
         eip = site["eip"]
-        raw = code.read(eip) or (domain.vcpu.mem.read(eip, 15) if domain.vcpu.mem.is_mapped(eip, 15) else b"")
+        symbol, mapped = domain.site_code(site)
+        raw = (code.read(eip) if "program" not in site else b"") or mapped
         text, size = disassemble(raw, eip)
         row = {
             "eip": eip,
             "segment": site["segment"],
-            "symbol": domain.symbolize(eip),
+            "symbol": symbol,
             "instruction": text,
             "bytes": raw[:size].hex() if size else raw[:8].hex(),
             "violations": site["violations"],
@@ -247,6 +248,8 @@ def fault_sites(result, guest, domain, recorder: RecordingStrategy | None = None
             "max_offset": site["max_offset"],
             "coverage": {k: list(v) for k, v in coverage_verdicts(raw, eip).items()},
         }
+        if "program" in site:
+            row["program"] = site["program"]
         if recorder is not None and eip in recorder.site_verdicts:
             sv = recorder.site_verdicts[eip]
             row["verdicts"] = sv.to_dict()

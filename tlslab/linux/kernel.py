@@ -128,6 +128,7 @@ class Kernel:
         self.on_new_address_space: list[Callable] = []  # hypervisor hooks (strategies' per-process state)
         self._retired_machine = {"segment_loads": 0, "page_faults": 0, "violations": {}, "segments": {}}
         self._retired_sites: dict[tuple, dict] = {}
+        self.object_maps: dict[str, object] = {}  # program -> its last address space's file mappings (naming)
         self._adopt(init, parent=None)
         task = self._new_task(init)
         self.current = self.gdt_owner = task
@@ -399,6 +400,7 @@ class Kernel:
     # ------------------------------------------------------------ machine counters
     def _retire_vcpu(self, process, vcpu, keep: bool = False) -> None:
         """An address space ends (exit, exec): fold its counters into the run's; free it unless ``keep``."""
+        self.object_maps[os.fsdecode(process.guest_path)] = process.objects
         n = vcpu.counters.instructions
         self.retired_instructions += n
         process.retired += n
@@ -447,6 +449,13 @@ class Kernel:
         for p, vcpu in self._live_vcpus():
             self._fold(p, vcpu, machine, {})
         return machine
+
+    def objects_of(self, program: str | None):
+        """The file mappings to name a site of ``program`` with (live process first, else the last one seen)."""
+        for p in self.processes:
+            if p.alive and program is not None and os.fsdecode(p.guest_path) == program:
+                return p.objects
+        return self.object_maps.get(program) if program is not None else None
 
     def merged_sites(self) -> list[dict]:
         """Site counters of every address space, merged per (program, eip, segment)."""

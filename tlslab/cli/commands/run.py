@@ -198,6 +198,14 @@ def print_summary(spec, guest, result, modelled, profile, nsites: int) -> None:
     unsupported = c["linux"]["syscalls"].get("unsupported")
     if unsupported:
         con.print(f"[yellow]unsupported system calls (returned -ENOSYS): {escape(str(unsupported))}[/]")
+    kernel = c.get("kernel")
+    if kernel:
+        from tlslab.inspect.processes import tree_lines
+
+        con.print(f"[bold]processes[/] ({kernel['processes']:,} processes, {kernel['threads']:,} threads, "
+                  f"{kernel['switches']:,} switches, {kernel['tls_reloads']:,} TLS slot reloads at switches)")
+        for line in tree_lines(kernel["listing"]):
+            con.print("  " + escape(line), soft_wrap=True)
     if nsites and result.sites:
         st = Table(title=f"busiest fs/gs sites (of {len(result.sites)})")
         for col in ("eip", "seg", "accesses", "-ve", "+ve", "violations", "offsets"):
