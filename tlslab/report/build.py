@@ -27,5 +27,6 @@ def build_report(run: RunDir, out: Path, profile: str | None = None, command: st
         "fitted": s.choice.fitted, "strategies": s.strategies, "rows": s.rows, "counts": s.counts,
         "coverage": figures.coverage_data(records),
         "hw": s.hw,
+        "processes": s.processes,
     }, indent=2, sort_keys=True, default=str) + "\n")
     return index

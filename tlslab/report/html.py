@@ -177,6 +177,29 @@ def _profiles_table(run, s: Summary) -> str:
     return "\n".join(out) + f'<ul class="dim">{notes}</ul>'
 
 
+def _processes_table(s: Summary) -> str:
+    """Workloads of many processes or threads (boot, threads): faults per run and per process, Keir's boot."""
+    p = s.processes
+    if not p:
+        return ""
+    out = ['<h3 id="processes">Many processes and threads: faults per run and per process</h3>',
+           f'<p class="note">{esc(p["note"])}.</p>',
+           '<div class="scroll"><table><tr><th class="l">workload</th><th class="l">build</th><th class="l">strategy</th>'
+           '<th>processes</th><th>threads</th><th>faults</th><th>per process</th><th>TLS reloads</th>'
+           '<th class="l">busiest processes (faults)</th></tr>',
+           f'<tr class="keir"><td class="l">Keir Fraser 2004: boot a minimal Fedora Core</td><td class="l">Xen</td>'
+           f'<td class="l">flip/emulate</td><td></td><td></td><td>~{p["keir_2004_boot_faults"]:,}</td><td></td><td></td>'
+           '<td></td></tr>']
+    for r in p["rows"]:
+        busiest = ", ".join(f'{b["program"].rsplit("/", 1)[-1]} {b["faults"]:,}' for b in r["busiest"])
+        out.append(f'<tr><td class="l">{esc(r["workload"])}</td><td class="l">{esc(r["variant"])}</td>'
+                   f'<td class="l">{esc(r["strategy"])}</td><td>{r["processes"]:,}</td><td>{r["threads"]:,}</td>'
+                   f'<td>{r["faults"]:,}</td><td>{r["faults_per_process"]:,.0f}</td><td>{r["tls_reloads"]:,}</td>'
+                   f'<td class="l">{esc(busiest)}</td></tr>')
+    out.append("</table></div>")
+    return "\n".join(out)
+
+
 def _hw_section(s: Summary, fig: str) -> str:
     """Model vs this CPU: measured time, modelled time under the measured hw profile, error, faults."""
     from tlslab.bench.summary import HW_CAPTION, fmt_ms, fmt_pct, hw_equal_text
@@ -382,7 +405,7 @@ def render_html(summary: Summary, info: dict, records: list[dict], figures: dict
 <p class="sub">What Xen's truncated segment limits cost glibc's negative <code>%gs</code> offsets, per fault strategy:
 real i386 glibc programs (our static and dynamic guests, Debian's own binaries) in Unicorn under a model of the hypervisor. Today's version of Keir Fraser's 2004 table
 (<code>ls -R</code>: 180 ms native, 300 ms emulate, 390 ms flip).</p>
-<p class="toc"><a href="#summary">summary</a>{'<a href="#keir">Keir 2004 vs today</a>' if s.keir else ''}<a href="#fig-overhead">overhead</a><a href="#faults">faults</a>
+<p class="toc"><a href="#summary">summary</a>{'<a href="#keir">Keir 2004 vs today</a>' if s.keir else ''}{'<a href="#processes">processes</a>' if s.processes else ''}<a href="#fig-overhead">overhead</a><a href="#faults">faults</a>
 <a href="#fig-timeline">timeline</a><a href="#coverage">2004 coverage</a><a href="#crashes">crashes</a>
 <a href="#failures">failures</a>{'<a href="#hw">model vs CPU</a>' if s.hw else ''}<a href="#run">run</a></p>
 {_meta(s, info)}
@@ -390,6 +413,7 @@ real i386 glibc programs (our static and dynamic guests, Debian's own binaries) 
 <h2 id="summary">Modelled time relative to native</h2>
 {_ratio_table(s)}
 {_keir_table(s)}
+{_processes_table(s)}
 <p class="dim">crash: the strategy refused a fault and the guest got SIGSEGV (a measurement, not a runner failure);
 !out: output differs from native; FAILED: see below. Cost profile: <b>{esc(profile.label())}</b>;
 prices (ns): <code>{esc(json.dumps({k: round(v, 3) for k, v in prices.items()}))}</code>.</p>
