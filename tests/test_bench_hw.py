@@ -97,11 +97,11 @@ def test_default_matrix_has_hw_cells():
 
     hw = [c for c in load_spec().cells() if c.backend == "hw"]
     assert {c.spec.strategy for c in hw} == {"native", "emulate", "flip"}
-    assert {c.workload for c in hw} >= {"lsr [small]", "lsr [4k]", "keir"}
+    assert {c.workload for c in hw} >= {"lsr [small]", "lsr [4k]", "keir", "boot", "threads 4 200"}
     assert {c.spec.variant for c in hw} == {"default", "dyn"}
-    keir = {c.spec.strategy for c in hw if c.workload == "keir"}
-    assert keir == {"native", "emulate", "flip"}
-    assert {c.spec.guest for c in hw if c.spec.variant == "dyn"} == {"lsr"}
+    for workload in ("keir", "boot"):
+        assert {c.spec.strategy for c in hw if c.workload == workload} == {"native", "emulate", "flip"}
+    assert {c.spec.guest for c in hw if c.spec.variant == "dyn"} == {"lsr", "threads"}
 
 
 def test_worker_records_unavailable_backend_as_skipped(monkeypatch):
