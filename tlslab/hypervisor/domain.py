@@ -224,6 +224,8 @@ class Domain:
                     continue
                 if e.reason is ExitReason.PAGE_FAULT:
                     pf = e.page_fault
+                    if pf is not None and not pf.via_segment in ("fs", "gs") and process.grow_stack(pf.linear):
+                        continue  # the stack grew down to the access: run the instruction again
                     where = pf.linear if pf else 0
                     hole = " (hypervisor hole)" if where >= self.policy.hypervisor_start else ""
                     self._kill(process, self.crash_at(e.eip, f"SIGSEGV: {e.message}{hole}"))

@@ -29,6 +29,8 @@ from tlslab.machine import layout
 from tlslab.machine.memory import PROT_EXEC, PROT_READ, PROT_WRITE
 from tlslab.x86.descriptor import SegmentDescriptor
 
+STACK_EXPAND = 128 << 10  # what Linux adds below the argument pages of a new stack
+
 DEFAULT_ENV = (b"PATH=/bin:/usr/bin", b"HOME=/", b"LANG=C", b"TERM=dumb")
 STDOUT_MODELS = ("pipe", "file", "null", "tty")
 _STREAM_MODES = {"pipe": N.S_IFIFO | 0o600, "file": N.S_IFREG | 0o644, "null": N.S_IFCHR | 0o666,
@@ -183,11 +185,19 @@ class Process:
         self.brk_start = self.brk = image.brk_start
         stack_prot = PROT_READ | PROT_WRITE | (PROT_EXEC if image.exec_stack else 0)
         mem.map(layout.STACK_TOP - layout.STACK_SIZE, layout.STACK_SIZE, stack_prot, "[stack]")
+        self.stack_prot = stack_prot
         spec = StackSpec(argv=self.argv, envp=self.envp, execfn=self.guest_path,
                          random16=random.Random(f"tlslab-at-random:{self.seed}").randbytes(16),
                          phdr=image.phdr, phent=image.phent, phnum=image.phnum, entry=image.entry, base=base,
                          uid=self.vfs.uid, gid=self.vfs.gid)
         self.initial_stack = build_stack(mem, layout.STACK_TOP, spec)
+        # Linux maps the pages the arguments need plus 128 KiB (fs/exec.c setup_arg_pages,
+        # stack_expand) and grows the stack on faults below it up to RLIMIT_STACK: a program
+        # that probes its stack (gnulib's c-stack, with mincore) sees where it really ends
+        self.stack_limit = layout.STACK_TOP - layout.STACK_SIZE
+        self.stack_start = max(self.stack_limit, (self.initial_stack.sp & ~(layout.PAGE_SIZE - 1)) - STACK_EXPAND)
+        if self.stack_start > self.stack_limit:
+            mem.unmap(self.stack_limit, self.stack_start - self.stack_limit)
         for reg in ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp"):  # ELF_PLAT_INIT: edx=0 = no rtld_fini
             self.vcpu.regs.set(reg, 0)
         self.vcpu.enter_user_mode(entry, self.initial_stack.sp)
@@ -245,6 +255,18 @@ class Process:
     @robust_list.setter
     def robust_list(self, value: int) -> None:
         self.task.robust_list = value
+
+    def grow_stack(self, address: int) -> bool:
+        """A fault at ``address`` below the stack and within RLIMIT_STACK grows it (Linux's expand_stack)."""
+        start = getattr(self, "stack_start", None)
+        if start is None or not self.stack_limit <= address < start:
+            return False
+        new_start = address & ~(layout.PAGE_SIZE - 1)
+        if self.mem.is_mapped(new_start, 1) or any(r.start < start and r.end > new_start for r in self.mem.regions()):
+            return False
+        self.mem.map(new_start, start - new_start, self.stack_prot, "[stack]")
+        self.stack_start = new_start
+        return True
 
     def sleep(self, ns: int) -> None:
         """Guest time passes (nanosleep): the one clock moves on."""
