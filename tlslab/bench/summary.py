@@ -594,6 +594,8 @@ def render_narrow(summary: Summary, console) -> None:
                              f"{len(hw['mismatches'])} disagree with the model"))
         for m in hw["mismatches"]:
             console.print(f"[bold red]MODEL != HW[/] {escape(m)}")
+        for m in hw.get("scheduler_differences", []):
+            console.print(f"[yellow]threads[/] {escape(m)}")
         if hw.get("profile_provenance"):
             console.print(f"[dim]{escape(hw['profile_provenance'])}[/]")
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items()))
@@ -755,3 +757,5 @@ def render_hw(summary: Summary, console) -> None:
         console.print(f"[yellow]{len(hw['skipped'])} hw cells skipped[/]: {escape(str(hw['skipped'][0].get('reason')))}")
     for m in hw["mismatches"]:
         console.print(f"[bold red]MODEL != HW[/] {escape(m)}")
+    for m in hw.get("scheduler_differences", []):
+        console.print(f"[yellow]threads[/] {escape(m)}")
