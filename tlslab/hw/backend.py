@@ -318,7 +318,14 @@ def run_hw(
     its single-step fallback for every fault (a test of the fallback).
     ``model_env`` (default) gives the guest the model's process environment:
     no vDSO/AT_MINSIGSTKSZ/AT_RSEQ_* in the auxv and rseq refused with ENOSYS
-    (the binary itself is never modified).
+    (the binary itself is never modified), and a fixed address space with room
+    above the stack: personality ADDR_NO_RANDOMIZE | ADDR_LIMIT_3GB, so the
+    i386 stack ends at 0xC0000000 (the 3G/1G split of a 2004 Linux) instead of
+    a random 0..8 MiB below 4 GiB. The model's stack ends at 1 GiB with
+    nothing mapped for GiBs above it; programs that look for the end of their
+    stack (gnulib's c-stack in grep: mincore probes of up to 4 MiB above it,
+    halving down to a page, each failure an errno write, i.e. a %gs fault) make
+    as many failing probes as in the model, and the same number in every run.
     ``chroot``: run chrooted into this directory (needs root). The guest is
     then ``exe_in_root`` (a path inside it) if given, else ``guest_path``
     executed by descriptor; cwd is ``/``, or ``tree_at`` with the data tree

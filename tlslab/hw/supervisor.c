@@ -72,6 +72,7 @@
 #include <dirent.h>
 #include <grp.h>
 #include <sys/mount.h>
+#include <sys/personality.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -1290,6 +1291,16 @@ static void run_child(int errfd, char **argv, const char *exe) {
         if (guest_gid >= 0 && setgid((gid_t)guest_gid) < 0) child_fail(errfd, "setgid");
         if (guest_uid >= 0 && setuid((uid_t)guest_uid) < 0) child_fail(errfd, "setuid");
     }
+    /* --model-env: the model's address space is fixed and has nothing mapped
+     * for gigabytes above its stack; the host's is randomised, its i386 stack
+     * ending a random 0..8 MiB below 4 GiB. Programs that look for the end of
+     * their stack (gnulib's c-stack: mincore probes up to the top of the
+     * address space) then make a random number of failing calls. A 3 GiB user
+     * space (the i386 3G/1G split of a 2004 Linux) without randomisation puts
+     * the stack's end at 0xC0000000, GiBs below the top, as in the model.
+     * Inherited by every process the guest starts (exec keeps it) */
+    if (model_env && personality(PER_LINUX | ADDR_LIMIT_3GB | ADDR_NO_RANDOMIZE) < 0)
+        child_fail(errfd, "personality");
     if (strategy != S_UNTRACED) {
         if (ptrace(PTRACE_TRACEME, 0, 0, 0) < 0) child_fail(errfd, "PTRACE_TRACEME");
         raise(SIGSTOP); /* the parent sets options before we go on */
