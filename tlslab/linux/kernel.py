@@ -111,7 +111,10 @@ class Kernel:
         self.quantum = quantum
         self.max_processes, self.max_live = max_processes, max_live
         self.next_id = FIRST_PID
-        self.tasks: list[Task] = []       # creation order = scheduling order
+        self.tasks: list[Task] = []       # every task ever created, in creation order
+        self.runq: list[Task] = []        # the tasks still alive, in creation order = scheduling order
+        self._resume_pos = 0              # where to go on after a task that died on the CPU
+        self.live: list = []              # processes still alive (the run's pipes and vCPUs are theirs)
         self.processes: list = []         # every process ever started, in order
         self.retired_instructions = 0     # of address spaces that were replaced or ended
         self.slept_ns = 0
@@ -158,16 +161,18 @@ class Kernel:
         if parent is not None:
             parent.children.append(process)
         self.processes.append(process)
+        self.live.append(process)
 
     def _new_task(self, process, tid: int | None = None) -> Task:
         task = Task(tid if tid is not None else process.pid, process)
         process.threads.append(task)
         self.tasks.append(task)
+        self.runq.append(task)
         process.task = task
         return task
 
     def live_processes(self) -> list:
-        return [p for p in self.processes if p.alive]
+        return list(self.live)
 
     def total_instructions(self) -> int:
         live = sum(v.counters.instructions for _p, v in self._live_vcpus())
@@ -193,11 +198,11 @@ class Kernel:
         cur = self.current
         if cur is not None and cur.state == RUNNABLE and not force:
             return True
-        order = self.tasks
-        start = order.index(cur) + 1 if cur in order else 0
+        order = self.runq
+        start = order.index(cur) + 1 if cur in order else min(self._resume_pos, len(order))
         candidates = order[start:] + order[:start]
         for task in candidates:
-            if task.state != DEAD and self._ready(task):
+            if self._ready(task):
                 if task.state == BLOCKED:
                     task.state = RUNNABLE
                     task.waiting = None
@@ -257,13 +262,13 @@ class Kernel:
     def others_ready(self) -> bool:
         """Is a task other than the running one ready (so the running one gets a quantum)?"""
         cur = self.current
-        return any(t is not cur and t.state != DEAD and self._ready(t) for t in self.tasks)
+        return any(t is not cur and self._ready(t) for t in self.runq)
 
     def any_ready(self) -> bool:
-        return any(t.state != DEAD and self._ready(t) for t in self.tasks)
+        return any(self._ready(t) for t in self.runq)
 
     def deadlock_report(self) -> str:
-        waiting = [f"pid {t.process.pid} {t.describe()}" for t in self.tasks if t.state == BLOCKED]
+        waiting = [f"pid {t.process.pid} {t.describe()}" for t in self.runq if t.state == BLOCKED]
         return "every task is blocked: " + "; ".join(waiting[:8])
 
     # ------------------------------------------------------------ creation
@@ -309,6 +314,7 @@ class Kernel:
         vcpu.load_context(saved)
         process.threads.append(task)
         self.tasks.append(task)
+        self.runq.append(task)
         return task
 
     def exec_image(self, task: Task, load: Callable[[object], None]) -> None:
@@ -336,6 +342,11 @@ class Kernel:
             return
         task.state = DEAD
         task.waiting = None
+        if task in self.runq:
+            pos = self.runq.index(task)
+            self.runq.pop(pos)
+            if task is self.current:
+                self._resume_pos = pos
         p = task.process
         if task.clear_child_tid and p.alive and p.vcpu is not None:
             try:
@@ -363,6 +374,8 @@ class Kernel:
         process.crash = crash
         process.alive = False
         process.zombie = True
+        if process in self.live:
+            self.live.remove(process)
         self._retire_vcpu(process, process.vcpu, keep=process is self.init)
         process.close_all_files()
         init = self.init
@@ -437,7 +450,7 @@ class Kernel:
             acc["max_offset"] = max(acc["max_offset"], d["max_offset"])
 
     def _live_vcpus(self):
-        for p in self.processes:
+        for p in self.processes if self.init not in self.live else self.live:
             if p.vcpu is not None and not getattr(p.vcpu, "retired", False):
                 yield p, p.vcpu
 
@@ -571,8 +584,8 @@ class Kernel:
     def pipe_ends_open(self, pipe, end: str) -> bool:
         """Does any live process hold a descriptor on this end of the pipe?"""
         node = pipe.read_end if end == "r" else pipe.write_end
-        for p in self.processes:
-            if p.alive and any(entry.file.node is node for entry in p.fds.fds.values()):
+        for p in self.live:
+            if any(entry.file.node is node for entry in p.fds.fds.values()):
                 return True
         return False
 

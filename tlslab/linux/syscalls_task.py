@@ -303,7 +303,7 @@ def _tkill(p, tid: int, sig: int) -> int:
             raise SyscallError(E.ESRCH)
         _send(p, p, sig)
         return 0
-    task = next((t for t in p.kernel.tasks if t.tid == tid and t.state != "dead"), None)
+    task = next((t for t in p.kernel.runq if t.tid == tid), None)
     if task is None:
         raise SyscallError(E.ESRCH)
     _send(p, task.process, sig, task)
@@ -335,7 +335,7 @@ def sys_futex(p, uaddr, op, val, timeout, uaddr2, val3):
         bitset = val3 if cmd == FUTEX_WAIT_BITSET else 0xFFFFFFFF
         if bitset == 0:
             raise SyscallError(E.EINVAL)
-        if k is None or len([t for t in k.tasks if t.state != "dead"]) <= 1:
+        if k is None or len(k.runq) <= 1:
             # nobody could ever wake it: a timed wait times out, an untimed one would hang forever
             raise SyscallError(E.ETIMEDOUT if timeout else E.EINTR)
         raise k.futex_wait(p.task, uaddr, bitset)
