@@ -126,6 +126,7 @@ class Kernel:
         self.gdt_owner: Task | None = None  # whose TLS array the CPU's TLS slots were last loaded for
         self.finished = False
         self.yield_requested = False
+        self.run_next: Task | None = None  # a task woken by the running one, to run next
         self.end_reason = ""
         self.killed_at_end: list[int] = []
         self.on_new_address_space: list[Callable] = []  # hypervisor hooks (strategies' per-process state)
@@ -199,6 +200,12 @@ class Kernel:
         if cur is not None and cur.state == RUNNABLE and not force:
             return True
         order = self.runq
+        preferred, self.run_next = self.run_next, None
+        if preferred is not None and preferred in order and self._ready(preferred):
+            if preferred.state == BLOCKED:
+                preferred.state, preferred.waiting = RUNNABLE, None
+            self.switch_to(preferred)
+            return True
         start = order.index(cur) + 1 if cur in order else min(self._resume_pos, len(order))
         candidates = order[start:] + order[:start]
         for task in candidates:
@@ -581,6 +588,16 @@ class Kernel:
         return woken + moved
 
     # ------------------------------------------------------------ pipes
+    def wake_pipe_reader(self, pipe) -> bool:
+        """A write woke a task blocked reading this pipe: it runs next (Linux's wakeup preemption)."""
+        reader = next((t for t in self.runq if t.state == BLOCKED and t.waiting is not None
+                       and getattr(t.waiting, "pipe", None) is pipe), None)
+        if reader is None:
+            return False
+        self.yield_requested = True
+        self.run_next = reader
+        return True
+
     def pipe_ends_open(self, pipe, end: str) -> bool:
         """Does any live process hold a descriptor on this end of the pipe?"""
         node = pipe.read_end if end == "r" else pipe.write_end

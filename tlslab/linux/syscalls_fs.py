@@ -189,7 +189,9 @@ def _pipe_read(p, f: OpenFile, pipe, n: int) -> bytes:
         return b""  # end of file: no writer left
     if f.flags & O_NONBLOCK:
         raise SyscallError(E.EAGAIN)
-    raise Block("pipe read", lambda: bool(pipe.buffer) or not p.pipe_end_open(pipe, "w"))
+    blocked = Block("pipe read", lambda: bool(pipe.buffer) or not p.pipe_end_open(pipe, "w"))
+    blocked.pipe = pipe
+    raise blocked
 
 
 def _pipe_write(p, f: OpenFile, pipe, data: bytes) -> int:
@@ -200,6 +202,8 @@ def _pipe_write(p, f: OpenFile, pipe, data: bytes) -> int:
         return 0
     n = pipe.put(data)
     if n:
+        if p.kernel is not None:
+            p.kernel.wake_pipe_reader(pipe)  # the woken reader runs first, as Linux's wakeup preemption does
         return n
     if f.flags & O_NONBLOCK:
         raise SyscallError(E.EAGAIN)
@@ -288,8 +292,13 @@ def sys_readv(p, fd, iov, iovcnt):
     return total
 
 
+SEEK_DATA, SEEK_HOLE = 3, 4
+
+
 def _seek(p, f: OpenFile, offset: int, whence: int) -> int:
     node = f.node
+    if isinstance(node, PipeEnd):
+        raise SyscallError(E.ESPIPE)  # pipes and FIFOs cannot seek (coreutils' close-stdin tries)
     if isinstance(node, N.Device):
         if node.fmt in (N.S_IFIFO, N.S_IFSOCK) or node.is_tty:
             raise SyscallError(E.ESPIPE)
@@ -300,6 +309,11 @@ def _seek(p, f: OpenFile, offset: int, whence: int) -> int:
         new = f.offset + offset
     elif whence == SEEK_END:
         new = node.size + offset if isinstance(node, N.File) else -1
+    elif whence in (SEEK_DATA, SEEK_HOLE) and isinstance(node, N.File):
+        # no holes in our files: data is everywhere before the end, the only hole is at the end
+        if offset < 0 or offset >= node.size:
+            raise SyscallError(E.ENXIO)
+        new = offset if whence == SEEK_DATA else node.size
     else:
         raise SyscallError(E.EINVAL)
     if new < 0:
