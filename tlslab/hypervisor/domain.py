@@ -214,6 +214,7 @@ class Domain:
                     continue
                 if e.reason is ExitReason.SEGMENT_VIOLATION:
                     process.faults += 1
+                    task.faults += 1
                     verdict = self.strategy.handle(Trap(e.violation, self))  # the strategy counts its traps
                     traps = self.strategy.counters.traps
                     if verdict.action is Action.KILL:

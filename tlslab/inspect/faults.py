@@ -48,7 +48,8 @@ def investigate(spec: RunSpec, trace_events: int = 0) -> FaultsView:
     rows = []
     for site in result.sites:
         eip = site["eip"]
-        raw = code.read(eip) or (domain.vcpu.mem.read(eip, 15) if domain.vcpu.mem.is_mapped(eip, 15) else b"")
+        symbol, mapped = domain.site_code(site)  # any program of the run: from the file it was mapped from
+        raw = (code.read(eip) if "program" not in site else b"") or mapped
         text, _size = disassemble(raw, eip)
         sv = recorder.site_verdicts.get(eip)
         lo, hi = [], []
@@ -79,7 +80,7 @@ def investigate(spec: RunSpec, trace_events: int = 0) -> FaultsView:
                ("+" if (max_off is not None and max_off >= 0) else "")
         rows.append({
             "eip": eip,
-            "symbol": domain.symbolize(eip),
+            "symbol": symbol if "program" not in site else f"{site['program'].rsplit('/', 1)[-1]}: {symbol}",
             "instruction": text,
             "segment": site["segment"],
             "min_offset": min_off,

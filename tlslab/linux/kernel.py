@@ -77,6 +77,8 @@ class Task:
     sigmask: int = 0
     pending: list[int] = field(default_factory=list)     # signals directed at this thread
     instructions: int = 0                                # retired while this task was on the CPU
+    faults: int = 0                                      # segment faults its instructions took
+    mark: int = 0                                        # its vCPU's instruction count when it was switched in
     switches_in: int = 0
     exit_code: int | None = None
 
@@ -99,6 +101,7 @@ class ProcessRecord:
     exit_status: int | None
     exit_signal: int
     killed_at_end: bool = False
+    thread_list: list = field(default_factory=list)   # per thread: tid, instructions, faults, switches in
 
 
 class Kernel:
@@ -226,11 +229,13 @@ class Kernel:
         if prev is task and self.gdt_owner is task:
             return
         if prev is not None and prev.state != DEAD and prev.process.alive and prev.process.vcpu is not None:
+            self._account(prev)
             if prev.context is None and prev.process.task is prev:
                 prev.context = prev.process.vcpu.uc.context_save()
         self.switches += 1
         task.switches_in += 1
         vcpu = task.process.vcpu
+        task.mark = vcpu.counters.instructions
         if task.process.task is not task or task.context is not None:
             if task.context is not None:
                 vcpu.load_context(task.context)
@@ -331,11 +336,13 @@ class Kernel:
             if other is not task:
                 self._end_task(other)
         old = process.vcpu
+        self._account(task)
         self._retire_vcpu(process, old)
         vcpu = self.new_vcpu()
         load(vcpu)
         task.context = None
         task.tls = {}
+        task.mark = process.vcpu.counters.instructions
         process.task = task
         self.gdt_owner = None if self.gdt_owner is task else self.gdt_owner
         self._load_tls(task)
@@ -344,9 +351,20 @@ class Kernel:
             hook(process, "exec")
 
     # ------------------------------------------------------------ ending
+    @staticmethod
+    def _account(task: Task) -> None:
+        """Credit ``task`` with the instructions its vCPU retired since it was switched in."""
+        vcpu = task.process.vcpu
+        if vcpu is not None:
+            now = vcpu.counters.instructions
+            task.instructions += max(0, now - task.mark)
+            task.mark = now
+
     def _end_task(self, task: Task) -> None:
         if task.state == DEAD:
             return
+        if task is self.current or task.process.task is task:
+            self._account(task)
         task.state = DEAD
         task.waiting = None
         if task in self.runq:
@@ -628,7 +646,9 @@ class Kernel:
             out.append(ProcessRecord(
                 pid=p.pid, ppid=p.ppid, program=os.fsdecode(p.guest_path), argv=[os.fsdecode(a) for a in p.argv],
                 threads=len(p.threads), instructions=instructions, faults=p.faults, tls_reloads=p.tls_reloads,
-                exit_status=p.exit_status, exit_signal=p.exit_signal, killed_at_end=p.pid in self.killed_at_end))
+                exit_status=p.exit_status, exit_signal=p.exit_signal, killed_at_end=p.pid in self.killed_at_end,
+                thread_list=[{"tid": t.tid, "instructions": t.instructions, "faults": t.faults,
+                              "switches_in": t.switches_in} for t in p.threads]))
         return out
 
     def summary(self) -> dict:

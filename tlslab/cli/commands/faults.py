@@ -82,11 +82,23 @@ def run(args) -> int:
             "faults": r.counters["strategy"]["traps"],
             "sites": shown,
             "trace": [e.to_dict() for e in view.recorder.events],
+            "processes": (r.counters.get("kernel") or {}).get("listing"),
         }, indent=2, sort_keys=True))
         return 0
     _print_sites(view, rows, shown, args)
     if args.trace:
         _print_trace(view, args.trace)
+    kernel = r.counters.get("kernel")
+    if kernel:
+        from rich.markup import escape
+
+        from tlslab.inspect.processes import tree_lines
+
+        con = _console()
+        con.print(f"[bold]process tree[/] ({kernel['processes']:,} processes, {kernel['threads']:,} threads, "
+                  f"{kernel['tls_reloads']:,} TLS slot reloads at switches)")
+        for line in tree_lines(kernel["listing"]):
+            con.print("  " + escape(line), soft_wrap=True)
     return 0
 
 
