@@ -277,3 +277,12 @@ def test_default_spec_has_keir_and_lsr_dyn(roots_present):
     assert {c.spec.strategy for c in keir} == set(STRATEGIES)
     assert all(c.spec.guest == "/bin/ls" and c.spec.rootfs == "debian" and c.spec.args[0] == "-R" for c in keir)
     assert {c.spec.variant for c in cells if c.spec.guest == "lsr"} == {"default", "nosegneg", "dyn"}
+
+
+def test_backends_are_one_registry():
+    """The spec's backend names and the runner's backend objects are the same set (no string tests)."""
+    from tlslab.bench import spec
+    from tlslab.bench.runner import BACKENDS
+
+    assert set(spec.BACKENDS) == set(BACKENDS)
+    assert [n for n, b in BACKENDS.items() if b.serial] == ["hw"] and BACKENDS["unicorn"].unavailable() is None

@@ -58,6 +58,7 @@ from collections import deque
 from pathlib import Path
 
 from tlslab.bench import hwcells
+from tlslab.bench.backends import Backend
 from tlslab.bench.blobs import blob
 from tlslab.bench.spec import Cell, MatrixSpec
 from tlslab.bench.store import FINISHED, RETRYABLE, CellWriter, RunDir
@@ -227,16 +228,22 @@ def rootfs_facts(spec, guest) -> dict | None:
 
 _blob = blob
 
+BACKENDS: dict[str, Backend] = {
+    "unicorn": Backend("unicorn", False, lambda cell: measure(cell), lambda: None,
+                       "the model: Unicorn with exact segment checks and the hypervisor's strategies"),
+    "hw": Backend("hw", True, hwcells.measure, hwcells.unavailable,
+                  "this CPU with really truncated segments, under the ptrace supervisor (serial, pinned)"),
+}
+
 
 def run_cell_safely(cell_dict: dict) -> dict:
     cell = Cell.from_dict(cell_dict)
     started, t0 = now_iso(), time.perf_counter()
     try:
-        if cell.backend == "hw":
-            _inject(cell.label)
-            record = hwcells.measure(cell)
-        else:
-            record = measure(cell)
+        backend = BACKENDS[cell.backend]
+        if backend.serial:
+            _inject(cell.label)  # the model's measure injects its own (tests' failure injection)
+        record = backend.measure(cell)
     except BaseException as exc:  # a worker-level failure: recorded, never fatal to the run
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -362,23 +369,25 @@ class Runner:
     def run_cells(self, cells: list[Cell]) -> list[dict]:
         writer = CellWriter(self.run.cells_path)
         written: list[dict] = []
-        model: list[Cell] = []
-        hw: list[Cell] = []
+        parallel: list[Cell] = []
+        serial: dict[str, list[Cell]] = {}
         try:
             for cell in cells:
                 if cell.skip:
                     self._skip(writer, written, cell, cell.skip)
+                elif BACKENDS[cell.backend].serial:
+                    serial.setdefault(cell.backend, []).append(cell)
                 else:
-                    (hw if cell.backend == "hw" else model).append(cell)
+                    parallel.append(cell)
             # longest first (LPT): the heavy cells do not end up alone at the tail of the run
-            self._phase(writer, written, sorted(model, key=lambda c: -c.weight), self.jobs)
-            if hw:  # serial, pinned, after the pool is gone (module docstring)
-                why = hwcells.unavailable()
+            self._phase(writer, written, sorted(parallel, key=lambda c: -c.weight), self.jobs)
+            for name, group in serial.items():  # one at a time, after the pool is gone (module docstring)
+                why = BACKENDS[name].unavailable()
                 if why:
-                    for cell in hw:
+                    for cell in group:
                         self._skip(writer, written, cell, why)
                 else:
-                    self._phase(writer, written, hw, 1)
+                    self._phase(writer, written, group, 1)
         finally:
             writer.close()
         return written
@@ -463,7 +472,7 @@ class Runner:
 
 def hard_timeout_for(spec_timeout: float, kill_after: float | None = None):
     def runs(cell: Cell) -> int:  # an hw cell is `repeat` runs of the guest
-        return max(1, int(cell.options.get("repeat", 1))) if cell.backend == "hw" else 1
+        return max(1, int(cell.options.get("repeat", 1))) if BACKENDS[cell.backend].serial else 1
 
     if kill_after:
         return lambda cell: kill_after * runs(cell)

@@ -89,7 +89,7 @@ from tlslab.experiment import DEFAULT_ROOTFS, DEFAULT_TREE_AT, RunSpec, host_dir
 
 DEFAULT_SPEC = Path(__file__).with_name("default.toml")
 AXES = ("strategies", "variants", "profiles", "backends")
-BACKENDS = ("unicorn", "hw")
+BACKENDS = ("unicorn", "hw")   # tlslab.bench.backends.BACKENDS (a test keeps them in step)
 HW_BENCH_STRATEGIES = ("native", "emulate", "flip")   # what the ptrace supervisor implements
 HW_KEYS = {"strategies", "variants", "repeat", "cpu"}
 #: RunSpec fields added after cell ids were first recorded, with their defaults: they enter a cell's
