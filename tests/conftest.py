@@ -86,6 +86,24 @@ def debian_rootfs() -> Path:
         unavailable(f"Debian i386 root unavailable: {exc}")
 
 
+@pytest.fixture(scope="module")
+def hw_ok(debian_rootfs) -> Path:
+    """The hw backend can run programs of the pinned root here (root, ptrace, 32-bit exec), else skip/fail."""
+    from tlslab.experiment import RunSpec
+    from tlslab.guests import GuestError
+    from tlslab.hw import backend
+
+    if os.geteuid() != 0:
+        unavailable(backend.ROOT_NEEDED)
+    try:
+        backend.run_spec(RunSpec("syscalls", ("1",), strategy="native"))
+    except backend.HwUnavailable as exc:
+        unavailable(str(exc))
+    except GuestError as exc:
+        unavailable(str(exc))
+    return debian_rootfs
+
+
 def pytest_terminal_summary(terminalreporter, config) -> None:
     lines = config.stash.get(_ORACLE_SUMMARY, {})
     if lines:

@@ -22,32 +22,13 @@ import pytest
 
 from tlslab.experiment import RunSpec, make_domain, resolve_program
 from tlslab.hw import backend
-from tlslab.hw.backend import HwError, HwUnavailable, policy_mismatches, run_spec
+from tlslab.hw.backend import HwError, policy_mismatches, run_spec
 
 pytestmark = [pytest.mark.oracle]
 
 SUBDIR = "/usr/lib/python3.11"
 
 
-def _unavailable(reason: str):
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"hw backend required in CI: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def hw_ok(debian_rootfs):
-    from tlslab.guests import GuestError
-
-    if os.geteuid() != 0:
-        _unavailable(backend.ROOT_NEEDED)
-    try:
-        run_spec(RunSpec("syscalls", ("1",), strategy="native"))
-    except HwUnavailable as exc:
-        _unavailable(str(exc))
-    except GuestError as exc:
-        pytest.skip(str(exc))
-    return debian_rootfs
 
 
 def _in_root(root: str, path: str) -> str:

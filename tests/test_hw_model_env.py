@@ -26,31 +26,12 @@ import subprocess
 import pytest
 
 from tlslab.experiment import RunSpec, execute
-from tlslab.hw import backend
-from tlslab.hw.backend import HwUnavailable, run_hw, run_spec
+from conftest import unavailable
+from tlslab.hw.backend import run_hw, run_spec
 
 pytestmark = [pytest.mark.oracle]
 
 
-def _unavailable(reason: str):
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"hw backend required in CI: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def hw_ok(debian_rootfs):
-    from tlslab.guests import GuestError
-
-    if os.geteuid() != 0:
-        _unavailable(backend.ROOT_NEEDED)
-    try:
-        run_spec(RunSpec("syscalls", ("1",), strategy="native"))
-    except HwUnavailable as exc:
-        _unavailable(str(exc))
-    except GuestError as exc:
-        pytest.skip(str(exc))
-    return debian_rootfs
 
 
 STACK_END_PROBE = r"""
@@ -82,14 +63,14 @@ int main(void) {
 def stack_probe(tmp_path_factory):
     cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("gcc")
     if cc is None:
-        _unavailable("no gcc to build the 32-bit probe")
+        unavailable("no gcc to build the 32-bit probe")
     d = tmp_path_factory.mktemp("model-env")
     src, exe = d / "stack_end.c", d / "stack_end"
     src.write_text(STACK_END_PROBE)
     proc = subprocess.run([cc, "-m32", "-static", "-O2", "-o", str(exe), str(src)], capture_output=True,
                           timeout=120)
     if proc.returncode != 0:
-        _unavailable("gcc -m32 -static cannot build the probe: "
+        unavailable("gcc -m32 -static cannot build the probe: "
                      + (proc.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1])
     return str(exe)
 

@@ -31,8 +31,7 @@ import pytest
 from conftest import GCC32, require_gcc32
 
 from tlslab.experiment import RunSpec
-from tlslab.hw import backend
-from tlslab.hw.backend import HwUnavailable, policy_mismatches, run_hw, run_spec
+from tlslab.hw.backend import policy_mismatches, run_hw, run_spec
 
 pytestmark = [pytest.mark.oracle]
 
@@ -46,25 +45,6 @@ SCRIPTS = {
 TRUNCATING = ("emulate", "flip")
 
 
-def _unavailable(reason: str):
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"hw backend required in CI: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def hw_ok(debian_rootfs):
-    from tlslab.guests import GuestError
-
-    if os.geteuid() != 0:
-        _unavailable(backend.ROOT_NEEDED)
-    try:
-        run_spec(RunSpec("syscalls", ("1",), strategy="native"))
-    except HwUnavailable as exc:
-        _unavailable(str(exc))
-    except GuestError as exc:
-        pytest.skip(str(exc))
-    return debian_rootfs
 
 
 def dash(script: str, strategy: str):
