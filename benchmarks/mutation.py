@@ -122,22 +122,36 @@ SECONDS = {"test_store_durability.py": 0.5, "test_emulate_refusals.py": 0.5, "te
 # scratch-copy extras: untracked files the tests need
 EXTRAS = ["guests/build"]
 
-# hand-reviewed equivalent mutants: (path, operator, mutated line, stripped) -> reason. Keyed by text, not line
-# number, so that edits elsewhere in the file do not detach an entry; a changed line drops out (and is run again).
-ALLOW: dict[tuple[str, str, str], str] = {
-    ("tlslab/x86/coverage.py", "INT",
+# hand-reviewed equivalent mutants: (path, scope, operator, original line, mutated line; stripped) -> reason. Keyed by text,
+# not line number, so that edits elsewhere in the file do not detach an entry; a changed line drops out of the
+# list (and is run again).
+ALLOW: dict[tuple[str, str, str, str, str], str] = {
+    ("tlslab/x86/coverage.py", "_seg_fixup_scan", "INT",
+     'return False, f"unhandled prefix {b:02x} ({_SEG_FIXUP_BAD_PREFIXES[b]})", 0',
      'return False, f"unhandled prefix {b:02x} ({_SEG_FIXUP_BAD_PREFIXES[b]})", 1'):
         "_seg_fixup_scan's third element (bytes through the displacement) is read only when the first is True: "
         "seg_fixup_decodes drops it, seg_fixup_notify_length returns None for a refusal",
-    ("tlslab/hypervisor/strategies/rewrite.py", "INT", "_SEGMENT_PREFIXES = {0x26, 0x2E, 0x36, 0x3f, 0x64, 0x65}"):
+    ("tlslab/hypervisor/strategies/rewrite.py", "", "INT", "_SEGMENT_PREFIXES = {0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65}",
+     "_SEGMENT_PREFIXES = {0x26, 0x2E, 0x36, 0x3f, 0x64, 0x65}"):
         "_try_patch runs only after a %gs violation, so the instruction's last segment prefix is 65 whether or "
         "not 3E is in the set (3E last would make the access ds, which never reaches the %gs handler); 3F is "
         "not a prefix byte",
-    ("tlslab/hypervisor/strategies/rewrite2004.py", "INT", "order = 32"):
+    ("tlslab/hypervisor/strategies/rewrite2004.py", "Rewrite2004Strategy", "INT", "order = 31", "order = 32"):
         "`order` only sorts the registry (strategies/__init__.py); rewrite is 30, nothing else is above 31, so "
         "32 gives the same order",
+    ("tlslab/linux/syscalls_task.py", "sys_exit", "INT", "return 0", "return 1"):
+        "after kernel.exit_thread the task is dead, and Process.syscall writes eax only for a runnable, live task "
+        "(tlslab/linux/process.py: `if task.state == \"runnable\" and self.alive_task(task)`)",
+    ("tlslab/bench/store.py", "CellWriter._repair", "DEL", "f.flush()", "pass"):
+        "after f.truncate(): BufferedRandom.truncate flushes itself, and nothing is written after it",
+    ("tlslab/bench/store.py", "CellWriter.append", "DEL", "self._f.flush()", "pass"):
+        "the file is opened with buffering=0: a raw FileIO, whose flush does nothing (the fsync after it is "
+        "what matters, and test_store_durability checks it)",
+    ("tlslab/bench/store.py", "write_json_atomic", "INT",
+     'data = (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\\n").encode()',
+     'data = (json.dumps(obj, indent=3, sort_keys=True, default=str) + "\\n").encode()'):
+        "indentation of run.json: whitespace between JSON tokens, which every reader (json.loads) ignores",
 }
-
 SKIP_FUNCS = {"__repr__", "__str__", "__rich__"}
 CMP_FLIP = {ast.Lt: ("<", "<="), ast.LtE: ("<=", "<"), ast.Gt: (">", ">="), ast.GtE: (">=", ">"),
             ast.Eq: ("==", "!="), ast.NotEq: ("!=", "==")}
@@ -155,6 +169,7 @@ class Mutant:
     start: int          # character offsets into the source
     end: int
     replacement: str
+    scope: str = ""     # Class.function enclosing the mutant ("" at module level)
     original_line: str = ""
     mutated_line: str = ""
     outcome: str = ""   # killed / survived / timeout / unreachable / allow-listed / error
@@ -208,6 +223,7 @@ class _Finder(ast.NodeVisitor):
         self.off = _Offsets(source)
         self.mutants: list[Mutant] = []
         self.skip_depth = 0
+        self.scope: list[str] = []
 
     # -- helpers
     def span(self, node) -> tuple[int, int]:
@@ -218,7 +234,8 @@ class _Finder(ast.NodeVisitor):
         if self.skip_depth:
             return
         n = sum(1 for m in self.mutants if m.line == node_line and m.op == op)
-        self.mutants.append(Mutant(self.group, self.path, node_line, end_line, op, n, start, end, replacement))
+        self.mutants.append(Mutant(self.group, self.path, node_line, end_line, op, n, start, end, replacement,
+                                   scope=".".join(self.scope)))
 
     # -- skipped regions
     def _skipping(self, node):
@@ -239,14 +256,18 @@ class _Finder(ast.NodeVisitor):
             self.visit(d)
         for default in node.args.defaults + [d for d in node.args.kw_defaults if d is not None]:
             self.visit(default)
+        self.scope.append(node.name)
         for stmt in node.body:
             self.visit(stmt)
+        self.scope.pop()
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
     def visit_ClassDef(self, node):
+        self.scope.append(node.name)
         for stmt in node.body:
             self.visit(stmt)
+        self.scope.pop()
 
     def visit_AnnAssign(self, node):
         if node.value is not None:
@@ -761,7 +782,7 @@ def _run(args) -> int:
                     if not reached(m, covered[rel], stmt_of):
                         m.outcome = "unreachable"
         for m in chosen:
-            key = (m.path, m.op, m.mutated_line)
+            key = (m.path, m.scope, m.op, m.original_line, m.mutated_line)
             if not m.outcome and key in ALLOW:
                 m.outcome, m.detail = "allow-listed", ALLOW[key]
 

@@ -108,3 +108,27 @@ def test_resolve_run_by_id_or_path(tmp_path):
         assert "no bench run 'r8'" in str(exc)
     else:
         raise AssertionError("an unknown run resolved")
+
+
+def test_opening_an_intact_or_empty_file_neither_cuts_nor_syncs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(store.os, "fsync", lambda fd: calls.append(fd))
+    for content in (b"", b'{"cell":"a"}\n'):
+        path = tmp_path / f"c{len(content)}.jsonl"
+        path.write_bytes(content)
+        w = store.CellWriter(path)
+        assert calls == [] and path.read_bytes() == content
+        w.close()
+
+
+def test_a_closed_writer_takes_no_more_records(tmp_path):
+    w = store.CellWriter(tmp_path / store.CELLS)
+    w.append({"cell": "a"})
+    w.close()
+    try:
+        w.append({"cell": "b"})
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("append after close() wrote")
+    assert (tmp_path / store.CELLS).read_bytes() == b'{"cell":"a"}\n'
