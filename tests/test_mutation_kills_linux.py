@@ -100,3 +100,45 @@ def test_statfs64_bytes(proc, path, fstype):
     assert (d["f_files"], d["f_ffree"]) == (1 << 18, 1 << 17)
     assert (d["f_fsid0"], d["f_fsid1"], d["f_spare"]) == (0x801, 0, bytes(16))
     assert call(proc, "statfs64", p_addr, 88, buf) == -E.EINVAL
+
+
+def test_rt_sigprocmask_cannot_block_sigkill_or_sigstop(proc):
+    new, old = SCRATCH + 0x300, SCRATCH + 0x310
+    proc.mem.write(new, b"\xff" * 8)
+    assert call(proc, "rt_sigprocmask", 2, new, 0, 8) == 0          # SIG_SETMASK: everything
+    assert call(proc, "rt_sigprocmask", 0, 0, old, 8) == 0
+    mask = int.from_bytes(proc.mem.read(old, 8), "little")
+    # signal n is bit n - 1: SIGKILL (9) and SIGSTOP (19) stay clear, every other bit set
+    assert mask == (1 << 64) - 1 - (1 << 8) - (1 << 18), hex(mask)
+    assert call(proc, "rt_sigprocmask", 2, new, 0, 4) == -E.EINVAL
+
+
+def test_sigaltstack_reports_a_disabled_stack(proc):
+    old = SCRATCH + 0x400
+    proc.mem.write(old, b"\xa5" * 16)
+    assert call(proc, "sigaltstack", 0, old) == 0
+    # stack_t (i386): void *ss_sp; int ss_flags; size_t ss_size
+    assert struct.unpack("<IiI", proc.mem.read(old, 12)) == (0, 2, 0)   # SS_DISABLE
+    assert proc.mem.read(old + 12, 4) == b"\xa5" * 4
+
+
+def test_mincore(proc):
+    a = call(proc, "mmap2", 0, 0x3000, 3, 0x22, -1, 0)
+    vec = SCRATCH + 0x500
+    proc.mem.write(vec, b"\xa5" * 8)
+    assert call(proc, "mincore", a, 0x2001, vec) == 0
+    assert proc.mem.read(vec, 8) == b"\x01\x01\x01" + b"\xa5" * 5
+    assert call(proc, "mincore", a + 1, 0x1000, vec) == -E.EINVAL
+    assert call(proc, "mincore", a, 0x4000, vec) == -E.ENOMEM
+
+
+def test_termios_control_characters_are_the_kernels_defaults():
+    from tlslab.linux import structs as S
+
+    raw = S.pack_termios()
+    assert len(raw) == 36
+    iflag, oflag, cflag, lflag, line = struct.unpack_from("<IIIIB", raw)
+    # include/linux/tty.h INIT_C_CC: ^C ^\ DEL ^U ^D, VTIME 0, VMIN 1, VSWTC 0, ^Q ^S ^Z, VEOL 0, ^R ^O ^W ^V, VEOL2 0
+    assert raw[17:] == bytes([3, 28, 127, 21, 4, 0, 1, 0, 17, 19, 26, 0, 18, 15, 23, 22, 0, 0, 0])
+    # tty_std_termios: ICRNL|IXON, OPOST|ONLCR, B38400|CS8|CREAD|HUPCL, ISIG|ICANON|ECHO|ECHOE|ECHOK|ECHOCTL|ECHOKE|IEXTEN
+    assert (iflag, oflag, cflag, lflag, line) == (0x500, 0x5, 0xBF, 0x8A3B, 0)

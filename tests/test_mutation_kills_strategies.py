@@ -83,3 +83,16 @@ def test_rewrite_2004_counts_the_length_bug_exactly_where_seg_fixup_misreports_t
     count = res.counters["strategy"]["by_kind"].get("2004-length-bug", 0)
     assert res.ok and (count > 0) == (bugged > 0), (count, bugged)
     assert res.counters["strategy"]["by_kind"].get("stub-created", 0) > 0
+
+
+def test_rewrite_2004_refuses_a_following_instruction_fixup_c_cannot_decode():
+    """fixup.c's get_insn_len has no E8 (call): a site followed by a call cannot be relocated, and says so."""
+    import pytest
+
+    from tlslab.hypervisor.strategies.rewrite2004 import CannotPatch, build_stub
+    from tlslab.x86.decode import decode
+
+    eip = 0x0804_9000
+    code = bytes.fromhex("65 8b 00") + bytes.fromhex("e8 00 00 00 00") + bytes(8)
+    with pytest.raises(CannotPatch, match="^could not decode following instruction$"):
+        build_stub(eip, code, decode(code, eip))
