@@ -752,6 +752,8 @@ def _run(args) -> int:
             # a previous --json of the same sample: keep its outcomes, run again only its survivors (now with the
             # kill tests in the copy) and whatever is new; unreachable stays unreachable (same rev, same tests)
             saved = json.loads(args.rerun_survivors.read_text())
+            if isinstance(saved, list):          # the first format: the mutants only
+                saved = {"mutants": saved, "timeout_of": {}}
             prior = {d["id"]: d for d in saved["mutants"]}
             timeout_of.update(saved["timeout_of"])
             for m in chosen:
