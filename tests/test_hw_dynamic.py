@@ -22,6 +22,7 @@ import pytest
 
 from tlslab.experiment import RunSpec, make_domain, resolve_program
 from tlslab.hw import backend
+from tlslab.bench import hwcells
 from tlslab.hw.backend import HwError, policy_mismatches, run_spec
 
 pytestmark = [pytest.mark.oracle]
@@ -31,26 +32,7 @@ SUBDIR = "/usr/lib/python3.11"
 
 
 
-def _in_root(root: str, path: str) -> str:
-    """``path`` inside ``root`` with every symlink resolved within the root (as the chroot does)."""
-    parts, out, hops = [p for p in path.split("/") if p], [], 0
-    while parts:
-        p = parts.pop(0)
-        if p in ("", "."):
-            continue
-        if p == "..":
-            out = out[:-1]
-            continue
-        full = os.path.join(root, *out, p)
-        if os.path.islink(full) and hops < 40:
-            hops += 1
-            target = os.readlink(full)
-            if target.startswith("/"):
-                out = []
-            parts = [x for x in target.split("/") if x] + parts
-            continue
-        out.append(p)
-    return "/" + "/".join(out)
+_in_root = hwcells._in_root  # one resolver of guest paths inside the root (the bench uses it too)
 
 
 def model_run(spec):

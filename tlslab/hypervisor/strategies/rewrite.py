@@ -195,7 +195,25 @@ class PatchOptions:
         check_patch_options(self.patch_policy, self.page_sharing)
 
 
-class RewriteStrategy(WatchesLeaks, Strategy):
+class PatchesCode(WatchesLeaks):
+    """What both patching strategies share: their options, leak watching, one address space's state."""
+
+    @property
+    def patch_policy(self) -> str:
+        return self.options.patch_policy
+
+    @property
+    def page_sharing(self) -> str:
+        return self.options.page_sharing
+
+    def attach_process(self, domain, process, how: str) -> str | None:
+        # patched sites, stubs and the %fs twin are one address space's state: not modelled across
+        # fork and exec (per-process patch state is future work), so say so instead of running on
+        return (f"{self.name} models one address space; the guest's {how} is not followed "
+                "(patch state per process is not modelled)")
+
+
+class RewriteStrategy(PatchesCode, Strategy):
     name = "rewrite"
     order = 30
     description = "Jakub's in-place prefix rewrite: -ve %gs sites become %fs (65->64), %fs = expand-down twin"
@@ -208,20 +226,6 @@ class RewriteStrategy(WatchesLeaks, Strategy):
         self.patched: dict[int, int] = {}   # site eip -> address of the rewritten prefix byte
         self.mixed: set[int] = set()
         self.hazards: list[str] = []
-
-    def attach_process(self, domain, process, how: str) -> str | None:
-        # patched sites, stubs and the %fs twin are one address space's state: not modelled across
-        # fork and exec (per-process patch state is future work), so say so instead of running on
-        return (f"{self.name} models one address space; the guest's {how} is not followed "
-                "(patch state per process is not modelled)")
-
-    @property
-    def patch_policy(self) -> str:
-        return self.options.patch_policy
-
-    @property
-    def page_sharing(self) -> str:
-        return self.options.page_sharing
 
     def attach(self, domain) -> None:
         self.patch_set = P.new_patch_set(domain, self.name)

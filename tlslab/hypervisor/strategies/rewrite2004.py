@@ -64,9 +64,9 @@ in the ELF file): see :mod:`tlslab.hypervisor.patches`.
 from __future__ import annotations
 
 from tlslab.hypervisor import patches as P
-from tlslab.hypervisor.strategies.base import Action, Trap, Verdict, WatchesLeaks
+from tlslab.hypervisor.strategies.base import Action, Trap, Verdict
 from tlslab.hypervisor.strategies.flip import FlipStrategy
-from tlslab.hypervisor.strategies.rewrite import PatchOptions, patch_allowed
+from tlslab.hypervisor.strategies.rewrite import PatchesCode, PatchOptions, patch_allowed
 from tlslab.machine.memory import PROT_EXEC, PROT_READ
 from tlslab.x86 import coverage
 from tlslab.x86.decode import DecodeError, decode
@@ -181,7 +181,7 @@ def build_stub(eip: int, code: bytes, insn) -> tuple[bytes, int, list[str]]:
     return bytes(out), covered, notes
 
 
-class Rewrite2004Strategy(WatchesLeaks, FlipStrategy):
+class Rewrite2004Strategy(PatchesCode, FlipStrategy):
     """Xen's side is exactly ``flip`` (seg_fixup coverage, %gs only); on top, the notification and patching."""
 
     name = "rewrite-2004"
@@ -206,20 +206,6 @@ class Rewrite2004Strategy(WatchesLeaks, FlipStrategy):
         self.patch_set.in_place = False
         self.patch_set.out_of_line = {"address": f"{FIXUP_BUF_USER:#x}", "size": f"{FIXUP_BUF_SIZE:#x}", "bytes": ""}
         self.watch_leaks(domain)
-
-    def attach_process(self, domain, process, how: str) -> str | None:
-        # patched sites, stubs and the %fs twin are one address space's state: not modelled across
-        # fork and exec (per-process patch state is future work), so say so instead of running on
-        return (f"{self.name} models one address space; the guest's {how} is not followed "
-                "(patch state per process is not modelled)")
-
-    @property
-    def patch_policy(self) -> str:
-        return self.options.patch_policy
-
-    @property
-    def page_sharing(self) -> str:
-        return self.options.page_sharing
 
     # ------------------------------------------------------------ faults
     def step(self, trap: Trap, insn) -> Verdict:
