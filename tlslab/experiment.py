@@ -62,6 +62,9 @@ class RunSpec:
     rootfs: str | None = None       # pinned root filesystem (debian); dynamic guests get DEFAULT_ROOTFS
     tree_at: str = DEFAULT_TREE_AT  # under a root filesystem: where the data tree is mounted (and the cwd)
     env: tuple[str, ...] = ()       # K=V overrides of the fixed environment
+    prices: str = "hw-vm"           # online strategies: the cost profile their decisions weigh
+    emulate_ns: float = 0.0         # online strategies: replace that profile's emulate price (0: keep)
+    flip_ns: float = 0.0            # online strategies: replace that profile's flip price (0: keep)
 
     def to_dict(self) -> dict:
         return asdict(self)

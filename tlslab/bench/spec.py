@@ -94,7 +94,8 @@ HW_BENCH_STRATEGIES = ("native", "emulate", "flip")   # what the ptrace supervis
 HW_KEYS = {"strategies", "variants", "repeat", "cpu"}
 #: RunSpec fields added after cell ids were first recorded, with their defaults: they enter a cell's
 #: identity only when set to something else, so every earlier cell keeps its id.
-LATE_FIELDS = {"rootfs": None, "tree_at": DEFAULT_TREE_AT, "env": ()}
+LATE_FIELDS = {"rootfs": None, "tree_at": DEFAULT_TREE_AT, "env": (), "prices": "hw-vm", "emulate_ns": 0.0,
+               "flip_ns": 0.0}
 
 
 class SpecError(ValueError):

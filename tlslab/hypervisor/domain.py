@@ -86,6 +86,7 @@ class Domain:
         self.policy = DescriptorPolicy.xen(profile) if self.strategy.truncates else DescriptorPolicy.native(profile)
         self._vcpu_options = dict(checks=checks, timeout_seconds=timeout_seconds, trace_signs=trace_signs)
         first_vcpu = vcpu if vcpu is not None else VCpu(**self._vcpu_options)
+        self.vcpus: list[VCpu] = [first_vcpu]   # every address space's vCPU, in creation order
         self._requested: dict[SegmentDescriptor, SegmentDescriptor] = {}
         self.max_traps = max_traps
         self._refused: str | None = None
@@ -106,6 +107,7 @@ class Domain:
     def _new_vcpu(self) -> VCpu:
         vcpu = VCpu(**self._vcpu_options)
         vcpu.share_deadline(self.first_process.vcpu)
+        self.vcpus.append(vcpu)
         return vcpu
 
     def _on_new_address_space(self, process, how: str) -> None:
@@ -146,6 +148,15 @@ class Domain:
             if shaped.base == installed.base:
                 return requested
         return installed
+
+    def sign_runs(self, segment: str = "gs") -> tuple[list[list[int]], int]:
+        """Every address space's sign trace (``trace_signs``), and how many runs were dropped in all."""
+        traces, dropped = [], 0
+        for vcpu in self.vcpus:
+            runs, lost = vcpu.sign_runs(segment)
+            traces.append(runs)
+            dropped += lost
+        return traces, dropped
 
     def segment_view(self, segment: str) -> SegmentDescriptor | None:
         """The descriptor an emulator applies to ``segment``; None: null selector (#GP).
