@@ -163,12 +163,37 @@ def _profiles_modelled(counters: dict) -> dict:
     return out
 
 
+def _offline_optimum(domain) -> dict:
+    """A native cell's offline bound (tlslab.analysis.hybrid) under every profile that prices faults."""
+    from tlslab.analysis import hybrid
+    from tlslab.hypervisor import costmodel
+
+    traces, dropped = domain.sign_runs("gs")
+    out: dict = {"address_spaces": len(traces), "runs": sum(1 for t in traces for r in t if r),
+                 "dropped": dropped, "by_profile": {}}
+    if dropped:
+        return out   # an incomplete trace bounds nothing
+    for name, profile in costmodel.available_profiles().items():
+        e, f = costmodel.fault_prices(profile)
+        if e > 0 and f > 0:
+            b = hybrid.optimal_over(traces, e, f)
+            out["by_profile"][name] = {"faults": b.faults, "emulations": b.emulations, "flips": b.flips,
+                                       "fault_time_ns": b.cost_ns}
+    return out
+
+
 def measure(cell: Cell) -> dict:
-    """Run one cell in this process and build its record (raises on worker-level errors)."""
+    """Run one cell in this process and build its record (raises on worker-level errors).
+
+    A native cell also records the sign of every %gs offset and stores the
+    offline-optimal hybrid's price over it (``offline_optimum``): the bound the
+    report sets every strategy against.
+    """
     from tlslab.inspect.trace import fault_sites, traced_run
 
     _inject(cell.label)
-    result, guest, domain, recorder = traced_run(cell.spec)
+    native = cell.spec.strategy == "native"
+    result, guest, domain, recorder = traced_run(cell.spec, trace_signs=native)
     counters = result.counters
     record: dict = {
         "guest": {"name": guest.name, "variant": guest.variant, "path": str(guest.path), "sha256": guest.sha256},
@@ -182,6 +207,8 @@ def measure(cell: Cell) -> dict:
         "fault_sites": fault_sites(result, guest, domain, recorder),
         "timeline": recorder.timeline(counters.get("instructions", 0)),
     }
+    if native and result.crash is None:
+        record["offline_optimum"] = _offline_optimum(domain)
     root = rootfs_facts(cell.spec, guest)
     if root is not None:        # records of cells without a root filesystem are unchanged
         record["rootfs"] = root

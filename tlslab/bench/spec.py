@@ -567,7 +567,8 @@ class MatrixSpec:
                                            seed=self.seed if g.seed is None else int(g.seed),
                                            stdout=g.stdout or self.stdout, variant=variant, applet=g.applet,
                                            timeout_seconds=self.timeout_seconds, rootfs=g.rootfs,
-                                           tree_at=g.tree_at, env=tuple(g.env))
+                                           tree_at=g.tree_at, env=tuple(g.env),
+                                           **self._price_fields(strategy))
                             weight = g.weight * _tree_factor(tree) * (0.4 if strategy == "native" else 1.0)
                             cell = Cell(spec, workload, round(weight, 3), skip)
                             if cell.id in seen:
@@ -581,6 +582,19 @@ class MatrixSpec:
                                     seen.add(hw.id)
                                     out.append(hw)
         return out
+
+    def _price_fields(self, strategy: str) -> dict:
+        """Online strategies decide with the matrix's cost profile (the one their cells are priced with)."""
+        from tlslab.hypervisor import costmodel
+        from tlslab.hypervisor.strategies import STRATEGIES
+
+        if not getattr(STRATEGIES.get(strategy), "online", False):
+            return {}
+        try:
+            e, f = costmodel.fault_prices(costmodel.get_profile(self.cost_profile))
+        except ValueError:   # a profile fitted during the run ("fit"): the strategies' default prices
+            return {}
+        return {"prices": self.cost_profile} if e > 0 and f > 0 else {}
 
     def hw_options(self) -> dict:
         return {"repeat": int(self.hw.get("repeat", 3)), "cpu": int(self.hw.get("cpu", 0))}

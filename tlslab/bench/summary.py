@@ -63,6 +63,7 @@ class Summary:
     hw: dict | None = None          # tlslab.bench.hwcells.comparison(): None if the run has no hw cells
     keir: dict | None = None        # keir_comparison(): None if the run has no Keir-benchmark row
     processes: dict | None = None   # process_comparison(): multi-process workloads (boot, threads), or None
+    online: dict | None = None      # online_comparison(): policies against the offline bound, or None
 
 
 def _key(rec: dict) -> tuple:
@@ -224,7 +225,65 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
         hw = honest_provenance(hw, all_records)
     return Summary(info.get("run_id", run.id), choice, strategies, rows, failures, crashes, skipped, counts,
                    info.get("meta", {}), spec, missing, hw,
-                   keir_comparison(rows, choice, all_cells, skipped), process_comparison(records))
+                   keir_comparison(rows, choice, all_cells, skipped), process_comparison(records),
+                   online_comparison(order, grouped, choice.profile))
+
+
+BOUND_POLICIES = ("emulate", "flip")   # the two 2004 mechanisms every online strategy must beat
+
+
+def online_comparison(order: list[tuple], grouped: dict, profile: costmodel.CostProfile) -> dict | None:
+    """Per workload: each fault-driven policy's fault-handling time against the offline bound.
+
+    The bound is the native cell's ``offline_optimum`` under ``profile``
+    (tlslab.analysis.hybrid: it knows the future). A policy counts only where
+    its cell ran to the end with native's output. None if the run has no
+    online strategy or no bound.
+    """
+    from tlslab.hypervisor.strategies import STRATEGIES
+
+    online = [n for n, cls in STRATEGIES.items() if getattr(cls, "online", False)]
+    policies = [*BOUND_POLICIES, *online]
+    rows = []
+    for key in order:
+        by = grouped[key]
+        native = by.get("native")
+        bound = ((native or {}).get("offline_optimum") or {}).get("by_profile", {}).get(profile.name)
+        if not bound or not any(n in by for n in online):
+            continue
+        cells = {}
+        for name in policies:
+            rec = by.get(name)
+            if rec is None:
+                continue
+            same = (rec.get("outcome") == "ok" and native.get("outcome") == "ok"
+                    and rec["stdout"]["sha256"] == native["stdout"]["sha256"])
+            ns = costmodel.fault_handling_ns(profile, rec["counters"]) if same else None
+            cells[name] = {"fault_ms": ns / 1e6 if ns is not None else None,
+                           "vs_bound": (ns / bound["fault_time_ns"]) if ns is not None and bound["fault_time_ns"]
+                           else (1.0 if ns == 0 else None),
+                           "faults": rec["counters"].get("strategy", {}).get("traps") if same else None,
+                           "outcome": rec.get("outcome") if not same or rec.get("outcome") != "ok" else "ok"}
+        pure = [cells[n]["fault_ms"] for n in BOUND_POLICIES if cells.get(n, {}).get("fault_ms") is not None]
+        best_pure = min(pure) if len(pure) == len(BOUND_POLICIES) else None
+        ranked = sorted((cells[n]["fault_ms"], n) for n in online if cells.get(n, {}).get("fault_ms") is not None)
+        rows.append({"workload": key[0], "variant": key[1], "hv_profile": key[2], "cells": cells,
+                     "bound_ms": bound["fault_time_ns"] / 1e6, "bound_faults": bound["faults"],
+                     "best_pure_ms": best_pure, "best_online": ranked[0][1] if ranked else None})
+    if not rows:
+        return None
+    tally = {}
+    for name in online:
+        done = [r for r in rows if r["cells"].get(name, {}).get("fault_ms") is not None]
+        tally[name] = {
+            "workloads": len(done),
+            "at_most_best_pure": sum(1 for r in done if r["best_pure_ms"] is not None
+                                     and r["cells"][name]["fault_ms"] <= r["best_pure_ms"] * (1 + 1e-9)),
+            "within_10pct_of_bound": sum(1 for r in done if r["cells"][name]["vs_bound"] is not None
+                                         and r["cells"][name]["vs_bound"] <= 1.10),
+        }
+    return {"profile": profile.name, "label": profile.label(), "policies": policies, "online": online,
+            "rows": rows, "tally": tally}
 
 
 # --------------------------------------------------------------------------- where a profile was measured
@@ -493,6 +552,7 @@ def render(summary: Summary, console=None) -> None:
     console.print(t)
     render_keir(summary, console)
     render_processes(summary, console)
+    render_online(summary, console)
 
     f = Table(title="faults (#GP traps) per 1,000 guest instructions", header_style="bold")
     f.add_column("workload")
@@ -525,7 +585,8 @@ NARROW = 120   # columns below which the summary is printed one table per build 
 
 #: strategy column headers at narrow widths
 SHORT = {"emulate": "emul", "emulate-2004": "em04", "flip": "flip", "flip-full": "flipF", "flip-fs": "flipfs",
-         "rewrite": "rewr", "rewrite-2004": "rw04", "native": "nat"}
+         "rewrite": "rewr", "rewrite-2004": "rw04", "native": "nat", "online-site": "onS", "online-rate": "onR",
+         "online-probe": "onP"}
 
 
 def render_narrow(summary: Summary, console) -> None:
@@ -613,6 +674,43 @@ def fmt_count(v) -> str:
 
 def fmt_xr(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
+
+
+def render_online(summary: Summary, console) -> None:
+    """Each fault-driven policy's fault-handling time as a multiple of the offline bound."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    on = summary.online
+    if not on:
+        return
+    t = Table(title=escape(f"fault-handling time / offline bound, under {on['label']}"), header_style="bold",
+              caption="1.00x = the offline-optimal hybrid (knows the future; no policy can beat it); emulate and "
+                      "flip are the 2004 mechanisms; online-* choose per fault from what the hypervisor sees (see "
+                      "`tlslab strategies`). *: at most min(emulate, flip). Only runs with native's output count.")
+    t.add_column("workload", overflow="fold")
+    t.add_column("build")
+    t.add_column("bound ms", justify="right")
+    for name in on["policies"]:
+        t.add_column(name, justify="right")
+    for row in on["rows"]:
+        cells = []
+        for name in on["policies"]:
+            c = row["cells"].get(name)
+            if c is None:
+                cells.append("-")
+            elif c["vs_bound"] is None:
+                cells.append(escape(c.get("outcome") or "?"))
+            else:
+                star = ("*" if name in on["online"] and row["best_pure_ms"] is not None
+                        and c["fault_ms"] <= row["best_pure_ms"] * (1 + 1e-9) else "")
+                cells.append(f"{c['vs_bound']:.2f}x{star}")
+        t.add_row(escape(row["workload"]), row["variant"], f"{row['bound_ms']:.2f}", *cells)
+    console.print(t)
+    for name, tally in on["tally"].items():
+        console.print(escape(f"{name}: at most min(emulate, flip) on {tally['at_most_best_pure']} of "
+                             f"{tally['workloads']} workloads; within 10% of the bound on "
+                             f"{tally['within_10pct_of_bound']} of {tally['workloads']}"))
 
 
 def render_processes(summary: Summary, console) -> None:

@@ -28,5 +28,6 @@ def build_report(run: RunDir, out: Path, profile: str | None = None, command: st
         "coverage": figures.coverage_data(records),
         "hw": s.hw,
         "processes": s.processes,
+        "online": s.online,
     }, indent=2, sort_keys=True, default=str) + "\n")
     return index

@@ -510,6 +510,37 @@ def hw_fitted_note(hw: dict) -> str:
             "2004 and is shown only as overhead relative to native, never against this CPU's times")
 
 
+def online_figure(summary: Summary, out: Path) -> list[Path]:
+    """Each fault-driven policy's fault-handling time over the offline bound, per workload (log scale)."""
+    on = summary.online
+    rows = on["rows"]
+    policies = on["policies"]
+    styles = strategy_styles(policies)
+    labels = [r["workload"] + ("" if r["variant"] == "default" else f" ({r['variant']})") for r in rows]
+    fig, ax = plt.subplots(figsize=(max(10, 0.75 * len(rows) * len(policies) / 3), 5.8))
+    width = 0.8 / len(policies)
+    for i, name in enumerate(policies):
+        xs, ys = [], []
+        for j, r in enumerate(rows):
+            v = r["cells"].get(name, {}).get("vs_bound")
+            if v is not None:
+                xs.append(j + (i - (len(policies) - 1) / 2) * width)
+                ys.append(max(v, 1.0))
+        ax.bar(xs, ys, width, label=name, color=styles[name]["color"], hatch=styles[name]["hatch"],
+               edgecolor="#333333", linewidth=0.4)
+    ax.axhline(1.0, color="#333333", linewidth=1, linestyle="--")
+    ax.axhline(1.1, color="#999999", linewidth=0.8, linestyle=":")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("fault-handling time / offline bound  (x, log)")
+    ax.set_title("\n".join(_wrap(f"Every policy against the offline-optimal hybrid (1.0 = the bound, dotted: "
+                                  f"+10%), under {on['label']}", 110)), fontsize=11)
+    ax.legend(fontsize=8, ncol=len(policies))
+    fig.tight_layout()
+    return _save(fig, out, "online")
+
+
 def all_figures(summary: Summary, records: list[dict], out: Path) -> dict[str, list[Path]]:
     out.mkdir(parents=True, exist_ok=True)
     figs = {
@@ -520,4 +551,6 @@ def all_figures(summary: Summary, records: list[dict], out: Path) -> dict[str, l
     }
     if summary.hw:
         figs["hw"] = hw_figure(summary, out)
+    if summary.online:
+        figs["online"] = online_figure(summary, out)
     return figs
