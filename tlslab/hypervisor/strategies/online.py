@@ -149,7 +149,7 @@ class SiteStreakStrategy(OnlineStrategy):
     """
 
     name = "online-site"
-    order = 30
+    order = 50
     description = "online: flip at sites seen repeating back to back (a same-sign run), emulate elsewhere"
 
     def __init__(self, options=None) -> None:
@@ -189,7 +189,7 @@ class RateStrategy(OnlineStrategy):
     """
 
     name = "online-rate"
-    order = 31
+    order = 51
     description = "online: emulate or flip for the whole domain, switching when faults get dense (hysteresis)"
 
     def __init__(self, options=None) -> None:
@@ -244,7 +244,7 @@ class ProbeStrategy(OnlineStrategy):
     """
 
     name = "online-probe"
-    order = 32
+    order = 52
     description = "online: probe each site's same-sign run with an empty segment, then flip only runs that pay"
 
     def __init__(self, options=None) -> None:
