@@ -239,8 +239,16 @@ class ProbeStrategy(OnlineStrategy):
     run already pays for one). Any other fault flips if its site's learned
     remaining run exceeds ``threshold`` and is emulated otherwise. A probe
     costs one fault more than emulating the run would (the one that ends it).
-    Inputs: the faulting address, sign and slot descriptor, and the faults of
-    the probes (the hypervisor's own history).
+
+    Context, only where it is needed: a site whose probes have measured two
+    different remaining runs is *ambiguous* (it is reached from several
+    places); there the estimate is kept per (site, previous fault's site), with
+    the same probe-and-back-off schedule, and the decision uses it. A site whose
+    measurements agree keeps one estimate (no extra probes).
+
+    Inputs: the faulting address, sign and slot descriptor, the previous
+    fault's address, and the faults of the probes (the hypervisor's own
+    history).
     """
 
     name = "online-probe"
@@ -250,27 +258,41 @@ class ProbeStrategy(OnlineStrategy):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self.cap = int(self.threshold) + 1
+        # per site (address, sign) and per context (address, sign, previous fault's address):
         self.estimate: dict = {}
         self.seen: dict = {}
         self.next_probe: dict = {}
-        self._probes: dict = {}   # (vcpu id, selector) -> Probe
+        self.ambiguous: set = set()   # sites whose probes measured different remaining runs
+        self._probes: dict = {}       # (vcpu id, selector) -> Probe
+        self._previous = 0            # address of the previous fault this strategy handled
 
     def decide(self, trap: Trap, insn, sign: int) -> Verdict:
         v = trap.violation
         where = (id(trap.domain.vcpu), v.selector)
-        key = (v.eip, sign)
+        key = ((v.eip, sign), (v.eip, sign, self._previous))   # (site, site in context)
+        self._previous = v.eip
         probe = self._probes.pop(where, None)
         if is_probe_descriptor(v.descriptor):
             return self._in_probe(trap, insn, sign, key, probe, where)
         # (a probe that ended without us, e.g. a TLS reload at a switch, teaches nothing)
-        seen = self.seen[key] = self.seen.get(key, 0) + 1
-        estimate = self.estimate.get(key)
-        if estimate is None or seen >= self.next_probe.get(key, 0):
-            self.next_probe[key] = seen * REPROBE_FACTOR
+        site, context = key
+        estimate = self._due(site)
+        if estimate is not None and site in self.ambiguous:
+            estimate = self._due(context)
+        if estimate is None:
             return self._start_probe(trap, insn, sign, key, where)
         if estimate > self.threshold:
             return self.flip(trap)
         return self.emulate(trap, insn)
+
+    def _due(self, key) -> int | None:
+        """Count a fault at ``key``; its estimate, or None when it has none or is due a probe."""
+        seen = self.seen[key] = self.seen.get(key, 0) + 1
+        estimate = self.estimate.get(key)
+        if estimate is None or seen >= self.next_probe.get(key, 0):
+            self.next_probe[key] = seen * REPROBE_FACTOR
+            return None
+        return estimate
 
     def _start_probe(self, trap: Trap, insn, sign: int, key, where) -> Verdict:
         v = trap.violation
@@ -310,7 +332,16 @@ class ProbeStrategy(OnlineStrategy):
         self.counters.count("probe-end")
         return Verdict.restart()
 
-    def _learn(self, sites: list) -> None:
-        n = len(sites)
+    def _learn(self, keys: list) -> None:
+        """Each (site, context) seen in a probed run learns its remaining run; a site measured at two
+        different values becomes ambiguous."""
+        n = len(keys)
+        first: dict = {}
         for i in range(n - 1, -1, -1):   # a site seen twice keeps its first (longest) remainder
-            self.estimate[sites[i]] = n - i
+            first[keys[i]] = n - i
+        for (site, context), remaining in first.items():
+            old = self.estimate.get(site)
+            if old is not None and old != remaining:
+                self.ambiguous.add(site)
+            self.estimate[site] = remaining
+            self.estimate[context] = remaining
