@@ -648,6 +648,11 @@ def render_narrow(summary: Summary, console) -> None:
                                  f" faults, flip {fmt_count(r['flip_faults'])}"
                                  + (f" ({fr:.2f}x; 2004: nearly twice)" if fr is not None else "")
                                  + f"; {r['role']}"))
+    if summary.online:
+        for name, tally in summary.online["tally"].items():
+            console.print(escape(f"{name}: at most min(emulate, flip) on {tally['at_most_best_pure']} of "
+                                 f"{tally['workloads']} workloads, within 10% of the offline bound on "
+                                 f"{tally['within_10pct_of_bound']}"))
     if summary.hw:
         hw = summary.hw
         n = len(hw["rows"])

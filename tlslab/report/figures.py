@@ -63,6 +63,9 @@ FAMILY_STYLES = {
     "flip-fs": ("#F0E442", ".."),
     "rewrite": ("#009E73", ""),
     "rewrite-2004": ("#CC79A7", "//"),
+    "online-site": ("#BBBBBB", ".."),
+    "online-rate": ("#777777", "xx"),
+    "online-probe": ("#882255", ""),
 }
 
 
