@@ -96,7 +96,11 @@ def cpu_model() -> str:
 
 
 def git_state() -> tuple[str, bool | None]:
-    root = Path(__file__).resolve().parents[2]
+    from tlslab.artifacts import checkout_root
+
+    root = checkout_root()
+    if root is None:            # an installed wheel: no checkout to ask (git would find any enclosing repository)
+        return "unknown", None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
