@@ -36,14 +36,18 @@ Design (what survives what):
   ``--resume RUN`` re-expands nothing: it takes the cell list from
   ``run.json``, skips every cell that has a record, and runs the rest.
 
-Test-only fault injection: ``TLSLAB_BENCH_INJECT="raise:SUBSTR;die:SUBSTR;hang:SUBSTR"``
-makes a worker raise, ``os._exit(3)`` or sleep forever on cells whose label
-contains SUBSTR.
+Test-only fault injection: ``TLSLAB_BENCH_INJECT="raise:SUBSTR;die:SUBSTR;hang:SUBSTR;slow:SUBSTR;die-once:SUBSTR"``
+makes a worker raise, ``os._exit(3)``, sleep forever, (``slow``) sleep 1 s, or (``die-once``: the first time only, a
+marker file in ``$TLSLAB_BENCH_INJECT_DIR``) SIGKILL itself on cells whose label contains SUBSTR.
+
+``--cluster``: the model cells go to a Dask cluster instead of the local pool
+(:mod:`tlslab.bench.cluster`); this module still writes every record.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
@@ -151,6 +155,15 @@ def _inject(label: str) -> None:
                 raise RuntimeError(f"injected failure ({INJECT_ENV}) for cell {label}")
             if mode == "die":
                 os._exit(3)
+            if mode == "die-once":      # SIGKILL this worker the first time only (marker in $..._DIR)
+                marker = Path(os.environ[INJECT_ENV + "_DIR"]) / hashlib.sha256(label.encode()).hexdigest()[:16]
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+                os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "slow":          # 1 s more per matching cell (a run slow enough to be killed)
+                time.sleep(1.0)
             if mode == "hang":
                 while True:
                     time.sleep(3600)
@@ -351,7 +364,7 @@ class Runner:
     """Runs a list of cells and appends one record per cell to the run's cells.jsonl."""
 
     def __init__(self, run: RunDir, meta: dict, jobs: int, max_tasks_per_child: int, hard_timeout,
-                 progress=None, on_record=None):
+                 progress=None, on_record=None, cluster=None, log=None):
         self.run = run
         self.meta = meta
         self.jobs = max(1, jobs)
@@ -359,6 +372,8 @@ class Runner:
         self.hard_timeout = hard_timeout    # cell -> seconds
         self.progress = progress            # callable(cell, record) or None
         self.on_record = on_record
+        self.cluster = cluster              # ClusterSpec or Connection (tlslab.bench.cluster): model cells on Dask
+        self.log = log
         self.ctx = mp.get_context("spawn")
 
     def _finish(self, writer: CellWriter, cell: Cell, record: dict) -> dict:
@@ -384,7 +399,12 @@ class Runner:
                 else:
                     parallel.append(cell)
             # longest first (LPT): the heavy cells do not end up alone at the tail of the run
-            self._phase(writer, written, sorted(parallel, key=lambda c: -c.weight), self.jobs)
+            parallel.sort(key=lambda c: -c.weight)
+            if self.cluster is not None and parallel:     # model cells on Dask; records still written here
+                self.cluster.run_cells(parallel, lambda cell, record: written.append(self._finish(writer, cell, record)),
+                                       log=self.log)
+            else:
+                self._phase(writer, written, parallel, self.jobs)
             for name, group in serial.items():  # one at a time, after the pool is gone (module docstring)
                 why = BACKENDS[name].unavailable()
                 if why:
@@ -539,17 +559,21 @@ def cells_to_run(run: RunDir, retry_failed: bool = False) -> tuple[list[Cell], l
     return cells, [c for c in cells if c.id not in done], warnings
 
 
-def execute_run(run: RunDir, todo: list[Cell], jobs: int, progress=None, argv: list[str] | None = None) -> list[dict]:
+def execute_run(run: RunDir, todo: list[Cell], jobs: int, progress=None, argv: list[str] | None = None,
+                cluster=None, log=None) -> list[dict]:
+    """Run ``todo`` and record every cell; ``cluster`` (a ClusterSpec) sends the model cells to Dask."""
     info = run.read_run()
     spec = info["spec"]
     meta = collect_metadata()
     session = {"started": now_iso(), "jobs": jobs, "cells": len(todo), "command": argv or sys.argv, "meta": meta}
+    if cluster is not None:     # a ClusterSpec, or an open tlslab.bench.cluster.Connection
+        session["cluster"] = getattr(cluster, "spec", cluster).describe()
     info.setdefault("sessions", []).append(session)
     info["status"] = "running"
     run.write_run(info)
     runner = Runner(run, meta, jobs, spec.get("max_tasks_per_child", 20),
                     hard_timeout_for(spec.get("timeout_seconds", 300.0), spec.get("kill_after_seconds")),
-                    progress=progress)
+                    progress=progress, cluster=cluster, log=log)
     status = "interrupted"
     try:
         written = runner.run_cells(todo)
