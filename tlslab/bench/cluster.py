@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Callable
 
 from tlslab.bench.spec import Cell
+from tlslab.record import Outcome
 
 LOCAL_MAX = 256
 _ADDRESS = re.compile(r"^(?:(?:tcp|tls|ucx|inproc|ws|wss)://)?[\w.\-\[\]:]+(?::\d+)?$")
@@ -200,7 +201,7 @@ def claims(cell: Cell) -> dict:
 # --------------------------------------------------------------------------- the worker side
 
 def _refused(reason: str) -> dict:
-    return {"outcome": "failed", "reason": f"refused on worker {socket.gethostname()}: {reason}",
+    return {"outcome": Outcome.FAILED, "reason": f"refused on worker {socket.gethostname()}: {reason}",
             "traceback": None}
 
 
@@ -319,14 +320,14 @@ def run_cells(target: "ClusterSpec | Connection", cells: list[Cell], finish: Cal
             try:
                 record = fut.result()
             except distributed.KilledWorker as exc:
-                record = {"outcome": "failed", "traceback": None, "started": t_submit[fut], "ended": now_iso(),
+                record = {"outcome": Outcome.FAILED, "traceback": None, "started": t_submit[fut], "ended": now_iso(),
                           "reason": f"worker lost while running the cell, again on every retry (Dask "
                                     f"KilledWorker: {exc})"}
             except (distributed.client.FutureCancelledError, OSError, TimeoutError) as exc:
                 raise ClusterError(f"lost the Dask cluster {spec.describe()} ({type(exc).__name__}: {exc}); "
                                    "finished cells are saved: finish with --resume RUN") from None
             except Exception as exc:    # the task itself raised outside run_cell_safely (import error, ...)
-                record = {"outcome": "failed", "traceback": None, "started": t_submit[fut], "ended": now_iso(),
+                record = {"outcome": Outcome.FAILED, "traceback": None, "started": t_submit[fut], "ended": now_iso(),
                           "reason": f"on the cluster: {type(exc).__name__}: {exc}"}
             fut.release()
             finish(cell, record)

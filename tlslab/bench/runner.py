@@ -66,6 +66,7 @@ from tlslab.bench.backends import Backend
 from tlslab.bench.blobs import blob
 from tlslab.bench.spec import Cell, MatrixSpec
 from tlslab.bench.store import FINISHED, RETRYABLE, CellWriter, RunDir
+from tlslab.record import Outcome, RunRecord, crash_dict, model_outcome
 
 INJECT_ENV = "TLSLAB_BENCH_INJECT"
 
@@ -203,18 +204,13 @@ def measure(cell: Cell) -> dict:
     if root is not None:        # records of cells without a root filesystem are unchanged
         record["rootfs"] = root
     crash = result.crash
-    if crash is None:
-        record["outcome"] = "ok"
-        record["crash"] = None
-    else:
-        record["crash"] = {"eip": crash.eip, "symbol": crash.symbol, "instruction": crash.instruction,
-                           "reason": crash.reason, "text": crash.describe()}
-        if crash.reason == "timed out":
-            record["outcome"] = "failed"
+    record["outcome"] = model_outcome(crash)         # faults, instructions: filled by RunRecord (tlslab.record)
+    record["crash"] = crash_dict(crash)
+    if crash is not None:
+        if record["outcome"] is Outcome.FAILED:      # the vCPU's time budget
             record["reason"] = (f"timed out after {cell.spec.timeout_seconds:g} s "
                                 f"(guest still running at {crash.eip:#010x} <{crash.symbol}>)")
         else:
-            record["outcome"] = "guest-crash"
             record["reason"] = crash.describe()
     return record
 
@@ -270,9 +266,9 @@ def run_cell_safely(cell_dict: dict) -> dict:
         # the host cannot do it (no 32-bit exec, ptrace refused; the root filesystem is not fetched here):
         # a skip with the reason, not a failure
         if isinstance(exc, (HwUnavailable, RootfsUnavailable)):
-            record = {"outcome": "skipped", "reason": str(exc)}
+            record = {"outcome": Outcome.SKIPPED, "reason": str(exc)}
         else:
-            record = {"outcome": "failed", "reason": f"{type(exc).__name__}: {exc}",
+            record = {"outcome": Outcome.FAILED, "reason": f"{type(exc).__name__}: {exc}",
                       "traceback": traceback.format_exc()}
     record.update({"started": started, "ended": now_iso(), "cell_seconds": time.perf_counter() - t0,
                    "worker_pid": os.getpid(), "loadavg_end": _loadavg()})
@@ -380,6 +376,7 @@ class Runner:
         full = {"cell": cell.id, "run_id": self.run.id, "label": cell.label, "workload": cell.workload,
                 "backend": cell.backend, "spec": cell.to_dict()["spec"], "meta": self.meta, **record}
         full.setdefault("reason", None)
+        full = RunRecord.from_dict(full, f"cell {cell.label}").to_dict()    # typed, with the schema
         writer.append(full)
         if self.progress:
             self.progress(cell, full)
@@ -418,7 +415,8 @@ class Runner:
 
     def _skip(self, writer: CellWriter, written: list[dict], cell: Cell, reason: str) -> None:
         t = now_iso()
-        written.append(self._finish(writer, cell, {"outcome": "skipped", "reason": reason, "started": t, "ended": t}))
+        written.append(self._finish(writer, cell, {"outcome": Outcome.SKIPPED, "reason": reason, "started": t,
+                                                   "ended": t}))
 
     def _phase(self, writer: CellWriter, written: list[dict], cells: list[Cell], jobs: int) -> None:
         """Run ``cells`` in order on up to ``jobs`` workers; the workers are retired at the end."""
@@ -443,7 +441,7 @@ class Runner:
                         idle.kill()
                         workers.remove(idle)
                         written.append(self._finish(writer, cell, {
-                            "outcome": "failed", "reason": f"could not hand the cell to a worker: {exc}",
+                            "outcome": Outcome.FAILED, "reason": f"could not hand the cell to a worker: {exc}",
                             "started": now_iso(), "ended": now_iso()}))
                 busy = [w for w in workers if w.cell is not None]
                 if not busy:
@@ -488,7 +486,7 @@ class Runner:
             reason = dead_record or (f"worker process died ({_exit_description(w.proc.exitcode)}) "
                                      f"while running the cell; pid {w.proc.pid}")
         w.kill()
-        return {"outcome": "failed", "reason": reason, "traceback": None, "started": w.started,
+        return {"outcome": Outcome.FAILED, "reason": reason, "traceback": None, "started": w.started,
                 "ended": now_iso(), "cell_seconds": now - w.t0, "worker_pid": w.proc.pid, "_dead": True}
 
 

@@ -1,8 +1,10 @@
 """Flat exports of a bench run: one CSV row per cell (the newest record of each cell).
 
 ``rootfs``: the pinned root filesystem a cell's program ran in (``keir``: /bin/ls of debian), empty if none.
-hw cells (``backend`` = hw) have no model counters: ``traps`` is the #GP faults the CPU took,
-``hw_run_seconds`` the median traced run time, and the modelled columns are empty.
+``faults``: the record's common fault count (:mod:`tlslab.record`), filled for model and hw cells alike: the
+#GP traps the model's strategy saw, or the #GP faults the CPU took under the supervisor. hw cells have no
+model counters: ``hw_run_seconds`` is the median traced run time, and the modelled columns are empty.
+``schema``: the record schema the row was read from (old records are read by tlslab.record.upgrade).
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from tlslab.hypervisor import costmodel
 BASE_COLUMNS = [
     "run_id", "cell", "backend", "workload", "guest", "variant", "args", "applet", "tree", "root", "rootfs", "strategy", "hv_profile",
     "seed", "outcome", "reason", "exit_status", "crash_eip", "crash_symbol", "crash_instruction",
-    "guest_sha256", "instructions", "syscalls", "traps", "faults_per_1k_instructions", "decodes",
+    "guest_sha256", "instructions", "syscalls", "faults", "faults_per_1k_instructions", "decodes",
     "descriptor_writes", "emulated_accesses", "emulated_instructions", "patches", "notifications", "refused",
     "gs_accesses", "gs_negative", "gs_positive", "gs_sign_changes", "fs_accesses", "fs_negative", "fs_positive",
     "fs_sign_changes", "stdout_sha256", "wall_seconds", "cell_seconds", "started", "ended",
     "tlslab_version", "git_commit", "python_version", "unicorn_version", "capstone_version", "cpu_model", "hostname",
-    "hw_run_seconds", "hw_run_seconds_samples", "hw_fault_sites", "hw_cpu",
+    "hw_run_seconds", "hw_run_seconds_samples", "hw_fault_sites", "hw_cpu", "schema",
 ]
 
 
@@ -43,11 +45,9 @@ def rows(run: RunDir) -> tuple[list[str], list[dict]]:
         seg = c.get("segments", {})
         crash = r.get("crash") or {}
         meta = r.get("meta", {})
-        instr = c.get("instructions")
-        traps = st.get("traps")
+        instr = r.get("instructions")
+        faults = r.get("faults")
         hw = r.get("backend") == "hw"
-        if hw:
-            traps = r.get("faults")
         row = {
             "run_id": r.get("run_id"), "cell": cid, "backend": r.get("backend", "unicorn"), "workload": r.get("workload"), "guest": s["guest"],
             "variant": s["variant"], "args": " ".join(s.get("args") or []), "applet": s.get("applet") or "",
@@ -58,8 +58,9 @@ def rows(run: RunDir) -> tuple[list[str], list[dict]]:
             "crash_eip": f"{crash['eip']:#010x}" if crash.get("eip") is not None else "",
             "crash_symbol": crash.get("symbol", ""), "crash_instruction": crash.get("instruction", ""),
             "guest_sha256": (r.get("guest") or {}).get("sha256", ""), "instructions": instr,
-            "syscalls": c.get("linux", {}).get("syscalls", {}).get("total") if c else None, "traps": traps,
-            "faults_per_1k_instructions": (1000.0 * traps / instr) if instr and traps is not None else None,
+            "syscalls": c.get("linux", {}).get("syscalls", {}).get("total") if c else None, "faults": faults,
+            "faults_per_1k_instructions": (1000.0 * faults / instr) if instr and faults is not None else None,
+            "schema": r.get("schema"),
         }
         for k in ("decodes", "descriptor_writes", "emulated_accesses", "emulated_instructions", "patches",
                   "notifications", "refused"):

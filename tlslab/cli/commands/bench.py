@@ -6,6 +6,7 @@ import os
 import sys
 
 from tlslab.cli import Interrupted, RunFailed, UsageError
+from tlslab.record import MEASURED, Outcome
 
 
 def register(sub) -> None:
@@ -146,8 +147,8 @@ def _run(args, rundir_args, connection) -> int:
                           f"`tlslab bench --resume {rundir.path}`") from None
     out.print(escape(f"results: {rundir.path}  (report: tlslab report {rundir.path}; "
                      f"csv: tlslab export {rundir.path} --csv)"))
-    measured = sum(v for k, v in s.counts.items() if k.split(" ")[0] in ("ok", "guest-crash"))
-    failed = sum(v for k, v in s.counts.items() if k.split(" ")[0] == "failed")
+    measured = sum(v for k, v in s.counts.items() if k.split(" ")[0] in MEASURED)
+    failed = sum(v for k, v in s.counts.items() if k.split(" ")[0] == Outcome.FAILED)
     if failed and not measured:
         err.print(f"[bold red]every cell that ran failed[/] ({failed}): see the reasons above")
         return 1
@@ -191,10 +192,10 @@ def _run_with_progress(rundir, todo, jobs, err, no_progress, argv, connection=No
     def on_cell(cell, record) -> None:
         counts["done"] += 1
         outcome = record.get("outcome")
-        if outcome == "failed":
+        if outcome == Outcome.FAILED:
             counts["failed"] += 1
             progress.console.print(f"[bold red]FAILED[/] {escape(cell.label)}: {escape(str(record.get('reason')))}")
-        elif outcome == "guest-crash":
+        elif outcome == Outcome.GUEST_CRASH:
             counts["crash"] += 1
         extra = "".join([f", {counts['failed']} failed" if counts["failed"] else "",
                          f", {counts['crash']} crashed" if counts["crash"] else ""])
