@@ -194,3 +194,51 @@ def test_matrix_scaling_prints_the_clusters_speed_up_next_to_the_pools(spec_file
     line = next(ln for ln in cp.stdout.splitlines() if ln.startswith("model cells' speed-up"))
     assert re.search(r"cluster local:2 .*: \d+\.\d\dx \(\d+\.\d s\); local pool, 2 workers: \d+\.\d\dx", line), line
     assert "jobs=cluster" in cp.stdout and "0 failed" in cp.stdout
+
+
+def _cell(guest: str, **spec):
+    from tlslab.bench.spec import Cell
+    from tlslab.experiment import RunSpec
+
+    return Cell(RunSpec(guest=guest, **spec), guest)
+
+
+def test_a_worker_refuses_a_guest_whose_hash_differs():
+    from tlslab.bench import cluster
+
+    cell = _cell("lsr", strategy="native")
+    claim = cluster.claims(cell)
+    assert claim["guest"]["kind"] == "bundled" and len(claim["guest"]["sha256"]) == 64
+    assert cluster.check_claims(cell.to_dict(), claim)[1] is None
+    forged = {**claim, "guest": {**claim["guest"], "sha256": "0" * 64}}
+    record = cluster.remote_cell({"cell": cell.to_dict(), "claims": forged})
+    assert record["outcome"] == "failed" and "refused on worker" in record["reason"]
+    assert "the driver's is 0000000000000000..." in record["reason"]
+
+
+def test_an_external_guest_travels_as_bytes(tmp_path, monkeypatch):
+    from tlslab.bench import cluster
+    from tlslab.guests import resolve_guest
+
+    exe = tmp_path / "mylsr"
+    exe.write_bytes(resolve_guest("lsr").path.read_bytes())
+    cell = _cell(str(exe), strategy="native", tree=TINY)
+    claim = cluster.claims(cell)
+    assert claim["guest"]["kind"] == "bytes" and claim["guest"]["data"] == exe.read_bytes()
+    exe.unlink()                                                # the worker has no such file
+    monkeypatch.setenv("TLSLAB_CACHE", str(tmp_path / "cache"))
+    record = cluster.remote_cell({"cell": cell.to_dict(), "claims": claim})
+    assert record["outcome"] == "ok", record.get("reason")
+    assert record["guest"]["sha256"] == claim["guest"]["sha256"]
+    assert record["guest"]["path"].startswith(str(tmp_path / "cache" / "guests"))
+
+
+def test_a_data_directory_is_claimed_by_its_hash():
+    from tlslab.bench import cluster
+
+    cell = _cell("lsr", strategy="native", root="guests/boot")
+    claim = cluster.claims(cell)
+    assert claim["root"]["name"] == "guests/boot" and len(claim["root"]["sha256"]) == 64
+    assert cluster.check_claims(cell.to_dict(), claim)[1] is None
+    bad = {**claim, "root": {**claim["root"], "sha256": "f" * 64}}
+    assert "data directory guests/boot here hashes to" in cluster.check_claims(cell.to_dict(), bad)[1]

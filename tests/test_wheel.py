@@ -135,3 +135,53 @@ def test_tiny_bench_from_an_unrelated_directory(installed, tmp_path):
     assert all(r["guest"]["path"].startswith(str(installed)) for r in recs)
     assert recs[0]["meta"]["git_commit"] == "unknown"          # no checkout to ask
     assert _package_files(installed) == before
+
+
+def test_bench_on_a_scheduler_and_workers_started_from_the_wheel(installed, tmp_path):
+    """The README's recipe on one machine: `dask scheduler`, `dask worker` (each in its own directory and
+    cache: nothing shared but the network) and `tlslab bench --cluster ADDRESS`, all from the installed wheel."""
+    import signal
+    import time
+
+    if importlib.util.find_spec("distributed") is None:
+        unavailable("tlslab[cluster] (dask[distributed]) is not installed")
+    py = str(installed / "bin" / "python")
+    procs = []
+    sched_file = tmp_path / "scheduler.json"
+    try:
+        for name, argv in (("scheduler", ["distributed.cli.dask_scheduler", "--port", "0"]),
+                           ("worker", ["distributed.cli.dask_worker", "--nworkers", "2", "--nthreads", "1"])):
+            where = tmp_path / name
+            where.mkdir()
+            env = {**os.environ, "TLSLAB_CACHE": str(where / "cache")}
+            env.pop("TLSLAB_GUESTS_DIR", None)
+            procs.append(subprocess.Popen([py, "-m", *argv, "--scheduler-file", str(sched_file), "--no-dashboard"],
+                                          cwd=where, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True))
+            deadline = time.monotonic() + 60
+            while name == "scheduler" and not (sched_file.is_file() and sched_file.read_text().strip()):
+                assert time.monotonic() < deadline, "the scheduler did not start"
+                time.sleep(0.1)
+        address = json.loads(sched_file.read_text())["address"]
+        driver = tmp_path / "driver"
+        driver.mkdir()
+        (driver / "tiny.toml").write_text(TINY_SPEC)
+        cp = _tlslab(installed, driver, "bench", "--no-progress", "tiny.toml", "--out", "res", "--cluster", address)
+        assert cp.returncode == 0, cp.stderr
+        (run,) = [p for p in (driver / "res").iterdir() if (p / "run.json").is_file()]
+        recs = [json.loads(line) for line in (run / "cells.jsonl").read_text().splitlines()]
+        assert len(recs) == 4 and {r["outcome"] for r in recs} == {"ok"}, [r.get("reason") for r in recs]
+        assert all(r["worker"]["address"] and r["schema"] == 2 for r in recs)
+        assert all(r["guest"]["path"].startswith(str(installed)) for r in recs)     # the worker's own package
+    finally:
+        for p in reversed(procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
