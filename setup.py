@@ -39,6 +39,7 @@ class BuildPyWithGuests(build_py):
         if getattr(self, "editable_mode", False) or not (GUESTS / "manifest.json").is_file():
             return
         target = Path(self.build_lib) / "tlslab" / "_guests"
+        shutil.rmtree(target, ignore_errors=True)     # a stale build/ must not carry a removed guest along
         for src in packaged_files():
             dst = target / src.relative_to(GUESTS)
             dst.parent.mkdir(parents=True, exist_ok=True)

@@ -242,3 +242,40 @@ def test_a_data_directory_is_claimed_by_its_hash():
     assert cluster.check_claims(cell.to_dict(), claim)[1] is None
     bad = {**claim, "root": {**claim["root"], "sha256": "f" * 64}}
     assert "data directory guests/boot here hashes to" in cluster.check_claims(cell.to_dict(), bad)[1]
+
+
+def test_hw_cells_stay_on_the_driver_serially(tmp_path):
+    from tlslab.bench import hwcells
+
+    why = hwcells.unavailable()
+    if why:
+        pytest.skip(why)
+    spec = tmp_path / "hw.toml"
+    spec.write_text(f"""
+name = "hwmix"
+strategies = ["native", "emulate"]
+variants = ["default"]
+cost_profile = "nominal"
+timeout_seconds = 60
+[hw]
+strategies = ["native", "emulate"]
+variants = ["default"]
+repeat = 1
+cpu = 0
+[[guest]]
+name = "lsr"
+trees = ["{TINY}"]
+backends = ["unicorn", "hw"]
+""")
+    cp = bench(str(spec), "--out", str(tmp_path / "out"), "--cluster", "local:2")
+    assert cp.returncode == 0, cp.stderr
+    (run,) = run_dirs(tmp_path / "out")
+    recs = records(run)
+    hw = {r["spec"]["strategy"]: r for r in recs if r["backend"] == "hw"}
+    model = {r["spec"]["strategy"]: r for r in recs if r["backend"] == "unicorn"}
+    assert set(hw) == set(model) == {"native", "emulate"}
+    assert all("worker" in r for r in model.values()) and not any("worker" in r for r in hw.values())
+    for s in hw:                      # the record's one faults field, filled by both backends
+        assert hw[s]["outcome"] == model[s]["outcome"] == "ok"
+        assert hw[s]["faults"] == model[s]["faults"], s
+    assert model["emulate"]["faults"] > 0

@@ -117,3 +117,13 @@ def test_run_and_faults_json_write_the_record(capsys):
     assert main(["run", "lsr", "--strategy", "emulate-2004", "--tree", TINY, "--json", "--quiet"]) == 1
     crash = json.loads(capsys.readouterr().out)
     assert crash["outcome"] == "guest-crash" and crash["crash"]["symbol"] and crash["faults"] >= 1
+
+
+def test_cell_ids_are_unchanged_so_old_stores_resume():
+    """Cell ids are hashes of the RunSpec (bench/spec.py): the reference run's ids are recomputed unchanged."""
+    from tlslab.bench.spec import Cell
+
+    info = json.loads((REFERENCE / "run.json").read_text())
+    assert info["cells"]
+    for c in info["cells"]:
+        assert Cell.from_dict(c).id == c["id"], c["label"]
