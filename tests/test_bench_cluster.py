@@ -279,3 +279,43 @@ backends = ["unicorn", "hw"]
         assert hw[s]["outcome"] == model[s]["outcome"] == "ok"
         assert hw[s]["faults"] == model[s]["faults"], s
     assert model["emulate"]["faults"] > 0
+
+
+def test_failures_on_the_cluster_are_recorded_and_the_run_goes_on(tmp_path):
+    """As with the local pool: a cell that raises, an external guest that is not an ELF file (sent as bytes),
+    and a hung cell (it overruns its hard deadline, kills its worker, and is recorded failed after the retries)."""
+    spec = tmp_path / "fail.toml"
+    notelf = tmp_path / "notelf"
+    notelf.write_text("not an ELF file\n")
+    spec.write_text(f"""
+name = "fail"
+strategies = ["native", "emulate"]
+variants = ["default"]
+timeout_seconds = 30
+kill_after_seconds = 3
+[[guest]]
+name = "lsr"
+trees = ["{TINY}"]
+[[guest]]
+name = "canary"
+args = ["5"]
+strategies = ["flip"]
+[[guest]]
+name = "{notelf}"
+strategies = ["native"]
+""")
+    inject = "hang:lsr [" + TINY + "] default emulate nonpae;raise:canary 5 default flip"
+    cp = bench(str(spec), "--out", str(tmp_path / "out"), "--cluster", "local:2",
+               env={"TLSLAB_BENCH_INJECT": inject, **FAST_FAIL})
+    assert cp.returncode == 0, cp.stderr
+    (run,) = run_dirs(tmp_path / "out")
+    recs = {(r["spec"]["guest"], r["spec"]["strategy"]): r for r in records(run)}
+    assert len(recs) == 4
+    assert recs[("lsr", "native")]["outcome"] == "ok"
+    hung = recs[("lsr", "emulate")]
+    assert hung["outcome"] == "failed" and "hard deadline of 3 s" in hung["reason"], hung["reason"]
+    raised = recs[("canary", "flip")]
+    assert raised["outcome"] == "failed" and "injected failure" in raised["reason"]
+    assert "RuntimeError" in raised["traceback"]
+    missing = recs[(str(notelf), "native")]
+    assert missing["outcome"] == "failed" and "ELF" in missing["reason"]

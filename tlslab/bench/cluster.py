@@ -34,8 +34,12 @@ What the cluster adds:
   locally); a bundled data directory (``root = "guests/boot"``) by a hash of
   its files.
 * The vCPU's own timeout (``timeout_seconds``) ends an overlong guest on the
-  worker as locally; the local pool's hard kill of a hung worker process
-  (timeout * 1.25 + 30 s) has no equivalent: Dask cannot kill a running task.
+  worker as locally. The local pool's hard deadline (timeout * 1.25 + 30 s,
+  or ``kill_after_seconds``) is kept by the worker itself: a cell that
+  overruns it SIGKILLs its own worker process (Dask cannot cancel a running
+  task); the nanny starts a new worker, the scheduler retries the cell, and
+  after the allowed failures it is recorded failed with the deadline in the
+  reason.
 
 Dask is optional (``pip install 'tlslab[cluster]'``); it is imported only here
 and only when ``--cluster`` is given.
@@ -73,9 +77,9 @@ class ClusterSpec:
     def describe(self) -> str:
         return f"local:{self.local_workers} (a Dask LocalCluster)" if self.address is None else self.address
 
-    def run_cells(self, cells: list[Cell], finish, log=None) -> None:
+    def run_cells(self, cells: list[Cell], finish, log=None, hard_timeout=None) -> None:
         """Open a connection, run the cells (:func:`run_cells`), close it."""
-        run_cells(self, cells, finish, log=log)
+        run_cells(self, cells, finish, log=log, hard_timeout=hard_timeout)
 
 
 def parse_cluster(value: str) -> ClusterSpec:
@@ -123,9 +127,9 @@ class Connection:
             raise ClusterError(f"cannot use the Dask cluster {spec.describe()}: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
-    def run_cells(self, cells: list[Cell], finish, log=None) -> None:
+    def run_cells(self, cells: list[Cell], finish, log=None, hard_timeout=None) -> None:
         """Run the cells on this connection (:func:`run_cells`); the connection stays open."""
-        run_cells(self, cells, finish, log=log)
+        run_cells(self, cells, finish, log=log, hard_timeout=hard_timeout)
 
     def workers(self) -> int:
         try:
@@ -263,10 +267,35 @@ def check_claims(cell_dict: dict, claim: dict) -> tuple[dict, str | None]:
     return cell_dict, None
 
 
+def _overrun(label: str, seconds: float) -> None:
+    import signal
+    import sys
+
+    print(f"tlslab: cell {label} overran its hard deadline of {seconds:g} s: killing this worker",
+          file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def remote_cell(payload: dict) -> dict:
     """Run one cell on a Dask worker (the function the cluster executes)."""
+    import threading
+
     from tlslab.bench.runner import now_iso, run_cell_safely
 
+    limit = payload.get("hard_timeout")
+    timer = None
+    if limit:
+        timer = threading.Timer(limit, _overrun, args=(payload["cell"].get("label", "?"), limit))
+        timer.daemon = True
+        timer.start()
+    try:
+        return _remote_cell(payload, now_iso, run_cell_safely)
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _remote_cell(payload: dict, now_iso, run_cell_safely) -> dict:
     started = now_iso()
     cell_dict, refused = check_claims(payload["cell"], payload.get("claims") or {})
     if refused:
@@ -287,8 +316,12 @@ def remote_cell(payload: dict) -> dict:
 
 # --------------------------------------------------------------------------- the driver side
 
+def payload_limit(cell: Cell, hard_timeout) -> str:
+    return f"{hard_timeout(cell):g} s" if hard_timeout else "none"
+
+
 def run_cells(target: "ClusterSpec | Connection", cells: list[Cell], finish: Callable[[Cell, dict], None],
-              log: Callable[[str], None] | None = None) -> None:
+              log: Callable[[str], None] | None = None, hard_timeout: Callable[[Cell], float] | None = None) -> None:
     """Submit every cell, then record each as its future finishes (in the order they finish).
 
     ``finish(cell, record)`` appends the record durably; it is called exactly once per cell, in this
@@ -310,7 +343,8 @@ def run_cells(target: "ClusterSpec | Connection", cells: list[Cell], finish: Cal
         futures = {}
         t_submit = {}
         for n, cell in enumerate(cells):          # cells come longest first (LPT): keep that order
-            payload = {"cell": cell.to_dict(), "claims": claims(cell)}
+            payload = {"cell": cell.to_dict(), "claims": claims(cell),
+                       "hard_timeout": hard_timeout(cell) if hard_timeout else None}
             fut = client.submit(remote_cell, payload, key=f"tlslab-cell-{cell.id}-{session}", pure=False,
                                 priority=len(cells) - n)
             futures[fut] = cell
@@ -321,8 +355,9 @@ def run_cells(target: "ClusterSpec | Connection", cells: list[Cell], finish: Cal
                 record = fut.result()
             except distributed.KilledWorker as exc:
                 record = {"outcome": Outcome.FAILED, "traceback": None, "started": t_submit[fut], "ended": now_iso(),
-                          "reason": f"worker lost while running the cell, again on every retry (Dask "
-                                    f"KilledWorker: {exc})"}
+                          "reason": f"worker lost while running the cell, again on every retry (a worker is "
+                                    f"lost when its machine or process dies, or when the cell overruns its hard "
+                                    f"deadline of {payload_limit(cell, hard_timeout)}; Dask KilledWorker: {exc})"}
             except (distributed.client.FutureCancelledError, OSError, TimeoutError) as exc:
                 raise ClusterError(f"lost the Dask cluster {spec.describe()} ({type(exc).__name__}: {exc}); "
                                    "finished cells are saved: finish with --resume RUN") from None

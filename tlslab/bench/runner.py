@@ -399,7 +399,7 @@ class Runner:
             parallel.sort(key=lambda c: -c.weight)
             if self.cluster is not None and parallel:     # model cells on Dask; records still written here
                 self.cluster.run_cells(parallel, lambda cell, record: written.append(self._finish(writer, cell, record)),
-                                       log=self.log)
+                                       log=self.log, hard_timeout=self.hard_timeout)
             else:
                 self._phase(writer, written, parallel, self.jobs)
             for name, group in serial.items():  # one at a time, after the pool is gone (module docstring)
