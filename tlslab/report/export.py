@@ -14,6 +14,7 @@ import io
 
 from tlslab.bench.store import RunDir
 from tlslab.hypervisor import costmodel
+from tlslab.record import RunRecord
 
 BASE_COLUMNS = [
     "run_id", "cell", "backend", "workload", "guest", "variant", "args", "applet", "tree", "root", "rootfs", "strategy", "hv_profile",
@@ -39,28 +40,29 @@ def rows(run: RunDir) -> tuple[list[str], list[dict]]:
         r = latest.get(cid)
         if r is None:
             continue
+        rec = RunRecord.from_dict(r, f"{run.path}: cell {cid}")   # the typed record: outcome, faults, ...
         s = r["spec"]
-        c = r.get("counters") or {}
+        c = rec.counters or {}
         st = c.get("strategy", {})
         seg = c.get("segments", {})
         crash = r.get("crash") or {}
         meta = r.get("meta", {})
-        instr = r.get("instructions")
-        faults = r.get("faults")
-        hw = r.get("backend") == "hw"
+        instr = rec.instructions
+        faults = rec.faults
+        hw = rec.backend == "hw"
         row = {
             "run_id": r.get("run_id"), "cell": cid, "backend": r.get("backend", "unicorn"), "workload": r.get("workload"), "guest": s["guest"],
             "variant": s["variant"], "args": " ".join(s.get("args") or []), "applet": s.get("applet") or "",
             "tree": s.get("tree") or "", "root": s.get("root") or "", "rootfs": s.get("rootfs") or "",
             "strategy": s["strategy"],
-            "hv_profile": s["profile"], "seed": s.get("seed"), "outcome": r.get("outcome"),
-            "reason": r.get("reason") or "", "exit_status": r.get("status"),
+            "hv_profile": s["profile"], "seed": s.get("seed"), "outcome": rec.outcome.value,
+            "reason": rec.reason or "", "exit_status": rec.status,
             "crash_eip": f"{crash['eip']:#010x}" if crash.get("eip") is not None else "",
             "crash_symbol": crash.get("symbol", ""), "crash_instruction": crash.get("instruction", ""),
             "guest_sha256": (r.get("guest") or {}).get("sha256", ""), "instructions": instr,
             "syscalls": c.get("linux", {}).get("syscalls", {}).get("total") if c else None, "faults": faults,
             "faults_per_1k_instructions": (1000.0 * faults / instr) if instr and faults is not None else None,
-            "schema": r.get("schema"),
+            "schema": rec.schema,
         }
         for k in ("decodes", "descriptor_writes", "emulated_accesses", "emulated_instructions", "patches",
                   "notifications", "refused"):
