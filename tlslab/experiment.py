@@ -25,7 +25,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tlslab.guests import GuestBinary, GuestError, repo_root, resolve_guest, sha256_file
+from tlslab.artifacts import bundled_path
+from tlslab.guests import GuestBinary, GuestError, resolve_guest, sha256_file
 from tlslab.hypervisor.domain import Domain, RunResult
 from tlslab.hypervisor.strategies import get_strategy, option_names
 from tlslab.linux import nodes as N
@@ -135,8 +136,8 @@ def host_directory(path: str) -> str:
     """
     if os.path.isabs(path) or os.path.isdir(path):
         return path
-    candidate = repo_root() / path
-    return str(candidate) if candidate.is_dir() else path
+    candidate = bundled_path(path)
+    return str(candidate) if candidate is not None and candidate.is_dir() else path
 
 
 def build_vfs(spec: RunSpec, program: Program | None = None) -> Vfs:

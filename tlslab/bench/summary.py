@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from tlslab.bench.store import RunDir
 from tlslab.hypervisor import costmodel
+from tlslab.record import MEASURED, Outcome
 
 KEIR_RATIOS = {k: v / costmodel.KEIR_2004_MS["native"] for k, v in costmodel.KEIR_2004_MS.items()}
 KEIR_2004_FAULTS = "nearly twice"   # Keir Fraser's flip/emulate fault ratio (xen-devel, October 2004)
@@ -78,7 +79,7 @@ def fit_profile(records: list[dict], fit: dict) -> tuple[costmodel.CostProfile, 
     for rec in records:
         s = rec["spec"]
         if (s["guest"], s.get("tree"), s["variant"], s["profile"]) == (guest, tree, variant, hv) \
-                and rec.get("outcome") == "ok":
+                and rec.get("outcome") == Outcome.OK:
             by_strategy[s["strategy"]] = rec
     if not all(k in by_strategy for k in ("native", "emulate", "flip")):
         return None
@@ -172,7 +173,7 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
         by = grouped[key]
         native = by.get("native")
         native_ns = None
-        if native and native.get("outcome") == "ok":
+        if native and native.get("outcome") == Outcome.OK:
             native_ns = costmodel.predict(choice.profile, native["counters"]).total_ns
         any_rec = next(iter(by.values()), None)
         row = {"workload": key[0], "variant": key[1], "hv_profile": key[2],
@@ -187,13 +188,13 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
                 continue
             cell = {"outcome": rec.get("outcome"), "reason": rec.get("reason"), "cell": rec["cell"]}
             counters = rec.get("counters")
-            if counters and rec.get("outcome") in ("ok", "guest-crash"):
+            if counters and rec.get("outcome") in MEASURED:
                 ns = costmodel.predict(choice.profile, counters).total_ns
                 instr = counters.get("instructions", 0)
-                traps = counters.get("strategy", {}).get("traps", 0)
+                traps = rec["faults"]          # the record's common fault count (tlslab.record)
                 cell.update({
                     "ms": ns / 1e6,
-                    "ratio": (ns / native_ns) if native_ns and rec.get("outcome") == "ok" else None,
+                    "ratio": (ns / native_ns) if native_ns and rec.get("outcome") == Outcome.OK else None,
                     "instructions": instr,
                     "traps": traps,
                     "faults_per_k": 1000.0 * traps / instr if instr else None,
@@ -201,19 +202,19 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
                     "sign_changes": counters.get("segments", {}).get("gs", {}).get("sign_changes", 0),
                     "wall_seconds": rec.get("wall_seconds"),
                 })
-                if native and native.get("outcome") == "ok" and rec.get("outcome") == "ok":
+                if native and native.get("outcome") == Outcome.OK and rec.get("outcome") == Outcome.OK:
                     cell["output_matches"] = rec["stdout"]["sha256"] == native["stdout"]["sha256"]
             if rec.get("crash"):
                 cell["crash"] = rec["crash"]
             row["cells"][strat] = cell
         em, fl = row["cells"].get("emulate", {}), row["cells"].get("flip", {})
         row["flip_over_emulate_faults"] = (fl["traps"] / em["traps"]) if em.get("traps") and fl.get("traps") is not None \
-            and em.get("outcome") == "ok" and fl.get("outcome") == "ok" else None
+            and em.get("outcome") == Outcome.OK and fl.get("outcome") == Outcome.OK else None
         rows.append(row)
 
-    failures = [r for r in all_records if r.get("outcome") == "failed"]
-    crashes = [r for r in records if r.get("outcome") == "guest-crash"]
-    skipped = [r for r in all_records if r.get("outcome") == "skipped"]
+    failures = [r for r in all_records if r.get("outcome") == Outcome.FAILED]
+    crashes = [r for r in records if r.get("outcome") == Outcome.GUEST_CRASH]
+    skipped = [r for r in all_records if r.get("outcome") == Outcome.SKIPPED]
     counts: dict[str, int] = {}
     for r in all_records:
         key = r.get("outcome", "?") + (" (hw)" if hwcells.is_hw(r) else "")
@@ -352,7 +353,7 @@ def honest_provenance(hw: dict, records: list[dict]) -> dict:
     prof = costmodel.available_profiles().get(hw["profile"])
     if prof is None:
         return hw
-    metas = [r.get("meta", {}) for r in records if r.get("backend") == "hw" and r.get("outcome") == "ok"]
+    metas = [r.get("meta", {}) for r in records if r.get("backend") == "hw" and r.get("outcome") == Outcome.OK]
     meta = metas[0] if metas else {}
     same, sentence = same_machine(prof, meta.get("hostname") or hw.get("host"), meta.get("cpu_model"))
     text = hw.get("profile_provenance") or ""
@@ -417,12 +418,12 @@ def keir_comparison(rows: list[dict], choice: ProfileChoice, cells: list[dict] |
             "workload": r["workload"], "variant": r["variant"], "hv_profile": r["hv_profile"],
             "keir": r.get("keir", False), "fit_target": r.get("fit_target", False), "role": role,
             "instructions": next((x.get("instructions") for x in (nat, em, fl) if x.get("instructions")), None),
-            "emulate_faults": em.get("traps") if em.get("outcome") == "ok" else None,
-            "flip_faults": fl.get("traps") if fl.get("outcome") == "ok" else None,
+            "emulate_faults": em.get("traps") if em.get("outcome") == Outcome.OK else None,
+            "flip_faults": fl.get("traps") if fl.get("outcome") == Outcome.OK else None,
             "flip_over_emulate": r.get("flip_over_emulate_faults"),
             "native_ms": r.get("native_ms"),
-            "emulate_ms": em.get("ms") if em.get("outcome") == "ok" else None,
-            "flip_ms": fl.get("ms") if fl.get("outcome") == "ok" else None,
+            "emulate_ms": em.get("ms") if em.get("outcome") == Outcome.OK else None,
+            "flip_ms": fl.get("ms") if fl.get("outcome") == Outcome.OK else None,
             "emulate_x": em.get("ratio"), "flip_x": fl.get("ratio"),
             "outcomes": {k: c.get(k, {}).get("outcome", "missing") for k in ("native", "emulate", "flip")},
             "caption": keir_caption(r["workload"], r.get("rootfs"), args) if r.get("keir") else None,
@@ -463,10 +464,10 @@ def process_comparison(records: list[dict]) -> dict | None:
     rows = []
     for rec in records:
         kernel = (rec.get("counters") or {}).get("kernel")
-        if not kernel or rec.get("outcome") not in ("ok", "guest-crash"):
+        if not kernel or rec.get("outcome") not in MEASURED:
             continue
         listing = kernel.get("listing") or []
-        faults = rec["counters"]["strategy"].get("traps", 0)
+        faults = rec["faults"]
         n = max(1, len(listing))
         rows.append({
             "workload": rec["workload"], "variant": rec["spec"]["variant"], "strategy": rec["spec"]["strategy"],
@@ -488,17 +489,17 @@ def process_comparison(records: list[dict]) -> dict | None:
 
 def fmt_ratio(cell: dict) -> str:
     o = cell.get("outcome")
-    if o == "ok":
+    if o == Outcome.OK:
         r = cell.get("ratio")
         text = f"{r:.2f}x" if r is not None else "?"
         if cell.get("output_matches") is False:
             text += " !out"
         return text
-    if o == "guest-crash":
+    if o == Outcome.GUEST_CRASH:
         return "crash"
-    if o == "failed":
+    if o == Outcome.FAILED:
         return "FAILED"
-    if o == "skipped":
+    if o == Outcome.SKIPPED:
         return "skip"
     return "-"
 
@@ -506,9 +507,9 @@ def fmt_ratio(cell: dict) -> str:
 def fmt_faults(cell: dict) -> str:
     o = cell.get("outcome")
     f = cell.get("faults_per_k")
-    if o in ("ok", "guest-crash") and f is not None:
-        return f"{f:.2f}" + ("" if o == "ok" else " (crash)")
-    return fmt_ratio(cell) if o != "ok" else "-"
+    if o in MEASURED and f is not None:
+        return f"{f:.2f}" + ("" if o == Outcome.OK else " (crash)")
+    return fmt_ratio(cell) if o != Outcome.OK else "-"
 
 
 def render(summary: Summary, console=None) -> None:
@@ -541,7 +542,7 @@ def render(summary: Summary, console=None) -> None:
                 continue
             c = row["cells"][s]
             text = fmt_ratio(c)
-            style = {"guest-crash": "yellow", "failed": "bold red", "skipped": "dim"}.get(c.get("outcome"), "")
+            style = {Outcome.GUEST_CRASH: "yellow", Outcome.FAILED: "bold red", Outcome.SKIPPED: "dim"}.get(c.get("outcome"), "")
             cells.append(f"[{style}]{text}[/]" if style else text)
         fr = row["flip_over_emulate_faults"]
         t.add_row(name, row["variant"], f"{row['native_ms']:.1f}" if row["native_ms"] else fmt_ratio(row["cells"].get("native", {})),
@@ -562,7 +563,7 @@ def render(summary: Summary, console=None) -> None:
         if s != "native":
             f.add_column(s, justify="right")
     for row in summary.rows:
-        instr = next((c.get("instructions") for c in row["cells"].values() if c.get("outcome") == "ok"), None)
+        instr = next((c.get("instructions") for c in row["cells"].values() if c.get("outcome") == Outcome.OK), None)
         f.add_row(escape(row["workload"]), row["variant"], f"{instr:,}" if instr else "-",
                   *[fmt_faults(row["cells"][s]) for s in st if s != "native"])
     console.print(f)
@@ -616,7 +617,7 @@ def render_narrow(summary: Summary, console) -> None:
             for s in group:
                 c = row["cells"][s]
                 text = fmt_ratio(c)
-                style = {"guest-crash": "yellow", "failed": "bold red", "skipped": "dim"}.get(c.get("outcome"), "")
+                style = {Outcome.GUEST_CRASH: "yellow", Outcome.FAILED: "bold red", Outcome.SKIPPED: "dim"}.get(c.get("outcome"), "")
                 cells.append(f"[{style}]{text}[/]" if style else text)
             native = f"{row['native_ms']:.1f}" if row["native_ms"] else fmt_ratio(row["cells"].get("native", {}))
             t.add_row(name, escape(row["variant"]), native, *cells)
@@ -797,7 +798,7 @@ HW_CAPTION = ("measured: median exec-to-exit time of the traced run on this CPU 
 
 def hw_equal_text(row: dict) -> str:
     """'=' when faults, sites, stdout and status agree, else what differs (loud)."""
-    if row.get("hw_outcome") != "ok":
+    if row.get("hw_outcome") != Outcome.OK:
         return row.get("hw_outcome") or "-"
     if row.get("faults_equal") is None:
         return "no model cell"
@@ -843,7 +844,7 @@ def render_hw(summary: Summary, console) -> None:
         meas = "-"
         if r.get("measured_ms") is not None:
             meas = escape(f"{fmt_ms(r['measured_ms'])} [{fmt_ms(r['measured_min_ms'])}-{fmt_ms(r['measured_max_ms'])}]")
-        elif r.get("hw_outcome") == "skipped":
+        elif r.get("hw_outcome") == Outcome.SKIPPED:
             meas = "[dim]skipped[/]"
         t.add_row(escape(r["workload"]), r["variant"], r["strategy"],
                   f"{r['model_faults']:,}" if r.get("model_faults") is not None else "-",

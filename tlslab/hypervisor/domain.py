@@ -44,6 +44,7 @@ class GuestCrash:
     symbol: str
     instruction: str
     reason: str
+    timed_out: bool = False         # the vCPU's time budget ended the run (not a fault): a typed flag, not a text
 
     def describe(self) -> str:
         return f"guest crashed at {self.eip:#010x} <{self.symbol}>: `{self.instruction}`: {self.reason}"
@@ -188,7 +189,7 @@ class Domain:
                 code = b""
         return objects.symbolize(eip), bytes(code)
 
-    def crash_at(self, eip: int, reason: str) -> GuestCrash:
+    def crash_at(self, eip: int, reason: str, timed_out: bool = False) -> GuestCrash:
         text = "??"
         try:
             mem = self.vcpu.mem if self.vcpu is not None else None
@@ -198,7 +199,7 @@ class Domain:
                 text = f"{insn.mnemonic} {insn.op_str}".strip()
         except Exception:
             pass
-        return GuestCrash(eip, self.symbolize(eip), text, reason)
+        return GuestCrash(eip, self.symbolize(eip), text, reason, timed_out)
 
     def run(self) -> RunResult:
         started = time.perf_counter()
@@ -243,7 +244,7 @@ class Domain:
                     self._kill(process, self.crash_at(e.eip, f"SIGSEGV: {e.message}{hole}"))
                     continue
                 if e.reason is ExitReason.TIMEOUT:
-                    crash = self.crash_at(e.eip, "timed out")
+                    crash = self.crash_at(e.eip, "timed out", timed_out=True)
                     break
                 self._kill(process, self.crash_at(e.eip, e.message or "CPU exception"), SIGILL)
         except TooManyProcesses as exc:

@@ -32,6 +32,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from tlslab.bench.summary import KEIR_RATIOS, Summary, is_keir_benchmark  # noqa: E402
 from tlslab.inspect.trace import HISTORICAL  # noqa: E402
+from tlslab.record import MEASURED, Outcome
 
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000", "#999999"]
 HATCHES = ["", "//", "..", "xx", "\\\\", "oo", "++", "--", "**"]
@@ -98,7 +99,7 @@ def _variants(summary: Summary) -> list[str]:
 
 def _rows(summary: Summary, variant: str) -> list[dict]:
     return [r for r in summary.rows if r["variant"] == variant
-            and any(c.get("outcome") in ("ok", "guest-crash") for c in r["cells"].values())]
+            and any(c.get("outcome") in MEASURED for c in r["cells"].values())]
 
 
 VARIANT_NOTES = {
@@ -133,7 +134,7 @@ def _grouped(summary: Summary, metric: str, out: Path, name: str, title: str, yl
         groups = []
         if keir and variant == variants[0]:
             labels.append("Keir 2004\nls -R /usr/lib")
-            groups.append({s: {"outcome": "ok", "ratio": KEIR_RATIOS[s]} for s in strategies if s in KEIR_RATIOS})
+            groups.append({s: {"outcome": Outcome.OK, "ratio": KEIR_RATIOS[s]} for s in strategies if s in KEIR_RATIOS})
         for r in rows:
             labels.append(_short_name(r) + ("\n(fit target)" if r["fit_target"] else "")
                           + ("\nDebian ls -R" if r.get("keir") else ""))
@@ -151,7 +152,7 @@ def _grouped(summary: Summary, metric: str, out: Path, name: str, title: str, yl
                     continue
                 o = c.get("outcome")
                 v = c.get(metric)
-                if o == "ok" and v is not None and (v > 0 or not log):
+                if o == Outcome.OK and v is not None and (v > 0 or not log):
                     ax.bar(x, v, bar_w, color=st["color"], hatch=("//" if is_keir else st["hatch"]),
                            edgecolor="#333333" if not is_keir else "white", linewidth=0.4,
                            alpha=0.55 if is_keir else 1.0)
@@ -163,12 +164,12 @@ def _grouped(summary: Summary, metric: str, out: Path, name: str, title: str, yl
                                 va="bottom", fontsize=6.5, rotation=90,
                                 color="#B00020" if differs else "#222222",
                                 fontweight="bold" if differs else "normal")
-                elif o == "ok" and v == 0 and log:
+                elif o == Outcome.OK and v == 0 and log:
                     ax.annotate("0", (x, 0), xytext=(0, 2), textcoords="offset points", ha="center",
                                 va="bottom", fontsize=6.5, color="#555555", xycoords=("data", "axes fraction"))
-                elif o in ("guest-crash", "failed"):
+                elif o in (Outcome.GUEST_CRASH, Outcome.FAILED):
                     ax.annotate("x", (x, 0), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
-                                fontsize=10, fontweight="bold", color="#D55E00" if o == "guest-crash" else "#000000",
+                                fontsize=10, fontweight="bold", color="#D55E00" if o == Outcome.GUEST_CRASH else "#000000",
                                 xycoords=("data", "axes fraction"))
         if metric == "ratio":
             ax.axhline(1.0, color="#333333", linewidth=1.0, linestyle="--")
@@ -189,7 +190,7 @@ def _grouped(summary: Summary, metric: str, out: Path, name: str, title: str, yl
     for ax in axes[:, 0]:
         if log:
             lows = [v.get(metric) for r in summary.rows for v in r["cells"].values()
-                    if v.get(metric) and v.get("outcome") == "ok"]
+                    if v.get(metric) and v.get("outcome") == Outcome.OK]
             ax.set_ylim(max(min(lows + [1.0]) / 2, 1e-3), ymax_all * 3)
         else:
             ax.set_ylim(0, ymax_all * 1.18)
@@ -246,7 +247,7 @@ def _timeline_candidates(records: list[dict]) -> list[tuple[str, dict, dict]]:
     by: dict[tuple, dict] = {}
     for r in records:
         s = r["spec"]
-        if s["variant"] != "default" or s["profile"] != "nonpae" or r.get("outcome") != "ok":
+        if s["variant"] != "default" or s["profile"] != "nonpae" or r.get("outcome") != Outcome.OK:
             continue
         if s["strategy"] in ("emulate", "flip") and r.get("timeline"):
             by.setdefault(r["workload"], {})[s["strategy"]] = r
@@ -320,7 +321,7 @@ def coverage_data(records: list[dict]) -> list[dict]:
     order: list[str] = []
     for r in records:
         s = r["spec"]
-        if s["variant"] != "default" or s["profile"] != "nonpae" or r.get("outcome") != "ok":
+        if s["variant"] != "default" or s["profile"] != "nonpae" or r.get("outcome") != Outcome.OK:
             continue
         if s["strategy"] in ("emulate", "flip-full") and r.get("fault_sites") is not None:
             if r["workload"] not in by:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tlslab.bench.summary import KEIR_RATIOS, Summary, fmt_faults, fmt_ratio
 from tlslab.report.figures import coverage_data
+from tlslab.record import Outcome
 
 CSS = """
 :root { --fg:#1d1d1f; --muted:#5f6368; --line:#d9d9de; --bg:#ffffff; --band:#f6f7f9; --warn:#fff4d6; --bad:#fde8e4; }
@@ -59,7 +60,7 @@ def data_uri(path: Path) -> str:
 
 
 def _cls(cell: dict) -> str:
-    return {"guest-crash": "crash", "failed": "bad", "skipped": "dim"}.get(cell.get("outcome"), "")
+    return {Outcome.GUEST_CRASH: "crash", Outcome.FAILED: "bad", Outcome.SKIPPED: "dim"}.get(cell.get("outcome"), "")
 
 
 def _ratio_table(s: Summary) -> str:
@@ -140,7 +141,7 @@ def _faults_table(s: Summary) -> str:
     out = ['<div class="scroll"><table><tr><th class="l">workload</th><th class="l">build</th><th>instructions</th>']
     out += [f"<th>{esc(x)}</th>" for x in st] + ["</tr>"]
     for r in s.rows:
-        instr = next((c.get("instructions") for c in r["cells"].values() if c.get("outcome") == "ok"), None)
+        instr = next((c.get("instructions") for c in r["cells"].values() if c.get("outcome") == Outcome.OK), None)
         tds = "".join(f'<td class="{_cls(r["cells"][x])}">{esc(fmt_faults(r["cells"][x]))}</td>' for x in st)
         out.append(f'<tr><td class="l">{esc(r["workload"])}</td><td class="l">{esc(r["variant"])}</td>'
                    f'<td>{f"{instr:,}" if instr else "-"}</td>{tds}</tr>')

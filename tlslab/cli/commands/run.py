@@ -113,23 +113,23 @@ def run(args) -> int:
     modelled = costmodel.predict(profile, result.counters)
 
     if args.json:
-        record = {
-            "spec": spec.to_dict(),
-            "guest_sha256": guest.sha256,
-            "environment": [os.fsdecode(e) for e in domain.process.envp],
-            "rootfs": domain.program.rootfs,
-            "guest_path": domain.program.guest_path,
-            "objects": [{"path": m.path, "start": m.start, "end": m.end, "offset": m.offset}
-                        for m in domain.process.objects.mappings()],
-            "status": result.status,
-            "crash": result.crash.describe() if result.crash else None,
-            "counters": result.counters,
-            "modelled": {"profile": profile.label(), "total_ms": modelled.total_ms,
-                         "breakdown_ns": modelled.breakdown_ns},
-            "wall_seconds": result.wall_seconds,
-            "stdout": result.stdout.decode("utf-8", "replace") if not args.quiet else None,
-        }
-        print(json.dumps(record, indent=2, sort_keys=True))
+        from tlslab.record import from_result
+
+        record = from_result(  # the run record (tlslab.record): schema, outcome, faults as everywhere
+            result,
+            spec=spec.to_dict(),
+            guest_sha256=guest.sha256,
+            environment=[os.fsdecode(e) for e in domain.process.envp],
+            rootfs=domain.program.rootfs,
+            guest_path=domain.program.guest_path,
+            objects=[{"path": m.path, "start": m.start, "end": m.end, "offset": m.offset}
+                     for m in domain.process.objects.mappings()],
+            modelled={"profile": profile.label(), "total_ms": modelled.total_ms,
+                      "breakdown_ns": modelled.breakdown_ns},
+            wall_seconds=result.wall_seconds,
+            stdout=result.stdout.decode("utf-8", "replace") if not args.quiet else None,
+        )
+        print(json.dumps(record.to_dict(), indent=2, sort_keys=True))
         return 0 if result.ok else 1
 
     if not args.quiet:
@@ -238,12 +238,18 @@ def run_hardware(spec, args) -> int:
     except (GuestError, HwError, ElfError) as exc:
         raise UsageError(str(exc)) from None
     if args.json:
-        print(json.dumps({"spec": spec.to_dict(), "backend": "hw", "guest_sha256": guest.sha256,
-                          "status": result.status, "signal": result.signal, "faults": result.faults,
-                          "fault_sites": {f"{k:#x}": v for k, v in result.fault_sites.items()},
-                          "object_sites": {f"{path}+{off:#x}": n for (path, off), n in result.object_sites().items()},
-                          "counters": result.counters(), "wall_seconds": result.wall_seconds,
-                          "run_seconds": result.run_seconds}, indent=2, sort_keys=True))
+        from tlslab.record import RunRecord, hw_outcome
+
+        outcome = hw_outcome(result)
+        record = RunRecord(  # the run record (tlslab.record): the same outcome and faults fields as the model's
+            outcome=outcome, backend="hw", faults=result.faults, status=result.status,
+            reason=None if result.ok else f"guest died on the CPU: status {result.status}, signal {result.signal}",
+            extra={"spec": spec.to_dict(), "guest_sha256": guest.sha256, "signal": result.signal,
+                   "fault_sites": {f"{k:#x}": v for k, v in result.fault_sites.items()},
+                   "object_sites": {f"{path}+{off:#x}": n for (path, off), n in result.object_sites().items()},
+                   "hw_counters": result.counters(), "wall_seconds": result.wall_seconds,
+                   "run_seconds": result.run_seconds})
+        print(json.dumps(record.to_dict(), indent=2, sort_keys=True))
         return 0 if result.ok else 1
     if not args.quiet:
         sys.stdout.buffer.write(result.stdout)
