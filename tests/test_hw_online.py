@@ -153,6 +153,47 @@ def test_cli_hw_json_reports_the_model_counts(hw_ok):
     assert h["counters"]["online"]["descriptor_writes"] == s["descriptor_writes"]
 
 
+ORPHAN_C = r"""
+#include <stdio.h>
+#include <sys/wait.h>
+
+static __thread int tv = 5;
+
+int main(void) {
+    int s = 0;
+    tv++;                                   /* a new site: probed, the empty descriptor installed */
+    long pid;
+    __asm__ volatile("int $0x80" : "=a"(pid) : "0"(2L) : "memory"); /* fork: no %gs access in between */
+    if (pid == 0) {
+        tv++;                               /* the child's inherited slot: empty, no probe record */
+        __asm__ volatile("int $0x80" ::"a"(1L), "b"((long)tv)); /* _exit(tv) */
+    }
+    waitpid((int)pid, &s, 0);
+    printf("child %d parent %d\n", WEXITSTATUS(s), tv);
+    return 0;
+}
+"""
+
+
+@pytest.mark.oracle
+def test_probe_orphan_in_a_forked_child(hw_ok, tmp_path):
+    """A fork during a probe: the child inherits the empty descriptor but not the probe (per-thread state
+    in the supervisor): its first %gs fault restores the truncated form (probe-orphan) and it runs on.
+    (The model keys the probe by vCPU, so there the child continues the parent's probe: one fault fewer.)"""
+    from conftest import GCC32, require_gcc32
+
+    require_gcc32()
+    src, exe = tmp_path / "orphan.c", tmp_path / "orphan"
+    src.write_text(ORPHAN_C)
+    subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], check=True, capture_output=True)
+    r = backend.run_hw(exe, strategy="online-probe", tree=None, prices=(1000.0, 1500.0))
+    assert r.ok and r.status == 0 and r.stdout == b"child 7 parent 6\n"
+    assert r.summary["delivered"] == 0
+    assert r.online["by_kind"].get("probe-orphan") == 1
+    child = r.processes[1]
+    assert child["exited"] and child["status"] == 7 and child["faults"] >= 2
+
+
 # --------------------------------------------------------------------------- refusals (no hw needed)
 
 def test_online_rate_is_refused_on_hw():

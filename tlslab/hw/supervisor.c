@@ -278,9 +278,9 @@ static pid_t tids[MAX_THREADS]; /* tids[i] = threads[i].tid while alive, else 0 
 static int last_thread;         /* index of the last thread_of hit */
 
 /* Online strategies (online-site, online-probe): the rules of
- * tlslab/hypervisor/strategies/online.py, which is their specification; the
- * Python side (tlslab/hw/backend.py) checks that the decisions agree by the
- * fault counts. The threshold is computed here from the two prices the model
+ * tlslab/hypervisor/strategies/online.py, which is their specification
+ * (tests/test_hw_online.py checks that the decisions agree: faults per site
+ * and the model's counters, reported under "online" in the JSON). The threshold is computed here from the two prices the model
  * weighs (--emulate-ns, --flip-ns, passed with full precision) by the same
  * double expression, 2 * flip_ns / emulate_ns, so `streak > threshold`,
  * `estimate > threshold` and the probe cap int(threshold) + 1 compare exactly
