@@ -280,9 +280,10 @@ static int last_thread;         /* index of the last thread_of hit */
 /* Online strategies (online-site, online-probe): the rules of
  * tlslab/hypervisor/strategies/online.py, which is their specification
  * (tests/test_hw_online.py checks that the decisions agree: faults per site
- * and the model's counters, reported under "online" in the JSON). The threshold is computed here from the two prices the model
- * weighs (--emulate-ns, --flip-ns, passed with full precision) by the same
- * double expression, 2 * flip_ns / emulate_ns, so `streak > threshold`,
+ * and the model's counters, reported under "online" in the JSON). The
+ * threshold is computed here from the two prices the model weighs
+ * (--emulate-ns, --flip-ns, passed with full precision) by the same double
+ * expression, 2 * flip_ns / emulate_ns, so `streak > threshold`,
  * `estimate > threshold` and the probe cap int(threshold) + 1 compare exactly
  * as in Python. online-rate decides from the guest's instruction count, which
  * a ptrace supervisor does not have: it is model-only (refused by backend.py).
@@ -1060,7 +1061,10 @@ static void write_json(void) {
                 (unsigned long long)on_desc_writes, (unsigned long long)on_unknown_sign);
         int firstk = 1;
         for (size_t k = 0; k < sizeof nk / sizeof nk[0]; k++)
-            if (nk[k]) { fprintf(f, "%s\"%s\":%llu", firstk ? "" : ",", kind[k], (unsigned long long)nk[k]); firstk = 0; }
+            if (nk[k]) {
+                fprintf(f, "%s\"%s\":%llu", firstk ? "" : ",", kind[k], (unsigned long long)nk[k]);
+                firstk = 0;
+            }
         fprintf(f, "}}");
     }
     fprintf(f, ",\"first_delivered\":");
@@ -2271,7 +2275,8 @@ int main(int argc, char **argv) {
             for (int k = 0; k < S_COUNT; k++) if (!strcmp(v, strategy_names[k])) { strategy = k; found = 1; }
             if (!found) usage();
         } else if (!strcmp(a, "--emulate-ns")) emulate_ns = strtod(argv[++i], NULL);
-        else if (!strcmp(a, "--flip-ns")) flip_ns = strtod(argv[++i], NULL); else if (!strcmp(a, "--hv-start")) hv_start = (uint32_t)strtoul(argv[++i], NULL, 0);
+        else if (!strcmp(a, "--flip-ns")) flip_ns = strtod(argv[++i], NULL);
+        else if (!strcmp(a, "--hv-start")) hv_start = (uint32_t)strtoul(argv[++i], NULL, 0);
         else if (!strcmp(a, "--cpu")) cpu = atoi(argv[++i]);
         else if (!strcmp(a, "--cwd")) cwd_path = argv[++i];
         else if (!strcmp(a, "--stdin")) stdin_path = argv[++i];
