@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--cost-profile", default="nominal", help="cost profile for modelled time (see `tlslab costs`)")
     p.add_argument("--backend", choices=("unicorn", "hw"), default="unicorn",
                    help="unicorn: the model (default); hw: this CPU with really truncated segments under a "
-                   "ptrace supervisor (strategies native|emulate|flip)")
+                   "ptrace supervisor (strategies native|emulate|flip|online-site|online-probe)")
     p.add_argument("--cpu", type=int, default=0, help="hw backend: CPU to pin tracer and guest to (-1: unpinned)")
     p.add_argument("--save-patches", nargs="?", const="patches", default=None, metavar="DIR",
                    help="rewrite strategies: write the patch set to DIR/<guest>.<variant>.<strategy>.json")
@@ -221,8 +221,10 @@ def run_hardware(spec, args) -> int:
     from rich.table import Table
 
     from tlslab.guests import GuestError
-    from tlslab.hw.backend import HW_STRATEGIES, HwError, run_spec
+    from tlslab.hw.backend import HW_STRATEGIES, MODEL_ONLY, HwError, run_spec
 
+    if spec.strategy in MODEL_ONLY:
+        raise UsageError(MODEL_ONLY[spec.strategy])
     if spec.strategy not in HW_STRATEGIES:
         raise UsageError(f"the hw backend runs strategies {', '.join(HW_STRATEGIES[1:])}, not {spec.strategy}")
     if spec.stdout == "tty":
@@ -268,6 +270,16 @@ def run_hardware(spec, args) -> int:
     t.add_row("#GP faults taken", f"{result.faults:,}")
     t.add_row("faulting sites", f"{len(result.fault_sites):,}")
     t.add_row("descriptor switches", f"{result.descriptor_switches:,}")
+    online = result.online
+    if online is not None:   # the model's counts for the same run (`tlslab run --json`: counters.strategy)
+        t.add_row(f"decision threshold ({spec.prices} prices)", f"{online['threshold']:.6g}")
+        t.add_row("emulations", f"{online['emulations']:,}")
+        t.add_row("flips", f"{online['flips']:,}")
+        if spec.strategy == "online-probe":
+            t.add_row("probes", f"{online['probes']:,}")
+        t.add_row("descriptor writes (model's count)", f"{online['descriptor_writes']:,}")
+        for kind, n in sorted(online["by_kind"].items()):
+            t.add_row(f"  {kind}", f"{n:,}")
     if result.decoder_misses:
         t.add_row("single-stepped (decoder misses)", str(result.decoder_misses))
     t.add_row("wall time (traced run, measured)", f"{result.run_seconds * 1000:.1f} ms")
