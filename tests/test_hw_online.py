@@ -137,7 +137,7 @@ def test_step_fallback_keeps_the_decisions(hw_ok, guest, variant):
 
 @pytest.mark.oracle
 def test_cli_hw_json_reports_the_model_counts(hw_ok):
-    """`tlslab run GUEST -s online-probe --backend hw --json`: counters.online.by_kind are the model's
+    """`tlslab run GUEST -s online-probe --backend hw --json`: hw_counters.online.by_kind are the model's
     counters.strategy.by_kind for the same run."""
     import json
 
@@ -149,8 +149,8 @@ def test_cli_hw_json_reports_the_model_counts(hw_ok):
     h, m = json.loads(hw.stdout), json.loads(model.stdout)
     s = m["counters"]["strategy"]
     assert h["faults"] == s["traps"]
-    assert h["counters"]["online"]["by_kind"] == s["by_kind"]
-    assert h["counters"]["online"]["descriptor_writes"] == s["descriptor_writes"]
+    assert h["hw_counters"]["online"]["by_kind"] == s["by_kind"]
+    assert h["hw_counters"]["online"]["descriptor_writes"] == s["descriptor_writes"]
 
 
 ORPHAN_C = r"""

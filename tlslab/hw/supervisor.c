@@ -291,6 +291,9 @@ static int last_thread;         /* index of the last thread_of hit */
  * Sites are keyed (eip, sign) domain-wide as in the model: one table for
  * every thread, process and image (processes forked from one another share
  * code at the same addresses; a wrong guess costs time, never correctness).
+ * online-probe also keys (eip, sign, previous fault's eip) entries in the same
+ * table: a site whose probes measured two different remaining runs is
+ * ambiguous, and there the context entry decides (ProbeStrategy docstring).
  * Per-slot state (the online-site streak, a probe in progress) is per thread
  * here, per (vCPU, selector) in the model: the same for single-threaded
  * guests. With threads they differ as the descriptors themselves do: Linux
@@ -302,15 +305,19 @@ static int last_thread;         /* index of the last thread_of hit */
 struct osite {
     uint32_t eip;
     int sign, used, hot, has_estimate;
+    int in_context;     /* an entry per (site, previous fault's site): ProbeStrategy's context keys */
+    int ambiguous;      /* a site entry whose probes measured two different remaining runs */
+    uint32_t prev;      /* in_context: the previous fault's eip */
     uint64_t seen, next_probe, estimate;
 };
 static struct osite *osites; /* SITE_CAP entries, open addressing; allocated for the online strategies */
 static uint64_t nosites;
 static double emulate_ns, flip_ns, threshold;
 static uint64_t probe_cap;   /* int(threshold) + 1 */
+static uint32_t previous_fault; /* ProbeStrategy._previous: eip of the previous %gs fault decided */
 /* the sites of the probe in progress in each thread's slot (indices in osites[]); indexed by
  * thread, not kept in struct slot, so that copying a creator's slots never shares a list */
-struct plist { uint32_t *v; size_t n, cap; };
+struct plist { uint32_t *v; size_t n, cap; }; /* pairs: site entry, context entry */
 static struct plist plists[MAX_THREADS][TLS_SLOTS];
 /* what the model's counters.by_kind and descriptor_writes report, named as there */
 static uint64_t on_emulate, on_flip, on_probe, on_probe_flip, on_probe_end, on_probe_orphan, on_marked_hot,
@@ -1548,23 +1555,28 @@ static void end_step(struct thread *t) {
 }
 
 /* ------------------------------------------------------ online strategies */
-/* the (eip, sign) entry of the domain-wide site table, created if new */
-static struct osite *osite_of(uint32_t eip, int sign) {
-    uint32_t h = (eip * 2654435761u ^ (sign > 0 ? 0x9E3779B9u : 0u)) & (SITE_CAP - 1);
+/* the (eip, sign) entry of the domain-wide site table (in_context: the
+ * (eip, sign, prev) entry), created if new */
+static struct osite *oentry_of(uint32_t eip, int sign, int in_context, uint32_t prev) {
+    uint32_t h = (eip * 2654435761u ^ (sign > 0 ? 0x9E3779B9u : 0u) ^ (in_context ? prev * 40503u + 1u : 0u))
+                 & (SITE_CAP - 1);
     for (int i = 0; i < SITE_CAP; i++) {
         struct osite *o = &osites[(h + i) & (SITE_CAP - 1)];
         if (!o->used) {
             /* the table is a decision input: a site without an entry cannot be decided as in the model */
             if (nosites >= SITE_CAP - 1) die_setup("online site table full", ENOSPC);
-            o->used = 1; o->eip = eip; o->sign = sign;
+            o->used = 1; o->eip = eip; o->sign = sign; o->in_context = in_context; o->prev = prev;
             nosites++;
             return o;
         }
-        if (o->eip == eip && o->sign == sign) return o;
+        if (o->eip == eip && o->sign == sign && o->in_context == in_context && (!in_context || o->prev == prev))
+            return o;
     }
     die_setup("online site table full", ENOSPC);
     return NULL;
 }
+
+static struct osite *osite_of(uint32_t eip, int sign) { return oentry_of(eip, sign, 0, 0); }
 
 static void plist_add(struct plist *p, uint32_t site) {
     if (p->n == p->cap) {
@@ -1577,21 +1589,50 @@ static void plist_add(struct plist *p, uint32_t site) {
     p->v[p->n++] = site;
 }
 
-/* ProbeStrategy._learn: each site of the run learns how many same-sign
- * accesses followed it, itself included; a site seen twice keeps its first
- * (longest) remainder, hence the walk from the end */
+/* ProbeStrategy._learn: each (site, context) pair of the run learns how many
+ * same-sign accesses followed it, itself included; a pair seen twice keeps its
+ * first (longest) remainder. The model walks from the end into a dict and then
+ * updates in the dict's order (pairs by their last occurrence, latest first);
+ * a site given a value different from the one it had becomes ambiguous. The
+ * same order here: a probe holds at most probe_cap pairs, so the quadratic
+ * de-duplication is cheap. */
 static void probe_learn(const struct plist *p) {
-    size_t n = p->n;
+    size_t n = p->n / 2;
+    size_t *order = malloc((n ? n : 1) * sizeof *order);   /* pair indices, in the model's dict order */
+    uint64_t *value = malloc((n ? n : 1) * sizeof *value);
+    if (!order || !value) die_setup("malloc (probe learn)", ENOMEM);
+    size_t m = 0;
     for (size_t k = n; k-- > 0;) {
-        struct osite *o = &osites[p->v[k]];
-        o->estimate = n - k;
-        o->has_estimate = 1;
+        size_t j = 0;
+        while (j < m && !(p->v[2 * order[j]] == p->v[2 * k] && p->v[2 * order[j] + 1] == p->v[2 * k + 1])) j++;
+        if (j == m) order[m++] = k;
+        value[j] = n - k;   /* the earliest occurrence's remainder wins, as in the dict */
     }
+    for (size_t j = 0; j < m; j++) {
+        struct osite *site = &osites[p->v[2 * order[j]]], *ctx = &osites[p->v[2 * order[j] + 1]];
+        if (site->has_estimate && site->estimate != value[j]) site->ambiguous = 1;
+        site->estimate = value[j];
+        site->has_estimate = 1;
+        ctx->estimate = value[j];
+        ctx->has_estimate = 1;
+    }
+    free(order);
+    free(value);
+}
+
+/* ProbeStrategy._due: count a fault at this entry; its estimate, or -1 when it has none or is due a probe */
+static int64_t probe_due(struct osite *o) {
+    o->seen++;
+    if (!o->has_estimate || o->seen >= o->next_probe) {
+        o->next_probe = o->seen * REPROBE_FACTOR;
+        return -1;
+    }
+    return (int64_t)o->estimate;
 }
 
 /* a fault with the empty descriptor installed (ProbeStrategy._in_probe) */
 static int probe_fault(struct thread *t, struct slot *sl, struct site *s, struct insn *in,
-                       struct user_regs_struct *r, uint32_t eip, int entry, int *step, int sign) {
+                       struct user_regs_struct *r, uint32_t eip, int entry, int *step, int sign, uint32_t prev) {
     struct plist *p = &plists[t - threads][entry - TLS_FIRST];
     t->last_fault_flipped = 0;
     if (!sl->probing) {
@@ -1613,7 +1654,8 @@ static int probe_fault(struct thread *t, struct slot *sl, struct site *s, struct
     }
     if (sign == sl->probe_sign) {
         plist_add(p, (uint32_t)(osite_of(eip, sign) - osites));
-        if (p->n >= probe_cap) { /* the run already pays for a flip: flip, and restart */
+        plist_add(p, (uint32_t)(oentry_of(eip, sign, 1, prev) - osites));
+        if (p->n / 2 >= probe_cap) { /* the run already pays for a flip: flip, and restart */
             probe_learn(p);
             sl->probing = 0;
             install_state(t, sl, sl->probe_away);
@@ -1640,7 +1682,7 @@ static int probe_fault(struct thread *t, struct slot *sl, struct site *s, struct
  * step: end_step installs the empty descriptor after it */
 static int start_probe(struct thread *t, struct slot *sl, struct site *s, struct insn *in,
                        struct user_regs_struct *r, uint32_t eip, int entry, int *step, int sign,
-                       struct osite *o) {
+                       struct osite *o, struct osite *ctx) {
     int home = sl->state, away = home == ST_UP ? ST_DOWN : ST_UP;
     int flippable = !in->has_mem || desc_admits(slot_desc(sl, away), in->off, in->size, 0);
     on_emulate++;
@@ -1659,6 +1701,7 @@ static int start_probe(struct thread *t, struct slot *sl, struct site *s, struct
     struct plist *p = &plists[t - threads][entry - TLS_FIRST];
     p->n = 0;
     plist_add(p, (uint32_t)(o - osites));
+    plist_add(p, (uint32_t)(ctx - osites));
     on_probe++;
     return 0;
 }
@@ -1672,7 +1715,9 @@ static int online_fault(struct thread *t, struct slot *sl, struct site *s, struc
         return do_emulate(t, sl, s, in, r, eip, entry, step);
     }
     int sign = access_sign(sl, in);
-    if (sl->state == ST_EMPTY) return probe_fault(t, sl, s, in, r, eip, entry, step, sign);
+    uint32_t prev = previous_fault;   /* the context key uses the fault before this one */
+    if (strategy == S_ONLINE_PROBE) previous_fault = eip;
+    if (sl->state == ST_EMPTY) return probe_fault(t, sl, s, in, r, eip, entry, step, sign, prev);
     struct osite *o = osite_of(eip, sign);
     int deliver;
     if (strategy == S_ONLINE_SITE) {
@@ -1700,12 +1745,12 @@ static int online_fault(struct thread *t, struct slot *sl, struct site *s, struc
     /* ProbeStrategy.decide, outside a probe: any record of one is stale (the
      * descriptor is no longer the empty one; the model pops it here) */
     sl->probing = 0;
-    o->seen++;
-    if (!o->has_estimate || o->seen >= o->next_probe) {
-        o->next_probe = o->seen * REPROBE_FACTOR;
-        return start_probe(t, sl, s, in, r, eip, entry, step, sign, o);
-    }
-    if ((double)o->estimate > threshold) {
+    int64_t estimate = probe_due(o);
+    if (estimate >= 0 && o->ambiguous)   /* a site reached from several places: its context decides */
+        estimate = probe_due(oentry_of(eip, sign, 1, prev));
+    if (estimate < 0)
+        return start_probe(t, sl, s, in, r, eip, entry, step, sign, o, oentry_of(eip, sign, 1, prev));
+    if ((double)estimate > threshold) {
         if (!(deliver = do_flip(t, sl, s, in, eip))) { on_flip++; on_desc_writes++; }
         return deliver;
     }
