@@ -19,6 +19,7 @@ process listing and signalled to its parent, as on Linux.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import capstone
@@ -87,7 +88,12 @@ class Domain:
         self.policy = DescriptorPolicy.xen(profile) if self.strategy.truncates else DescriptorPolicy.native(profile)
         self._vcpu_options = dict(checks=checks, timeout_seconds=timeout_seconds, trace_signs=trace_signs)
         first_vcpu = vcpu if vcpu is not None else VCpu(**self._vcpu_options)
-        self.vcpus: list[VCpu] = [first_vcpu]   # every address space's vCPU, in creation order
+        # sign traces (trace_signs) of every address space, in creation order: live vCPUs are held weakly
+        # (a dead process's engine must be freed), a released one leaves its trace here
+        self._vcpus_made = 0
+        self._live_vcpus: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._released_traces: dict[int, dict] = {}
+        self._watch_vcpu(first_vcpu)
         self._requested: dict[SegmentDescriptor, SegmentDescriptor] = {}
         self.max_traps = max_traps
         self._refused: str | None = None
@@ -108,7 +114,7 @@ class Domain:
     def _new_vcpu(self) -> VCpu:
         vcpu = VCpu(**self._vcpu_options)
         vcpu.share_deadline(self.first_process.vcpu)
-        self.vcpus.append(vcpu)
+        self._watch_vcpu(vcpu)
         return vcpu
 
     def _on_new_address_space(self, process, how: str) -> None:
@@ -150,11 +156,24 @@ class Domain:
                 return requested
         return installed
 
+    def _watch_vcpu(self, vcpu: VCpu) -> None:
+        index = self._vcpus_made
+        self._vcpus_made += 1
+        self._live_vcpus[index] = vcpu
+        if self._vcpu_options.get("trace_signs"):
+            vcpu.on_release = lambda v, index=index: self._released_traces.__setitem__(
+                index, {seg: v.sign_runs(seg) for seg in ("fs", "gs")})
+
     def sign_runs(self, segment: str = "gs") -> tuple[list[list[int]], int]:
         """Every address space's sign trace (``trace_signs``), and how many runs were dropped in all."""
         traces, dropped = [], 0
-        for vcpu in self.vcpus:
-            runs, lost = vcpu.sign_runs(segment)
+        for index in range(self._vcpus_made):
+            if index in self._released_traces:
+                runs, lost = self._released_traces[index][segment]
+            elif index in self._live_vcpus:
+                runs, lost = self._live_vcpus[index].sign_runs(segment)
+            else:
+                runs, lost = [], 0   # not traced
             traces.append(runs)
             dropped += lost
         return traces, dropped

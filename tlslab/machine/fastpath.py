@@ -18,6 +18,29 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+import mmap as _mmap
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _anonymous_pages(size: int) -> int | None:
+    """``size`` bytes of fresh anonymous memory: zero pages the kernel backs only when written."""
+    address = _libc.mmap(None, size, _mmap.PROT_READ | _mmap.PROT_WRITE, _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS,
+                         -1, 0)
+    return None if address in (None, _MAP_FAILED) else address
+
+
+def _free_buffers(buffers: list) -> None:
+    """Unmap sign-trace buffers, (address, size) pairs (once: the list is emptied)."""
+    while buffers:
+        address, size = buffers.pop()
+        _libc.munmap(address, size)
+
 from unicorn.unicorn_py3.unicorn import uclib
 
 SOURCE = Path(__file__).with_name("_fastpath.c")
@@ -264,13 +287,35 @@ class Fastpath:
         _LIVE.add(self)
 
     def enable_sign_trace(self, capacity: int = 1 << 22) -> None:
-        """Record, per segment register, the lengths of runs of same-sign offsets."""
+        """Record, per segment register, the lengths of runs of same-sign offsets.
+
+        The buffers are anonymous mappings (not malloc, which may hand back
+        recycled memory it must clear): the kernel backs a page only when the
+        trace writes it, so a run of hundreds of address spaces holds the
+        entries it wrote, not ``capacity`` per space; ``freeze_sign_trace``
+        unmaps them when the space is over.
+        """
+        self._frozen_runs = None
         self._run_buffers = []
+        size = capacity * ctypes.sizeof(ctypes.c_int32)
         for st in self.header.stats:
-            buf = (ctypes.c_int32 * capacity)()
-            self._run_buffers.append(buf)
+            buf = _anonymous_pages(size)
+            if buf is None:
+                raise MemoryError("no memory for the sign trace")
+            self._run_buffers.append((buf, size))
             st.runs = ctypes.cast(buf, ctypes.POINTER(ctypes.c_int32))
             st.runs_capacity = capacity
+        weakref.finalize(self, _free_buffers, self._run_buffers)
+
+    def freeze_sign_trace(self) -> None:
+        """The address space is over: keep its runs as Python data and free the C buffers."""
+        if not getattr(self, "_run_buffers", None):
+            return
+        self._frozen_runs = [self.sign_runs(i) for i in range(len(self.header.stats))]
+        for st in self.header.stats:
+            st.runs = None
+            st.runs_capacity = 0
+        _free_buffers(self._run_buffers)
 
     def sign_break(self) -> None:
         """Mark a break in every sign trace (a 0 entry): the thread on this vCPU changed.
@@ -291,6 +336,9 @@ class Fastpath:
 
     def sign_runs(self, index: int) -> tuple[list[int], int]:
         """(runs as +len/-len including the current one, 0 at a break, runs dropped for lack of room)."""
+        frozen = getattr(self, "_frozen_runs", None)
+        if frozen is not None:
+            return list(frozen[index][0]), frozen[index][1]
         st = self.header.stats[index]
         if not st.runs:
             return [], 0

@@ -104,6 +104,7 @@ class VCpu:
                  trace_signs: bool = False):
         self.checks = checks
         self.count_instructions = count_instructions
+        self.on_release = None   # called with this vCPU when its address space is over
         self.timeout_us = int(timeout_seconds * 1_000_000)
         self._deadline_ns: int | None = None  # the limit is for the whole run, set when it starts
         self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
@@ -327,6 +328,11 @@ class VCpu:
         The counters stay readable; the engine and the host buffers it maps go
         when the last reference does (nothing is unmapped one region at a time).
         """
+        if self.on_release is not None:
+            self.on_release(self)            # e.g. the domain keeps this space's sign trace
+            self.on_release = None
+        if self._fast is not None:
+            self._fast.freeze_sign_trace()   # its runs stay readable, its buffers go
         self.mem = None
         self.uc = None
         self.regs = None
