@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlslab.hw.build import BuildError, supervisor_path
+from tlslab.linux.nodes import GUEST_GID, GUEST_UID
 
 HW_STRATEGIES = ("untraced", "native", "emulate", "flip")
 STDOUT_MODES = ("pipe", "file", "null")
@@ -264,9 +265,24 @@ def materialised_tree(spec: str, fresh: bool = False) -> str:
     if root is None:  # order cannot be matched here: still a faithful tree, in the default order
         root = tree.materialise(os.path.join(_TREE_PARENT[-1], "root"))
         _ORDER_MISMATCH.add(root)
+    _own_as_guest(root)
     if not fresh:
         _TREES[key] = root
     return root
+
+
+def _own_as_guest(root: str) -> None:
+    """Give the tree the model's owner (uid/gid 1000 own every node of a synthetic tree), if we may.
+
+    The jailed guest runs as that user: as in the model, it may then write its
+    tree -- into the overlay that hides the host copy (see ``run_hw``).
+    """
+    if os.geteuid() != 0:
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            os.chown(os.path.join(dirpath, name), GUEST_UID, GUEST_GID, follow_symlinks=False)
+    os.chown(root, GUEST_UID, GUEST_GID)
 
 
 _ORDER_MISMATCH: set[str] = set()
@@ -348,6 +364,8 @@ def run_hw(
         exe = supervisor_path()
     except BuildError as exc:
         raise HwUnavailable(str(exc)) from None
+    if os.geteuid() != 0:
+        raise HwUnavailable(f"hw backend unavailable: {ROOT_NEEDED}")
     if root is not None:
         cwd = os.fspath(root)
     elif tree is not None:
@@ -355,6 +373,8 @@ def run_hw(
     else:
         cwd = None if chroot is not None else os.getcwd()
     cpu = -1 if cpu is None else int(cpu)
+    uid = GUEST_UID if uid is None else uid
+    gid = GUEST_GID if gid is None else gid
 
     with tempfile.TemporaryDirectory(prefix="tlslab-hw-") as work:
         json_path = os.path.join(work, "summary.json")
@@ -373,14 +393,18 @@ def run_hw(
                 cwd = tree_at
             else:
                 cwd = "/"
-            if uid is not None:
-                jail += ["--uid", str(int(uid))]
-            if gid is not None:
-                jail += ["--gid", str(int(gid))]
             if exe_in_root is None:
                 jail.append("--exec-fd")
+        else:  # no root filesystem: "/" is the data tree (or cwd), its writes in a private overlay
+            if not os.path.isdir(cwd):
+                raise HwError(f"data directory {cwd} is not a directory")
+            view = os.path.join(work, "view")
+            os.mkdir(view, 0o700)
+            jail = ["--overlay", cwd, "--view", view, "--exec-fd"]
+            cwd = None  # the tree itself (see the module docstring)
+        jail += ["--uid", str(int(uid)), "--gid", str(int(gid))]
         cmd = [str(exe), "--strategy", strategy, "--hv-start", hex(_hv_start(profile)), "--cpu", str(cpu),
-               "--cwd", cwd, "--json", json_path, "--timeout", str(timeout), "--max-procs", str(int(max_procs)),
+               *(["--cwd", cwd] if cwd is not None else []), "--json", json_path, "--timeout", str(timeout), "--max-procs", str(int(max_procs)),
                *jail]
         for e in env if env is not None else _default_env():
             cmd += ["--env", e]
@@ -444,7 +468,11 @@ def _read_summary(json_path: str, proc: subprocess.CompletedProcess, guest_path:
         stage, errno_ = summary.get("error_stage", ""), summary.get("error_errno", 0)
         if stage in ("PTRACE_TRACEME", "PTRACE_SETOPTIONS", "seccomp", "PR_SET_NO_NEW_PRIVS") or (
             # root-filesystem runs in a container that forbids chroot / mount namespaces
-            errno_ == 1 and stage in ("chroot", "unshare(CLONE_NEWNS)", "mount private /", "mount tmpfs view")
+            errno_ == 1 and stage in ("chroot", "unshare(CLONE_NEWNS)", "mount private /", "mount tmpfs view",
+                                      "mount overlay")
+        ) or (
+            # no overlayfs in this kernel
+            errno_ == 19 and stage == "mount overlay"
         ) or (
             # ENOEXEC for a well-formed i386 ELF: the kernel has no 32-bit support (IA32_EMULATION off)
             stage == "execve" and errno_ == 8 and _is_i386_elf(guest_path)
@@ -453,14 +481,16 @@ def _read_summary(json_path: str, proc: subprocess.CompletedProcess, guest_path:
                 "PTRACE_TRACEME": " (ptrace refused: container seccomp/yama, or not permitted)",
                 "execve": " (this kernel cannot execute 32-bit i386 programs)",
                 "chroot": " (root-filesystem programs run chrooted)",
-                "unshare(CLONE_NEWNS)": " (a data tree inside a root filesystem needs a private mount namespace)",
+                "unshare(CLONE_NEWNS)": " (every hw guest runs in a private mount namespace)",
+                "mount overlay": " (a guest without a root filesystem runs on an overlayfs of its data tree)",
             }.get(stage, "")
             raise HwUnavailable(f"hw backend unavailable: {error}{hint}")
         raise HwError(f"supervisor failed: {error}")
     return summary
 
 
-ROOT_NEEDED = "the hw backend runs root-filesystem programs chrooted, which needs root"
+ROOT_NEEDED = ("the hw backend runs every guest jailed (a private mount namespace, chroot, uid 1000), "
+               "which needs root")
 
 
 def _i386_image(path):
@@ -489,11 +519,8 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
 
     rooted_path = bool(spec.rootfs) and spec.guest.startswith("/")
     if not rooted_path:  # a registry guest or host path: refuse non-i386 files before anything else
-        image = _i386_image(resolve_guest(spec.guest, spec.variant).path)
-        rooted = bool(spec.rootfs) or image.dynamic
-    else:
-        rooted = True
-    if rooted and os.geteuid() != 0:
+        _i386_image(resolve_guest(spec.guest, spec.variant).path)
+    if os.geteuid() != 0:
         raise HwError(ROOT_NEEDED)
     try:
         program = resolve_program(spec)

@@ -108,6 +108,7 @@
 #define NR32_EXECVE 11
 #define NR32_EXECVEAT 358
 #define SA32_NODEFER 0x40000000u
+#define OVERLAY_SIZE "256m" /* --overlay: what the guest may write in all */
 #define SA32_RESETHAND 0x80000000u
 #define SEGV_BIT (1u << (SIGSEGV - 1))
 #define SIG32_DFL 0u
@@ -218,8 +219,9 @@ static double timeout_s;
 static int step_only; /* emulate: use the step fallback for everything (testing) */
 static int model_env; /* present the guest the Unicorn model's process environment (see below) */
 /* root-filesystem runs (see run_child): chroot, a private mount namespace
- * for a data tree, the model's uid/gid, exec by descriptor */
-static const char *chroot_dir, *view_dir, *mount_src, *mount_at;
+ * for a data tree, the model's uid/gid, exec by descriptor; runs without a
+ * root (static guests): --overlay, the data tree as a throwaway "/" */
+static const char *chroot_dir, *view_dir, *mount_src, *mount_at, *overlay_dir;
 static long guest_uid = -1, guest_gid = -1;
 static int exec_fd;
 static uint64_t auxv_hidden;
@@ -1010,7 +1012,12 @@ static void write_json(void) {
     }
     fprintf(f, "]");
     fprintf(f, ",\"chroot\":");
-    if (chroot_dir) json_str(f, view_dir ? view_dir : chroot_dir); else fprintf(f, "null");
+    if (overlay_dir) {
+        char r[4096];
+        snprintf(r, sizeof r, "%s/root", view_dir);
+        json_str(f, r);
+    } else if (chroot_dir) json_str(f, view_dir ? view_dir : chroot_dir); else fprintf(f, "null");
+    fprintf(f, ",\"jail\":\"%s\"", overlay_dir ? "overlay" : chroot_dir ? (view_dir ? "view" : "chroot") : "none");
     fprintf(f, ",\"uid\":%ld,\"gid\":%ld", guest_uid, guest_gid);
     fprintf(f, ",\"tls\":[%.*s],\"sites\":[", (int)tlslog_len, tlslog_buf ? tlslog_buf : "");
     int first = 1;
@@ -1265,6 +1272,93 @@ static void build_view(int errfd) {
     populate(errfd, chroot_dir, view_dir, mount_src ? mount_at : NULL);
 }
 
+/* --overlay DIR --view EMPTYDIR (runs without a root filesystem): the guest
+ * sees DIR as the model shows its data tree, and what it writes lands in a
+ * private copy, as in the model's in-memory overlay -- never on the host. In
+ * a private mount namespace (gone with the guest), on a size-bounded tmpfs on
+ * EMPTYDIR: DIR bound read-only at lower/; an overlayfs of it at tree/
+ * (upper/ and work/ on the tmpfs; upper/ gets DIR's mode, owner and times,
+ * which the overlay's top directory shows); and root/, the guest's "/": each
+ * top-level entry of the tree bound there (symlinks copied), so "/x" is the
+ * tree's x as in the model, plus what the model mounts on its root: /dev
+ * (null, zero, urandom, random) and /proc (static glibc reads
+ * /proc/self/exe at start-up and mallocs its directory: without it malloc's
+ * fault counts change). The model hides dev and proc from the root's listing;
+ * a host directory cannot, so the working directory is the overlay itself,
+ * detached after root/ is built (no path leads to it; ".." from it stays
+ * there, as from the model's root): "." lists exactly the tree. Relative
+ * option paths (cwd is the tmpfs) keep commas and colons in DIR out of the
+ * mount options. Returns a descriptor of the tree for fchdir after chroot. */
+static int build_overlay(int errfd) {
+    static const char *devs[] = {"null", "zero", "urandom", "random"};
+    char s2[4096], d2[4096], link[4096];
+    struct stat st;
+    if (stat(overlay_dir, &st) < 0) child_fail(errfd, "stat data tree");
+    if (!S_ISDIR(st.st_mode)) { errno = ENOTDIR; child_fail(errfd, "stat data tree"); }
+    if (unshare(CLONE_NEWNS) < 0) child_fail(errfd, "unshare(CLONE_NEWNS)");
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) child_fail(errfd, "mount private /");
+    if (mount("tlslab-view", view_dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700,size=" OVERLAY_SIZE) < 0)
+        child_fail(errfd, "mount tmpfs view");
+    if (chdir(view_dir) < 0) child_fail(errfd, "chdir view");
+    if (mkdir("lower", 0700) < 0 || mkdir("upper", st.st_mode & 07777) < 0 || mkdir("work", 0700) < 0 ||
+        mkdir("tree", 0700) < 0 || mkdir("root", 0755) < 0)
+        child_fail(errfd, "mkdir view entry");
+    if (mount(overlay_dir, "lower", NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount");
+    if (mount(NULL, "lower", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0)
+        child_fail(errfd, "remount bind read-only");
+    if (chown("upper", st.st_uid, st.st_gid) < 0 || chmod("upper", st.st_mode & 07777) < 0)
+        child_fail(errfd, "chown view entry");
+    struct timespec ts[2] = {st.st_atim, st.st_mtim};
+    if (utimensat(AT_FDCWD, "upper", ts, 0) < 0) child_fail(errfd, "utimensat view entry");
+    if (mount("tlslab-tree", "tree", "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=work") < 0)
+        child_fail(errfd, "mount overlay");
+    int have_dev = 0, have_proc = 0;
+    DIR *d = opendir("tree");
+    if (!d) child_fail(errfd, "opendir data tree");
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        snprintf(s2, sizeof s2, "tree/%s", de->d_name);
+        snprintf(d2, sizeof d2, "root/%s", de->d_name);
+        struct stat est;
+        if (lstat(s2, &est) < 0) child_fail(errfd, "lstat tree entry");
+        have_dev |= !strcmp(de->d_name, "dev");
+        have_proc |= !strcmp(de->d_name, "proc");
+        if (S_ISLNK(est.st_mode)) {
+            ssize_t k = readlink(s2, link, sizeof link - 1);
+            if (k < 0) child_fail(errfd, "readlink tree entry");
+            link[k] = 0;
+            if (symlink(link, d2) < 0) child_fail(errfd, "symlink view entry");
+            continue;
+        }
+        if (S_ISDIR(est.st_mode) ? mkdir(d2, 0755) < 0 : mknod(d2, S_IFREG | 0644, 0) < 0)
+            child_fail(errfd, "create view entry");
+        if (mount(s2, d2, NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount");
+    }
+    closedir(d);
+    if (!have_dev) {
+        if (mkdir("root/dev", 0755) < 0) child_fail(errfd, "mkdir view entry");
+        for (size_t k = 0; k < sizeof devs / sizeof devs[0]; k++) {
+            snprintf(s2, sizeof s2, "/dev/%s", devs[k]);
+            snprintf(d2, sizeof d2, "root/dev/%s", devs[k]);
+            if (mknod(d2, S_IFREG | 0644, 0) < 0) child_fail(errfd, "create view entry");
+            if (mount(s2, d2, NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount /dev");
+            if (mount(NULL, d2, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC, NULL) < 0)
+                child_fail(errfd, "remount bind read-only");
+        }
+    }
+    if (!have_proc) {
+        if (mkdir("root/proc", 0555) < 0) child_fail(errfd, "mkdir view entry");
+        /* this process's own pids only (subset=pid), read-only: no /proc/sys */
+        if (mount("proc", "root/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "subset=pid") < 0)
+            child_fail(errfd, "mount proc");
+    }
+    int fd = open("tree", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) child_fail(errfd, "open data tree");
+    if (umount2("tree", MNT_DETACH) < 0) child_fail(errfd, "detach data tree");
+    return fd;
+}
+
 static void run_child(int errfd, char **argv, const char *exe) {
     int xfd = -1;
     if (stdin_path && open_to(stdin_path, 0, O_RDONLY) < 0) child_fail(errfd, "stdin");
@@ -1273,7 +1367,12 @@ static void run_child(int errfd, char **argv, const char *exe) {
     /* a program outside the root: opened here, executed by descriptor after
      * chroot (the kernel then looks up its PT_INTERP inside the root) */
     if (exec_fd && (xfd = open(exe, O_RDONLY | O_CLOEXEC)) < 0) child_fail(errfd, "open program");
-    if (chroot_dir) {
+    if (overlay_dir) {
+        int tree = build_overlay(errfd);
+        if (chroot("root") < 0) child_fail(errfd, "chroot");
+        if (fchdir(tree) < 0) child_fail(errfd, "chdir data tree");
+        close(tree);
+    } else if (chroot_dir) {
         if (view_dir) build_view(errfd);
         if (chroot(view_dir ? view_dir : chroot_dir) < 0) child_fail(errfd, "chroot");
         if (chdir("/") < 0) child_fail(errfd, "chdir /");
@@ -1938,11 +2037,15 @@ static void usage(void) {
             "    [--cpu N|-1] [--cwd DIR] [--stdin PATH] [--stdout PATH] [--stderr PATH] [--env K=V]...\n"
             "    [--timeout SECONDS] [--max-procs N] [--step-only] [--model-env] [--trace PATH]\n"
             "    [--chroot DIR [--view EMPTYDIR [--mount-src DIR --mount-at PATH]]] [--uid N] [--gid N] [--exec-fd]\n"
+            "    [--overlay DIR --view EMPTYDIR --exec-fd]\n"
             "    --json PATH -- EXE ARGV0 [ARGS...]\n"
             "  --chroot: the guest runs chrooted in DIR; --cwd is then a path inside it, and EXE too\n"
             "  unless --exec-fd (EXE is a host path, opened before chroot and executed by descriptor).\n"
             "  --view: in a private mount namespace, build DIR's view (read-only binds of DIR's top-level\n"
             "  entries on a tmpfs mounted on EMPTYDIR) with --mount-src bound read-only at --mount-at.\n"
+            "  --overlay: the guest's cwd is DIR, / has DIR's top-level entries, /dev and /proc; its writes\n"
+            "  go to a private overlay (tmpfs, " OVERLAY_SIZE ") in a private mount namespace built on EMPTYDIR;\n"
+            "  no --cwd; EXE is a host path executed by descriptor.\n"
             "  --uid/--gid: drop to these ids (no supplementary groups) after chroot, before exec.\n"
             "  --max-procs: processes the guest may start in all (the first included, default 1024);\n"
             "  beyond it, as at --timeout, every guest task is killed (\"stopped\" in the JSON).\n");
@@ -1975,6 +2078,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--env")) { if (envc < 255) envv[envc++] = argv[++i]; else usage(); }
         else if (!strcmp(a, "--chroot")) chroot_dir = argv[++i];
         else if (!strcmp(a, "--view")) view_dir = argv[++i];
+        else if (!strcmp(a, "--overlay")) overlay_dir = argv[++i];
         else if (!strcmp(a, "--mount-src")) mount_src = argv[++i];
         else if (!strcmp(a, "--mount-at")) mount_at = argv[++i];
         else if (!strcmp(a, "--uid")) guest_uid = atol(argv[++i]);
@@ -1984,7 +2088,8 @@ int main(int argc, char **argv) {
         else usage();
     }
     if (argc - i < 2) usage();
-    if ((view_dir && !chroot_dir) || (mount_src && !view_dir) || (!mount_src != !mount_at)) usage();
+    if ((view_dir && !chroot_dir && !overlay_dir) || (mount_src && !view_dir) || (!mount_src != !mount_at)) usage();
+    if (overlay_dir && (chroot_dir || !view_dir || mount_src || !exec_fd || cwd_path)) usage();
     const char *exe = argv[i];
     char **gargv = argv + i + 1;
 
