@@ -325,6 +325,7 @@ def run_hw(
     uid: int | None = None,
     gid: int | None = None,
     max_procs: int = 1024,
+    exe_path: str | None = None,
 ) -> HwResult:
     """Run ``guest_path`` natively with ``argv`` (argv[0] included; default its basename).
 
@@ -400,7 +401,8 @@ def run_hw(
                 raise HwError(f"data directory {cwd} is not a directory")
             view = os.path.join(work, "view")
             os.mkdir(view, 0o700)
-            jail = ["--overlay", cwd, "--view", view, "--exec-fd"]
+            jail = ["--overlay", cwd, "--view", view, "--exec-fd",
+                    "--exe-path", exe_path or "/bin/" + os.path.basename(argv[0])]
             cwd = None  # the tree itself (see the module docstring)
         jail += ["--uid", str(int(uid)), "--gid", str(int(gid))]
         cmd = [str(exe), "--strategy", strategy, "--hv-start", hex(_hv_start(profile)), "--cpu", str(cpu),
@@ -534,7 +536,8 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
                   timeout=timeout)
     if program.rootfs is None:
         return run_hw(guest.path, [program.argv0, *spec.args],
-                      tree=None if spec.root else (spec.tree or "small"), root=spec.root, **common), guest
+                      tree=None if spec.root else (spec.tree or "small"), root=spec.root,
+                      exe_path=program.guest_path, **common), guest
     import inspect
 
     from tlslab.linux.vfs import Vfs

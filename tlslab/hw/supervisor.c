@@ -221,7 +221,7 @@ static int model_env; /* present the guest the Unicorn model's process environme
 /* root-filesystem runs (see run_child): chroot, a private mount namespace
  * for a data tree, the model's uid/gid, exec by descriptor; runs without a
  * root (static guests): --overlay, the data tree as a throwaway "/" */
-static const char *chroot_dir, *view_dir, *mount_src, *mount_at, *overlay_dir;
+static const char *chroot_dir, *view_dir, *mount_src, *mount_at, *overlay_dir, *exe_path;
 static long guest_uid = -1, guest_gid = -1;
 static int exec_fd;
 static uint64_t auxv_hidden;
@@ -1281,9 +1281,11 @@ static void build_view(int errfd) {
  * which the overlay's top directory shows); and root/, the guest's "/": each
  * top-level entry of the tree bound there (symlinks copied), so "/x" is the
  * tree's x as in the model, plus what the model mounts on its root: /dev
- * (null, zero, urandom, random) and /proc (static glibc reads
- * /proc/self/exe at start-up and mallocs its directory: without it malloc's
- * fault counts change). The model hides dev and proc from the root's listing;
+ * (null, zero, urandom, random bound read-only) and /proc/self/exe, a
+ * symlink to --exe-path, the model's text (static glibc reads it at start-up
+ * and mallocs its directory: without it malloc's fault counts change; no
+ * procfs: its /proc/PID/root of another uid-1000 process would lead out).
+ * The model hides dev and proc from the root's listing;
  * a host directory cannot, so the working directory is the overlay itself,
  * detached after root/ is built (no path leads to it; ".." from it stays
  * there, as from the model's root): "." lists exactly the tree. Relative
@@ -1348,10 +1350,10 @@ static int build_overlay(int errfd) {
         }
     }
     if (!have_proc) {
-        if (mkdir("root/proc", 0555) < 0) child_fail(errfd, "mkdir view entry");
-        /* this process's own pids only (subset=pid), read-only: no /proc/sys */
-        if (mount("proc", "root/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "subset=pid") < 0)
-            child_fail(errfd, "mount proc");
+        if (mkdir("root/proc", 0555) < 0 || mkdir("root/proc/self", 0555) < 0)
+            child_fail(errfd, "mkdir view entry");
+        if (symlink(exe_path ? exe_path : "/bin/prog", "root/proc/self/exe") < 0)
+            child_fail(errfd, "symlink view entry");
     }
     int fd = open("tree", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) child_fail(errfd, "open data tree");
@@ -2037,13 +2039,14 @@ static void usage(void) {
             "    [--cpu N|-1] [--cwd DIR] [--stdin PATH] [--stdout PATH] [--stderr PATH] [--env K=V]...\n"
             "    [--timeout SECONDS] [--max-procs N] [--step-only] [--model-env] [--trace PATH]\n"
             "    [--chroot DIR [--view EMPTYDIR [--mount-src DIR --mount-at PATH]]] [--uid N] [--gid N] [--exec-fd]\n"
-            "    [--overlay DIR --view EMPTYDIR --exec-fd]\n"
+            "    [--overlay DIR --view EMPTYDIR --exec-fd [--exe-path PATH]]\n"
             "    --json PATH -- EXE ARGV0 [ARGS...]\n"
             "  --chroot: the guest runs chrooted in DIR; --cwd is then a path inside it, and EXE too\n"
             "  unless --exec-fd (EXE is a host path, opened before chroot and executed by descriptor).\n"
             "  --view: in a private mount namespace, build DIR's view (read-only binds of DIR's top-level\n"
             "  entries on a tmpfs mounted on EMPTYDIR) with --mount-src bound read-only at --mount-at.\n"
-            "  --overlay: the guest's cwd is DIR, / has DIR's top-level entries, /dev and /proc; its writes\n"
+            "  --overlay: the guest's cwd is DIR, / has DIR's top-level entries, /dev and /proc/self/exe\n"
+            "  (-> --exe-path, default /bin/prog); its writes\n"
             "  go to a private overlay (tmpfs, " OVERLAY_SIZE ") in a private mount namespace built on EMPTYDIR;\n"
             "  no --cwd; EXE is a host path executed by descriptor.\n"
             "  --uid/--gid: drop to these ids (no supplementary groups) after chroot, before exec.\n"
@@ -2079,6 +2082,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--chroot")) chroot_dir = argv[++i];
         else if (!strcmp(a, "--view")) view_dir = argv[++i];
         else if (!strcmp(a, "--overlay")) overlay_dir = argv[++i];
+        else if (!strcmp(a, "--exe-path")) exe_path = argv[++i];
         else if (!strcmp(a, "--mount-src")) mount_src = argv[++i];
         else if (!strcmp(a, "--mount-at")) mount_at = argv[++i];
         else if (!strcmp(a, "--uid")) guest_uid = atol(argv[++i]);
