@@ -22,18 +22,46 @@ killed then (``summary["orphans_killed"]``, ``killed`` in their entries); at
 the timeout, or when the guest starts more than ``max_procs`` processes, the
 whole tree is killed (``HwResult.stopped``).
 
+The jail. The model promises that a guest never writes the host, so every
+hw run is jailed (needs root; refused with one line otherwise, and a host
+that refuses mount namespaces fails the run with one line -- never an
+unjailed run). The guest runs with the model's credentials (uid/gid 1000, no
+supplementary groups, so no capabilities) and chrooted (a chrooted process
+may not create a user namespace, the way out of a chroot); mounts it needs
+are made in a private mount namespace that disappears with it, the host's
+mount table is never touched.
+
+Runs without a root filesystem (static guests): the guest's working
+directory is an overlayfs of its data tree (the materialised ``tree``,
+``root`` or the current directory, bound read-only as the lower layer) whose
+upper layer is a size-bounded tmpfs: what the model lets the guest write
+(its tree, owned by uid 1000 as in the model: ``materialised_tree`` chowns
+the host copy) it writes into that throwaway copy, as into the model's
+in-memory overlay. Its ``/`` is a tmpfs holding the tree's top-level entries
+(bound, so ``/x`` is ``./x`` as in the model), ``/dev`` (null, zero, urandom,
+random) and ``/proc/self/exe``, a symlink with the model's text (static glibc
+reads it at start-up and mallocs its directory; a procfs would expose
+/proc/PID/root of host processes). The model hides dev and proc from the
+root's listing, a directory cannot, so the working directory is the overlay
+itself, detached from every path: ``.`` lists exactly the tree, and ``..``
+from it stays there (the model's root is its own parent). Differences left:
+``/`` lists dev and proc, entries created at the top level during the run
+are reachable only relative to the cwd, creating directly in ``/`` fails
+with EACCES, getcwd fails with ENOENT (the model: ``/``), /proc/self/exe
+cannot be opened. The guest binary is opened before the jail and executed
+by descriptor.
+
 Root-filesystem runs (``RunSpec.rootfs``, dynamic guests): the guest runs
 chrooted into the materialised root (``tlslab.rootfs``) with the model's argv
 (argv[0] as the guest knows its path), environment (``experiment.environment``)
-and credentials (uid/gid 1000, no supplementary groups: it can write neither
-the root nor the host), cwd ``/``. A program of the root is executed by its
-path inside the chroot (AT_EXECFN as ``chroot ROOT PROG`` gives it); a bundled
-guest outside the root is opened before the chroot and executed by descriptor,
-the kernel finding its PT_INTERP inside the root. A data tree is mounted at
-``tree_at`` (the cwd) in a private mount namespace of the guest: a read-only
-tmpfs view with read-only bind mounts of the root's top-level entries and of
-the tree; the root and the host's mount table are never touched, and the
-view disappears with the guest. chroot and mounts need root.
+and credentials: it can write neither the root nor the host; cwd ``/``. A
+program of the root is executed by its path inside the chroot (AT_EXECFN as
+``chroot ROOT PROG`` gives it); a bundled guest outside the root is opened
+before the chroot and executed by descriptor, the kernel finding its
+PT_INTERP inside the root. A data tree is mounted at ``tree_at`` (the cwd) in
+the private mount namespace: a read-only tmpfs view with read-only bind
+mounts of the root's top-level entries and of the tree; the root is never
+touched.
 """
 
 from __future__ import annotations
@@ -343,11 +371,17 @@ def run_hw(
     stack (gnulib's c-stack in grep: mincore probes of up to 4 MiB above it,
     halving down to a page, each failure an errno write, i.e. a %gs fault) make
     as many failing probes as in the model, and the same number in every run.
-    ``chroot``: run chrooted into this directory (needs root). The guest is
+    Every run is jailed (module docstring; needs root, else HwUnavailable).
+    Without ``chroot``, the cwd (``root``, the tree or the current directory)
+    becomes the guest's working directory in a throwaway overlay, and
+    ``exe_path`` (default ``/bin/`` + argv[0]'s basename, the model's path of
+    the program) is what /proc/self/exe reads.
+    ``chroot``: run chrooted into this directory. The guest is
     then ``exe_in_root`` (a path inside it) if given, else ``guest_path``
     executed by descriptor; cwd is ``/``, or ``tree_at`` with the data tree
     (``root`` or ``tree``; None for neither) mounted there in a private mount
-    namespace. ``uid``/``gid``: drop to these after chroot. ``max_procs``: processes the guest may
+    namespace. ``uid``/``gid``: drop to these after chroot (default: the model's,
+    1000). ``max_procs``: processes the guest may
     start in all (itself included); one more, or the ``timeout``, and the supervisor kills the whole
     process tree and reports it (``HwResult.stopped``; ``timed_out`` for the timeout).
     Raises HwUnavailable when the host cannot do this at all, HwError when the
@@ -366,7 +400,7 @@ def run_hw(
     except BuildError as exc:
         raise HwUnavailable(str(exc)) from None
     if os.geteuid() != 0:
-        raise HwUnavailable(f"hw backend unavailable: {ROOT_NEEDED}")
+        raise HwUnavailable(ROOT_NEEDED)
     if root is not None:
         cwd = os.fspath(root)
     elif tree is not None:
@@ -510,10 +544,11 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
 
     Same program resolution (``experiment.resolve_program``), argv
     (``[argv0, *args]``), environment (``experiment.environment``), tree/root
-    and stdout kind as the Unicorn model's ``execute(spec)``; programs with a
-    root filesystem (``rootfs``, or dynamic guests) run chrooted into it as
-    uid/gid 1000 (see the module docstring), which needs root. Anything but an
-    i386 ELF is refused (HwError). ``spec.strategy`` must be one of
+    and stdout kind as the Unicorn model's ``execute(spec)``, jailed as uid/gid
+    1000 (see the module docstring), which needs root: programs with a root
+    filesystem (``rootfs``, or dynamic guests) chrooted into it, the others in
+    an overlay of their data tree. Anything but an
+    i386 ELF is refused (HwError); not being root raises HwUnavailable. ``spec.strategy`` must be one of
     HW_STRATEGIES. Returns ``(HwResult, GuestBinary)``.
     """
     from tlslab.experiment import environment, resolve_program
@@ -522,8 +557,8 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
     rooted_path = bool(spec.rootfs) and spec.guest.startswith("/")
     if not rooted_path:  # a registry guest or host path: refuse non-i386 files before anything else
         _i386_image(resolve_guest(spec.guest, spec.variant).path)
-    if os.geteuid() != 0:
-        raise HwError(ROOT_NEEDED)
+    if os.geteuid() != 0:   # this host (user) cannot jail the guest: not bad input
+        raise HwUnavailable(ROOT_NEEDED)
     try:
         program = resolve_program(spec)
     except ValueError as exc:  # ElfError from resolving a dynamic guest
