@@ -101,7 +101,7 @@ class HwResult:
     faults: int                 # #GP stops handled or delivered
     sites: list[dict]           # per EIP: faults, emulated, stepped, to_expand_down/up, delivered, ...
     wall_seconds: float         # fork -> reaped
-    run_seconds: float          # exec -> reaped (traced strategies), = wall for untraced
+    run_seconds: float          # exec -> reaped (untraced: from just before the execve, after the jail)
     cpu: int
     summary: dict = field(repr=False, default_factory=dict)   # the supervisor's whole JSON
 
@@ -435,7 +435,7 @@ def run_hw(
                 raise HwError(f"data directory {cwd} is not a directory")
             view = os.path.join(work, "view")
             os.mkdir(view, 0o700)
-            jail = ["--overlay", cwd, "--view", view, "--exec-fd",
+            jail = ["--overlay", os.path.abspath(cwd), "--view", view, "--exec-fd",
                     "--exe-path", exe_path or "/bin/" + os.path.basename(argv[0])]
             cwd = None  # the tree itself (see the module docstring)
         jail += ["--uid", str(int(uid)), "--gid", str(int(gid))]
@@ -503,12 +503,12 @@ def _read_summary(json_path: str, proc: subprocess.CompletedProcess, guest_path:
     if error:
         stage, errno_ = summary.get("error_stage", ""), summary.get("error_errno", 0)
         if stage in ("PTRACE_TRACEME", "PTRACE_SETOPTIONS", "seccomp", "PR_SET_NO_NEW_PRIVS") or (
-            # root-filesystem runs in a container that forbids chroot / mount namespaces
+            # every run is jailed: a container that forbids chroot, mount namespaces or mounts
             errno_ == 1 and stage in ("chroot", "unshare(CLONE_NEWNS)", "mount private /", "mount tmpfs view",
-                                      "mount overlay")
+                                      "bind mount", "bind mount /dev", "remount bind read-only")
         ) or (
-            # no overlayfs in this kernel
-            errno_ == 19 and stage == "mount overlay"
+            # overlayfs missing (ENODEV), forbidden, or refusing this directory as its lower layer
+            stage == "mount overlay"
         ) or (
             # ENOEXEC for a well-formed i386 ELF: the kernel has no 32-bit support (IA32_EMULATION off)
             stage == "execve" and errno_ == 8 and _is_i386_elf(guest_path)
@@ -516,7 +516,7 @@ def _read_summary(json_path: str, proc: subprocess.CompletedProcess, guest_path:
             hint = {
                 "PTRACE_TRACEME": " (ptrace refused: container seccomp/yama, or not permitted)",
                 "execve": " (this kernel cannot execute 32-bit i386 programs)",
-                "chroot": " (root-filesystem programs run chrooted)",
+                "chroot": " (every hw guest runs chrooted)",
                 "unshare(CLONE_NEWNS)": " (every hw guest runs in a private mount namespace)",
                 "mount overlay": " (a guest without a root filesystem runs on an overlayfs of its data tree)",
             }.get(stage, "")
@@ -551,7 +551,7 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
     i386 ELF is refused (HwError); not being root raises HwUnavailable. ``spec.strategy`` must be one of
     HW_STRATEGIES. Returns ``(HwResult, GuestBinary)``.
     """
-    from tlslab.experiment import environment, resolve_program
+    from tlslab.experiment import environment, host_directory, resolve_program
     from tlslab.guests import resolve_guest
 
     rooted_path = bool(spec.rootfs) and spec.guest.startswith("/")
@@ -569,9 +569,10 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
     timeout = timeout if timeout is not None else (spec.timeout_seconds or 120.0)
     common = dict(strategy=spec.strategy, stdout=spec.stdout, cpu=cpu, profile=spec.profile, env=env,
                   timeout=timeout)
+    root = host_directory(spec.root) if spec.root else None   # as the model resolves it
     if program.rootfs is None:
         return run_hw(guest.path, [program.argv0, *spec.args],
-                      tree=None if spec.root else (spec.tree or "small"), root=spec.root,
+                      tree=None if root else (spec.tree or "small"), root=root,
                       exe_path=program.guest_path, **common), guest
     import inspect
 
@@ -579,7 +580,7 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
 
     creds = inspect.signature(Vfs).parameters  # the model's guest credentials: Vfs(uid=, gid=) defaults
     return run_hw(guest.path, [program.argv0, *spec.args],
-                  tree=None if spec.root else spec.tree, root=spec.root,
+                  tree=None if root else spec.tree, root=root,
                   chroot=program.root_dir, exe_in_root=program.guest_path if rooted_path else None,
                   tree_at=spec.tree_at, uid=creds["uid"].default, gid=creds["gid"].default, **common), guest
 
