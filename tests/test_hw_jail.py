@@ -9,9 +9,13 @@ world-writable directory given by absolute path, /tmp, /dev/shm, its own
 binary's directory, the materialised tree, and /proc/PID/root of a host
 process of uid 1000 -- by create, overwrite, mkdir, symlink, rename, chmod,
 truncate and unlink, again after climbing with "..", and tries mount, chroot
-and a user namespace. A control run of the same binary outside the jail, as
-uid 1000, writes there: the attacks work, only the jail stops them. Every
-attempt inside must fail and the host must be unchanged afterwards.
+and a user namespace; and the ways out that are no path: ptrace and
+process_vm_writev of a host process of uid 1000, a host abstract unix socket
+and TCP port, a host SysV shared memory segment. A control run of the same
+binary outside the jail, as uid 1000, succeeds at them: the attacks work,
+only the jail stops them. Every attempt inside must fail and the host must be
+unchanged afterwards. Not prevented: signals to host processes of uid 1000
+(that would take a PID namespace; README, hardware backend).
 """
 
 from __future__ import annotations
@@ -41,8 +45,17 @@ HOSTILE = r"""
 #include <sched.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdlib.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/mount.h>
+#include <sys/ptrace.h>
+#include <sys/shm.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static void report(const char *op, const char *path, int rc) {
@@ -69,12 +82,44 @@ static void attack(const char *tag, const char *p) {
     report("unlink", p, unlink(p));
 }
 
+/* other ways out than a path: another process of the same uid, host daemons, host shared memory */
+static int special(const char *a) {
+    if (!strncmp(a, "pid:", 4)) {
+        pid_t pid = atoi(a + 4);
+        char buf[4] = "pwn";
+        struct iovec mine = {buf, 4}, theirs = {(void *)0x8048000, 4};
+        int rc = ptrace(PTRACE_ATTACH, pid, 0, 0) < 0 ? -1 : 0;
+        report("ptrace-attach", a, rc);
+        if (rc == 0) { waitpid(pid, NULL, 0); ptrace(PTRACE_DETACH, pid, 0, 0); }
+        report("process_vm_writev", a, process_vm_writev(pid, &mine, 1, &theirs, 1, 0) < 0 ? -1 : 0);
+    } else if (!strncmp(a, "abstract:", 9)) {
+        struct sockaddr_un un = {AF_UNIX};
+        int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+        strncpy(un.sun_path + 1, a + 9, sizeof un.sun_path - 2);
+        report("connect-abstract", a, connect(fd, (struct sockaddr *)&un, sizeof un.sun_family + 1 + strlen(a + 9)));
+        close(fd);
+    } else if (!strncmp(a, "tcp:", 4)) {
+        struct sockaddr_in in = {AF_INET, htons(atoi(a + 4)), {htonl(INADDR_LOOPBACK)}};
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        report("connect-tcp", a, connect(fd, (struct sockaddr *)&in, sizeof in));
+        close(fd);
+    } else if (!strncmp(a, "shm:", 4)) {
+        void *m = shmat(atoi(a + 4), NULL, 0);
+        report("shmat", a, m == (void *)-1 ? -1 : 0);
+        if (m != (void *)-1) memcpy(m, "pwned", 6);
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
 int main(int argc, char **argv) {
     int i, k;
     printf("uid %d gid %d\n", (int)getuid(), (int)getgid());
-    for (i = 1; i < argc; i++) attack("create", argv[i]);
+    for (i = 1; i < argc; i++) if (special(argv[i])) argv[i] = NULL;
+    for (i = 1; i < argc; i++) if (argv[i]) attack("create", argv[i]);
     for (k = 0; k < 64; k++) if (chdir("..") < 0) break;   /* as far up as ".." goes, then relative */
-    for (i = 1; i < argc; i++) attack("climb", argv[i] + 1);
+    for (i = 1; i < argc; i++) if (argv[i]) attack("climb", argv[i] + 1);
     report("mount", "/", mount("none", "/", "tmpfs", 0, NULL));
     report("chroot", "/", chroot("/"));
     /* a user namespace would give CAP_SYS_CHROOT: the classic chroot escape */
@@ -84,7 +129,7 @@ int main(int argc, char **argv) {
         mkdir("tlslab-esc", 0755);
         report("chroot", "tlslab-esc", chroot("tlslab-esc"));
         for (k = 0; k < 64; k++) chdir("..");
-        for (i = 1; i < argc; i++) attack("escape", argv[i] + 1);
+        for (i = 1; i < argc; i++) if (argv[i]) attack("escape", argv[i] + 1);
     } else {
         report("unshare", "CLONE_NEWUSER", -1);
     }
@@ -194,65 +239,105 @@ def world(tmp_path):
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture
+def host_services():
+    """Ways out that are no path: a host process of uid 1000, an abstract unix socket and a TCP port listening,
+    a SysV shared memory segment anyone may write. Yields the guest arguments naming them."""
+    import socket
+
+    tag = uuid.uuid4().hex[:12]
+    holder = subprocess.Popen(["sleep", "120"], user=GUEST_UID, group=GUEST_UID, extra_groups=[])
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(f"\0tlslab-jail-{tag}")
+    unix.listen(4)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(4)
+    args = [f"pid:{holder.pid}", f"abstract:tlslab-jail-{tag}", f"tcp:{tcp.getsockname()[1]}"]
+    shm = None
+    if shutil.which("ipcmk"):
+        cp = subprocess.run(["ipcmk", "-M", "4096", "-p", "0666"], capture_output=True, text=True)
+        if cp.returncode == 0 and cp.stdout.split()[-1:] and cp.stdout.split()[-1].isdigit():
+            shm = cp.stdout.split()[-1]
+            args.append(f"shm:{shm}")
+    yield holder, args
+    holder.kill()
+    holder.wait()
+    unix.close()
+    tcp.close()
+    if shm is not None:
+        subprocess.run(["ipcrm", "-m", shm], capture_output=True)
+
+
+SPECIALS = ("ptrace-attach", "process_vm_writev", "connect-abstract", "connect-tcp", "shmat")
+
+
 def _attack_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.split(" ", 1)[0] in ATTACKS]
 
 
-def test_the_attacks_work_outside_the_jail(hw_ok, world):
-    """Control: the same binary run directly on the host as uid 1000 does write the host."""
+def test_the_attacks_work_outside_the_jail(hw_ok, world, host_services):
+    """Control: the same binary run directly on the host as uid 1000 does write the host, attaches to a host
+    process of its uid, reaches the listening sockets and the shared memory."""
+    _holder, services = host_services
     control = world / "control"
     control.mkdir()
     control.chmod(0o777)
-    p = subprocess.run([str(world / "bin" / "hostile"), str(control / "x")], capture_output=True, text=True,
-                       user=GUEST_UID, group=GUEST_UID, extra_groups=[], timeout=60)
+    p = subprocess.run([str(world / "bin" / "hostile"), str(control / "x"), *services], capture_output=True,
+                       text=True, user=GUEST_UID, group=GUEST_UID, extra_groups=[], timeout=60)
     assert p.returncode == 0, p.stderr
     assert f"create {control / 'x'} -> ok" in p.stdout
     assert f"mkdir {control / 'x'}.d -> ok" in p.stdout
     assert (control / "x.d").is_dir() and (control / "x.l").is_symlink()
+    for what in ("ptrace-attach", "connect-abstract", "connect-tcp", *(["shmat"] if len(services) > 3 else [])):
+        assert f"{what} " in p.stdout and [line for line in p.stdout.splitlines()
+                                          if line.startswith(what + " ") and line.endswith("-> ok")], p.stdout
 
 
 @pytest.mark.parametrize("strategy", ["native", "emulate", "flip", "untraced"])
-def test_static_guest_cannot_write_the_host(hw_ok, world, strategy):
+def test_static_guest_cannot_write_the_host(hw_ok, world, host_services, strategy):
     """`tlslab run --backend hw -s S HOSTILE -- TARGETS` (untraced, which the CLI does not offer and where no
-    seccomp filter is installed: through ``run_spec``)."""
+    tracer stops anything: through ``run_spec``)."""
     tree = backend.materialised_tree("small")
     tree_file = next(os.path.join(tree, n) for n in sorted(os.listdir(tree)) if os.path.isfile(os.path.join(tree, n)))
     tag = uuid.uuid4().hex[:12]
-    holder = subprocess.Popen(["sleep", "60"], user=GUEST_UID, group=GUEST_UID, extra_groups=[])
-    try:
-        targets = [
-            str(world / "victims" / "existing"),            # overwrite an existing host file
-            str(world / "victims" / "new"),                 # a new file in a dir given by absolute path
-            f"/tmp/tlslab-hostile-{tag}",
-            f"/dev/shm/tlslab-hostile-{tag}",
-            str(world / "bin" / "planted"),                 # next to its own binary
-            os.path.join(tree, f"planted-{tag}"),            # the host copy of its tree
-            tree_file,
-            f"/proc/{holder.pid}/root{world}/victims/viaproc",   # a host process of the same uid
-            f"/proc/{holder.pid}/root/tmp/tlslab-hostile-{tag}",
-        ]
-        before = _snapshot(world, tree)
-        if strategy == "untraced":
-            from tlslab.experiment import RunSpec
+    holder, services = host_services
+    targets = [
+        str(world / "victims" / "existing"),            # overwrite an existing host file
+        str(world / "victims" / "new"),                 # a new file in a dir given by absolute path
+        f"/tmp/tlslab-hostile-{tag}",
+        f"/dev/shm/tlslab-hostile-{tag}",
+        str(world / "bin" / "planted"),                 # next to its own binary
+        os.path.join(tree, f"planted-{tag}"),            # the host copy of its tree
+        tree_file,
+        f"/proc/{holder.pid}/root{world}/victims/viaproc",   # a host process of the same uid
+        f"/proc/{holder.pid}/root/tmp/tlslab-hostile-{tag}",
+    ]
+    before = _snapshot(world, tree)
+    if strategy == "untraced":
+        from tlslab.experiment import RunSpec
 
-            r, _ = backend.run_spec(RunSpec(str(world / "bin" / "hostile"), tuple(targets), strategy=strategy))
-            assert r.status == 0 and r.ok, r.stderr
-            out = r.stdout.decode()
-        else:
-            p = subprocess.run([sys.executable, "-m", "tlslab", "run", "--backend", "hw", "-s", strategy,
-                                str(world / "bin" / "hostile"), "--", *targets],
-                               capture_output=True, text=True, timeout=300)
-            assert p.returncode == 0, p.stderr
-            out = p.stdout
-    finally:
-        holder.kill()
-        holder.wait()
+        r, _ = backend.run_spec(RunSpec(str(world / "bin" / "hostile"), (*targets, *services),
+                                        strategy=strategy))
+        assert r.status == 0 and r.ok, r.stderr
+        out = r.stdout.decode()
+    else:
+        p = subprocess.run([sys.executable, "-m", "tlslab", "run", "--backend", "hw", "-s", strategy,
+                            str(world / "bin" / "hostile"), "--", *targets, *services],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        out = p.stdout
     assert f"uid {GUEST_UID} gid {GUEST_UID}" in out and "done" in out, out
     lines = _attack_lines(out)
     assert len(lines) == 7 * len(targets) * 2, out   # create..unlink, for each target, directly and after climbing
     assert not [line for line in lines if line.endswith("-> ok")], out
     assert "mount / -> EPERM" in out and "chroot / -> EPERM" in out
     assert "unshare CLONE_NEWUSER -> EPERM" in out   # the kernel refuses user namespaces inside a chroot
+    # no other process of its uid to drive (seccomp: ENOSYS, as in the model), no host socket, no host SysV IPC
+    assert f"ptrace-attach pid:{holder.pid} -> ENOSYS" in out and f"process_vm_writev pid:{holder.pid} -> ENOSYS" in out
+    special = [line for line in out.splitlines() if line.split(" ", 1)[0] in SPECIALS]
+    assert len(special) == len(services) + 1 and not [line for line in special if line.endswith("-> ok")], out
+    assert holder.poll() is None
     assert _snapshot(world, tree) == before
     assert not [n for n in os.listdir("/tmp") if n.startswith(f"tlslab-hostile-{tag}")]
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"tlslab-hostile-{tag}")]
@@ -302,18 +387,18 @@ def test_without_namespaces_the_run_fails_with_one_line(hw_ok, monkeypatch, caps
 
     real_run = backend.subprocess.run
 
-    def no_sys_admin(cmd, *a, **kw):   # the supervisor without CAP_SYS_ADMIN: unshare(CLONE_NEWNS) -> EPERM
+    def no_sys_admin(cmd, *a, **kw):   # the supervisor without CAP_SYS_ADMIN: its unshare -> EPERM
         return real_run(["setpriv", "--bounding-set", "-sys_admin", "--", *cmd], *a, **kw)
 
     if shutil.which("setpriv") is None:
         pytest.skip("no setpriv (util-linux)")
     monkeypatch.setattr(backend.subprocess, "run", no_sys_admin)
-    with pytest.raises(backend.HwUnavailable, match=r"unshare\(CLONE_NEWNS\).*private mount namespace"):
+    with pytest.raises(backend.HwUnavailable, match=r"hw backend unavailable: unshare\(CLONE_NEW.*every hw guest runs"):
         backend.run_hw(resolve_guest("syscalls").path, ["syscalls", "1"], strategy="untraced")
     rc = main(["run", "--backend", "hw", "-s", "emulate", "syscalls", "--", "1"])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == 1 and len(lines) == 1 and "private mount namespace" in lines[0], err
+    assert rc == 1 and len(lines) == 1 and "every hw guest runs" in lines[0], err
     assert "Traceback" not in err
 
 

@@ -504,7 +504,8 @@ def _read_summary(json_path: str, proc: subprocess.CompletedProcess, guest_path:
         stage, errno_ = summary.get("error_stage", ""), summary.get("error_errno", 0)
         if stage in ("PTRACE_TRACEME", "PTRACE_SETOPTIONS", "seccomp", "PR_SET_NO_NEW_PRIVS") or (
             # every run is jailed: a container that forbids chroot, mount namespaces or mounts
-            errno_ == 1 and stage in ("chroot", "unshare(CLONE_NEWNS)", "mount private /", "mount tmpfs view",
+            errno_ == 1 and stage in ("chroot", "unshare(CLONE_NEWNS)", "unshare(CLONE_NEWNET|CLONE_NEWIPC)",
+                                      "mount private /", "mount tmpfs view",
                                       "bind mount", "bind mount /dev", "remount bind read-only")
         ) or (
             # overlayfs missing (ENODEV), forbidden, or refusing this directory as its lower layer
@@ -518,6 +519,7 @@ def _read_summary(json_path: str, proc: subprocess.CompletedProcess, guest_path:
                 "execve": " (this kernel cannot execute 32-bit i386 programs)",
                 "chroot": " (every hw guest runs chrooted)",
                 "unshare(CLONE_NEWNS)": " (every hw guest runs in a private mount namespace)",
+                "unshare(CLONE_NEWNET|CLONE_NEWIPC)": " (every hw guest runs without the host's network and IPC)",
                 "mount overlay": " (a guest without a root filesystem runs on an overlayfs of its data tree)",
             }.get(stage, "")
             raise HwUnavailable(f"hw backend unavailable: {error}{hint}")

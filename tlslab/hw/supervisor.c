@@ -108,6 +108,13 @@
 #define NR32_CLONE3 435
 #define NR32_EXECVE 11
 #define NR32_EXECVEAT 358
+#define NR32_PTRACE 26
+#define NR32_PROCESS_VM_READV 347
+#define NR32_PROCESS_VM_WRITEV 348
+#define NR32_PIDFD_SEND_SIGNAL 424
+#define NR32_PIDFD_OPEN 434
+#define NR32_PIDFD_GETFD 438
+#define NR32_PROCESS_MADVISE 440
 #define SA32_NODEFER 0x40000000u
 #define OVERLAY_SIZE "256m" /* --overlay: what the guest may write in all */
 #define SA32_RESETHAND 0x80000000u
@@ -1366,6 +1373,80 @@ static int build_overlay(int errfd) {
     return fd;
 }
 
+/* The guest's seccomp filter (every strategy). Traced strategies: i386
+ * set_thread_area/modify_ldt, execve/execveat (the image's mappings before it
+ * goes) and the syscalls that change the guest's signal dispositions or mask
+ * (see "SIGSEGV disposition") stop for the tracer -- sigaction/sigprocmask
+ * only when they change something (second argument non-NULL; signal(2)
+ * always); rseq: ENOSYS under --model-env (the model refuses it). Every
+ * strategy, the jail: the calls that reach into another process's memory or
+ * take its descriptors (ptrace, process_vm_readv/writev, process_madvise,
+ * pidfd_open/getfd/send_signal) fail with ENOSYS, as in the model, which has
+ * none of them -- a uid-1000 guest could otherwise drive an unjailed host
+ * process of the same uid -- also by their x86-64 numbers (a far jump to the
+ * 64-bit code segment makes 64-bit calls). Everything else runs. Returns the
+ * number of instructions. */
+static int build_filter(struct sock_filter *f, int traced) {
+    enum { TO_TRACE, TO_ERRNO, TO_ARG1 };
+    struct { uint32_t nr; int to; } rules[24];
+    int nrules = 0;
+#define RULE(n, t) (rules[nrules].nr = (n), rules[nrules++].to = (t))
+    if (traced) {
+        RULE(NR32_SET_THREAD_AREA, TO_TRACE);
+        RULE(NR32_MODIFY_LDT, TO_TRACE);
+        if (model_env) RULE(NR32_RSEQ, TO_ERRNO);
+        RULE(NR32_SIGNAL, TO_TRACE);
+        RULE(NR32_SIGRETURN, TO_TRACE);
+        RULE(NR32_RT_SIGRETURN, TO_TRACE);
+        RULE(NR32_SIGACTION, TO_ARG1);
+        RULE(NR32_RT_SIGACTION, TO_ARG1);
+        RULE(NR32_SIGPROCMASK, TO_ARG1);
+        RULE(NR32_EXECVE, TO_TRACE);
+        RULE(NR32_EXECVEAT, TO_TRACE);
+        RULE(NR32_RT_SIGPROCMASK, TO_ARG1);
+    }
+    RULE(NR32_PTRACE, TO_ERRNO);
+    RULE(NR32_PROCESS_VM_READV, TO_ERRNO);
+    RULE(NR32_PROCESS_VM_WRITEV, TO_ERRNO);
+    RULE(NR32_PIDFD_SEND_SIGNAL, TO_ERRNO);
+    RULE(NR32_PIDFD_OPEN, TO_ERRNO);
+    RULE(NR32_PIDFD_GETFD, TO_ERRNO);
+    RULE(NR32_PROCESS_MADVISE, TO_ERRNO);
+#undef RULE
+    /* the same calls' x86-64 numbers (and every x32 call): the child's own
+     * execve, before the guest runs, is a 64-bit call and must pass */
+    static const uint32_t x64[] = {101 /* ptrace */, 310, 311 /* process_vm_readv/writev */, 424, 434, 438, 440};
+    int n64 = (int)(sizeof x64 / sizeof x64[0]);
+    /* layout: arch check; i386: nr load, the rules, a jump to ALLOW; x86-64: nr load, the x32 test, its
+     * rules, a jump to ALLOW; the ARG1 test (2), ALLOW, ERRNO, TRACE */
+    int l_x64 = 3 + nrules + 1, l_arg1 = l_x64 + 2 + n64 + 1, l_allow = l_arg1 + 2, l_errno = l_allow + 1,
+        l_trace = l_errno + 1, n = 0;
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_I386, 0, l_x64 - n - 1);
+    n++;
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    for (int i = 0; i < nrules; i++, n++) {
+        int to = rules[i].to == TO_TRACE ? l_trace : rules[i].to == TO_ERRNO ? l_errno : l_arg1;
+        f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, rules[i].nr, to - n - 1, 0);
+    }
+    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JA | BPF_K, l_allow - n - 1, 0, 0);
+    n++;
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000u, l_errno - n - 1, 0);
+    n++;
+    for (int i = 0; i < n64; i++, n++)
+        f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, x64[i], l_errno - n - 1, 0);
+    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JA | BPF_K, l_allow - n - 1, 0, 0);
+    n++;
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1]));
+    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, l_allow - n - 1, l_trace - n - 1);
+    n++;
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE);
+    return n;
+}
+
 static void run_child(int errfd, char **argv, const char *exe) {
     int xfd = -1;
     if (stdin_path && open_to(stdin_path, 0, O_RDONLY) < 0) child_fail(errfd, "stdin");
@@ -1374,6 +1455,10 @@ static void run_child(int errfd, char **argv, const char *exe) {
     /* a program outside the root: opened here, executed by descriptor after
      * chroot (the kernel then looks up its PT_INTERP inside the root) */
     if (exec_fd && (xfd = open(exe, O_RDONLY | O_CLOEXEC)) < 0) child_fail(errfd, "open program");
+    /* no host daemon reachable (abstract unix sockets, the network: the
+     * model has none) and no host SysV IPC objects */
+    if ((overlay_dir || chroot_dir) && unshare(CLONE_NEWNET | CLONE_NEWIPC) < 0)
+        child_fail(errfd, "unshare(CLONE_NEWNET|CLONE_NEWIPC)");
     if (overlay_dir) {
         int tree = build_overlay(errfd);
         if (chroot("root") < 0) child_fail(errfd, "chroot");
@@ -1410,42 +1495,11 @@ static void run_child(int errfd, char **argv, const char *exe) {
     if (strategy != S_UNTRACED) {
         if (ptrace(PTRACE_TRACEME, 0, 0, 0) < 0) child_fail(errfd, "PTRACE_TRACEME");
         raise(SIGSTOP); /* the parent sets options before we go on */
-        /* i386 set_thread_area/modify_ldt: stop for the tracer; rseq: ENOSYS
-         * under --model-env (the model refuses it); everything else runs */
-        /* i386 set_thread_area/modify_ldt and the syscalls that change the
-         * guest's signal dispositions or mask (see "SIGSEGV disposition"):
-         * stop for the tracer; sigaction/sigprocmask only when they change
-         * something (second argument non-NULL; signal(2) always); rseq:
-         * ENOSYS under --model-env (the model refuses it); everything else runs */
-        enum { L_ARG1 = 15, L_ALLOW = 17, L_ERRNO, L_TRACE }; /* BPF jumps go forward only */
-#define JEQ_TO(nr, at, label) BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (nr), (label) - (at) - 1, 0)
-        struct sock_filter filt[] = {
-            /* 0 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
-            /* 1 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_I386, 0, L_ALLOW - 1 - 1),
-            /* 2 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-            /* 3 */ JEQ_TO(NR32_SET_THREAD_AREA, 3, L_TRACE),
-            /* 4 */ JEQ_TO(NR32_MODIFY_LDT, 4, L_TRACE),
-            /* 5 */ JEQ_TO(model_env ? NR32_RSEQ : 0xFFFFFFFFu, 5, L_ERRNO),
-            /* 6 */ JEQ_TO(NR32_SIGNAL, 6, L_TRACE),
-            /* 7 */ JEQ_TO(NR32_SIGRETURN, 7, L_TRACE),
-            /* 8 */ JEQ_TO(NR32_RT_SIGRETURN, 8, L_TRACE),
-            /* 9 */ JEQ_TO(NR32_SIGACTION, 9, L_ARG1),
-            /* 10 */ JEQ_TO(NR32_RT_SIGACTION, 10, L_ARG1),
-            /* 11 */ JEQ_TO(NR32_SIGPROCMASK, 11, L_ARG1),
-            /* 12 */ JEQ_TO(NR32_EXECVE, 12, L_TRACE),   /* the image's mappings before it goes */
-            /* 13 */ JEQ_TO(NR32_EXECVEAT, 13, L_TRACE),
-            /* 14 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, NR32_RT_SIGPROCMASK, 0, L_ALLOW - 14 - 1),
-            /* 15 L_ARG1 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1])),
-            /* 16 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, L_ALLOW - 16 - 1, L_TRACE - 16 - 1),
-            /* 17 L_ALLOW */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-            /* 18 L_ERRNO */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
-            /* 19 L_TRACE */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE),
-        };
-#undef JEQ_TO
-        struct sock_fprog prog = {sizeof filt / sizeof filt[0], filt};
-        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) child_fail(errfd, "PR_SET_NO_NEW_PRIVS");
-        if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0) child_fail(errfd, "seccomp");
     }
+    struct sock_filter filt[64];
+    struct sock_fprog prog = {(unsigned short)build_filter(filt, strategy != S_UNTRACED), filt};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) child_fail(errfd, "PR_SET_NO_NEW_PRIVS");
+    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0) child_fail(errfd, "seccomp");
     envv[envc] = NULL;
     if (exec_clock) *exec_clock = now_s();
     if (xfd >= 0) syscall(SYS_execveat, xfd, "", argv, envv, AT_EMPTY_PATH);
