@@ -6,7 +6,7 @@ cwd = the synthetic tree materialised from the same spec (or a host
 directory), stdin an empty pipe, and stdout/stderr of the same kind (a pipe, a
 regular file or /dev/null -- the kind changes what glibc does, see docs/measurements.md#glibc).
 
-Strategies: ``untraced`` (plain fork/exec/wait), ``native`` (traced, nothing
+Strategies: ``untraced`` (fork/exec/wait, no tracer), ``native`` (traced, nothing
 truncated), ``emulate``, ``flip``. Faults are counted per site (EIP).
 
 Processes and threads: the supervisor follows every fork, vfork, clone and
@@ -29,7 +29,13 @@ unjailed run). The guest runs with the model's credentials (uid/gid 1000, no
 supplementary groups, so no capabilities) and chrooted (a chrooted process
 may not create a user namespace, the way out of a chroot); mounts it needs
 are made in a private mount namespace that disappears with it, the host's
-mount table is never touched.
+mount table is never touched. Ways out that are no path are closed too: its
+own network and IPC namespaces (no host daemon, socket or SysV segment; the
+model has no network), and a seccomp filter in every strategy refusing
+ptrace, process_vm_readv/writev, process_madvise and pidfd_* with ENOSYS, as
+the model does (a uid-1000 guest could drive an unjailed host process of
+that uid). Signals still reach host processes of uid 1000 (a PID namespace
+would make the guest init, whose signal rules differ).
 
 Runs without a root filesystem (static guests): the guest's working
 directory is an overlayfs of its data tree (the materialised ``tree``,
