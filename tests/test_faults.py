@@ -46,7 +46,7 @@ def test_emulate_handles_in_place(capsys):
 
 def test_refused_site_is_named(capsys):
     out = run_json(capsys, "lsr", "--strategy", "emulate-2004", "--tree", TINY)
-    assert out["crash"] and "walk" in out["crash"]
+    assert out["crash"] and "walk" in out["crash"]["text"]
     refused = [s for s in out["sites"] if s["refused"]]
     assert len(refused) == 1 and "REFUSED" in refused[0]["handling"] and "a1" in refused[0]["handling"]
 

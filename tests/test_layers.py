@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tlslab"
 LAYERS = {
     "x86": 0, "machine": 1, "linux": 2,
     "artifacts": 2, "census": 2, "debian": 2, "rootfs": 2, "guests": 2,
-    "hypervisor": 3, "experiment": 4, "hw": 5, "inspect": 6, "analysis": 6,
+    "hypervisor": 3, "experiment": 4, "record": 4, "hw": 5, "inspect": 6, "analysis": 6,
     "bench": 7, "report": 8, "cli": 9, "__main__": 10, "__init__": 0,
 }
 

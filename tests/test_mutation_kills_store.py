@@ -52,7 +52,9 @@ def test_malformed_and_foreign_lines_are_named_by_their_line_number(tmp_path):
 def test_an_archived_run_is_read_from_its_gz(tmp_path):
     path = tmp_path / store.CELLS
     path.with_name(store.CELLS + ".gz").write_bytes(gzip.compress(b'{"cell":"z","outcome":"ok"}\n'))
-    assert store.read_cells(path) == ([{"cell": "z", "outcome": "ok"}], [])
+    # a schema-1 record (no "schema" key), read through tlslab.record.upgrade
+    assert store.read_cells(path) == ([{"cell": "z", "outcome": "ok", "faults": None, "instructions": None,
+                                        "schema": 2}], [])
     assert store.read_cells(tmp_path / "nothing.jsonl") == ([], [])
 
 
@@ -80,14 +82,15 @@ def test_run_dir_round_trip_and_errors(tmp_path):
     else:
         raise AssertionError("read_run of a missing run.json did not raise")
     run.write_run({"k": 1})
-    assert run.exists() and run.read_run() == {"k": 1}
-    assert json.loads(run.run_path.read_text()) == {"k": 1}
+    assert run.exists() and run.read_run() == {"k": 1, "schema": store.SCHEMA_VERSION}
+    assert json.loads(run.run_path.read_text()) == {"k": 1, "schema": store.SCHEMA_VERSION}
     w = store.CellWriter(run.cells_path)
-    w.append({"cell": "a", "v": 1})
-    w.append({"cell": "a", "v": 2})
+    w.append({"cell": "a", "v": 1, "schema": 2, "faults": 3})
+    w.append({"cell": "a", "v": 2, "schema": 2, "faults": 4})
     w.close()
-    assert run.records() == ([{"cell": "a", "v": 1}, {"cell": "a", "v": 2}], [])
-    assert run.latest() == {"a": {"cell": "a", "v": 2}}
+    assert run.records() == ([{"cell": "a", "v": 1, "schema": 2, "faults": 3},
+                              {"cell": "a", "v": 2, "schema": 2, "faults": 4}], [])
+    assert run.latest() == {"a": {"cell": "a", "v": 2, "schema": 2, "faults": 4}}
     run.run_path.write_text("{broken")
     try:
         run.read_run()

@@ -108,7 +108,7 @@ def test_export_csv(run_dir, tmp_path, capsys):
     # symbols are named with their object since dynamic linking: lsr:walk+0x26
     assert by[("lsr", "default", "emulate-2004")]["crash_symbol"].split(":")[-1].startswith("walk")
     flip = by[("lsr", "default", "flip")]
-    assert int(flip["traps"]) == int(flip["gs_sign_changes"]) or int(flip["traps"]) > 0
+    assert int(flip["faults"]) == int(flip["gs_sign_changes"]) or int(flip["faults"]) > 0
     assert float(flip["faults_per_1k_instructions"]) > 0 and flip["git_commit"]
     assert "modelled_ns[nominal]" in rows[0]
     assert main(["export", str(run_dir)]) == 2                     # a format is required

@@ -78,8 +78,8 @@ def test_run_json_is_written_fsynced_renamed_and_its_directory_fsynced(tmp_path,
         ("replace", f"{tmp} -> {run.run_path}"),         # ... before it replaces the old ...
         ("fsync", str(run.path)),                          # ... and the rename is made durable
     ], journal
-    assert json.loads(journal[0][2]) == obj
-    assert run.read_run() == obj and not os.path.exists(tmp)
+    assert json.loads(journal[0][2]) == {**obj, "schema": store.SCHEMA_VERSION}    # every file says its schema
+    assert run.read_run() == {**obj, "schema": store.SCHEMA_VERSION} and not os.path.exists(tmp)
     # replacing again: same protocol, the old run.json is never truncated in place
     journal.clear()
     run.write_run({**obj, "cells": ["a"]})

@@ -75,5 +75,5 @@ def test_a_new_strategy_is_one_new_module(tmp_path, monkeypatch):
         '        return Verdict.kill("toy")\n')
     monkeypatch.setattr(registry, "__path__", [*registry.__path__, str(tmp_path)])
     found = registry._discover()
-    assert list(found)[-1] == "toy-refuse" and list(found)[:8] == list(STRATEGIES)
+    assert list(found)[-1] == "toy-refuse" and list(found)[:len(STRATEGIES)] == list(STRATEGIES)
     assert found["toy-refuse"].make().name == "toy-refuse"

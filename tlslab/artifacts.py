@@ -48,14 +48,66 @@ class GuestBinary:
         return self.variant == "dyn" or self.interp is not None
 
 
+#: where a built wheel carries the checkout's ``guests/`` (bins, manifest, locks, sources, boot
+#: workload): copied there by ``setup.py``'s ``build_py``; absent in a checkout
+PACKAGED_GUESTS = "_guests"
+
+
 def repo_root() -> Path:
+    """The directory holding the ``tlslab`` package: the checkout, or ``site-packages`` when installed.
+
+    Use :func:`checkout_root` to ask whether there is a checkout, and :func:`guests_dir` /
+    :func:`bundled_path` for bundled data (they work in both cases)."""
     return Path(__file__).resolve().parent.parent
 
 
+def checkout_root() -> Path | None:
+    """The source checkout this package runs from (editable install / ``python -m`` in the tree), else None."""
+    root = repo_root()
+    if (root / "pyproject.toml").is_file() and (root / "guests" / "manifest.json").is_file():
+        return root
+    return None
+
+
 def guests_dir() -> Path:
-    """``guests/`` of the checkout (override with env ``TLSLAB_GUESTS_DIR``)."""
+    """The bundled guests: ``$TLSLAB_GUESTS_DIR``, else ``guests/`` of the checkout, else the copy an
+    installed wheel carries (``tlslab/_guests``). The one resolver of bundled data: everything the
+    code names relative to the repository as ``guests/...`` resolves through it."""
     env = os.environ.get("TLSLAB_GUESTS_DIR")
-    return Path(env) if env else repo_root() / "guests"
+    if env:
+        return Path(env)
+    checkout = checkout_root()
+    if checkout is not None:
+        return checkout / "guests"
+    return Path(__file__).resolve().parent / PACKAGED_GUESTS
+
+
+def bundled_path(path: str | os.PathLike) -> Path | None:
+    """A repository-relative name of bundled data (``guests/boot``) as a path that exists here, or None.
+
+    Bench specs name bundled data relative to the checkout so that a cell's identity (a hash of its
+    RunSpec) does not depend on where tlslab is installed; this maps such a name onto the checkout or
+    onto the installed package's copy."""
+    rel = Path(path)
+    if rel.is_absolute():
+        return rel if rel.exists() else None
+    checkout = checkout_root()
+    if checkout is not None and (checkout / rel).exists():
+        return checkout / rel
+    parts = rel.parts
+    if parts and parts[0] == "guests":
+        candidate = guests_dir().joinpath(*parts[1:])
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def user_cache_dir() -> Path:
+    """Where compiled helpers and fetched files go: ``$TLSLAB_CACHE``, else ``~/.cache/tlslab`` -- never
+    inside the installed package (``machine/fastpath.py`` says the same for its library: it may not
+    import this layer)."""
+    env = os.environ.get("TLSLAB_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "tlslab"
 
 
 def sha256_file(path: str | os.PathLike) -> str:

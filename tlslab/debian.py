@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlslab.artifacts import GuestBinary, GuestError, guests_dir, sha256_file
+from tlslab.artifacts import GuestBinary, GuestError, guests_dir, sha256_file, user_cache_dir
 from tlslab.census import gs_census
 
 # registry name -> (Debian package, binary path inside the package)
@@ -58,9 +58,7 @@ class FetchedPackage:
 # --------------------------------------------------------------------------- paths / lock
 
 def cache_root() -> Path:
-    env = os.environ.get("TLSLAB_CACHE")
-    base = Path(env) if env else Path.home() / ".cache" / "tlslab"
-    return base / "debian"
+    return user_cache_dir() / "debian"
 
 
 def lock_path() -> Path:

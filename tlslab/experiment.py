@@ -25,7 +25,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tlslab.guests import GuestBinary, GuestError, repo_root, resolve_guest, sha256_file
+from tlslab.artifacts import bundled_path
+from tlslab.guests import GuestBinary, GuestError, resolve_guest, sha256_file
 from tlslab.hypervisor.domain import Domain, RunResult
 from tlslab.hypervisor.strategies import get_strategy, option_names
 from tlslab.linux import nodes as N
@@ -62,6 +63,9 @@ class RunSpec:
     rootfs: str | None = None       # pinned root filesystem (debian); dynamic guests get DEFAULT_ROOTFS
     tree_at: str = DEFAULT_TREE_AT  # under a root filesystem: where the data tree is mounted (and the cwd)
     env: tuple[str, ...] = ()       # K=V overrides of the fixed environment
+    prices: str = "hw-vm"           # online strategies: the cost profile their decisions weigh
+    emulate_ns: float = 0.0         # online strategies: replace that profile's emulate price (0: keep)
+    flip_ns: float = 0.0            # online strategies: replace that profile's flip price (0: keep)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,8 +136,8 @@ def host_directory(path: str) -> str:
     """
     if os.path.isabs(path) or os.path.isdir(path):
         return path
-    candidate = repo_root() / path
-    return str(candidate) if candidate.is_dir() else path
+    candidate = bundled_path(path)
+    return str(candidate) if candidate is not None and candidate.is_dir() else path
 
 
 def build_vfs(spec: RunSpec, program: Program | None = None) -> Vfs:

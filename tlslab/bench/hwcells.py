@@ -31,6 +31,7 @@ import statistics
 
 from tlslab.bench.blobs import blob
 from tlslab.bench.spec import Cell, cell_id
+from tlslab.record import Outcome, hw_outcome, load
 
 FORCE_ENV = "TLSLAB_BENCH_HW_UNAVAILABLE"
 
@@ -197,12 +198,12 @@ def measure(cell: Cell) -> dict:
     }
     bad = next((r for r in runs if not r.ok), None)
     if bad is None:
-        record["outcome"] = "ok"
-    elif bad.summary.get("timed_out"):
-        record["outcome"] = "failed"
+        record["outcome"] = Outcome.OK
+    elif hw_outcome(bad) is Outcome.FAILED:       # its timeout
+        record["outcome"] = Outcome.FAILED
         record["reason"] = f"hw run timed out after {cell.spec.timeout_seconds or 120:g} s"
     else:
-        record["outcome"] = "guest-crash"
+        record["outcome"] = Outcome.GUEST_CRASH
         record["reason"] = (f"guest died on the CPU: status {bad.status}, signal {bad.signal}: "
                             f"{bad.summary.get('first_delivered')}")
     return record
@@ -265,11 +266,12 @@ def comparison(records: list[dict], choice=None) -> dict | None:
     """The hw-vs-model table of a run (None if the run has no hw cells)."""
     from tlslab.hypervisor import costmodel
 
+    records = [load(r) for r in records]      # any readable schema: the common faults field below
     hw_recs = [r for r in records if is_hw(r)]
     if not hw_recs:
         return None
     model = {r["cell"]: r for r in records if not is_hw(r)}
-    host = next((r.get("meta", {}).get("hostname") for r in hw_recs if r.get("outcome") == "ok"), None)
+    host = next((r.get("meta", {}).get("hostname") for r in hw_recs if r.get("outcome") == Outcome.OK), None)
     prof = hw_profile(host)
     fitted = fitted_profile(choice)
     rows = []
@@ -280,16 +282,16 @@ def comparison(records: list[dict], choice=None) -> dict | None:
                "strategy": spec["strategy"], "hw_cell": h["cell"], "model_cell": m["cell"] if m else None,
                "hw_outcome": h.get("outcome"), "model_outcome": m.get("outcome") if m else "missing",
                "reason": h.get("reason"), "label": h.get("label")}
-        if h.get("outcome") == "ok":
+        if h.get("outcome") == Outcome.OK:
             row.update({"hw_faults": h["faults"], "hw_sites": len(_hw_sites(h)),
                         "measured_ms": h["run_seconds"] * 1e3,
                         "measured_min_ms": min(h["run_seconds_samples"]) * 1e3,
                         "measured_max_ms": max(h["run_seconds_samples"]) * 1e3,
                         "repeat": h.get("repeat"), "cpu": h.get("cpu"), "faults_stable": h.get("faults_stable"),
                         "tree_order_matches": h.get("tree_order_matches")})
-        if m is not None and m.get("outcome") == "ok" and m.get("counters"):
+        if m is not None and m.get("outcome") == Outcome.OK and m.get("counters"):
             c = m["counters"]
-            row["model_faults"] = c.get("strategy", {}).get("traps", 0)
+            row["model_faults"] = m["faults"]           # the record's common field (tlslab.record)
             msites = _model_sites(m, h)
             row["model_sites"] = len(msites)
             if prof is not None:
@@ -299,7 +301,7 @@ def comparison(records: list[dict], choice=None) -> dict | None:
             kernel = c.get("kernel") or {}
             row["threaded"] = kernel.get("threads", 1) > kernel.get("processes", 1)
             row["processes"] = kernel.get("processes", 1)
-            if h.get("outcome") == "ok":
+            if h.get("outcome") == Outcome.OK:
                 hsites = _hw_sites(h)
                 row["faults_equal"] = row["model_faults"] == h["faults"]
                 # a run of many processes: its sites belong to many program images (compared by totals)
@@ -344,8 +346,8 @@ def comparison(records: list[dict], choice=None) -> dict | None:
         "rows": rows,
         "mismatches": mismatches,
         "scheduler_differences": scheduler,
-        "ok": sum(1 for r in rows if r["hw_outcome"] == "ok"),
-        "skipped": [r for r in rows if r["hw_outcome"] == "skipped"],
+        "ok": sum(1 for r in rows if r["hw_outcome"] == Outcome.OK),
+        "skipped": [r for r in rows if r["hw_outcome"] == Outcome.SKIPPED],
         "median_abs_error_pct": statistics.median(errors) if errors else None,
         "max_abs_error_pct": max(errors) if errors else None,
     }

@@ -36,14 +36,18 @@ Design (what survives what):
   ``--resume RUN`` re-expands nothing: it takes the cell list from
   ``run.json``, skips every cell that has a record, and runs the rest.
 
-Test-only fault injection: ``TLSLAB_BENCH_INJECT="raise:SUBSTR;die:SUBSTR;hang:SUBSTR"``
-makes a worker raise, ``os._exit(3)`` or sleep forever on cells whose label
-contains SUBSTR.
+Test-only fault injection: ``TLSLAB_BENCH_INJECT="raise:SUBSTR;die:SUBSTR;hang:SUBSTR;slow:SUBSTR;die-once:SUBSTR"``
+makes a worker raise, ``os._exit(3)``, sleep forever, (``slow``) sleep 1 s, or (``die-once``: the first time only, a
+marker file in ``$TLSLAB_BENCH_INJECT_DIR``) SIGKILL itself on cells whose label contains SUBSTR.
+
+``--cluster``: the model cells go to a Dask cluster instead of the local pool
+(:mod:`tlslab.bench.cluster`); this module still writes every record.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
@@ -62,6 +66,7 @@ from tlslab.bench.backends import Backend
 from tlslab.bench.blobs import blob
 from tlslab.bench.spec import Cell, MatrixSpec
 from tlslab.bench.store import FINISHED, RETRYABLE, CellWriter, RunDir
+from tlslab.record import Outcome, RunRecord, crash_dict, model_outcome
 
 INJECT_ENV = "TLSLAB_BENCH_INJECT"
 
@@ -96,7 +101,11 @@ def cpu_model() -> str:
 
 
 def git_state() -> tuple[str, bool | None]:
-    root = Path(__file__).resolve().parents[2]
+    from tlslab.artifacts import checkout_root
+
+    root = checkout_root()
+    if root is None:            # an installed wheel: no checkout to ask (git would find any enclosing repository)
+        return "unknown", None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
@@ -147,6 +156,15 @@ def _inject(label: str) -> None:
                 raise RuntimeError(f"injected failure ({INJECT_ENV}) for cell {label}")
             if mode == "die":
                 os._exit(3)
+            if mode == "die-once":      # SIGKILL this worker the first time only (marker in $..._DIR)
+                marker = Path(os.environ[INJECT_ENV + "_DIR"]) / hashlib.sha256(label.encode()).hexdigest()[:16]
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+                os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "slow":          # 1 s more per matching cell (a run slow enough to be killed)
+                time.sleep(1.0)
             if mode == "hang":
                 while True:
                     time.sleep(3600)
@@ -163,12 +181,37 @@ def _profiles_modelled(counters: dict) -> dict:
     return out
 
 
+def _offline_optimum(domain) -> dict:
+    """A native cell's offline bound (tlslab.analysis.hybrid) under every profile that prices faults."""
+    from tlslab.analysis import hybrid
+    from tlslab.hypervisor import costmodel
+
+    traces, dropped = domain.sign_runs("gs")
+    out: dict = {"address_spaces": len(traces), "runs": sum(1 for t in traces for r in t if r),
+                 "dropped": dropped, "by_profile": {}}
+    if dropped:
+        return out   # an incomplete trace bounds nothing
+    for name, profile in costmodel.available_profiles().items():
+        e, f = costmodel.fault_prices(profile)
+        if e > 0 and f > 0:
+            b = hybrid.optimal_over(traces, e, f)
+            out["by_profile"][name] = {"faults": b.faults, "emulations": b.emulations, "flips": b.flips,
+                                       "fault_time_ns": b.cost_ns}
+    return out
+
+
 def measure(cell: Cell) -> dict:
-    """Run one cell in this process and build its record (raises on worker-level errors)."""
+    """Run one cell in this process and build its record (raises on worker-level errors).
+
+    A native cell also records the sign of every %gs offset and stores the
+    offline-optimal hybrid's price over it (``offline_optimum``): the bound the
+    report sets every strategy against.
+    """
     from tlslab.inspect.trace import fault_sites, traced_run
 
     _inject(cell.label)
-    result, guest, domain, recorder = traced_run(cell.spec)
+    native = cell.spec.strategy == "native"
+    result, guest, domain, recorder = traced_run(cell.spec, trace_signs=native)
     counters = result.counters
     record: dict = {
         "guest": {"name": guest.name, "variant": guest.variant, "path": str(guest.path), "sha256": guest.sha256},
@@ -182,22 +225,19 @@ def measure(cell: Cell) -> dict:
         "fault_sites": fault_sites(result, guest, domain, recorder),
         "timeline": recorder.timeline(counters.get("instructions", 0)),
     }
+    if native and result.crash is None:
+        record["offline_optimum"] = _offline_optimum(domain)
     root = rootfs_facts(cell.spec, guest)
     if root is not None:        # records of cells without a root filesystem are unchanged
         record["rootfs"] = root
     crash = result.crash
-    if crash is None:
-        record["outcome"] = "ok"
-        record["crash"] = None
-    else:
-        record["crash"] = {"eip": crash.eip, "symbol": crash.symbol, "instruction": crash.instruction,
-                           "reason": crash.reason, "text": crash.describe()}
-        if crash.reason == "timed out":
-            record["outcome"] = "failed"
+    record["outcome"] = model_outcome(crash)         # faults, instructions: filled by RunRecord (tlslab.record)
+    record["crash"] = crash_dict(crash)
+    if crash is not None:
+        if record["outcome"] is Outcome.FAILED:      # the vCPU's time budget
             record["reason"] = (f"timed out after {cell.spec.timeout_seconds:g} s "
                                 f"(guest still running at {crash.eip:#010x} <{crash.symbol}>)")
         else:
-            record["outcome"] = "guest-crash"
             record["reason"] = crash.describe()
     return record
 
@@ -253,9 +293,9 @@ def run_cell_safely(cell_dict: dict) -> dict:
         # the host cannot do it (no 32-bit exec, ptrace refused; the root filesystem is not fetched here):
         # a skip with the reason, not a failure
         if isinstance(exc, (HwUnavailable, RootfsUnavailable)):
-            record = {"outcome": "skipped", "reason": str(exc)}
+            record = {"outcome": Outcome.SKIPPED, "reason": str(exc)}
         else:
-            record = {"outcome": "failed", "reason": f"{type(exc).__name__}: {exc}",
+            record = {"outcome": Outcome.FAILED, "reason": f"{type(exc).__name__}: {exc}",
                       "traceback": traceback.format_exc()}
     record.update({"started": started, "ended": now_iso(), "cell_seconds": time.perf_counter() - t0,
                    "worker_pid": os.getpid(), "loadavg_end": _loadavg()})
@@ -347,7 +387,7 @@ class Runner:
     """Runs a list of cells and appends one record per cell to the run's cells.jsonl."""
 
     def __init__(self, run: RunDir, meta: dict, jobs: int, max_tasks_per_child: int, hard_timeout,
-                 progress=None, on_record=None):
+                 progress=None, on_record=None, cluster=None, log=None):
         self.run = run
         self.meta = meta
         self.jobs = max(1, jobs)
@@ -355,12 +395,15 @@ class Runner:
         self.hard_timeout = hard_timeout    # cell -> seconds
         self.progress = progress            # callable(cell, record) or None
         self.on_record = on_record
+        self.cluster = cluster              # ClusterSpec or Connection (tlslab.bench.cluster): model cells on Dask
+        self.log = log
         self.ctx = mp.get_context("spawn")
 
     def _finish(self, writer: CellWriter, cell: Cell, record: dict) -> dict:
         full = {"cell": cell.id, "run_id": self.run.id, "label": cell.label, "workload": cell.workload,
                 "backend": cell.backend, "spec": cell.to_dict()["spec"], "meta": self.meta, **record}
         full.setdefault("reason", None)
+        full = RunRecord.from_dict(full, f"cell {cell.label}").to_dict()    # typed, with the schema
         writer.append(full)
         if self.progress:
             self.progress(cell, full)
@@ -380,7 +423,12 @@ class Runner:
                 else:
                     parallel.append(cell)
             # longest first (LPT): the heavy cells do not end up alone at the tail of the run
-            self._phase(writer, written, sorted(parallel, key=lambda c: -c.weight), self.jobs)
+            parallel.sort(key=lambda c: -c.weight)
+            if self.cluster is not None and parallel:     # model cells on Dask; records still written here
+                self.cluster.run_cells(parallel, lambda cell, record: written.append(self._finish(writer, cell, record)),
+                                       log=self.log, hard_timeout=self.hard_timeout)
+            else:
+                self._phase(writer, written, parallel, self.jobs)
             for name, group in serial.items():  # one at a time, after the pool is gone (module docstring)
                 why = BACKENDS[name].unavailable()
                 if why:
@@ -394,7 +442,8 @@ class Runner:
 
     def _skip(self, writer: CellWriter, written: list[dict], cell: Cell, reason: str) -> None:
         t = now_iso()
-        written.append(self._finish(writer, cell, {"outcome": "skipped", "reason": reason, "started": t, "ended": t}))
+        written.append(self._finish(writer, cell, {"outcome": Outcome.SKIPPED, "reason": reason, "started": t,
+                                                   "ended": t}))
 
     def _phase(self, writer: CellWriter, written: list[dict], cells: list[Cell], jobs: int) -> None:
         """Run ``cells`` in order on up to ``jobs`` workers; the workers are retired at the end."""
@@ -419,7 +468,7 @@ class Runner:
                         idle.kill()
                         workers.remove(idle)
                         written.append(self._finish(writer, cell, {
-                            "outcome": "failed", "reason": f"could not hand the cell to a worker: {exc}",
+                            "outcome": Outcome.FAILED, "reason": f"could not hand the cell to a worker: {exc}",
                             "started": now_iso(), "ended": now_iso()}))
                 busy = [w for w in workers if w.cell is not None]
                 if not busy:
@@ -464,7 +513,7 @@ class Runner:
             reason = dead_record or (f"worker process died ({_exit_description(w.proc.exitcode)}) "
                                      f"while running the cell; pid {w.proc.pid}")
         w.kill()
-        return {"outcome": "failed", "reason": reason, "traceback": None, "started": w.started,
+        return {"outcome": Outcome.FAILED, "reason": reason, "traceback": None, "started": w.started,
                 "ended": now_iso(), "cell_seconds": now - w.t0, "worker_pid": w.proc.pid, "_dead": True}
 
 
@@ -535,17 +584,21 @@ def cells_to_run(run: RunDir, retry_failed: bool = False) -> tuple[list[Cell], l
     return cells, [c for c in cells if c.id not in done], warnings
 
 
-def execute_run(run: RunDir, todo: list[Cell], jobs: int, progress=None, argv: list[str] | None = None) -> list[dict]:
+def execute_run(run: RunDir, todo: list[Cell], jobs: int, progress=None, argv: list[str] | None = None,
+                cluster=None, log=None) -> list[dict]:
+    """Run ``todo`` and record every cell; ``cluster`` (a ClusterSpec) sends the model cells to Dask."""
     info = run.read_run()
     spec = info["spec"]
     meta = collect_metadata()
     session = {"started": now_iso(), "jobs": jobs, "cells": len(todo), "command": argv or sys.argv, "meta": meta}
+    if cluster is not None:     # a ClusterSpec, or an open tlslab.bench.cluster.Connection
+        session["cluster"] = getattr(cluster, "spec", cluster).describe()
     info.setdefault("sessions", []).append(session)
     info["status"] = "running"
     run.write_run(info)
     runner = Runner(run, meta, jobs, spec.get("max_tasks_per_child", 20),
                     hard_timeout_for(spec.get("timeout_seconds", 300.0), spec.get("kill_after_seconds")),
-                    progress=progress)
+                    progress=progress, cluster=cluster, log=log)
     status = "interrupted"
     try:
         written = runner.run_cells(todo)

@@ -50,11 +50,11 @@ Backends: ``backends = ["unicorn"]`` (the default: the model only) or
 ``["unicorn", "hw"]``, top level or per guest. ``hw`` adds, next to the model's
 cells, cells that run the same guest on this CPU under the ptrace supervisor
 (:mod:`tlslab.hw`), for the strategies the supervisor implements (native,
-emulate, flip; other strategies get no hw cell). A ``[hw]`` table narrows and
-tunes them::
+emulate, flip, online-site, online-probe; other strategies get no hw cell). A
+``[hw]`` table narrows and tunes them::
 
     [hw]
-    strategies = ["native", "emulate", "flip"]   # subset of these (default: all three)
+    strategies = ["native", "emulate", "flip"]   # subset of HW_BENCH_STRATEGIES (default: these three)
     variants = ["default"]                       # default: every variant of the guest
     repeat = 3                                   # traced runs per cell; the median is the measurement
     cpu = 0                                      # tracer and guest pinned here
@@ -90,11 +90,14 @@ from tlslab.experiment import DEFAULT_ROOTFS, DEFAULT_TREE_AT, RunSpec, host_dir
 DEFAULT_SPEC = Path(__file__).with_name("default.toml")
 AXES = ("strategies", "variants", "profiles", "backends")
 BACKENDS = ("unicorn", "hw")   # tlslab.bench.backends.BACKENDS (a test keeps them in step)
-HW_BENCH_STRATEGIES = ("native", "emulate", "flip")   # what the ptrace supervisor implements
+# what the ptrace supervisor implements (tlslab.hw.backend.HW_STRATEGIES but untraced)
+HW_BENCH_STRATEGIES = ("native", "emulate", "flip", "online-site", "online-probe")
+HW_BENCH_DEFAULT = ("native", "emulate", "flip")   # hw cells when [hw] names no strategies (online ones: ask for them)
 HW_KEYS = {"strategies", "variants", "repeat", "cpu"}
 #: RunSpec fields added after cell ids were first recorded, with their defaults: they enter a cell's
 #: identity only when set to something else, so every earlier cell keeps its id.
-LATE_FIELDS = {"rootfs": None, "tree_at": DEFAULT_TREE_AT, "env": ()}
+LATE_FIELDS = {"rootfs": None, "tree_at": DEFAULT_TREE_AT, "env": (), "prices": "hw-vm", "emulate_ns": 0.0,
+               "flip_ns": 0.0}
 
 
 class SpecError(ValueError):
@@ -566,7 +569,8 @@ class MatrixSpec:
                                            seed=self.seed if g.seed is None else int(g.seed),
                                            stdout=g.stdout or self.stdout, variant=variant, applet=g.applet,
                                            timeout_seconds=self.timeout_seconds, rootfs=g.rootfs,
-                                           tree_at=g.tree_at, env=tuple(g.env))
+                                           tree_at=g.tree_at, env=tuple(g.env),
+                                           **self._price_fields(strategy))
                             weight = g.weight * _tree_factor(tree) * (0.4 if strategy == "native" else 1.0)
                             cell = Cell(spec, workload, round(weight, 3), skip)
                             if cell.id in seen:
@@ -581,11 +585,24 @@ class MatrixSpec:
                                     out.append(hw)
         return out
 
+    def _price_fields(self, strategy: str) -> dict:
+        """Online strategies decide with the matrix's cost profile (the one their cells are priced with)."""
+        from tlslab.hypervisor import costmodel
+        from tlslab.hypervisor.strategies import STRATEGIES
+
+        if not getattr(STRATEGIES.get(strategy), "online", False):
+            return {}
+        try:
+            e, f = costmodel.fault_prices(costmodel.get_profile(self.cost_profile))
+        except ValueError:   # a profile fitted during the run ("fit"): the strategies' default prices
+            return {}
+        return {"prices": self.cost_profile} if e > 0 and f > 0 else {}
+
     def hw_options(self) -> dict:
         return {"repeat": int(self.hw.get("repeat", 3)), "cpu": int(self.hw.get("cpu", 0))}
 
     def _hw_wants(self, strategy: str, variant: str) -> bool:
-        strategies = self.hw.get("strategies", HW_BENCH_STRATEGIES)
+        strategies = self.hw.get("strategies", HW_BENCH_DEFAULT)
         variants = self.hw.get("variants")
         return strategy in strategies and strategy in HW_BENCH_STRATEGIES and (variants is None or variant in variants)
 

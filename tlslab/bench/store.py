@@ -12,6 +12,11 @@
 
 Records of one cell can appear more than once only after ``--retry-failed``;
 readers take the last record of each cell (:func:`latest_by_cell`).
+
+Both files carry ``"schema"`` (:mod:`tlslab.record`); reading a record or a
+run.json of an unknown schema raises :class:`tlslab.record.SchemaError` (one
+line, exit status 2 from the CLI); records of schema 1 (no ``schema`` key,
+e.g. ``results/reference/run``) are read through :func:`tlslab.record.upgrade`.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ import json
 import os
 from pathlib import Path
 
+from tlslab.record import FINISHED, RETRYABLE, SCHEMA_KEY, SCHEMA_VERSION, check_schema, load  # noqa: F401
+
 CELLS = "cells.jsonl"
 RUN = "run.json"
-FINISHED = ("ok", "guest-crash", "failed", "skipped")   # every outcome ends a cell
-RETRYABLE = ("failed", "skipped")
 
 
 class StoreError(ValueError):
@@ -80,7 +85,7 @@ def read_cells(path: Path) -> tuple[list[dict], list[str]]:
             warnings.append(f"{path}:{n}: ignored a malformed line ({exc})")
             continue
         if isinstance(rec, dict) and "cell" in rec:
-            records.append(rec)
+            records.append(load(rec, f"{path}:{n}"))     # SchemaError on a schema this tlslab cannot read
         else:
             warnings.append(f"{path}:{n}: ignored a line that is not a cell record")
     return records, warnings
@@ -150,7 +155,9 @@ class RunDir:
 
     def read_run(self) -> dict:
         try:
-            return json.loads(self.run_path.read_text())
+            info = json.loads(self.run_path.read_text())
+            check_schema(info, str(self.run_path))
+            return info
         except FileNotFoundError:
             raise StoreError(f"{self.path} is not a tlslab bench run (no {RUN})") from None
         except json.JSONDecodeError as exc:
@@ -158,7 +165,7 @@ class RunDir:
 
     def write_run(self, obj: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_path, obj)
+        write_json_atomic(self.run_path, {**obj, SCHEMA_KEY: SCHEMA_VERSION})
 
     def records(self) -> tuple[list[dict], list[str]]:
         return read_cells(self.cells_path)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from tlslab.bench.store import RunDir
 from tlslab.hypervisor import costmodel
+from tlslab.record import MEASURED, Outcome
 
 KEIR_RATIOS = {k: v / costmodel.KEIR_2004_MS["native"] for k, v in costmodel.KEIR_2004_MS.items()}
 KEIR_2004_FAULTS = "nearly twice"   # Keir Fraser's flip/emulate fault ratio (xen-devel, October 2004)
@@ -63,6 +64,7 @@ class Summary:
     hw: dict | None = None          # tlslab.bench.hwcells.comparison(): None if the run has no hw cells
     keir: dict | None = None        # keir_comparison(): None if the run has no Keir-benchmark row
     processes: dict | None = None   # process_comparison(): multi-process workloads (boot, threads), or None
+    online: dict | None = None      # online_comparison(): policies against the offline bound, or None
 
 
 def _key(rec: dict) -> tuple:
@@ -77,7 +79,7 @@ def fit_profile(records: list[dict], fit: dict) -> tuple[costmodel.CostProfile, 
     for rec in records:
         s = rec["spec"]
         if (s["guest"], s.get("tree"), s["variant"], s["profile"]) == (guest, tree, variant, hv) \
-                and rec.get("outcome") == "ok":
+                and rec.get("outcome") == Outcome.OK:
             by_strategy[s["strategy"]] = rec
     if not all(k in by_strategy for k in ("native", "emulate", "flip")):
         return None
@@ -171,7 +173,7 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
         by = grouped[key]
         native = by.get("native")
         native_ns = None
-        if native and native.get("outcome") == "ok":
+        if native and native.get("outcome") == Outcome.OK:
             native_ns = costmodel.predict(choice.profile, native["counters"]).total_ns
         any_rec = next(iter(by.values()), None)
         row = {"workload": key[0], "variant": key[1], "hv_profile": key[2],
@@ -186,13 +188,13 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
                 continue
             cell = {"outcome": rec.get("outcome"), "reason": rec.get("reason"), "cell": rec["cell"]}
             counters = rec.get("counters")
-            if counters and rec.get("outcome") in ("ok", "guest-crash"):
+            if counters and rec.get("outcome") in MEASURED:
                 ns = costmodel.predict(choice.profile, counters).total_ns
                 instr = counters.get("instructions", 0)
-                traps = counters.get("strategy", {}).get("traps", 0)
+                traps = rec["faults"]          # the record's common fault count (tlslab.record)
                 cell.update({
                     "ms": ns / 1e6,
-                    "ratio": (ns / native_ns) if native_ns and rec.get("outcome") == "ok" else None,
+                    "ratio": (ns / native_ns) if native_ns and rec.get("outcome") == Outcome.OK else None,
                     "instructions": instr,
                     "traps": traps,
                     "faults_per_k": 1000.0 * traps / instr if instr else None,
@@ -200,19 +202,19 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
                     "sign_changes": counters.get("segments", {}).get("gs", {}).get("sign_changes", 0),
                     "wall_seconds": rec.get("wall_seconds"),
                 })
-                if native and native.get("outcome") == "ok" and rec.get("outcome") == "ok":
+                if native and native.get("outcome") == Outcome.OK and rec.get("outcome") == Outcome.OK:
                     cell["output_matches"] = rec["stdout"]["sha256"] == native["stdout"]["sha256"]
             if rec.get("crash"):
                 cell["crash"] = rec["crash"]
             row["cells"][strat] = cell
         em, fl = row["cells"].get("emulate", {}), row["cells"].get("flip", {})
         row["flip_over_emulate_faults"] = (fl["traps"] / em["traps"]) if em.get("traps") and fl.get("traps") is not None \
-            and em.get("outcome") == "ok" and fl.get("outcome") == "ok" else None
+            and em.get("outcome") == Outcome.OK and fl.get("outcome") == Outcome.OK else None
         rows.append(row)
 
-    failures = [r for r in all_records if r.get("outcome") == "failed"]
-    crashes = [r for r in records if r.get("outcome") == "guest-crash"]
-    skipped = [r for r in all_records if r.get("outcome") == "skipped"]
+    failures = [r for r in all_records if r.get("outcome") == Outcome.FAILED]
+    crashes = [r for r in records if r.get("outcome") == Outcome.GUEST_CRASH]
+    skipped = [r for r in all_records if r.get("outcome") == Outcome.SKIPPED]
     counts: dict[str, int] = {}
     for r in all_records:
         key = r.get("outcome", "?") + (" (hw)" if hwcells.is_hw(r) else "")
@@ -224,7 +226,65 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
         hw = honest_provenance(hw, all_records)
     return Summary(info.get("run_id", run.id), choice, strategies, rows, failures, crashes, skipped, counts,
                    info.get("meta", {}), spec, missing, hw,
-                   keir_comparison(rows, choice, all_cells, skipped), process_comparison(records))
+                   keir_comparison(rows, choice, all_cells, skipped), process_comparison(records),
+                   online_comparison(order, grouped, choice.profile))
+
+
+BOUND_POLICIES = ("emulate", "flip")   # the two 2004 mechanisms every online strategy must beat
+
+
+def online_comparison(order: list[tuple], grouped: dict, profile: costmodel.CostProfile) -> dict | None:
+    """Per workload: each fault-driven policy's fault-handling time against the offline bound.
+
+    The bound is the native cell's ``offline_optimum`` under ``profile``
+    (tlslab.analysis.hybrid: it knows the future). A policy counts only where
+    its cell ran to the end with native's output. None if the run has no
+    online strategy or no bound.
+    """
+    from tlslab.hypervisor.strategies import STRATEGIES
+
+    online = [n for n, cls in STRATEGIES.items() if getattr(cls, "online", False)]
+    policies = [*BOUND_POLICIES, *online]
+    rows = []
+    for key in order:
+        by = grouped[key]
+        native = by.get("native")
+        bound = ((native or {}).get("offline_optimum") or {}).get("by_profile", {}).get(profile.name)
+        if not bound or not any(n in by for n in online):
+            continue
+        cells = {}
+        for name in policies:
+            rec = by.get(name)
+            if rec is None:
+                continue
+            same = (rec.get("outcome") == "ok" and native.get("outcome") == "ok"
+                    and rec["stdout"]["sha256"] == native["stdout"]["sha256"])
+            ns = costmodel.fault_handling_ns(profile, rec["counters"]) if same else None
+            cells[name] = {"fault_ms": ns / 1e6 if ns is not None else None,
+                           "vs_bound": (ns / bound["fault_time_ns"]) if ns is not None and bound["fault_time_ns"]
+                           else (1.0 if ns == 0 else None),
+                           "faults": rec["counters"].get("strategy", {}).get("traps") if same else None,
+                           "outcome": rec.get("outcome") if not same or rec.get("outcome") != "ok" else "ok"}
+        pure = [cells[n]["fault_ms"] for n in BOUND_POLICIES if cells.get(n, {}).get("fault_ms") is not None]
+        best_pure = min(pure) if len(pure) == len(BOUND_POLICIES) else None
+        ranked = sorted((cells[n]["fault_ms"], n) for n in online if cells.get(n, {}).get("fault_ms") is not None)
+        rows.append({"workload": key[0], "variant": key[1], "hv_profile": key[2], "cells": cells,
+                     "bound_ms": bound["fault_time_ns"] / 1e6, "bound_faults": bound["faults"],
+                     "best_pure_ms": best_pure, "best_online": ranked[0][1] if ranked else None})
+    if not rows:
+        return None
+    tally = {}
+    for name in online:
+        done = [r for r in rows if r["cells"].get(name, {}).get("fault_ms") is not None]
+        tally[name] = {
+            "workloads": len(done),
+            "at_most_best_pure": sum(1 for r in done if r["best_pure_ms"] is not None
+                                     and r["cells"][name]["fault_ms"] <= r["best_pure_ms"] * (1 + 1e-9)),
+            "within_10pct_of_bound": sum(1 for r in done if r["cells"][name]["vs_bound"] is not None
+                                         and r["cells"][name]["vs_bound"] <= 1.10),
+        }
+    return {"profile": profile.name, "label": profile.label(), "policies": policies, "online": online,
+            "rows": rows, "tally": tally}
 
 
 # --------------------------------------------------------------------------- where a profile was measured
@@ -293,7 +353,7 @@ def honest_provenance(hw: dict, records: list[dict]) -> dict:
     prof = costmodel.available_profiles().get(hw["profile"])
     if prof is None:
         return hw
-    metas = [r.get("meta", {}) for r in records if r.get("backend") == "hw" and r.get("outcome") == "ok"]
+    metas = [r.get("meta", {}) for r in records if r.get("backend") == "hw" and r.get("outcome") == Outcome.OK]
     meta = metas[0] if metas else {}
     same, sentence = same_machine(prof, meta.get("hostname") or hw.get("host"), meta.get("cpu_model"))
     text = hw.get("profile_provenance") or ""
@@ -358,12 +418,12 @@ def keir_comparison(rows: list[dict], choice: ProfileChoice, cells: list[dict] |
             "workload": r["workload"], "variant": r["variant"], "hv_profile": r["hv_profile"],
             "keir": r.get("keir", False), "fit_target": r.get("fit_target", False), "role": role,
             "instructions": next((x.get("instructions") for x in (nat, em, fl) if x.get("instructions")), None),
-            "emulate_faults": em.get("traps") if em.get("outcome") == "ok" else None,
-            "flip_faults": fl.get("traps") if fl.get("outcome") == "ok" else None,
+            "emulate_faults": em.get("traps") if em.get("outcome") == Outcome.OK else None,
+            "flip_faults": fl.get("traps") if fl.get("outcome") == Outcome.OK else None,
             "flip_over_emulate": r.get("flip_over_emulate_faults"),
             "native_ms": r.get("native_ms"),
-            "emulate_ms": em.get("ms") if em.get("outcome") == "ok" else None,
-            "flip_ms": fl.get("ms") if fl.get("outcome") == "ok" else None,
+            "emulate_ms": em.get("ms") if em.get("outcome") == Outcome.OK else None,
+            "flip_ms": fl.get("ms") if fl.get("outcome") == Outcome.OK else None,
             "emulate_x": em.get("ratio"), "flip_x": fl.get("ratio"),
             "outcomes": {k: c.get(k, {}).get("outcome", "missing") for k in ("native", "emulate", "flip")},
             "caption": keir_caption(r["workload"], r.get("rootfs"), args) if r.get("keir") else None,
@@ -404,10 +464,10 @@ def process_comparison(records: list[dict]) -> dict | None:
     rows = []
     for rec in records:
         kernel = (rec.get("counters") or {}).get("kernel")
-        if not kernel or rec.get("outcome") not in ("ok", "guest-crash"):
+        if not kernel or rec.get("outcome") not in MEASURED:
             continue
         listing = kernel.get("listing") or []
-        faults = rec["counters"]["strategy"].get("traps", 0)
+        faults = rec["faults"]
         n = max(1, len(listing))
         rows.append({
             "workload": rec["workload"], "variant": rec["spec"]["variant"], "strategy": rec["spec"]["strategy"],
@@ -429,17 +489,17 @@ def process_comparison(records: list[dict]) -> dict | None:
 
 def fmt_ratio(cell: dict) -> str:
     o = cell.get("outcome")
-    if o == "ok":
+    if o == Outcome.OK:
         r = cell.get("ratio")
         text = f"{r:.2f}x" if r is not None else "?"
         if cell.get("output_matches") is False:
             text += " !out"
         return text
-    if o == "guest-crash":
+    if o == Outcome.GUEST_CRASH:
         return "crash"
-    if o == "failed":
+    if o == Outcome.FAILED:
         return "FAILED"
-    if o == "skipped":
+    if o == Outcome.SKIPPED:
         return "skip"
     return "-"
 
@@ -447,9 +507,9 @@ def fmt_ratio(cell: dict) -> str:
 def fmt_faults(cell: dict) -> str:
     o = cell.get("outcome")
     f = cell.get("faults_per_k")
-    if o in ("ok", "guest-crash") and f is not None:
-        return f"{f:.2f}" + ("" if o == "ok" else " (crash)")
-    return fmt_ratio(cell) if o != "ok" else "-"
+    if o in MEASURED and f is not None:
+        return f"{f:.2f}" + ("" if o == Outcome.OK else " (crash)")
+    return fmt_ratio(cell) if o != Outcome.OK else "-"
 
 
 def render(summary: Summary, console=None) -> None:
@@ -482,7 +542,7 @@ def render(summary: Summary, console=None) -> None:
                 continue
             c = row["cells"][s]
             text = fmt_ratio(c)
-            style = {"guest-crash": "yellow", "failed": "bold red", "skipped": "dim"}.get(c.get("outcome"), "")
+            style = {Outcome.GUEST_CRASH: "yellow", Outcome.FAILED: "bold red", Outcome.SKIPPED: "dim"}.get(c.get("outcome"), "")
             cells.append(f"[{style}]{text}[/]" if style else text)
         fr = row["flip_over_emulate_faults"]
         t.add_row(name, row["variant"], f"{row['native_ms']:.1f}" if row["native_ms"] else fmt_ratio(row["cells"].get("native", {})),
@@ -493,6 +553,7 @@ def render(summary: Summary, console=None) -> None:
     console.print(t)
     render_keir(summary, console)
     render_processes(summary, console)
+    render_online(summary, console)
 
     f = Table(title="faults (#GP traps) per 1,000 guest instructions", header_style="bold")
     f.add_column("workload")
@@ -502,7 +563,7 @@ def render(summary: Summary, console=None) -> None:
         if s != "native":
             f.add_column(s, justify="right")
     for row in summary.rows:
-        instr = next((c.get("instructions") for c in row["cells"].values() if c.get("outcome") == "ok"), None)
+        instr = next((c.get("instructions") for c in row["cells"].values() if c.get("outcome") == Outcome.OK), None)
         f.add_row(escape(row["workload"]), row["variant"], f"{instr:,}" if instr else "-",
                   *[fmt_faults(row["cells"][s]) for s in st if s != "native"])
     console.print(f)
@@ -525,7 +586,8 @@ NARROW = 120   # columns below which the summary is printed one table per build 
 
 #: strategy column headers at narrow widths
 SHORT = {"emulate": "emul", "emulate-2004": "em04", "flip": "flip", "flip-full": "flipF", "flip-fs": "flipfs",
-         "rewrite": "rewr", "rewrite-2004": "rw04", "native": "nat"}
+         "rewrite": "rewr", "rewrite-2004": "rw04", "native": "nat", "online-site": "onS", "online-rate": "onR",
+         "online-probe": "onP"}
 
 
 def render_narrow(summary: Summary, console) -> None:
@@ -555,7 +617,7 @@ def render_narrow(summary: Summary, console) -> None:
             for s in group:
                 c = row["cells"][s]
                 text = fmt_ratio(c)
-                style = {"guest-crash": "yellow", "failed": "bold red", "skipped": "dim"}.get(c.get("outcome"), "")
+                style = {Outcome.GUEST_CRASH: "yellow", Outcome.FAILED: "bold red", Outcome.SKIPPED: "dim"}.get(c.get("outcome"), "")
                 cells.append(f"[{style}]{text}[/]" if style else text)
             native = f"{row['native_ms']:.1f}" if row["native_ms"] else fmt_ratio(row["cells"].get("native", {}))
             t.add_row(name, escape(row["variant"]), native, *cells)
@@ -587,6 +649,11 @@ def render_narrow(summary: Summary, console) -> None:
                                  f" faults, flip {fmt_count(r['flip_faults'])}"
                                  + (f" ({fr:.2f}x; 2004: nearly twice)" if fr is not None else "")
                                  + f"; {r['role']}"))
+    if summary.online:
+        for name, tally in summary.online["tally"].items():
+            console.print(escape(f"{name}: at most min(emulate, flip) on {tally['at_most_best_pure']} of "
+                                 f"{tally['workloads']} workloads, within 10% of the offline bound on "
+                                 f"{tally['within_10pct_of_bound']}"))
     if summary.hw:
         hw = summary.hw
         n = len(hw["rows"])
@@ -613,6 +680,43 @@ def fmt_count(v) -> str:
 
 def fmt_xr(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
+
+
+def render_online(summary: Summary, console) -> None:
+    """Each fault-driven policy's fault-handling time as a multiple of the offline bound."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    on = summary.online
+    if not on:
+        return
+    t = Table(title=escape(f"fault-handling time / offline bound, under {on['label']}"), header_style="bold",
+              caption="1.00x = the offline-optimal hybrid (knows the future; no policy can beat it); emulate and "
+                      "flip are the 2004 mechanisms; online-* choose per fault from what the hypervisor sees (see "
+                      "`tlslab strategies`). *: at most min(emulate, flip). Only runs with native's output count.")
+    t.add_column("workload", overflow="fold")
+    t.add_column("build")
+    t.add_column("bound ms", justify="right")
+    for name in on["policies"]:
+        t.add_column(name, justify="right")
+    for row in on["rows"]:
+        cells = []
+        for name in on["policies"]:
+            c = row["cells"].get(name)
+            if c is None:
+                cells.append("-")
+            elif c["vs_bound"] is None:
+                cells.append(escape(c.get("outcome") or "?"))
+            else:
+                star = ("*" if name in on["online"] and row["best_pure_ms"] is not None
+                        and c["fault_ms"] <= row["best_pure_ms"] * (1 + 1e-9) else "")
+                cells.append(f"{c['vs_bound']:.2f}x{star}")
+        t.add_row(escape(row["workload"]), row["variant"], f"{row['bound_ms']:.2f}", *cells)
+    console.print(t)
+    for name, tally in on["tally"].items():
+        console.print(escape(f"{name}: at most min(emulate, flip) on {tally['at_most_best_pure']} of "
+                             f"{tally['workloads']} workloads; within 10% of the bound on "
+                             f"{tally['within_10pct_of_bound']} of {tally['workloads']}"))
 
 
 def render_processes(summary: Summary, console) -> None:
@@ -694,7 +798,7 @@ HW_CAPTION = ("measured: median exec-to-exit time of the traced run on this CPU 
 
 def hw_equal_text(row: dict) -> str:
     """'=' when faults, sites, stdout and status agree, else what differs (loud)."""
-    if row.get("hw_outcome") != "ok":
+    if row.get("hw_outcome") != Outcome.OK:
         return row.get("hw_outcome") or "-"
     if row.get("faults_equal") is None:
         return "no model cell"
@@ -740,7 +844,7 @@ def render_hw(summary: Summary, console) -> None:
         meas = "-"
         if r.get("measured_ms") is not None:
             meas = escape(f"{fmt_ms(r['measured_ms'])} [{fmt_ms(r['measured_min_ms'])}-{fmt_ms(r['measured_max_ms'])}]")
-        elif r.get("hw_outcome") == "skipped":
+        elif r.get("hw_outcome") == Outcome.SKIPPED:
             meas = "[dim]skipped[/]"
         t.add_row(escape(r["workload"]), r["variant"], r["strategy"],
                   f"{r['model_faults']:,}" if r.get("model_faults") is not None else "-",

@@ -27,6 +27,7 @@ import pkgutil
 import sys
 
 from tlslab import __version__
+from tlslab.record import SchemaError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.print_help()
                 return EXIT_USAGE
             return int(args.handler(args) or 0)
-        except UsageError as exc:
+        except (UsageError, SchemaError) as exc:     # bad input, or a record/file of a schema we cannot read
             if debug:
                 import traceback
 

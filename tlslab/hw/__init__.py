@@ -3,7 +3,9 @@
 The supervisor (``supervisor.c``, compiled on first use by :mod:`tlslab.hw.build`)
 re-installs the guest's TLS descriptor truncated below the hypervisor start
 (PTRACE_SET_THREAD_AREA, same arithmetic as :mod:`tlslab.x86.xen`) and answers
-the real #GP (SIGSEGV) stops with emulate or flip. :func:`run_hw` is the entry
+the real #GP (SIGSEGV) stops with emulate, flip, or the online strategies
+online-site and online-probe (the model's rules, same decisions; online-rate is
+model-only: ``backend.MODEL_ONLY``). :func:`run_hw` is the entry
 point; :mod:`tlslab.hw.calibrate` measures per-fault costs on this host.
 """
 

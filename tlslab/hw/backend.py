@@ -7,7 +7,16 @@ directory), stdin an empty pipe, and stdout/stderr of the same kind (a pipe, a
 regular file or /dev/null -- the kind changes what glibc does, see docs/measurements.md#glibc).
 
 Strategies: ``untraced`` (fork/exec/wait, no tracer), ``native`` (traced, nothing
-truncated), ``emulate``, ``flip``. Faults are counted per site (EIP).
+truncated), ``emulate``, ``flip``, and the online strategies ``online-site``
+and ``online-probe``: the supervisor runs the rules of
+``tlslab.hypervisor.strategies.online`` (their specification) with the
+decision threshold of the run's cost profile (``RunSpec.prices``,
+``emulate_ns``, ``flip_ns``; the supervisor computes ``2 * flip_ns /
+emulate_ns`` from the prices passed at full precision and reports it, and
+``run_hw`` checks it equals the model's), and reports the model's counters
+(``HwResult.online``). ``online-rate`` decides from the guest's instruction
+count, which a ptrace supervisor does not have: model-only (``MODEL_ONLY``).
+Faults are counted per site (EIP).
 
 Processes and threads: the supervisor follows every fork, vfork, clone and
 execve of the guest (ptrace's TRACEFORK/VFORK/CLONE/EXEC options; a new task
@@ -84,9 +93,15 @@ from pathlib import Path
 from tlslab.hw.build import BuildError, supervisor_path
 from tlslab.linux.nodes import GUEST_GID, GUEST_UID
 
-HW_STRATEGIES = ("untraced", "native", "emulate", "flip")
+HW_STRATEGIES = ("untraced", "native", "emulate", "flip", "online-site", "online-probe")
 STDOUT_MODES = ("pipe", "file", "null")
-TRUNCATING = ("emulate", "flip")
+TRUNCATING = ("emulate", "flip", "online-site", "online-probe")
+ONLINE = ("online-site", "online-probe")   # decide per fault with a threshold from two prices
+#: strategies of the model the supervisor cannot run, and why (one line each)
+MODEL_ONLY = {
+    "online-rate": "online-rate is model-only: it decides from the guest's instruction count between faults, "
+                   "which the hw backend's ptrace supervisor does not have (hw runs online-site and online-probe)",
+}
 
 
 class HwError(RuntimeError):
@@ -193,11 +208,38 @@ class HwResult:
     def descriptor_switches(self) -> int:
         return int(self.summary.get("descriptor_switches", 0))
 
+    @property
+    def online(self) -> dict | None:
+        """An online strategy's counts as the model reports them (None for the other strategies).
+
+        ``by_kind`` and ``descriptor_writes`` are the model's ``StrategyCounters`` fields for the same
+        run (equal to them when hw and model take the same decisions); ``faults``, ``emulations``,
+        ``flips`` and ``probes`` are what ``tlslab hybrid`` derives from those counters: emulations =
+        instructions the supervisor emulated or single-stepped, flips = flips + probes ended by a
+        flip. Also ``threshold`` and ``probe_cap`` (int(threshold) + 1) as the supervisor used them.
+        """
+        on = self.summary.get("online")
+        if on is None:
+            return None
+        kinds = dict(on.get("by_kind", {}))
+        return {"faults": self.faults,
+                "emulations": int(self.summary.get("emulated", 0)) + int(self.summary.get("stepped", 0)),
+                "flips": kinds.get("flip", 0) + kinds.get("probe-flip", 0),
+                "probes": kinds.get("probe", 0),
+                "descriptor_writes": int(on.get("descriptor_writes", 0)),
+                "by_kind": kinds,
+                "threshold": on.get("threshold"),
+                "probe_cap": on.get("probe_cap"),
+                "unknown_sign": int(on.get("unknown_sign", 0))}
+
     def counters(self) -> dict:
         keys = ("faults", "emulated", "stepped", "to_expand_down", "to_expand_up", "delivered",
                 "descriptor_switches", "tls_installs", "ldt_installs", "threads", "other_sigsegv",
                 "processes_started")
-        return {k: self.summary.get(k, 0) for k in keys} | {"decoder_misses": self.decoder_misses}
+        out = {k: self.summary.get(k, 0) for k in keys} | {"decoder_misses": self.decoder_misses}
+        if self.online is not None:
+            out["online"] = self.online
+        return out
 
 
 # ----------------------------------------------------------------- trees
@@ -360,6 +402,7 @@ def run_hw(
     gid: int | None = None,
     max_procs: int = 1024,
     exe_path: str | None = None,
+    prices: tuple[float, float] | None = None,
 ) -> HwResult:
     """Run ``guest_path`` natively with ``argv`` (argv[0] included; default its basename).
 
@@ -390,11 +433,24 @@ def run_hw(
     1000). ``max_procs``: processes the guest may
     start in all (itself included); one more, or the ``timeout``, and the supervisor kills the whole
     process tree and reports it (``HwResult.stopped``; ``timed_out`` for the timeout).
+    ``prices``: (emulate_ns, flip_ns), required by the online strategies (``run_spec`` takes them
+    from the spec's cost profile as the model does); the threshold the supervisor reports must be
+    the model's ``2 * flip_ns / emulate_ns`` exactly (else HwError).
     Raises HwUnavailable when the host cannot do this at all, HwError when the
     supervisor failed for this run.
     """
+    if strategy in MODEL_ONLY:
+        raise ValueError(MODEL_ONLY[strategy])
     if strategy not in HW_STRATEGIES:
         raise ValueError(f"unknown hw strategy {strategy!r} (choose from {', '.join(HW_STRATEGIES)})")
+    threshold = None
+    if strategy in ONLINE:
+        if prices is None:
+            raise ValueError(f"hw strategy {strategy} needs prices=(emulate_ns, flip_ns)")
+        emulate_ns, flip_ns = (float(p) for p in prices)
+        if not (0 < emulate_ns <= 1e12 and 0 < flip_ns <= 1e12):
+            raise ValueError(f"hw strategy {strategy}: prices must be in (0, 1e12] ns, not {prices!r}")
+        threshold = 2 * flip_ns / emulate_ns   # OnlineStrategy.threshold's expression
     if stdout not in STDOUT_MODES:
         raise ValueError(f"hw stdout kind {stdout!r} is not one of {', '.join(STDOUT_MODES)}")
     guest_path = os.path.abspath(os.fspath(guest_path))
@@ -446,10 +502,12 @@ def run_hw(
             cwd = None  # the tree itself (see the module docstring)
         jail += ["--uid", str(int(uid)), "--gid", str(int(gid))]
         cmd = [str(exe), "--strategy", strategy, "--hv-start", hex(_hv_start(profile)), "--cpu", str(cpu),
-               *(["--cwd", cwd] if cwd is not None else []), "--json", json_path, "--timeout", str(timeout), "--max-procs", str(int(max_procs)),
-               *jail]
+               *(["--cwd", cwd] if cwd is not None else []), "--json", json_path, "--timeout", str(timeout),
+               "--max-procs", str(int(max_procs)), *jail]
         for e in env if env is not None else _default_env():
             cmd += ["--env", e]
+        if threshold is not None:   # repr: the shortest string that reads back as the same double
+            cmd += ["--emulate-ns", repr(emulate_ns), "--flip-ns", repr(flip_ns)]
         if step_only:
             cmd.append("--step-only")
         if model_env:
@@ -466,6 +524,9 @@ def run_hw(
         except subprocess.TimeoutExpired:
             raise HwError(f"supervisor did not finish within {timeout + 30:.0f} s") from None
         summary = _read_summary(json_path, proc, guest_path)
+        if threshold is not None and (summary.get("online") or {}).get("threshold") != threshold:
+            raise HwError(f"the supervisor's {strategy} threshold {(summary.get('online') or {}).get('threshold')!r} "
+                          f"is not the model's {threshold!r}")
         if stdout == "file":
             out = Path(out_path).read_bytes() if os.path.exists(out_path) else b""
             err = Path(err_path).read_bytes() if os.path.exists(err_path) else b""
@@ -555,12 +616,18 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
     and stdout kind as the Unicorn model's ``execute(spec)``, jailed as uid/gid
     1000 (see the module docstring), which needs root: programs with a root
     filesystem (``rootfs``, or dynamic guests) chrooted into it, the others in
-    an overlay of their data tree. Anything but an
-    i386 ELF is refused (HwError); not being root raises HwUnavailable. ``spec.strategy`` must be one of
-    HW_STRATEGIES. Returns ``(HwResult, GuestBinary)``.
+    an overlay of their data tree. Anything but an i386 ELF is refused
+    (HwError); not being root raises HwUnavailable. ``spec.strategy`` must be
+    one of HW_STRATEGIES (a MODEL_ONLY one: HwError with the reason); an online
+    strategy decides with the prices the model's strategy takes from the spec
+    (``prices``, ``emulate_ns``, ``flip_ns``). Returns ``(HwResult, GuestBinary)``.
     """
     from tlslab.experiment import environment, host_directory, resolve_program
     from tlslab.guests import resolve_guest
+
+    if spec.strategy in MODEL_ONLY:
+        raise HwError(MODEL_ONLY[spec.strategy])
+    prices = model_prices(spec) if spec.strategy in ONLINE else None
 
     rooted_path = bool(spec.rootfs) and spec.guest.startswith("/")
     if not rooted_path:  # a registry guest or host path: refuse non-i386 files before anything else
@@ -576,7 +643,7 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
     env = [os.fsdecode(e) for e in environment(spec, program.rootfs)]
     timeout = timeout if timeout is not None else (spec.timeout_seconds or 120.0)
     common = dict(strategy=spec.strategy, stdout=spec.stdout, cpu=cpu, profile=spec.profile, env=env,
-                  timeout=timeout)
+                  timeout=timeout, prices=prices)
     root = host_directory(spec.root) if spec.root else None   # as the model resolves it
     if program.rootfs is None:
         return run_hw(guest.path, [program.argv0, *spec.args],
@@ -591,6 +658,19 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
                   tree=None if root else spec.tree, root=root,
                   chroot=program.root_dir, exe_in_root=program.guest_path if rooted_path else None,
                   tree_at=spec.tree_at, uid=creds["uid"].default, gid=creds["gid"].default, **common), guest
+
+
+def model_prices(spec) -> tuple[float, float]:
+    """(emulate_ns, flip_ns) of an online strategy for ``spec``: the model's strategy made from the spec's
+    options (``experiment``'s way), so the threshold is the model's (a bad profile: HwError, one line)."""
+    from tlslab.hypervisor.strategies import StrategyOptionError, get_strategy, option_names
+
+    try:
+        strategy = get_strategy(spec.strategy, **{n: getattr(spec, n) for n in option_names(spec.strategy)
+                                                  if hasattr(spec, n)})
+    except StrategyOptionError as exc:
+        raise HwError(str(exc)) from None
+    return strategy.emulate_ns, strategy.flip_ns
 
 
 # ----------------------------------------------------------------- checks

@@ -16,6 +16,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from tlslab.artifacts import user_cache_dir
+
 SOURCE = Path(__file__).with_name("supervisor.c")
 CFLAGS = ("-O2", "-Wall")
 
@@ -25,9 +27,7 @@ class BuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("TLSLAB_CACHE")
-    base = Path(env) if env else Path.home() / ".cache" / "tlslab"
-    return base / "hw"
+    return user_cache_dir() / "hw"
 
 
 def compiler() -> str:

@@ -9,10 +9,17 @@
  *   emulate   decode the faulting instruction, perform the access with
  *             process_vm_readv/writev, update registers, advance EIP.
  *             Forms the decoder does not know are single-stepped with the
- *             expand-down twin descriptor installed ("step" fallback: exact
- *             for any instruction, and as safe as flip)
+ *             expand-down twin descriptor installed (the truncated form for
+ *             a positive offset, which only the online strategies' states
+ *             fault on) ("step" fallback: exact for any instruction, and as
+ *             safe as flip), then the slot's state is put back
  *   flip      switch the descriptor between the truncated expand-up form and
  *             its expand-down twin (PTRACE_SET_THREAD_AREA) and restart
+ *   online-site, online-probe
+ *             emulate or flip, chosen per fault by the rules of
+ *             tlslab/hypervisor/strategies/online.py (see "Online
+ *             strategies"); online-probe also installs an empty descriptor
+ *             that makes every %gs access fault while it measures a run
  *
  * A TLS #GP is a forced SIGSEGV, which resets a blocked or ignored SIGSEGV
  * (handler -> SIG_DFL, unblocked) before the tracer sees it; the supervisor
@@ -140,14 +147,29 @@ struct udesc { /* struct user_desc, fields unpacked */
 #define F_PAGES 16u
 #define F_NP 32u
 
-enum { S_UNTRACED, S_NATIVE, S_EMULATE, S_FLIP };
-static const char *strategy_names[] = {"untraced", "native", "emulate", "flip"};
+enum { S_UNTRACED, S_NATIVE, S_EMULATE, S_FLIP, S_ONLINE_SITE, S_ONLINE_PROBE, S_COUNT };
+static const char *strategy_names[] = {"untraced", "native", "emulate", "flip", "online-site", "online-probe"};
+/* strategies that truncate the guest's TLS descriptors and answer the faults */
+#define TRUNCATING(s) ((s) >= S_EMULATE)
+/* tlslab.hypervisor.strategies.online: emulate or flip, chosen per fault */
+#define ONLINE(s) ((s) == S_ONLINE_SITE || (s) == S_ONLINE_PROBE)
+
+/* what a managed slot holds now: the truncated expand-up form, its
+ * expand-down twin, or (online-probe) the empty descriptor */
+enum { ST_UP, ST_DOWN, ST_EMPTY };
 
 struct slot {
     int valid;         /* the guest installed something here */
     int managed;       /* truncated flat segment that we flip/emulate for */
-    int down;          /* current state: expand-down twin installed */
-    struct udesc requested, up, dn;
+    int state;         /* ST_UP, ST_DOWN or ST_EMPTY: the descriptor installed now */
+    struct udesc requested, up, dn, empty;
+    /* online-site: the back-to-back streak of one site in this slot (the
+     * model keeps it per (vCPU, selector); see "Online strategies"). A
+     * streak of 0 means none, whatever streak_site says (a zeroed slot) */
+    int64_t streak_site; /* index in osites[] */
+    uint64_t streak;
+    /* online-probe: a probe in progress here (its sites: plists[thread][slot]) */
+    int probing, probe_sign, probe_home, probe_away;
 };
 
 /* The guest's own signal dispositions, as the i386 kernel's rt_sigaction
@@ -265,6 +287,52 @@ static volatile sig_atomic_t timed_out;
 static pid_t tids[MAX_THREADS]; /* tids[i] = threads[i].tid while alive, else 0 (a dense scan) */
 static int last_thread;         /* index of the last thread_of hit */
 
+/* Online strategies (online-site, online-probe): the rules of
+ * tlslab/hypervisor/strategies/online.py, which is their specification
+ * (tests/test_hw_online.py checks that the decisions agree: faults per site
+ * and the model's counters, reported under "online" in the JSON). The
+ * threshold is computed here from the two prices the model weighs
+ * (--emulate-ns, --flip-ns, passed with full precision) by the same double
+ * expression, 2 * flip_ns / emulate_ns, so `streak > threshold`,
+ * `estimate > threshold` and the probe cap int(threshold) + 1 compare exactly
+ * as in Python. online-rate decides from the guest's instruction count, which
+ * a ptrace supervisor does not have: it is model-only (refused by backend.py).
+ *
+ * Sites are keyed (eip, sign) domain-wide as in the model: one table for
+ * every thread, process and image (processes forked from one another share
+ * code at the same addresses; a wrong guess costs time, never correctness).
+ * online-probe also keys (eip, sign, previous fault's eip) entries in the same
+ * table: a site whose probes measured two different remaining runs is
+ * ambiguous, and there the context entry decides (ProbeStrategy docstring).
+ * Per-slot state (the online-site streak, a probe in progress) is per thread
+ * here, per (vCPU, selector) in the model: the same for single-threaded
+ * guests. With threads they differ as the descriptors themselves do: Linux
+ * keeps a TLS array per thread across switches, the model reloads the slot at
+ * switches as XenLinux does (see the header); a new task starts with its
+ * creator's streak and no probe record (its inherited empty descriptor is an
+ * orphan: restored to the truncated expand-up form at its first fault). */
+#define REPROBE_FACTOR 8 /* online-probe: probe a site again after 8x, 64x, ... its faults */
+struct osite {
+    uint32_t eip;
+    int sign, used, hot, has_estimate;
+    int in_context;     /* an entry per (site, previous fault's site): ProbeStrategy's context keys */
+    int ambiguous;      /* a site entry whose probes measured two different remaining runs */
+    uint32_t prev;      /* in_context: the previous fault's eip */
+    uint64_t seen, next_probe, estimate;
+};
+static struct osite *osites; /* SITE_CAP entries, open addressing; allocated for the online strategies */
+static uint64_t nosites;
+static double emulate_ns, flip_ns, threshold;
+static uint64_t probe_cap;   /* int(threshold) + 1 */
+static uint32_t previous_fault; /* ProbeStrategy._previous: eip of the previous %gs fault decided */
+/* the sites of the probe in progress in each thread's slot (indices in osites[]); indexed by
+ * thread, not kept in struct slot, so that copying a creator's slots never shares a list */
+struct plist { uint32_t *v; size_t n, cap; }; /* pairs: site entry, context entry */
+static struct plist plists[MAX_THREADS][TLS_SLOTS];
+/* what the model's counters.by_kind and descriptor_writes report, named as there */
+static uint64_t on_emulate, on_flip, on_probe, on_probe_flip, on_probe_end, on_probe_orphan, on_marked_hot,
+    on_desc_writes, on_unknown_sign;
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -335,6 +403,11 @@ static int desc_admits(const struct udesc *d, uint32_t off, int size, int write)
         return off > lim && last <= upper;
     }
     return last <= lim;
+}
+
+/* the descriptor of a managed slot in state st */
+static const struct udesc *slot_desc(const struct slot *s, int st) {
+    return st == ST_DOWN ? &s->dn : st == ST_EMPTY ? &s->empty : &s->up;
 }
 
 /* -------------------------------------------------------------- plumbing */
@@ -467,13 +540,21 @@ static void log_tls(pid_t tid, const char *how, const struct udesc *req, const s
 /* Record what the guest installed in a GDT TLS slot and, if truncating, install the truncated form. */
 static void adopt_slot(struct thread *t, int entry, const struct udesc *requested, const char *how) {
     struct slot *s = &t->slots[entry - TLS_FIRST];
+    /* online-site's streak belongs to the slot, not to the descriptor in it
+     * (the model keys it by (vCPU, selector)): a new install keeps it. A
+     * probe in progress ends: the model drops its record at the slot's next
+     * fault, the descriptor being no longer the empty one */
+    int64_t streak_site = s->streak_site;
+    uint64_t streak = s->streak;
     memset(s, 0, sizeof *s);
     s->valid = 1;
+    s->streak_site = streak_site;
+    s->streak = streak;
     s->requested = *requested;
     s->requested.entry = entry;
     s->up = s->requested;
     COUNT(tls_installs);
-    if (strategy == S_EMULATE || strategy == S_FLIP) {
+    if (TRUNCATING(strategy)) {
         s->up = truncate_desc(s->requested);
         if (memcmp(&s->up, &s->requested, sizeof s->up) && set_area(t->tid, &s->up) < 0)
             die_setup("PTRACE_SET_THREAD_AREA", errno);
@@ -482,6 +563,13 @@ static void adopt_slot(struct thread *t, int entry, const struct udesc *requeste
             s->dn = s->up;
             s->dn.flags = (s->dn.flags & ~6u) | (1u << 1); /* contents = 1: expand-down */
             s->dn.limit = expand_down_flat_limit(s->up.base);
+            /* online-probe's empty descriptor (online.probe_descriptor): expand-down,
+             * limit 0xFFFFF in pages, 32-bit, present -- it admits no offset at all, so
+             * every access faults and none reaches the hypervisor hole. Linux's
+             * set_thread_area takes contents 0 and 1 (data), so it can be installed */
+            s->empty = s->up;
+            s->empty.flags = (s->empty.flags & ~(6u | F_NP)) | (1u << 1) | F_32 | F_PAGES;
+            s->empty.limit = 0xFFFFF;
         }
     }
     log_tls(t->tid, how, &s->requested, &s->up, s->managed ? &s->dn : NULL);
@@ -978,6 +1066,28 @@ static void write_json(void) {
             (unsigned long long)signal_syscalls, (unsigned long long)segv_restores,
             (unsigned long long)segv_handler_restores, (unsigned long long)segv_mask_restores,
             (unsigned long long)restore_failures, (unsigned long long)signals_requeued, restore_s * 1e9);
+    if (ONLINE(strategy)) {
+        /* the model's counters for the same run: by_kind (only the kinds that
+         * occurred, as the model's dict) and descriptor_writes; "unknown_sign":
+         * faults whose offset the decoder could not compute (the model always
+         * can; see probe_fault) */
+        const char *kind[] = {"emulate", "flip", "probe", "probe-flip", "probe-end", "probe-orphan",
+                              "site-marked-hot"};
+        uint64_t nk[] = {on_emulate, on_flip, on_probe, on_probe_flip, on_probe_end, on_probe_orphan,
+                         on_marked_hot};
+        fprintf(f, ",\"online\":{\"emulate_ns\":%.17g,\"flip_ns\":%.17g,\"threshold\":%.17g,"
+                   "\"probe_cap\":%llu,\"sites\":%llu,\"descriptor_writes\":%llu,\"unknown_sign\":%llu,"
+                   "\"by_kind\":{",
+                emulate_ns, flip_ns, threshold, (unsigned long long)probe_cap, (unsigned long long)nosites,
+                (unsigned long long)on_desc_writes, (unsigned long long)on_unknown_sign);
+        int firstk = 1;
+        for (size_t k = 0; k < sizeof nk / sizeof nk[0]; k++)
+            if (nk[k]) {
+                fprintf(f, "%s\"%s\":%llu", firstk ? "" : ",", kind[k], (unsigned long long)nk[k]);
+                firstk = 0;
+            }
+        fprintf(f, "}}");
+    }
     fprintf(f, ",\"first_delivered\":");
     json_str(f, first_delivered);
     fprintf(f, ",\"decoder_misses\":{");
@@ -1514,6 +1624,301 @@ static void record_delivery(struct site *s, uint32_t eip, const char *why) {
     if (!first_delivered[0]) snprintf(first_delivered, sizeof first_delivered, "eip %#x: %s", eip, why);
 }
 
+/* The sign of the faulting access's offset (its top bit, as the model's
+ * `-1 if offset & 0x80000000 else 1`): +1, -1, or 0 when the decoder could
+ * not compute the offset (a form it does not know before the ModRM byte).
+ * Then the slot's state tells: only a negative offset faults on the
+ * truncated expand-up form, only a positive one on the expand-down twin
+ * (anything else is a genuine fault, refused on the way); on the empty
+ * descriptor every access faults, so the sign stays unknown. */
+static int access_sign(const struct slot *sl, const struct insn *in) {
+    if (in->has_mem) return (in->off & 0x80000000u) ? -1 : 1;
+    return sl->state == ST_UP ? -1 : sl->state == ST_DOWN ? 1 : 0;
+}
+
+/* install state st in the slot (a descriptor write that settles the fault:
+ * the instruction restarts) */
+static void install_state(struct thread *t, struct slot *sl, int st) {
+    if (set_area(t->tid, slot_desc(sl, st)) < 0) die_setup("PTRACE_SET_THREAD_AREA", errno);
+    sl->state = st;
+    COUNT(switches);
+}
+
+/* flip: the truncated expand-up form <-> its expand-down twin, and restart;
+ * returns the signal to deliver (0: restart). Genuine faults are refused:
+ * the other state must admit the access (xen.flip's check); for a form the
+ * decoder does not know, an instruction that faults in both states. */
+static int do_flip(struct thread *t, struct slot *sl, struct site *s, const struct insn *in, uint32_t eip) {
+    int go_down = sl->state != ST_DOWN;
+    const struct udesc *next = go_down ? &sl->dn : &sl->up;
+    if (in->has_mem && !in->miss[0]) {
+        if (!desc_admits(next, in->off, in->size, 0)) {
+            record_delivery(s, eip, "genuine fault: flipping does not admit the access");
+            return SIGSEGV;
+        }
+    } else {
+        note_miss(in->miss[0] ? in->miss : "no memory operand");
+        if (t->last_fault_eip == eip && t->last_fault_flipped) {
+            t->last_fault_flipped = 0;
+            record_delivery(s, eip, "genuine fault: faulted in both states");
+            return SIGSEGV;
+        }
+    }
+    install_state(t, sl, go_down ? ST_DOWN : ST_UP);
+    if (go_down) { COUNT(to_down); if (s) s->to_down++; }
+    else { COUNT(to_up); if (s) s->to_up++; }
+    t->last_fault_eip = eip;
+    t->last_fault_flipped = 1;
+    return 0;
+}
+
+/* emulate: perform the access for the guest and advance EIP; returns the
+ * signal to deliver (0: done). Forms the decoder does not know (and every
+ * form under --step-only) are single-stepped once with the descriptor that
+ * admits the access's sign -- the expand-down twin for a negative offset
+ * (only addresses below the base: nothing in the hypervisor hole), the
+ * truncated expand-up form for a positive one -- and end_step then puts back
+ * the slot's current state (*step = 1). */
+static int do_emulate(struct thread *t, struct slot *sl, struct site *s, struct insn *in,
+                      struct user_regs_struct *r, uint32_t eip, int entry, int *step) {
+    t->last_fault_flipped = 0;
+    if (!in->miss[0] && !step_only) {
+        struct ctx c = {t->tid, sl, 0, ""};
+        if (emulate(&c, in, r) < 0) {
+            record_delivery(s, eip, c.why[0] ? c.why : "cannot emulate");
+            return SIGSEGV;
+        }
+        if (ptrace(PTRACE_SETREGS, t->tid, 0, r) < 0) die_setup("PTRACE_SETREGS", errno);
+        COUNT(emulated);
+        if (s) s->emulated++;
+        return 0;
+    }
+    note_miss(in->miss[0] ? in->miss : "step-only");
+    const struct udesc *with = access_sign(sl, in) > 0 ? &sl->up : &sl->dn;
+    if (set_area(t->tid, with) < 0) die_setup("PTRACE_SET_THREAD_AREA", errno);
+    COUNT(switches);
+    t->stepping = 1;
+    t->step_entry = entry;
+    t->step_eip = eip;
+    COUNT(stepped);
+    if (s) s->stepped++;
+    *step = 1;
+    return 0;
+}
+
+/* after the single step: the slot's current state again (expand-up, the
+ * twin, or the empty descriptor of a probe started at this fault) */
+static void end_step(struct thread *t) {
+    struct slot *sl = &t->slots[t->step_entry - TLS_FIRST];
+    if (set_area(t->tid, slot_desc(sl, sl->state)) < 0) die_setup("PTRACE_SET_THREAD_AREA", errno);
+    COUNT(switches);
+    t->stepping = 0;
+}
+
+/* ------------------------------------------------------ online strategies */
+/* the (eip, sign) entry of the domain-wide site table (in_context: the
+ * (eip, sign, prev) entry), created if new */
+static struct osite *oentry_of(uint32_t eip, int sign, int in_context, uint32_t prev) {
+    uint32_t h = (eip * 2654435761u ^ (sign > 0 ? 0x9E3779B9u : 0u) ^ (in_context ? prev * 40503u + 1u : 0u))
+                 & (SITE_CAP - 1);
+    for (int i = 0; i < SITE_CAP; i++) {
+        struct osite *o = &osites[(h + i) & (SITE_CAP - 1)];
+        if (!o->used) {
+            /* the table is a decision input: a site without an entry cannot be decided as in the model */
+            if (nosites >= SITE_CAP - 1) die_setup("online site table full", ENOSPC);
+            o->used = 1; o->eip = eip; o->sign = sign; o->in_context = in_context; o->prev = prev;
+            nosites++;
+            return o;
+        }
+        if (o->eip == eip && o->sign == sign && o->in_context == in_context && (!in_context || o->prev == prev))
+            return o;
+    }
+    die_setup("online site table full", ENOSPC);
+    return NULL;
+}
+
+static struct osite *osite_of(uint32_t eip, int sign) { return oentry_of(eip, sign, 0, 0); }
+
+static void plist_add(struct plist *p, uint32_t site) {
+    if (p->n == p->cap) {
+        size_t cap = p->cap ? 2 * p->cap : 64;
+        uint32_t *v = realloc(p->v, cap * sizeof *v);
+        if (!v) die_setup("malloc (probe sites)", ENOMEM);
+        p->v = v;
+        p->cap = cap;
+    }
+    p->v[p->n++] = site;
+}
+
+/* ProbeStrategy._learn: each (site, context) pair of the run learns how many
+ * same-sign accesses followed it, itself included; a pair seen twice keeps its
+ * first (longest) remainder. The model walks from the end into a dict and then
+ * updates in the dict's order (pairs by their last occurrence, latest first);
+ * a site given a value different from the one it had becomes ambiguous. The
+ * same order here: a probe holds at most probe_cap pairs, so the quadratic
+ * de-duplication is cheap. */
+static void probe_learn(const struct plist *p) {
+    size_t n = p->n / 2;
+    size_t *order = malloc((n ? n : 1) * sizeof *order);   /* pair indices, in the model's dict order */
+    uint64_t *value = malloc((n ? n : 1) * sizeof *value);
+    if (!order || !value) die_setup("malloc (probe learn)", ENOMEM);
+    size_t m = 0;
+    for (size_t k = n; k-- > 0;) {
+        size_t j = 0;
+        while (j < m && !(p->v[2 * order[j]] == p->v[2 * k] && p->v[2 * order[j] + 1] == p->v[2 * k + 1])) j++;
+        if (j == m) order[m++] = k;
+        value[j] = n - k;   /* the earliest occurrence's remainder wins, as in the dict */
+    }
+    for (size_t j = 0; j < m; j++) {
+        struct osite *site = &osites[p->v[2 * order[j]]], *ctx = &osites[p->v[2 * order[j] + 1]];
+        if (site->has_estimate && site->estimate != value[j]) site->ambiguous = 1;
+        site->estimate = value[j];
+        site->has_estimate = 1;
+        ctx->estimate = value[j];
+        ctx->has_estimate = 1;
+    }
+    free(order);
+    free(value);
+}
+
+/* ProbeStrategy._due: count a fault at this entry; its estimate, or -1 when it has none or is due a probe */
+static int64_t probe_due(struct osite *o) {
+    o->seen++;
+    if (!o->has_estimate || o->seen >= o->next_probe) {
+        o->next_probe = o->seen * REPROBE_FACTOR;
+        return -1;
+    }
+    return (int64_t)o->estimate;
+}
+
+/* a fault with the empty descriptor installed (ProbeStrategy._in_probe) */
+static int probe_fault(struct thread *t, struct slot *sl, struct site *s, struct insn *in,
+                       struct user_regs_struct *r, uint32_t eip, int entry, int *step, int sign, uint32_t prev) {
+    struct plist *p = &plists[t - threads][entry - TLS_FIRST];
+    t->last_fault_flipped = 0;
+    if (!sl->probing) {
+        /* the empty descriptor without our record (a task created during a
+         * probe inherits its creator's slot, not its probe): the slot gets
+         * what the policy gives it, the truncated expand-up form */
+        install_state(t, sl, ST_UP);
+        on_probe_orphan++;
+        on_desc_writes++;
+        return 0;
+    }
+    if (sign == 0) {
+        /* a form the decoder does not know, its offset unknown: the model
+         * always knows it. End the probe as a fault of the other sign would
+         * (the instruction restarts under the descriptor before the probe and
+         * is decided again); a fault more than the model's, noted */
+        on_unknown_sign++;
+        sign = -sl->probe_sign;
+    }
+    if (sign == sl->probe_sign) {
+        plist_add(p, (uint32_t)(osite_of(eip, sign) - osites));
+        plist_add(p, (uint32_t)(oentry_of(eip, sign, 1, prev) - osites));
+        if (p->n / 2 >= probe_cap) { /* the run already pays for a flip: flip, and restart */
+            probe_learn(p);
+            sl->probing = 0;
+            install_state(t, sl, sl->probe_away);
+            on_probe_flip++;
+            on_desc_writes++;
+            return 0;
+        }
+        on_emulate++;
+        return do_emulate(t, sl, s, in, r, eip, entry, step);
+    }
+    /* the other sign: the run ended. The slot gets its state from before the probe; restart */
+    probe_learn(p);
+    sl->probing = 0;
+    install_state(t, sl, sl->probe_home);
+    on_probe_end++;
+    on_desc_writes++;
+    return 0;
+}
+
+/* ProbeStrategy._start_probe: emulate this access, then install the empty
+ * descriptor so that every following %gs access faults. No probe when a flip
+ * would not admit the access (genuine: the model's flipped() is None) or the
+ * emulation failed. A single-stepped access starts the probe before the
+ * step: end_step installs the empty descriptor after it */
+static int start_probe(struct thread *t, struct slot *sl, struct site *s, struct insn *in,
+                       struct user_regs_struct *r, uint32_t eip, int entry, int *step, int sign,
+                       struct osite *o, struct osite *ctx) {
+    int home = sl->state, away = home == ST_UP ? ST_DOWN : ST_UP;
+    int flippable = !in->has_mem || desc_admits(slot_desc(sl, away), in->off, in->size, 0);
+    on_emulate++;
+    int deliver = do_emulate(t, sl, s, in, r, eip, entry, step);
+    if (deliver || !flippable) return deliver;
+    sl->state = ST_EMPTY;
+    if (!*step) {
+        if (set_area(t->tid, &sl->empty) < 0) die_setup("PTRACE_SET_THREAD_AREA", errno);
+        COUNT(switches);
+    }
+    on_desc_writes++;
+    sl->probing = 1;
+    sl->probe_sign = sign;
+    sl->probe_home = home;
+    sl->probe_away = away;
+    struct plist *p = &plists[t - threads][entry - TLS_FIRST];
+    p->n = 0;
+    plist_add(p, (uint32_t)(o - osites));
+    plist_add(p, (uint32_t)(ctx - osites));
+    on_probe++;
+    return 0;
+}
+
+/* the online strategies' decision for a fault on a managed slot (OnlineStrategy.step
+ * and the two decide() methods); returns the signal to deliver, *step as do_emulate */
+static int online_fault(struct thread *t, struct slot *sl, struct site *s, struct insn *in,
+                        struct user_regs_struct *r, uint32_t eip, int entry, int *step) {
+    if (in->seg != 5) { /* %fs: no flip rule for it, as in Xen 2004; emulate */
+        on_emulate++;
+        return do_emulate(t, sl, s, in, r, eip, entry, step);
+    }
+    int sign = access_sign(sl, in);
+    uint32_t prev = previous_fault;   /* the context key uses the fault before this one */
+    if (strategy == S_ONLINE_PROBE) previous_fault = eip;
+    if (sl->state == ST_EMPTY) return probe_fault(t, sl, s, in, r, eip, entry, step, sign, prev);
+    struct osite *o = osite_of(eip, sign);
+    int deliver;
+    if (strategy == S_ONLINE_SITE) {
+        /* SiteStreakStrategy: a positive offset (the slot is flipped) flips
+         * back; a negative one at a hot site flips; otherwise the streak of
+         * this site back to back in this slot grows, and beyond the
+         * threshold the site becomes hot and the fault flips */
+        if (sign > 0 || o->hot) {
+            if (!(deliver = do_flip(t, sl, s, in, eip))) { on_flip++; on_desc_writes++; }
+            return deliver;
+        }
+        int64_t key = o - osites;
+        sl->streak = sl->streak_site == key ? sl->streak + 1 : 1;
+        sl->streak_site = key;
+        if ((double)sl->streak > threshold) {
+            o->hot = 1;
+            sl->streak = 0;
+            on_marked_hot++;
+            if (!(deliver = do_flip(t, sl, s, in, eip))) { on_flip++; on_desc_writes++; }
+            return deliver;
+        }
+        on_emulate++;
+        return do_emulate(t, sl, s, in, r, eip, entry, step);
+    }
+    /* ProbeStrategy.decide, outside a probe: any record of one is stale (the
+     * descriptor is no longer the empty one; the model pops it here) */
+    sl->probing = 0;
+    int64_t estimate = probe_due(o);
+    if (estimate >= 0 && o->ambiguous)   /* a site reached from several places: its context decides */
+        estimate = probe_due(oentry_of(eip, sign, 1, prev));
+    if (estimate < 0)
+        return start_probe(t, sl, s, in, r, eip, entry, step, sign, o, oentry_of(eip, sign, 1, prev));
+    if ((double)estimate > threshold) {
+        if (!(deliver = do_flip(t, sl, s, in, eip))) { on_flip++; on_desc_writes++; }
+        return deliver;
+    }
+    on_emulate++;
+    return do_emulate(t, sl, s, in, r, eip, entry, step);
+}
+
 /* returns the signal to deliver on resume (0 = suppress); *step = 1 to single-step */
 static int handle_segv(struct thread *t, int *step) {
     siginfo_t si;
@@ -1554,62 +1959,9 @@ static int handle_segv(struct thread *t, int *step) {
         record_delivery(s, eip, "segment is not a truncated flat segment");
         return SIGSEGV;
     }
-    if (strategy == S_FLIP) {
-        int go_down = !sl->down;
-        const struct udesc *next = go_down ? &sl->dn : &sl->up;
-        if (in.has_mem && !in.miss[0]) {
-            if (!desc_admits(next, in.off, in.size, 0)) {
-                record_delivery(s, eip, "genuine fault: flipping does not admit the access");
-                return SIGSEGV;
-            }
-        } else {
-            note_miss(in.miss[0] ? in.miss : "no memory operand");
-            if (t->last_fault_eip == eip && t->last_fault_flipped) {
-                t->last_fault_flipped = 0;
-                record_delivery(s, eip, "genuine fault: faulted in both states");
-                return SIGSEGV;
-            }
-        }
-        if (set_area(t->tid, next) < 0) die_setup("PTRACE_SET_THREAD_AREA", errno);
-        sl->down = go_down;
-        COUNT(switches);
-        if (go_down) { COUNT(to_down); if (s) s->to_down++; }
-        else { COUNT(to_up); if (s) s->to_up++; }
-        t->last_fault_eip = eip;
-        t->last_fault_flipped = 1;
-        return 0;
-    }
-    /* emulate */
-    if (!in.miss[0] && !step_only) {
-        struct ctx c = {t->tid, sl, 0, ""};
-        if (emulate(&c, &in, &r) < 0) {
-            record_delivery(s, eip, c.why[0] ? c.why : "cannot emulate");
-            return SIGSEGV;
-        }
-        if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0) die_setup("PTRACE_SETREGS", errno);
-        COUNT(emulated);
-        if (s) s->emulated++;
-        return 0;
-    }
-    /* fallback: execute the instruction once with the expand-down twin (admits
-     * only addresses below the base: nothing in the hypervisor hole) */
-    note_miss(in.miss[0] ? in.miss : "step-only");
-    if (set_area(t->tid, &sl->dn) < 0) die_setup("PTRACE_SET_THREAD_AREA", errno);
-    COUNT(switches);
-    t->stepping = 1;
-    t->step_entry = entry;
-    t->step_eip = eip;
-    COUNT(stepped);
-    if (s) s->stepped++;
-    *step = 1;
-    return 0;
-}
-
-static void end_step(struct thread *t) {
-    struct slot *sl = &t->slots[t->step_entry - TLS_FIRST];
-    if (set_area(t->tid, &sl->up) < 0) die_setup("PTRACE_SET_THREAD_AREA", errno);
-    COUNT(switches);
-    t->stepping = 0;
+    if (strategy == S_FLIP) return do_flip(t, sl, s, &in, eip);
+    if (ONLINE(strategy)) return online_fault(t, sl, s, &in, &r, eip, entry, step);
+    return do_emulate(t, sl, s, &in, &r, eip, entry, step);
 }
 
 /* syscall-exit of set_thread_area / modify_ldt */
@@ -1642,7 +1994,7 @@ static void start_tls_syscall(struct thread *t) {
         t->sta_is_ldt = 1;
         t->sta_ptr = (uint32_t)r.rcx;
         uint32_t func = (uint32_t)r.rbx;
-        if ((func == 1 || func == 0x11) && (strategy == S_EMULATE || strategy == S_FLIP)) {
+        if ((func == 1 || func == 0x11) && TRUNCATING(strategy)) {
             uint32_t raw[4];
             if (read_mem(t->tid, t->sta_ptr, raw, 16) == 0) {
                 struct udesc req = {raw[0], raw[1], raw[2], raw[3]}, tr = truncate_desc(req);
@@ -1679,8 +2031,11 @@ static void adopt_new_thread(struct thread *t) {
         struct udesc d;
         if (get_area(t->tid, e, &d) < 0) continue;
         if (!d.base && !d.limit && (d.flags & F_NP)) { memset(ts, 0, sizeof *ts); continue; } /* empty */
+        /* a probe in progress stays its creator's: an empty descriptor inherited
+         * here is an orphan, restored at the new task's first fault */
+        ts->probing = 0;
         if (ts->valid) {
-            struct udesc cur = ts->down ? ts->dn : ts->up;
+            struct udesc cur = ts->managed ? *slot_desc(ts, ts->state) : ts->up;
             if (cur.base == d.base && (cur.limit & 0xFFFFF) == (d.limit & 0xFFFFF) &&
                 (cur.flags & 0x7F) == (d.flags & 0x7F))
                 continue; /* inherited as it was */
@@ -2095,7 +2450,8 @@ static void record_objects(pid_t pid, int img) {
 /* ----------------------------------------------------------------- main */
 static void usage(void) {
     fprintf(stderr,
-            "usage: tlslab-hw-supervisor [--strategy untraced|native|emulate|flip] [--hv-start HEX]\n"
+            "usage: tlslab-hw-supervisor [--strategy untraced|native|emulate|flip|online-site|online-probe]\n"
+            "    [--emulate-ns NS --flip-ns NS] [--hv-start HEX]\n"
             "    [--cpu N|-1] [--cwd DIR] [--stdin PATH] [--stdout PATH] [--stderr PATH] [--env K=V]...\n"
             "    [--timeout SECONDS] [--max-procs N] [--step-only] [--model-env] [--trace PATH]\n"
             "    [--chroot DIR [--view EMPTYDIR [--mount-src DIR --mount-at PATH]]] [--uid N] [--gid N] [--exec-fd]\n"
@@ -2111,7 +2467,9 @@ static void usage(void) {
             "  no --cwd; EXE is a host path executed by descriptor.\n"
             "  --uid/--gid: drop to these ids (no supplementary groups) after chroot, before exec.\n"
             "  --max-procs: processes the guest may start in all (the first included, default 1024);\n"
-            "  beyond it, as at --timeout, every guest task is killed (\"stopped\" in the JSON).\n");
+            "  beyond it, as at --timeout, every guest task is killed (\"stopped\" in the JSON).\n"
+            "  --emulate-ns/--flip-ns: the online strategies' prices (both > 0, required by them):\n"
+            "  threshold = 2 * flip_ns / emulate_ns, as tlslab.hypervisor.strategies.online.\n");
     exit(2);
 }
 
@@ -2125,9 +2483,11 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "--strategy")) {
             const char *v = argv[++i];
             int found = 0;
-            for (int k = 0; k < 4; k++) if (!strcmp(v, strategy_names[k])) { strategy = k; found = 1; }
+            for (int k = 0; k < S_COUNT; k++) if (!strcmp(v, strategy_names[k])) { strategy = k; found = 1; }
             if (!found) usage();
-        } else if (!strcmp(a, "--hv-start")) hv_start = (uint32_t)strtoul(argv[++i], NULL, 0);
+        } else if (!strcmp(a, "--emulate-ns")) emulate_ns = strtod(argv[++i], NULL);
+        else if (!strcmp(a, "--flip-ns")) flip_ns = strtod(argv[++i], NULL);
+        else if (!strcmp(a, "--hv-start")) hv_start = (uint32_t)strtoul(argv[++i], NULL, 0);
         else if (!strcmp(a, "--cpu")) cpu = atoi(argv[++i]);
         else if (!strcmp(a, "--cwd")) cwd_path = argv[++i];
         else if (!strcmp(a, "--stdin")) stdin_path = argv[++i];
@@ -2154,13 +2514,19 @@ int main(int argc, char **argv) {
     if (argc - i < 2) usage();
     if ((view_dir && !chroot_dir && !overlay_dir) || (mount_src && !view_dir) || (!mount_src != !mount_at)) usage();
     if (overlay_dir && (chroot_dir || !view_dir || mount_src || !exec_fd || cwd_path)) usage();
+    if (ONLINE(strategy)) { /* the decision threshold, the model's expression on the model's prices */
+        if (!(emulate_ns > 0 && emulate_ns <= 1e12 && flip_ns > 0 && flip_ns <= 1e12)) usage();
+        threshold = 2 * flip_ns / emulate_ns;
+        probe_cap = threshold < 1.8e19 ? (uint64_t)threshold + 1 : UINT64_MAX;
+    }
     const char *exe = argv[i];
     char **gargv = argv + i + 1;
 
     sites = calloc(SITE_CAP, sizeof *sites);
     procs = calloc((size_t)max_procs + 1, sizeof *procs);
     tlslog = open_memstream(&tlslog_buf, &tlslog_len);
-    if (!sites || !procs || !tlslog) die_setup("malloc", ENOMEM);
+    if (ONLINE(strategy)) osites = calloc(SITE_CAP, sizeof *osites);
+    if (!sites || !procs || !tlslog || (ONLINE(strategy) && !osites)) die_setup("malloc", ENOMEM);
     /* orphaned guest processes are re-parented to us, not to init: the run
      * waits for them and, when stopped, kills them (sweep) */
     if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0) die_setup("PR_SET_CHILD_SUBREAPER", errno);

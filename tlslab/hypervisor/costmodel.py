@@ -112,6 +112,24 @@ def work_units(counters: dict) -> dict[str, float]:
     }
 
 
+def fault_prices(profile: CostProfile) -> tuple[float, float]:
+    """(ns per emulated fault, ns per flip) under ``profile``: what a fault-driven policy weighs.
+
+    An emulated fault is a trap, a decode and one emulated access; a flip is a
+    trap, a decode and one descriptor write (the restarted instruction then runs
+    free). Online strategies take their decision threshold from these two prices.
+    """
+    emulate = profile.trap_ns + profile.decode_ns + profile.emulated_access_ns
+    flip = profile.trap_ns + profile.decode_ns + profile.descriptor_write_ns
+    return emulate, flip
+
+
+def fault_handling_ns(profile: CostProfile, counters: dict) -> float:
+    """The part of a run's modelled time spent handling faults (everything but instructions and system calls)."""
+    units = work_units(counters)
+    return sum(units[k] * getattr(profile, k) for k in FAULT_PRICE_FIELDS)
+
+
 def predict(profile: CostProfile, counters: dict) -> ModelledTime:
     units = work_units(counters)
     breakdown = {k.removesuffix("_ns"): units[k] * getattr(profile, k) for k in PRICE_FIELDS}

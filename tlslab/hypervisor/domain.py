@@ -44,6 +44,7 @@ class GuestCrash:
     symbol: str
     instruction: str
     reason: str
+    timed_out: bool = False         # the vCPU's time budget ended the run (not a fault): a typed flag, not a text
 
     def describe(self) -> str:
         return f"guest crashed at {self.eip:#010x} <{self.symbol}>: `{self.instruction}`: {self.reason}"
@@ -86,6 +87,7 @@ class Domain:
         self.policy = DescriptorPolicy.xen(profile) if self.strategy.truncates else DescriptorPolicy.native(profile)
         self._vcpu_options = dict(checks=checks, timeout_seconds=timeout_seconds, trace_signs=trace_signs)
         first_vcpu = vcpu if vcpu is not None else VCpu(**self._vcpu_options)
+        self.vcpus: list[VCpu] = [first_vcpu]   # every address space's vCPU, in creation order
         self._requested: dict[SegmentDescriptor, SegmentDescriptor] = {}
         self.max_traps = max_traps
         self._refused: str | None = None
@@ -106,6 +108,7 @@ class Domain:
     def _new_vcpu(self) -> VCpu:
         vcpu = VCpu(**self._vcpu_options)
         vcpu.share_deadline(self.first_process.vcpu)
+        self.vcpus.append(vcpu)
         return vcpu
 
     def _on_new_address_space(self, process, how: str) -> None:
@@ -147,6 +150,15 @@ class Domain:
                 return requested
         return installed
 
+    def sign_runs(self, segment: str = "gs") -> tuple[list[list[int]], int]:
+        """Every address space's sign trace (``trace_signs``), and how many runs were dropped in all."""
+        traces, dropped = [], 0
+        for vcpu in self.vcpus:
+            runs, lost = vcpu.sign_runs(segment)
+            traces.append(runs)
+            dropped += lost
+        return traces, dropped
+
     def segment_view(self, segment: str) -> SegmentDescriptor | None:
         """The descriptor an emulator applies to ``segment``; None: null selector (#GP).
 
@@ -177,7 +189,7 @@ class Domain:
                 code = b""
         return objects.symbolize(eip), bytes(code)
 
-    def crash_at(self, eip: int, reason: str) -> GuestCrash:
+    def crash_at(self, eip: int, reason: str, timed_out: bool = False) -> GuestCrash:
         text = "??"
         try:
             mem = self.vcpu.mem if self.vcpu is not None else None
@@ -187,7 +199,7 @@ class Domain:
                 text = f"{insn.mnemonic} {insn.op_str}".strip()
         except Exception:
             pass
-        return GuestCrash(eip, self.symbolize(eip), text, reason)
+        return GuestCrash(eip, self.symbolize(eip), text, reason, timed_out)
 
     def run(self) -> RunResult:
         started = time.perf_counter()
@@ -232,7 +244,7 @@ class Domain:
                     self._kill(process, self.crash_at(e.eip, f"SIGSEGV: {e.message}{hole}"))
                     continue
                 if e.reason is ExitReason.TIMEOUT:
-                    crash = self.crash_at(e.eip, "timed out")
+                    crash = self.crash_at(e.eip, "timed out", timed_out=True)
                     break
                 self._kill(process, self.crash_at(e.eip, e.message or "CPU exception"), SIGILL)
         except TooManyProcesses as exc:

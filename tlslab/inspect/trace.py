@@ -161,14 +161,15 @@ def _is_sorted(seq) -> bool:
     return all(seq[i] <= seq[i + 1] for i in range(len(seq) - 1))
 
 
-def traced_run(spec, detail: int = 0):
+def traced_run(spec, detail: int = 0, trace_signs: bool = False):
     """Run ``spec`` like :func:`tlslab.experiment.execute`, with a ``RecordingStrategy``.
 
-    Returns ``(result, guest, domain, recorder)``.
+    Returns ``(result, guest, domain, recorder)``. ``trace_signs``: also record
+    every address space's %gs sign runs (``Domain.sign_runs``).
     """
     from tlslab.experiment import make_domain
 
-    domain, guest = make_domain(spec)
+    domain, guest = make_domain(spec, trace_signs=trace_signs)
     recorder = RecordingStrategy(domain.strategy, domain, detail=detail)
     domain.strategy = recorder
     result = domain.run()

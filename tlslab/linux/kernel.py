@@ -241,6 +241,7 @@ class Kernel:
                 vcpu.load_context(task.context)
                 task.context = None
         task.process.task = task
+        vcpu.sign_break()   # a sign trace (hybrid's offline bound) starts a new slice here
         self._load_tls(task)
         self.current = task
         task.process.on_switch_in()

@@ -272,8 +272,25 @@ class Fastpath:
             st.runs = ctypes.cast(buf, ctypes.POINTER(ctypes.c_int32))
             st.runs_capacity = capacity
 
+    def sign_break(self) -> None:
+        """Mark a break in every sign trace (a 0 entry): the thread on this vCPU changed.
+
+        The run so far is stored first; ``last_sign`` stays, so the access
+        statistics are the same with or without a trace.
+        """
+        for st in self.header.stats:
+            if not st.runs:
+                continue
+            for value in ((st.last_sign * st.run_length,) if st.run_length else ()) + (0,):
+                if st.runs_count < st.runs_capacity:
+                    st.runs[st.runs_count] = value
+                    st.runs_count += 1
+                else:
+                    st.runs_dropped += 1
+            st.run_length = 0
+
     def sign_runs(self, index: int) -> tuple[list[int], int]:
-        """(runs as +len/-len including the current one, runs dropped for lack of room)."""
+        """(runs as +len/-len including the current one, 0 at a break, runs dropped for lack of room)."""
         st = self.header.stats[index]
         if not st.runs:
             return [], 0

@@ -261,6 +261,12 @@ class VCpu:
         """Selectors held by fs and gs (read from the CPU: loads are not intercepted)."""
         return {"fs": self.regs.get("fs") & 0xFFFF, "gs": self.regs.get("gs") & 0xFFFF}
 
+    def instructions_retired(self) -> int:
+        """Guest instructions retired so far, exact at an exit (a clock for online strategies)."""
+        if self._fast is not None and self.count_instructions:
+            return int(self._fast.header.instructions)
+        return self.counters.instructions
+
     def set_descriptor(self, index: int, desc: SegmentDescriptor | None) -> None:
         """Install a (policy-shaped) descriptor in a TLS slot and refresh fs/gs using it.
 
@@ -428,8 +434,14 @@ class VCpu:
         return out
 
     def sign_runs(self, segment: str = "gs") -> tuple[list[int], int]:
-        """Runs of same-sign %fs/%gs offsets in access order (+n: n non-negative, -n: n negative)."""
+        """Runs of same-sign %fs/%gs offsets in access order (+n: n non-negative, -n: n negative, 0: a
+        thread switch on this vCPU, see ``sign_break``)."""
         return self._fast.sign_runs(0 if segment == "fs" else 1)
+
+    def sign_break(self) -> None:
+        """A thread was switched onto this vCPU: the slot's state may have changed under the trace."""
+        if self._fast is not None and self.checks:
+            self._fast.sign_break()
 
     def site_counters(self) -> list[fastpath.SiteCounters]:
         return self._fast.sites() if self.checks else []

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tlslab.bench.store import RunDir
 from tlslab.bench.summary import summarize
+from tlslab.record import SCHEMA_VERSION
 
 
 def build_report(run: RunDir, out: Path, profile: str | None = None, command: str | None = None) -> Path:
@@ -28,5 +29,7 @@ def build_report(run: RunDir, out: Path, profile: str | None = None, command: st
         "coverage": figures.coverage_data(records),
         "hw": s.hw,
         "processes": s.processes,
+        "online": s.online,
+        "schema": SCHEMA_VERSION,       # tlslab.record: the records' schema this summary was made with
     }, indent=2, sort_keys=True, default=str) + "\n")
     return index

@@ -1,8 +1,10 @@
 """Flat exports of a bench run: one CSV row per cell (the newest record of each cell).
 
 ``rootfs``: the pinned root filesystem a cell's program ran in (``keir``: /bin/ls of debian), empty if none.
-hw cells (``backend`` = hw) have no model counters: ``traps`` is the #GP faults the CPU took,
-``hw_run_seconds`` the median traced run time, and the modelled columns are empty.
+``faults``: the record's common fault count (:mod:`tlslab.record`), filled for model and hw cells alike: the
+#GP traps the model's strategy saw, or the #GP faults the CPU took under the supervisor. hw cells have no
+model counters: ``hw_run_seconds`` is the median traced run time, and the modelled columns are empty.
+``schema``: the record schema the row was read from (old records are read by tlslab.record.upgrade).
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ import io
 
 from tlslab.bench.store import RunDir
 from tlslab.hypervisor import costmodel
+from tlslab.record import RunRecord
 
 BASE_COLUMNS = [
     "run_id", "cell", "backend", "workload", "guest", "variant", "args", "applet", "tree", "root", "rootfs", "strategy", "hv_profile",
     "seed", "outcome", "reason", "exit_status", "crash_eip", "crash_symbol", "crash_instruction",
-    "guest_sha256", "instructions", "syscalls", "traps", "faults_per_1k_instructions", "decodes",
+    "guest_sha256", "instructions", "syscalls", "faults", "faults_per_1k_instructions", "decodes",
     "descriptor_writes", "emulated_accesses", "emulated_instructions", "patches", "notifications", "refused",
     "gs_accesses", "gs_negative", "gs_positive", "gs_sign_changes", "fs_accesses", "fs_negative", "fs_positive",
     "fs_sign_changes", "stdout_sha256", "wall_seconds", "cell_seconds", "started", "ended",
     "tlslab_version", "git_commit", "python_version", "unicorn_version", "capstone_version", "cpu_model", "hostname",
-    "hw_run_seconds", "hw_run_seconds_samples", "hw_fault_sites", "hw_cpu",
+    "hw_run_seconds", "hw_run_seconds_samples", "hw_fault_sites", "hw_cpu", "schema",
 ]
 
 
@@ -37,29 +40,29 @@ def rows(run: RunDir) -> tuple[list[str], list[dict]]:
         r = latest.get(cid)
         if r is None:
             continue
+        rec = RunRecord.from_dict(r, f"{run.path}: cell {cid}")   # the typed record: outcome, faults, ...
         s = r["spec"]
-        c = r.get("counters") or {}
+        c = rec.counters or {}
         st = c.get("strategy", {})
         seg = c.get("segments", {})
         crash = r.get("crash") or {}
         meta = r.get("meta", {})
-        instr = c.get("instructions")
-        traps = st.get("traps")
-        hw = r.get("backend") == "hw"
-        if hw:
-            traps = r.get("faults")
+        instr = rec.instructions
+        faults = rec.faults
+        hw = rec.backend == "hw"
         row = {
             "run_id": r.get("run_id"), "cell": cid, "backend": r.get("backend", "unicorn"), "workload": r.get("workload"), "guest": s["guest"],
             "variant": s["variant"], "args": " ".join(s.get("args") or []), "applet": s.get("applet") or "",
             "tree": s.get("tree") or "", "root": s.get("root") or "", "rootfs": s.get("rootfs") or "",
             "strategy": s["strategy"],
-            "hv_profile": s["profile"], "seed": s.get("seed"), "outcome": r.get("outcome"),
-            "reason": r.get("reason") or "", "exit_status": r.get("status"),
+            "hv_profile": s["profile"], "seed": s.get("seed"), "outcome": rec.outcome.value,
+            "reason": rec.reason or "", "exit_status": rec.status,
             "crash_eip": f"{crash['eip']:#010x}" if crash.get("eip") is not None else "",
             "crash_symbol": crash.get("symbol", ""), "crash_instruction": crash.get("instruction", ""),
             "guest_sha256": (r.get("guest") or {}).get("sha256", ""), "instructions": instr,
-            "syscalls": c.get("linux", {}).get("syscalls", {}).get("total") if c else None, "traps": traps,
-            "faults_per_1k_instructions": (1000.0 * traps / instr) if instr and traps is not None else None,
+            "syscalls": c.get("linux", {}).get("syscalls", {}).get("total") if c else None, "faults": faults,
+            "faults_per_1k_instructions": (1000.0 * faults / instr) if instr and faults is not None else None,
+            "schema": rec.schema,
         }
         for k in ("decodes", "descriptor_writes", "emulated_accesses", "emulated_instructions", "patches",
                   "notifications", "refused"):

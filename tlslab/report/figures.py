@@ -32,6 +32,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from tlslab.bench.summary import KEIR_RATIOS, Summary, is_keir_benchmark  # noqa: E402
 from tlslab.inspect.trace import HISTORICAL  # noqa: E402
+from tlslab.record import MEASURED, Outcome
 
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000", "#999999"]
 HATCHES = ["", "//", "..", "xx", "\\\\", "oo", "++", "--", "**"]
@@ -63,6 +64,9 @@ FAMILY_STYLES = {
     "flip-fs": ("#F0E442", ".."),
     "rewrite": ("#009E73", ""),
     "rewrite-2004": ("#CC79A7", "//"),
+    "online-site": ("#BBBBBB", ".."),
+    "online-rate": ("#777777", "xx"),
+    "online-probe": ("#882255", ""),
 }
 
 
@@ -95,7 +99,7 @@ def _variants(summary: Summary) -> list[str]:
 
 def _rows(summary: Summary, variant: str) -> list[dict]:
     return [r for r in summary.rows if r["variant"] == variant
-            and any(c.get("outcome") in ("ok", "guest-crash") for c in r["cells"].values())]
+            and any(c.get("outcome") in MEASURED for c in r["cells"].values())]
 
 
 VARIANT_NOTES = {
@@ -130,7 +134,7 @@ def _grouped(summary: Summary, metric: str, out: Path, name: str, title: str, yl
         groups = []
         if keir and variant == variants[0]:
             labels.append("Keir 2004\nls -R /usr/lib")
-            groups.append({s: {"outcome": "ok", "ratio": KEIR_RATIOS[s]} for s in strategies if s in KEIR_RATIOS})
+            groups.append({s: {"outcome": Outcome.OK, "ratio": KEIR_RATIOS[s]} for s in strategies if s in KEIR_RATIOS})
         for r in rows:
             labels.append(_short_name(r) + ("\n(fit target)" if r["fit_target"] else "")
                           + ("\nDebian ls -R" if r.get("keir") else ""))
@@ -148,7 +152,7 @@ def _grouped(summary: Summary, metric: str, out: Path, name: str, title: str, yl
                     continue
                 o = c.get("outcome")
                 v = c.get(metric)
-                if o == "ok" and v is not None and (v > 0 or not log):
+                if o == Outcome.OK and v is not None and (v > 0 or not log):
                     ax.bar(x, v, bar_w, color=st["color"], hatch=("//" if is_keir else st["hatch"]),
                            edgecolor="#333333" if not is_keir else "white", linewidth=0.4,
                            alpha=0.55 if is_keir else 1.0)
@@ -160,12 +164,12 @@ def _grouped(summary: Summary, metric: str, out: Path, name: str, title: str, yl
                                 va="bottom", fontsize=6.5, rotation=90,
                                 color="#B00020" if differs else "#222222",
                                 fontweight="bold" if differs else "normal")
-                elif o == "ok" and v == 0 and log:
+                elif o == Outcome.OK and v == 0 and log:
                     ax.annotate("0", (x, 0), xytext=(0, 2), textcoords="offset points", ha="center",
                                 va="bottom", fontsize=6.5, color="#555555", xycoords=("data", "axes fraction"))
-                elif o in ("guest-crash", "failed"):
+                elif o in (Outcome.GUEST_CRASH, Outcome.FAILED):
                     ax.annotate("x", (x, 0), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
-                                fontsize=10, fontweight="bold", color="#D55E00" if o == "guest-crash" else "#000000",
+                                fontsize=10, fontweight="bold", color="#D55E00" if o == Outcome.GUEST_CRASH else "#000000",
                                 xycoords=("data", "axes fraction"))
         if metric == "ratio":
             ax.axhline(1.0, color="#333333", linewidth=1.0, linestyle="--")
@@ -186,7 +190,7 @@ def _grouped(summary: Summary, metric: str, out: Path, name: str, title: str, yl
     for ax in axes[:, 0]:
         if log:
             lows = [v.get(metric) for r in summary.rows for v in r["cells"].values()
-                    if v.get(metric) and v.get("outcome") == "ok"]
+                    if v.get(metric) and v.get("outcome") == Outcome.OK]
             ax.set_ylim(max(min(lows + [1.0]) / 2, 1e-3), ymax_all * 3)
         else:
             ax.set_ylim(0, ymax_all * 1.18)
@@ -243,7 +247,7 @@ def _timeline_candidates(records: list[dict]) -> list[tuple[str, dict, dict]]:
     by: dict[tuple, dict] = {}
     for r in records:
         s = r["spec"]
-        if s["variant"] != "default" or s["profile"] != "nonpae" or r.get("outcome") != "ok":
+        if s["variant"] != "default" or s["profile"] != "nonpae" or r.get("outcome") != Outcome.OK:
             continue
         if s["strategy"] in ("emulate", "flip") and r.get("timeline"):
             by.setdefault(r["workload"], {})[s["strategy"]] = r
@@ -317,7 +321,7 @@ def coverage_data(records: list[dict]) -> list[dict]:
     order: list[str] = []
     for r in records:
         s = r["spec"]
-        if s["variant"] != "default" or s["profile"] != "nonpae" or r.get("outcome") != "ok":
+        if s["variant"] != "default" or s["profile"] != "nonpae" or r.get("outcome") != Outcome.OK:
             continue
         if s["strategy"] in ("emulate", "flip-full") and r.get("fault_sites") is not None:
             if r["workload"] not in by:
@@ -510,6 +514,37 @@ def hw_fitted_note(hw: dict) -> str:
             "2004 and is shown only as overhead relative to native, never against this CPU's times")
 
 
+def online_figure(summary: Summary, out: Path) -> list[Path]:
+    """Each fault-driven policy's fault-handling time over the offline bound, per workload (log scale)."""
+    on = summary.online
+    rows = on["rows"]
+    policies = on["policies"]
+    styles = strategy_styles(policies)
+    labels = [r["workload"] + ("" if r["variant"] == "default" else f" ({r['variant']})") for r in rows]
+    fig, ax = plt.subplots(figsize=(max(10, 0.75 * len(rows) * len(policies) / 3), 5.8))
+    width = 0.8 / len(policies)
+    for i, name in enumerate(policies):
+        xs, ys = [], []
+        for j, r in enumerate(rows):
+            v = r["cells"].get(name, {}).get("vs_bound")
+            if v is not None:
+                xs.append(j + (i - (len(policies) - 1) / 2) * width)
+                ys.append(max(v, 1.0))
+        ax.bar(xs, ys, width, label=name, color=styles[name]["color"], hatch=styles[name]["hatch"],
+               edgecolor="#333333", linewidth=0.4)
+    ax.axhline(1.0, color="#333333", linewidth=1, linestyle="--")
+    ax.axhline(1.1, color="#999999", linewidth=0.8, linestyle=":")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("fault-handling time / offline bound  (x, log)")
+    ax.set_title("\n".join(_wrap(f"Every policy against the offline-optimal hybrid (1.0 = the bound, dotted: "
+                                  f"+10%), under {on['label']}", 110)), fontsize=11)
+    ax.legend(fontsize=8, ncol=len(policies))
+    fig.tight_layout()
+    return _save(fig, out, "online")
+
+
 def all_figures(summary: Summary, records: list[dict], out: Path) -> dict[str, list[Path]]:
     out.mkdir(parents=True, exist_ok=True)
     figs = {
@@ -520,4 +555,6 @@ def all_figures(summary: Summary, records: list[dict], out: Path) -> dict[str, l
     }
     if summary.hw:
         figs["hw"] = hw_figure(summary, out)
+    if summary.online:
+        figs["online"] = online_figure(summary, out)
     return figs

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tlslab.bench.summary import KEIR_RATIOS, Summary, fmt_faults, fmt_ratio
 from tlslab.report.figures import coverage_data
+from tlslab.record import Outcome
 
 CSS = """
 :root { --fg:#1d1d1f; --muted:#5f6368; --line:#d9d9de; --bg:#ffffff; --band:#f6f7f9; --warn:#fff4d6; --bad:#fde8e4; }
@@ -59,7 +60,7 @@ def data_uri(path: Path) -> str:
 
 
 def _cls(cell: dict) -> str:
-    return {"guest-crash": "crash", "failed": "bad", "skipped": "dim"}.get(cell.get("outcome"), "")
+    return {Outcome.GUEST_CRASH: "crash", Outcome.FAILED: "bad", Outcome.SKIPPED: "dim"}.get(cell.get("outcome"), "")
 
 
 def _ratio_table(s: Summary) -> str:
@@ -140,7 +141,7 @@ def _faults_table(s: Summary) -> str:
     out = ['<div class="scroll"><table><tr><th class="l">workload</th><th class="l">build</th><th>instructions</th>']
     out += [f"<th>{esc(x)}</th>" for x in st] + ["</tr>"]
     for r in s.rows:
-        instr = next((c.get("instructions") for c in r["cells"].values() if c.get("outcome") == "ok"), None)
+        instr = next((c.get("instructions") for c in r["cells"].values() if c.get("outcome") == Outcome.OK), None)
         tds = "".join(f'<td class="{_cls(r["cells"][x])}">{esc(fmt_faults(r["cells"][x]))}</td>' for x in st)
         out.append(f'<tr><td class="l">{esc(r["workload"])}</td><td class="l">{esc(r["variant"])}</td>'
                    f'<td>{f"{instr:,}" if instr else "-"}</td>{tds}</tr>')
@@ -175,6 +176,42 @@ def _profiles_table(run, s: Summary) -> str:
                     + (f" <i>fitted on {esc(sums[n].choice.profile.fitted_on)}</i>" if sums[n].choice.profile.fitted_on else "")
                     + "</li>" for n in names)
     return "\n".join(out) + f'<ul class="dim">{notes}</ul>'
+
+
+def _online_section(s: Summary, figure: str) -> str:
+    """Online strategies against emulate, flip and the offline bound."""
+    on = s.online
+    if not on:
+        return ""
+    out = ['<h2 id="online">Online strategies against the offline bound</h2>',
+           f'<p class="note">Fault-handling time of each policy divided by the offline-optimal hybrid\'s (it knows '
+           f'the future, so no policy beats it), under {esc(on["label"])}. emulate and flip are the 2004 mechanisms; '
+           'the online-* strategies choose per fault from what a hypervisor sees (their rules: '
+           '<code>tlslab strategies</code>). *: at most min(emulate, flip). Only runs with native\'s output '
+           'count.</p>',
+           '<div class="scroll"><table><tr><th class="l">workload</th><th class="l">build</th><th>bound ms</th>'
+           + "".join(f"<th>{esc(n)}</th>" for n in on["policies"]) + "</tr>"]
+    for r in on["rows"]:
+        cells = []
+        for name in on["policies"]:
+            c = r["cells"].get(name)
+            if c is None:
+                cells.append("<td>-</td>")
+            elif c["vs_bound"] is None:
+                cells.append(f'<td class="crash">{esc(c.get("outcome") or "?")}</td>')
+            else:
+                star = ("*" if name in on["online"] and r["best_pure_ms"] is not None
+                        and c["fault_ms"] <= r["best_pure_ms"] * (1 + 1e-9) else "")
+                cells.append(f"<td>{c['vs_bound']:.2f}x{star}</td>")
+        out.append(f'<tr><td class="l">{esc(r["workload"])}</td><td class="l">{esc(r["variant"])}</td>'
+                   f'<td>{r["bound_ms"]:.2f}</td>{"".join(cells)}</tr>')
+    out.append("</table></div><ul>")
+    for name, t in on["tally"].items():
+        out.append(f"<li>{esc(name)}: at most min(emulate, flip) on {t['at_most_best_pure']} of {t['workloads']} "
+                   f"workloads; within 10% of the bound on {t['within_10pct_of_bound']} of {t['workloads']}</li>")
+    out.append("</ul>")
+    out.append(figure)
+    return "\n".join(out)
 
 
 def _processes_table(s: Summary) -> str:
@@ -407,7 +444,7 @@ real i386 glibc programs (our static and dynamic guests, Debian's own binaries) 
 (<code>ls -R</code>: 180 ms native, 300 ms emulate, 390 ms flip).</p>
 <p class="toc"><a href="#summary">summary</a>{'<a href="#keir">Keir 2004 vs today</a>' if s.keir else ''}{'<a href="#processes">processes</a>' if s.processes else ''}<a href="#fig-overhead">overhead</a><a href="#faults">faults</a>
 <a href="#fig-timeline">timeline</a><a href="#coverage">2004 coverage</a><a href="#crashes">crashes</a>
-<a href="#failures">failures</a>{'<a href="#hw">model vs CPU</a>' if s.hw else ''}<a href="#run">run</a></p>
+<a href="#failures">failures</a>{'<a href="#online">online vs bound</a>' if s.online else ''}{'<a href="#hw">model vs CPU</a>' if s.hw else ''}<a href="#run">run</a></p>
 {_meta(s, info)}
 {fitted_note}
 <h2 id="summary">Modelled time relative to native</h2>
@@ -427,6 +464,7 @@ prices (ns): <code>{esc(json.dumps({k: round(v, 3) for k, v in prices.items()}))
 <h2 id="coverage">Coverage of the 2004 decoders</h2>
 {_coverage_table(records)}
 {fig_by_name.get("coverage", "")}
+{_online_section(s, fig_by_name.get("online", ""))}
 {_hw_section(s, fig_by_name.get("hw", ""))}
 <h2 id="crashes">Guest crashes</h2>
 {_crash_table(s)}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from tlslab.cli import Interrupted, UsageError
+from tlslab.cli import Interrupted, RunFailed, UsageError
+from tlslab.record import MEASURED, Outcome
 
 
 def register(sub) -> None:
@@ -24,6 +25,10 @@ def register(sub) -> None:
                    help="finish an interrupted run (a run id under --out, or a run directory)")
     p.add_argument("--retry-failed", action="store_true",
                    help="with --resume: run failed and skipped cells again (the newest record of a cell wins)")
+    p.add_argument("--cluster", metavar="ADDRESS", default=None,
+                   help="run the model cells on a Dask cluster: a scheduler address (tcp://HOST:8786) or local:N "
+                   "(start a LocalCluster of N worker processes); results are still written here, hw cells still "
+                   "run here one at a time (needs tlslab[cluster]; docs/cli.md)")
     p.add_argument("--out", default="results", help="results directory (default: results)")
     p.add_argument("--list", action="store_true", help="print the cells of the matrix and exit")
     p.add_argument("--report", action="store_true",
@@ -48,10 +53,7 @@ def default_jobs() -> int:
 def run(args) -> int:
     from rich.console import Console
 
-    from tlslab.bench import runner, summary
-    from tlslab.bench.spec import SpecError, load_spec
-    from tlslab.bench.store import StoreError, resolve_run
-    from rich.markup import escape
+    from tlslab.bench.spec import SpecError
 
     jobs = args.jobs if args.jobs is not None else default_jobs()
     if not 1 <= jobs <= MAX_JOBS:
@@ -60,6 +62,14 @@ def run(args) -> int:
         raise UsageError("give either a SPEC or --resume RUN (a run keeps its own spec in run.json)")
     if args.retry_failed and not args.resume:
         raise UsageError("--retry-failed needs --resume RUN")
+    cluster_spec = None
+    if args.cluster is not None:
+        from tlslab.bench.cluster import ClusterError, parse_cluster
+
+        try:
+            cluster_spec = parse_cluster(args.cluster)
+        except ClusterError as exc:
+            raise UsageError(str(exc)) from None
     err = Console(stderr=True, highlight=False)
     out = Console(highlight=False)
     if not out.is_terminal and not os.environ.get("COLUMNS") and out.width < 160:
@@ -74,6 +84,29 @@ def run(args) -> int:
     argv = ["tlslab", "bench", *sys.argv[2:]] if sys.argv and sys.argv[0].endswith(("tlslab", "__main__.py")) \
         else list(sys.argv)
 
+    connection = None
+    if cluster_spec is not None and not args.list:
+        from tlslab.bench.cluster import ClusterError, Connection
+
+        try:    # before a run directory exists or a cell runs: an unreachable scheduler is bad input
+            connection = Connection(cluster_spec)
+        except ClusterError as exc:
+            raise UsageError(str(exc)) from None
+    try:
+        return _run(args, rundir_args=(jobs, err, out, argv), connection=connection)
+    finally:
+        if connection is not None:
+            connection.close()
+
+
+def _run(args, rundir_args, connection) -> int:
+    from rich.markup import escape
+
+    from tlslab.bench import runner, summary
+    from tlslab.bench.spec import SpecError, load_spec
+    from tlslab.bench.store import StoreError, resolve_run
+
+    jobs, err, out, argv = rundir_args
     if args.resume:
         try:
             rundir = resolve_run(args.resume, args.out)
@@ -95,12 +128,12 @@ def run(args) -> int:
         except SpecError as exc:
             raise UsageError(str(exc)) from None
         todo = cells
-        err.print(escape(f"run {rundir.id}: {len(cells)} cells ({spec.source}), {jobs} worker(s) -> "
-                         f"{rundir.cells_path}"))
+        where = f"model cells on {connection.spec.describe()}" if connection is not None else f"{jobs} worker(s)"
+        err.print(escape(f"run {rundir.id}: {len(cells)} cells ({spec.source}), {where} -> {rundir.cells_path}"))
 
     try:
         if todo:
-            _run_with_progress(rundir, todo, jobs, err, args.no_progress, argv)
+            _run_with_progress(rundir, todo, jobs, err, args.no_progress, argv, connection)
         s = summary.summarize(rundir, args.cost_profile)
         summary.render(s, out)
         (rundir.path / "summary.txt").write_text(_render_text(s))
@@ -114,8 +147,8 @@ def run(args) -> int:
                           f"`tlslab bench --resume {rundir.path}`") from None
     out.print(escape(f"results: {rundir.path}  (report: tlslab report {rundir.path}; "
                      f"csv: tlslab export {rundir.path} --csv)"))
-    measured = sum(v for k, v in s.counts.items() if k.split(" ")[0] in ("ok", "guest-crash"))
-    failed = sum(v for k, v in s.counts.items() if k.split(" ")[0] == "failed")
+    measured = sum(v for k, v in s.counts.items() if k.split(" ")[0] in MEASURED)
+    failed = sum(v for k, v in s.counts.items() if k.split(" ")[0] == Outcome.FAILED)
     if failed and not measured:
         err.print(f"[bold red]every cell that ran failed[/] ({failed}): see the reasons above")
         return 1
@@ -135,7 +168,7 @@ def _render_text(s) -> str:
     return buf.getvalue()
 
 
-def _run_with_progress(rundir, todo, jobs, err, no_progress, argv) -> None:
+def _run_with_progress(rundir, todo, jobs, err, no_progress, argv, connection=None) -> None:
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from rich.markup import escape
@@ -159,10 +192,10 @@ def _run_with_progress(rundir, todo, jobs, err, no_progress, argv) -> None:
     def on_cell(cell, record) -> None:
         counts["done"] += 1
         outcome = record.get("outcome")
-        if outcome == "failed":
+        if outcome == Outcome.FAILED:
             counts["failed"] += 1
             progress.console.print(f"[bold red]FAILED[/] {escape(cell.label)}: {escape(str(record.get('reason')))}")
-        elif outcome == "guest-crash":
+        elif outcome == Outcome.GUEST_CRASH:
             counts["crash"] += 1
         extra = "".join([f", {counts['failed']} failed" if counts["failed"] else "",
                          f", {counts['crash']} crashed" if counts["crash"] else ""])
@@ -171,5 +204,14 @@ def _run_with_progress(rundir, todo, jobs, err, no_progress, argv) -> None:
         if no_progress:
             err.print(escape(f"[{counts['done']}/{n}] {cell.label}: {outcome}"))
 
-    with progress:
-        runner.execute_run(rundir, todo, jobs, progress=on_cell, argv=argv)
+    try:
+        with progress:
+            runner.execute_run(rundir, todo, jobs, progress=on_cell, argv=argv, cluster=connection,
+                               log=lambda line: progress.console.print(escape(line)))
+    except Exception as exc:
+        from tlslab.bench.cluster import ClusterError
+
+        if isinstance(exc, ClusterError):
+            raise RunFailed(str(exc)) from None
+        raise
+

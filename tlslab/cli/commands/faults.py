@@ -73,17 +73,14 @@ def run(args) -> int:
     shown = rows if not args.limit else rows[: args.limit]
     r = view.result
     if args.json:
-        print(json.dumps({
-            "spec": {**spec.to_dict(), "args": list(spec.args)},
-            "guest": {"name": view.guest.name, "variant": view.guest.variant, "sha256": view.guest.sha256},
-            "status": r.status,
-            "crash": r.crash.describe() if r.crash else None,
-            "instructions": r.counters["instructions"],
-            "faults": r.counters["strategy"]["traps"],
-            "sites": shown,
-            "trace": [e.to_dict() for e in view.recorder.events],
-            "processes": (r.counters.get("kernel") or {}).get("listing"),
-        }, indent=2, sort_keys=True))
+        from tlslab.record import from_result
+
+        record = from_result(  # the run record (tlslab.record): schema, outcome, faults as everywhere
+            r, spec={**spec.to_dict(), "args": list(spec.args)},
+            guest={"name": view.guest.name, "variant": view.guest.variant, "sha256": view.guest.sha256},
+            sites=shown, trace=[e.to_dict() for e in view.recorder.events],
+            processes=(r.counters.get("kernel") or {}).get("listing"))
+        print(json.dumps(record.to_dict(), indent=2, sort_keys=True))
         return 0
     _print_sites(view, rows, shown, args)
     if args.trace:
@@ -198,7 +195,9 @@ def _print_coverage(spec, cov, args) -> int:
         out = {"spec": {**spec.to_dict(), "args": list(spec.args)},
                "runs": {k: {kk: vv for kk, vv in v.items() if kk != "guest"} for k, v in cov["runs"].items()},
                "decoders": cov["decoders"]}
-        print(json.dumps(out, indent=2, sort_keys=True, default=str))
+        from tlslab.record import stamp
+
+        print(json.dumps(stamp(out), indent=2, sort_keys=True, default=str))
         return 0
     console = _console()
     for strat, run in cov["runs"].items():

@@ -1,45 +1,38 @@
-"""`tlslab hybrid GUEST`: emulate vs flip vs the best any fault-driven policy could do."""
+"""`tlslab hybrid GUEST`: emulate, flip and the online strategies, each really run, against the offline bound."""
 
 from __future__ import annotations
 
 from tlslab.cli import UsageError
 from tlslab.cli.guestopts import add_guest_options, spec_from_args
 
+SCHEMA = "tlslab.hybrid/1"
+
 
 def register(sub) -> None:
     p = sub.add_parser(
         "hybrid",
-        help="price always-emulate, always-flip, an online predictor and the offline-optimal hybrid on a guest's "
-        "exact sequence of %%gs offset signs",
-        description="Runs the guest natively, records the sign of every %%gs offset in order, and prices fault-"
-        "driven policies on that sequence with a cost profile's per-fault prices. The optimal hybrid is an "
-        "offline bound (it knows the future); no real policy can beat it.",
+        help="run emulate, flip and every online strategy on a guest and price them against the offline-optimal "
+        "hybrid (a bound no policy can beat)",
+        description="Runs the guest natively (recording the sign of every %%gs offset, thread by thread), then "
+        "under emulate, flip and each online strategy (online-site, online-rate, online-probe: real runs on "
+        "real guest state, deciding with the chosen profile's prices). Prints each policy's faults, emulations, "
+        "flips and modelled fault-handling time, and the offline optimum over the native sign sequence: it "
+        "knows the future, so it bounds every policy that acts only at faults.",
     )
     add_guest_options(p)
     p.add_argument("--cost-profile", default=None,
                    help="profile giving the per-fault prices (default: a measured hw profile if present)")
     p.add_argument("--emulate-ns", type=float, default=None, help="override the price of one emulated fault")
     p.add_argument("--flip-ns", type=float, default=None, help="override the price of one flip")
+    p.add_argument("--json", action="store_true", help="print one JSON record instead of the table")
     p.set_defaults(handler=run)
 
 
-def fault_prices(profile) -> tuple[float, float]:
-    emulate = profile.trap_ns + profile.decode_ns + profile.emulated_access_ns
-    flip = profile.trap_ns + profile.decode_ns + profile.descriptor_write_ns
-    return emulate, flip
-
-
-def run(args) -> int:
+def choose_prices(args):
+    """(profile name or None, label, warning, emulate_ns, flip_ns, pricing profile) from the options."""
     import math
 
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    from tlslab.analysis import hybrid
     from tlslab.bench.summary import profile_origin, same_machine, this_machine
-    from tlslab.cli import RunFailed
-    from tlslab.cli.commands.run import build_domain
     from tlslab.hypervisor import costmodel
 
     for opt, v in (("--emulate-ns", args.emulate_ns), ("--flip-ns", args.flip_ns)):
@@ -47,54 +40,127 @@ def run(args) -> int:
             raise UsageError(f"{opt} {v:g}: expected a price in ns, > 0")
     profiles = costmodel.available_profiles()
     name = args.cost_profile or next((n for n, p in profiles.items() if p.kind == "measured"), None)
-    if name is None and (args.emulate_ns is None or args.flip_ns is None):
-        raise UsageError("no measured cost profile (run `tlslab calibrate`) -- give --cost-profile or both prices")
-    label = "command line"
-    where = ""
-    emulate_ns = flip_ns = 0.0
-    if name is not None:
-        if name not in profiles:
-            raise UsageError(f"unknown cost profile {name!r} (choose from: {', '.join(profiles)})")
-        emulate_ns, flip_ns = fault_prices(profiles[name])
-        label = profiles[name].label()
-        if profiles[name].kind == "measured":
-            host, cpu = this_machine()
-            same, _ = same_machine(profiles[name], host, cpu)
-            p_host, p_cpu = profile_origin(profiles[name])
-            if not same:
-                where = (f"{name} was measured on {p_host or '?'} ({p_cpu or 'CPU not recorded'}), not on this "
-                         f"machine ({host}, {cpu}): its prices are another machine's (`tlslab calibrate` measures "
-                         "this one)")
-            else:
-                where = f"{name} was measured on this machine ({host}, {cpu})"
-    emulate_ns = args.emulate_ns if args.emulate_ns is not None else emulate_ns
-    flip_ns = args.flip_ns if args.flip_ns is not None else flip_ns
+    if name is None:
+        raise UsageError("no measured cost profile (run `tlslab calibrate`): give --cost-profile")
+    if name not in profiles:
+        raise UsageError(f"unknown cost profile {name!r} (choose from: {', '.join(profiles)})")
+    profile = profiles[name]
+    emulate_ns, flip_ns = costmodel.fault_prices(profile)
+    label, where = profile.label(), ""
+    if profile.kind == "measured":
+        host, cpu = this_machine()
+        same, _ = same_machine(profile, host, cpu)
+        p_host, p_cpu = profile_origin(profile)
+        where = (f"{name} was measured on this machine ({host}, {cpu})" if same else
+                 f"{name} was measured on {p_host or '?'} ({p_cpu or 'CPU not recorded'}), not on this machine "
+                 f"({host}, {cpu}): its prices are another machine's (`tlslab calibrate` measures this one)")
+    if args.emulate_ns is not None or args.flip_ns is not None:
+        emulate_ns = args.emulate_ns if args.emulate_ns is not None else emulate_ns
+        flip_ns = args.flip_ns if args.flip_ns is not None else flip_ns
+        label += " with prices from the command line"
+        # a profile that prices exactly the two actions: an emulated fault and a flip
+        profile = costmodel.CostProfile("command line", "measured", label, trap_ns=0.0,
+                                        emulated_access_ns=emulate_ns, descriptor_write_ns=flip_ns)
     if emulate_ns <= 0 or flip_ns <= 0:
         raise UsageError(f"profile {name} gives no per-fault prices (emulate {emulate_ns} ns, flip {flip_ns} ns): "
                          "choose a measured or fitted one (`tlslab costs`) or give --emulate-ns and --flip-ns")
+    return name, label, where, emulate_ns, flip_ns, profile
 
-    spec = spec_from_args(args, "native")
-    domain, guest = build_domain(spec, trace_signs=True)
-    result = domain.run()
+
+def policy_record(name: str, online: bool, result, domain, native_stdout, profile) -> dict:
+    from tlslab.hypervisor import costmodel
+
+    counters = domain.counters() if result.ok or result.crash is not None else {}
+    s = counters.get("strategy", {})
+    kinds = s.get("by_kind", {})
+    record = {
+        "name": name,
+        "online": online,
+        "ok": bool(result.ok),
+        "faults": s.get("traps", 0),
+        "emulations": s.get("emulated_instructions", 0),
+        "flips": kinds.get("flip", 0) + kinds.get("to-expand-down", 0) + kinds.get("to-expand-up", 0)
+                 + kinds.get("probe-flip", 0),
+        "probes": kinds.get("probe", 0),
+        "descriptor_writes": s.get("descriptor_writes", 0),
+        "patches": s.get("patches", 0),
+        "fault_time_ns": costmodel.fault_handling_ns(profile, counters),
+        "output_identical": result.stdout == native_stdout,
+    }
     if not result.ok:
-        raise RunFailed(f"the native run failed: {result.crash.describe()}")
-    runs, dropped = domain.vcpu.sign_runs("gs")
+        record["crash"] = result.crash.describe() if result.crash is not None else "did not finish"
+    return record
+
+
+def run(args) -> int:
+    import dataclasses
+    import json
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from tlslab.analysis import hybrid
+    from tlslab.cli import RunFailed
+    from tlslab.cli.commands.run import build_domain
+    from tlslab.hypervisor.strategies import STRATEGIES
+
+    name, label, where, emulate_ns, flip_ns, pricing = choose_prices(args)
+    base = spec_from_args(args, "native")
+    domain, guest = build_domain(base, trace_signs=True)
+    native = domain.run()
+    if not native.ok:
+        raise RunFailed(f"the native run failed: {native.crash.describe()}")
+    traces, dropped = domain.sign_runs("gs")
     if dropped:
         raise RunFailed(f"sign trace overflowed ({dropped} runs dropped): use a smaller workload")
-    costs = hybrid.compare(runs, emulate_ns, flip_ns)
-    best = min(c.cost_ns for c in costs)
+    policies = []
+    online_names = [n for n, cls in STRATEGIES.items() if getattr(cls, "online", False)]
+    price_fields = {"prices": name, "emulate_ns": args.emulate_ns or 0.0, "flip_ns": args.flip_ns or 0.0}
+    for strategy in ("emulate", "flip", *online_names):
+        online = strategy in online_names
+        spec = dataclasses.replace(base, strategy=strategy, **(price_fields if online else {}))
+        d, _ = build_domain(spec)
+        result = d.run()
+        policies.append(policy_record(strategy, online, result, d, native.stdout, pricing))
+    flat = [r for runs in traces for r in runs]
+    bound = hybrid.optimal_over(traces, emulate_ns, flip_ns)
+    record = {
+        "schema": SCHEMA,
+        "guest": guest.name, "variant": guest.variant, "args": list(base.args),
+        "cost_profile": name, "cost_profile_label": label,
+        "prices_ns": {"emulate": emulate_ns, "flip": flip_ns},
+        "threshold": 2 * flip_ns / emulate_ns,
+        "gs_accesses": sum(abs(r) for r in flat),
+        "same_sign_runs": sum(1 for r in flat if r),
+        "address_spaces": len(traces),
+        "policies": policies,
+        "offline_optimum": {"name": bound.policy, "online": False, "faults": bound.faults,
+                            "emulations": bound.emulations, "flips": bound.flips, "fault_time_ns": bound.cost_ns},
+    }
+    best_online = min((p for p in policies if p["online"] and p["ok"] and p["output_identical"]),
+                      key=lambda p: p["fault_time_ns"], default=None)
+    record["best_online"] = best_online["name"] if best_online else None
+    if args.json:
+        print(json.dumps(record, indent=1))
+        return 0
     console = Console(highlight=False)
-    n_access = sum(abs(r) for r in runs)
-    console.print(escape(f"{guest.name} ({guest.variant}): {n_access:,} %gs accesses in {len(runs):,} same-sign "
-                         f"runs; prices per fault: emulate {emulate_ns / 1000:.2f} us, flip {flip_ns / 1000:.2f} us "
-                         f"[{label}]"))
+    console.print(escape(f"{guest.name} ({guest.variant}): {record['gs_accesses']:,} %gs accesses in "
+                         f"{record['same_sign_runs']:,} same-sign runs, {len(traces)} address space(s); prices per "
+                         f"fault: emulate {emulate_ns / 1000:.2f} us, flip {flip_ns / 1000:.2f} us [{label}]; "
+                         f"a run is worth a flip above {record['threshold']:.2f} accesses"))
     if where:
         console.print(("[yellow]" if "not on this" in where else "[dim]") + escape(where) + "[/]")
     t = Table()
-    for col in ("policy", "faults", "emulations", "flips", "fault time (ms)", "vs best"):
-        t.add_column(col, justify="right" if col != "policy" else "left", overflow="fold")
-    for c in costs:
-        t.add_row(escape(c.policy), f"{c.faults:,}", f"{c.emulations:,}", f"{c.flips:,}", f"{c.cost_ns / 1e6:.2f}",
-                  f"{c.cost_ns / best:.2f}x" if best else "-")
+    for col in ("policy", "online", "faults", "emulations", "flips", "fault time (ms)", "vs bound", "output"):
+        t.add_column(col, justify="left" if col in ("policy", "online") else "right", overflow="fold")
+    best = bound.cost_ns
+    for p in [*policies, {**record["offline_optimum"], "ok": True, "output_identical": None}]:
+        output = "-" if p["output_identical"] is None else ("same" if p["output_identical"] else "DIFFERS")
+        if not p["ok"]:
+            output = "crash"
+        t.add_row(escape(p["name"]), "yes" if p["online"] else "no", f"{p['faults']:,}", f"{p['emulations']:,}",
+                  f"{p['flips']:,}", f"{p['fault_time_ns'] / 1e6:.2f}",
+                  f"{p['fault_time_ns'] / best:.2f}x" if best else "-", output)
     console.print(t)
     return 0

@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--cost-profile", default="nominal", help="cost profile for modelled time (see `tlslab costs`)")
     p.add_argument("--backend", choices=("unicorn", "hw"), default="unicorn",
                    help="unicorn: the model (default); hw: this CPU with really truncated segments under a "
-                   "ptrace supervisor (strategies native|emulate|flip)")
+                   "ptrace supervisor (strategies native|emulate|flip|online-site|online-probe)")
     p.add_argument("--cpu", type=int, default=0, help="hw backend: CPU to pin tracer and guest to (-1: unpinned)")
     p.add_argument("--save-patches", nargs="?", const="patches", default=None, metavar="DIR",
                    help="rewrite strategies: write the patch set to DIR/<guest>.<variant>.<strategy>.json")
@@ -113,23 +113,23 @@ def run(args) -> int:
     modelled = costmodel.predict(profile, result.counters)
 
     if args.json:
-        record = {
-            "spec": spec.to_dict(),
-            "guest_sha256": guest.sha256,
-            "environment": [os.fsdecode(e) for e in domain.process.envp],
-            "rootfs": domain.program.rootfs,
-            "guest_path": domain.program.guest_path,
-            "objects": [{"path": m.path, "start": m.start, "end": m.end, "offset": m.offset}
-                        for m in domain.process.objects.mappings()],
-            "status": result.status,
-            "crash": result.crash.describe() if result.crash else None,
-            "counters": result.counters,
-            "modelled": {"profile": profile.label(), "total_ms": modelled.total_ms,
-                         "breakdown_ns": modelled.breakdown_ns},
-            "wall_seconds": result.wall_seconds,
-            "stdout": result.stdout.decode("utf-8", "replace") if not args.quiet else None,
-        }
-        print(json.dumps(record, indent=2, sort_keys=True))
+        from tlslab.record import from_result
+
+        record = from_result(  # the run record (tlslab.record): schema, outcome, faults as everywhere
+            result,
+            spec=spec.to_dict(),
+            guest_sha256=guest.sha256,
+            environment=[os.fsdecode(e) for e in domain.process.envp],
+            rootfs=domain.program.rootfs,
+            guest_path=domain.program.guest_path,
+            objects=[{"path": m.path, "start": m.start, "end": m.end, "offset": m.offset}
+                     for m in domain.process.objects.mappings()],
+            modelled={"profile": profile.label(), "total_ms": modelled.total_ms,
+                      "breakdown_ns": modelled.breakdown_ns},
+            wall_seconds=result.wall_seconds,
+            stdout=result.stdout.decode("utf-8", "replace") if not args.quiet else None,
+        )
+        print(json.dumps(record.to_dict(), indent=2, sort_keys=True))
         return 0 if result.ok else 1
 
     if not args.quiet:
@@ -221,8 +221,10 @@ def run_hardware(spec, args) -> int:
     from rich.table import Table
 
     from tlslab.guests import GuestError
-    from tlslab.hw.backend import HW_STRATEGIES, HwError, run_spec
+    from tlslab.hw.backend import HW_STRATEGIES, MODEL_ONLY, HwError, run_spec
 
+    if spec.strategy in MODEL_ONLY:
+        raise UsageError(MODEL_ONLY[spec.strategy])
     if spec.strategy not in HW_STRATEGIES:
         raise UsageError(f"the hw backend runs strategies {', '.join(HW_STRATEGIES[1:])}, not {spec.strategy}")
     if spec.stdout == "tty":
@@ -238,12 +240,18 @@ def run_hardware(spec, args) -> int:
     except (GuestError, HwError, ElfError) as exc:
         raise UsageError(str(exc)) from None
     if args.json:
-        print(json.dumps({"spec": spec.to_dict(), "backend": "hw", "guest_sha256": guest.sha256,
-                          "status": result.status, "signal": result.signal, "faults": result.faults,
-                          "fault_sites": {f"{k:#x}": v for k, v in result.fault_sites.items()},
-                          "object_sites": {f"{path}+{off:#x}": n for (path, off), n in result.object_sites().items()},
-                          "counters": result.counters(), "wall_seconds": result.wall_seconds,
-                          "run_seconds": result.run_seconds}, indent=2, sort_keys=True))
+        from tlslab.record import RunRecord, hw_outcome
+
+        outcome = hw_outcome(result)
+        record = RunRecord(  # the run record (tlslab.record): the same outcome and faults fields as the model's
+            outcome=outcome, backend="hw", faults=result.faults, status=result.status,
+            reason=None if result.ok else f"guest died on the CPU: status {result.status}, signal {result.signal}",
+            extra={"spec": spec.to_dict(), "guest_sha256": guest.sha256, "signal": result.signal,
+                   "fault_sites": {f"{k:#x}": v for k, v in result.fault_sites.items()},
+                   "object_sites": {f"{path}+{off:#x}": n for (path, off), n in result.object_sites().items()},
+                   "hw_counters": result.counters(), "wall_seconds": result.wall_seconds,
+                   "run_seconds": result.run_seconds})
+        print(json.dumps(record.to_dict(), indent=2, sort_keys=True))
         return 0 if result.ok else 1
     if not args.quiet:
         sys.stdout.buffer.write(result.stdout)
@@ -262,6 +270,16 @@ def run_hardware(spec, args) -> int:
     t.add_row("#GP faults taken", f"{result.faults:,}")
     t.add_row("faulting sites", f"{len(result.fault_sites):,}")
     t.add_row("descriptor switches", f"{result.descriptor_switches:,}")
+    online = result.online
+    if online is not None:   # the model's counts for the same run (`tlslab run --json`: counters.strategy)
+        t.add_row(f"decision threshold ({spec.prices} prices)", f"{online['threshold']:.6g}")
+        t.add_row("emulations", f"{online['emulations']:,}")
+        t.add_row("flips", f"{online['flips']:,}")
+        if spec.strategy == "online-probe":
+            t.add_row("probes", f"{online['probes']:,}")
+        t.add_row("descriptor writes (model's count)", f"{online['descriptor_writes']:,}")
+        for kind, n in sorted(online["by_kind"].items()):
+            t.add_row(f"  {kind}", f"{n:,}")
     if result.decoder_misses:
         t.add_row("single-stepped (decoder misses)", str(result.decoder_misses))
     t.add_row("wall time (traced run, measured)", f"{result.run_seconds * 1000:.1f} ms")

@@ -1,0 +1,153 @@
+"""Online strategies (online-site, online-rate, online-probe) against emulate, flip and the offline bound.
+
+They act on real guest state, so the first thing checked is that the guest
+still runs as natively; then that their decisions are deterministic, that the
+probe descriptor opens nothing, that the offline bound really bounds them,
+and that online-probe beats both 2004 mechanisms where the sign structure
+allows it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tlslab.analysis import hybrid
+from tlslab.experiment import RunSpec, make_domain
+from tlslab.hypervisor import costmodel
+from tlslab.hypervisor.strategies import STRATEGIES, StrategyOptionError, get_strategy
+from tlslab.hypervisor.strategies.online import is_probe_descriptor, probe_descriptor
+from tlslab.x86 import xen
+from tlslab.x86.descriptor import SegmentDescriptor
+
+ONLINE = [n for n, cls in STRATEGIES.items() if getattr(cls, "online", False)]
+WORKLOADS = [("canary", ("40",)), ("malloc", ("500",)), ("lsr", ())]
+
+
+def run(guest, args, strategy, prices="xen-2004", trace=False):
+    spec = RunSpec(guest=guest, args=tuple(args), strategy=strategy, prices=prices)
+    domain, _ = make_domain(spec, trace_signs=trace)
+    result = domain.run()
+    return result, domain
+
+
+def fault_ns(domain, profile="xen-2004"):
+    return costmodel.fault_handling_ns(costmodel.get_profile(profile), domain.counters())
+
+
+def test_three_online_strategies_are_registered():
+    assert set(ONLINE) >= {"online-site", "online-rate", "online-probe"}
+
+
+@pytest.mark.parametrize("guest,args", WORKLOADS)
+@pytest.mark.parametrize("strategy", ["online-site", "online-rate", "online-probe"])
+def test_online_output_is_native_and_counts_are_deterministic(guest, args, strategy):
+    native, _ = run(guest, args, "native")
+    first, d1 = run(guest, args, strategy)
+    second, d2 = run(guest, args, strategy)
+    assert first.ok and first.stdout == native.stdout and first.status == native.status
+    c1, c2 = d1.counters()["strategy"], d2.counters()["strategy"]
+    assert c1 == c2
+    assert c1["traps"] > 0 and c1["refused"] == 0
+
+
+def test_probe_descriptor_admits_nothing():
+    base = SegmentDescriptor(base=0x0804_0000, limit=0xFFFFF, rw=True, present=True, db=True, granularity=True,
+                             dpl=3, s=True)
+    probe = probe_descriptor(xen.truncate(base, xen.get_profile("nonpae")))
+    assert is_probe_descriptor(probe)
+    assert xen.admitted_linear_ranges(probe) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(base=st.integers(0, 0xFFFF_FFFF), limit=st.integers(0, 0xFFFFF), g=st.booleans(), dc=st.booleans(),
+       db=st.booleans())
+def test_probe_descriptor_of_any_descriptor_admits_nothing(base, limit, g, dc, db):
+    d = SegmentDescriptor(base=base, limit=limit, rw=True, dc=dc, present=True, db=db, granularity=g, dpl=3)
+    assert xen.admitted_linear_ranges(probe_descriptor(d)) == []
+
+
+def test_online_options_are_checked():
+    with pytest.raises(StrategyOptionError, match="unknown cost profile"):
+        get_strategy("online-probe", prices="no-such-profile")
+    with pytest.raises(StrategyOptionError, match="does not price faults"):
+        get_strategy("online-probe", prices="nominal")
+    with pytest.raises(StrategyOptionError, match="emulate_ns"):
+        get_strategy("online-probe", emulate_ns=-1.0)
+    s = get_strategy("online-probe", prices="xen-2004")
+    e, f = costmodel.fault_prices(costmodel.get_profile("xen-2004"))
+    assert s.threshold == pytest.approx(2 * f / e)
+
+
+@pytest.mark.parametrize("guest,args", WORKLOADS)
+def test_offline_bound_bounds_every_real_policy(guest, args):
+    """The DP over the native sign trace is a bound: no real run of any fault-driven policy is cheaper."""
+    native, dn = run(guest, args, "native", trace=True)
+    traces, dropped = dn.sign_runs("gs")
+    assert not dropped
+    e, f = costmodel.fault_prices(costmodel.get_profile("xen-2004"))
+    bound = hybrid.optimal_over(traces, e, f).cost_ns
+    assert bound > 0
+    for strategy in ["emulate", "flip", *ONLINE]:
+        _, d = run(guest, args, strategy)
+        assert fault_ns(d) >= bound * (1 - 1e-9), strategy
+
+
+@pytest.mark.parametrize("guest,args", [("canary", ("40",)), ("malloc", ("500",))])
+@pytest.mark.parametrize("prices", ["xen-2004", "hw-vm"])
+def test_online_probe_beats_both_2004_mechanisms(guest, args, prices):
+    """Where emulate and flip each lose somewhere (canary: emulate; malloc: both), probing beats the better one."""
+    _, de = run(guest, args, "emulate")
+    _, df = run(guest, args, "flip")
+    _, dp = run(guest, args, "online-probe", prices=prices)
+    assert fault_ns(dp, prices) < min(fault_ns(de, prices), fault_ns(df, prices))
+
+
+def test_probe_learns_and_stops_probing():
+    _, d = run("lsr", (), "online-probe")
+    kinds = d.counters()["strategy"]["by_kind"]
+    probes = kinds.get("probe", 0)
+    assert 0 < probes < d.counters()["strategy"]["traps"] / 20   # learning is a small part of the faults
+    assert kinds.get("probe-end", 0) + kinds.get("probe-flip", 0) <= probes
+
+
+def test_sign_trace_breaks_at_thread_switches():
+    _, d = run("threads", ("4", "50"), "native", trace=True)
+    traces, dropped = d.sign_runs("gs")
+    assert not dropped and any(0 in t for t in traces)
+    e, f = costmodel.fault_prices(costmodel.get_profile("xen-2004"))
+    bound = hybrid.optimal_over(traces, e, f).cost_ns
+    for strategy in ["emulate", "flip", "online-probe"]:
+        result, dd = run("threads", ("4", "50"), strategy)
+        assert result.ok
+        assert fault_ns(dd) >= bound * (1 - 1e-9), strategy
+
+
+def test_optimal_breaks_relax_to_either_state():
+    e, f = 1.0, 1.0
+    # without a break: one long -ve run costs a flip; a break in it lets the bound start the rest "down" for free
+    assert hybrid.optimal([-10], e, f).cost_ns == 1.0
+    assert hybrid.optimal([-5, 0, -5], e, f).cost_ns == 1.0
+    assert hybrid.optimal([5, 0, -5], e, f, start_free=True).cost_ns == 0.0
+    assert hybrid.pure_flip([-5, 0, -5], e, f).flips == 2     # the model's slot is truncated again after a switch
+
+
+def test_hybrid_json_record_runs_every_policy():
+    out = subprocess.run([sys.executable, "-m", "tlslab", "hybrid", "canary", "--cost-profile", "xen-2004", "--json",
+                          "--", "20"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    rec = json.loads(out.stdout)
+    assert rec["schema"] == "tlslab.hybrid/1" and rec["cost_profile"] == "xen-2004"
+    names = [p["name"] for p in rec["policies"]]
+    assert names[:2] == ["emulate", "flip"] and set(ONLINE) <= set(names)
+    for p in rec["policies"]:
+        assert p["ok"] and p["output_identical"], p
+        assert p["fault_time_ns"] >= rec["offline_optimum"]["fault_time_ns"] * (1 - 1e-9)
+        assert set(p) >= {"name", "online", "faults", "emulations", "flips", "patches", "fault_time_ns"}
+    assert [p["online"] for p in rec["policies"]][:2] == [False, False]
+    assert rec["best_online"] in ONLINE
