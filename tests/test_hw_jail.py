@@ -9,8 +9,9 @@ world-writable directory given by absolute path, /tmp, /dev/shm, its own
 binary's directory, the materialised tree, and /proc/PID/root of a host
 process of uid 1000 -- by create, overwrite, mkdir, symlink, rename, chmod,
 truncate and unlink, again after climbing with "..", and tries mount, chroot
-and a user namespace; and the ways out that are no path: ptrace and
-process_vm_writev of a host process of uid 1000, a host abstract unix socket
+and a user namespace; and the ways out that are no path: ptrace (also as a
+64-bit call, through the 64-bit code segment) and process_vm_writev of a
+host process of uid 1000, a host abstract unix socket
 and TCP port, a host SysV shared memory segment. A control run of the same
 binary outside the jail, as uid 1000, succeeds at them: the attacks work,
 only the jail stops them. Every attempt inside must fail and the host must be
@@ -82,6 +83,20 @@ static void attack(const char *tag, const char *p) {
     report("unlink", p, unlink(p));
 }
 
+/* a 64-bit system call from this 32-bit program: far jump to the 64-bit code segment and back */
+long gate64(long nr, long a1, long a2);
+__asm__(
+    ".text\n.globl gate64\ngate64:\n"
+    "  pushl %ebx\n  pushl %esi\n  pushl %edi\n  pushl %ebp\n"
+    "  movl 20(%esp), %eax\n  movl 24(%esp), %edi\n  movl 28(%esp), %esi\n"
+    "  ljmp $0x33, $1f\n"
+    ".code64\n"
+    "1: movl %edi, %edi\n  movl %esi, %esi\n  movl %eax, %eax\n  xorl %edx, %edx\n  xorl %r10d, %r10d\n"
+    "  movl %esp, %esp\n  syscall\n"
+    "  pushq $0x23\n  leaq 2f(%rip), %rcx\n  pushq %rcx\n  lretq\n"
+    ".code32\n"
+    "2: popl %ebp\n  popl %edi\n  popl %esi\n  popl %ebx\n  ret\n");
+
 /* other ways out than a path: another process of the same uid, host daemons, host shared memory */
 static int special(const char *a) {
     if (!strncmp(a, "pid:", 4)) {
@@ -92,6 +107,10 @@ static int special(const char *a) {
         report("ptrace-attach", a, rc);
         if (rc == 0) { waitpid(pid, NULL, 0); ptrace(PTRACE_DETACH, pid, 0, 0); }
         report("process_vm_writev", a, process_vm_writev(pid, &mine, 1, &theirs, 1, 0) < 0 ? -1 : 0);
+        long r = gate64(101 /* x86-64 ptrace */, PTRACE_ATTACH, pid);
+        if (r < 0) errno = (int)-r;
+        report("ptrace64-attach", a, r < 0 ? -1 : 0);
+        if (r == 0) { waitpid(pid, NULL, 0); gate64(101, PTRACE_DETACH, pid); }
     } else if (!strncmp(a, "abstract:", 9)) {
         struct sockaddr_un un = {AF_UNIX};
         int fd = socket(AF_UNIX, SOCK_STREAM, 0);
@@ -269,7 +288,7 @@ def host_services():
         subprocess.run(["ipcrm", "-m", shm], capture_output=True)
 
 
-SPECIALS = ("ptrace-attach", "process_vm_writev", "connect-abstract", "connect-tcp", "shmat")
+SPECIALS = ("ptrace-attach", "process_vm_writev", "ptrace64-attach", "connect-abstract", "connect-tcp", "shmat")
 
 
 def _attack_lines(out: str) -> list[str]:
@@ -289,7 +308,8 @@ def test_the_attacks_work_outside_the_jail(hw_ok, world, host_services):
     assert f"create {control / 'x'} -> ok" in p.stdout
     assert f"mkdir {control / 'x'}.d -> ok" in p.stdout
     assert (control / "x.d").is_dir() and (control / "x.l").is_symlink()
-    for what in ("ptrace-attach", "connect-abstract", "connect-tcp", *(["shmat"] if len(services) > 3 else [])):
+    for what in ("ptrace-attach", "ptrace64-attach", "connect-abstract", "connect-tcp",
+                 *(["shmat"] if len(services) > 3 else [])):
         assert f"{what} " in p.stdout and [line for line in p.stdout.splitlines()
                                           if line.startswith(what + " ") and line.endswith("-> ok")], p.stdout
 
@@ -334,9 +354,10 @@ def test_static_guest_cannot_write_the_host(hw_ok, world, host_services, strateg
     assert "mount / -> EPERM" in out and "chroot / -> EPERM" in out
     assert "unshare CLONE_NEWUSER -> EPERM" in out   # the kernel refuses user namespaces inside a chroot
     # no other process of its uid to drive (seccomp: ENOSYS, as in the model), no host socket, no host SysV IPC
-    assert f"ptrace-attach pid:{holder.pid} -> ENOSYS" in out and f"process_vm_writev pid:{holder.pid} -> ENOSYS" in out
+    for what in ("ptrace-attach", "process_vm_writev", "ptrace64-attach"):   # 64-bit: by its x86-64 number
+        assert f"{what} pid:{holder.pid} -> ENOSYS" in out, out
     special = [line for line in out.splitlines() if line.split(" ", 1)[0] in SPECIALS]
-    assert len(special) == len(services) + 1 and not [line for line in special if line.endswith("-> ok")], out
+    assert len(special) == len(services) + 2 and not [line for line in special if line.endswith("-> ok")], out
     assert holder.poll() is None
     assert _snapshot(world, tree) == before
     assert not [n for n in os.listdir("/tmp") if n.startswith(f"tlslab-hostile-{tag}")]
