@@ -365,6 +365,35 @@ def test_static_guest_cannot_write_the_host(hw_ok, world, host_services, strateg
     assert not os.path.lexists(os.path.join("/", "tlslab-esc"))
 
 
+def test_dynamic_guest_cannot_write_the_host(hw_ok, debian_rootfs, world, host_services, tmp_path):
+    """The same attacks from a dynamic i386 build, which runs chrooted into the pinned root (as in the model)."""
+    from tlslab.experiment import RunSpec
+
+    exe = world / "bin" / "hostile.dyn"
+    cp = subprocess.run(["gcc", "-m32", "-O1", "-o", str(exe), str(tmp_path / "hostile.c")], capture_output=True,
+                        text=True)
+    if cp.returncode != 0:
+        unavailable(f"gcc -m32 cannot link a dynamic i386 program here: {cp.stderr.strip()[-200:]}")
+    exe.chmod(0o755)
+    holder, services = host_services
+    tag = uuid.uuid4().hex[:12]
+    targets = [str(world / "victims" / "existing"), str(world / "bin" / "planted"), f"/tmp/tlslab-hostile-{tag}",
+               f"/dev/shm/tlslab-hostile-{tag}", "/etc/tlslab-hostile", "/tlslab-hostile"]
+    before = _snapshot(world)
+    root_before = sorted(os.listdir(debian_rootfs))
+    r, _ = backend.run_spec(RunSpec(str(exe), (*targets, *services), strategy="emulate"))
+    out = r.stdout.decode()
+    assert r.status == 0 and "done" in out, (out, r.stderr)
+    assert r.summary.get("chroot") and r.summary["uid"] == GUEST_UID
+    lines = _attack_lines(out)
+    assert len(lines) == 7 * len(targets) * 2 and not [line for line in lines if line.endswith("-> ok")], out
+    special = [line for line in out.splitlines() if line.split(" ", 1)[0] in SPECIALS]
+    assert len(special) == len(services) + 2 and not [line for line in special if line.endswith("-> ok")], out
+    assert _snapshot(world) == before and sorted(os.listdir(debian_rootfs)) == root_before
+    assert not [n for n in (*os.listdir("/tmp"), *os.listdir("/dev/shm")) if n.startswith(f"tlslab-hostile-{tag}")]
+    assert holder.poll() is None
+
+
 def test_root_dir_guest_writes_land_in_the_overlay(hw_ok, world):
     """``--root DIR``: the guest may write its tree as in the model, never DIR itself."""
     data = world / "victims"
