@@ -1407,10 +1407,10 @@ static void build_view(int errfd) {
  * symlink to --exe-path, the model's text (static glibc reads it at start-up
  * and mallocs its directory: without it malloc's fault counts change; no
  * procfs: its /proc/PID/root of another uid-1000 process would lead out).
- * The model hides dev and proc from the root's listing;
- * a host directory cannot, so the working directory is the overlay itself,
- * detached after root/ is built (no path leads to it; ".." from it stays
- * there, as from the model's root): "." lists exactly the tree. Relative
+ * The model hides dev and proc from the root's listing; a directory cannot,
+ * so the working directory is the overlay itself, detached after root/ is
+ * built (no path leads to it; ".." from it stays there, as from the model's
+ * root): "." lists exactly the tree. Relative
  * option paths (cwd is the tmpfs) keep commas and colons in DIR out of the
  * mount options. Returns a descriptor of the tree for fchdir after chroot. */
 static int build_overlay(int errfd) {
