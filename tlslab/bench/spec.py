@@ -649,9 +649,11 @@ def _hw_cell_skip(spec: RunSpec) -> str | None:
     """Why this hw cell can never run (whatever the host); host availability is decided when it runs."""
     if spec.stdout == "tty":
         return "the hw backend cannot model a tty stdout"
-    if (spec.rootfs or spec.variant == "dyn") and os.geteuid() != 0:
-        return ("the hw backend runs programs of a root filesystem (rootfs, dyn builds) chrooted into it, "
-                "which needs root")
+    if os.geteuid() != 0:   # every hw run is jailed (tlslab.hw.backend): mount namespace, chroot, uid 1000
+        if spec.rootfs or spec.variant == "dyn":
+            return ("the hw backend runs programs of a root filesystem (rootfs, dyn builds) chrooted into it, "
+                    "which needs root")
+        return "the hw backend runs every guest jailed (a private mount namespace, chroot, uid 1000), which needs root"
     return None
 
 

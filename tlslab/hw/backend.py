@@ -6,7 +6,7 @@ cwd = the synthetic tree materialised from the same spec (or a host
 directory), stdin an empty pipe, and stdout/stderr of the same kind (a pipe, a
 regular file or /dev/null -- the kind changes what glibc does, see docs/measurements.md#glibc).
 
-Strategies: ``untraced`` (plain fork/exec/wait), ``native`` (traced, nothing
+Strategies: ``untraced`` (fork/exec/wait, no tracer), ``native`` (traced, nothing
 truncated), ``emulate``, ``flip``, and the online strategies ``online-site``
 and ``online-probe``: the supervisor runs the rules of
 ``tlslab.hypervisor.strategies.online`` (their specification) with the
@@ -31,18 +31,52 @@ killed then (``summary["orphans_killed"]``, ``killed`` in their entries); at
 the timeout, or when the guest starts more than ``max_procs`` processes, the
 whole tree is killed (``HwResult.stopped``).
 
+The jail. The model promises that a guest never writes the host, so every
+hw run is jailed (needs root; refused with one line otherwise, and a host
+that refuses mount namespaces fails the run with one line -- never an
+unjailed run). The guest runs with the model's credentials (uid/gid 1000, no
+supplementary groups, so no capabilities) and chrooted (a chrooted process
+may not create a user namespace, the way out of a chroot); mounts it needs
+are made in a private mount namespace that disappears with it, the host's
+mount table is never touched. Ways out that are no path are closed too: its
+own network and IPC namespaces (no host daemon, socket or SysV segment; the
+model has no network), and a seccomp filter in every strategy refusing
+ptrace, process_vm_readv/writev, process_madvise and pidfd_* with ENOSYS, as
+the model does (a uid-1000 guest could drive an unjailed host process of
+that uid). Signals still reach host processes of uid 1000 (a PID namespace
+would make the guest init, whose signal rules differ).
+
+Runs without a root filesystem (static guests): the guest's working
+directory is an overlayfs of its data tree (the materialised ``tree``,
+``root`` or the current directory, bound read-only as the lower layer) whose
+upper layer is a size-bounded tmpfs: what the model lets the guest write
+(its tree, owned by uid 1000 as in the model: ``materialised_tree`` chowns
+the host copy) it writes into that throwaway copy, as into the model's
+in-memory overlay. Its ``/`` is a tmpfs holding the tree's top-level entries
+(bound, so ``/x`` is ``./x`` as in the model), ``/dev`` (null, zero, urandom,
+random) and ``/proc/self/exe``, a symlink with the model's text (static glibc
+reads it at start-up and mallocs its directory; a procfs would expose
+/proc/PID/root of host processes). The model hides dev and proc from the
+root's listing, a directory cannot, so the working directory is the overlay
+itself, detached from every path: ``.`` lists exactly the tree, and ``..``
+from it stays there (the model's root is its own parent). Differences left:
+``/`` lists dev and proc, entries created at the top level during the run
+are reachable only relative to the cwd, creating directly in ``/`` fails
+with EACCES, getcwd fails with ENOENT (the model: ``/``), /proc/self/exe
+cannot be opened. The guest binary is opened before the jail and executed
+by descriptor.
+
 Root-filesystem runs (``RunSpec.rootfs``, dynamic guests): the guest runs
 chrooted into the materialised root (``tlslab.rootfs``) with the model's argv
 (argv[0] as the guest knows its path), environment (``experiment.environment``)
-and credentials (uid/gid 1000, no supplementary groups: it can write neither
-the root nor the host), cwd ``/``. A program of the root is executed by its
-path inside the chroot (AT_EXECFN as ``chroot ROOT PROG`` gives it); a bundled
-guest outside the root is opened before the chroot and executed by descriptor,
-the kernel finding its PT_INTERP inside the root. A data tree is mounted at
-``tree_at`` (the cwd) in a private mount namespace of the guest: a read-only
-tmpfs view with read-only bind mounts of the root's top-level entries and of
-the tree; the root and the host's mount table are never touched, and the
-view disappears with the guest. chroot and mounts need root.
+and credentials: it can write neither the root nor the host; cwd ``/``. A
+program of the root is executed by its path inside the chroot (AT_EXECFN as
+``chroot ROOT PROG`` gives it); a bundled guest outside the root is opened
+before the chroot and executed by descriptor, the kernel finding its
+PT_INTERP inside the root. A data tree is mounted at ``tree_at`` (the cwd) in
+the private mount namespace: a read-only tmpfs view with read-only bind
+mounts of the root's top-level entries and of the tree; the root is never
+touched.
 """
 
 from __future__ import annotations
@@ -57,6 +91,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlslab.hw.build import BuildError, supervisor_path
+from tlslab.linux.nodes import GUEST_GID, GUEST_UID
 
 HW_STRATEGIES = ("untraced", "native", "emulate", "flip", "online-site", "online-probe")
 STDOUT_MODES = ("pipe", "file", "null")
@@ -87,7 +122,7 @@ class HwResult:
     faults: int                 # #GP stops handled or delivered
     sites: list[dict]           # per EIP: faults, emulated, stepped, to_expand_down/up, delivered, ...
     wall_seconds: float         # fork -> reaped
-    run_seconds: float          # exec -> reaped (traced strategies), = wall for untraced
+    run_seconds: float          # exec -> reaped (untraced: from just before the execve, after the jail)
     cpu: int
     summary: dict = field(repr=False, default_factory=dict)   # the supervisor's whole JSON
 
@@ -306,9 +341,24 @@ def materialised_tree(spec: str, fresh: bool = False) -> str:
     if root is None:  # order cannot be matched here: still a faithful tree, in the default order
         root = tree.materialise(os.path.join(_TREE_PARENT[-1], "root"))
         _ORDER_MISMATCH.add(root)
+    _own_as_guest(root)
     if not fresh:
         _TREES[key] = root
     return root
+
+
+def _own_as_guest(root: str) -> None:
+    """Give the tree the model's owner (uid/gid 1000 own every node of a synthetic tree), if we may.
+
+    The jailed guest runs as that user: as in the model, it may then write its
+    tree -- into the overlay that hides the host copy (see ``run_hw``).
+    """
+    if os.geteuid() != 0:
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            os.chown(os.path.join(dirpath, name), GUEST_UID, GUEST_GID, follow_symlinks=False)
+    os.chown(root, GUEST_UID, GUEST_GID)
 
 
 _ORDER_MISMATCH: set[str] = set()
@@ -351,6 +401,7 @@ def run_hw(
     uid: int | None = None,
     gid: int | None = None,
     max_procs: int = 1024,
+    exe_path: str | None = None,
     prices: tuple[float, float] | None = None,
 ) -> HwResult:
     """Run ``guest_path`` natively with ``argv`` (argv[0] included; default its basename).
@@ -369,11 +420,17 @@ def run_hw(
     stack (gnulib's c-stack in grep: mincore probes of up to 4 MiB above it,
     halving down to a page, each failure an errno write, i.e. a %gs fault) make
     as many failing probes as in the model, and the same number in every run.
-    ``chroot``: run chrooted into this directory (needs root). The guest is
+    Every run is jailed (module docstring; needs root, else HwUnavailable).
+    Without ``chroot``, the cwd (``root``, the tree or the current directory)
+    becomes the guest's working directory in a throwaway overlay, and
+    ``exe_path`` (default ``/bin/`` + argv[0]'s basename, the model's path of
+    the program) is what /proc/self/exe reads.
+    ``chroot``: run chrooted into this directory. The guest is
     then ``exe_in_root`` (a path inside it) if given, else ``guest_path``
     executed by descriptor; cwd is ``/``, or ``tree_at`` with the data tree
     (``root`` or ``tree``; None for neither) mounted there in a private mount
-    namespace. ``uid``/``gid``: drop to these after chroot. ``max_procs``: processes the guest may
+    namespace. ``uid``/``gid``: drop to these after chroot (default: the model's,
+    1000). ``max_procs``: processes the guest may
     start in all (itself included); one more, or the ``timeout``, and the supervisor kills the whole
     process tree and reports it (``HwResult.stopped``; ``timed_out`` for the timeout).
     ``prices``: (emulate_ns, flip_ns), required by the online strategies (``run_spec`` takes them
@@ -404,6 +461,8 @@ def run_hw(
         exe = supervisor_path()
     except BuildError as exc:
         raise HwUnavailable(str(exc)) from None
+    if os.geteuid() != 0:
+        raise HwUnavailable(ROOT_NEEDED)
     if root is not None:
         cwd = os.fspath(root)
     elif tree is not None:
@@ -411,6 +470,8 @@ def run_hw(
     else:
         cwd = None if chroot is not None else os.getcwd()
     cpu = -1 if cpu is None else int(cpu)
+    uid = GUEST_UID if uid is None else uid
+    gid = GUEST_GID if gid is None else gid
 
     with tempfile.TemporaryDirectory(prefix="tlslab-hw-") as work:
         json_path = os.path.join(work, "summary.json")
@@ -429,15 +490,20 @@ def run_hw(
                 cwd = tree_at
             else:
                 cwd = "/"
-            if uid is not None:
-                jail += ["--uid", str(int(uid))]
-            if gid is not None:
-                jail += ["--gid", str(int(gid))]
             if exe_in_root is None:
                 jail.append("--exec-fd")
+        else:  # no root filesystem: "/" is the data tree (or cwd), its writes in a private overlay
+            if not os.path.isdir(cwd):
+                raise HwError(f"data directory {cwd} is not a directory")
+            view = os.path.join(work, "view")
+            os.mkdir(view, 0o700)
+            jail = ["--overlay", os.path.abspath(cwd), "--view", view, "--exec-fd",
+                    "--exe-path", exe_path or "/bin/" + os.path.basename(argv[0])]
+            cwd = None  # the tree itself (see the module docstring)
+        jail += ["--uid", str(int(uid)), "--gid", str(int(gid))]
         cmd = [str(exe), "--strategy", strategy, "--hv-start", hex(_hv_start(profile)), "--cpu", str(cpu),
-               "--cwd", cwd, "--json", json_path, "--timeout", str(timeout), "--max-procs", str(int(max_procs)),
-               *jail]
+               *(["--cwd", cwd] if cwd is not None else []), "--json", json_path, "--timeout", str(timeout),
+               "--max-procs", str(int(max_procs)), *jail]
         for e in env if env is not None else _default_env():
             cmd += ["--env", e]
         if threshold is not None:   # repr: the shortest string that reads back as the same double
@@ -504,8 +570,13 @@ def _read_summary(json_path: str, proc: subprocess.CompletedProcess, guest_path:
     if error:
         stage, errno_ = summary.get("error_stage", ""), summary.get("error_errno", 0)
         if stage in ("PTRACE_TRACEME", "PTRACE_SETOPTIONS", "seccomp", "PR_SET_NO_NEW_PRIVS") or (
-            # root-filesystem runs in a container that forbids chroot / mount namespaces
-            errno_ == 1 and stage in ("chroot", "unshare(CLONE_NEWNS)", "mount private /", "mount tmpfs view")
+            # every run is jailed: a container that forbids chroot, mount namespaces or mounts
+            errno_ == 1 and stage in ("chroot", "unshare(CLONE_NEWNS)", "unshare(CLONE_NEWNET|CLONE_NEWIPC)",
+                                      "mount private /", "mount tmpfs view",
+                                      "bind mount", "bind mount /dev", "remount bind read-only")
+        ) or (
+            # overlayfs missing (ENODEV), forbidden, or refusing this directory as its lower layer
+            stage == "mount overlay"
         ) or (
             # ENOEXEC for a well-formed i386 ELF: the kernel has no 32-bit support (IA32_EMULATION off)
             stage == "execve" and errno_ == 8 and _is_i386_elf(guest_path)
@@ -513,15 +584,18 @@ def _read_summary(json_path: str, proc: subprocess.CompletedProcess, guest_path:
             hint = {
                 "PTRACE_TRACEME": " (ptrace refused: container seccomp/yama, or not permitted)",
                 "execve": " (this kernel cannot execute 32-bit i386 programs)",
-                "chroot": " (root-filesystem programs run chrooted)",
-                "unshare(CLONE_NEWNS)": " (a data tree inside a root filesystem needs a private mount namespace)",
+                "chroot": " (every hw guest runs chrooted)",
+                "unshare(CLONE_NEWNS)": " (every hw guest runs in a private mount namespace)",
+                "unshare(CLONE_NEWNET|CLONE_NEWIPC)": " (every hw guest runs without the host's network and IPC)",
+                "mount overlay": " (a guest without a root filesystem runs on an overlayfs of its data tree)",
             }.get(stage, "")
             raise HwUnavailable(f"hw backend unavailable: {error}{hint}")
         raise HwError(f"supervisor failed: {error}")
     return summary
 
 
-ROOT_NEEDED = "the hw backend runs root-filesystem programs chrooted, which needs root"
+ROOT_NEEDED = ("the hw backend runs every guest jailed (a private mount namespace, chroot, uid 1000), "
+               "which needs root")
 
 
 def _i386_image(path):
@@ -539,15 +613,16 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
 
     Same program resolution (``experiment.resolve_program``), argv
     (``[argv0, *args]``), environment (``experiment.environment``), tree/root
-    and stdout kind as the Unicorn model's ``execute(spec)``; programs with a
-    root filesystem (``rootfs``, or dynamic guests) run chrooted into it as
-    uid/gid 1000 (see the module docstring), which needs root. Anything but an
-    i386 ELF is refused (HwError). ``spec.strategy`` must be one of
-    HW_STRATEGIES (a MODEL_ONLY one: HwError with the reason); an online
+    and stdout kind as the Unicorn model's ``execute(spec)``, jailed as uid/gid
+    1000 (see the module docstring), which needs root: programs with a root
+    filesystem (``rootfs``, or dynamic guests) chrooted into it, the others in
+    an overlay of their data tree. Anything but an i386 ELF is refused
+    (HwError); not being root raises HwUnavailable. ``spec.strategy`` must be
+    one of HW_STRATEGIES (a MODEL_ONLY one: HwError with the reason); an online
     strategy decides with the prices the model's strategy takes from the spec
     (``prices``, ``emulate_ns``, ``flip_ns``). Returns ``(HwResult, GuestBinary)``.
     """
-    from tlslab.experiment import environment, resolve_program
+    from tlslab.experiment import environment, host_directory, resolve_program
     from tlslab.guests import resolve_guest
 
     if spec.strategy in MODEL_ONLY:
@@ -556,12 +631,9 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
 
     rooted_path = bool(spec.rootfs) and spec.guest.startswith("/")
     if not rooted_path:  # a registry guest or host path: refuse non-i386 files before anything else
-        image = _i386_image(resolve_guest(spec.guest, spec.variant).path)
-        rooted = bool(spec.rootfs) or image.dynamic
-    else:
-        rooted = True
-    if rooted and os.geteuid() != 0:
-        raise HwError(ROOT_NEEDED)
+        _i386_image(resolve_guest(spec.guest, spec.variant).path)
+    if os.geteuid() != 0:   # this host (user) cannot jail the guest: not bad input
+        raise HwUnavailable(ROOT_NEEDED)
     try:
         program = resolve_program(spec)
     except ValueError as exc:  # ElfError from resolving a dynamic guest
@@ -572,16 +644,18 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
     timeout = timeout if timeout is not None else (spec.timeout_seconds or 120.0)
     common = dict(strategy=spec.strategy, stdout=spec.stdout, cpu=cpu, profile=spec.profile, env=env,
                   timeout=timeout, prices=prices)
+    root = host_directory(spec.root) if spec.root else None   # as the model resolves it
     if program.rootfs is None:
         return run_hw(guest.path, [program.argv0, *spec.args],
-                      tree=None if spec.root else (spec.tree or "small"), root=spec.root, **common), guest
+                      tree=None if root else (spec.tree or "small"), root=root,
+                      exe_path=program.guest_path, **common), guest
     import inspect
 
     from tlslab.linux.vfs import Vfs
 
     creds = inspect.signature(Vfs).parameters  # the model's guest credentials: Vfs(uid=, gid=) defaults
     return run_hw(guest.path, [program.argv0, *spec.args],
-                  tree=None if spec.root else spec.tree, root=spec.root,
+                  tree=None if root else spec.tree, root=root,
                   chroot=program.root_dir, exe_in_root=program.guest_path if rooted_path else None,
                   tree_at=spec.tree_at, uid=creds["uid"].default, gid=creds["gid"].default, **common), guest
 

@@ -78,6 +78,7 @@
 #include <string.h>
 #include <dirent.h>
 #include <grp.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/personality.h>
 #include <sys/prctl.h>
@@ -114,7 +115,15 @@
 #define NR32_CLONE3 435
 #define NR32_EXECVE 11
 #define NR32_EXECVEAT 358
+#define NR32_PTRACE 26
+#define NR32_PROCESS_VM_READV 347
+#define NR32_PROCESS_VM_WRITEV 348
+#define NR32_PIDFD_SEND_SIGNAL 424
+#define NR32_PIDFD_OPEN 434
+#define NR32_PIDFD_GETFD 438
+#define NR32_PROCESS_MADVISE 440
 #define SA32_NODEFER 0x40000000u
+#define OVERLAY_SIZE "256m" /* --overlay: what the guest may write in all */
 #define SA32_RESETHAND 0x80000000u
 #define SEGV_BIT (1u << (SIGSEGV - 1))
 #define SIG32_DFL 0u
@@ -240,8 +249,9 @@ static double timeout_s;
 static int step_only; /* emulate: use the step fallback for everything (testing) */
 static int model_env; /* present the guest the Unicorn model's process environment (see below) */
 /* root-filesystem runs (see run_child): chroot, a private mount namespace
- * for a data tree, the model's uid/gid, exec by descriptor */
-static const char *chroot_dir, *view_dir, *mount_src, *mount_at;
+ * for a data tree, the model's uid/gid, exec by descriptor; runs without a
+ * root (static guests): --overlay, the data tree as a throwaway "/" */
+static const char *chroot_dir, *view_dir, *mount_src, *mount_at, *overlay_dir, *exe_path;
 static long guest_uid = -1, guest_gid = -1;
 static int exec_fd;
 static uint64_t auxv_hidden;
@@ -1004,6 +1014,10 @@ static void json_str(FILE *f, const char *s) {
 static pid_t child_pid;
 static int exit_status = -1, exit_signal = 0;
 static double t_fork, t_exec, t_end;
+/* untraced: the child's clock just before its execve, in a page shared
+ * across the fork -- the run starts there, not at the fork, so building the
+ * jail is not counted as the guest's time (traced runs see the exec event) */
+static volatile double *exec_clock;
 
 static void write_json(void) {
     if (!json_path) return;
@@ -1120,7 +1134,12 @@ static void write_json(void) {
     }
     fprintf(f, "]");
     fprintf(f, ",\"chroot\":");
-    if (chroot_dir) json_str(f, view_dir ? view_dir : chroot_dir); else fprintf(f, "null");
+    if (overlay_dir) {
+        char r[4096];
+        snprintf(r, sizeof r, "%s/root", view_dir);
+        json_str(f, r);
+    } else if (chroot_dir) json_str(f, view_dir ? view_dir : chroot_dir); else fprintf(f, "null");
+    fprintf(f, ",\"jail\":\"%s\"", overlay_dir ? "overlay" : chroot_dir ? (view_dir ? "view" : "chroot") : "none");
     fprintf(f, ",\"uid\":%ld,\"gid\":%ld", guest_uid, guest_gid);
     fprintf(f, ",\"tls\":[%.*s],\"sites\":[", (int)tlslog_len, tlslog_buf ? tlslog_buf : "");
     int first = 1;
@@ -1375,6 +1394,169 @@ static void build_view(int errfd) {
     populate(errfd, chroot_dir, view_dir, mount_src ? mount_at : NULL);
 }
 
+/* --overlay DIR --view EMPTYDIR (runs without a root filesystem): the guest
+ * sees DIR as the model shows its data tree, and what it writes lands in a
+ * private copy, as in the model's in-memory overlay -- never on the host. In
+ * a private mount namespace (gone with the guest), on a size-bounded tmpfs on
+ * EMPTYDIR: DIR bound read-only at lower/; an overlayfs of it at tree/
+ * (upper/ and work/ on the tmpfs; upper/ gets DIR's mode, owner and times,
+ * which the overlay's top directory shows); and root/, the guest's "/": each
+ * top-level entry of the tree bound there (symlinks copied), so "/x" is the
+ * tree's x as in the model, plus what the model mounts on its root: /dev
+ * (null, zero, urandom, random bound read-only) and /proc/self/exe, a
+ * symlink to --exe-path, the model's text (static glibc reads it at start-up
+ * and mallocs its directory: without it malloc's fault counts change; no
+ * procfs: its /proc/PID/root of another uid-1000 process would lead out).
+ * The model hides dev and proc from the root's listing; a directory cannot,
+ * so the working directory is the overlay itself, detached after root/ is
+ * built (no path leads to it; ".." from it stays there, as from the model's
+ * root): "." lists exactly the tree. Relative
+ * option paths (cwd is the tmpfs) keep commas and colons in DIR out of the
+ * mount options. Returns a descriptor of the tree for fchdir after chroot. */
+static int build_overlay(int errfd) {
+    static const char *devs[] = {"null", "zero", "urandom", "random"};
+    char s2[4096], d2[4096], link[4096];
+    struct stat st;
+    if (stat(overlay_dir, &st) < 0) child_fail(errfd, "stat data tree");
+    if (!S_ISDIR(st.st_mode)) { errno = ENOTDIR; child_fail(errfd, "stat data tree"); }
+    if (unshare(CLONE_NEWNS) < 0) child_fail(errfd, "unshare(CLONE_NEWNS)");
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) child_fail(errfd, "mount private /");
+    if (mount("tlslab-view", view_dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700,size=" OVERLAY_SIZE) < 0)
+        child_fail(errfd, "mount tmpfs view");
+    if (chdir(view_dir) < 0) child_fail(errfd, "chdir view");
+    if (mkdir("lower", 0700) < 0 || mkdir("upper", st.st_mode & 07777) < 0 || mkdir("work", 0700) < 0 ||
+        mkdir("tree", 0700) < 0 || mkdir("root", 0755) < 0)
+        child_fail(errfd, "mkdir view entry");
+    if (mount(overlay_dir, "lower", NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount");
+    if (mount(NULL, "lower", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0)
+        child_fail(errfd, "remount bind read-only");
+    if (chown("upper", st.st_uid, st.st_gid) < 0 || chmod("upper", st.st_mode & 07777) < 0)
+        child_fail(errfd, "chown view entry");
+    struct timespec ts[2] = {st.st_atim, st.st_mtim};
+    if (utimensat(AT_FDCWD, "upper", ts, 0) < 0) child_fail(errfd, "utimensat view entry");
+    if (mount("tlslab-tree", "tree", "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=work") < 0)
+        child_fail(errfd, "mount overlay");
+    int have_dev = 0, have_proc = 0;
+    DIR *d = opendir("tree");
+    if (!d) child_fail(errfd, "opendir data tree");
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        snprintf(s2, sizeof s2, "tree/%s", de->d_name);
+        snprintf(d2, sizeof d2, "root/%s", de->d_name);
+        struct stat est;
+        if (lstat(s2, &est) < 0) child_fail(errfd, "lstat tree entry");
+        have_dev |= !strcmp(de->d_name, "dev");
+        have_proc |= !strcmp(de->d_name, "proc");
+        if (S_ISLNK(est.st_mode)) {
+            ssize_t k = readlink(s2, link, sizeof link - 1);
+            if (k < 0) child_fail(errfd, "readlink tree entry");
+            link[k] = 0;
+            if (symlink(link, d2) < 0) child_fail(errfd, "symlink view entry");
+            continue;
+        }
+        if (S_ISDIR(est.st_mode) ? mkdir(d2, 0755) < 0 : mknod(d2, S_IFREG | 0644, 0) < 0)
+            child_fail(errfd, "create view entry");
+        if (mount(s2, d2, NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount");
+    }
+    closedir(d);
+    if (!have_dev) {
+        if (mkdir("root/dev", 0755) < 0) child_fail(errfd, "mkdir view entry");
+        for (size_t k = 0; k < sizeof devs / sizeof devs[0]; k++) {
+            snprintf(s2, sizeof s2, "/dev/%s", devs[k]);
+            snprintf(d2, sizeof d2, "root/dev/%s", devs[k]);
+            if (mknod(d2, S_IFREG | 0644, 0) < 0) child_fail(errfd, "create view entry");
+            if (mount(s2, d2, NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount /dev");
+            if (mount(NULL, d2, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC, NULL) < 0)
+                child_fail(errfd, "remount bind read-only");
+        }
+    }
+    if (!have_proc) {
+        if (mkdir("root/proc", 0555) < 0 || mkdir("root/proc/self", 0555) < 0)
+            child_fail(errfd, "mkdir view entry");
+        if (symlink(exe_path ? exe_path : "/bin/prog", "root/proc/self/exe") < 0)
+            child_fail(errfd, "symlink view entry");
+    }
+    int fd = open("tree", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) child_fail(errfd, "open data tree");
+    if (umount2("tree", MNT_DETACH) < 0) child_fail(errfd, "detach data tree");
+    return fd;
+}
+
+/* The guest's seccomp filter (every strategy). Traced strategies: i386
+ * set_thread_area/modify_ldt, execve/execveat (the image's mappings before it
+ * goes) and the syscalls that change the guest's signal dispositions or mask
+ * (see "SIGSEGV disposition") stop for the tracer -- sigaction/sigprocmask
+ * only when they change something (second argument non-NULL; signal(2)
+ * always); rseq: ENOSYS under --model-env (the model refuses it). Every
+ * strategy, the jail: the calls that reach into another process's memory or
+ * take its descriptors (ptrace, process_vm_readv/writev, process_madvise,
+ * pidfd_open/getfd/send_signal) fail with ENOSYS, as in the model, which has
+ * none of them -- a uid-1000 guest could otherwise drive an unjailed host
+ * process of the same uid -- also by their x86-64 numbers (a far jump to the
+ * 64-bit code segment makes 64-bit calls). Everything else runs. Returns the
+ * number of instructions. */
+static int build_filter(struct sock_filter *f, int traced) {
+    enum { TO_TRACE, TO_ERRNO, TO_ARG1 };
+    struct { uint32_t nr; int to; } rules[24];
+    int nrules = 0;
+#define RULE(n, t) (rules[nrules].nr = (n), rules[nrules++].to = (t))
+    if (traced) {
+        RULE(NR32_SET_THREAD_AREA, TO_TRACE);
+        RULE(NR32_MODIFY_LDT, TO_TRACE);
+        if (model_env) RULE(NR32_RSEQ, TO_ERRNO);
+        RULE(NR32_SIGNAL, TO_TRACE);
+        RULE(NR32_SIGRETURN, TO_TRACE);
+        RULE(NR32_RT_SIGRETURN, TO_TRACE);
+        RULE(NR32_SIGACTION, TO_ARG1);
+        RULE(NR32_RT_SIGACTION, TO_ARG1);
+        RULE(NR32_SIGPROCMASK, TO_ARG1);
+        RULE(NR32_EXECVE, TO_TRACE);
+        RULE(NR32_EXECVEAT, TO_TRACE);
+        RULE(NR32_RT_SIGPROCMASK, TO_ARG1);
+    }
+    RULE(NR32_PTRACE, TO_ERRNO);
+    RULE(NR32_PROCESS_VM_READV, TO_ERRNO);
+    RULE(NR32_PROCESS_VM_WRITEV, TO_ERRNO);
+    RULE(NR32_PIDFD_SEND_SIGNAL, TO_ERRNO);
+    RULE(NR32_PIDFD_OPEN, TO_ERRNO);
+    RULE(NR32_PIDFD_GETFD, TO_ERRNO);
+    RULE(NR32_PROCESS_MADVISE, TO_ERRNO);
+#undef RULE
+    /* the same calls' x86-64 numbers (and every x32 call): the child's own
+     * execve, before the guest runs, is a 64-bit call and must pass */
+    static const uint32_t x64[] = {101 /* ptrace */, 310, 311 /* process_vm_readv/writev */, 424, 434, 438, 440};
+    int n64 = (int)(sizeof x64 / sizeof x64[0]);
+    /* layout: arch check; i386: nr load, the rules, a jump to ALLOW; x86-64: nr load, the x32 test, its
+     * rules, a jump to ALLOW; the ARG1 test (2), ALLOW, ERRNO, TRACE */
+    int l_x64 = 3 + nrules + 1, l_arg1 = l_x64 + 2 + n64 + 1, l_allow = l_arg1 + 2, l_errno = l_allow + 1,
+        l_trace = l_errno + 1, n = 0;
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_I386, 0, l_x64 - n - 1);
+    n++;
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    for (int i = 0; i < nrules; i++, n++) {
+        int to = rules[i].to == TO_TRACE ? l_trace : rules[i].to == TO_ERRNO ? l_errno : l_arg1;
+        f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, rules[i].nr, to - n - 1, 0);
+    }
+    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JA | BPF_K, l_allow - n - 1, 0, 0);
+    n++;
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000u, l_errno - n - 1, 0);
+    n++;
+    for (int i = 0; i < n64; i++, n++)
+        f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, x64[i], l_errno - n - 1, 0);
+    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JA | BPF_K, l_allow - n - 1, 0, 0);
+    n++;
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1]));
+    f[n] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, l_allow - n - 1, l_trace - n - 1);
+    n++;
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE);
+    return n;
+}
+
 static void run_child(int errfd, char **argv, const char *exe) {
     int xfd = -1;
     if (stdin_path && open_to(stdin_path, 0, O_RDONLY) < 0) child_fail(errfd, "stdin");
@@ -1383,7 +1565,16 @@ static void run_child(int errfd, char **argv, const char *exe) {
     /* a program outside the root: opened here, executed by descriptor after
      * chroot (the kernel then looks up its PT_INTERP inside the root) */
     if (exec_fd && (xfd = open(exe, O_RDONLY | O_CLOEXEC)) < 0) child_fail(errfd, "open program");
-    if (chroot_dir) {
+    /* no host daemon reachable (abstract unix sockets, the network: the
+     * model has none) and no host SysV IPC objects */
+    if ((overlay_dir || chroot_dir) && unshare(CLONE_NEWNET | CLONE_NEWIPC) < 0)
+        child_fail(errfd, "unshare(CLONE_NEWNET|CLONE_NEWIPC)");
+    if (overlay_dir) {
+        int tree = build_overlay(errfd);
+        if (chroot("root") < 0) child_fail(errfd, "chroot");
+        if (fchdir(tree) < 0) child_fail(errfd, "chdir data tree");
+        close(tree);
+    } else if (chroot_dir) {
         if (view_dir) build_view(errfd);
         if (chroot(view_dir ? view_dir : chroot_dir) < 0) child_fail(errfd, "chroot");
         if (chdir("/") < 0) child_fail(errfd, "chdir /");
@@ -1414,43 +1605,13 @@ static void run_child(int errfd, char **argv, const char *exe) {
     if (strategy != S_UNTRACED) {
         if (ptrace(PTRACE_TRACEME, 0, 0, 0) < 0) child_fail(errfd, "PTRACE_TRACEME");
         raise(SIGSTOP); /* the parent sets options before we go on */
-        /* i386 set_thread_area/modify_ldt: stop for the tracer; rseq: ENOSYS
-         * under --model-env (the model refuses it); everything else runs */
-        /* i386 set_thread_area/modify_ldt and the syscalls that change the
-         * guest's signal dispositions or mask (see "SIGSEGV disposition"):
-         * stop for the tracer; sigaction/sigprocmask only when they change
-         * something (second argument non-NULL; signal(2) always); rseq:
-         * ENOSYS under --model-env (the model refuses it); everything else runs */
-        enum { L_ARG1 = 15, L_ALLOW = 17, L_ERRNO, L_TRACE }; /* BPF jumps go forward only */
-#define JEQ_TO(nr, at, label) BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (nr), (label) - (at) - 1, 0)
-        struct sock_filter filt[] = {
-            /* 0 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
-            /* 1 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_I386, 0, L_ALLOW - 1 - 1),
-            /* 2 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-            /* 3 */ JEQ_TO(NR32_SET_THREAD_AREA, 3, L_TRACE),
-            /* 4 */ JEQ_TO(NR32_MODIFY_LDT, 4, L_TRACE),
-            /* 5 */ JEQ_TO(model_env ? NR32_RSEQ : 0xFFFFFFFFu, 5, L_ERRNO),
-            /* 6 */ JEQ_TO(NR32_SIGNAL, 6, L_TRACE),
-            /* 7 */ JEQ_TO(NR32_SIGRETURN, 7, L_TRACE),
-            /* 8 */ JEQ_TO(NR32_RT_SIGRETURN, 8, L_TRACE),
-            /* 9 */ JEQ_TO(NR32_SIGACTION, 9, L_ARG1),
-            /* 10 */ JEQ_TO(NR32_RT_SIGACTION, 10, L_ARG1),
-            /* 11 */ JEQ_TO(NR32_SIGPROCMASK, 11, L_ARG1),
-            /* 12 */ JEQ_TO(NR32_EXECVE, 12, L_TRACE),   /* the image's mappings before it goes */
-            /* 13 */ JEQ_TO(NR32_EXECVEAT, 13, L_TRACE),
-            /* 14 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, NR32_RT_SIGPROCMASK, 0, L_ALLOW - 14 - 1),
-            /* 15 L_ARG1 */ BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1])),
-            /* 16 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, L_ALLOW - 16 - 1, L_TRACE - 16 - 1),
-            /* 17 L_ALLOW */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-            /* 18 L_ERRNO */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
-            /* 19 L_TRACE */ BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_TRACE),
-        };
-#undef JEQ_TO
-        struct sock_fprog prog = {sizeof filt / sizeof filt[0], filt};
-        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) child_fail(errfd, "PR_SET_NO_NEW_PRIVS");
-        if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0) child_fail(errfd, "seccomp");
     }
+    struct sock_filter filt[64];
+    struct sock_fprog prog = {(unsigned short)build_filter(filt, strategy != S_UNTRACED), filt};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) child_fail(errfd, "PR_SET_NO_NEW_PRIVS");
+    if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) < 0) child_fail(errfd, "seccomp");
     envv[envc] = NULL;
+    if (exec_clock) *exec_clock = now_s();
     if (xfd >= 0) syscall(SYS_execveat, xfd, "", argv, envv, AT_EMPTY_PATH);
     else execve(exe, argv, envv);
     child_fail(errfd, "execve");
@@ -2294,11 +2455,16 @@ static void usage(void) {
             "    [--cpu N|-1] [--cwd DIR] [--stdin PATH] [--stdout PATH] [--stderr PATH] [--env K=V]...\n"
             "    [--timeout SECONDS] [--max-procs N] [--step-only] [--model-env] [--trace PATH]\n"
             "    [--chroot DIR [--view EMPTYDIR [--mount-src DIR --mount-at PATH]]] [--uid N] [--gid N] [--exec-fd]\n"
+            "    [--overlay DIR --view EMPTYDIR --exec-fd [--exe-path PATH]]\n"
             "    --json PATH -- EXE ARGV0 [ARGS...]\n"
             "  --chroot: the guest runs chrooted in DIR; --cwd is then a path inside it, and EXE too\n"
             "  unless --exec-fd (EXE is a host path, opened before chroot and executed by descriptor).\n"
             "  --view: in a private mount namespace, build DIR's view (read-only binds of DIR's top-level\n"
             "  entries on a tmpfs mounted on EMPTYDIR) with --mount-src bound read-only at --mount-at.\n"
+            "  --overlay: the guest's cwd is DIR, / has DIR's top-level entries, /dev and /proc/self/exe\n"
+            "  (-> --exe-path, default /bin/prog); its writes\n"
+            "  go to a private overlay (tmpfs, " OVERLAY_SIZE ") in a private mount namespace built on EMPTYDIR;\n"
+            "  no --cwd; EXE is a host path executed by descriptor.\n"
             "  --uid/--gid: drop to these ids (no supplementary groups) after chroot, before exec.\n"
             "  --max-procs: processes the guest may start in all (the first included, default 1024);\n"
             "  beyond it, as at --timeout, every guest task is killed (\"stopped\" in the JSON).\n"
@@ -2335,6 +2501,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--env")) { if (envc < 255) envv[envc++] = argv[++i]; else usage(); }
         else if (!strcmp(a, "--chroot")) chroot_dir = argv[++i];
         else if (!strcmp(a, "--view")) view_dir = argv[++i];
+        else if (!strcmp(a, "--overlay")) overlay_dir = argv[++i];
+        else if (!strcmp(a, "--exe-path")) exe_path = argv[++i];
         else if (!strcmp(a, "--mount-src")) mount_src = argv[++i];
         else if (!strcmp(a, "--mount-at")) mount_at = argv[++i];
         else if (!strcmp(a, "--uid")) guest_uid = atol(argv[++i]);
@@ -2344,7 +2512,8 @@ int main(int argc, char **argv) {
         else usage();
     }
     if (argc - i < 2) usage();
-    if ((view_dir && !chroot_dir) || (mount_src && !view_dir) || (!mount_src != !mount_at)) usage();
+    if ((view_dir && !chroot_dir && !overlay_dir) || (mount_src && !view_dir) || (!mount_src != !mount_at)) usage();
+    if (overlay_dir && (chroot_dir || !view_dir || mount_src || !exec_fd || cwd_path)) usage();
     if (ONLINE(strategy)) { /* the decision threshold, the model's expression on the model's prices */
         if (!(emulate_ns > 0 && emulate_ns <= 1e12 && flip_ns > 0 && flip_ns <= 1e12)) usage();
         threshold = 2 * flip_ns / emulate_ns;
@@ -2377,6 +2546,9 @@ int main(int argc, char **argv) {
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGHUP, &sa, NULL);
 
+    exec_clock = mmap(NULL, sizeof *exec_clock, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (exec_clock == MAP_FAILED) die_setup("mmap", errno);
+    *exec_clock = 0;
     t_fork = now_s();
     child_pid = fork();
     if (child_pid < 0) die_setup("fork", errno);
@@ -2407,6 +2579,7 @@ int main(int argc, char **argv) {
                 end_orphans();
             }
         }
+        if (*exec_clock > 0) t_exec = *exec_clock;
     } else {
         /* initial SIGSTOP (or an early failure) */
         if (waitpid(child_pid, &status, 0) < 0) die_setup("waitpid", errno);
