@@ -274,7 +274,10 @@ def test_relative_name_with_rootfs_is_a_bundled_guest(roots_present):
 def test_default_spec_has_keir_and_lsr_dyn(roots_present):
     cells = load_spec().cells()
     keir = [c for c in cells if c.workload == "keir"]
-    assert {c.spec.strategy for c in keir} == set(STRATEGIES)
+    # every strategy but flip-full and flip-fs (equal to flip on keir; left out for make bench's 10 minutes)
+    assert {c.spec.strategy for c in keir} == set(STRATEGIES) - {"flip-full", "flip-fs"}
+    online = [c for c in cells if getattr(STRATEGIES[c.spec.strategy], "online", False)]
+    assert online and all(c.spec.prices == "xen-2004" for c in online)   # they decide with the matrix's profile
     assert all(c.spec.guest == "/bin/ls" and c.spec.rootfs == "debian" and c.spec.args[0] == "-R" for c in keir)
     assert {c.spec.variant for c in cells if c.spec.guest == "lsr"} == {"default", "nosegneg", "dyn"}
 
