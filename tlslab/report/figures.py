@@ -521,7 +521,7 @@ def online_figure(summary: Summary, out: Path) -> list[Path]:
     policies = on["policies"]
     styles = strategy_styles(policies)
     labels = [r["workload"] + ("" if r["variant"] == "default" else f" ({r['variant']})") for r in rows]
-    fig, ax = plt.subplots(figsize=(max(10, 0.75 * len(rows) * len(policies) / 3), 5.8))
+    fig, ax = plt.subplots(figsize=(min(18, max(10, 0.14 * len(rows) * len(policies))), 6.2))
     width = 0.8 / len(policies)
     for i, name in enumerate(policies):
         xs, ys = [], []
