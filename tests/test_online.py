@@ -151,3 +151,32 @@ def test_hybrid_json_record_runs_every_policy():
         assert set(p) >= {"name", "online", "faults", "emulations", "flips", "patches", "fault_time_ns"}
     assert [p["online"] for p in rec["policies"]][:2] == [False, False]
     assert rec["best_online"] in ONLINE
+
+
+def test_dead_address_spaces_leave_their_traces_and_free_their_engines(debian_rootfs):
+    """A boot traces hundreds of address spaces: a released one keeps its sign trace with the domain and is
+    not kept alive by it (the native boot cell was once OOM-killed holding 934 engines)."""
+    import gc
+    import weakref
+
+    from tlslab.machine.vcpu import VCpu
+
+    spec = RunSpec("/bin/dash", ("-c", "for i in 1 2 3 4 5; do /bin/true; echo $i | /bin/cat; done"),
+                   rootfs="debian", tree=None)
+    domain, _ = make_domain(spec, trace_signs=True)
+    made: list = []
+    original = domain._watch_vcpu
+
+    def watch(vcpu):
+        made.append(weakref.ref(vcpu))
+        original(vcpu)
+
+    domain._watch_vcpu = watch
+    result = domain.run()
+    assert result.ok and result.stdout == b"1\n2\n3\n4\n5\n"
+    traces, dropped = domain.sign_runs("gs")
+    gc.collect()
+    alive = [r for r in made if r() is not None and isinstance(r(), VCpu) and r().uc is None]
+    assert not alive, f"{len(alive)} released vCPUs still reachable"
+    assert len(traces) == domain._vcpus_made >= 11 and not dropped
+    assert sum(1 for t in traces if any(t)) >= 10   # every program touched %gs
