@@ -80,11 +80,24 @@ def test_readers_refuse_an_unknown_schema_with_exit_2(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "run.json: schema 7" in err, err
 
 
-def test_the_reference_run_is_read_by_the_compatibility_reader(capsys):
-    """results/reference/run was written before the schema (schema 1): faults filled from the old fields."""
-    raw = [json.loads(line) for line in gzip.decompress((REFERENCE / "cells.jsonl.gz").read_bytes()).splitlines()]
+def _as_schema_1(rec: dict) -> dict:
+    """A record as tlslab wrote it before the schema key: no schema, no top-level faults/instructions on
+    model cells (hw cells always had faults)."""
+    old = {k: v for k, v in rec.items() if k not in ("schema", "instructions")}
+    if old.get("backend") != "hw":
+        old.pop("faults", None)
+    return old
+
+
+def test_schema_1_records_are_read_by_the_compatibility_reader(tmp_path):
+    """Records written before the schema (schema 1): faults filled from the old fields by upgrade()."""
+    current = [json.loads(line) for line in
+               gzip.decompress((REFERENCE / "cells.jsonl.gz").read_bytes()).splitlines()]
+    raw = [_as_schema_1(r) for r in current]
     assert raw and all("schema" not in r for r in raw)
-    recs, warnings = store.read_cells(REFERENCE / "cells.jsonl")
+    path = tmp_path / "cells.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in raw))
+    recs, warnings = store.read_cells(path)
     assert not warnings and len(recs) == len(raw)
     for old, new in zip(raw, recs):
         assert new["schema"] == SCHEMA_VERSION
@@ -92,6 +105,11 @@ def test_the_reference_run_is_read_by_the_compatibility_reader(capsys):
             assert new["faults"] == old["faults"]
         elif old.get("counters"):
             assert new["faults"] == old["counters"]["strategy"]["traps"]
+
+
+def test_the_reference_run_is_schema_2_with_one_faults_column(capsys):
+    raw = [json.loads(line) for line in gzip.decompress((REFERENCE / "cells.jsonl.gz").read_bytes()).splitlines()]
+    assert raw and all(r["schema"] == SCHEMA_VERSION for r in raw)
     assert main(["export", str(REFERENCE), "--csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert "traps" not in rows[0]
