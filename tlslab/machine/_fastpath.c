@@ -31,6 +31,7 @@
  * and executable for the entry stub, and the guest reaching them is rare.
  */
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -150,6 +151,60 @@ struct fastpath {
 };
 
 size_t fp_sizeof(void) { return sizeof(struct fastpath); }
+
+/* The layout Python's ctypes mirrors (fastpath.py) must match, checked when
+ * the library loads: a field moved here without its mirror would otherwise
+ * corrupt memory silently. One row per field of every mirrored struct, plus a
+ * row with field NULL giving the struct's size. struct block and alias_region
+ * are filled only from C, so Python has no mirror of them to check. */
+struct fp_layout_row { const char *type, *field; size_t offset, size; };
+#define FP_FIELD(T, f) { #T, #f, offsetof(struct T, f), sizeof(((struct T *)0)->f) }
+#define FP_SIZE(T) { #T, NULL, 0, sizeof(struct T) }
+static const struct fp_layout_row fp_layout_rows[] = {
+    FP_SIZE(exit_info),
+    FP_FIELD(exit_info, kind), FP_FIELD(exit_info, seg), FP_FIELD(exit_info, eip), FP_FIELD(exit_info, offset),
+    FP_FIELD(exit_info, linear), FP_FIELD(exit_info, size), FP_FIELD(exit_info, write),
+    FP_SIZE(window),
+    FP_FIELD(window, real_base), FP_FIELD(window, user_top), FP_FIELD(window, base), FP_FIELD(window, generation),
+    FP_FIELD(window, slot), FP_FIELD(window, pad),
+    FP_SIZE(seg_stats),
+    FP_FIELD(seg_stats, last_sign), FP_FIELD(seg_stats, pad), FP_FIELD(seg_stats, accesses),
+    FP_FIELD(seg_stats, negative), FP_FIELD(seg_stats, positive), FP_FIELD(seg_stats, sign_changes),
+    FP_FIELD(seg_stats, runs), FP_FIELD(seg_stats, runs_capacity), FP_FIELD(seg_stats, runs_count),
+    FP_FIELD(seg_stats, run_length), FP_FIELD(seg_stats, runs_dropped),
+    FP_SIZE(site),
+    FP_FIELD(site, eip), FP_FIELD(site, seg), FP_FIELD(site, read_seg), FP_FIELD(site, write_seg),
+    FP_FIELD(site, second_read_seg), FP_FIELD(site, stale), FP_FIELD(site, rmw), FP_FIELD(site, accesses),
+    FP_FIELD(site, reads), FP_FIELD(site, writes), FP_FIELD(site, negative), FP_FIELD(site, positive),
+    FP_FIELD(site, violations), FP_FIELD(site, min_offset), FP_FIELD(site, max_offset),
+    FP_SIZE(fastpath),
+    FP_FIELD(fastpath, uc), FP_FIELD(fastpath, reg_read), FP_FIELD(fastpath, regid_eip), FP_FIELD(fastpath, nwindows),
+    FP_FIELD(fastpath, regid_seg), FP_FIELD(fastpath, regid_esi), FP_FIELD(fastpath, regid_edi),
+    FP_FIELD(fastpath, classify_site), FP_FIELD(fastpath, verdict), FP_FIELD(fastpath, block_icount),
+    FP_FIELD(fastpath, instructions), FP_FIELD(fastpath, cur_block_address), FP_FIELD(fastpath, cur_block_size),
+    FP_FIELD(fastpath, cur_block_icount), FP_FIELD(fastpath, pad), FP_FIELD(fastpath, verdict_misses),
+    FP_FIELD(fastpath, site_misses), FP_FIELD(fastpath, block_misses), FP_FIELD(fastpath, mem_protect),
+    FP_FIELD(fastpath, protected_start), FP_FIELD(fastpath, protected_size), FP_FIELD(fastpath, nprotected),
+    FP_FIELD(fastpath, protect_overflow), FP_FIELD(fastpath, last_eip), FP_FIELD(fastpath, last_linear),
+    FP_FIELD(fastpath, hv_lo), FP_FIELD(fastpath, hv_hi), FP_FIELD(fastpath, host_access), FP_FIELD(fastpath, pad2),
+    FP_FIELD(fastpath, last_was_read), FP_FIELD(fastpath, nalias), FP_FIELD(fastpath, emu_stop),
+    FP_FIELD(fastpath, deadline_ns), FP_FIELD(fastpath, deadline_tick), FP_FIELD(fastpath, budget_hit),
+    FP_FIELD(fastpath, budget_end), FP_FIELD(fastpath, exit), FP_FIELD(fastpath, windows), FP_FIELD(fastpath, stats),
+    FP_FIELD(fastpath, sites), FP_FIELD(fastpath, verdict_keys), FP_FIELD(fastpath, verdict_values),
+    FP_FIELD(fastpath, blocks), FP_FIELD(fastpath, alias),
+};
+
+/* Row i of the table: 1 and its values, or 0 past the end. */
+int fp_layout(int i, const char **type, const char **field, size_t *offset, size_t *size)
+{
+    if (i < 0 || (size_t)i >= sizeof fp_layout_rows / sizeof fp_layout_rows[0])
+        return 0;
+    *type = fp_layout_rows[i].type;
+    *field = fp_layout_rows[i].field;
+    *offset = fp_layout_rows[i].offset;
+    *size = fp_layout_rows[i].size;
+    return 1;
+}
 
 /* Python keeps this sorted list of alias regions in step with guest mappings. */
 int fp_set_aliases(struct fastpath *fp, const uint32_t *starts, const uint32_t *sizes, const uint32_t *perms,

@@ -170,6 +170,73 @@ class FastpathHeader(ctypes.Structure):
     ]
 
 
+class FastpathLayoutError(RuntimeError):
+    """A ctypes mirror disagrees with the compiled C struct: running would corrupt memory."""
+
+
+#: (C struct name, ctypes mirror, whole): a whole mirror has every C field and the C size; the
+#: header mirrors only the leading fields of ``struct fastpath`` (its tables are reached from C only)
+MIRRORS = (
+    ("exit_info", ExitInfo, True),
+    ("window", Window, True),
+    ("seg_stats", SegStats, True),
+    ("site", Site, True),
+    ("fastpath", FastpathHeader, False),
+)
+
+
+def c_layout(lib) -> tuple[dict[str, list[tuple[str, int, int]]], dict[str, int]]:
+    """The C side's own layout table (``fp_layout``): {struct: [(field, offset, size), ...]}, {struct: size}."""
+    fn = lib.fp_layout
+    fn.argtypes = [ctypes.c_int] + [ctypes.POINTER(ctypes.c_char_p)] * 2 + [ctypes.POINTER(ctypes.c_size_t)] * 2
+    fn.restype = ctypes.c_int
+    fields: dict[str, list[tuple[str, int, int]]] = {}
+    sizes: dict[str, int] = {}
+    type_, field = ctypes.c_char_p(), ctypes.c_char_p()
+    offset, size = ctypes.c_size_t(), ctypes.c_size_t()
+    i = 0
+    while fn(i, ctypes.byref(type_), ctypes.byref(field), ctypes.byref(offset), ctypes.byref(size)):
+        name = type_.value.decode()
+        if field.value is None:
+            sizes[name] = size.value
+        else:
+            fields.setdefault(name, []).append((field.value.decode(), offset.value, size.value))
+        i += 1
+    return fields, sizes
+
+
+def check_layout(fields: dict[str, list[tuple[str, int, int]]], sizes: dict[str, int], mirrors=None) -> None:
+    """Raise FastpathLayoutError (one line: struct, field, C and Python offsets) at the first disagreement."""
+    for struct, mirror, whole in MIRRORS if mirrors is None else mirrors:
+        if struct not in fields or struct not in sizes:
+            raise FastpathLayoutError(f"fastpath layout: struct {struct} missing from the C layout table")
+        c_fields = {name: (off, size) for name, off, size in fields[struct]}
+        py_names = [f[0] for f in mirror._fields_]
+        for name in py_names:
+            desc = getattr(mirror, name)
+            if name not in c_fields:
+                raise FastpathLayoutError(f"fastpath layout: struct {struct} field {name}: not in C, "
+                                          f"Python offset {desc.offset}")
+            c_off, c_size = c_fields[name]
+            if (c_off, c_size) != (desc.offset, desc.size):
+                raise FastpathLayoutError(f"fastpath layout: struct {struct} field {name}: C offset {c_off} "
+                                          f"size {c_size}, Python offset {desc.offset} size {desc.size}")
+        c_names = [f[0] for f in fields[struct]]
+        expected = c_names if whole else c_names[: len(py_names)]
+        for k, name in enumerate(expected):
+            if k >= len(py_names) or py_names[k] != name:
+                c_off = c_fields[name][0]
+                raise FastpathLayoutError(f"fastpath layout: struct {struct} field {name}: C offset {c_off}, "
+                                          f"Python offset none (missing from {mirror.__name__})")
+        py_size = ctypes.sizeof(mirror)
+        if whole and py_size != sizes[struct]:
+            raise FastpathLayoutError(f"fastpath layout: struct {struct}: C size {sizes[struct]}, "
+                                      f"Python size {py_size}")
+        if not whole and py_size > sizes[struct]:
+            raise FastpathLayoutError(f"fastpath layout: struct {struct}: C size {sizes[struct]} smaller than "
+                                      f"the Python header's {py_size}")
+
+
 def cache_dir() -> Path:
     root = os.environ.get("TLSLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tlslab")
     return Path(root)
@@ -225,6 +292,7 @@ def load_library() -> ctypes.CDLL:
     global _LIB
     if _LIB is None:
         lib = ctypes.CDLL(str(build_library()))
+        check_layout(*c_layout(lib))   # before anything touches a struct
         lib.fp_sizeof.restype = ctypes.c_size_t
         lib.fp_forget_sites.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
         lib.fp_forget_sites.restype = None
