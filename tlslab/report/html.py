@@ -200,9 +200,7 @@ def _online_section(s: Summary, figure: str) -> str:
             elif c["vs_bound"] is None:
                 cells.append(f'<td class="crash">{esc(c.get("outcome") or "?")}</td>')
             else:
-                star = ("*" if name in on["online"] and r["best_pure_ms"] is not None
-                        and c["fault_ms"] <= r["best_pure_ms"] * (1 + 1e-9) else "")
-                cells.append(f"<td>{c['vs_bound']:.2f}x{star}</td>")
+                cells.append(f"<td>{c['vs_bound']:.2f}x{'*' if c.get('at_most_best_pure') else ''}</td>")
         out.append(f'<tr><td class="l">{esc(r["workload"])}</td><td class="l">{esc(r["variant"])}</td>'
                    f'<td>{r["bound_ms"]:.2f}</td>{"".join(cells)}</tr>')
     out.append("</table></div><ul>")
