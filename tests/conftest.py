@@ -110,3 +110,8 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
         terminalreporter.section("hardware oracle")
         for name, line in lines.items():
             terminalreporter.write_line(f"{name}: {line}")
+
+
+def run_dirs(out: Path) -> list[Path]:
+    """The bench run directories under ``out`` (those with a run.json), oldest first."""
+    return sorted(p for p in out.iterdir() if (p / "run.json").is_file())

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_dirs
 
 from benchkit import ROOT, TINY, bench, records
 
@@ -34,10 +35,6 @@ args = ["5"]
 name = "malloc"
 args = ["100"]
 """
-
-
-def run_dirs(out: Path) -> list[Path]:
-    return sorted(p for p in out.iterdir() if (p / "run.json").is_file())
 
 
 @pytest.fixture(scope="module")

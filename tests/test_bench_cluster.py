@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_dirs
 
 from benchkit import ROOT, TINY, bench, records
 
@@ -41,10 +42,6 @@ args = ["100"]
 N = 12
 # fewer retries than Dask's default (3): each lost worker costs a restart
 FAST_FAIL = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
-
-
-def run_dirs(out: Path) -> list[Path]:
-    return sorted(p for p in out.iterdir() if (p / "run.json").is_file())
 
 
 @pytest.fixture(scope="module")

@@ -686,6 +686,15 @@ def fmt_xr(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def fmt_online(cell: dict | None) -> tuple[str, bool]:
+    """(text, measured) of one policy's cell of the online table: "1.06x*", "-" or its outcome."""
+    if cell is None:
+        return "-", True
+    if cell["vs_bound"] is None:
+        return str(cell.get("outcome") or "?"), False
+    return f"{cell['vs_bound']:.2f}x" + ("*" if cell.get("at_most_best_pure") else ""), True
+
+
 def render_online(summary: Summary, console) -> None:
     """Each fault-driven policy's fault-handling time as a multiple of the offline bound."""
     from rich.markup import escape
@@ -704,15 +713,7 @@ def render_online(summary: Summary, console) -> None:
     for name in on["policies"]:
         t.add_column(name, justify="right")
     for row in on["rows"]:
-        cells = []
-        for name in on["policies"]:
-            c = row["cells"].get(name)
-            if c is None:
-                cells.append("-")
-            elif c["vs_bound"] is None:
-                cells.append(escape(c.get("outcome") or "?"))
-            else:
-                cells.append(f"{c['vs_bound']:.2f}x" + ("*" if c.get("at_most_best_pure") else ""))
+        cells = [escape(fmt_online(row["cells"].get(name))[0]) for name in on["policies"]]
         t.add_row(escape(row["workload"]), row["variant"], f"{row['bound_ms']:.2f}", *cells)
     console.print(t)
     for name, tally in on["tally"].items():

@@ -1326,8 +1326,17 @@ static void bind_ro(int errfd, const char *src, const char *dst, int is_dir) {
  * replicated the same way one level down, and the mount point itself, where
  * the data tree is bound (replacing what the root has there; its parent must
  * exist in the root, as in the model). */
+/* the view holds a symlink as the tree has it (its target text, not what it points to) */
+static void copy_symlink(int errfd, const char *src, const char *dst, const char *what) {
+    char link[4096];
+    ssize_t k = readlink(src, link, sizeof link - 1);
+    if (k < 0) child_fail(errfd, what);
+    link[k] = 0;
+    if (symlink(link, dst) < 0) child_fail(errfd, "symlink view entry");
+}
+
 static void populate(int errfd, const char *src, const char *dst, const char *rest) {
-    char s2[4096], d2[4096], link[4096], first[256] = "";
+    char s2[4096], d2[4096], first[256] = "";
     const char *next = NULL;
     if (rest) {
         while (*rest == '/') rest++;
@@ -1362,10 +1371,7 @@ static void populate(int errfd, const char *src, const char *dst, const char *re
             continue;
         }
         if (S_ISLNK(st.st_mode)) {
-            ssize_t k = readlink(s2, link, sizeof link - 1);
-            if (k < 0) child_fail(errfd, "readlink root entry");
-            link[k] = 0;
-            if (symlink(link, d2) < 0) child_fail(errfd, "symlink view entry");
+            copy_symlink(errfd, s2, d2, "readlink root entry");
             continue;
         }
         bind_ro(errfd, s2, d2, S_ISDIR(st.st_mode));
@@ -1415,7 +1421,7 @@ static void build_view(int errfd) {
  * mount options. Returns a descriptor of the tree for fchdir after chroot. */
 static int build_overlay(int errfd) {
     static const char *devs[] = {"null", "zero", "urandom", "random"};
-    char s2[4096], d2[4096], link[4096];
+    char s2[4096], d2[4096];
     struct stat st;
     if (stat(overlay_dir, &st) < 0) child_fail(errfd, "stat data tree");
     if (!S_ISDIR(st.st_mode)) { errno = ENOTDIR; child_fail(errfd, "stat data tree"); }
@@ -1449,10 +1455,7 @@ static int build_overlay(int errfd) {
         have_dev |= !strcmp(de->d_name, "dev");
         have_proc |= !strcmp(de->d_name, "proc");
         if (S_ISLNK(est.st_mode)) {
-            ssize_t k = readlink(s2, link, sizeof link - 1);
-            if (k < 0) child_fail(errfd, "readlink tree entry");
-            link[k] = 0;
-            if (symlink(link, d2) < 0) child_fail(errfd, "symlink view entry");
+            copy_symlink(errfd, s2, d2, "readlink tree entry");
             continue;
         }
         if (S_ISDIR(est.st_mode) ? mkdir(d2, 0755) < 0 : mknod(d2, S_IFREG | 0644, 0) < 0)

@@ -12,7 +12,7 @@ import html
 import json
 from pathlib import Path
 
-from tlslab.bench.summary import KEIR_RATIOS, Summary, fmt_faults, fmt_ratio
+from tlslab.bench.summary import KEIR_RATIOS, Summary, fmt_faults, fmt_online, fmt_ratio
 from tlslab.report.figures import coverage_data
 from tlslab.record import Outcome
 
@@ -194,13 +194,8 @@ def _online_section(s: Summary, figure: str) -> str:
     for r in on["rows"]:
         cells = []
         for name in on["policies"]:
-            c = r["cells"].get(name)
-            if c is None:
-                cells.append("<td>-</td>")
-            elif c["vs_bound"] is None:
-                cells.append(f'<td class="crash">{esc(c.get("outcome") or "?")}</td>')
-            else:
-                cells.append(f"<td>{c['vs_bound']:.2f}x{'*' if c.get('at_most_best_pure') else ''}</td>")
+            text, measured = fmt_online(r["cells"].get(name))
+            cells.append(f"<td>{esc(text)}</td>" if measured else f'<td class="crash">{esc(text)}</td>')
         out.append(f'<tr><td class="l">{esc(r["workload"])}</td><td class="l">{esc(r["variant"])}</td>'
                    f'<td>{r["bound_ms"]:.2f}</td>{"".join(cells)}</tr>')
     out.append("</table></div><ul>")
