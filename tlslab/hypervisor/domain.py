@@ -83,7 +83,7 @@ class Domain:
 
     def __init__(self, process_factory, strategy: Strategy | str, profile: str = "nonpae",
                  checks: bool = True, timeout_seconds: float = 0, max_traps: int | None = None,
-                 trace_signs: bool = False, vcpu: VCpu | None = None):
+                 trace_signs: bool = False, vcpu: VCpu | None = None, settle: bool = True):
         self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         self.policy = DescriptorPolicy.xen(profile) if self.strategy.truncates else DescriptorPolicy.native(profile)
         self._vcpu_options = dict(checks=checks, timeout_seconds=timeout_seconds, trace_signs=trace_signs)
@@ -101,6 +101,10 @@ class Domain:
         self.kernel = Kernel(self.first_process, self._new_vcpu, self._shape_descriptor)
         self.kernel.on_new_address_space.append(self._on_new_address_space)
         self.strategy.attach(self)
+        # faults the strategy lets the access hook settle (machine/settle.py), planned when the run
+        # starts; not when each trap must be seen (--max-traps)
+        self._settle_allowed = settle and max_traps is None
+        self._settle_plan = None
 
     # the process and vCPU that trapped: the task the kernel has on the CPU
     @property
@@ -115,6 +119,7 @@ class Domain:
         vcpu = VCpu(**self._vcpu_options)
         vcpu.share_deadline(self.first_process.vcpu)
         self._watch_vcpu(vcpu)
+        vcpu.settle_in_hook(self._settle_plan)
         return vcpu
 
     def _on_new_address_space(self, process, how: str) -> None:
@@ -137,7 +142,12 @@ class Domain:
     # the policy as the Linux layer sees it: remember what was asked for
     def _shape_descriptor(self, requested: SegmentDescriptor) -> SegmentDescriptor:
         shaped = self.policy(requested)
+        before = self._requested.get(shaped)
         self._requested[shaped] = requested
+        if before is not None and before != requested:   # what an emulator applies for `shaped` changed
+            for vcpu in list(self._live_vcpus.values()):
+                if vcpu.regs is not None:
+                    vcpu.refresh_emulate_views()
         return shaped
 
     def requested_descriptor(self, segment: str) -> SegmentDescriptor | None:
@@ -148,6 +158,10 @@ class Domain:
         installed = self.vcpu.descriptors[layout.selector_index(selector)]
         if installed is None:
             return None
+        return self.requested_for(installed)
+
+    def requested_for(self, installed: SegmentDescriptor) -> SegmentDescriptor:
+        """What the guest asked for behind an installed (shaped, maybe flipped) TLS descriptor."""
         if installed in self._requested:
             return self._requested[installed]
         # flipped descriptors: same base, the guest asked for a flat segment
@@ -223,12 +237,21 @@ class Domain:
     def run(self) -> RunResult:
         started = time.perf_counter()
         k = self.kernel
+        self._settle_plan = self.strategy.core_settle(self) if self._settle_allowed else None
+        for vcpu in list(self._live_vcpus.values()):
+            if vcpu.regs is not None:
+                vcpu.settle_in_hook(self._settle_plan)
         crash: GuestCrash | None = None
         try:
             while self._resume():
                 task = k.current
                 process = task.process
-                e: Exit = process.vcpu.run(budget=k.quantum if k.others_ready() else None)
+                e: Exit = process.vcpu.run(budget=k.budget(process.vcpu.instructions_retired()))
+                settled = process.vcpu.take_settled()
+                if settled is not None:     # faults the access hook settled for the strategy
+                    process.faults += settled.total
+                    task.faults += settled.total
+                    self.strategy.absorb_settled(settled)
                 if e.reason is ExitReason.PREEMPTED:
                     k.preempt()
                     continue

@@ -115,6 +115,9 @@ class RecordingStrategy:
         self.domain = domain
         self.inner.attach(domain)
 
+    def core_settle(self, domain):
+        return None   # every fault must reach ``handle`` to be recorded
+
     def handle(self, trap):
         domain = self.domain or trap.domain
         v = trap.violation

@@ -4,8 +4,8 @@ Processes (``Process``: an address space on its own ``VCpu``, a descriptor
 table, a working directory) hold one or more threads (``Task``: registers, its
 own TLS array, a signal mask). One task runs at a time. The scheduler is
 deterministic: it switches only when the running task blocks (a system call
-that must wait: wait4, a pipe, a futex), exits, yields, or has used its
-instruction quantum, and it always takes the first ready task in creation
+that must wait: wait4, a pipe, a futex), exits, yields, or has used its time
+slice (``quantum`` guest instructions, counted across exits: ``budget``), and it always takes the first ready task in creation
 order after the current one. The same run therefore gives the same counters
 every time. A task blocked in a system call is re-run from its ``int $0x80``
 when what it waits for is ready (the call is restarted, as Linux restarts an
@@ -112,6 +112,7 @@ class Kernel:
         self.new_vcpu = new_vcpu          # a fresh VCpu for a new address space (fork, exec)
         self.shape = shape                # the hypervisor's descriptor policy (truncation under Xen)
         self.quantum = quantum
+        self.slice_end: int | None = None   # the running task's time slice ends at this instruction count
         self.max_processes, self.max_live = max_processes, max_live
         self.next_id = FIRST_PID
         self.tasks: list[Task] = []       # every task ever created, in creation order
@@ -233,6 +234,7 @@ class Kernel:
             if prev.context is None and prev.process.task is prev:
                 prev.context = prev.process.vcpu.uc.context_save()
         self.switches += 1
+        self.slice_end = None
         task.switches_in += 1
         vcpu = task.process.vcpu
         task.mark = vcpu.counters.instructions
@@ -271,6 +273,22 @@ class Kernel:
         regs.set("eip", regs.get("eip") - 2)
         task.state = BLOCKED
         task.waiting = blocked
+
+    def budget(self, now: int) -> int | None:
+        """Instructions left of the running task's time slice at instruction count ``now`` (None: no
+        other task is ready, so no limit).
+
+        A slice starts when another task is ready and lasts ``quantum`` guest
+        instructions across every exit (system calls, faults) until the task
+        is switched out: how the hypervisor handles a fault must not change
+        the schedule, so strategies are compared on the same interleaving.
+        """
+        if not self.others_ready():
+            self.slice_end = None
+            return None
+        if self.slice_end is None:
+            self.slice_end = now + self.quantum
+        return self.slice_end - now
 
     def others_ready(self) -> bool:
         """Is a task other than the running one ready (so the running one gets a quantum)?"""

@@ -44,16 +44,29 @@ typedef int (*classify_site_fn)(uint32_t eip);
 /* 1 = allowed, 0 = segment violation */
 typedef int (*verdict_fn)(int slot, uint32_t generation, uint32_t offset, int size, int write);
 typedef uint32_t (*block_icount_fn)(uint32_t address, uint32_t size);
+/* settling by flip: the flipped descriptor's generation * 2 + (1 if it is expand-down), or -1 when
+ * the strategy would not flip (a genuine fault: Python decides) */
+typedef int64_t (*flip_target_fn)(int slot, uint32_t generation, uint32_t offset, int size);
 typedef int (*emu_stop_fn)(void *uc);
 
 #define SEG_FS 4
 #define SEG_GS 5
 
 #define SITE_SLOTS (1u << 15)
+#define FLIP_SLOTS (1u << 14)
 #define VERDICT_SLOTS (1u << 16)
 #define BLOCK_SLOTS (1u << 18)
 #define ALIAS_SLOTS 8192
 #define DEADLINE_EVERY 4096u   /* blocks between clock reads (a power of two) */
+
+/* Settling faults in the hook (issue 14 item 2): the strategies whose answer to a #GP the hook can
+ * give without leaving Unicorn. Everything else, and every fault these decline, goes to Python. */
+enum { SETTLE_OFF = 0, SETTLE_EMULATE = 1, SETTLE_FLIP = 2 };
+/* per-site bits from classify_site (bits 20..), computed in Python by the strategy's own rules */
+#define SITE_SETTLE_EMULATE (1u << 20)
+#define SITE_SETTLE_FLIP (1u << 21)
+#define SITE_SETTLE_ACCESSES_SHIFT 24
+#define UC_PROT_EXEC_ 4u
 
 enum { EXIT_NONE = 0, EXIT_SEGMENT_VIOLATION = 1, EXIT_KERNEL_ACCESS = 2, EXIT_TABLE_FULL = 3, EXIT_PAGE_FAULT = 4 };
 
@@ -67,6 +80,9 @@ struct window {
     uint32_t generation;    /* interned id of the slot's current descriptor */
     int32_t slot;           /* GDT index, 0 = unused */
     int32_t pad;
+    int32_t emulate_generation; /* settling by emulation: the descriptor the emulator applies (what the
+                                 * guest asked for), -1 = none */
+    int32_t changed;        /* a settled flip changed `generation`: Python's copy is stale until it reads it */
 };
 
 /* Access statistics per segment register (fs, gs). */
@@ -89,6 +105,8 @@ struct site {
     int32_t seg;            /* the fs/gs prefix (SEG_FS / SEG_GS) or 0: for statistics */
     uint8_t read_seg, write_seg, second_read_seg, stale;  /* register each access uses; stale: code patched */
     uint32_t rmw;           /* the explicit operand is read then written: check the write at the read */
+    uint32_t settle;        /* SETTLE_* bits: may a fault here be settled in the hook (from Python, per strategy) */
+    uint32_t settle_accesses;  /* accesses an emulation of this instruction performs (Python's count) */
     uint64_t accesses, reads, writes, negative, positive, violations;
     uint32_t min_offset, max_offset;   /* as signed 32-bit, compared signed */
 };
@@ -96,6 +114,18 @@ struct site {
 struct block {
     uint32_t address, size; /* size 0 = empty slot */
     uint32_t icount, pad;
+};
+
+/* What the hook settled since Python last looked (Python adds it to the strategy's and the
+ * machine's counters after every run) and how it may settle. */
+struct settle {
+    int32_t mode;              /* SETTLE_OFF / SETTLE_EMULATE / SETTLE_FLIP */
+    int32_t segments;          /* 1 << R_FS | 1 << R_GS: registers whose faults the strategy fixes */
+    flip_target_fn flip_target;
+    uint64_t faults[2];        /* settled faults on fs, gs */
+    uint64_t emulated_accesses, flips_down, flips_up, segment_loads;
+    uint32_t pending_eip, pending_linear;  /* an emulated read-modify-write: its write half is let through */
+    int32_t pending, pad;
 };
 
 struct exit_info {
@@ -140,6 +170,10 @@ struct fastpath {
     /* Instruction budget (a scheduler quantum): stop before the first block
      * that starts at or beyond it, without counting that block; 0 = none. */
     uint64_t budget_end;
+    /* The first block of a run is never preempted: a fault exit, or a fault settled in the hook
+     * (which has no block boundary), must leave the schedule the same. */
+    uint32_t budget_first, pad3;
+    struct settle settle;
     struct exit_info exit;
     struct window windows[3];
     struct seg_stats stats[2];  /* [0] = fs, [1] = gs */
@@ -148,6 +182,8 @@ struct fastpath {
     uint8_t verdict_values[VERDICT_SLOTS];
     struct block blocks[BLOCK_SLOTS];
     struct alias_region alias[ALIAS_SLOTS];   /* sorted by start */
+    uint64_t flip_keys[FLIP_SLOTS];           /* key + 1, 0 = empty: (generation, offset, size) */
+    int64_t flip_values[FLIP_SLOTS];
 };
 
 size_t fp_sizeof(void) { return sizeof(struct fastpath); }
@@ -166,15 +202,22 @@ static const struct fp_layout_row fp_layout_rows[] = {
     FP_FIELD(exit_info, linear), FP_FIELD(exit_info, size), FP_FIELD(exit_info, write),
     FP_SIZE(window),
     FP_FIELD(window, real_base), FP_FIELD(window, user_top), FP_FIELD(window, base), FP_FIELD(window, generation),
-    FP_FIELD(window, slot), FP_FIELD(window, pad),
+    FP_FIELD(window, slot), FP_FIELD(window, pad), FP_FIELD(window, emulate_generation),
+    FP_FIELD(window, changed),
     FP_SIZE(seg_stats),
     FP_FIELD(seg_stats, last_sign), FP_FIELD(seg_stats, pad), FP_FIELD(seg_stats, accesses),
     FP_FIELD(seg_stats, negative), FP_FIELD(seg_stats, positive), FP_FIELD(seg_stats, sign_changes),
     FP_FIELD(seg_stats, runs), FP_FIELD(seg_stats, runs_capacity), FP_FIELD(seg_stats, runs_count),
     FP_FIELD(seg_stats, run_length), FP_FIELD(seg_stats, runs_dropped),
+    FP_SIZE(settle),
+    FP_FIELD(settle, mode), FP_FIELD(settle, segments), FP_FIELD(settle, flip_target), FP_FIELD(settle, faults),
+    FP_FIELD(settle, emulated_accesses), FP_FIELD(settle, flips_down), FP_FIELD(settle, flips_up),
+    FP_FIELD(settle, segment_loads), FP_FIELD(settle, pending_eip), FP_FIELD(settle, pending_linear),
+    FP_FIELD(settle, pending), FP_FIELD(settle, pad),
     FP_SIZE(site),
     FP_FIELD(site, eip), FP_FIELD(site, seg), FP_FIELD(site, read_seg), FP_FIELD(site, write_seg),
-    FP_FIELD(site, second_read_seg), FP_FIELD(site, stale), FP_FIELD(site, rmw), FP_FIELD(site, accesses),
+    FP_FIELD(site, second_read_seg), FP_FIELD(site, stale), FP_FIELD(site, rmw), FP_FIELD(site, settle),
+    FP_FIELD(site, settle_accesses), FP_FIELD(site, accesses),
     FP_FIELD(site, reads), FP_FIELD(site, writes), FP_FIELD(site, negative), FP_FIELD(site, positive),
     FP_FIELD(site, violations), FP_FIELD(site, min_offset), FP_FIELD(site, max_offset),
     FP_SIZE(fastpath),
@@ -189,9 +232,11 @@ static const struct fp_layout_row fp_layout_rows[] = {
     FP_FIELD(fastpath, hv_lo), FP_FIELD(fastpath, hv_hi), FP_FIELD(fastpath, host_access), FP_FIELD(fastpath, pad2),
     FP_FIELD(fastpath, last_was_read), FP_FIELD(fastpath, nalias), FP_FIELD(fastpath, emu_stop),
     FP_FIELD(fastpath, deadline_ns), FP_FIELD(fastpath, deadline_tick), FP_FIELD(fastpath, budget_hit),
-    FP_FIELD(fastpath, budget_end), FP_FIELD(fastpath, exit), FP_FIELD(fastpath, windows), FP_FIELD(fastpath, stats),
+    FP_FIELD(fastpath, budget_end), FP_FIELD(fastpath, budget_first), FP_FIELD(fastpath, pad3),
+    FP_FIELD(fastpath, settle), FP_FIELD(fastpath, exit), FP_FIELD(fastpath, windows), FP_FIELD(fastpath, stats),
     FP_FIELD(fastpath, sites), FP_FIELD(fastpath, verdict_keys), FP_FIELD(fastpath, verdict_values),
-    FP_FIELD(fastpath, blocks), FP_FIELD(fastpath, alias),
+    FP_FIELD(fastpath, blocks), FP_FIELD(fastpath, alias), FP_FIELD(fastpath, flip_keys),
+    FP_FIELD(fastpath, flip_values),
 };
 
 /* Row i of the table: 1 and its values, or 0 past the end. */
@@ -239,6 +284,8 @@ static void classify(struct fastpath *fp, struct site *s, uint32_t eip)
     s->write_seg = (usage >> 8) & 15;
     s->second_read_seg = (usage >> 12) & 15;
     s->rmw = (usage >> 16) & 1;
+    s->settle = (uint32_t)usage & (SITE_SETTLE_EMULATE | SITE_SETTLE_FLIP);
+    s->settle_accesses = ((uint32_t)usage >> SITE_SETTLE_ACCESSES_SHIFT) & 15;
     s->stale = 0;
 }
 
@@ -290,6 +337,30 @@ void fp_reset_verdicts(struct fastpath *fp)
 void fp_reset_blocks(struct fastpath *fp)
 {
     memset(fp->blocks, 0, sizeof fp->blocks);
+}
+
+/* The flip rule's answers are a pure function of (descriptor, offset, size): memoised here. */
+void fp_reset_flips(struct fastpath *fp)
+{
+    memset(fp->flip_keys, 0, sizeof fp->flip_keys);
+}
+
+static int64_t lookup_flip(struct fastpath *fp, int slot, uint32_t generation, uint32_t offset, int size)
+{
+    uint64_t key = ((uint64_t)(generation & 0xffffff) << 40) ^ ((uint64_t)(slot & 31) << 35) ^
+                   ((uint64_t)(size & 15) << 32) ^ offset;
+    uint32_t i = mix32(key) & (FLIP_SLOTS - 1);
+    for (uint32_t n = 0; n < 64; n++, i = (i + 1) & (FLIP_SLOTS - 1)) {
+        if (fp->flip_keys[i] == key + 1)
+            return fp->flip_values[i];
+        if (fp->flip_keys[i] == 0) {
+            int64_t v = fp->settle.flip_target(slot, generation, offset, size);
+            fp->flip_keys[i] = key + 1;
+            fp->flip_values[i] = v;
+            return v;
+        }
+    }
+    return fp->settle.flip_target(slot, generation, offset, size);
 }
 
 static int lookup_verdict(struct fastpath *fp, int seg, uint32_t generation,
@@ -392,6 +463,103 @@ static struct window *window_of(struct fastpath *fp, void *uc, int reg, uint32_t
     return NULL;
 }
 
+/* May the segment check let this access through the descriptor `generation`? The read of a
+ * read-modify-write through the register it writes with is refused if the write would be: the CPU
+ * checks write permission before reading (*write_refused says that was the reason). */
+static int judge(struct fastpath *fp, const struct site *site, const struct window *w, uint32_t generation,
+                 int reg, uint32_t offset, int size, int write, int *write_refused)
+{
+    if (!lookup_verdict(fp, w->slot, generation, offset, size, write))
+        return 0;
+    if (!write && site->rmw && reg == site->write_seg &&
+        !lookup_verdict(fp, w->slot, generation, offset, size, 1)) {
+        *write_refused = 1;
+        return 0;
+    }
+    return 1;
+}
+
+/* May an emulator perform this access in guest memory? The guest's page rights allow it, and a
+ * write does not touch code (Python's emulator drops translations there: not settled here). */
+static int emulator_may_touch(struct fastpath *fp, uint32_t linear, int size, int write)
+{
+    uint32_t need = write ? 2u /* UC_PROT_WRITE */ : 1u /* UC_PROT_READ */;
+    struct alias_region *a = alias_at(fp, linear);
+    struct alias_region *b = alias_at(fp, linear + (uint32_t)size - 1);
+    if (a == NULL || b == NULL || a->strip || b->strip)
+        return 0;
+    if (!(a->perms & need) || !(b->perms & need))
+        return 0;
+    return !write || !((a->perms | b->perms) & UC_PROT_EXEC_);
+}
+
+enum { NOT_SETTLED, SETTLED_EMULATED, SETTLED_FLIPPED };
+
+/* A refused fs/gs access: can the strategy's answer be given here, without leaving Unicorn?
+ *
+ * emulate: the emulator would perform the access through the descriptor the guest asked for
+ * (w->emulate_generation), refusing the hypervisor hole and anything outside guest user space. The
+ * window aliases guest memory at exactly that linear address, so letting the access through *is*
+ * the emulated access, and the CPU then completes the instruction and moves EIP past it. Only
+ * instructions whose every access is this one explicit operand are settled (Python marks them per
+ * site), so nothing else of the instruction escapes the check.
+ *
+ * flip: the strategy's flip rule (memoised) gives the new descriptor; it has the same base, so
+ * Unicorn's view of the slot does not change, only the descriptor the hook judges by. The caller
+ * judges the access again under it, as the restarted instruction would be.
+ *
+ * Anything else -- another strategy, an instruction form not marked, a genuine fault, an access the
+ * emulator would refuse -- is NOT_SETTLED: refused as before, and Python's strategy decides. */
+static int settle_fault(struct fastpath *fp, void *uc, const struct site *site, struct window *w, int reg,
+                        uint32_t eip, uint32_t linear, uint32_t offset, uint32_t real_linear, int size, int write)
+{
+    struct settle *st = &fp->settle;
+    if (st->mode == SETTLE_OFF || (reg != R_FS && reg != R_GS) || !(st->segments & (1 << reg)))
+        return NOT_SETTLED;
+    if (st->mode == SETTLE_EMULATE) {
+        int rmw_read = !write && site->rmw && reg == site->write_seg;
+        int write_refused = 0;
+        uint32_t last = real_linear + (uint32_t)size - 1;
+        if (!(site->settle & SITE_SETTLE_EMULATE) || site->settle_accesses == 0 || w->emulate_generation < 0)
+            return NOT_SETTLED;
+        if (!judge(fp, site, w, (uint32_t)w->emulate_generation, reg, offset, size, write, &write_refused))
+            return NOT_SETTLED;
+        if (real_linear >= w->user_top || last >= w->user_top || last < real_linear)
+            return NOT_SETTLED;
+        if (!emulator_may_touch(fp, linear, size, write) || (rmw_read && !emulator_may_touch(fp, linear, size, 1)))
+            return NOT_SETTLED;
+        st->faults[reg == R_GS]++;
+        st->emulated_accesses += site->settle_accesses;
+        if (rmw_read) {
+            st->pending = 1;
+            st->pending_eip = eip;
+            st->pending_linear = linear;
+        }
+        return SETTLED_EMULATED;
+    }
+    if (!(site->settle & SITE_SETTLE_FLIP))
+        return NOT_SETTLED;
+    int64_t flipped = lookup_flip(fp, w->slot, w->generation, offset, size);
+    if (flipped < 0)
+        return NOT_SETTLED;
+    w->generation = (uint32_t)(flipped >> 1);
+    w->changed = 1;
+    st->faults[reg == R_GS]++;
+    if (flipped & 1)
+        st->flips_down++;
+    else
+        st->flips_up++;
+    for (int r = R_FS; r <= R_GS; r++) {
+        /* the way back to the guest reloads every register holding the slot (VCpu.set_descriptor) */
+        uint32_t selector = 0;
+        fp->reg_read(uc, fp->regid_seg[r], &selector);
+        selector &= 0xffff;
+        if (selector && !(selector & 4) && (int)(selector >> 3) == w->slot)
+            st->segment_loads++;
+    }
+    return SETTLED_FLIPPED;
+}
+
 /* UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE over the window region. */
 void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t value, void *user)
 {
@@ -404,6 +572,11 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
     if (fp->host_access)
         return;  /* the host (not the guest) is loading a segment register */
     fp->reg_read(uc, fp->regid_eip, &eip);
+    if (fp->settle.pending) {
+        fp->settle.pending = 0;
+        if (write && eip == fp->settle.pending_eip && linear == fp->settle.pending_linear)
+            return;  /* the write half of a read-modify-write emulated at its read */
+    }
     struct site *site = find_site(fp, eip);
     if (fp->exit.kind != EXIT_NONE) {
         /* a refusal is pending in this block: refuse everything else too */
@@ -448,16 +621,23 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
     uint32_t real_linear = offset + w->real_base;
     fp->exit.offset = offset;
     fp->exit.linear = real_linear;
-    int allowed = lookup_verdict(fp, w->slot, w->generation, offset, size, write);
-    if (allowed && !write && site->rmw && reg == site->write_seg &&
-        !lookup_verdict(fp, w->slot, w->generation, offset, size, 1)) {
-        /* a read-modify-write through a segment it may not write: #GP now, at
-         * the read, where nothing of the instruction has happened yet */
-        allowed = 0;
-        fp->exit.write = 1;
-    }
+    int write_refused = 0;
+    int allowed = judge(fp, site, w, w->generation, reg, offset, size, write, &write_refused);
     if (!allowed) {
         site->violations++;
+        int settled = settle_fault(fp, uc, site, w, reg, eip, linear, offset, real_linear, size, write);
+        if (settled == SETTLED_EMULATED)
+            return;
+        if (settled == SETTLED_FLIPPED) {
+            write_refused = 0;
+            allowed = judge(fp, site, w, w->generation, reg, offset, size, write, &write_refused);
+            if (!allowed)
+                site->violations++;  /* the restarted instruction faults again: Python's turn */
+        }
+    }
+    if (!allowed) {
+        if (write_refused)
+            fp->exit.write = 1;  /* #GP at the read of a read-modify-write, for its write */
         refuse(fp, uc, linear, EXIT_SEGMENT_VIOLATION);
         return;
     }
@@ -531,7 +711,9 @@ void fp_on_block(void *uc, uint64_t address, uint32_t size, void *user)
     fp->block_misses++;
     icount = fp->block_icount(a, size);
 found:
-    if (fp->budget_end && fp->instructions >= fp->budget_end) {
+    int first = fp->budget_first;
+    fp->budget_first = 0;
+    if (fp->budget_end && !first && fp->instructions >= fp->budget_end) {
         fp->budget_hit = 1;
         fp->budget_end = 0;
         fp->emu_stop(uc);

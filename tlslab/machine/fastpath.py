@@ -58,6 +58,13 @@ SITE_SLOTS = 1 << 15
 CLASSIFY_SITE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint32)
 VERDICT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int, ctypes.c_int)
 BLOCK_ICOUNT = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
+FLIP_TARGET = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int)
+
+# settling faults in the hook (``_fastpath.c``: settle_fault)
+SETTLE_OFF, SETTLE_EMULATE, SETTLE_FLIP = 0, 1, 2
+SITE_SETTLE_EMULATE = 1 << 20   # bits classify_site adds to a site's packed segment usage
+SITE_SETTLE_FLIP = 1 << 21
+SITE_SETTLE_ACCESSES_SHIFT = 24
 
 
 class FastpathBuildError(RuntimeError):
@@ -84,6 +91,8 @@ class Window(ctypes.Structure):
         ("generation", ctypes.c_uint32),
         ("slot", ctypes.c_int32),
         ("pad", ctypes.c_int32),
+        ("emulate_generation", ctypes.c_int32),
+        ("changed", ctypes.c_int32),
     ]
 
 
@@ -103,6 +112,23 @@ class SegStats(ctypes.Structure):
     ]
 
 
+class Settle(ctypes.Structure):
+    _fields_ = [
+        ("mode", ctypes.c_int32),
+        ("segments", ctypes.c_int32),
+        ("flip_target", ctypes.c_void_p),
+        ("faults", ctypes.c_uint64 * 2),
+        ("emulated_accesses", ctypes.c_uint64),
+        ("flips_down", ctypes.c_uint64),
+        ("flips_up", ctypes.c_uint64),
+        ("segment_loads", ctypes.c_uint64),
+        ("pending_eip", ctypes.c_uint32),
+        ("pending_linear", ctypes.c_uint32),
+        ("pending", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
+    ]
+
+
 class Site(ctypes.Structure):
     _fields_ = [
         ("eip", ctypes.c_uint32),
@@ -112,6 +138,8 @@ class Site(ctypes.Structure):
         ("second_read_seg", ctypes.c_uint8),
         ("stale", ctypes.c_uint8),
         ("rmw", ctypes.c_uint32),
+        ("settle", ctypes.c_uint32),
+        ("settle_accesses", ctypes.c_uint32),
         ("accesses", ctypes.c_uint64),
         ("reads", ctypes.c_uint64),
         ("writes", ctypes.c_uint64),
@@ -163,6 +191,9 @@ class FastpathHeader(ctypes.Structure):
         ("deadline_tick", ctypes.c_uint32),
         ("budget_hit", ctypes.c_uint32),
         ("budget_end", ctypes.c_uint64),
+        ("budget_first", ctypes.c_uint32),
+        ("pad3", ctypes.c_uint32),
+        ("settle", Settle),
         ("exit", ExitInfo),
         ("windows", Window * 3),
         ("stats", SegStats * 2),
@@ -180,6 +211,7 @@ MIRRORS = (
     ("exit_info", ExitInfo, True),
     ("window", Window, True),
     ("seg_stats", SegStats, True),
+    ("settle", Settle, True),
     ("site", Site, True),
     ("fastpath", FastpathHeader, False),
 )
@@ -298,7 +330,7 @@ def load_library() -> ctypes.CDLL:
         lib.fp_forget_sites.restype = None
         lib.fp_set_aliases.argtypes = [ctypes.c_void_p] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
         lib.fp_set_aliases.restype = ctypes.c_int
-        for name in ("fp_reset_sites", "fp_reset_verdicts", "fp_reset_blocks"):
+        for name in ("fp_reset_sites", "fp_reset_verdicts", "fp_reset_blocks", "fp_reset_flips"):
             getattr(lib, name).argtypes = [ctypes.c_void_p]
             getattr(lib, name).restype = None
         _LIB = lib
@@ -349,6 +381,7 @@ class Fastpath:
         lib.fp_reset_sites(self.address)
         lib.fp_reset_verdicts(self.address)
         lib.fp_reset_blocks(self.address)
+        lib.fp_reset_flips(self.address)
         self.on_window_access = ctypes.cast(lib.fp_on_window_access, ctypes.c_void_p).value
         self.on_block = ctypes.cast(lib.fp_on_block, ctypes.c_void_p).value
         self.on_prot = ctypes.cast(lib.fp_on_prot, ctypes.c_void_p).value
@@ -437,6 +470,26 @@ class Fastpath:
 
     def reset_sites(self) -> None:
         self.lib.fp_reset_sites(self.address)
+
+    def settle_in_hook(self, mode: int, segments: int, flip_target=None) -> None:
+        """Let the hook settle faults itself (``SETTLE_*``; ``segments``: bit per register number);
+        ``flip_target(slot, generation, offset, size)`` answers for the flip rule (memoised in C)."""
+        h = self.header
+        self._flip_callback = FLIP_TARGET(flip_target) if flip_target is not None else None
+        h.settle.flip_target = ctypes.cast(self._flip_callback, ctypes.c_void_p).value if flip_target else None
+        h.settle.segments = segments
+        h.settle.mode = mode
+        self.lib.fp_reset_flips(self.address)
+        self.forget_sites(0, 0xFFFFFFFF)   # sites carry per-strategy settle bits: classify again
+
+    def take_settled(self) -> tuple[tuple[int, int], int, int, int, int]:
+        """What the hook settled since the last call: ((fs, gs) faults, emulated accesses, flips to
+        expand-down, flips to expand-up, segment loads), and zero the counts."""
+        st = self.header.settle
+        out = ((st.faults[0], st.faults[1]), st.emulated_accesses, st.flips_down, st.flips_up, st.segment_loads)
+        st.faults[0] = st.faults[1] = 0
+        st.emulated_accesses = st.flips_down = st.flips_up = st.segment_loads = 0
+        return out
 
     def take_exit(self) -> ExitInfo | None:
         e = self.header.exit

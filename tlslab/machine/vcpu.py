@@ -57,9 +57,10 @@ from tlslab.machine.exits import (  # noqa: F401  (re-exported: the vCPU's publi
     exit_from_unmapped,
 )
 from tlslab.machine.memory import GuestMemory
+from tlslab.machine.settle import SettledFaults, SettlePlan
 from tlslab.machine.registers import REGISTER_IDS, SYSCALL_REGS, RawRegisters, host_access  # noqa: F401
 from tlslab.machine.windows import DescriptorViews
-from tlslab.x86.decode import decode
+from tlslab.x86.decode import DecodeError, decode
 from tlslab.x86.descriptor import SegmentDescriptor
 from tlslab.x86.segcheck import check_data_access
 from tlslab.x86.segusage import SEGMENT_NUMBERS, SegmentUsage, segment_usage
@@ -120,6 +121,8 @@ class VCpu:
         self._site_usage: dict[int, SegmentUsage] = {}
         self._not_retired: dict[tuple[int, int, int], int] = {}
         self.decoded: dict[int, object] = {}  # eip -> decoded instruction, for strategies; cleared on code patches
+        self._settle: SettlePlan | None = None   # faults the access hook settles itself (settle.py)
+        self._settled = SettledFaults()
         self._started = False
         self._setup_hypervisor_pages()
         self._setup_hooks()
@@ -199,16 +202,31 @@ class VCpu:
 
     # ------------------------------------------------------- fast-path callbacks
     def _classify_site(self, eip: int) -> int:
-        """Which segment register each access of the instruction at ``eip`` uses (packed)."""
-        return self.segment_usage(eip).pack()
+        """Which segment register each access of the instruction at ``eip`` uses (packed), and
+        whether a fault there may be settled in the hook (bits from 20: ``fastpath.SITE_SETTLE_*``)."""
+        packed = self.segment_usage(eip).pack()
+        plan = self._settle
+        if plan is not None:
+            insn = decode(self._code_at(eip), eip)
+            try:
+                admitted = 0 if isinstance(insn, DecodeError) else int(plan.admit(insn))
+            except Exception:   # a callback from C must not raise: decline, Python decides at the fault
+                admitted = 0
+            if admitted > 0:
+                flag = fastpath.SITE_SETTLE_EMULATE if plan.mode == "emulate" else fastpath.SITE_SETTLE_FLIP
+                packed |= flag | min(admitted, 15) << fastpath.SITE_SETTLE_ACCESSES_SHIFT
+        return packed
+
+    def _code_at(self, eip: int) -> bytes:
+        try:
+            return self.mem.read(eip, 15) if self.mem.is_mapped(eip, 15) else bytes(self.uc.mem_read(eip, 15))
+        except Exception:
+            return b""
 
     def segment_usage(self, eip: int) -> SegmentUsage:
         usage = self._site_usage.get(eip)
         if usage is None:
-            try:
-                code = self.mem.read(eip, 15) if self.mem.is_mapped(eip, 15) else bytes(self.uc.mem_read(eip, 15))
-            except Exception:
-                code = b""
+            code = self._code_at(eip)
             prefix = None
             for b in code:
                 if b not in LEGACY_PREFIXES:
@@ -217,6 +235,64 @@ class VCpu:
                     prefix = SEGMENT_REGISTER_IDS.get(SEGMENT_PREFIX[b] or 0)
             usage = self._site_usage[eip] = segment_usage(decode(code, eip), prefix)
         return usage
+
+    # ------------------------------------------------------------ settling faults in the hook
+    def settle_in_hook(self, plan: SettlePlan | None) -> None:
+        """Let the access hook settle the faults ``plan`` admits (None: every fault exits to Python)."""
+        if not self.checks or self._fast is None:
+            return
+        self._settle = plan
+        if plan is None:
+            self._fast.settle_in_hook(fastpath.SETTLE_OFF, 0)
+            return
+        mode = fastpath.SETTLE_EMULATE if plan.mode == "emulate" else fastpath.SETTLE_FLIP
+        segments = sum(1 << SEGMENT_NUMBERS[seg] for seg in plan.segments if seg in ("fs", "gs"))
+        self._fast.settle_in_hook(mode, segments, self._flip_target if plan.flip is not None else None)
+        self.refresh_emulate_views()
+
+    def refresh_emulate_views(self) -> None:
+        """Recompute, per window, the descriptor an emulator applies (the plan's ``emulate_view``)."""
+        if self._fast is None or not self.checks:
+            return
+        view = self._settle.emulate_view if self._settle is not None else None
+        for w in self._fast.header.windows:
+            desc = self.descriptors[w.slot] if w.slot else None
+            target = view(desc) if view is not None and desc is not None else None
+            w.emulate_generation = self.generation_of(target) if target is not None else -1
+
+    def _flip_target(self, slot: int, generation: int, offset: int, size: int) -> int:
+        """For the hook: the flipped descriptor's generation * 2 + expand-down, or -1 (Python decides)."""
+        try:
+            desc = self.views.descriptor(generation)
+            flipped = self._settle.flip(desc, offset, size)
+            if flipped is None or self.views.view(slot, flipped) != self.views.view(slot, desc):
+                return -1   # a genuine fault, or a flip Unicorn would have to see: not settled here
+            return self.generation_of(flipped) * 2 + int(flipped.expand_down)
+        except Exception:
+            return -1
+
+    def _collect_settled(self) -> None:
+        """After a run: take what the hook settled, and the descriptors its flips installed."""
+        h = self._fast.header
+        for w in h.windows:
+            if w.changed:
+                w.changed = 0
+                self.descriptors[w.slot] = self.views.descriptor(w.generation)
+        (fs, gs), accesses, down, up, loads = self._fast.take_settled()
+        if not (fs or gs or loads):
+            return
+        self.counters.segment_loads += loads
+        for seg, n in (("fs", fs), ("gs", gs)):
+            if n:
+                self.counters.violations[seg] = self.counters.violations.get(seg, 0) + n
+        self._settled.add(SettledFaults({"fs": fs, "gs": gs}, accesses, down, up))
+
+    def take_settled(self) -> SettledFaults | None:
+        """Faults the hook settled since the last call (None: none)."""
+        if self._settled.total == 0:
+            return None
+        out, self._settled = self._settled, SettledFaults()
+        return out
 
     def _verdict(self, slot: int, generation: int, offset: int, size: int, write: int) -> int:
         desc = self.views.descriptor(generation)
@@ -284,6 +360,10 @@ class VCpu:
                     w.base = layout.window_base(index, desc.base)
                     w.real_base = desc.base
                     w.generation = self.generation_of(desc)
+                    w.changed = 0
+                    view = self._settle.emulate_view if self._settle is not None else None
+                    target = view(desc) if view is not None else None
+                    w.emulate_generation = self.generation_of(target) if target is not None else -1
         if self._started:
             for reg, selector in self.loaded.items():
                 if selector and layout.selector_index(selector) == index and not selector & 4:
@@ -346,13 +426,19 @@ class VCpu:
     def run(self, budget: int | None = None) -> Exit:
         """Run until the guest needs a layer above; see ``ExitReason``.
 
-        ``budget``: stop (PREEMPTED) at the first block boundary after that
-        many more instructions: a scheduler quantum, deterministic because
-        block boundaries are a property of the code.
+        ``budget``: stop (PREEMPTED) at the first block boundary at or past
+        that many more instructions (0 or less: the first boundary), never at
+        the block the run starts with: what is left of a scheduler's time
+        slice, deterministic because block boundaries are a property of the
+        code. A fault exit resumes mid-block, where a fault settled in the hook
+        has no boundary at all; exempting the first block keeps the schedule
+        the same both ways.
         """
         if budget is not None and self._fast is not None and self.count_instructions:
-            self._fast.header.budget_end = self._fast.header.instructions + max(1, budget)
+            self._fast.header.budget_end = max(1, self._fast.header.instructions + budget)
             self._fast.header.budget_hit = 0
+        if self._fast is not None:
+            self._fast.header.budget_first = 1
         self._pending = None
         self._unmapped = None
         eip = self.regs.get("eip")
@@ -375,6 +461,8 @@ class VCpu:
             error = exc.errno
         if self._fast is not None and self.count_instructions:
             self.counters.instructions = self._fast.header.instructions
+        if self._settle is not None:
+            self._collect_settled()
         stop_eip = self.regs.get("eip")
 
         if self._fast is not None:

@@ -24,6 +24,7 @@ from typing import ClassVar, Protocol
 
 from tlslab.hypervisor.policy import DescriptorPolicy
 from tlslab.linux.process import Process
+from tlslab.machine.settle import SettledFaults, SettlePlan
 from tlslab.machine.vcpu import SegmentViolation, VCpu
 from tlslab.x86.decode import DecodeError, decode
 from tlslab.x86.descriptor import SegmentDescriptor
@@ -181,6 +182,16 @@ class Strategy:
     def before_decode(self, trap: Trap) -> Verdict | None:
         """A verdict reached without decoding (None: decode and ``step``)."""
         return None
+
+    def core_settle(self, domain: DomainView) -> SettlePlan | None:
+        """The faults this strategy lets the access hook settle without a trip through Python
+        (``tlslab.machine.settle``); None: every fault comes to ``handle``."""
+        return None
+
+    def absorb_settled(self, settled: SettledFaults) -> None:
+        """Count faults the hook settled under this strategy's plan as ``handle`` would have."""
+        self.counters.traps += settled.total
+        self.counters.decodes += settled.total
 
     def step(self, trap: Trap, insn) -> Verdict:
         raise NotImplementedError

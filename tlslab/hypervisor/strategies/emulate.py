@@ -11,7 +11,50 @@ from __future__ import annotations
 
 from tlslab.hypervisor.access import AccessRefused, EmulatedCPU, GuestAccess
 from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict
+from tlslab.machine.settle import SettledFaults, SettlePlan
 from tlslab.x86 import coverage, semantics
+
+#: instructions a fault at which the access hook may settle by letting the access through: each one's
+#: only memory access is its explicit operand, read and/or written once, unconditionally
+HOOK_EMULATED = frozenset({"mov", "movzx", "movsx", "add", "or", "adc", "sbb", "and", "sub", "xor", "cmp", "test",
+                           "inc", "dec", "not", "neg"})
+
+
+class _CountingCPU:
+    """A CPU of zeros that counts the memory accesses an emulation makes."""
+
+    def __init__(self) -> None:
+        self.accesses = 0
+
+    def read_reg(self, name: str) -> int:
+        return 0
+
+    def write_reg(self, name: str, value: int) -> None:
+        pass
+
+    def read_mem(self, segment: str, offset: int, size: int) -> int:
+        self.accesses += 1
+        return 0
+
+    def write_mem(self, segment: str, offset: int, size: int, value: int) -> None:
+        self.accesses += 1
+
+
+def hook_emulated_accesses(insn) -> int:
+    """0 if a fault at ``insn`` must come to Python, else how many accesses ``semantics.execute`` makes
+    for it (the count EmulateStrategy reports): forms of :data:`HOOK_EMULATED` through fs/gs, with no
+    lock, rep or address-size prefix and no segment-register operand."""
+    p = insn.prefixes
+    if (insn.mnemonic not in HOOK_EMULATED or insn.memory is None or insn.memory.segment not in ("fs", "gs")
+            or p.lock or p.rep or p.repne or p.address_size_override or any(o.startswith("S") for o in insn.operands)
+            or not semantics.supported(insn)[0]):
+        return 0
+    cpu = _CountingCPU()
+    try:
+        semantics.execute(insn, cpu)
+    except (semantics.UnsupportedInstruction, semantics.DivideError):
+        return 0
+    return cpu.accesses
 
 class EmulateStrategy(Strategy):
     name = "emulate"
@@ -47,12 +90,25 @@ class EmulateStrategy(Strategy):
         domain.vcpu.retire(1)
         return Verdict.resume()
 
+    def core_settle(self, domain) -> SettlePlan | None:
+        """The hook performs the access through what the guest asked for (``Domain.requested_for``),
+        with the same refusals as ``GuestAccess``, for the forms :func:`hook_emulated_accesses` admits."""
+        return SettlePlan("emulate", ("fs", "gs"), hook_emulated_accesses, emulate_view=domain.requested_for)
+
+    def absorb_settled(self, settled: SettledFaults) -> None:
+        super().absorb_settled(settled)
+        self.counters.emulated_instructions += settled.total
+        self.counters.emulated_accesses += settled.emulated_accesses
+
 
 class Emulate2004Strategy(EmulateStrategy):
     name = "emulate-2004"
     order = 11
     description = "Xen 2004 emulate.c: mov/cmp subset, -ve offsets only, unsafe addresses refused"
     historical = True
+
+    def core_settle(self, domain) -> None:
+        return None   # 2004's coverage depends on the offset: every fault comes to Python
 
     def covered(self, insn, violation) -> tuple[bool, str]:
         ok, why = coverage.emulate_2004_handles(insn)

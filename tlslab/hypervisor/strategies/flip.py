@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict
 from tlslab.machine import layout
+from tlslab.machine.settle import SettledFaults, SettlePlan
 from tlslab.x86 import coverage, xen
 
 
@@ -49,6 +50,30 @@ class FlipStrategy(Strategy):
         c.descriptor_writes += 1
         c.count("to-expand-down" if flipped.expand_down else "to-expand-up")
         return Verdict.restart()
+
+    def core_settle(self, domain) -> SettlePlan:
+        """The hook flips by the same rule (this strategy's memo) at the sites its decoder covers."""
+        profile = domain.policy.profile
+
+        def admit(insn) -> int:
+            return 1 if self.full_decoder or coverage.seg_fixup_decodes(insn)[0] else 0
+
+        def flip(desc, offset: int, size: int):
+            key = (desc, offset, size)
+            flipped = self._memo.get(key, False)
+            if flipped is False:
+                flipped = self._memo[key] = xen.flip(desc, offset, profile, size=size)
+            return flipped
+
+        return SettlePlan("flip", self.segments, admit, flip=flip)
+
+    def absorb_settled(self, settled: SettledFaults) -> None:
+        super().absorb_settled(settled)
+        c = self.counters
+        c.descriptor_writes += settled.total
+        for kind, n in (("to-expand-down", settled.flips_down), ("to-expand-up", settled.flips_up)):
+            if n:
+                c.by_kind[kind] = c.by_kind.get(kind, 0) + n
 
 
 class FlipFullStrategy(FlipStrategy):
