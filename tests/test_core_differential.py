@@ -9,6 +9,7 @@ reproduces, the hypothesis tests are derandomized):
 what                                            hypothesis  seeded loop
 ==============================================  ==========  ===========
 segment check vs segcheck.check_data_access          2,000       60,000
+descriptor encode/decode vs SegmentDescriptor            -       10,000
 flip vs xen.flip (both profiles)                     1,000       30,000
 truncate vs xen.truncate                                 -       10,000
 decode, grammar of prefixes/opcode/ModRM/SIB/...     1,000       50,000
@@ -16,7 +17,7 @@ decode, random byte strings                              -       20,000
 emulate vs semantics.execute                          500*       30,000
 ==============================================  ==========  ===========
 
-204,500 generated cases in all (* drawn from the grammar: about half are
+214,500 generated cases in all (* drawn from the grammar: about half are
 forms the core decodes and so are emulated by both; the seeded loop counts
 only those, and runs until it has 30,000). Plus every distinct fs/gs
 instruction of the bundled guests (``guests/bin``, 327 forms today), decoded
@@ -141,6 +142,16 @@ def test_check_agrees_seeded():
     src = RandomSource(0xC4EC)
     for _ in range(60_000):
         _check_case(src)
+
+
+def test_descriptor_encoding_agrees_seeded():
+    """The core's descriptor struct round-trips every 64-bit value as SegmentDescriptor does."""
+    src = RandomSource(0xE4C0)
+    for _ in range(10_000):
+        raw = src.integer(0, (1 << 64) - 1)
+        desc = SegmentDescriptor.decode(raw)
+        assert core.decode_descriptor(raw) == desc, hex(raw)
+        assert core.encode_descriptor(desc) == raw, hex(raw)
 
 
 # --------------------------------------------------------------------------- (b) flip and truncate
@@ -465,6 +476,22 @@ def test_every_fs_gs_site_of_the_bundled_guests_agrees():
                 assert _emulate_case(src, code)
     # today the core decodes every one of them (327 distinct forms in 28 binaries)
     assert len(sites) > 100 and decoded > len(sites) * 9 // 10, (len(sites), decoded)
+
+
+def test_a_raising_callback_refuses_and_the_error_reaches_the_caller():
+    """ctypes turns an exception in a callback into a return of 0 ("done"): the binding must not."""
+    insn = core.decode(bytes.fromhex("65ff05fcffffff"))  # inc dword gs:[-4]
+    regs = {"eip": 0x1000, "eflags": 0x202}
+
+    def broken(segment, offset, size, write):
+        if write:
+            raise KeyError("policy bug")
+        return False
+
+    memory: dict = {}
+    with pytest.raises(KeyError, match="policy bug"):
+        core.emulate(insn, regs, memory, broken)
+    assert memory == {}
 
 
 def test_core_layout_matches_the_mirrors():

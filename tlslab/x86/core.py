@@ -140,6 +140,8 @@ def load_library() -> ctypes.CDLL:
         lib.tc_emulate.restype = ctypes.c_int
         lib.tc_descriptor_encode.argtypes = [d]
         lib.tc_descriptor_encode.restype = ctypes.c_uint64
+        lib.tc_descriptor_decode.argtypes = [ctypes.c_uint64, d]
+        lib.tc_descriptor_decode.restype = None
         _LIB = lib
     return _LIB
 
@@ -152,6 +154,18 @@ def to_c(desc: SegmentDescriptor) -> CDescriptor:
 def from_c(c: CDescriptor) -> SegmentDescriptor:
     return SegmentDescriptor(base=c.base, limit=c.limit, dpl=c.dpl,
                              **{name: bool(getattr(c, name)) for name in _DESCRIPTOR_FLAGS if name != "dpl"})
+
+
+def encode_descriptor(desc: SegmentDescriptor) -> int:
+    """SegmentDescriptor.encode, by the core: the 64-bit value in the GDT."""
+    return load_library().tc_descriptor_encode(ctypes.byref(to_c(desc)))
+
+
+def decode_descriptor(raw: int) -> SegmentDescriptor:
+    """SegmentDescriptor.decode, by the core."""
+    out = CDescriptor()
+    load_library().tc_descriptor_decode(raw, ctypes.byref(out))
+    return from_c(out)
 
 
 def access_fault(desc: SegmentDescriptor, offset: int, size: int, write: bool) -> AccessFault | None:
@@ -356,5 +370,5 @@ def emulate(insn: CoreInstruction, registers: Mapping[str, int], memory: Mutable
 
 __all__ = [
     "CoreInstruction", "CoreLayoutError", "CoreRefusal", "Emulation", "access_fault", "check", "decode",
-    "effective_offset", "emulate", "flip", "load_library", "truncate",
+    "decode_descriptor", "effective_offset", "emulate", "encode_descriptor", "flip", "load_library", "truncate",
 ]
