@@ -35,6 +35,7 @@ same registers, EFLAGS, memory, sequence of accesses and refusal behaviour.
 
 from __future__ import annotations
 
+import ctypes
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -494,5 +495,13 @@ def test_a_raising_callback_refuses_and_the_error_reaches_the_caller():
     assert memory == {}
 
 
-def test_core_layout_matches_the_mirrors():
-    core.check_layout(core.load_library())  # raises CoreLayoutError on a moved field
+def test_core_layout_matches_the_mirrors(monkeypatch):
+    lib = core.load_library()
+    core.check_layout(lib)
+
+    class Swapped(ctypes.Structure):  # tc_regs with eip and eflags exchanged: same size, moved fields
+        _fields_ = [("gpr", ctypes.c_uint32 * 8), ("eflags", ctypes.c_uint32), ("eip", ctypes.c_uint32)]
+
+    monkeypatch.setitem(core._MIRRORS, "tc_regs", Swapped)
+    with pytest.raises(core.CoreLayoutError, match="tc_regs"):
+        core.check_layout(lib)

@@ -335,7 +335,7 @@ int tc_decode(const uint8_t *code, size_t n, tc_insn *out) {
     tc_insn insn = {0};
     int address_size_override = 0;
     uint8_t segment = 0;
-    uint32_t b;
+    uint32_t byte;
     int status;
 
     insn.base = insn.index = -1;
@@ -343,15 +343,15 @@ int tc_decode(const uint8_t *code, size_t n, tc_insn *out) {
     /* 1. legacy prefixes; the last segment override wins, F2/F3 cancel each other */
     for (;;) {
         if ((status = need(&rd, 1)) != TC_DECODE_OK) return fail(out, status);
-        b = code[rd.pos];
-        if (is_segment_prefix((uint8_t)b, &segment)) {
+        byte = code[rd.pos];
+        if (is_segment_prefix((uint8_t)byte, &segment)) {
             insn.segment = segment;
             insn.segment_overridden = 1;
-        } else if (b == 0x66) insn.operand_size_override = 1;
-        else if (b == 0x67) address_size_override = 1;
-        else if (b == 0xF0) insn.lock = 1;
-        else if (b == 0xF3) { insn.rep = 1; insn.repne = 0; }
-        else if (b == 0xF2) { insn.repne = 1; insn.rep = 0; }
+        } else if (byte == 0x66) insn.operand_size_override = 1;
+        else if (byte == 0x67) address_size_override = 1;
+        else if (byte == 0xF0) insn.lock = 1;
+        else if (byte == 0xF3) { insn.rep = 1; insn.repne = 0; }
+        else if (byte == 0xF2) { insn.repne = 1; insn.rep = 0; }
         else break;
         rd.pos++;
     }
@@ -363,8 +363,8 @@ int tc_decode(const uint8_t *code, size_t n, tc_insn *out) {
     uint32_t opcode;
     TAKE(&rd, 1, opcode);
     if (opcode == 0x0F) {
-        TAKE(&rd, 1, b);
-        opcode = 0x0F00 | b;
+        TAKE(&rd, 1, byte);
+        opcode = 0x0F00 | byte;
     }
     int slot = -1;
     if (is_group((uint16_t)opcode)) {
@@ -457,11 +457,13 @@ uint32_t tc_effective_offset(const tc_insn *insn, const tc_regs *regs) {
 
 /* Register n of size bytes; 8-bit numbers 4-7 are ah ch dh bh. */
 static uint32_t get_reg(const tc_regs *r, unsigned n, uint32_t size) {
+    n &= 7;
     if (size == 1) return n < 4 ? r->gpr[n] & 0xFF : (r->gpr[n - 4] >> 8) & 0xFF;
     return r->gpr[n & 7] & size_mask(size);
 }
 
 static void set_reg(tc_regs *r, unsigned n, uint32_t size, uint32_t value) {
+    n &= 7;
     if (size == 1) {
         unsigned shift = n < 4 ? 0 : 8;
         uint32_t *full = &r->gpr[n & 3];
@@ -556,13 +558,16 @@ static int store(const struct memory *m, int segment, uint32_t offset, uint32_t 
 
 enum { ESP = 4 };
 
+static int valid_size(uint32_t size) { return size == 1 || size == 2 || size == 4; }
+
 /* semantics.execute. Works on a copy of the registers, committed only at the
  * end: a refused access returns with *regs untouched. Every form reads before
  * it writes memory and writes memory at most once, so a refusal also leaves
  * memory untouched. */
 int tc_emulate(const tc_insn *in, tc_regs *regs, const tc_memory_ops *mem, void *ctx) {
-    if (!in || !regs || !mem || in->kind == TC_KIND_NONE || in->kind >= TC_KIND_COUNT)
-        return TC_EMULATE_UNSUPPORTED;
+    if (!in || !regs || !mem || in->kind == TC_KIND_NONE || in->kind >= TC_KIND_COUNT ||
+        !valid_size(in->operand_size) || !valid_size(in->memory_size))
+        return TC_EMULATE_UNSUPPORTED; /* not a record tc_decode produced */
     const struct memory memory = {mem, ctx};
     tc_regs r = *regs;
     const uint32_t size = in->operand_size, reg = in->reg;
