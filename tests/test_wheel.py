@@ -68,7 +68,7 @@ def installed(tmp_path_factory) -> Path:
     for needed in ("tlslab/_guests/manifest.json", "tlslab/_guests/bin/lsr", "tlslab/_guests/bin/lsr.dyn",
                    "tlslab/_guests/rootfs.lock.json", "tlslab/_guests/debian.lock.json",
                    "tlslab/_guests/src/lsr.c", "tlslab/_guests/boot/rc", "tlslab/bench/default.toml",
-                   "tlslab/machine/_fastpath.c", "tlslab/hw/supervisor.c",
+                   "tlslab/machine/_fastpath.c", "tlslab/hw/supervisor.c", "tlslab/x86/_core.c", "tlslab/x86/_core.h",
                    "tlslab/hypervisor/profiles/xen-2004.json"):
         assert needed in names, needed
     env_dir = base / "venv"
