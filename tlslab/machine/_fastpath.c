@@ -65,6 +65,8 @@ enum { SETTLE_OFF = 0, SETTLE_EMULATE = 1, SETTLE_FLIP = 2 };
 /* per-site bits from classify_site (bits 20..), computed in Python by the strategy's own rules */
 #define SITE_SETTLE_EMULATE (1u << 20)
 #define SITE_SETTLE_FLIP (1u << 21)
+#define SITE_SETTLE_STACK_WRITE (1u << 22)  /* the instruction also pushes (push, call): ss:[esp - size] */
+#define SITE_SETTLE_STACK_READ (1u << 23)   /* the instruction also pops (pop): ss:[esp] */
 #define SITE_SETTLE_ACCESSES_SHIFT 24
 #define UC_PROT_EXEC_ 4u
 
@@ -121,6 +123,9 @@ struct block {
 struct settle {
     int32_t mode;              /* SETTLE_OFF / SETTLE_EMULATE / SETTLE_FLIP */
     int32_t segments;          /* 1 << R_FS | 1 << R_GS: registers whose faults the strategy fixes */
+    int32_t regid_ss, regid_esp;
+    uint32_t flat_ss;          /* the flat user data selector: a stack through it is emulated flat */
+    int32_t pad2;
     flip_target_fn flip_target;
     uint64_t faults[2];        /* settled faults on fs, gs */
     uint64_t emulated_accesses, flips_down, flips_up, segment_loads;
@@ -210,7 +215,8 @@ static const struct fp_layout_row fp_layout_rows[] = {
     FP_FIELD(seg_stats, runs), FP_FIELD(seg_stats, runs_capacity), FP_FIELD(seg_stats, runs_count),
     FP_FIELD(seg_stats, run_length), FP_FIELD(seg_stats, runs_dropped),
     FP_SIZE(settle),
-    FP_FIELD(settle, mode), FP_FIELD(settle, segments), FP_FIELD(settle, flip_target), FP_FIELD(settle, faults),
+    FP_FIELD(settle, mode), FP_FIELD(settle, segments), FP_FIELD(settle, regid_ss), FP_FIELD(settle, regid_esp),
+    FP_FIELD(settle, flat_ss), FP_FIELD(settle, pad2), FP_FIELD(settle, flip_target), FP_FIELD(settle, faults),
     FP_FIELD(settle, emulated_accesses), FP_FIELD(settle, flips_down), FP_FIELD(settle, flips_up),
     FP_FIELD(settle, segment_loads), FP_FIELD(settle, pending_eip), FP_FIELD(settle, pending_linear),
     FP_FIELD(settle, pending), FP_FIELD(settle, pad),
@@ -284,7 +290,8 @@ static void classify(struct fastpath *fp, struct site *s, uint32_t eip)
     s->write_seg = (usage >> 8) & 15;
     s->second_read_seg = (usage >> 12) & 15;
     s->rmw = (usage >> 16) & 1;
-    s->settle = (uint32_t)usage & (SITE_SETTLE_EMULATE | SITE_SETTLE_FLIP);
+    s->settle = (uint32_t)usage & (SITE_SETTLE_EMULATE | SITE_SETTLE_FLIP | SITE_SETTLE_STACK_WRITE |
+                                   SITE_SETTLE_STACK_READ);
     s->settle_accesses = ((uint32_t)usage >> SITE_SETTLE_ACCESSES_SHIFT) & 15;
     s->stale = 0;
 }
@@ -493,6 +500,27 @@ static int emulator_may_touch(struct fastpath *fp, uint32_t linear, int size, in
     return !write || !((a->perms | b->perms) & UC_PROT_EXEC_);
 }
 
+/* The implicit stack access of a push, call or pop through fs/gs, as an emulator would make it:
+ * through a flat %ss only, inside guest user space, with the guest's page rights (looked up through
+ * the slot's window, which aliases every guest region), never writing code. */
+static int stack_access_ok(struct fastpath *fp, void *uc, const struct site *site, const struct window *w,
+                           int size)
+{
+    int push = (site->settle & SITE_SETTLE_STACK_WRITE) != 0;
+    if (!push && !(site->settle & SITE_SETTLE_STACK_READ))
+        return 1;
+    uint32_t ss = 0, esp = 0;
+    fp->reg_read(uc, fp->settle.regid_ss, &ss);
+    fp->reg_read(uc, fp->settle.regid_esp, &esp);
+    if ((ss & 0xffff) != fp->settle.flat_ss)
+        return 0;
+    uint32_t at = push ? esp - (uint32_t)size : esp;
+    uint32_t last = at + (uint32_t)size - 1;
+    if ((push && at > esp) || last < at || last >= w->user_top)
+        return 0;
+    return emulator_may_touch(fp, at + (w->base - w->real_base), size, push);
+}
+
 enum { NOT_SETTLED, SETTLED_EMULATED, SETTLED_FLIPPED };
 
 /* A refused fs/gs access: can the strategy's answer be given here, without leaving Unicorn?
@@ -527,6 +555,8 @@ static int settle_fault(struct fastpath *fp, void *uc, const struct site *site, 
         if (real_linear >= w->user_top || last >= w->user_top || last < real_linear)
             return NOT_SETTLED;
         if (!emulator_may_touch(fp, linear, size, write) || (rmw_read && !emulator_may_touch(fp, linear, size, 1)))
+            return NOT_SETTLED;
+        if (!stack_access_ok(fp, uc, site, w, size))
             return NOT_SETTLED;
         st->faults[reg == R_GS]++;
         st->emulated_accesses += site->settle_accesses;

@@ -64,6 +64,8 @@ FLIP_TARGET = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ct
 SETTLE_OFF, SETTLE_EMULATE, SETTLE_FLIP = 0, 1, 2
 SITE_SETTLE_EMULATE = 1 << 20   # bits classify_site adds to a site's packed segment usage
 SITE_SETTLE_FLIP = 1 << 21
+SITE_SETTLE_STACK_WRITE = 1 << 22   # ... which also pushes (push, call through fs/gs)
+SITE_SETTLE_STACK_READ = 1 << 23    # ... which also pops (pop to fs/gs)
 SITE_SETTLE_ACCESSES_SHIFT = 24
 
 
@@ -116,6 +118,10 @@ class Settle(ctypes.Structure):
     _fields_ = [
         ("mode", ctypes.c_int32),
         ("segments", ctypes.c_int32),
+        ("regid_ss", ctypes.c_int32),
+        ("regid_esp", ctypes.c_int32),
+        ("flat_ss", ctypes.c_uint32),
+        ("pad2", ctypes.c_int32),
         ("flip_target", ctypes.c_void_p),
         ("faults", ctypes.c_uint64 * 2),
         ("emulated_accesses", ctypes.c_uint64),

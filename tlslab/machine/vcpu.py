@@ -214,6 +214,11 @@ class VCpu:
                 admitted = 0
             if admitted > 0:
                 flag = fastpath.SITE_SETTLE_EMULATE if plan.mode == "emulate" else fastpath.SITE_SETTLE_FLIP
+                usage = self.segment_usage(eip)
+                if usage.write == "ss":
+                    flag |= fastpath.SITE_SETTLE_STACK_WRITE
+                elif usage.read == "ss":
+                    flag |= fastpath.SITE_SETTLE_STACK_READ
                 packed |= flag | min(admitted, 15) << fastpath.SITE_SETTLE_ACCESSES_SHIFT
         return packed
 
@@ -246,6 +251,8 @@ class VCpu:
             self._fast.settle_in_hook(fastpath.SETTLE_OFF, 0)
             return
         mode = fastpath.SETTLE_EMULATE if plan.mode == "emulate" else fastpath.SETTLE_FLIP
+        st = self._fast.header.settle
+        st.regid_ss, st.regid_esp, st.flat_ss = X.UC_X86_REG_SS, X.UC_X86_REG_ESP, layout.USER_DS
         segments = sum(1 << SEGMENT_NUMBERS[seg] for seg in plan.segments if seg in ("fs", "gs"))
         self._fast.settle_in_hook(mode, segments, self._flip_target if plan.flip is not None else None)
         self.refresh_emulate_views()

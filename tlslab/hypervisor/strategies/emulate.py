@@ -14,10 +14,11 @@ from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict
 from tlslab.machine.settle import SettledFaults, SettlePlan
 from tlslab.x86 import coverage, semantics
 
-#: instructions a fault at which the access hook may settle by letting the access through: each one's
-#: only memory access is its explicit operand, read and/or written once, unconditionally
+#: instructions a fault at which the access hook may settle by letting the access through: each one reads
+#: and/or writes its explicit operand once, unconditionally, and push/pop/call also the stack, which the
+#: hook checks as the emulator would (a flat %ss, guest user space, page rights)
 HOOK_EMULATED = frozenset({"mov", "movzx", "movsx", "add", "or", "adc", "sbb", "and", "sub", "xor", "cmp", "test",
-                           "inc", "dec", "not", "neg"})
+                           "inc", "dec", "not", "neg", "push", "pop", "call", "jmp"})
 
 
 class _CountingCPU:
@@ -92,7 +93,12 @@ class EmulateStrategy(Strategy):
 
     def core_settle(self, domain) -> SettlePlan | None:
         """The hook performs the access through what the guest asked for (``Domain.requested_for``),
-        with the same refusals as ``GuestAccess``, for the forms :func:`hook_emulated_accesses` admits."""
+        with the same refusals as ``GuestAccess``, for the forms :func:`hook_emulated_accesses` admits.
+        The plan mirrors this class's ``step`` and ``covered``: a subclass that changes either (as
+        emulate-2004's coverage does) has every fault come to it."""
+        cls = type(self)
+        if cls.step is not EmulateStrategy.step or cls.covered is not EmulateStrategy.covered:
+            return None
         return SettlePlan("emulate", ("fs", "gs"), hook_emulated_accesses, emulate_view=domain.requested_for)
 
     def absorb_settled(self, settled: SettledFaults) -> None:
@@ -106,9 +112,6 @@ class Emulate2004Strategy(EmulateStrategy):
     order = 11
     description = "Xen 2004 emulate.c: mov/cmp subset, -ve offsets only, unsafe addresses refused"
     historical = True
-
-    def core_settle(self, domain) -> None:
-        return None   # 2004's coverage depends on the offset: every fault comes to Python
 
     def covered(self, insn, violation) -> tuple[bool, str]:
         ok, why = coverage.emulate_2004_handles(insn)

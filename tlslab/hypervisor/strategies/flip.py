@@ -51,8 +51,12 @@ class FlipStrategy(Strategy):
         c.count("to-expand-down" if flipped.expand_down else "to-expand-up")
         return Verdict.restart()
 
-    def core_settle(self, domain) -> SettlePlan:
-        """The hook flips by the same rule (this strategy's memo) at the sites its decoder covers."""
+    def core_settle(self, domain) -> SettlePlan | None:
+        """The hook flips by the same rule (this strategy's memo) at the sites its decoder covers.
+        The plan mirrors this class's ``step``: a subclass that changes it (rewrite-2004 patches code
+        after a flip) has every fault come to it."""
+        if type(self).step is not FlipStrategy.step or type(self).before_decode is not FlipStrategy.before_decode:
+            return None
         profile = domain.policy.profile
 
         def admit(insn) -> int:
