@@ -13,22 +13,28 @@
  *
  * Window mechanism (see tlslab/machine/layout.py): the base Unicorn sees for
  * fs/gs points into a window region above guest user space where every guest
- * region is aliased. A ranged READ/WRITE hook on that region sees every fs/gs
- * access *before* it commits and decides it.
+ * region is aliased, as an MMIO region with *no* permissions whose read and
+ * write callbacks (fp_mmio_read/fp_mmio_write) reach the guest's own buffer.
+ * Unicorn (2.1.4, cputlb.c load/store helpers) asks the READ_PROT /
+ * WRITE_PROT hook, fp_on_prot, about every access to such a region *before*
+ * it happens -- MMIO pages never get a fast-path TLB entry -- and the hook
+ * decides it: true lets it through to the callbacks, false raises
+ * READ_PROT/WRITE_PROT for this very access, and Unicorn stops precisely at
+ * the instruction with nothing of it done (tested for
+ * mov/add/inc/pop/push/xchg/cmpxchg). The guest's own page rights (mprotect)
+ * are checked here too, from the alias table.
  *
- * Refusing: the alias regions are mapped with *no* permissions, always. After
- * the READ/WRITE hook, Unicorn (2.1.4, cputlb.c load/store helpers) checks
- * the region's permissions for the same access and asks the READ_PROT /
- * WRITE_PROT hook, fp_on_prot, whether to let it through: it says yes unless
- * the READ/WRITE hook refused. A refusal thus raises READ_PROT/WRITE_PROT for
- * this very access and Unicorn stops precisely at the instruction with nothing
- * of it done (tested for mov/add/inc/pop/push/xchg/cmpxchg). The guest's own
- * page rights (mprotect) are checked here too, from the alias table.
- * An earlier version stripped and restored the region's permissions per
- * refusal (uc_mem_protect): each call rebuilds Unicorn's flat memory view and
- * flushes its TLB, ~10 us each, two per fault. The hypervisor pages still work
- * that way (strip = 1): they must stay readable for the CPU's own GDT reads
- * and executable for the entry stub, and the guest reaching them is rare.
+ * Why not UC_HOOK_MEM_READ/WRITE: with any such hook installed, however
+ * ranged, Unicorn sends *every* guest load and store through its slow path
+ * (tcg-target.inc.c: tcg_uc_has_hookmem), which cost a third of the guest's
+ * speed; a PROT hook costs nothing where it does not fire. And why MMIO, not a
+ * second RAM mapping of the buffer: a RAM page with no read permission asks
+ * the hook once and is then read from the TLB unchecked (measured); an MMIO
+ * page asks every time. The hypervisor pages are RAM with execute permission
+ * only (the entry stub runs there): a write always asks; a read is let
+ * through for the GDT page only (Xen maps it read-only), so a TLB entry can
+ * never open anything else, and the host flushes the TLB after its own
+ * accesses there (VCpu.enter_user_mode).
  */
 #include <stdbool.h>
 #include <stddef.h>
@@ -37,7 +43,6 @@
 #include <time.h>
 
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
-typedef int (*mem_protect_fn)(void *uc, uint64_t address, size_t size, uint32_t perms);
 /* how the instruction at eip uses segments, packed 4 bits each (tlslab.x86.segusage):
  * fs/gs prefix (0 none), read register, write register, second read register (15 none) */
 typedef int (*classify_site_fn)(uint32_t eip);
@@ -140,9 +145,9 @@ struct exit_info {
     int32_t size, write;
 };
 
-/* strip = 0: an alias (Unicorn perms none; perms = the guest's rights to the mirrored pages);
- * strip = 1: refused by removing the region's permissions (the hypervisor pages). */
-struct alias_region { uint32_t start, size, perms, strip; };
+/* hypervisor = 0: an alias of guest memory (perms = the guest's rights to the mirrored pages);
+ * hypervisor = 1: the hypervisor pages (GDT, entry stub). */
+struct alias_region { uint32_t start, size, perms, hypervisor; };
 
 struct fastpath {
     void *uc;
@@ -157,9 +162,6 @@ struct fastpath {
     uint64_t instructions;      /* counted at block entry, corrected on precise stops */
     uint32_t cur_block_address, cur_block_size, cur_block_icount, pad;
     uint64_t verdict_misses, site_misses, block_misses;
-    mem_protect_fn mem_protect;
-    uint32_t protected_start[8], protected_size[8];  /* regions stripped to refuse accesses */
-    int32_t nprotected, protect_overflow;
     uint32_t last_eip, last_linear;   /* read-modify-write: one access, two events */
     uint32_t hv_lo, hv_hi;            /* hypervisor pages (GDT): plain reads allowed */
     int32_t host_access, pad2;        /* set while Python makes Unicorn read the GDT */
@@ -232,9 +234,8 @@ static const struct fp_layout_row fp_layout_rows[] = {
     FP_FIELD(fastpath, classify_site), FP_FIELD(fastpath, verdict), FP_FIELD(fastpath, block_icount),
     FP_FIELD(fastpath, instructions), FP_FIELD(fastpath, cur_block_address), FP_FIELD(fastpath, cur_block_size),
     FP_FIELD(fastpath, cur_block_icount), FP_FIELD(fastpath, pad), FP_FIELD(fastpath, verdict_misses),
-    FP_FIELD(fastpath, site_misses), FP_FIELD(fastpath, block_misses), FP_FIELD(fastpath, mem_protect),
-    FP_FIELD(fastpath, protected_start), FP_FIELD(fastpath, protected_size), FP_FIELD(fastpath, nprotected),
-    FP_FIELD(fastpath, protect_overflow), FP_FIELD(fastpath, last_eip), FP_FIELD(fastpath, last_linear),
+    FP_FIELD(fastpath, site_misses), FP_FIELD(fastpath, block_misses),
+    FP_FIELD(fastpath, last_eip), FP_FIELD(fastpath, last_linear),
     FP_FIELD(fastpath, hv_lo), FP_FIELD(fastpath, hv_hi), FP_FIELD(fastpath, host_access), FP_FIELD(fastpath, pad2),
     FP_FIELD(fastpath, last_was_read), FP_FIELD(fastpath, nalias), FP_FIELD(fastpath, emu_stop),
     FP_FIELD(fastpath, deadline_ns), FP_FIELD(fastpath, deadline_tick), FP_FIELD(fastpath, budget_hit),
@@ -259,7 +260,7 @@ int fp_layout(int i, const char **type, const char **field, size_t *offset, size
 
 /* Python keeps this sorted list of alias regions in step with guest mappings. */
 int fp_set_aliases(struct fastpath *fp, const uint32_t *starts, const uint32_t *sizes, const uint32_t *perms,
-                   const uint32_t *strip, int n)
+                   const uint32_t *hypervisor, int n)
 {
     if (n > ALIAS_SLOTS)
         return -1;
@@ -267,7 +268,7 @@ int fp_set_aliases(struct fastpath *fp, const uint32_t *starts, const uint32_t *
         fp->alias[i].start = starts[i];
         fp->alias[i].size = sizes[i];
         fp->alias[i].perms = perms[i];
-        fp->alias[i].strip = strip[i];
+        fp->alias[i].hypervisor = hypervisor[i];
     }
     fp->nalias = n;
     return 0;
@@ -405,34 +406,18 @@ static struct alias_region *alias_at(struct fastpath *fp, uint32_t linear)
     return NULL;
 }
 
-/* Refuse the access in flight. The first refusal of a run records the exit;
- * later ones in the same translation block (possible after a store that
- * Unicorn could not stop precisely) are refused too, but keep the first
- * record. An alias region needs nothing more (fp_on_prot reads the exit); a
- * strip region loses its permissions until Python gives them back. */
-static void refuse(struct fastpath *fp, void *uc, uint32_t linear, int kind)
+/* Refuse the access in flight (fp_on_prot then says no). The first refusal of a run records the
+ * exit; later ones in the same translation block (possible after a store that Unicorn could not stop
+ * precisely) are refused too, but keep the first record. */
+static void refuse(struct fastpath *fp, int kind)
 {
     if (fp->exit.kind == EXIT_NONE)
         fp->exit.kind = kind;
-    struct alias_region *r = alias_at(fp, linear);
-    if (r == NULL || !r->strip)
-        return;
-    for (int k = 0; k < fp->nprotected; k++)
-        if (fp->protected_start[k] == r->start)
-            return;  /* already stripped */
-    if (fp->nprotected < 8) {
-        fp->protected_start[fp->nprotected] = r->start;
-        fp->protected_size[fp->nprotected] = r->size;
-        fp->nprotected++;
-    } else {
-        fp->protect_overflow++;
-    }
-    fp->mem_protect(uc, r->start, r->size, 0);
 }
 
 /* May the guest's page rights let this access through? Both ends: an access
- * may straddle two regions with different rights (Unicorn re-checks only the
- * permissions of the pieces of a split store, which for an alias are none). */
+ * may straddle two regions with different rights (Unicorn asks about a split
+ * access once, for the whole of it). */
 static int page_rights_allow(struct fastpath *fp, uint32_t linear, int size, int write)
 {
     uint32_t need = write ? 2u /* UC_PROT_WRITE */ : 1u /* UC_PROT_READ */;
@@ -440,17 +425,23 @@ static int page_rights_allow(struct fastpath *fp, uint32_t linear, int size, int
     struct alias_region *b = alias_at(fp, linear + (uint32_t)size - 1);
     if (a == NULL || b == NULL)
         return 1;  /* not mapped: Unicorn raises the unmapped error itself */
-    return (a->strip || (a->perms & need)) && (b->strip || (b->perms & need));
+    return (a->hypervisor || (a->perms & need)) && (b->hypervisor || (b->perms & need));
 }
 
-/* UC_HOOK_MEM_READ_PROT | UC_HOOK_MEM_WRITE_PROT over the window region:
- * called for every access to an alias region, right after fp_on_window_access
- * judged the same access. true = let it through. */
-bool fp_on_prot(void *uc, int type, uint64_t address, int size, int64_t value, void *user)
+/* The MMIO callbacks of an alias region: the access was judged and allowed by fp_on_prot; perform
+ * it on the guest's buffer (user = its host address; x86 hosts are little-endian, as the guest). */
+uint64_t fp_mmio_read(void *uc, uint64_t offset, unsigned size, void *user)
 {
-    struct fastpath *fp = user;
-    (void)uc; (void)type; (void)address; (void)size; (void)value;
-    return fp->host_access || fp->exit.kind == EXIT_NONE;
+    uint64_t value = 0;
+    (void)uc;
+    memcpy(&value, (const uint8_t *)user + offset, size <= 8 ? size : 8);
+    return value;
+}
+
+void fp_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t value, void *user)
+{
+    (void)uc;
+    memcpy((uint8_t *)user + offset, &value, size <= 8 ? size : 8);
 }
 
 /* The window a segment register's current selector points at, or NULL for a
@@ -493,7 +484,7 @@ static int emulator_may_touch(struct fastpath *fp, uint32_t linear, int size, in
     uint32_t need = write ? 2u /* UC_PROT_WRITE */ : 1u /* UC_PROT_READ */;
     struct alias_region *a = alias_at(fp, linear);
     struct alias_region *b = alias_at(fp, linear + (uint32_t)size - 1);
-    if (a == NULL || b == NULL || a->strip || b->strip)
+    if (a == NULL || b == NULL || a->hypervisor || b->hypervisor)
         return 0;
     if (!(a->perms & need) || !(b->perms & need))
         return 0;
@@ -590,17 +581,10 @@ static int settle_fault(struct fastpath *fp, void *uc, const struct site *site, 
     return SETTLED_FLIPPED;
 }
 
-/* UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE over the window region. */
-void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t value, void *user)
+/* Judge one access to the watched region (above guest user space); refuse() it or let it be. */
+static void judge_access(struct fastpath *fp, void *uc, uint32_t linear, int size, int write)
 {
-    struct fastpath *fp = user;
     uint32_t eip = 0;
-    uint32_t linear = (uint32_t)address;
-    int write = (type == 17 /* UC_MEM_WRITE in unicorn.h */);
-    (void)value;
-
-    if (fp->host_access)
-        return;  /* the host (not the guest) is loading a segment register */
     fp->reg_read(uc, fp->regid_eip, &eip);
     if (fp->settle.pending) {
         fp->settle.pending = 0;
@@ -610,14 +594,14 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
     struct site *site = find_site(fp, eip);
     if (fp->exit.kind != EXIT_NONE) {
         /* a refusal is pending in this block: refuse everything else too */
-        refuse(fp, uc, linear, fp->exit.kind);
+        refuse(fp, fp->exit.kind);
         return;
     }
     fp->exit.eip = eip;
     fp->exit.size = size;
     fp->exit.write = write;
     if (site == NULL) {
-        refuse(fp, uc, linear, EXIT_TABLE_FULL);
+        refuse(fp, EXIT_TABLE_FULL);
         return;
     }
     int reg = write ? site->write_seg : site->read_seg;
@@ -642,7 +626,7 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
          * guest user space (guest kernel / hypervisor) */
         fp->exit.linear = linear;
         fp->exit.offset = linear;
-        refuse(fp, uc, linear, EXIT_KERNEL_ACCESS);
+        refuse(fp, EXIT_KERNEL_ACCESS);
         return;
     }
     /* Unicorn computed linear = window base + offset (mod 2^32), so the
@@ -668,13 +652,13 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
     if (!allowed) {
         if (write_refused)
             fp->exit.write = 1;  /* #GP at the read of a read-modify-write, for its write */
-        refuse(fp, uc, linear, EXIT_SEGMENT_VIOLATION);
+        refuse(fp, EXIT_SEGMENT_VIOLATION);
         return;
     }
     if (real_linear >= w->user_top || real_linear + (uint32_t)size - 1 >= w->user_top ||
         real_linear + (uint32_t)size - 1 < real_linear) {
         /* the segment admits it, but no guest page is there */
-        refuse(fp, uc, linear, EXIT_PAGE_FAULT);
+        refuse(fp, EXIT_PAGE_FAULT);
         return;
     }
     if (!page_rights_allow(fp, linear, size, write) ||
@@ -682,7 +666,7 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
         /* the segment admits it, but the guest's page rights do not (mprotect) */
         if (!write && site->rmw)
             fp->exit.write = 1;
-        refuse(fp, uc, linear, EXIT_PAGE_FAULT);
+        refuse(fp, EXIT_PAGE_FAULT);
         return;
     }
     /* the write half of a read-modify-write is the same access */
@@ -714,6 +698,18 @@ void fp_on_window_access(void *uc, int type, uint64_t address, int size, int64_t
     if (sign < 0) site->negative++; else site->positive++;
     if (soff < (int32_t)site->min_offset) site->min_offset = (uint32_t)soff;
     if (soff > (int32_t)site->max_offset) site->max_offset = (uint32_t)soff;
+}
+
+/* UC_HOOK_MEM_READ_PROT | UC_HOOK_MEM_WRITE_PROT over the watched region: every access to an alias
+ * (MMIO, no permissions) or a hypervisor page, before it happens. true = let it through. */
+bool fp_on_prot(void *uc, int type, uint64_t address, int size, int64_t value, void *user)
+{
+    struct fastpath *fp = user;
+    (void)value;
+    if (fp->host_access)
+        return true;  /* the host (not the guest) is loading a segment register or entering ring 3 */
+    judge_access(fp, uc, (uint32_t)address, size, type == 22 /* UC_MEM_WRITE_PROT in unicorn.h */);
+    return fp->exit.kind == EXIT_NONE;
 }
 
 /* UC_HOOK_BLOCK: count retired instructions a block at a time. */

@@ -179,11 +179,6 @@ class FastpathHeader(ctypes.Structure):
         ("verdict_misses", ctypes.c_uint64),
         ("site_misses", ctypes.c_uint64),
         ("block_misses", ctypes.c_uint64),
-        ("mem_protect", ctypes.c_void_p),
-        ("protected_start", ctypes.c_uint32 * 8),
-        ("protected_size", ctypes.c_uint32 * 8),
-        ("nprotected", ctypes.c_int32),
-        ("protect_overflow", ctypes.c_int32),
         ("last_eip", ctypes.c_uint32),
         ("last_linear", ctypes.c_uint32),
         ("hv_lo", ctypes.c_uint32),
@@ -307,6 +302,13 @@ def build_library() -> Path:
 
 _LIB: ctypes.CDLL | None = None
 
+# Unicorn's own entry points, with prototypes of ours (the binding's would want Python callbacks)
+_UC_MMIO_MAP = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p,
+                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)(
+    ctypes.cast(uclib.uc_mmio_map, ctypes.c_void_p).value)
+_UC_MEM_PROTECT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_uint32)(
+    ctypes.cast(uclib.uc_mem_protect, ctypes.c_void_p).value)
+
 #: every live fast path, so that Ctrl-C can stop whichever one is running (:func:`request_stop_all`)
 _LIVE: "weakref.WeakSet[Fastpath]" = weakref.WeakSet()
 
@@ -378,7 +380,6 @@ class Fastpath:
         h = self.header
         h.uc = uc_handle.value if hasattr(uc_handle, "value") else uc_handle
         h.reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
-        h.mem_protect = ctypes.cast(uclib.uc_mem_protect, ctypes.c_void_p).value
         h.emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
         h.regid_eip = regid_eip
         h.classify_site = ctypes.cast(self._callbacks[0], ctypes.c_void_p).value
@@ -388,7 +389,8 @@ class Fastpath:
         lib.fp_reset_verdicts(self.address)
         lib.fp_reset_blocks(self.address)
         lib.fp_reset_flips(self.address)
-        self.on_window_access = ctypes.cast(lib.fp_on_window_access, ctypes.c_void_p).value
+        self.mmio_read = ctypes.cast(lib.fp_mmio_read, ctypes.c_void_p).value
+        self.mmio_write = ctypes.cast(lib.fp_mmio_write, ctypes.c_void_p).value
         self.on_block = ctypes.cast(lib.fp_on_block, ctypes.c_void_p).value
         self.on_prot = ctypes.cast(lib.fp_on_prot, ctypes.c_void_p).value
         _LIVE.add(self)
@@ -454,12 +456,18 @@ class Fastpath:
             runs.append(st.last_sign * st.run_length)
         return runs, st.runs_dropped
 
-    def set_aliases(self, regions: list[tuple[int, int, int, bool]]) -> None:
-        """Tell the hook where the refusable regions are: (start, size, rights, strip), sorted, non-overlapping.
+    def map_alias(self, start: int, size: int, host_address: int) -> None:
+        """Map ``size`` bytes of guest memory (host buffer ``host_address``) again at ``start`` in a
+        window: MMIO with no permissions, so that Unicorn asks ``fp_on_prot`` about every access."""
+        err = _UC_MMIO_MAP(self.header.uc, start, size, self.mmio_read, host_address, self.mmio_write, host_address)
+        if err == 0:
+            err = _UC_MEM_PROTECT(self.header.uc, start, size, 0)
+        if err:
+            raise MemoryError(f"cannot map a window alias at {start:#010x}+{size:#x} (unicorn error {err})")
 
-        ``strip`` False: an alias, mapped with no permissions, ``rights`` = the
-        guest's (Unicorn perms); True: refused by removing its permissions.
-        """
+    def set_aliases(self, regions: list[tuple[int, int, int, bool]]) -> None:
+        """Tell the hook where the judged regions are: (start, size, rights, hypervisor), sorted,
+        non-overlapping. An alias has ``hypervisor`` False and the guest's rights (Unicorn perms)."""
         n = len(regions)
         arrays = [(ctypes.c_uint32 * max(n, 1))(*(int(r[k]) for r in regions)) for k in range(4)]
         if self.lib.fp_set_aliases(self.address, *arrays, n) != 0:
@@ -505,16 +513,6 @@ class Fastpath:
         ctypes.pointer(copy)[0] = e
         e.kind = EXIT_NONE
         return copy
-
-    def take_protected(self) -> list[tuple[int, int]]:
-        """Regions the hook stripped of permissions since the last call (to give back)."""
-        h = self.header
-        regions = [(h.protected_start[k], h.protected_size[k]) for k in range(h.nprotected)]
-        h.nprotected = 0
-        if h.protect_overflow:
-            h.protect_overflow = 0
-            raise RuntimeError("more than 8 regions refused in one block: cannot restore them")
-        return regions
 
     def sites(self) -> list[SiteCounters]:
         """Every site that saw an access or a violation (used slots found in one copy of the table:

@@ -4,7 +4,8 @@ Every guest page lives in a host buffer we own (``mmap``) and is mapped into
 Unicorn with ``mem_map_ptr``. That buys two things measured as (docs/measurements.md#unicorn)
 essential (section 4): Python reads and writes guest memory by slicing the
 buffer instead of paying for ``uc.mem_read``, and the same page can be mapped a
-second time, with no permissions, in a segment *window* (see ``layout``) so that
+second time in a segment *window* (see ``layout``), as MMIO with no
+permissions over the same buffer (``map_alias``, from the fast path), so that
 every fs/gs access raises a protection event before it commits.
 """
 
@@ -86,9 +87,10 @@ class GuestMemory:
     again with no permissions (one per checked segment window).
     """
 
-    def __init__(self, uc, alias_offsets: tuple[int, ...] = (), on_change=None):
+    def __init__(self, uc, alias_offsets: tuple[int, ...] = (), on_change=None, map_alias=None):
         self.uc = uc
         self.alias_offsets = alias_offsets
+        self.map_alias = map_alias  # (start, size, host address): maps one alias (the fast path's MMIO)
         self.on_change = on_change  # called after every change of the region list
         self._starts: list[int] = []
         self._regions: list[Region] = []
@@ -145,7 +147,7 @@ class GuestMemory:
         region = Region(start, size, prot, name, buf, host)
         self.uc.mem_map_ptr(start, size, unicorn_perms(prot), host)
         for off in self.alias_offsets:
-            self.uc.mem_map_ptr(start + off, size, UC_PROT_NONE, host)  # every access asks the fast path
+            self.map_alias(start + off, size, host)  # every access asks the fast path
         i = bisect.bisect_left(self._starts, start)
         self._starts.insert(i, start)
         self._regions.insert(i, region)

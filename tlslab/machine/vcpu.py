@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import capstone
 from unicorn import (
     UC_ARCH_X86,
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
     UC_ERR_FETCH_PROT,
     UC_ERR_FETCH_UNMAPPED,
     UC_ERR_READ_PROT,
@@ -32,15 +34,14 @@ from unicorn import (
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
     UC_HOOK_MEM_FETCH_UNMAPPED,
-    UC_HOOK_MEM_READ,
     UC_HOOK_MEM_READ_PROT,
     UC_HOOK_MEM_READ_UNMAPPED,
-    UC_HOOK_MEM_WRITE,
     UC_HOOK_MEM_WRITE_PROT,
     UC_HOOK_MEM_WRITE_UNMAPPED,
     UC_MEM_WRITE_UNMAPPED,
     UC_MODE_32,
     UC_PROT_ALL,
+    UC_PROT_EXEC,
     Uc,
     UcError,
 )
@@ -111,7 +112,8 @@ class VCpu:
         self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
         self.regs = RawRegisters(self.uc)
         shifts = tuple(layout.SLOT_WINDOW_SHIFT.values()) if checks else ()
-        self.mem = GuestMemory(self.uc, alias_offsets=shifts, on_change=self._mappings_changed)
+        self.mem = GuestMemory(self.uc, alias_offsets=shifts, on_change=self._mappings_changed,
+                               map_alias=lambda start, size, host: self._fast.map_alias(start, size, host))
         self.counters = MachineCounters()
         self.descriptors: list[SegmentDescriptor | None] = [None] * layout.GDT_ENTRIES
         self.views = DescriptorViews(checks)
@@ -134,7 +136,10 @@ class VCpu:
     # ------------------------------------------------------------ set-up
     def _setup_hypervisor_pages(self) -> None:
         uc = self.uc
-        uc.mem_map(layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE, UC_PROT_ALL)
+        # execute-only for the CPU (the entry stub runs there): every guest write asks the fast path,
+        # and so does every read until the fast path allows one (the GDT page only, see _fastpath.c)
+        uc.mem_map(layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE,
+                   UC_PROT_EXEC if self.checks else UC_PROT_ALL)
         flat = dict(base=0, limit=0xFFFFF, present=True, s=True, db=True, granularity=True, rw=True)
         gdt = bytearray(8 * layout.GDT_ENTRIES)
         for index, dpl, code in (
@@ -157,13 +162,13 @@ class VCpu:
         handle = uc._uch
         if self.checks:
             lo, hi = layout.WATCHED_REGION
-            for kinds, callback in ((UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, self._fast.on_window_access),
-                                    (UC_HOOK_MEM_READ_PROT | UC_HOOK_MEM_WRITE_PROT, self._fast.on_prot)):
-                hh = ctypes.c_size_t()
-                err = uclib.uc_hook_add(handle, ctypes.byref(hh), kinds, ctypes.c_void_p(callback),
-                                        ctypes.c_void_p(self._fast.address), ctypes.c_uint64(lo), ctypes.c_uint64(hi))
-                if err:
-                    raise UcError(err)
+            # a protection hook only: a UC_HOOK_MEM_READ/WRITE hook would slow every guest access (_fastpath.c)
+            hh = ctypes.c_size_t()
+            err = uclib.uc_hook_add(handle, ctypes.byref(hh), UC_HOOK_MEM_READ_PROT | UC_HOOK_MEM_WRITE_PROT,
+                                    ctypes.c_void_p(self._fast.on_prot), ctypes.c_void_p(self._fast.address),
+                                    ctypes.c_uint64(lo), ctypes.c_uint64(hi))
+            if err:
+                raise UcError(err)
             h = self._fast.header
             for name, number in SEGMENT_NUMBERS.items():
                 h.regid_seg[number] = REGISTER_IDS[name]
@@ -190,9 +195,8 @@ class VCpu:
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
 
     def _refusable_regions(self) -> list[tuple[int, int, int, bool]]:
-        """(start, size, rights, strip) of the regions the fast path refuses accesses in: the aliases
-        (no Unicorn permissions; the guest's rights checked by the hook) and the hypervisor pages
-        (refused by stripping their permissions)."""
+        """(start, size, rights, hypervisor) of the regions the fast path judges accesses in: the
+        aliases (the guest's rights, checked by the hook) and the hypervisor pages."""
         hv = (layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE, UC_PROT_ALL, True)
         return sorted([*((s, z, p, False) for s, z, p in self.mem.alias_regions()), hv])
 
@@ -395,6 +399,7 @@ class VCpu:
         uc.reg_write(X.UC_X86_REG_ES, layout.USER_DS)
         with host_access(self._fast.header if self._fast is not None else None):
             uc.emu_start(layout.ENTRY_STUB, eip, count=1)  # the stub's iret reads hypervisor pages
+        uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)  # what the CPU read there for the host is not the guest's
         if self.regs.get("cs") != layout.USER_CS or self.regs.get("eip") != eip:
             raise RuntimeError("could not enter ring 3")
         self._started = True
@@ -477,11 +482,6 @@ class VCpu:
             self._fast.header.budget_end = 0
             self._fast.header.budget_hit = budget_hit
         fast_exit = self._fast.take_exit() if self.checks else None
-        if self.checks:
-            for start, _size in self._fast.take_protected():  # only strip regions: the hypervisor pages
-                if start != layout.HYPERVISOR_PAGES:
-                    raise RuntimeError(f"fast path stripped an unexpected region at {start:#010x}")
-                self.uc.mem_protect(layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE, UC_PROT_ALL)
         if fast_exit is not None and error in (UC_ERR_READ_PROT, UC_ERR_WRITE_PROT):
             if stop_eip != fast_exit.eip:
                 # Unicorn could not stop this store before the instruction completed
