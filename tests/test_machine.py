@@ -239,3 +239,30 @@ def test_gs_writes_respect_the_guest_page_rights(insn, write):
     v2.mem.write_u32(TCB + 0x10, 0xABCD)
     v2.mem.protect((TCB + 0x10) & ~0xFFF, 0x1000, PROT_READ)
     assert v2.run().reason is ExitReason.SYSCALL and v2.regs.get("ebx") == 0xABCD
+
+
+@pytest.mark.parametrize("address", [layout.ENTRY_STACK - 4, layout.ENTRY_STUB, layout.GDT_BASE + layout.PAGE_SIZE])
+def test_hypervisor_pages_the_host_read_stay_closed_to_the_guest(address):
+    """Entering ring 3 reads the entry stack and stub for the host; the guest may not read them after
+    (a TLB entry left by the host's read would skip the protection hook: the vCPU flushes it)."""
+    v = make_vcpu(f"mov ebx, dword ptr [{address:#x}]")
+    e = v.run()
+    assert e.reason is ExitReason.PAGE_FAULT and e.page_fault.linear == address
+    assert v.regs.get("ebx") == 0
+
+
+@pytest.mark.parametrize("target", [layout.GDT_BASE, layout.ENTRY_STUB])
+def test_the_guest_cannot_execute_hypervisor_pages(target):
+    v = make_vcpu(f"mov eax, {target:#x}; jmp eax")
+    e = v.run()
+    assert e.reason is ExitReason.PAGE_FAULT and e.page_fault.fetch and e.page_fault.linear == target
+
+
+def test_a_window_access_allowed_once_is_judged_again_every_time():
+    """Aliases are MMIO: no TLB entry lets a later access through unjudged (a RAM alias would)."""
+    v = make_vcpu("mov ebx, dword ptr gs:[-0x20]")
+    assert v.run().reason is ExitReason.SYSCALL            # flat: allowed (and Unicorn has read the page)
+    v.set_descriptor(layout.GDT_ENTRY_TLS_MIN, truncated())
+    v.regs.set("eip", CODE)
+    e = v.run()
+    assert e.reason is ExitReason.SEGMENT_VIOLATION and e.violation.offset == (-0x20) & 0xFFFFFFFF

@@ -30,11 +30,12 @@
  * speed; a PROT hook costs nothing where it does not fire. And why MMIO, not a
  * second RAM mapping of the buffer: a RAM page with no read permission asks
  * the hook once and is then read from the TLB unchecked (measured); an MMIO
- * page asks every time. The hypervisor pages are RAM with execute permission
- * only (the entry stub runs there): a write always asks; a read is let
- * through for the GDT page only (Xen maps it read-only), so a TLB entry can
- * never open anything else, and the host flushes the TLB after its own
- * accesses there (VCpu.enter_user_mode).
+ * page asks every time. The hypervisor pages are RAM with no permissions: a
+ * write always asks; a read is let through for the GDT page only (Xen maps it
+ * read-only), so a TLB entry can never open anything else; the host flushes
+ * the TLB after its own accesses there, and maps the entry stub only while it
+ * enters ring 3 (VCpu.enter_user_mode: a page Unicorn executed from was
+ * readable afterwards without asking).
  */
 #include <stdbool.h>
 #include <stddef.h>

@@ -42,6 +42,7 @@ from unicorn import (
     UC_MODE_32,
     UC_PROT_ALL,
     UC_PROT_EXEC,
+    UC_PROT_NONE,
     Uc,
     UcError,
 )
@@ -136,10 +137,10 @@ class VCpu:
     # ------------------------------------------------------------ set-up
     def _setup_hypervisor_pages(self) -> None:
         uc = self.uc
-        # execute-only for the CPU (the entry stub runs there): every guest write asks the fast path,
-        # and so does every read until the fast path allows one (the GDT page only, see _fastpath.c)
+        # no permissions: every guest write asks the fast path, and so does every read until the fast
+        # path allows one (the GDT page only, see _fastpath.c)
         uc.mem_map(layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE,
-                   UC_PROT_EXEC if self.checks else UC_PROT_ALL)
+                   UC_PROT_NONE if self.checks else UC_PROT_ALL)
         flat = dict(base=0, limit=0xFFFFF, present=True, s=True, db=True, granularity=True, rw=True)
         gdt = bytearray(8 * layout.GDT_ENTRIES)
         for index, dpl, code in (
@@ -150,7 +151,10 @@ class VCpu:
             gdt[8 * index : 8 * index + 8] = d.to_bytes()
         uc.mem_write(layout.GDT_BASE, bytes(gdt))
         uc.reg_write(X.UC_X86_REG_GDTR, (0, layout.GDT_BASE, 8 * layout.GDT_ENTRIES - 1, 0))
-        uc.mem_write(layout.ENTRY_STUB, b"\xcf")  # iret: the one way into ring 3 (docs/measurements.md#unicorn)
+        # the entry stub (iret: the one way into ring 3, docs/measurements.md#unicorn) is mapped only
+        # while the host enters ring 3 (enter_user_mode): a page Unicorn has executed from stayed
+        # readable to the guest without asking the protection hook (measured), so it is not left there
+        uc.mem_unmap(layout.ENTRY_STUB, layout.PAGE_SIZE)
 
     def _setup_hooks(self) -> None:
         uc = self.uc
@@ -397,8 +401,13 @@ class VCpu:
         uc.reg_write(X.UC_X86_REG_SS, layout.KERNEL_DS)
         uc.reg_write(X.UC_X86_REG_DS, layout.USER_DS)
         uc.reg_write(X.UC_X86_REG_ES, layout.USER_DS)
-        with host_access(self._fast.header if self._fast is not None else None):
-            uc.emu_start(layout.ENTRY_STUB, eip, count=1)  # the stub's iret reads hypervisor pages
+        uc.mem_map(layout.ENTRY_STUB, layout.PAGE_SIZE, UC_PROT_EXEC if self.checks else UC_PROT_ALL)
+        uc.mem_write(layout.ENTRY_STUB, b"\xcf")  # iret
+        try:
+            with host_access(self._fast.header if self._fast is not None else None):
+                uc.emu_start(layout.ENTRY_STUB, eip, count=1)  # the stub's iret reads hypervisor pages
+        finally:
+            uc.mem_unmap(layout.ENTRY_STUB, layout.PAGE_SIZE)
         uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)  # what the CPU read there for the host is not the guest's
         if self.regs.get("cs") != layout.USER_CS or self.regs.get("eip") != eip:
             raise RuntimeError("could not enter ring 3")
