@@ -73,7 +73,7 @@ static int has_modrm2(int op) {
 
 void decode(const uint8_t *b, int n, const struct user_regs_struct *r, struct insn *in) {
     memset(in, 0, sizeof *in);
-    in->seg = -1;
+    in->seg = SEG_NONE;
     int i = 0;
     for (; i < n && i < 14; i++) {
         uint8_t p = b[i];
@@ -81,9 +81,9 @@ void decode(const uint8_t *b, int n, const struct user_regs_struct *r, struct in
         else if (p == 0x67) in->addr16 = 1;
         else if (p == 0xF0) in->lock = 1;
         else if (p == 0xF2 || p == 0xF3) in->rep = p;
-        else if (p == 0x26 || p == 0x2E || p == 0x36 || p == 0x3E) in->seg = -2;
-        else if (p == 0x64) in->seg = 4;
-        else if (p == 0x65) in->seg = 5;
+        else if (p == 0x26 || p == 0x2E || p == 0x36 || p == 0x3E) in->seg = SEG_OTHER;
+        else if (p == 0x64) in->seg = SEG_FS;
+        else if (p == 0x65) in->seg = SEG_GS;
         else break;
     }
     if (i >= n) { snprintf(in->miss, sizeof in->miss, "truncated"); return; }

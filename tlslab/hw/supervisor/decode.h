@@ -16,6 +16,12 @@ struct udesc;
 enum { K_NONE, K_MOV_LOAD, K_MOV_STORE, K_MOV_IMM, K_MOVZX, K_MOVSX, K_ALU_MR, K_ALU_RM, K_ALU_MI,
        K_TEST_MR, K_TEST_MI, K_INC, K_DEC, K_PUSH, K_POP, K_CALL, K_JMP, K_XCHG, K_CMPXCHG, K_XADD };
 
+/* insn.seg: the segment override prefix (the segment register number for fs and gs) */
+#define SEG_NONE -1  /* none */
+#define SEG_OTHER -2 /* es, cs, ss or ds */
+#define SEG_FS 4
+#define SEG_GS 5
+
 struct insn {
     int len, seg, kind, alu, size, srcsize, reg, has_mem, known_len, lock, rep, addr16, opsize16;
     uint32_t off, imm;

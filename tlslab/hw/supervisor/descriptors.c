@@ -55,7 +55,7 @@ static uint32_t expand_down_flat_limit(uint32_t base) {
 
 /* xen.looks_like_truncated_flat for the expand-up state */
 static int looks_like_truncated_flat_up(const struct udesc *d, uint32_t hv) {
-    if ((d->flags & F_NP) || (d->flags & 4) /* code */ || !(d->flags & F_32) || !(d->flags & F_PAGES))
+    if ((d->flags & F_NP) || (d->flags & F_CODE) || !(d->flags & F_32) || !(d->flags & F_PAGES))
         return 0;
     if (F_CONTENTS(d->flags) != 0) return 0;
     int64_t l = truncated_flat_limit(d->base, hv);
@@ -112,21 +112,21 @@ static void adopt_slot(struct supervisor *sv, struct thread *t, int entry, const
     s->requested.entry = entry;
     s->up = s->requested;
     COUNT(sv, tls_installs);
-    if (TRUNCATING(sv->opt.strategy)) {
+    if (sv->opt.strategy->truncating) {
         s->up = truncate_desc(s->requested, sv->opt.hv_start);
         if (memcmp(&s->up, &s->requested, sizeof s->up) && set_area(t->tid, &s->up) < 0)
             die_setup(sv, "PTRACE_SET_THREAD_AREA", errno);
         if (looks_like_truncated_flat_up(&s->up, sv->opt.hv_start)) {
             s->managed = 1;
             s->dn = s->up;
-            s->dn.flags = (s->dn.flags & ~6u) | (1u << 1); /* contents = 1: expand-down */
+            s->dn.flags = (s->dn.flags & ~F_CONTENTS_MASK) | F_EXPAND_DOWN;
             s->dn.limit = expand_down_flat_limit(s->up.base);
             /* online-probe's empty descriptor (online.probe_descriptor): expand-down,
              * limit 0xFFFFF in pages, 32-bit, present -- it admits no offset at all, so
              * every access faults and none reaches the hypervisor hole. Linux's
              * set_thread_area takes contents 0 and 1 (data), so it can be installed */
             s->empty = s->up;
-            s->empty.flags = (s->empty.flags & ~(6u | F_NP)) | (1u << 1) | F_32 | F_PAGES;
+            s->empty.flags = (s->empty.flags & ~(F_CONTENTS_MASK | F_NP)) | F_EXPAND_DOWN | F_32 | F_PAGES;
             s->empty.limit = 0xFFFFF;
         }
     }
@@ -172,7 +172,7 @@ void start_tls_syscall(struct supervisor *sv, struct thread *t) {
         t->sta_is_ldt = 1;
         t->sta_ptr = (uint32_t)r.rcx;
         uint32_t func = (uint32_t)r.rbx;
-        if ((func == 1 || func == 0x11) && TRUNCATING(sv->opt.strategy)) {
+        if ((func == 1 || func == 0x11) && sv->opt.strategy->truncating) {
             uint32_t raw[4];
             if (read_mem(t->tid, t->sta_ptr, raw, 16) == 0) {
                 struct udesc req = {raw[0], raw[1], raw[2], raw[3]}, tr = truncate_desc(req, sv->opt.hv_start);

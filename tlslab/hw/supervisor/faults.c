@@ -1,12 +1,13 @@
 /*
- * faults.c: the #GP path. A SIGSEGV stop with si_code SI_KERNEL is a general
- * protection fault; handle_segv decodes the faulting instruction, counts the
- * fault at its site, checks that it is an access through a managed TLS slot
- * and answers it with the strategy's rule: emulate (perform the access, or
- * single-step it with the descriptor that admits it), flip (switch the slot
- * between its truncated form and the expand-down twin and restart), or the
- * online strategies' choice between the two (online.c). Faults that are not
- * ours are delivered to the guest.
+ * faults.c: the #GP path and the strategy table. A SIGSEGV stop with si_code
+ * SI_KERNEL is a general protection fault; handle_segv decodes the faulting
+ * instruction, counts the fault at its site, checks that it is an access
+ * through a managed TLS slot and hands it (a struct fault) to the strategy's
+ * handler in strategies[]: emulate_fault (perform the access, or single-step
+ * it with the descriptor that admits it), flip_fault (switch the slot between
+ * its truncated form and the expand-down twin and restart), or the online
+ * strategies' choice between the two (online.c). Faults that are not ours
+ * are delivered to the guest.
  */
 #include "supervisor.h"
 
@@ -44,26 +45,29 @@ int access_sign(const struct slot *sl, const struct insn *in) {
  * returns the signal to deliver (0: restart). Genuine faults are refused:
  * the other state must admit the access (xen.flip's check); for a form the
  * decoder does not know, an instruction that faults in both states. */
-int do_flip(struct supervisor *sv, struct thread *t, struct slot *sl, struct site *s, const struct insn *in, uint32_t eip) {
+int flip_fault(struct supervisor *sv, struct fault *f) {
+    struct thread *t = f->t;
+    struct slot *sl = f->slot;
+    const struct insn *in = &f->in;
     int go_down = sl->state != ST_DOWN;
     const struct udesc *next = go_down ? &sl->dn : &sl->up;
     if (in->has_mem && !in->miss[0]) {
         if (!desc_admits(next, in->off, in->size, 0)) {
-            record_delivery(sv, s, eip, "genuine fault: flipping does not admit the access");
+            record_delivery(sv, f->site, f->eip, "genuine fault: flipping does not admit the access");
             return SIGSEGV;
         }
     } else {
         note_miss(sv, in->miss[0] ? in->miss : "no memory operand");
-        if (t->last_fault_eip == eip && t->last_fault_flipped) {
+        if (t->last_fault_eip == f->eip && t->last_fault_flipped) {
             t->last_fault_flipped = 0;
-            record_delivery(sv, s, eip, "genuine fault: faulted in both states");
+            record_delivery(sv, f->site, f->eip, "genuine fault: faulted in both states");
             return SIGSEGV;
         }
     }
     install_state(sv, t, sl, go_down ? ST_DOWN : ST_UP);
-    if (go_down) { COUNT(sv, to_down); if (s) s->to_down++; }
-    else { COUNT(sv, to_up); if (s) s->to_up++; }
-    t->last_fault_eip = eip;
+    if (go_down) { COUNT(sv, to_down); if (f->site) f->site->to_down++; }
+    else { COUNT(sv, to_up); if (f->site) f->site->to_up++; }
+    t->last_fault_eip = f->eip;
     t->last_fault_flipped = 1;
     return 0;
 }
@@ -74,19 +78,21 @@ int do_flip(struct supervisor *sv, struct thread *t, struct slot *sl, struct sit
  * admits the access's sign -- the expand-down twin for a negative offset
  * (only addresses below the base: nothing in the hypervisor hole), the
  * truncated expand-up form for a positive one -- and end_step then puts back
- * the slot's current state (*step = 1). */
-int do_emulate(struct supervisor *sv, struct thread *t, struct slot *sl, struct site *s, struct insn *in,
-                      struct user_regs_struct *r, uint32_t eip, int entry, int *step) {
+ * the slot's current state (f->step = 1). */
+int emulate_fault(struct supervisor *sv, struct fault *f) {
+    struct thread *t = f->t;
+    struct slot *sl = f->slot;
+    struct insn *in = &f->in;
     t->last_fault_flipped = 0;
     if (!in->miss[0] && !sv->opt.step_only) {
         struct ctx c = {t->tid, &sl->requested, sv->opt.hv_start, 0, ""};
-        if (emulate(&c, in, r) < 0) {
-            record_delivery(sv, s, eip, c.why[0] ? c.why : "cannot emulate");
+        if (emulate(&c, in, &f->regs) < 0) {
+            record_delivery(sv, f->site, f->eip, c.why[0] ? c.why : "cannot emulate");
             return SIGSEGV;
         }
-        if (ptrace(PTRACE_SETREGS, t->tid, 0, r) < 0) die_setup(sv, "PTRACE_SETREGS", errno);
+        if (ptrace(PTRACE_SETREGS, t->tid, 0, &f->regs) < 0) die_setup(sv, "PTRACE_SETREGS", errno);
         COUNT(sv, emulated);
-        if (s) s->emulated++;
+        if (f->site) f->site->emulated++;
         return 0;
     }
     note_miss(sv, in->miss[0] ? in->miss : "step-only");
@@ -94,11 +100,11 @@ int do_emulate(struct supervisor *sv, struct thread *t, struct slot *sl, struct 
     if (set_area(t->tid, with) < 0) die_setup(sv, "PTRACE_SET_THREAD_AREA", errno);
     COUNT(sv, switches);
     t->stepping = 1;
-    t->step_entry = entry;
-    t->step_eip = eip;
+    t->step_entry = f->entry;
+    t->step_eip = f->eip;
     COUNT(sv, stepped);
-    if (s) s->stepped++;
-    *step = 1;
+    if (f->site) f->site->stepped++;
+    f->step = 1;
     return 0;
 }
 
@@ -111,48 +117,72 @@ void end_step(struct supervisor *sv, struct thread *t) {
     t->stepping = 0;
 }
 
+/* The strategies, indexed by S_*: what each does to the guest's descriptors
+ * and its answer to a #GP on a managed slot. untraced and native answer none
+ * (native runs traced with the descriptors as the guest asked, so a #GP there
+ * is the guest's own). */
+const struct strategy strategies[S_COUNT] = {
+    [S_UNTRACED] = {"untraced", .traced = 0},
+    [S_NATIVE] = {"native", .traced = 1},
+    [S_EMULATE] = {"emulate", .traced = 1, .truncating = 1, .on_fault = emulate_fault},
+    [S_FLIP] = {"flip", .traced = 1, .truncating = 1, .on_fault = flip_fault},
+    [S_ONLINE_SITE] = {"online-site", .traced = 1, .truncating = 1, .online = 1,
+                       .on_fault = online_site_fault},
+    [S_ONLINE_PROBE] = {"online-probe", .traced = 1, .truncating = 1, .online = 1,
+                        .on_fault = online_probe_fault},
+};
 
-/* returns the signal to deliver on resume (0 = suppress); *step = 1 to single-step */
+/* The fault's bookkeeping: the totals, its image, --trace, and its site
+ * (the first fault there records the instruction bytes; b: n bytes fetched). */
+static void count_fault(struct supervisor *sv, const struct fault *f, const uint8_t *b, int n) {
+    const struct insn *in = &f->in;
+    struct site *s = f->site;
+    int image = image_of(sv, f->t);
+    COUNT(sv, faults);
+    if (image >= 0) sv->images[image].faults++;
+    if (sv->trace) fprintf(sv->trace, "%#x %d\n", f->eip, in->has_mem ? (int32_t)in->off : 0);
+    if (!s) return;
+    s->faults++;
+    s->seg = in->seg;
+    if (!s->nbytes) { memcpy(s->bytes, b, n); s->nbytes = in->known_len ? in->len : n; }
+    if (in->has_mem) {
+        int64_t o = (int32_t)in->off;
+        if (o < s->off_min) s->off_min = o;
+        if (o > s->off_max) s->off_max = o;
+        if (o < 0) s->neg++; else s->pos++;
+    }
+}
+
+/* A SIGSEGV stop of t: a #GP through a managed TLS slot goes to the
+ * strategy's handler; anything else is the guest's. Returns the signal to
+ * deliver on resume (0 = suppress); *step = 1 to single-step. */
 int handle_segv(struct supervisor *sv, struct thread *t, int *step) {
+    const struct strategy *strategy = sv->opt.strategy;
+    struct fault f = {.t = t};
     siginfo_t si;
     *step = 0;
     if (ptrace(PTRACE_GETSIGINFO, t->tid, 0, &si) < 0) return SIGSEGV;
-    if (si.si_code != SI_KERNEL || sv->opt.strategy == S_NATIVE) { COUNT(sv, other_segv); return SIGSEGV; }
-    struct user_regs_struct r;
-    if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0) return SIGSEGV;
-    uint32_t eip = (uint32_t)r.rip;
+    if (si.si_code != SI_KERNEL || !strategy->on_fault) { COUNT(sv, other_segv); return SIGSEGV; }
+    if (ptrace(PTRACE_GETREGS, t->tid, 0, &f.regs) < 0) return SIGSEGV;
+    f.eip = (uint32_t)f.regs.rip;
     uint8_t b[16];
-    int n = fetch_insn(t->tid, eip, b);
-    struct insn in;
-    decode(b, n, &r, &in);
-    if (in.seg != 4 && in.seg != 5) { COUNT(sv, other_segv); return SIGSEGV; }
-    uint32_t sel = (uint32_t)(in.seg == 4 ? r.fs : r.gs) & 0xFFFF;
-    int entry = sel >> 3;
-    struct site *s = site_of(sv, image_of(sv, t), eip);
-    COUNT(sv, faults);
-    if (image_of(sv, t) >= 0) sv->images[image_of(sv, t)].faults++;
-    if (sv->trace) fprintf(sv->trace, "%#x %d\n", eip, in.has_mem ? (int32_t)in.off : 0);
-    if (s) {
-        s->faults++;
-        s->seg = in.seg;
-        if (!s->nbytes) { memcpy(s->bytes, b, n); s->nbytes = in.known_len ? in.len : n; }
-        if (in.has_mem) {
-            int64_t o = (int32_t)in.off;
-            if (o < s->off_min) s->off_min = o;
-            if (o > s->off_max) s->off_max = o;
-            if (o < 0) s->neg++; else s->pos++;
-        }
-    }
-    if ((sel & 4) || entry < TLS_FIRST || entry >= TLS_FIRST + TLS_SLOTS) {
-        record_delivery(sv, s, eip, "segment is not a GDT TLS slot");
+    int n = fetch_insn(t->tid, f.eip, b);
+    decode(b, n, &f.regs, &f.in);
+    if (f.in.seg != SEG_FS && f.in.seg != SEG_GS) { COUNT(sv, other_segv); return SIGSEGV; }
+    uint32_t sel = (uint32_t)(f.in.seg == SEG_FS ? f.regs.fs : f.regs.gs) & 0xFFFF;
+    f.entry = sel >> SEL_INDEX_SHIFT;
+    f.site = site_of(sv, image_of(sv, t), f.eip);
+    count_fault(sv, &f, b, n);
+    if ((sel & SEL_LDT) || f.entry < TLS_FIRST || f.entry >= TLS_FIRST + TLS_SLOTS) {
+        record_delivery(sv, f.site, f.eip, "segment is not a GDT TLS slot");
         return SIGSEGV;
     }
-    struct slot *sl = &t->slots[entry - TLS_FIRST];
-    if (!sl->valid || !sl->managed) {
-        record_delivery(sv, s, eip, "segment is not a truncated flat segment");
+    f.slot = &t->slots[f.entry - TLS_FIRST];
+    if (!f.slot->valid || !f.slot->managed) {
+        record_delivery(sv, f.site, f.eip, "segment is not a truncated flat segment");
         return SIGSEGV;
     }
-    if (sv->opt.strategy == S_FLIP) return do_flip(sv, t, sl, s, &in, eip);
-    if (ONLINE(sv->opt.strategy)) return online_fault(sv, t, sl, s, &in, &r, eip, entry, step);
-    return do_emulate(sv, t, sl, s, &in, &r, eip, entry, step);
+    int deliver = strategy->on_fault(sv, &f);
+    *step = f.step;
+    return deliver;
 }

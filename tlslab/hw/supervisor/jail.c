@@ -339,7 +339,7 @@ void run_child(struct supervisor *sv, int errfd, char **argv, const char *exe) {
      * Inherited by every process the guest starts (exec keeps it) */
     if (opt->model_env && personality(PER_LINUX | ADDR_LIMIT_3GB | ADDR_NO_RANDOMIZE) < 0)
         child_fail(errfd, "personality");
-    int traced = opt->strategy != S_UNTRACED;
+    int traced = opt->strategy->traced;
     if (traced) {
         if (ptrace(PTRACE_TRACEME, 0, 0, 0) < 0) child_fail(errfd, "PTRACE_TRACEME");
         raise(SIGSTOP); /* the parent sets options before we go on */

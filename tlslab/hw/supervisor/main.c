@@ -83,9 +83,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-const char *const strategy_names[S_COUNT] = {"untraced", "native", "emulate", "flip", "online-site",
-                                             "online-probe"};
-
 /* the run's state: one instance, in static storage (its task tables take megabytes) */
 static struct supervisor the_supervisor;
 
@@ -125,9 +122,10 @@ static int parse_options(struct supervisor *sv, int argc, char **argv) {
             usage();
         if (!strcmp(a, "--strategy")) {
             const char *v = argv[++i];
-            int found = 0;
-            for (int k = 0; k < S_COUNT; k++) if (!strcmp(v, strategy_names[k])) { opt->strategy = k; found = 1; }
-            if (!found) usage();
+            opt->strategy = NULL;
+            for (int k = 0; k < S_COUNT; k++)
+                if (!strcmp(v, strategies[k].name)) opt->strategy = &strategies[k];
+            if (!opt->strategy) usage();
         } else if (!strcmp(a, "--emulate-ns")) sv->online.emulate_ns = strtod(argv[++i], NULL);
         else if (!strcmp(a, "--flip-ns")) sv->online.flip_ns = strtod(argv[++i], NULL);
         else if (!strcmp(a, "--hv-start")) opt->hv_start = (uint32_t)strtoul(argv[++i], NULL, 0);
@@ -160,7 +158,7 @@ static int parse_options(struct supervisor *sv, int argc, char **argv) {
         usage();
     if (opt->overlay_dir && (opt->chroot_dir || !opt->view_dir || opt->mount_src || !opt->exec_fd || opt->cwd_path))
         usage();
-    if (ONLINE(opt->strategy)) { /* the decision threshold, the model's expression on the model's prices */
+    if (opt->strategy->online) { /* the decision threshold, the model's expression on the model's prices */
         struct online *on = &sv->online;
         if (!(on->emulate_ns > 0 && on->emulate_ns <= 1e12 && on->flip_ns > 0 && on->flip_ns <= 1e12)) usage();
         on->threshold = 2 * on->flip_ns / on->emulate_ns;
@@ -382,7 +380,7 @@ static void check_child_failure(struct supervisor *sv, int errfd, int failed) {
 
 int main(int argc, char **argv) {
     struct supervisor *sv = &the_supervisor;
-    sv->opt.strategy = S_EMULATE;
+    sv->opt.strategy = &strategies[S_EMULATE];
     sv->opt.hv_start = 0xFC000000u;
     sv->opt.guest_uid = sv->opt.guest_gid = -1;
     sv->opt.max_procs = 1024;
@@ -394,7 +392,7 @@ int main(int argc, char **argv) {
     sv->sites = calloc(SITE_CAP, sizeof *sv->sites);
     sv->procs = calloc((size_t)sv->opt.max_procs + 1, sizeof *sv->procs);
     sv->tlslog = open_memstream(&sv->tlslog_buf, &sv->tlslog_len);
-    int online = ONLINE(sv->opt.strategy);
+    int online = sv->opt.strategy->online;
     if (online) sv->online.sites = calloc(SITE_CAP, sizeof *sv->online.sites);
     if (!sv->sites || !sv->procs || !sv->tlslog || (online && !sv->online.sites)) die_setup(sv, "malloc", ENOMEM);
     /* orphaned guest processes are re-parented to us, not to init: the run
@@ -424,7 +422,7 @@ int main(int argc, char **argv) {
         setitimer(ITIMER_REAL, &it, NULL);
     }
 
-    if (sv->opt.strategy == S_UNTRACED) run_untraced(sv);
+    if (!sv->opt.strategy->traced) run_untraced(sv);
     else if (run_traced(sv) < 0) check_child_failure(sv, pfd[0], 1);
     check_child_failure(sv, pfd[0], 0);
     if (sv->t_end == 0) sv->t_end = now_s();

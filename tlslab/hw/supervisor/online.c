@@ -104,20 +104,46 @@ static int64_t probe_due(struct osite *o) {
     return (int64_t)o->estimate;
 }
 
-/* a fault with the empty descriptor installed (ProbeStrategy._in_probe) */
-static int probe_fault(struct supervisor *sv, struct thread *t, struct slot *sl, struct site *s, struct insn *in,
-                       struct user_regs_struct *r, uint32_t eip, int entry, int *step, int sign, uint32_t prev) {
-    struct plist *p = &sv->online.plists[t - sv->threads][entry - TLS_FIRST];
-    t->last_fault_flipped = 0;
-    if (!sl->probing) {
-        /* the empty descriptor without our record (a task created during a
-         * probe inherits its creator's slot, not its probe): the slot gets
-         * what the policy gives it, the truncated expand-up form */
-        install_state(sv, t, sl, ST_UP);
-        sv->online.count.probe_orphan++;
+/* the sites of the probe in progress in the fault's slot */
+static struct plist *probe_sites(struct supervisor *sv, const struct fault *f) {
+    return &sv->online.plists[f->t - sv->threads][f->entry - TLS_FIRST];
+}
+
+/* The two answers the model's counters name: emulate (the access performed
+ * for the guest) and flip (the slot's descriptor switched: a descriptor
+ * write). Returns the signal to deliver. */
+static int online_emulate(struct supervisor *sv, struct fault *f) {
+    sv->online.count.emulate++;
+    return emulate_fault(sv, f);
+}
+
+static int online_flip(struct supervisor *sv, struct fault *f) {
+    int deliver = flip_fault(sv, f);
+    if (!deliver) {
+        sv->online.count.flip++;
         sv->online.count.desc_writes++;
-        return 0;
     }
+    return deliver;
+}
+
+/* a probe's end or an orphan's repair: state st installed in the slot (a
+ * descriptor write of this kind) and the instruction restarts */
+static int rewrite_slot(struct supervisor *sv, struct fault *f, int st, uint64_t *kind) {
+    install_state(sv, f->t, f->slot, st);
+    (*kind)++;
+    sv->online.count.desc_writes++;
+    return 0;
+}
+
+/* a fault with the empty descriptor installed (ProbeStrategy._in_probe) */
+static int probe_fault(struct supervisor *sv, struct fault *f, int sign, uint32_t prev) {
+    struct slot *sl = f->slot;
+    struct plist *p = probe_sites(sv, f);
+    f->t->last_fault_flipped = 0;
+    /* the empty descriptor without our record (a task created during a
+     * probe inherits its creator's slot, not its probe): the slot gets
+     * what the policy gives it, the truncated expand-up form */
+    if (!sl->probing) return rewrite_slot(sv, f, ST_UP, &sv->online.count.probe_orphan);
     if (sign == 0) {
         /* a form the decoder does not know, its offset unknown: the model
          * always knows it. End the probe as a fault of the other sign would
@@ -127,26 +153,19 @@ static int probe_fault(struct supervisor *sv, struct thread *t, struct slot *sl,
         sign = -sl->probe_sign;
     }
     if (sign == sl->probe_sign) {
-        plist_add(sv, p, (uint32_t)(osite_of(sv, eip, sign) - sv->online.sites));
-        plist_add(sv, p, (uint32_t)(oentry_of(sv, eip, sign, 1, prev) - sv->online.sites));
+        plist_add(sv, p, (uint32_t)(osite_of(sv, f->eip, sign) - sv->online.sites));
+        plist_add(sv, p, (uint32_t)(oentry_of(sv, f->eip, sign, 1, prev) - sv->online.sites));
         if (p->n / 2 >= sv->online.probe_cap) { /* the run already pays for a flip: flip, and restart */
             probe_learn(sv, p);
             sl->probing = 0;
-            install_state(sv, t, sl, sl->probe_away);
-            sv->online.count.probe_flip++;
-            sv->online.count.desc_writes++;
-            return 0;
+            return rewrite_slot(sv, f, sl->probe_away, &sv->online.count.probe_flip);
         }
-        sv->online.count.emulate++;
-        return do_emulate(sv, t, sl, s, in, r, eip, entry, step);
+        return online_emulate(sv, f);
     }
     /* the other sign: the run ended. The slot gets its state from before the probe; restart */
     probe_learn(sv, p);
     sl->probing = 0;
-    install_state(sv, t, sl, sl->probe_home);
-    sv->online.count.probe_end++;
-    sv->online.count.desc_writes++;
-    return 0;
+    return rewrite_slot(sv, f, sl->probe_home, &sv->online.count.probe_end);
 }
 
 /* ProbeStrategy._start_probe: emulate this access, then install the empty
@@ -154,17 +173,16 @@ static int probe_fault(struct supervisor *sv, struct thread *t, struct slot *sl,
  * would not admit the access (genuine: the model's flipped() is None) or the
  * emulation failed. A single-stepped access starts the probe before the
  * step: end_step installs the empty descriptor after it */
-static int start_probe(struct supervisor *sv, struct thread *t, struct slot *sl, struct site *s, struct insn *in,
-                       struct user_regs_struct *r, uint32_t eip, int entry, int *step, int sign,
-                       struct osite *o, struct osite *ctx) {
+static int start_probe(struct supervisor *sv, struct fault *f, int sign, struct osite *o, struct osite *ctx) {
+    struct slot *sl = f->slot;
+    const struct insn *in = &f->in;
     int home = sl->state, away = home == ST_UP ? ST_DOWN : ST_UP;
     int flippable = !in->has_mem || desc_admits(slot_desc(sl, away), in->off, in->size, 0);
-    sv->online.count.emulate++;
-    int deliver = do_emulate(sv, t, sl, s, in, r, eip, entry, step);
+    int deliver = online_emulate(sv, f);
     if (deliver || !flippable) return deliver;
     sl->state = ST_EMPTY;
-    if (!*step) {
-        if (set_area(t->tid, &sl->empty) < 0) die_setup(sv, "PTRACE_SET_THREAD_AREA", errno);
+    if (!f->step) {
+        if (set_area(f->t->tid, &sl->empty) < 0) die_setup(sv, "PTRACE_SET_THREAD_AREA", errno);
         COUNT(sv, switches);
     }
     sv->online.count.desc_writes++;
@@ -172,7 +190,7 @@ static int start_probe(struct supervisor *sv, struct thread *t, struct slot *sl,
     sl->probe_sign = sign;
     sl->probe_home = home;
     sl->probe_away = away;
-    struct plist *p = &sv->online.plists[t - sv->threads][entry - TLS_FIRST];
+    struct plist *p = probe_sites(sv, f);
     p->n = 0;
     plist_add(sv, p, (uint32_t)(o - sv->online.sites));
     plist_add(sv, p, (uint32_t)(ctx - sv->online.sites));
@@ -180,54 +198,48 @@ static int start_probe(struct supervisor *sv, struct thread *t, struct slot *sl,
     return 0;
 }
 
-/* the online strategies' decision for a fault on a managed slot (OnlineStrategy.step
- * and the two decide() methods); returns the signal to deliver, *step as do_emulate */
-int online_fault(struct supervisor *sv, struct thread *t, struct slot *sl, struct site *s, struct insn *in,
-                        struct user_regs_struct *r, uint32_t eip, int entry, int *step) {
-    if (in->seg != 5) { /* %fs: no flip rule for it, as in Xen 2004; emulate */
-        sv->online.count.emulate++;
-        return do_emulate(sv, t, sl, s, in, r, eip, entry, step);
+/* online-site (SiteStreakStrategy.decide): a positive offset (the slot is
+ * flipped) flips back; a negative one at a hot site flips; otherwise the
+ * streak of this site back to back in this slot grows, and beyond the
+ * threshold the site becomes hot and the fault flips. %fs: no flip rule for
+ * it, as in Xen 2004; emulate. */
+int online_site_fault(struct supervisor *sv, struct fault *f) {
+    if (f->in.seg != SEG_GS) return online_emulate(sv, f);
+    struct slot *sl = f->slot;
+    int sign = access_sign(sl, &f->in);
+    struct osite *o = osite_of(sv, f->eip, sign);
+    if (sign > 0 || o->hot) return online_flip(sv, f);
+    int64_t key = o - sv->online.sites;
+    sl->streak = sl->streak_site == key ? sl->streak + 1 : 1;
+    sl->streak_site = key;
+    if ((double)sl->streak > sv->online.threshold) {
+        o->hot = 1;
+        sl->streak = 0;
+        sv->online.count.marked_hot++;
+        return online_flip(sv, f);
     }
-    int sign = access_sign(sl, in);
+    return online_emulate(sv, f);
+}
+
+/* online-probe (ProbeStrategy.decide): a fault inside a probe extends or ends
+ * it; outside one, a site due a probe (no estimate yet, or seen enough times
+ * since the last) starts one, else its estimated run decides: flip when it
+ * is longer than the threshold, emulate otherwise. %fs: emulate, as above. */
+int online_probe_fault(struct supervisor *sv, struct fault *f) {
+    if (f->in.seg != SEG_GS) return online_emulate(sv, f);
+    struct slot *sl = f->slot;
+    int sign = access_sign(sl, &f->in);
     uint32_t prev = sv->online.previous_fault;   /* the context key uses the fault before this one */
-    if (sv->opt.strategy == S_ONLINE_PROBE) sv->online.previous_fault = eip;
-    if (sl->state == ST_EMPTY) return probe_fault(sv, t, sl, s, in, r, eip, entry, step, sign, prev);
-    struct osite *o = osite_of(sv, eip, sign);
-    int deliver;
-    if (sv->opt.strategy == S_ONLINE_SITE) {
-        /* SiteStreakStrategy: a positive offset (the slot is flipped) flips
-         * back; a negative one at a hot site flips; otherwise the streak of
-         * this site back to back in this slot grows, and beyond the
-         * threshold the site becomes hot and the fault flips */
-        if (sign > 0 || o->hot) {
-            if (!(deliver = do_flip(sv, t, sl, s, in, eip))) { sv->online.count.flip++; sv->online.count.desc_writes++; }
-            return deliver;
-        }
-        int64_t key = o - sv->online.sites;
-        sl->streak = sl->streak_site == key ? sl->streak + 1 : 1;
-        sl->streak_site = key;
-        if ((double)sl->streak > sv->online.threshold) {
-            o->hot = 1;
-            sl->streak = 0;
-            sv->online.count.marked_hot++;
-            if (!(deliver = do_flip(sv, t, sl, s, in, eip))) { sv->online.count.flip++; sv->online.count.desc_writes++; }
-            return deliver;
-        }
-        sv->online.count.emulate++;
-        return do_emulate(sv, t, sl, s, in, r, eip, entry, step);
-    }
-    /* ProbeStrategy.decide, outside a probe: any record of one is stale (the
-     * descriptor is no longer the empty one; the model pops it here) */
+    sv->online.previous_fault = f->eip;
+    if (sl->state == ST_EMPTY) return probe_fault(sv, f, sign, prev);
+    struct osite *o = osite_of(sv, f->eip, sign);
+    /* outside a probe any record of one is stale (the descriptor is no
+     * longer the empty one; the model pops it here) */
     sl->probing = 0;
     int64_t estimate = probe_due(o);
     if (estimate >= 0 && o->ambiguous)   /* a site reached from several places: its context decides */
-        estimate = probe_due(oentry_of(sv, eip, sign, 1, prev));
-    if (estimate < 0)
-        return start_probe(sv, t, sl, s, in, r, eip, entry, step, sign, o, oentry_of(sv, eip, sign, 1, prev));
-    if ((double)estimate > sv->online.threshold) {
-        if (!(deliver = do_flip(sv, t, sl, s, in, eip))) { sv->online.count.flip++; sv->online.count.desc_writes++; }
-        return deliver;
-    }
-    sv->online.count.emulate++;
-    return do_emulate(sv, t, sl, s, in, r, eip, entry, step);
+        estimate = probe_due(oentry_of(sv, f->eip, sign, 1, prev));
+    if (estimate < 0) return start_probe(sv, f, sign, o, oentry_of(sv, f->eip, sign, 1, prev));
+    if ((double)estimate > sv->online.threshold) return online_flip(sv, f);
+    return online_emulate(sv, f);
 }

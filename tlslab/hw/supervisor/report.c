@@ -28,7 +28,7 @@ void write_json(struct supervisor *sv) {
     FILE *f = fopen(tmp, "w");
     if (!f) return;
     fflush(sv->tlslog);
-    fprintf(f, "{\"version\":1,\"strategy\":\"%s\",\"hv_start\":%u,\"cpu\":%d,", strategy_names[opt->strategy],
+    fprintf(f, "{\"version\":1,\"strategy\":\"%s\",\"hv_start\":%u,\"cpu\":%d,", opt->strategy->name,
             opt->hv_start, opt->cpu);
     fprintf(f, "\"error\":");
     if (sv->setup_error) {
@@ -69,7 +69,7 @@ void write_json(struct supervisor *sv) {
             (unsigned long long)sv->signal_syscalls, (unsigned long long)tot->segv_restores,
             (unsigned long long)sv->segv_handler_restores, (unsigned long long)sv->segv_mask_restores,
             (unsigned long long)sv->restore_failures, (unsigned long long)sv->signals_requeued, sv->restore_s * 1e9);
-    if (ONLINE(opt->strategy)) {
+    if (opt->strategy->online) {
         /* the model's counters for the same run: by_kind (only the kinds that
          * occurred, as the model's dict) and descriptor_writes; "unknown_sign":
          * faults whose offset the decoder could not compute (the model always
@@ -157,7 +157,7 @@ void write_json(struct supervisor *sv) {
                    "\"to_expand_down\":%llu,\"to_expand_up\":%llu,\"delivered\":%llu,\"negative\":%llu,"
                    "\"positive\":%llu,\"min_offset\":%lld,\"max_offset\":%lld,\"bytes\":\"",
                 first ? "" : ",", s->eip, s->image, s->image >= 0 ? sv->images[s->image].pid : 0,
-                s->seg == 4 ? "fs" : s->seg == 5 ? "gs" : "?",
+                s->seg == SEG_FS ? "fs" : s->seg == SEG_GS ? "gs" : "?",
                 (unsigned long long)s->faults, (unsigned long long)s->emulated, (unsigned long long)s->stepped,
                 (unsigned long long)s->to_down, (unsigned long long)s->to_up,
                 (unsigned long long)s->delivered, (unsigned long long)s->neg, (unsigned long long)s->pos,

@@ -110,7 +110,7 @@ void begin_stop(struct supervisor *sv, const char *why) {
  * their entries in "processes" say killed). Not a stop: the run is complete. */
 void end_orphans(struct supervisor *sv) {
     if (sv->stopping) return;
-    int untraced = sv->opt.strategy == S_UNTRACED;
+    int untraced = !sv->opt.strategy->traced;
     int left = 0;
     for (int i = 0; i < MAX_THREADS; i++) left += sv->tids[i] != 0;
     if (untraced) left = signal_descendants(0);

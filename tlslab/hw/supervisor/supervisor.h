@@ -64,6 +64,7 @@
 #define MAX_THREADS 4096 /* live tasks at once */
 #define SITE_CAP 262144
 #define MISS_CAP 64
+#define NO_FAULT_EIP 0xFFFFFFFFu
 
 /* ------------------------------------------------------------ descriptors */
 struct udesc { /* struct user_desc, fields unpacked */
@@ -73,16 +74,16 @@ struct udesc { /* struct user_desc, fields unpacked */
 };
 #define F_32 1u
 #define F_CONTENTS(f) (((f) >> 1) & 3u)
+#define F_CONTENTS_MASK 6u
+#define F_EXPAND_DOWN (1u << 1) /* contents 1: expand-down data */
+#define F_CODE (2u << 1)        /* contents 2, 3: code */
 #define F_ROX 8u
 #define F_PAGES 16u
 #define F_NP 32u
 
-enum { S_UNTRACED, S_NATIVE, S_EMULATE, S_FLIP, S_ONLINE_SITE, S_ONLINE_PROBE, S_COUNT };
-extern const char *const strategy_names[S_COUNT];
-/* strategies that truncate the guest's TLS descriptors and answer the faults */
-#define TRUNCATING(s) ((s) >= S_EMULATE)
-/* tlslab.hypervisor.strategies.online: emulate or flip, chosen per fault */
-#define ONLINE(s) ((s) == S_ONLINE_SITE || (s) == S_ONLINE_PROBE)
+/* a segment selector: its index in the GDT or LDT above bit 3; bit 2 says LDT */
+#define SEL_INDEX_SHIFT 3
+#define SEL_LDT 4u
 
 /* what a managed slot holds now: the truncated expand-up form, its
  * expand-down twin, or (online-probe) the empty descriptor */
@@ -130,7 +131,7 @@ struct thread {
     struct udesc ldt_saved; /* modify_ldt: the guest's own request, restored at exit */
     int stepping, step_entry;
     uint32_t step_eip;
-    uint32_t last_fault_eip;
+    uint32_t last_fault_eip; /* flip: where its last fault was (NO_FAULT_EIP: none since exec) */
     int last_fault_flipped;
     struct slot slots[TLS_SLOTS];
 };
@@ -138,7 +139,7 @@ struct thread {
 struct site {
     uint32_t eip;
     int image; /* index in images[]: one program image of one process */
-    int used, seg; /* 4 = fs, 5 = gs */
+    int used, seg; /* SEG_FS or SEG_GS */
     uint64_t faults, emulated, stepped, to_down, to_up, delivered, neg, pos;
     int64_t off_min, off_max;
     uint8_t bytes[16];
@@ -197,10 +198,41 @@ struct online {
     } count;
 };
 
+/* ------------------------------------------------------------- strategies */
+struct supervisor;
+
+/* A #GP that the strategy answers: task t's access through its managed TLS
+ * slot (GDT entry `entry`), the instruction decoded, its registers (the
+ * emulator updates them), its site (NULL: the site table is full). */
+struct fault {
+    struct thread *t;
+    struct slot *slot;
+    struct site *site;
+    struct insn in;
+    struct user_regs_struct regs;
+    uint32_t eip;
+    int entry;
+    int step; /* set by the handler: single-step the instruction (emulate's fallback) */
+};
+
+/* a strategy's answer to a fault: the signal to deliver (0: none, the fault is settled) */
+typedef int (*fault_handler)(struct supervisor *sv, struct fault *f);
+
+struct strategy {
+    const char *name;         /* --strategy NAME, and "strategy" in the JSON */
+    int traced;               /* runs under ptrace (all but untraced) */
+    int truncating;           /* truncates the guest's TLS descriptors (and LDT entries) */
+    int online;               /* tlslab.hypervisor.strategies.online: emulate or flip chosen per fault,
+                               * from the prices --emulate-ns/--flip-ns; "online" in the JSON */
+    fault_handler on_fault;   /* its answer to a #GP on a managed slot; NULL: none is ours */
+};
+enum { S_UNTRACED, S_NATIVE, S_EMULATE, S_FLIP, S_ONLINE_SITE, S_ONLINE_PROBE, S_COUNT };
+extern const struct strategy strategies[S_COUNT]; /* faults.c */
+
 /* ------------------------------------------------------------- the state */
 /* The command line; fixed once the guest starts. */
 struct options {
-    int strategy;
+    const struct strategy *strategy;
     uint32_t hv_start;
     int cpu;
     const char *json_path, *cwd_path, *stdin_path, *stdout_path, *stderr_path;
@@ -293,19 +325,17 @@ void start_tls_syscall(struct supervisor *sv, struct thread *t);
 void finish_tls_syscall(struct supervisor *sv, struct thread *t);
 void adopt_new_thread(struct supervisor *sv, struct thread *t);
 
-/* faults.c: the #GP path */
+/* faults.c: the #GP path, the emulate and flip strategies */
 int handle_segv(struct supervisor *sv, struct thread *t, int *step);
 void end_step(struct supervisor *sv, struct thread *t);
 void record_delivery(struct supervisor *sv, struct site *s, uint32_t eip, const char *why);
 int access_sign(const struct slot *sl, const struct insn *in);
-int do_flip(struct supervisor *sv, struct thread *t, struct slot *sl, struct site *s, const struct insn *in,
-            uint32_t eip);
-int do_emulate(struct supervisor *sv, struct thread *t, struct slot *sl, struct site *s, struct insn *in,
-               struct user_regs_struct *r, uint32_t eip, int entry, int *step);
+int emulate_fault(struct supervisor *sv, struct fault *f);
+int flip_fault(struct supervisor *sv, struct fault *f);
 
-/* online.c: online-site and online-probe */
-int online_fault(struct supervisor *sv, struct thread *t, struct slot *sl, struct site *s, struct insn *in,
-                 struct user_regs_struct *r, uint32_t eip, int entry, int *step);
+/* online.c: the online-site and online-probe strategies */
+int online_site_fault(struct supervisor *sv, struct fault *f);
+int online_probe_fault(struct supervisor *sv, struct fault *f);
 
 /* signals.c: the guest's SIGSEGV disposition */
 struct sigtab *sigtab_new(struct supervisor *sv, const struct sigtab *copy);

@@ -27,7 +27,7 @@ struct thread *thread_of(struct supervisor *sv, pid_t tid, int create) {
             threads[i].tid = tids[i] = tid;
             threads[i].alive = 1;
             threads[i].proc = -1;
-            threads[i].last_fault_eip = 0xFFFFFFFFu;
+            threads[i].last_fault_eip = NO_FAULT_EIP;
             sv->nthreads_seen++;
             return &threads[sv->last_thread = i];
         }
@@ -148,6 +148,18 @@ void thread_gone(struct supervisor *sv, struct thread *t, int status) {
     sv->tids[t - sv->threads] = 0;
 }
 
+#define USER32_CS 0x23 /* the code segment of i386 tasks on x86-64 */
+#define AT_IGNORE_ 1u   /* auxv: an entry to skip */
+/* auxv entry types of the host kernel's that the model does not provide */
+static const uint32_t model_lacks[] = {32 /* AT_SYSINFO */, 33 /* AT_SYSINFO_EHDR */, 51 /* AT_MINSIGSTKSZ */,
+                                       27 /* AT_RSEQ_FEATURE_SIZE */, 28 /* AT_RSEQ_ALIGN */};
+
+static int model_lacks_auxv(uint32_t type) {
+    for (size_t i = 0; i < sizeof model_lacks / sizeof model_lacks[0]; i++)
+        if (type == model_lacks[i]) return 1;
+    return 0;
+}
+
 /* --model-env, at the exec stop: hide the auxv entries the Unicorn model does
  * not provide (vDSO: AT_SYSINFO, AT_SYSINFO_EHDR; AT_MINSIGSTKSZ; AT_RSEQ_*)
  * by turning them into AT_IGNORE. Without the vDSO, static glibc builds no
@@ -156,7 +168,7 @@ void thread_gone(struct supervisor *sv, struct thread *t, int status) {
 static void hide_auxv(struct supervisor *sv, pid_t tid) {
     struct user_regs_struct r;
     if (ptrace(PTRACE_GETREGS, tid, 0, &r) < 0) return;
-    if (r.cs != 0x23) return; /* not an i386 image (a guest may exec a 64-bit program): its own layout */
+    if (r.cs != USER32_CS) return; /* not an i386 image (a guest may exec a 64-bit program): its own layout */
     uint32_t sp = (uint32_t)r.rsp, argc;
     if (read_mem(tid, sp, &argc, 4) < 0) return;
     uint32_t p = sp + 4 + 4 * (argc + 1), v = 1;
@@ -165,8 +177,8 @@ static void hide_auxv(struct supervisor *sv, pid_t tid) {
     for (int k = 0; k < 64; k++, p += 8) {
         uint32_t av[2];
         if (read_mem(tid, p, av, 8) < 0 || av[0] == 0) break;
-        if (av[0] == 32 || av[0] == 33 || av[0] == 51 || av[0] == 27 || av[0] == 28) {
-            uint32_t ignore = 1;
+        if (model_lacks_auxv(av[0])) {
+            uint32_t ignore = AT_IGNORE_;
             if (write_mem(tid, p, &ignore, 4) == 0) sv->auxv_hidden++;
         }
     }
@@ -190,7 +202,7 @@ struct thread *exec_event(struct supervisor *sv, struct thread *t, pid_t w) {
     if (t->st) sigtab_flush(t->st, 1);
     memset(t->slots, 0, sizeof t->slots); /* a new program: no TLS yet */
     t->stepping = 0;
-    t->last_fault_eip = 0xFFFFFFFFu;
+    t->last_fault_eip = NO_FAULT_EIP;
     t->last_fault_flipped = 0;
     if (sv->cp) { /* a new image of this process */
         char path[64], prog[512];
