@@ -258,7 +258,7 @@ struct supervisor {
 
     /* the main process and the run's clock */
     pid_t child_pid;
-    int exit_status, exit_signal;
+    int exit_status, exit_signal; /* its end (-1 and 0 until then) */
     double t_fork, t_exec, t_end;
     /* untraced: the child's clock just before its execve, in a page shared
      * across the fork -- the run starts there, not at the fork, so building the
@@ -279,7 +279,7 @@ struct supervisor {
     struct site *sites; /* SITE_CAP entries, open addressing, keyed (image, eip) */
 
     /* what the JSON reports (report.c) */
-    struct counters total; /* the sums of the processes' counters */
+    struct counters total; /* COUNT adds to these and to the process's own */
     uint64_t seccomp_stops, ldt_truncated, clones, forks, vforks, auxv_hidden;
     uint64_t signal_syscalls, segv_handler_restores, segv_mask_restores, restore_failures, signals_requeued;
     double handler_s; /* time spent inside the fault handler */
