@@ -17,6 +17,7 @@ import pytest
 from conftest import require_gcc32, unavailable
 
 from tlslab.hw.backend import HwError, HwUnavailable, policy_mismatches, run_hw
+from tlslab.hw import build
 from tlslab.hw.build import cache_dir, source_hash, supervisor_path
 
 pytestmark = [pytest.mark.oracle]
@@ -165,6 +166,23 @@ def test_build_is_cached_by_source_hash(tmp_path, monkeypatch):
     mtime = first.stat().st_mtime_ns
     assert supervisor_path() == first and first.stat().st_mtime_ns == mtime
     assert not [p for p in first.parent.iterdir() if p.name.startswith(".supervisor-")]  # no temp leftovers
+
+
+def test_source_hash_covers_every_source_and_header(tmp_path, monkeypatch):
+    """A change to any .c or .h file of the supervisor, or a new one, makes a new build."""
+    copy = tmp_path / "supervisor"
+    shutil.copytree(build.SOURCE_DIR, copy)
+    monkeypatch.setattr(build, "SOURCE_DIR", copy)
+    names = [p.name for p in build.sources()]
+    assert "main.c" in names and "supervisor.h" in names and names == sorted(names)
+    seen = {source_hash()}
+    for name in ("supervisor.h", "decode.h", "faults.c"):
+        with open(copy / name, "a") as f:
+            f.write("\n")
+        seen.add(source_hash())
+    (copy / "extra.h").write_text("/* new */\n")
+    seen.add(source_hash())
+    assert len(seen) == 5
 
 
 @pytest.mark.parametrize("mode", ["emulate", "step", "flip"])

@@ -145,7 +145,7 @@ def measure(cell: Cell) -> dict:
     """Run one hw cell in this process and build its record (raises HwUnavailable / HwError / GuestError)."""
     from tlslab.experiment import resolve_program
     from tlslab.hw.backend import HwUnavailable, materialised_tree, run_spec, tree_order_matches
-    from tlslab.hw.build import source_hash
+    from tlslab.hw.build import source_record
 
     why = forced()
     if why:
@@ -190,7 +190,7 @@ def measure(cell: Cell) -> dict:
         "repeat": repeat,
         "cpu": first.cpu,
         "tree_order_matches": order,
-        "supervisor": f"supervisor.c sha256 {source_hash()}",
+        "supervisor": source_record(),
         "stdout": _blob(first.stdout),
         "stderr": _blob(first.stderr),
         "stdout_stable": all(r.stdout == first.stdout for r in runs),

@@ -1,6 +1,7 @@
 """The ``hw`` backend: real static i386 programs on this host's CPU under a ptrace supervisor.
 
-The supervisor (``supervisor.c``, compiled on first use by :mod:`tlslab.hw.build`)
+The supervisor (the C files of ``supervisor/``, one concern each; compiled on first use by
+:mod:`tlslab.hw.build`)
 re-installs the guest's TLS descriptor truncated below the hypervisor start
 (PTRACE_SET_THREAD_AREA, same arithmetic as :mod:`tlslab.x86.xen`) and answers
 the real #GP (SIGSEGV) stops with emulate, flip, or the online strategies

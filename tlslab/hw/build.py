@@ -1,5 +1,8 @@
 """Compile the ptrace supervisor on first use, into a cache keyed by its source hash.
 
+The supervisor is the C files of ``tlslab/hw/supervisor/``, compiled together;
+the hash covers every ``.c`` and ``.h`` file there (names and contents, in
+sorted order) and the flags, so a change to any of them rebuilds.
 ``$TLSLAB_CACHE`` (default ``~/.cache/tlslab``) / ``hw`` / ``supervisor-<hash>``:
 plain 64-bit ``cc -O2`` (``$CC`` overrides ``cc``). The binary is written to a
 temporary name in the same directory and renamed into place, so concurrent
@@ -18,8 +21,11 @@ from pathlib import Path
 
 from tlslab.artifacts import user_cache_dir
 
-SOURCE = Path(__file__).with_name("supervisor.c")
+SOURCE_DIR = Path(__file__).with_name("supervisor")
 CFLAGS = ("-O2", "-Wall")
+#: how run records name the supervisor build (``source_record``). Records made before the
+#: supervisor became a directory say "supervisor.c sha256 <hash>": the hash of that one file.
+SOURCE_LABEL = "supervisor sources sha256"
 
 
 class BuildError(RuntimeError):
@@ -38,10 +44,23 @@ def compiler() -> str:
     return path
 
 
+def sources() -> list[Path]:
+    """Every source file and header of the supervisor, sorted by name."""
+    return sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".c", ".h"))
+
+
 def source_hash() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for path in sources():
+        h.update(path.name.encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
     h.update(" ".join(CFLAGS).encode())
     return h.hexdigest()[:16]
+
+
+def source_record() -> str:
+    """The supervisor build, as run records name it: "supervisor sources sha256 <hash>"."""
+    return f"{SOURCE_LABEL} {source_hash()}"
 
 
 def supervisor_path(rebuild: bool = False) -> Path:
@@ -55,10 +74,11 @@ def supervisor_path(rebuild: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".supervisor-", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [compiler(), *CFLAGS, "-o", tmp, str(SOURCE)]
+        c_files = [str(p) for p in sources() if p.suffix == ".c"]
+        cmd = [compiler(), *CFLAGS, "-o", tmp, *c_files]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise BuildError(f"compiling {SOURCE.name} failed: {' '.join(cmd)}\n{proc.stderr.strip()}")
+            raise BuildError(f"compiling {SOURCE_DIR.name}/ failed: {' '.join(cmd)}\n{proc.stderr.strip()}")
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
     finally:

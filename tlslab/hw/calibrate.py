@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlslab.hw.backend import run_hw
-from tlslab.hw.build import source_hash
+from tlslab.hw.build import source_record
 
 DEFAULT_GUESTS = ("lsr", "syscalls", "malloc", "stdio", "canary")
 DEFAULT_ARGS = {"lsr": (".",), "syscalls": ("2000",)}
@@ -118,7 +118,7 @@ def run_calibration(opts: CalibrationOptions, raw_path: Path | None = None, prog
         "kernel": platform.release(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpus": os.cpu_count(),
-        "supervisor": f"supervisor.c sha256 {source_hash()}",
+        "supervisor": source_record(),
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
         "options": {"guests": list(opts.guests), "repeat": opts.repeat, "cpu": opts.cpu, "tree": opts.tree,
                     "stdout": "file", "unpinned": opts.unpinned},

@@ -1,0 +1,223 @@
+/*
+ * descriptors.c: the descriptor side of the supervisor. Xen's arithmetic
+ * (tlslab.x86.xen: truncate, the expand-down twin, the access check) on
+ * struct user_desc, and the guest's TLS installs: set_thread_area and
+ * modify_ldt seen at their seccomp stop and their exit, the descriptors a new
+ * task inherits or gets from CLONE_SETTLS, and the per-slot states (truncated
+ * expand-up, its expand-down twin, online-probe's empty descriptor) that the
+ * strategies switch between.
+ *
+ * Only the TLS slots of the GDT (entries 12..14) can be rewritten by a
+ * tracer; LDT descriptors (modify_ldt) are truncated by rewriting the
+ * struct user_desc in guest memory at syscall entry.
+ */
+#include "supervisor.h"
+
+
+/* Same arithmetic as tlslab.x86.xen.truncate / flip, on struct user_desc. */
+static uint64_t eff_limit(const struct udesc *d) {
+    return (d->flags & F_PAGES) ? ((uint64_t)(d->limit & 0xFFFFF) << 12 | 0xFFF) : (d->limit & 0xFFFFF);
+}
+
+static struct udesc truncate_desc(struct udesc d, uint32_t hv) {
+    d.limit &= 0xFFFFF;
+    if (d.flags & F_NP) return d;
+    if (F_CONTENTS(d.flags) == 1) { /* expand-down data */
+        uint64_t lim = eff_limit(&d), upper = (d.flags & F_32) ? 0xFFFFFFFFu : 0xFFFFu;
+        if (lim >= upper) return d; /* admits nothing */
+        uint64_t last_linear = ((uint64_t)d.base + upper) & 0xFFFFFFFFu;
+        if (last_linear >= hv) { d.flags |= F_NP; return d; }
+        uint64_t first_safe = upper > last_linear ? upper - last_linear : 0;
+        if (lim + 1 >= first_safe) return d;
+        uint64_t needed = first_safe - 1;
+        if (d.flags & F_PAGES) { d.limit = (uint32_t)(needed >> 12); return d; }
+        if (needed > 0xFFFFF) { d.flags |= F_NP; return d; }
+        d.limit = (uint32_t)needed;
+        return d;
+    }
+    if (d.base >= hv) { d.flags |= F_NP; return d; }
+    uint64_t max_limit = (uint64_t)hv - 1 - d.base;
+    if (eff_limit(&d) <= max_limit) return d;
+    if (!(d.flags & F_PAGES)) { d.limit = (uint32_t)max_limit; return d; }
+    if (max_limit < 0xFFF) { d.flags |= F_NP; return d; }
+    d.limit = (uint32_t)((max_limit - 0xFFF) >> 12);
+    return d;
+}
+
+static int64_t truncated_flat_limit(uint32_t base, uint32_t hv) {
+    if ((uint64_t)base > (uint64_t)hv - 0x1000) return -1;
+    return (int64_t)(((uint64_t)hv - base) >> 12) - 1;
+}
+
+static uint32_t expand_down_flat_limit(uint32_t base) {
+    return (uint32_t)(((0x100000000ull - (base & ~0xFFFu)) >> 12) - 1);
+}
+
+/* xen.looks_like_truncated_flat for the expand-up state */
+static int looks_like_truncated_flat_up(const struct udesc *d, uint32_t hv) {
+    if ((d->flags & F_NP) || (d->flags & F_CODE) || !(d->flags & F_32) || !(d->flags & F_PAGES))
+        return 0;
+    if (F_CONTENTS(d->flags) != 0) return 0;
+    int64_t l = truncated_flat_limit(d->base, hv);
+    return l >= 0 && (int64_t)(d->limit & 0xFFFFF) == l;
+}
+
+/* check_data_access: may an access of size bytes at offset go through d? */
+int desc_admits(const struct udesc *d, uint32_t off, int size, int write) {
+    if (d->flags & F_NP) return 0;
+    int contents = F_CONTENTS(d->flags);
+    if (contents & 2) { /* code: readable unless execute-only, never writable */
+        if (write || (d->flags & F_ROX)) return 0;
+    } else if (write && (d->flags & F_ROX)) return 0;
+    uint64_t last = (uint64_t)off + size - 1;
+    uint64_t lim = eff_limit(d);
+    if (contents == 1) {
+        uint64_t upper = (d->flags & F_32) ? 0xFFFFFFFFu : 0xFFFFu;
+        return off > lim && last <= upper;
+    }
+    return last <= lim;
+}
+
+/* the descriptor of a managed slot in state st */
+const struct udesc *slot_desc(const struct slot *s, int st) {
+    return st == ST_DOWN ? &s->dn : st == ST_EMPTY ? &s->empty : &s->up;
+}
+
+/* one entry of the JSON's "tls" list (buffered in sv->tlslog) */
+static void log_tls(struct supervisor *sv, pid_t tid, const char *how, const struct udesc *req,
+                    const struct udesc *inst, const struct udesc *dn) {
+    FILE *log = sv->tlslog;
+    fprintf(log, "%s{\"pid\":%d,\"tid\":%d,\"how\":\"%s\",\"requested\":[%u,%u,%u,%u],\"installed\":[%u,%u,%u,%u]",
+            sv->total.tls_installs + sv->total.ldt_installs > 1 ? "," : "", sv->cp ? sv->cp->pid : 0, tid, how,
+            req->entry, req->base, req->limit, req->flags, inst->entry, inst->base, inst->limit, inst->flags);
+    if (dn) fprintf(log, ",\"expand_down\":[%u,%u,%u,%u]", dn->entry, dn->base, dn->limit, dn->flags);
+    fprintf(log, "}");
+}
+
+/* Record what the guest installed in a GDT TLS slot and, if truncating, install the truncated form. */
+static void adopt_slot(struct supervisor *sv, struct thread *t, int entry, const struct udesc *requested,
+                       const char *how) {
+    struct slot *s = &t->slots[entry - TLS_FIRST];
+    /* online-site's streak belongs to the slot, not to the descriptor in it
+     * (the model keys it by (vCPU, selector)): a new install keeps it. A
+     * probe in progress ends: the model drops its record at the slot's next
+     * fault, the descriptor being no longer the empty one */
+    int64_t streak_site = s->streak_site;
+    uint64_t streak = s->streak;
+    memset(s, 0, sizeof *s);
+    s->valid = 1;
+    s->streak_site = streak_site;
+    s->streak = streak;
+    s->requested = *requested;
+    s->requested.entry = entry;
+    s->up = s->requested;
+    COUNT(sv, tls_installs);
+    if (sv->opt.strategy->truncating) {
+        s->up = truncate_desc(s->requested, sv->opt.hv_start);
+        if (memcmp(&s->up, &s->requested, sizeof s->up) && set_area(t->tid, &s->up) < 0)
+            die_setup(sv, "PTRACE_SET_THREAD_AREA", errno);
+        if (looks_like_truncated_flat_up(&s->up, sv->opt.hv_start)) {
+            s->managed = 1;
+            s->dn = s->up;
+            s->dn.flags = (s->dn.flags & ~F_CONTENTS_MASK) | F_EXPAND_DOWN;
+            s->dn.limit = expand_down_flat_limit(s->up.base);
+            /* online-probe's empty descriptor (online.probe_descriptor): expand-down,
+             * limit 0xFFFFF in pages, 32-bit, present -- it admits no offset at all, so
+             * every access faults and none reaches the hypervisor hole. Linux's
+             * set_thread_area takes contents 0 and 1 (data), so it can be installed */
+            s->empty = s->up;
+            s->empty.flags = (s->empty.flags & ~(F_CONTENTS_MASK | F_NP)) | F_EXPAND_DOWN | F_32 | F_PAGES;
+            s->empty.limit = 0xFFFFF;
+        }
+    }
+    log_tls(sv, t->tid, how, &s->requested, &s->up, s->managed ? &s->dn : NULL);
+}
+
+/* install state st in the slot (a descriptor write that settles the fault:
+ * the instruction restarts) */
+void install_state(struct supervisor *sv, struct thread *t, struct slot *sl, int st) {
+    if (set_area(t->tid, slot_desc(sl, st)) < 0) die_setup(sv, "PTRACE_SET_THREAD_AREA", errno);
+    sl->state = st;
+    COUNT(sv, switches);
+}
+
+/* syscall-exit of set_thread_area / modify_ldt */
+void finish_tls_syscall(struct supervisor *sv, struct thread *t) {
+    struct user_regs_struct r;
+    if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0) return;
+    int32_t ret = (int32_t)r.rax;
+    if (t->sta_is_ldt) {
+        if (t->sta_is_ldt == 2) /* restore the guest's own request in its memory */
+            write_mem(t->tid, t->sta_ptr, &t->ldt_saved, 16);
+        return;
+    }
+    if (ret != 0) return;
+    uint32_t raw[4];
+    if (read_mem(t->tid, t->sta_ptr, raw, sizeof raw) < 0) return;
+    int entry = (int)raw[0];
+    if (entry < TLS_FIRST || entry >= TLS_FIRST + TLS_SLOTS) return;
+    struct udesc req;
+    if (get_area(t->tid, entry, &req) < 0) die_setup(sv, "PTRACE_GET_THREAD_AREA", errno);
+    adopt_slot(sv, t, entry, &req, "set_thread_area");
+}
+
+/* seccomp stop of set_thread_area / modify_ldt: an LDT descriptor is truncated in guest memory here */
+void start_tls_syscall(struct supervisor *sv, struct thread *t) {
+    struct user_regs_struct r;
+    if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0) return;
+    sv->seccomp_stops++;
+    t->in_sta = 1;
+    t->sta_is_ldt = 0;
+    if ((uint32_t)r.orig_rax == NR32_MODIFY_LDT) {
+        t->sta_is_ldt = 1;
+        t->sta_ptr = (uint32_t)r.rcx;
+        uint32_t func = (uint32_t)r.rbx;
+        if ((func == 1 || func == 0x11) && sv->opt.strategy->truncating) {
+            uint32_t raw[4];
+            if (read_mem(t->tid, t->sta_ptr, raw, 16) == 0) {
+                struct udesc req = {raw[0], raw[1], raw[2], raw[3]}, tr = truncate_desc(req, sv->opt.hv_start);
+                COUNT(sv, ldt_installs);
+                tr.limit |= req.limit & ~0xFFFFFu;
+                if (memcmp(&tr, &req, sizeof tr)) {
+                    uint32_t out[4] = {tr.entry, tr.base, tr.limit, tr.flags};
+                    if (write_mem(t->tid, t->sta_ptr, out, 16) == 0) {
+                        t->ldt_saved = req;
+                        t->sta_is_ldt = 2;
+                        sv->ldt_truncated++;
+                    }
+                }
+                log_tls(sv, t->tid, "modify_ldt", &req, &tr, NULL);
+            }
+        }
+    } else {
+        t->sta_ptr = (uint32_t)r.rbx;
+    }
+}
+
+/* A new task (fork, vfork, clone), stopped before its first instruction,
+ * after its creator's event (inherit_from_creator copied the creator's slots as
+ * they were at the clone: the creator has not run since, or we copied them
+ * at its event stop). A slot the kernel still holds as inherited keeps the
+ * creator's state (truncated, or flipped: the child inherits the GDT TLS
+ * entries as they were); any other descriptor -- CLONE_SETTLS, which the
+ * kernel installs untruncated -- is adopted and truncated here, with
+ * PTRACE_SET_THREAD_AREA on the new tid, before it runs any code. */
+void adopt_new_thread(struct supervisor *sv, struct thread *t) {
+    t->adopted = 1;
+    for (int e = TLS_FIRST; e < TLS_FIRST + TLS_SLOTS; e++) {
+        struct slot *ts = &t->slots[e - TLS_FIRST];
+        struct udesc d;
+        if (get_area(t->tid, e, &d) < 0) continue;
+        if (!d.base && !d.limit && (d.flags & F_NP)) { memset(ts, 0, sizeof *ts); continue; } /* empty */
+        /* a probe in progress stays its creator's: an empty descriptor inherited
+         * here is an orphan, restored at the new task's first fault */
+        ts->probing = 0;
+        if (ts->valid) {
+            struct udesc cur = ts->managed ? *slot_desc(ts, ts->state) : ts->up;
+            if (cur.base == d.base && (cur.limit & 0xFFFFF) == (d.limit & 0xFFFFF) &&
+                (cur.flags & 0x7F) == (d.flags & 0x7F))
+                continue; /* inherited as it was */
+        }
+        adopt_slot(sv, t, e, &d, "clone");
+    }
+}
