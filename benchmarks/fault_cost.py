@@ -9,7 +9,10 @@ backend, native then emulate then flip, so drift hits all alike:
 
   per-fault overhead = (wall of the strategy run - wall of the native run) / faults
 
-computed per round and reported as the median of the rounds. Model wall time is
+computed per round and reported as the median of the rounds. "model" is the
+default, where the access hook settles emulate and flip faults itself
+(tlslab/machine/settle.py); "model-python" takes every fault through the
+Python strategy (``Domain(settle=False)``), the path before. Model wall time is
 the run loop (``RunResult.wall_seconds``, ELF load excluded), faults are the
 strategy's #GP traps; hw wall time is exec to reaped (``HwResult.run_seconds``),
 faults the supervisor's count. Each round also times machine_speed.py's
@@ -33,16 +36,17 @@ sys.path.insert(0, str(HERE))
 
 from machine_speed import one_run  # noqa: E402
 
-from tlslab.experiment import RunSpec, execute  # noqa: E402
+from tlslab.experiment import RunSpec, make_domain  # noqa: E402
 from tlslab.guests import resolve_guest  # noqa: E402
 from tlslab.hw.backend import HwError, run_spec  # noqa: E402
 
 STRATEGIES = ("native", "emulate", "flip")
 
 
-def model_run(strategy: str, tree: str) -> tuple[float, int]:
-    """(run-loop seconds, #GP traps) of one model run."""
-    result, _ = execute(RunSpec("lsr", strategy=strategy, tree=tree, stdout="null"))
+def model_run(strategy: str, tree: str, settle: bool = True) -> tuple[float, int]:
+    """(run-loop seconds, #GP traps) of one model run (``settle=False``: every fault through Python)."""
+    domain, _ = make_domain(RunSpec("lsr", strategy=strategy, tree=tree, stdout="null"), settle=settle)
+    result = domain.run()
     assert result.ok and result.status == 0, f"model {strategy}: lsr exited {result.status} {result.crash}"
     return result.wall_seconds, int(result.counters["strategy"]["traps"])
 
@@ -85,9 +89,10 @@ def main(argv=None) -> int:
     except HwError as exc:
         hw_reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
-    model_rounds, hw_rounds, ips_on, ips_off = [], [], [], []
+    model_rounds, python_rounds, hw_rounds, ips_on, ips_off = [], [], [], [], []
     for _ in range(args.rounds):
         model_rounds.append({s: model_run(s, args.tree) for s in STRATEGIES})
+        python_rounds.append({s: model_run(s, args.tree, settle=False) for s in STRATEGIES})
         if hw_reason is None:
             try:
                 hw_rounds.append({s: hw_run(s, args.tree, args.cpu) for s in STRATEGIES})
@@ -98,7 +103,7 @@ def main(argv=None) -> int:
         ips_on.append(instructions / t_on)
         ips_off.append(instructions / t_off)
 
-    for backend, rounds in (("model", model_rounds), ("hw", hw_rounds)):
+    for backend, rounds in (("model", model_rounds), ("model-python", python_rounds), ("hw", hw_rounds)):
         if backend == "hw" and hw_reason is not None:
             for s in STRATEGIES[1:]:
                 print(f"hw {s} unavailable: {hw_reason}")

@@ -100,7 +100,7 @@ def test_recompiled_c_variant_is_detected(tmp_path):
     variant.write_text(source.replace(anchor, anchor.replace("slot;", "slot, inserted;"), 1))
     lib_path = tmp_path / "variant.so"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(lib_path), str(variant)], check=True)
+    subprocess.run([cc, *fp.COMPILE_FLAGS, "-o", str(lib_path), str(variant), str(fp.CORE_SOURCE)], check=True)
     fields, sizes = fp.c_layout(ctypes.CDLL(str(lib_path)))
     assert sizes["window"] == ctypes.sizeof(fp.Window) + 4
     with pytest.raises(fp.FastpathLayoutError, match=r"struct window field pad: C offset 24 size 4, "

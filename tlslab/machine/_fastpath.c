@@ -4,12 +4,16 @@
  * callback plus reg_read(EIP) costs ~5 us; a ~1.6 M-instruction guest makes
  * ~12,000 fs/gs accesses and ~300,000 block entries).
  *
- * This file holds *no* x86 semantics. It is a memo in front of Python:
- *   - which segment an instruction at EIP uses     -> asked once per site
- *   - whether (descriptor, offset, size, write) is allowed -> asked once per key
+ * This file holds no x86 semantics of its own. Whether (descriptor, offset,
+ * size, write) is allowed is the shared native core's segment check
+ * (tlslab/x86/_core.c: tc_check, held to tlslab.x86.segcheck by
+ * tests/test_core_differential.py; the ptrace supervisor uses the same core).
+ * The rest is a memo in front of Python:
+ *   - which segment an instruction at EIP uses, and whether a fault there may
+ *     be settled here                           -> asked once per site
  *   - how many instructions a translation block has -> asked once per block
- * and counters. All answers come from tlslab.x86 through callbacks, so the
- * pure-Python semantics stay the single source of truth.
+ *   - what the strategy's flip rule gives        -> asked once per key
+ * and counters.
  *
  * Window mechanism (see tlslab/machine/layout.py): the base Unicorn sees for
  * fs/gs points into a window region above guest user space where every guest
@@ -43,6 +47,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "_core.h"
+
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 /* how the instruction at eip uses segments, packed 4 bits each (tlslab.x86.segusage):
  * fs/gs prefix (0 none), read register, write register, second read register (15 none) */
@@ -60,6 +66,7 @@ typedef int (*emu_stop_fn)(void *uc);
 
 #define SITE_SLOTS (1u << 15)
 #define FLIP_SLOTS (1u << 14)
+#define GENERATION_SLOTS 4096u  /* descriptors the core checks directly; later ones ask Python (segcheck) */
 #define VERDICT_SLOTS (1u << 16)
 #define BLOCK_SLOTS (1u << 18)
 #define ALIAS_SLOTS 8192
@@ -192,6 +199,8 @@ struct fastpath {
     struct alias_region alias[ALIAS_SLOTS];   /* sorted by start */
     uint64_t flip_keys[FLIP_SLOTS];           /* key + 1, 0 = empty: (generation, offset, size) */
     int64_t flip_values[FLIP_SLOTS];
+    tc_descriptor generations[GENERATION_SLOTS];   /* the descriptor behind each generation number */
+    uint8_t generation_known[GENERATION_SLOTS];
 };
 
 size_t fp_sizeof(void) { return sizeof(struct fastpath); }
@@ -244,7 +253,7 @@ static const struct fp_layout_row fp_layout_rows[] = {
     FP_FIELD(fastpath, settle), FP_FIELD(fastpath, exit), FP_FIELD(fastpath, windows), FP_FIELD(fastpath, stats),
     FP_FIELD(fastpath, sites), FP_FIELD(fastpath, verdict_keys), FP_FIELD(fastpath, verdict_values),
     FP_FIELD(fastpath, blocks), FP_FIELD(fastpath, alias), FP_FIELD(fastpath, flip_keys),
-    FP_FIELD(fastpath, flip_values),
+    FP_FIELD(fastpath, flip_values), FP_FIELD(fastpath, generations), FP_FIELD(fastpath, generation_known),
 };
 
 /* Row i of the table: 1 and its values, or 0 past the end. */
@@ -372,9 +381,20 @@ static int64_t lookup_flip(struct fastpath *fp, int slot, uint32_t generation, u
     return fp->settle.flip_target(slot, generation, offset, size);
 }
 
+/* Python interned a descriptor (8 bytes as in the GDT) under `generation`: the core checks it here. */
+void fp_set_generation(struct fastpath *fp, uint32_t generation, uint64_t raw)
+{
+    if (generation >= GENERATION_SLOTS)
+        return;
+    tc_descriptor_decode(raw, &fp->generations[generation]);
+    fp->generation_known[generation] = 1;
+}
+
 static int lookup_verdict(struct fastpath *fp, int seg, uint32_t generation,
                           uint32_t offset, int size, int write)
 {
+    if (generation < GENERATION_SLOTS && fp->generation_known[generation])
+        return tc_check(&fp->generations[generation], offset, (uint32_t)size, write) == TC_ACCESS_ALLOWED;
     uint64_t key = ((uint64_t)(generation & 0xffffff) << 40) ^ ((uint64_t)(seg & 7) << 37) ^
                    ((uint64_t)(write & 1) << 36) ^ ((uint64_t)(size & 15) << 32) ^ offset;
     uint32_t i = mix32(key) & (VERDICT_SLOTS - 1);

@@ -1,19 +1,15 @@
 """Build, load and wire the C fast path (``_fastpath.c``).
 
-The C file is a memo and a counter bank in front of Python callbacks; it holds
-no x86 semantics (see its header comment for why it exists at all). It is
-compiled on first use with the host C compiler into a cache directory keyed by
-the source hash, so a fresh clone needs no build step beyond ``cc``.
+The C file judges every fs/gs access with the shared x86 core's segment check
+(``tlslab/x86/_core.c``) and is otherwise a memo and a counter bank in front
+of Python callbacks (see its header comment for why it exists at all). It is
+compiled with the core on first use (:mod:`tlslab.x86.cbuild`: a cache keyed
+by the sources' hash), so a fresh clone needs no build step beyond ``cc``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +38,8 @@ def _free_buffers(buffers: list) -> None:
         _libc.munmap(address, size)
 
 from unicorn.unicorn_py3.unicorn import uclib
+
+from tlslab.x86 import cbuild, core
 
 SOURCE = Path(__file__).with_name("_fastpath.c")
 
@@ -270,34 +268,17 @@ def check_layout(fields: dict[str, list[tuple[str, int, int]]], sizes: dict[str,
                                       f"the Python header's {py_size}")
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("TLSLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tlslab")
-    return Path(root)
-
-
-def library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    return cache_dir() / f"fastpath-{digest}.so"
+CORE_SOURCE = Path(core.__file__).with_name("_core.c")
+CORE_HEADER = CORE_SOURCE.with_name("_core.h")
+COMPILE_FLAGS = (*cbuild.DEFAULT_FLAGS, "-I", str(CORE_SOURCE.parent))
 
 
 def build_library() -> Path:
-    """Compile ``_fastpath.c`` once per source version; safe under concurrency."""
-    target = library_path()
-    if target.exists():
-        return target
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise FastpathBuildError("no C compiler found (install gcc): the machine's fast path is compiled on first use")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
-    cmd = [cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise FastpathBuildError(f"compiling {SOURCE.name} failed: {proc.stderr.strip().splitlines()[:1]}")
-    os.replace(tmp, target)  # atomic: concurrent builders race harmlessly
-    return target
+    """Compile ``_fastpath.c`` with the shared x86 core once per source version (tlslab.x86.cbuild)."""
+    try:
+        return cbuild.build_shared_library("fastpath", [SOURCE, CORE_SOURCE], [CORE_HEADER], COMPILE_FLAGS)
+    except cbuild.CBuildError as exc:
+        raise FastpathBuildError(f"the machine's fast path: {exc}") from None
 
 
 _LIB: ctypes.CDLL | None = None
@@ -338,6 +319,8 @@ def load_library() -> ctypes.CDLL:
         lib.fp_forget_sites.restype = None
         lib.fp_set_aliases.argtypes = [ctypes.c_void_p] + [ctypes.c_void_p] * 4 + [ctypes.c_int]
         lib.fp_set_aliases.restype = ctypes.c_int
+        lib.fp_set_generation.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64]
+        lib.fp_set_generation.restype = None
         for name in ("fp_reset_sites", "fp_reset_verdicts", "fp_reset_blocks", "fp_reset_flips"):
             getattr(lib, name).argtypes = [ctypes.c_void_p]
             getattr(lib, name).restype = None
@@ -484,6 +467,10 @@ class Fastpath:
 
     def reset_sites(self) -> None:
         self.lib.fp_reset_sites(self.address)
+
+    def set_generation(self, generation: int, raw: bytes) -> None:
+        """The descriptor (its 8 GDT bytes) a generation number stands for: checked by the core."""
+        self.lib.fp_set_generation(self.address, generation, int.from_bytes(raw, "little"))
 
     def settle_in_hook(self, mode: int, segments: int, flip_target=None) -> None:
         """Let the hook settle faults itself (``SETTLE_*``; ``segments``: bit per register number);

@@ -346,7 +346,12 @@ class VCpu:
 
     # ------------------------------------------------------------ segments
     def generation_of(self, desc: SegmentDescriptor) -> int:
-        return self.views.generation_of(desc)
+        """The number the fast path knows ``desc`` by (interned; the core checks accesses against it)."""
+        known = len(self.views)
+        gen = self.views.generation_of(desc)
+        if gen >= known and self._fast is not None and self.checks:
+            self._fast.set_generation(gen, desc.to_bytes())
+        return gen
 
     @property
     def loaded(self) -> dict[str, int]:

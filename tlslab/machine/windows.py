@@ -37,6 +37,10 @@ class DescriptorViews:
             self._by_generation.append(desc)
         return gen
 
+    def __len__(self) -> int:
+        """How many descriptors have a generation number."""
+        return len(self._by_generation)
+
     def descriptor(self, generation: int) -> SegmentDescriptor:
         return self._by_generation[generation]
 
