@@ -505,3 +505,48 @@ def test_core_layout_matches_the_mirrors(monkeypatch):
     monkeypatch.setitem(core._MIRRORS, "tc_regs", Swapped)
     with pytest.raises(core.CoreLayoutError, match="tc_regs"):
         core.check_layout(lib)
+
+
+# --------------------------------------------------------------------------- the default matrix's programs
+def _matrix_rows_from_a_root():
+    """Native model cells of the default bench matrix whose programs come from a root filesystem (Debian's
+    ls, dash, busybox and every library they load): their code is not in guests/bin."""
+    from tlslab.bench.spec import load_spec
+
+    rows = {}
+    for cell in load_spec().cells():
+        if cell.backend == "unicorn" and cell.spec.strategy == "native" and cell.spec.rootfs and not cell.skip:
+            rows.setdefault(cell.workload, cell)
+    return list(rows.values())
+
+
+ROOT_ROWS = _matrix_rows_from_a_root()
+
+
+@pytest.mark.parametrize("cell", ROOT_ROWS, ids=[c.workload for c in ROOT_ROWS])
+def test_every_fs_gs_site_a_default_matrix_row_executes_agrees(cell):
+    """Every fs/gs instruction a run of the row executes (all its processes and libraries), read from the
+    file it was mapped from, decodes (and emulates, from random states) the same through both."""
+    from tlslab.experiment import make_domain
+
+    domain, _ = make_domain(cell.spec)
+    result = domain.run()
+    assert result.ok, result.crash
+    codes = set()
+    for site in result.sites:
+        _symbol, code = domain.site_code(site)
+        count = 0
+        while count < len(code) and code[count] in PREFIXES:
+            count += 1
+        if {0x64, 0x65} & set(code[:count]):  # site_code reads the file the site's program mapped there;
+            codes.add(code)                   # where it cannot tell which program, the bytes are not an
+                                              # fs/gs instruction and are left out
+    src = RandomSource(0x51735)
+    decoded = 0
+    for code in sorted(codes):
+        insn = assert_decode_agrees(code, random_registers(src))
+        if insn is not None:
+            decoded += 1
+            for _ in range(4):
+                _emulate_case(src, code)
+    assert len(codes) >= 10 and decoded == len(codes), (len(codes), decoded)
