@@ -1,8 +1,9 @@
 """The hw supervisor on its own: build, descriptor policy, C emulator semantics, fallback, threads.
 
-The C emulator is checked against the CPU itself: a program exercising every
-%gs form the supervisor performs (ALU ops with all flag outcomes, 8/16/32-bit,
-movzx/movsx, xchg, cmpxchg, xadd, push/pop, call, SIB) on a negative TLS
+The emulation the supervisor runs (the shared x86 core's, tlslab/x86/_core.c) is
+checked against the CPU itself: a program exercising every %gs form the core
+performs (ALU ops with all flag outcomes, 8/16/32-bit, movzx/movsx, xchg,
+cmpxchg, xadd, not/neg, push/pop, call/jmp, SIB, LOCK) on a negative TLS
 offset must print exactly what it prints untraced.
 """
 
@@ -66,6 +67,11 @@ int main(void) {
         { uint32_t r; tv[0] = seed; __asm__ volatile("testb $1, %%gs:(%1)\n\tsetz %%al\n\tmovzbl %%al, %0" : "=a"(r) : "r"(o) : "cc", "memory"); show("testb", r, 0); }
         { tv[0] = seed; __asm__ volatile("movb $0x77, %%gs:3(%0)\n\tmovw $0x1234, %%gs:(%0)" : : "r"(o) : "memory"); show("movimm", 0, 0); }
         { uint32_t r; tv[3] = (uint32_t)(uintptr_t)target; __asm__ volatile("call *%%gs:12(%1)" : "=a"(r) : "r"(o) : "ecx", "edx", "memory"); show("call", r, 0); }
+        { tv[3] = (uint32_t)(uintptr_t)&&landed; __asm__ goto("jmp *%%gs:12(%0)" : : "r"(o) : "memory" : landed); puts("jmp fell through"); landed: show("jmp", tv[3] == (uint32_t)(uintptr_t)&&landed, 0); }
+        { uint32_t f; tv[0] = seed; __asm__ volatile("pushl $0x8d7\n\tpopfl\n\tnotl %%gs:(%1)\n\tpushf\n\tpop %0" : "=r"(f) : "r"(o) : "cc", "memory"); show("notl", 0, f & 0x8D5); }
+        { uint32_t f; tv[0] = seed; __asm__ volatile("clc\n\tnegl %%gs:(%1)\n\tpushf\n\tpop %0" : "=r"(f) : "r"(o) : "cc", "memory"); show("negl", 0, f & 0x8D5); }
+        { uint32_t f; tv[0] = seed; __asm__ volatile("stc\n\tnegb %%gs:1(%1)\n\tpushf\n\tpop %0" : "=r"(f) : "r"(o) : "cc", "memory"); show("negb", 0, f & 0x8D5); }
+        { uint32_t f; tv[0] = seed; __asm__ volatile("stc\n\tlock orl $0x100, %%gs:(%1)\n\tpushf\n\tpop %0" : "=r"(f) : "r"(o) : "cc", "memory"); show("lock-or", 0, f & 0x8D5); }
         { char dst[8] = {0}; tv[0] = seed; tv[1] = ~seed; __asm__ volatile("cld\n\trep movsb %%gs:(%%esi), %%es:(%%edi)" : : "S"(o), "D"(dst), "c"(8) : "memory");
           uint32_t a, b; __builtin_memcpy(&a, dst, 4); __builtin_memcpy(&b, dst + 4, 4); show("rep-movsb", a ^ b, 0); }
     }
@@ -131,6 +137,31 @@ int main(void) {
 }
 """
 
+# instructions the core refuses to decode: longer than 15 bytes (#GP on the CPU too), and LOCK on
+# a mov (#UD, which the CPU raises before any segment check: no #GP, the supervisor never sees it)
+BADFORMS_C = r"""
+#include <stdio.h>
+#include <string.h>
+#include <stdint.h>
+static __thread uint32_t tv[4];
+int main(int argc, char **argv) {
+    int o = (int)((char *)&tv[0] - (char *)__builtin_thread_pointer());
+    uint32_t v = 0;
+    tv[0] = 7;
+    __asm__ volatile("movl %%gs:(%1), %0" : "=r"(v) : "r"(o) : "memory"); /* an ordinary fault first */
+    printf("before %u\n", v);
+    fflush(stdout);
+    if (argc < 2) return 0;
+    if (!strcmp(argv[1], "long")) /* 14 gs prefixes + 8b 00: 16 bytes */
+        __asm__ volatile(".byte 0x65,0x65,0x65,0x65,0x65,0x65,0x65,0x65,0x65,0x65,0x65,0x65,0x65,0x65,0x8b,0x00"
+                         : "=a"(v) : "a"(o) : "memory");
+    else /* lock movl %gs:(%eax), %eax */
+        __asm__ volatile(".byte 0xf0,0x65,0x8b,0x00" : "=a"(v) : "a"(o) : "memory");
+    printf("after %u\n", v);
+    return 0;
+}
+"""
+
 
 def _unavailable(reason: str):
     unavailable(f"hw backend: {reason}")
@@ -142,7 +173,7 @@ def progs(tmp_path_factory):
     out = tmp_path_factory.mktemp("hwprogs")
     built = {}
     for name, src, extra in (("semantics", SEMANTICS_C, []), ("threads", THREADS_C, ["-pthread"]),
-                             ("genuine", GENUINE_C, []), ("fork", FORK_C, [])):
+                             ("genuine", GENUINE_C, []), ("fork", FORK_C, []), ("badforms", BADFORMS_C, [])):
         (out / f"{name}.c").write_text(src)
         r = subprocess.run([*CFLAGS, *extra, "-o", str(out / name), str(out / f"{name}.c")], capture_output=True)
         if r.returncode:
@@ -169,25 +200,32 @@ def test_build_is_cached_by_source_hash(tmp_path, monkeypatch):
 
 
 def test_source_hash_covers_every_source_and_header(tmp_path, monkeypatch):
-    """A change to any .c or .h file of the supervisor, or a new one, makes a new build."""
+    """A change to any .c or .h file of the supervisor, or a new one, or to the shared x86 core it is
+    compiled with, makes a new build."""
     copy = tmp_path / "supervisor"
     shutil.copytree(build.SOURCE_DIR, copy)
     monkeypatch.setattr(build, "SOURCE_DIR", copy)
+    core = tmp_path / "x86"
+    core.mkdir()
+    for path in build.CORE_SOURCES:
+        shutil.copy(path, core / path.name)
+    monkeypatch.setattr(build, "CORE_SOURCES", tuple(core / p.name for p in build.CORE_SOURCES))
     names = [p.name for p in build.sources()]
     assert "main.c" in names and "supervisor.h" in names and names == sorted(names)
+    assert [p.name for p in build.build_inputs()] == [*names, "_core.c", "_core.h"]
     seen = {source_hash()}
-    for name in ("supervisor.h", "decode.h", "faults.c"):
-        with open(copy / name, "a") as f:
+    for path in (copy / "supervisor.h", copy / "decode.h", copy / "faults.c", core / "_core.c", core / "_core.h"):
+        with open(path, "a") as f:
             f.write("\n")
         seen.add(source_hash())
     (copy / "extra.h").write_text("/* new */\n")
     seen.add(source_hash())
-    assert len(seen) == 5
+    assert len(seen) == 7
 
 
 @pytest.mark.parametrize("mode", ["emulate", "step", "flip"])
 def test_emulator_semantics_match_the_cpu(progs, mode):
-    """Every form the C emulator performs gives the CPU's own result and flags."""
+    """Every form the core emulates gives the CPU's own result and flags."""
     exe = progs["semantics"]
     want = native_stdout(exe)
     r = run_hw(exe, strategy="flip" if mode == "flip" else "emulate", tree=None, step_only=(mode == "step"))
@@ -219,6 +257,28 @@ def test_genuine_fault_is_delivered(progs, strategy):
     assert r.summary["delivered"] == 1
     if strategy == "emulate":
         assert "UNSAFE" in r.summary["first_delivered"]
+
+
+@pytest.mark.parametrize("strategy", ["emulate", "flip"])
+def test_forms_the_core_refuses_behave_as_on_the_cpu(progs, strategy):
+    """Longer than 15 bytes: the core refuses it, the step fallback (emulate) or a flip each way (flip)
+    faults again, and the guest gets the SIGSEGV it gets natively. LOCK mov: #UD comes before the
+    segment check, so there is no #GP to answer: SIGILL, natively and traced alike."""
+    exe = progs["badforms"]
+    plain = run_hw(exe, argv=[exe], strategy=strategy, tree=None, stdout="file")  # stops before either
+    assert plain.ok and plain.status == 0 and plain.stdout == b"before 7\n" and plain.faults > 0
+    native = subprocess.run([exe, "long"], capture_output=True, timeout=60)
+    assert native.returncode == -11 and native.stdout == b"before 7\n"
+    r = run_hw(exe, argv=[exe, "long"], strategy=strategy, tree=None, stdout="file")
+    assert r.signal == 11 and r.stdout == b"before 7\n"
+    tries = 1 if strategy == "emulate" else 2  # stepped once / flipped down, then faulted in both states
+    assert r.faults == plain.faults + tries and r.summary["delivered"] == 1
+    assert r.decoder_misses == {"longer than 15 bytes": tries}
+    native = subprocess.run([exe, "lock"], capture_output=True, timeout=60)
+    assert native.returncode == -4 and native.stdout == b"before 7\n"
+    r = run_hw(exe, argv=[exe, "lock"], strategy=strategy, tree=None, stdout="file")
+    assert r.signal == 4 and r.stdout == b"before 7\n"
+    assert r.faults == plain.faults and r.summary["delivered"] == 0 and r.decoder_misses == {}
 
 
 @pytest.mark.parametrize("strategy", ["emulate", "flip"])

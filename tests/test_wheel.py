@@ -22,7 +22,7 @@ import pytest
 
 from benchkit import ROOT, TINY
 from conftest import unavailable
-from tlslab.hw.build import sources as supervisor_sources
+from tlslab.hw.build import package_files as supervisor_files
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +71,9 @@ def installed(tmp_path_factory) -> Path:
                    "tlslab/_guests/src/lsr.c", "tlslab/_guests/boot/rc", "tlslab/bench/default.toml",
                    "tlslab/machine/_fastpath.c", "tlslab/x86/_core.c", "tlslab/x86/_core.h",
                    "tlslab/hypervisor/profiles/xen-2004.json",
-                   # the supervisor is built from these on first use: every source file and header
-                   *(f"tlslab/hw/supervisor/{p.name}" for p in supervisor_sources())):
+                   # the supervisor is built from these on first use: every source file and header,
+                   # its own and the x86 core's
+                   *(f"tlslab/{name}" for name in supervisor_files())):
         assert needed in names, needed
     env_dir = base / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)

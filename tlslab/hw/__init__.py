@@ -1,9 +1,10 @@
 """The ``hw`` backend: real static i386 programs on this host's CPU under a ptrace supervisor.
 
-The supervisor (the C files of ``supervisor/``, one concern each; compiled on first use by
-:mod:`tlslab.hw.build`)
+The supervisor (the C files of ``supervisor/``, one concern each, compiled on first use by
+:mod:`tlslab.hw.build` together with the shared x86 core ``tlslab/x86/_core.c``, which
+does its truncation, flip check, decoding and emulation exactly as for the model)
 re-installs the guest's TLS descriptor truncated below the hypervisor start
-(PTRACE_SET_THREAD_AREA, same arithmetic as :mod:`tlslab.x86.xen`) and answers
+(PTRACE_SET_THREAD_AREA) and answers
 the real #GP (SIGSEGV) stops with emulate, flip, or the online strategies
 online-site and online-probe (the model's rules, same decisions; online-rate is
 model-only: ``backend.MODEL_ONLY``). :func:`run_hw` is the entry

@@ -1,8 +1,9 @@
 /*
- * decode.h: the supervisor's instruction decoder and emulator (decode.c).
- * Everything the supervisor knows about x86 instruction forms is behind this
- * header, so that it can be replaced in one place by the shared core
- * (tlslab/x86/_core.c, issue 14).
+ * decode.h: the faulting instruction as the supervisor sees it, and its
+ * emulation. Both are the shared x86 core's (tlslab/x86/_core.c, whose
+ * specification is tlslab.x86): decode.c only converts between the ptrace
+ * registers and the core's, and gives tc_emulate memory callbacks that apply
+ * the supervisor's safety checks and reach the tracee's memory.
  */
 #ifndef TLSLAB_SUPERVISOR_DECODE_H
 #define TLSLAB_SUPERVISOR_DECODE_H
@@ -11,38 +12,40 @@
 #include <sys/types.h>
 #include <sys/user.h>
 
-struct udesc;
+#include "_core.h"
 
-enum { K_NONE, K_MOV_LOAD, K_MOV_STORE, K_MOV_IMM, K_MOVZX, K_MOVSX, K_ALU_MR, K_ALU_RM, K_ALU_MI,
-       K_TEST_MR, K_TEST_MI, K_INC, K_DEC, K_PUSH, K_POP, K_CALL, K_JMP, K_XCHG, K_CMPXCHG, K_XADD };
+/* insn.seg: no segment override prefix (else the override's TC_ES..TC_GS) */
+#define SEG_NONE -1
 
-/* insn.seg: the segment override prefix (the segment register number for fs and gs) */
-#define SEG_NONE -1  /* none */
-#define SEG_OTHER -2 /* es, cs, ss or ds */
-#define SEG_FS 4
-#define SEG_GS 5
-
+/* A faulting instruction. When the core decodes it (has_mem) it can be
+ * emulated, and the access's offset and size are known; otherwise miss says
+ * what it is (the step fallback runs it) and only seg is known. */
 struct insn {
-    int len, seg, kind, alu, size, srcsize, reg, has_mem, known_len, lock, rep, addr16, opsize16;
-    uint32_t off, imm;
-    int uses_esp_after_pop;
-    char miss[32];
+    tc_insn core;   /* tc_decode's record, valid when has_mem */
+    int has_mem;    /* tc_decode said TC_DECODE_OK */
+    int seg;        /* the segment override prefix: TC_FS, TC_GS, another TC_*, or SEG_NONE */
+    uint32_t off;   /* the memory operand's offset (tc_effective_offset, registers before the instruction) */
+    uint32_t size;  /* bytes accessed there (core.memory_size) */
+    int len;        /* length in bytes, 0: unknown */
+    char miss[32];  /* why the core does not emulate it ("": it does) */
 };
 
-/* an emulated access: the guest's task, the segment as the guest asked for it
- * (the access must fit it) and the hypervisor start (no access reaches it);
- * why: the reason when emulate refuses */
+/* an emulated access: the guest's task, the faulting segment register and
+ * the descriptor the guest asked for there (the access must fit it), the
+ * hypervisor start (no access through it reaches it); why: the reason when
+ * emulate refuses */
 struct ctx {
     pid_t tid;
-    const struct udesc *requested;
+    int seg;
+    tc_descriptor requested;
     uint32_t hv_start;
-    int refused;
     char why[160];
 };
 
-/* Decode prefixes, opcode, ModRM/SIB/disp, immediate; compute the offset from regs. */
+/* Decode with the core (n bytes at b) and compute the offset from regs. */
 void decode(const uint8_t *b, int n, const struct user_regs_struct *r, struct insn *in);
-/* returns 0 done, -1 refused (deliver SIGSEGV); registers updated in r */
+/* Emulate a decoded instruction (in->has_mem) with the core: 0 done
+ * (registers, EFLAGS and EIP updated in r), -1 refused (c->why: deliver SIGSEGV). */
 int emulate(struct ctx *c, const struct insn *in, struct user_regs_struct *r);
 
 #endif

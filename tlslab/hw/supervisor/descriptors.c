@@ -1,11 +1,12 @@
 /*
  * descriptors.c: the descriptor side of the supervisor. Xen's arithmetic
- * (tlslab.x86.xen: truncate, the expand-down twin, the access check) on
- * struct user_desc, and the guest's TLS installs: set_thread_area and
- * modify_ldt seen at their seccomp stop and their exit, the descriptors a new
- * task inherits or gets from CLONE_SETTLS, and the per-slot states (truncated
- * expand-up, its expand-down twin, online-probe's empty descriptor) that the
- * strategies switch between.
+ * (truncate, the expand-down twin, the access check) is the shared core's
+ * (tc_truncate, tc_flip, tc_check in tlslab/x86/_core.c); here struct
+ * user_desc is converted to its tc_descriptor and back. And the guest's TLS
+ * installs: set_thread_area and modify_ldt seen at their seccomp stop and
+ * their exit, the descriptors a new task inherits or gets from CLONE_SETTLS,
+ * and the per-slot states (truncated expand-up, its expand-down twin,
+ * online-probe's empty descriptor) that the strategies switch between.
  *
  * Only the TLS slots of the GDT (entries 12..14) can be rewritten by a
  * tracer; LDT descriptors (modify_ldt) are truncated by rewriting the
@@ -14,68 +15,51 @@
 #include "supervisor.h"
 
 
-/* Same arithmetic as tlslab.x86.xen.truncate / flip, on struct user_desc. */
-static uint64_t eff_limit(const struct udesc *d) {
-    return (d->flags & F_PAGES) ? ((uint64_t)(d->limit & 0xFFFFF) << 12 | 0xFFF) : (d->limit & 0xFFFFF);
+/* struct user_desc's flags and the core's descriptor fields (the kernel's
+ * fill_ldt: type = accessed | !read_exec_only << 1 | contents << 2; S = 1,
+ * DPL = 3). Flag bits above lm are not the descriptor's: kept from shape. */
+void udesc_to_core(const struct udesc *u, tc_descriptor *d) {
+    memset(d, 0, sizeof *d);
+    d->base = u->base;
+    d->limit = u->limit & 0xFFFFF;
+    d->accessed = 1;
+    d->rw = !(u->flags & F_ROX);
+    d->dc = F_CONTENTS(u->flags) & 1;
+    d->executable = F_CONTENTS(u->flags) >> 1;
+    d->s = 1;
+    d->dpl = 3;
+    d->present = !(u->flags & F_NP);
+    d->avl = !!(u->flags & F_USEABLE);
+    d->l = !!(u->flags & F_LM);
+    d->db = u->flags & F_32;
+    d->granularity = !!(u->flags & F_PAGES);
 }
 
-static struct udesc truncate_desc(struct udesc d, uint32_t hv) {
-    d.limit &= 0xFFFFF;
-    if (d.flags & F_NP) return d;
-    if (F_CONTENTS(d.flags) == 1) { /* expand-down data */
-        uint64_t lim = eff_limit(&d), upper = (d.flags & F_32) ? 0xFFFFFFFFu : 0xFFFFu;
-        if (lim >= upper) return d; /* admits nothing */
-        uint64_t last_linear = ((uint64_t)d.base + upper) & 0xFFFFFFFFu;
-        if (last_linear >= hv) { d.flags |= F_NP; return d; }
-        uint64_t first_safe = upper > last_linear ? upper - last_linear : 0;
-        if (lim + 1 >= first_safe) return d;
-        uint64_t needed = first_safe - 1;
-        if (d.flags & F_PAGES) { d.limit = (uint32_t)(needed >> 12); return d; }
-        if (needed > 0xFFFFF) { d.flags |= F_NP; return d; }
-        d.limit = (uint32_t)needed;
-        return d;
-    }
-    if (d.base >= hv) { d.flags |= F_NP; return d; }
-    uint64_t max_limit = (uint64_t)hv - 1 - d.base;
-    if (eff_limit(&d) <= max_limit) return d;
-    if (!(d.flags & F_PAGES)) { d.limit = (uint32_t)max_limit; return d; }
-    if (max_limit < 0xFFF) { d.flags |= F_NP; return d; }
-    d.limit = (uint32_t)((max_limit - 0xFFF) >> 12);
-    return d;
+static struct udesc udesc_from_core(const struct udesc *shape, const tc_descriptor *d) {
+    struct udesc u = *shape;
+    u.limit = d->limit & 0xFFFFF;
+    u.flags = (shape->flags & ~0xFFu) | (d->db ? F_32 : 0) | (uint32_t)(d->dc | d->executable << 1) << 1 |
+              (d->rw ? 0 : F_ROX) | (d->granularity ? F_PAGES : 0) | (d->present ? 0 : F_NP) |
+              (d->avl ? F_USEABLE : 0) | (d->l ? F_LM : 0);
+    return u;
 }
 
-static int64_t truncated_flat_limit(uint32_t base, uint32_t hv) {
-    if ((uint64_t)base > (uint64_t)hv - 0x1000) return -1;
-    return (int64_t)(((uint64_t)hv - base) >> 12) - 1;
+/* Xen's truncation of what the guest asked for (tc_truncate) */
+static struct udesc truncate_desc(const struct udesc *requested, uint32_t hv) {
+    tc_descriptor d, out;
+    udesc_to_core(requested, &d);
+    tc_truncate(&d, hv, &out);
+    return udesc_from_core(requested, &out);
 }
 
-static uint32_t expand_down_flat_limit(uint32_t base) {
-    return (uint32_t)(((0x100000000ull - (base & ~0xFFFu)) >> 12) - 1);
-}
-
-/* xen.looks_like_truncated_flat for the expand-up state */
-static int looks_like_truncated_flat_up(const struct udesc *d, uint32_t hv) {
-    if ((d->flags & F_NP) || (d->flags & F_CODE) || !(d->flags & F_32) || !(d->flags & F_PAGES))
-        return 0;
-    if (F_CONTENTS(d->flags) != 0) return 0;
-    int64_t l = truncated_flat_limit(d->base, hv);
-    return l >= 0 && (int64_t)(d->limit & 0xFFFFF) == l;
-}
-
-/* check_data_access: may an access of size bytes at offset go through d? */
-int desc_admits(const struct udesc *d, uint32_t off, int size, int write) {
-    if (d->flags & F_NP) return 0;
-    int contents = F_CONTENTS(d->flags);
-    if (contents & 2) { /* code: readable unless execute-only, never writable */
-        if (write || (d->flags & F_ROX)) return 0;
-    } else if (write && (d->flags & F_ROX)) return 0;
-    uint64_t last = (uint64_t)off + size - 1;
-    uint64_t lim = eff_limit(d);
-    if (contents == 1) {
-        uint64_t upper = (d->flags & F_32) ? 0xFFFFFFFFu : 0xFFFFu;
-        return off > lim && last <= upper;
-    }
-    return last <= lim;
+/* Xen's flip (tc_flip) of the slot's current form, for a size-byte access at
+ * off: 1 when the slot's other form admits it (the expand-down twin or the
+ * truncated expand-up form: tc_flip computes exactly the descriptors
+ * adopt_slot keeps, see there), 0 when the fault is genuine. */
+int slot_flip_admits(const struct slot *sl, uint32_t hv, uint32_t off, uint32_t size) {
+    tc_descriptor from, to;
+    udesc_to_core(sl->state == ST_DOWN ? &sl->dn : &sl->up, &from);
+    return tc_flip(&from, off, size, hv, &to);
 }
 
 /* the descriptor of a managed slot in state st */
@@ -113,14 +97,22 @@ static void adopt_slot(struct supervisor *sv, struct thread *t, int entry, const
     s->up = s->requested;
     COUNT(sv, tls_installs);
     if (sv->opt.strategy->truncating) {
-        s->up = truncate_desc(s->requested, sv->opt.hv_start);
+        s->up = truncate_desc(&s->requested, sv->opt.hv_start);
         if (memcmp(&s->up, &s->requested, sizeof s->up) && set_area(t->tid, &s->up) < 0)
             die_setup(sv, "PTRACE_SET_THREAD_AREA", errno);
-        if (looks_like_truncated_flat_up(&s->up, sv->opt.hv_start)) {
+        /* Managed: a truncated flat segment (expand-up), which Xen's flip turns
+         * into its expand-down twin for an offset above its limit. The twin is
+         * computed once here, by tc_flip itself (offset 0xFFFFFFFF is above
+         * every truncated limit; size 0: no access to admit); tc_flip of the
+         * twin gives back exactly s->up, so slot_flip_admits's verdicts are
+         * about these two descriptors. An expand-down request is never
+         * managed (tc_flip would take the empty expand-down descriptor at
+         * base 0 for a twin) */
+        tc_descriptor up, dn;
+        udesc_to_core(&s->up, &up);
+        if (!up.dc && tc_flip(&up, 0xFFFFFFFFu, 0, sv->opt.hv_start, &dn)) {
             s->managed = 1;
-            s->dn = s->up;
-            s->dn.flags = (s->dn.flags & ~F_CONTENTS_MASK) | F_EXPAND_DOWN;
-            s->dn.limit = expand_down_flat_limit(s->up.base);
+            s->dn = udesc_from_core(&s->up, &dn);
             /* online-probe's empty descriptor (online.probe_descriptor): expand-down,
              * limit 0xFFFFF in pages, 32-bit, present -- it admits no offset at all, so
              * every access faults and none reaches the hypervisor hole. Linux's
@@ -175,7 +167,7 @@ void start_tls_syscall(struct supervisor *sv, struct thread *t) {
         if ((func == 1 || func == 0x11) && sv->opt.strategy->truncating) {
             uint32_t raw[4];
             if (read_mem(t->tid, t->sta_ptr, raw, 16) == 0) {
-                struct udesc req = {raw[0], raw[1], raw[2], raw[3]}, tr = truncate_desc(req, sv->opt.hv_start);
+                struct udesc req = {raw[0], raw[1], raw[2], raw[3]}, tr = truncate_desc(&req, sv->opt.hv_start);
                 COUNT(sv, ldt_installs);
                 tr.limit |= req.limit & ~0xFFFFFu;
                 if (memcmp(&tr, &req, sizeof tr)) {

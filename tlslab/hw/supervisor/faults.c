@@ -12,7 +12,7 @@
 #include "supervisor.h"
 
 
-/* a form the decoder does not know (or a step-only fault), counted by key */
+/* a form the core does not decode (or a step-only fault), counted by key */
 static void note_miss(struct supervisor *sv, const char *key) {
     for (int i = 0; i < sv->nmisses; i++)
         if (!strcmp(sv->misses[i].key, key)) { sv->misses[i].n++; return; }
@@ -30,8 +30,8 @@ void record_delivery(struct supervisor *sv, struct site *s, uint32_t eip, const 
 }
 
 /* The sign of the faulting access's offset (its top bit, as the model's
- * `-1 if offset & 0x80000000 else 1`): +1, -1, or 0 when the decoder could
- * not compute the offset (a form it does not know before the ModRM byte).
+ * `-1 if offset & 0x80000000 else 1`): +1, -1, or 0 when the offset is
+ * unknown (a form the core does not decode).
  * Then the slot's state tells: only a negative offset faults on the
  * truncated expand-up form, only a positive one on the expand-down twin
  * (anything else is a genuine fault, refused on the way); on the empty
@@ -43,21 +43,20 @@ int access_sign(const struct slot *sl, const struct insn *in) {
 
 /* flip: the truncated expand-up form <-> its expand-down twin, and restart;
  * returns the signal to deliver (0: restart). Genuine faults are refused:
- * the other state must admit the access (xen.flip's check); for a form the
- * decoder does not know, an instruction that faults in both states. */
+ * the other state must admit the access (tc_flip's check); for a form the
+ * core does not decode, an instruction that faults in both states. */
 int flip_fault(struct supervisor *sv, struct fault *f) {
     struct thread *t = f->t;
     struct slot *sl = f->slot;
     const struct insn *in = &f->in;
     int go_down = sl->state != ST_DOWN;
-    const struct udesc *next = go_down ? &sl->dn : &sl->up;
-    if (in->has_mem && !in->miss[0]) {
-        if (!desc_admits(next, in->off, in->size, 0)) {
+    if (in->has_mem) {
+        if (!slot_flip_admits(sl, sv->opt.hv_start, in->off, in->size)) {
             record_delivery(sv, f->site, f->eip, "genuine fault: flipping does not admit the access");
             return SIGSEGV;
         }
     } else {
-        note_miss(sv, in->miss[0] ? in->miss : "no memory operand");
+        note_miss(sv, in->miss);
         if (t->last_fault_eip == f->eip && t->last_fault_flipped) {
             t->last_fault_flipped = 0;
             record_delivery(sv, f->site, f->eip, "genuine fault: faulted in both states");
@@ -73,7 +72,9 @@ int flip_fault(struct supervisor *sv, struct fault *f) {
 }
 
 /* emulate: perform the access for the guest and advance EIP; returns the
- * signal to deliver (0: done). Forms the decoder does not know (and every
+ * signal to deliver (0: done). The core emulates (decode.c: the access must
+ * fit the descriptor the guest asked for and stay below the hypervisor).
+ * Forms the core does not decode (and every
  * form under --step-only) are single-stepped once with the descriptor that
  * admits the access's sign -- the expand-down twin for a negative offset
  * (only addresses below the base: nothing in the hypervisor hole), the
@@ -84,8 +85,9 @@ int emulate_fault(struct supervisor *sv, struct fault *f) {
     struct slot *sl = f->slot;
     struct insn *in = &f->in;
     t->last_fault_flipped = 0;
-    if (!in->miss[0] && !sv->opt.step_only) {
-        struct ctx c = {t->tid, &sl->requested, sv->opt.hv_start, 0, ""};
+    if (in->has_mem && !sv->opt.step_only) {
+        struct ctx c = {.tid = t->tid, .seg = in->seg, .hv_start = sv->opt.hv_start};
+        udesc_to_core(&sl->requested, &c.requested);
         if (emulate(&c, in, &f->regs) < 0) {
             record_delivery(sv, f->site, f->eip, c.why[0] ? c.why : "cannot emulate");
             return SIGSEGV;
@@ -95,7 +97,7 @@ int emulate_fault(struct supervisor *sv, struct fault *f) {
         if (f->site) f->site->emulated++;
         return 0;
     }
-    note_miss(sv, in->miss[0] ? in->miss : "step-only");
+    note_miss(sv, in->has_mem ? "step-only" : in->miss);
     const struct udesc *with = access_sign(sl, in) > 0 ? &sl->up : &sl->dn;
     if (set_area(t->tid, with) < 0) die_setup(sv, "PTRACE_SET_THREAD_AREA", errno);
     COUNT(sv, switches);
@@ -144,7 +146,7 @@ static void count_fault(struct supervisor *sv, const struct fault *f, const uint
     if (!s) return;
     s->faults++;
     s->seg = in->seg;
-    if (!s->nbytes) { memcpy(s->bytes, b, n); s->nbytes = in->known_len ? in->len : n; }
+    if (!s->nbytes) { memcpy(s->bytes, b, n); s->nbytes = in->len ? in->len : n; }
     if (in->has_mem) {
         int64_t o = (int32_t)in->off;
         if (o < s->off_min) s->off_min = o;
@@ -168,8 +170,8 @@ int handle_segv(struct supervisor *sv, struct thread *t, int *step) {
     uint8_t b[16];
     int n = fetch_insn(t->tid, f.eip, b);
     decode(b, n, &f.regs, &f.in);
-    if (f.in.seg != SEG_FS && f.in.seg != SEG_GS) { COUNT(sv, other_segv); return SIGSEGV; }
-    uint32_t sel = (uint32_t)(f.in.seg == SEG_FS ? f.regs.fs : f.regs.gs) & 0xFFFF;
+    if (f.in.seg != TC_FS && f.in.seg != TC_GS) { COUNT(sv, other_segv); return SIGSEGV; }
+    uint32_t sel = (uint32_t)(f.in.seg == TC_FS ? f.regs.fs : f.regs.gs) & 0xFFFF;
     f.entry = sel >> SEL_INDEX_SHIFT;
     f.site = site_of(sv, image_of(sv, t), f.eip);
     count_fault(sv, &f, b, n);

@@ -9,8 +9,9 @@
  *   untraced  fork + exec + wait, no ptrace (the native baseline)
  *   native    traced, descriptors installed as the guest asked (tracing cost)
  *   emulate   decode the faulting instruction, perform the access with
- *             process_vm_readv/writev, update registers, advance EIP.
- *             Forms the decoder does not know are single-stepped with the
+ *             process_vm_readv/writev, update registers, advance EIP (the
+ *             shared x86 core's tc_decode and tc_emulate, as in the model).
+ *             Forms the core does not emulate are single-stepped with the
  *             expand-down twin descriptor installed (the truncated form for
  *             a positive offset, which only the online strategies' states
  *             fault on) ("step" fallback: exact for any instruction, and as
@@ -29,9 +30,12 @@
  * absorbs (signals.c), as on Xen, where the guest kernel's signal code never
  * sees them.
  *
- * The descriptor arithmetic is tlslab.x86.xen's (truncate, flip; in
- * descriptors.c); the JSON summary records every descriptor installed so the
- * Python side checks they agree.
+ * The per-fault x86 work is the shared core's (tlslab/x86/_core.c, compiled
+ * in; the Unicorn model's fast path calls the same code, and tlslab.x86 is its
+ * specification, held to it by tests/test_core_differential.py): decoding the
+ * fs/gs forms, the segment check (tc_check), Xen's truncation and flip
+ * (tc_truncate, tc_flip) and emulation (tc_emulate). The JSON summary records
+ * every descriptor installed so the Python side checks they agree.
  *
  * Processes and threads: every task the guest creates (fork, vfork, clone,
  * clone3) is traced from its first instruction (PTRACE_O_TRACEFORK/VFORK/
@@ -62,16 +66,18 @@
  * own status is in the JSON), 2 usage, 3 set-up failure (reason in the JSON).
  *
  * Files, one concern each: main.c (this: options, set-up, the event loop),
- * tracee.c (reading and changing a stopped tracee), descriptors.c (Xen's
- * descriptor arithmetic, TLS installs, slot states), decode.c/decode.h (the
- * instruction decoder and emulator), faults.c (the #GP path: emulate, flip),
+ * tracee.c (reading and changing a stopped tracee), descriptors.c (struct
+ * user_desc for the core's descriptor arithmetic, TLS installs, slot states),
+ * decode.c/decode.h (the faulting instruction: the core's decoder and
+ * emulator, with the ptrace registers and the tracee's memory behind them),
+ * faults.c (the #GP path: emulate, flip),
  * online.c (online-site, online-probe), signals.c (the guest's SIGSEGV
  * disposition), tasks.c (tasks, processes, images, sites), stop.c (ending the
  * run), jail.c (the child until exec), report.c (the JSON summary); what they
  * share is in supervisor.h. The run's state is one struct supervisor.
  *
  * 64-bit host code only; tlslab/hw/build.py compiles every .c file here
- * together with plain `cc -O2 -Wall`.
+ * together with the core's _core.c, plain `cc -O2 -Wall`.
  */
 #include "supervisor.h"
 

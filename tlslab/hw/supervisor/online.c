@@ -177,7 +177,7 @@ static int start_probe(struct supervisor *sv, struct fault *f, int sign, struct 
     struct slot *sl = f->slot;
     const struct insn *in = &f->in;
     int home = sl->state, away = home == ST_UP ? ST_DOWN : ST_UP;
-    int flippable = !in->has_mem || desc_admits(slot_desc(sl, away), in->off, in->size, 0);
+    int flippable = !in->has_mem || slot_flip_admits(sl, sv->opt.hv_start, in->off, in->size);
     int deliver = online_emulate(sv, f);
     if (deliver || !flippable) return deliver;
     sl->state = ST_EMPTY;
@@ -204,7 +204,7 @@ static int start_probe(struct supervisor *sv, struct fault *f, int sign, struct 
  * threshold the site becomes hot and the fault flips. %fs: no flip rule for
  * it, as in Xen 2004; emulate. */
 int online_site_fault(struct supervisor *sv, struct fault *f) {
-    if (f->in.seg != SEG_GS) return online_emulate(sv, f);
+    if (f->in.seg != TC_GS) return online_emulate(sv, f);
     struct slot *sl = f->slot;
     int sign = access_sign(sl, &f->in);
     struct osite *o = osite_of(sv, f->eip, sign);
@@ -226,7 +226,7 @@ int online_site_fault(struct supervisor *sv, struct fault *f) {
  * since the last) starts one, else its estimated run decides: flip when it
  * is longer than the threshold, emulate otherwise. %fs: emulate, as above. */
 int online_probe_fault(struct supervisor *sv, struct fault *f) {
-    if (f->in.seg != SEG_GS) return online_emulate(sv, f);
+    if (f->in.seg != TC_GS) return online_emulate(sv, f);
     struct slot *sl = f->slot;
     int sign = access_sign(sl, &f->in);
     uint32_t prev = sv->online.previous_fault;   /* the context key uses the fault before this one */

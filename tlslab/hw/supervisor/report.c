@@ -157,7 +157,7 @@ void write_json(struct supervisor *sv) {
                    "\"to_expand_down\":%llu,\"to_expand_up\":%llu,\"delivered\":%llu,\"negative\":%llu,"
                    "\"positive\":%llu,\"min_offset\":%lld,\"max_offset\":%lld,\"bytes\":\"",
                 first ? "" : ",", s->eip, s->image, s->image >= 0 ? sv->images[s->image].pid : 0,
-                s->seg == SEG_FS ? "fs" : s->seg == SEG_GS ? "gs" : "?",
+                s->seg == TC_FS ? "fs" : s->seg == TC_GS ? "gs" : "?",
                 (unsigned long long)s->faults, (unsigned long long)s->emulated, (unsigned long long)s->stepped,
                 (unsigned long long)s->to_down, (unsigned long long)s->to_up,
                 (unsigned long long)s->delivered, (unsigned long long)s->neg, (unsigned long long)s->pos,

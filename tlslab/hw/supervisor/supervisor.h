@@ -76,10 +76,11 @@ struct udesc { /* struct user_desc, fields unpacked */
 #define F_CONTENTS(f) (((f) >> 1) & 3u)
 #define F_CONTENTS_MASK 6u
 #define F_EXPAND_DOWN (1u << 1) /* contents 1: expand-down data */
-#define F_CODE (2u << 1)        /* contents 2, 3: code */
 #define F_ROX 8u
 #define F_PAGES 16u
 #define F_NP 32u
+#define F_USEABLE 64u
+#define F_LM 128u
 
 /* a segment selector: its index in the GDT or LDT above bit 3; bit 2 says LDT */
 #define SEL_INDEX_SHIFT 3
@@ -139,7 +140,7 @@ struct thread {
 struct site {
     uint32_t eip;
     int image; /* index in images[]: one program image of one process */
-    int used, seg; /* SEG_FS or SEG_GS */
+    int used, seg; /* TC_FS or TC_GS */
     uint64_t faults, emulated, stepped, to_down, to_up, delivered, neg, pos;
     int64_t off_min, off_max;
     uint8_t bytes[16];
@@ -317,8 +318,9 @@ int fetch_insn(pid_t tid, uint32_t eip, uint8_t *buf);
 const char *proc_status_field(pid_t tid, const char *field, char *buf, size_t n);
 int is_group_stop(pid_t tid);
 
-/* descriptors.c: Xen's descriptor arithmetic and the guest's TLS installs */
-int desc_admits(const struct udesc *d, uint32_t off, int size, int write);
+/* descriptors.c: struct user_desc for the core's descriptor arithmetic, and the guest's TLS installs */
+void udesc_to_core(const struct udesc *u, tc_descriptor *d);
+int slot_flip_admits(const struct slot *sl, uint32_t hv, uint32_t off, uint32_t size);
 const struct udesc *slot_desc(const struct slot *s, int st);
 void install_state(struct supervisor *sv, struct thread *t, struct slot *sl, int st);
 void start_tls_syscall(struct supervisor *sv, struct thread *t);
