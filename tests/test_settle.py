@@ -108,3 +108,93 @@ def test_max_traps_sees_every_trap():
 def test_which_instructions_the_hook_may_emulate(code, accesses):
     insn = decode(code, 0x1000)
     assert hook_emulated_accesses(insn) == accesses
+
+
+# ------------------------------------------------------------------ the machine-level details behind the contract
+def _settling_vcpu(body: str):
+    """A vCPU running ``body`` with a truncated %gs and the hook settling emulate faults."""
+    from test_machine import TCB, make_vcpu, truncated
+
+    from tlslab.machine.settle import SettlePlan
+    from tlslab.x86.descriptor import SegmentDescriptor
+
+    flat = SegmentDescriptor.flat_user_data(TCB)
+    v = make_vcpu(body, truncated())
+    v.settle_in_hook(SettlePlan("emulate", ("fs", "gs"), hook_emulated_accesses, emulate_view=lambda d: flat))
+    return v
+
+
+@pytest.mark.parametrize("insn, accesses", [
+    ("mov dword ptr gs:[-0x1f], ebx", 1),   # an unaligned store: Unicorn retries it byte by byte, asking again
+    ("add dword ptr gs:[-0x1f], ebx", 2),
+    ("mov ebx, dword ptr gs:[-0x1f]", 1),
+    ("mov word ptr gs:[-0x21], bx", 1),
+])
+def test_an_unaligned_access_is_one_settled_fault(insn, accesses):
+    """As EmulateStrategy counts it: one trap, its emulator's accesses (not one more per byte)."""
+    from test_machine import TCB
+
+    from tlslab.machine.vcpu import ExitReason
+
+    v = _settling_vcpu("mov ebx, 0x01020304; " + insn)
+    assert v.run().reason is ExitReason.SYSCALL
+    settled = v.take_settled()
+    assert (settled.total, settled.emulated_accesses) == (1, accesses)
+    assert v.counters.violations == {"gs": 1}
+    if insn.startswith("mov dword ptr"):
+        assert v.mem.read(TCB - 0x1F, 4) == bytes.fromhex("04030201")
+
+
+def test_a_jmp_through_gs_keeps_the_schedule():
+    """A settled jmp resumes at its target, a block boundary, as the Python path's resume does: a time slice
+    ends at the same instruction both ways (found by review: the first run's block was exempt)."""
+    from test_machine import CODE, KS, PROLOGUE, TCB
+
+    from tlslab.machine.vcpu import ExitReason
+
+    head = PROLOGUE + "inc ecx; " * 20 + "jmp dword ptr gs:[-0x20]; "
+    target = CODE + len(bytes(KS.asm(head, CODE)[0]))
+    body = "inc ecx; " * 20 + "jmp dword ptr gs:[-0x20]; " + "inc ecx; " * 30
+
+    def drive(settle: bool, quantum: int):
+        from test_machine import make_vcpu, truncated
+
+        v = _settling_vcpu(body) if settle else make_vcpu(body, truncated())
+        v.mem.write_u32(TCB - 0x20, target)
+        while True:
+            e = v.run(budget=quantum - v.instructions_retired())
+            if e.reason is ExitReason.SEGMENT_VIOLATION:     # what EmulateStrategy does with it
+                v.regs.set("eip", v.mem.read_u32(TCB - 0x20))
+                v.retire(1)
+                continue
+            return e.reason, e.eip, v.instructions_retired()
+
+    for quantum in (5, 23, 30):
+        assert drive(True, quantum) == drive(False, quantum), quantum
+
+
+def test_an_exec_keeps_what_is_left_of_the_time_slice():
+    """The new image counts instructions from 0: the slice's end moves to its clock (found by review)."""
+    from types import SimpleNamespace
+
+    from tlslab.linux.kernel import Kernel
+
+    class Clock:
+        def __init__(self, now):
+            self.now = now
+
+        def instructions_retired(self):
+            return self.now
+
+        counters = SimpleNamespace(instructions=0)
+
+    k = Kernel.__new__(Kernel)
+    k.slice_end, k.gdt_owner, k.on_new_address_space = 1_600_000, None, []
+    k._account = k._retire_vcpu = lambda *a: None
+    k._load_tls = lambda task: None
+    process = SimpleNamespace(vcpu=Clock(1_500_000), threads=[])
+    task = SimpleNamespace(process=process)
+    process.threads.append(task)
+    k.new_vcpu = lambda: Clock(0)
+    k.exec_image(task, lambda vcpu: setattr(process, "vcpu", vcpu))
+    assert k.slice_end == 100_000

@@ -5,8 +5,8 @@ table, a working directory) hold one or more threads (``Task``: registers, its
 own TLS array, a signal mask). One task runs at a time. The scheduler is
 deterministic: it switches only when the running task blocks (a system call
 that must wait: wait4, a pipe, a futex), exits, yields, or has used its time
-slice (``quantum`` guest instructions, counted across exits: ``budget``), and it always takes the first ready task in creation
-order after the current one. The same run therefore gives the same counters
+slice (``quantum`` guest instructions, counted across exits: ``budget``), and
+it always takes the first ready task in creation order after the current one. The same run therefore gives the same counters
 every time. A task blocked in a system call is re-run from its ``int $0x80``
 when what it waits for is ready (the call is restarted, as Linux restarts an
 interrupted call).
@@ -355,10 +355,13 @@ class Kernel:
             if other is not task:
                 self._end_task(other)
         old = process.vcpu
+        left = None if self.slice_end is None else self.slice_end - old.instructions_retired()
         self._account(task)
         self._retire_vcpu(process, old)
         vcpu = self.new_vcpu()
         load(vcpu)
+        if left is not None:   # the time slice goes on, on the new image's instruction clock
+            self.slice_end = process.vcpu.instructions_retired() + left
         task.context = None
         task.tls = {}
         task.mark = process.vcpu.counters.instructions

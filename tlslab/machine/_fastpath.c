@@ -185,8 +185,9 @@ struct fastpath {
     /* Instruction budget (a scheduler quantum): stop before the first block
      * that starts at or beyond it, without counting that block; 0 = none. */
     uint64_t budget_end;
-    /* The first block of a run is never preempted: a fault exit, or a fault settled in the hook
-     * (which has no block boundary), must leave the schedule the same. */
+    /* Set when a run resumes inside the block a fault stopped (after the faulting instruction, or
+     * at it): that resumption is not a block boundary of the program, and a fault settled in the
+     * hook has none there, so it is not preempted (VCpu.run). */
     uint32_t budget_first, pad3;
     struct settle settle;
     struct exit_info exit;
@@ -201,6 +202,11 @@ struct fastpath {
     int64_t flip_values[FLIP_SLOTS];
     tc_descriptor generations[GENERATION_SLOTS];   /* the descriptor behind each generation number */
     uint8_t generation_known[GENERATION_SLOTS];
+    /* An unaligned store to MMIO is retried byte by byte after the hook allowed it whole, and
+     * Unicorn asks the WRITE_PROT hook again for each byte (cputlb.c store_helper; reads are not
+     * asked again): those `split_bytes` one-byte writes inside [split_lo, split_hi) are the same
+     * store, neither judged nor counted again. */
+    uint32_t split_lo, split_hi, split_bytes, pad4;
 };
 
 size_t fp_sizeof(void) { return sizeof(struct fastpath); }
@@ -254,6 +260,8 @@ static const struct fp_layout_row fp_layout_rows[] = {
     FP_FIELD(fastpath, sites), FP_FIELD(fastpath, verdict_keys), FP_FIELD(fastpath, verdict_values),
     FP_FIELD(fastpath, blocks), FP_FIELD(fastpath, alias), FP_FIELD(fastpath, flip_keys),
     FP_FIELD(fastpath, flip_values), FP_FIELD(fastpath, generations), FP_FIELD(fastpath, generation_known),
+    FP_FIELD(fastpath, split_lo), FP_FIELD(fastpath, split_hi), FP_FIELD(fastpath, split_bytes),
+    FP_FIELD(fastpath, pad4),
 };
 
 /* Row i of the table: 1 and its values, or 0 past the end. */
@@ -365,7 +373,7 @@ void fp_reset_flips(struct fastpath *fp)
 
 static int64_t lookup_flip(struct fastpath *fp, int slot, uint32_t generation, uint32_t offset, int size)
 {
-    uint64_t key = ((uint64_t)(generation & 0xffffff) << 40) ^ ((uint64_t)(slot & 31) << 35) ^
+    uint64_t key = ((uint64_t)(generation & 0xffffff) << 40) ^ ((uint64_t)(slot & 15) << 36) ^
                    ((uint64_t)(size & 15) << 32) ^ offset;
     uint32_t i = mix32(key) & (FLIP_SLOTS - 1);
     for (uint32_t n = 0; n < 64; n++, i = (i + 1) & (FLIP_SLOTS - 1)) {
@@ -726,11 +734,27 @@ static void judge_access(struct fastpath *fp, void *uc, uint32_t linear, int siz
 bool fp_on_prot(void *uc, int type, uint64_t address, int size, int64_t value, void *user)
 {
     struct fastpath *fp = user;
+    uint32_t linear = (uint32_t)address;
+    int write = type == 22; /* UC_MEM_WRITE_PROT in unicorn.h */
     (void)value;
     if (fp->host_access)
         return true;  /* the host (not the guest) is loading a segment register or entering ring 3 */
-    judge_access(fp, uc, (uint32_t)address, size, type == 22 /* UC_MEM_WRITE_PROT in unicorn.h */);
-    return fp->exit.kind == EXIT_NONE;
+    if (fp->split_bytes) {
+        if (write && size == 1 && linear >= fp->split_lo && linear < fp->split_hi) {
+            fp->split_bytes--;
+            return true;  /* one byte of a store judged whole (see split_bytes) */
+        }
+        fp->split_bytes = 0;
+    }
+    judge_access(fp, uc, linear, size, write);
+    if (fp->exit.kind != EXIT_NONE)
+        return false;
+    if (write && size > 1 && (linear & (uint32_t)(size - 1))) {
+        fp->split_lo = linear;
+        fp->split_hi = linear + (uint32_t)size;
+        fp->split_bytes = (uint32_t)size;
+    }
+    return true;
 }
 
 /* UC_HOOK_BLOCK: count retired instructions a block at a time. */
@@ -760,6 +784,7 @@ void fp_on_block(void *uc, uint64_t address, uint32_t size, void *user)
 found:
     int first = fp->budget_first;
     fp->budget_first = 0;
+    fp->split_bytes = 0;
     if (fp->budget_end && !first && fp->instructions >= fp->budget_end) {
         fp->budget_hit = 1;
         fp->budget_end = 0;

@@ -5,15 +5,17 @@ see every fs/gs access itself, before it commits, without a Python callback per
 instruction. The layout makes that possible:
 
     0x00000000 .. USER_TOP     guest user space (ELF image, heap, mmaps, stack)
-    USER_TOP   .. 0x80000000   hypervisor pages: GDT (read-only), entry stub
+    USER_TOP   .. 0x80000000   hypervisor pages: GDT (read-only), entry stack; the entry stub
+                               is mapped there only while the host enters ring 3
     0x80000000 .. 0xC0000000   window of TLS slot 6: user space aliased at +2 GiB
     0xC0000000 .. 0x100000000  window of TLS slot 7: user space aliased at +3 GiB
 
 The descriptor Unicorn sees for TLS slot 6 has base ``real_base + 2 GiB``, so
 ``%gs:off`` (glibc loads slot 6 into %gs) reaches linear ``real_base + off +
-2 GiB``: the alias of the page the guest meant. A ranged hook on the windows
-sees every such access before it commits and checks it with tlslab.x86
-semantics; the offset is exact because ``off = linear - window_base (mod 2^32)``
+2 GiB``: the alias of the page the guest meant. A protection hook on the windows
+sees every such access before it commits and checks it with the shared x86
+core's segment check (tlslab/x86/_core.c, held to tlslab.x86 by a differential
+test); the offset is exact because ``off = linear - window_base (mod 2^32)``
 wherever the access lands. Whichever of fs/gs loads a slot uses its window, so
 segment loads need no interception. Slot 8 has no window: its view is kept not
 present, and a guest loading it is stopped (#NP), never left unchecked.

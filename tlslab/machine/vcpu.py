@@ -68,6 +68,7 @@ from tlslab.x86.segcheck import check_data_access
 from tlslab.x86.segusage import SEGMENT_NUMBERS, SegmentUsage, segment_usage
 
 
+_CONTROL_TRANSFERS = ("j", "call", "ret", "loop", "iret", "int")  # mnemonics that may leave the block
 _BLOCK_ICOUNTS: dict[bytes, int] = {}  # block bytes -> instruction count (a count does not depend on where)
 
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
@@ -124,6 +125,8 @@ class VCpu:
         self._site_usage: dict[int, SegmentUsage] = {}
         self._not_retired: dict[tuple[int, int, int], int] = {}
         self.decoded: dict[int, object] = {}  # eip -> decoded instruction, for strategies; cleared on code patches
+        self._faulted: tuple[int, int, bool] | None = None  # the last run's faulting instruction (see run)
+        self._fault_shapes: dict[int, tuple[int, bool]] = {}
         self._settle: SettlePlan | None = None   # faults the access hook settles itself (settle.py)
         self._settled = SettledFaults()
         self._started = False
@@ -453,18 +456,19 @@ class VCpu:
         """Run until the guest needs a layer above; see ``ExitReason``.
 
         ``budget``: stop (PREEMPTED) at the first block boundary at or past
-        that many more instructions (0 or less: the first boundary), never at
-        the block the run starts with: what is left of a scheduler's time
-        slice, deterministic because block boundaries are a property of the
-        code. A fault exit resumes mid-block, where a fault settled in the hook
-        has no boundary at all; exempting the first block keeps the schedule
-        the same both ways.
+        that many more instructions (0 or less: the first boundary): what is
+        left of a scheduler's time slice, deterministic because block
+        boundaries are a property of the code. Resuming inside the block a
+        fault stopped is not a boundary (``_continues_faulted_block``), so a
+        fault taken to Python and one settled in the hook give the same
+        schedule.
         """
         if budget is not None and self._fast is not None and self.count_instructions:
             self._fast.header.budget_end = max(1, self._fast.header.instructions + budget)
             self._fast.header.budget_hit = 0
         if self._fast is not None:
-            self._fast.header.budget_first = 1
+            self._fast.header.budget_first = int(self._continues_faulted_block(self.regs.get("eip")))
+        self._faulted = None
         self._pending = None
         self._unmapped = None
         eip = self.regs.get("eip")
@@ -505,6 +509,8 @@ class VCpu:
                             message=f"access refused at {fast_exit.eip:#010x} but the instruction could not be "
                             f"stopped before it completed (stopped at {stop_eip:#010x}); run abandoned")
             self._uncount_rest_of_block(stop_eip)
+            if fast_exit.kind == fastpath.EXIT_SEGMENT_VIOLATION:
+                self._note_fault(fast_exit.eip)
             return exit_from_fastpath(self, fast_exit)
         if error in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT):
             self._uncount_rest_of_block(stop_eip)
@@ -520,6 +526,33 @@ class VCpu:
             self._fast.header.budget_hit = 0
             return Exit(ExitReason.PREEMPTED, stop_eip)
         return self._timeout_exit(stop_eip)  # stopped by the deadline (block hook or Unicorn's timer)
+
+    def _continues_faulted_block(self, eip: int) -> bool:
+        """Does this run resume, in program order, inside the block whose fault ended the last run?
+
+        Then Unicorn starts a new translation block here, but the program has no
+        block boundary here -- and a fault settled in the hook has none either --
+        so the block hook must not end a time slice at it. A control transfer
+        (jmp/call through fs/gs) resumes at its target, a real boundary.
+        """
+        if self._faulted is None or self._fast is None:
+            return False
+        fault_eip, length, transfers = self._faulted
+        h = self._fast.header
+        start, end = h.cur_block_address, h.cur_block_address + h.cur_block_size
+        return not transfers and eip in (fault_eip, fault_eip + length) and start <= fault_eip and eip < end
+
+    def _note_fault(self, eip: int) -> None:
+        """Remember the faulting instruction (its length, whether it transfers control) for the next run."""
+        shape = self._fault_shapes.get(eip)
+        if shape is None:
+            insn = decode(self._code_at(eip), eip)
+            if isinstance(insn, DecodeError):
+                shape = (0, True)
+            else:
+                shape = (insn.length, insn.mnemonic.startswith(_CONTROL_TRANSFERS))
+            self._fault_shapes[eip] = shape
+        self._faulted = (eip, *shape)
 
     def _timeout_exit(self, eip: int) -> Exit:
         return Exit(ExitReason.TIMEOUT, eip, message=f"wall-clock limit of {self.timeout_us / 1e6:g} s reached")

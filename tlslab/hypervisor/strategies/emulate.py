@@ -63,6 +63,7 @@ class EmulateStrategy(Strategy):
     description = "decode the faulting instruction, perform the access in the hypervisor, advance EIP (full coverage)"
 
     historical = False
+    settles_in_hook = True   # core_settle's plan mirrors this class exactly (not inherited)
 
     def covered(self, insn, violation) -> tuple[bool, str]:
         return semantics.supported(insn)
@@ -94,10 +95,10 @@ class EmulateStrategy(Strategy):
     def core_settle(self, domain) -> SettlePlan | None:
         """The hook performs the access through what the guest asked for (``Domain.requested_for``),
         with the same refusals as ``GuestAccess``, for the forms :func:`hook_emulated_accesses` admits.
-        The plan mirrors this class's ``step`` and ``covered``: a subclass that changes either (as
-        emulate-2004's coverage does) has every fault come to it."""
-        cls = type(self)
-        if cls.step is not EmulateStrategy.step or cls.covered is not EmulateStrategy.covered:
+        The plan mirrors this class's ``step``, ``covered`` and counting exactly, so only a class that
+        says so (``settles_in_hook = True`` in its own body, not inherited) gets one: a subclass that
+        changes anything (as emulate-2004's coverage does) has every fault come to it."""
+        if not type(self).__dict__.get("settles_in_hook"):
             return None
         return SettlePlan("emulate", ("fs", "gs"), hook_emulated_accesses, emulate_view=domain.requested_for)
 

@@ -20,6 +20,7 @@ class FlipStrategy(Strategy):
     description = "Xen 2004 seg_fixup: flip %gs expand-up <-> expand-down and restart (its decoder, gs only)"
     segments = ("gs",)
     full_decoder = False
+    settles_in_hook = True   # core_settle's plan mirrors this class exactly (not inherited)
 
     def __init__(self, options=None) -> None:
         super().__init__(options)
@@ -53,9 +54,10 @@ class FlipStrategy(Strategy):
 
     def core_settle(self, domain) -> SettlePlan | None:
         """The hook flips by the same rule (this strategy's memo) at the sites its decoder covers.
-        The plan mirrors this class's ``step``: a subclass that changes it (rewrite-2004 patches code
-        after a flip) has every fault come to it."""
-        if type(self).step is not FlipStrategy.step or type(self).before_decode is not FlipStrategy.before_decode:
+        The plan mirrors the class exactly, so only a class that says so (``settles_in_hook = True``
+        in its own body, not inherited) gets one: a subclass that changes what a fault does
+        (rewrite-2004 patches code after a flip) has every fault come to it."""
+        if not type(self).__dict__.get("settles_in_hook"):
             return None
         profile = domain.policy.profile
 
@@ -85,6 +87,7 @@ class FlipFullStrategy(FlipStrategy):
     order = 21
     description = "flip with a full decoder (any fs/gs form), gs only"
     full_decoder = True
+    settles_in_hook = True
 
 
 class FlipFsStrategy(FlipStrategy):
@@ -93,3 +96,4 @@ class FlipFsStrategy(FlipStrategy):
     description = "flip with a full decoder, fixing both %gs and %fs"
     full_decoder = True
     segments = ("fs", "gs")
+    settles_in_hook = True
