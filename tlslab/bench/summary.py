@@ -233,6 +233,9 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
 BOUND_POLICIES = ("emulate", "flip")   # the two 2004 mechanisms every online strategy must beat
 
 
+BEST_ONLINE = "best online strategy per workload (chosen after the fact)"
+
+
 def online_comparison(order: list[tuple], grouped: dict, profile: costmodel.CostProfile) -> dict | None:
     """Per workload: each fault-driven policy's fault-handling time against the offline bound.
 
@@ -287,6 +290,16 @@ def online_comparison(order: list[tuple], grouped: dict, profile: costmodel.Cost
             "within_10pct_of_bound": sum(1 for r in done if r["cells"][name]["vs_bound"] is not None
                                          and r["cells"][name]["vs_bound"] <= 1.10),
         }
+    # the issue's acceptance question is about the best online strategy per workload: chosen after the
+    # fact, so it is a tally, not a policy any hypervisor could run
+    ran = [r for r in rows if r["best_online"] is not None]
+    best = [r["cells"][r["best_online"]] for r in ran]
+    tally[BEST_ONLINE] = {
+        "workloads": len(ran),
+        "at_most_best_pure": sum(1 for r in ran if any(r["cells"].get(n, {}).get("at_most_best_pure")
+                                                         for n in online)),
+        "within_10pct_of_bound": sum(1 for c in best if c["vs_bound"] is not None and c["vs_bound"] <= 1.10),
+    }
     return {"profile": profile.name, "label": profile.label(), "policies": policies, "online": online,
             "rows": rows, "tally": tally}
 

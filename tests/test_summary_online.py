@@ -1,0 +1,35 @@
+"""The online-vs-bound comparison of a bench summary, on hand-made cells (tlslab.bench.summary)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from tlslab.bench import summary
+
+
+def _cell(ns: float | None, ok: bool = True, stdout: str = "same") -> dict:
+    return {"outcome": "ok" if ok else "guest-crash", "stdout": {"sha256": stdout}, "counters": {"ns": ns}}
+
+
+def _row(bound_ns, emulate, flip, **online) -> dict:
+    native = _cell(0)
+    native["offline_optimum"] = {"by_profile": {"p": {"fault_time_ns": bound_ns, "faults": 1}}}
+    return {"native": native, "emulate": _cell(emulate), "flip": _cell(flip),
+            **{name.replace("_", "-"): _cell(ns) for name, ns in online.items()}}
+
+
+def test_the_best_online_tally_takes_each_workload_s_best(monkeypatch):
+    monkeypatch.setattr(summary.costmodel, "fault_handling_ns", lambda profile, counters: counters["ns"])
+    grouped = {
+        ("a", "default", "nonpae"): _row(100, 130, 200, online_site=120, online_rate=125, online_probe=150),
+        ("b", "default", "nonpae"): _row(100, 101, 300, online_site=150, online_rate=140, online_probe=105),
+        ("c", "default", "nonpae"): _row(100, 400, 105, online_site=104, online_rate=300, online_probe=108),
+    }
+    out = summary.online_comparison(list(grouped), grouped, SimpleNamespace(name="p", label=lambda: "p"))
+    tally = out["tally"]
+    assert tally["online-site"] == {"workloads": 3, "at_most_best_pure": 2, "within_10pct_of_bound": 1}
+    assert tally["online-probe"] == {"workloads": 3, "at_most_best_pure": 0, "within_10pct_of_bound": 2}
+    # a: site 120 <= 130 (not within 10%); b: no online strategy beats emulate's 101, the best (probe)
+    # is within 10%; c: site 104 beats flip and is within 10%
+    assert tally[summary.BEST_ONLINE] == {"workloads": 3, "at_most_best_pure": 2, "within_10pct_of_bound": 2}
+    assert [r["best_online"] for r in out["rows"]] == ["online-site", "online-probe", "online-site"]
