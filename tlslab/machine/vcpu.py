@@ -16,6 +16,7 @@ land in the window, where the fast path sees them before they commit.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import time
 from dataclasses import dataclass, field
 
@@ -139,25 +140,38 @@ class VCpu:
 
     # ------------------------------------------------------------ set-up
     def _setup_hypervisor_pages(self) -> None:
+        """The GDT page and the entry stack, in a host buffer of ours mapped with no permissions.
+
+        Without permissions every guest write asks the fast path, and so does every read until the
+        fast path allows one (the GDT page only, see _fastpath.c). The host writes GDT entries and
+        the entry frame by slicing the buffer: ``uc.mem_write`` to a page without write permission
+        grants it and takes it back, each time rebuilding Unicorn's memory map (~4 ms per call with
+        a dynamic program's aliases mapped, measured).
+        """
         uc = self.uc
-        # no permissions: every guest write asks the fast path, and so does every read until the fast
-        # path allows one (the GDT page only, see _fastpath.c)
-        uc.mem_map(layout.HYPERVISOR_PAGES, layout.HYPERVISOR_PAGES_SIZE,
-                   UC_PROT_NONE if self.checks else UC_PROT_ALL)
+        self._hv_pages = mmap.mmap(-1, layout.HYPERVISOR_PAGES_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._hv_host = ctypes.addressof(ctypes.c_char.from_buffer(self._hv_pages))
+        perms = UC_PROT_NONE if self.checks else UC_PROT_ALL
+        uc.mem_map_ptr(layout.GDT_BASE, layout.PAGE_SIZE, perms, self._hv_host)
+        # the entry stub's page (iret: the one way into ring 3, docs/measurements.md#unicorn) is mapped
+        # only while the host enters ring 3 (enter_user_mode): a page Unicorn has executed from stayed
+        # readable to the guest without asking the protection hook (measured), so it is not left there
+        stack = layout.ENTRY_STUB + layout.PAGE_SIZE
+        uc.mem_map_ptr(stack, layout.HYPERVISOR_PAGES + layout.HYPERVISOR_PAGES_SIZE - stack, perms,
+                       self._hv_host + (stack - layout.HYPERVISOR_PAGES))
         flat = dict(base=0, limit=0xFFFFF, present=True, s=True, db=True, granularity=True, rw=True)
-        gdt = bytearray(8 * layout.GDT_ENTRIES)
         for index, dpl, code in (
             (layout.GDT_ENTRY_KERNEL_CS, 0, True), (layout.GDT_ENTRY_KERNEL_DS, 0, False),
             (layout.GDT_ENTRY_USER_CS, 3, True), (layout.GDT_ENTRY_USER_DS, 3, False),
         ):
-            d = SegmentDescriptor(dpl=dpl, executable=code, accessed=True, **flat)
-            gdt[8 * index : 8 * index + 8] = d.to_bytes()
-        uc.mem_write(layout.GDT_BASE, bytes(gdt))
+            self._write_hv(layout.GDT_BASE + 8 * index,
+                           SegmentDescriptor(dpl=dpl, executable=code, accessed=True, **flat).to_bytes())
         uc.reg_write(X.UC_X86_REG_GDTR, (0, layout.GDT_BASE, 8 * layout.GDT_ENTRIES - 1, 0))
-        # the entry stub (iret: the one way into ring 3, docs/measurements.md#unicorn) is mapped only
-        # while the host enters ring 3 (enter_user_mode): a page Unicorn has executed from stayed
-        # readable to the guest without asking the protection hook (measured), so it is not left there
-        uc.mem_unmap(layout.ENTRY_STUB, layout.PAGE_SIZE)
+
+    def _write_hv(self, address: int, data: bytes) -> None:
+        """The host writes the hypervisor pages (GDT entries, the entry frame) in its own buffer."""
+        offset = address - layout.HYPERVISOR_PAGES
+        self._hv_pages[offset : offset + len(data)] = data
 
     def _setup_hooks(self) -> None:
         uc = self.uc
@@ -376,7 +390,7 @@ class VCpu:
         if not layout.GDT_ENTRY_TLS_MIN <= index < layout.GDT_ENTRY_TLS_MIN + layout.GDT_ENTRY_TLS_ENTRIES:
             raise ValueError(f"GDT entry {index} is not a TLS slot")
         self.descriptors[index] = desc
-        self.uc.mem_write(layout.GDT_BASE + 8 * index, self.views.view(index, desc))
+        self._write_hv(layout.GDT_BASE + 8 * index, self.views.view(index, desc))
         if self.checks and index in layout.SLOT_WINDOW_SHIFT and desc is not None:
             for w in self._fast.header.windows:
                 if w.slot == index:
@@ -404,13 +418,14 @@ class VCpu:
         uc = self.uc
         frame = b"".join(v.to_bytes(4, "little") for v in (eip, layout.USER_CS, 0x202, esp, layout.USER_DS))
         sp = layout.ENTRY_STACK - len(frame)
-        uc.mem_write(sp, frame)
+        self._write_hv(sp, frame)
         uc.reg_write(X.UC_X86_REG_ESP, sp)
         uc.reg_write(X.UC_X86_REG_SS, layout.KERNEL_DS)
         uc.reg_write(X.UC_X86_REG_DS, layout.USER_DS)
         uc.reg_write(X.UC_X86_REG_ES, layout.USER_DS)
-        uc.mem_map(layout.ENTRY_STUB, layout.PAGE_SIZE, UC_PROT_EXEC if self.checks else UC_PROT_ALL)
-        uc.mem_write(layout.ENTRY_STUB, b"\xcf")  # iret
+        self._write_hv(layout.ENTRY_STUB, b"\xcf")  # iret
+        uc.mem_map_ptr(layout.ENTRY_STUB, layout.PAGE_SIZE, UC_PROT_EXEC if self.checks else UC_PROT_ALL,
+                       self._hv_host + (layout.ENTRY_STUB - layout.HYPERVISOR_PAGES))
         try:
             with host_access(self._fast.header if self._fast is not None else None):
                 uc.emu_start(layout.ENTRY_STUB, eip, count=1)  # the stub's iret reads hypervisor pages
