@@ -286,11 +286,14 @@ class VCpu:
         """Recompute, per window, the descriptor an emulator applies (the plan's ``emulate_view``)."""
         if self._fast is None or not self.checks:
             return
-        view = self._settle.emulate_view if self._settle is not None else None
         for w in self._fast.header.windows:
-            desc = self.descriptors[w.slot] if w.slot else None
-            target = view(desc) if view is not None and desc is not None else None
-            w.emulate_generation = self.generation_of(target) if target is not None else -1
+            w.emulate_generation = self._emulate_generation(self.descriptors[w.slot] if w.slot else None)
+
+    def _emulate_generation(self, installed: SegmentDescriptor | None) -> int:
+        """The generation of what an emulator applies for a slot holding ``installed`` (-1: nothing)."""
+        view = self._settle.emulate_view if self._settle is not None else None
+        target = view(installed) if view is not None and installed is not None else None
+        return self.generation_of(target) if target is not None else -1
 
     def _flip_target(self, slot: int, generation: int, offset: int, size: int) -> int:
         """For the hook: the flipped descriptor's generation * 2 + expand-down, or -1 (Python decides)."""
@@ -398,9 +401,7 @@ class VCpu:
                     w.real_base = desc.base
                     w.generation = self.generation_of(desc)
                     w.changed = 0
-                    view = self._settle.emulate_view if self._settle is not None else None
-                    target = view(desc) if view is not None else None
-                    w.emulate_generation = self.generation_of(target) if target is not None else -1
+                    w.emulate_generation = self._emulate_generation(desc)
         if self._started:
             for reg, selector in self.loaded.items():
                 if selector and layout.selector_index(selector) == index and not selector & 4:
