@@ -6,10 +6,13 @@ whichever task the guest kernel (``tlslab.linux.kernel``) has on the CPU:
     SYSCALL            -> the Linux personality handles it (it may block, fork, exec, exit)
     SEGMENT_VIOLATION  -> the strategy: resume / restart / kill (SIGSEGV to that process)
     PAGE_FAULT         -> SIGSEGV to that process (nothing to fix: the guest touched no memory)
-    PREEMPTED          -> the task used its quantum while another was ready: the kernel switches
+    PREEMPTED          -> the task used its time slice while another was ready: the kernel switches
     EXCEPTION          -> SIGSEGV/SIGILL equivalent to that process, reported
     TIMEOUT            -> the run is abandoned, reported
 
+Faults the strategy's plan lets the access hook settle (``core_settle``,
+``tlslab.machine.settle``) never exit; after every run their counts go to the
+process, the task and the strategy (``absorb_settled``), as if each had.
 Between exits the kernel picks what runs next and delivers signals. The run
 ends when the first process exits (its status is the run's); a crash of the
 first process is the run's crash, a crash of any other is recorded in its
