@@ -54,3 +54,29 @@ def test_pure_policies_predict_the_traps_the_strategies_take():
     flip = execute(RunSpec("lsr", strategy="flip"))[0].counters["strategy"]["traps"]
     assert hybrid.pure_emulate(runs, 1, 1).faults == emulate
     assert hybrid.pure_flip(runs, 1, 1).faults == flip
+
+
+def test_run_oracle_decides_each_run_from_its_own_length_only():
+    # threshold 2 * 1.5 / 1 = 3: runs of 2 are emulated run by run, although flipping once and emulating
+    # the single positive accesses is cheaper over the whole sequence (the bound sees that, the oracle not)
+    runs = [-2, 1, -2, 1, -2, 1]
+    oracle = hybrid.run_oracle(runs, 1.0, 1.5)
+    assert (oracle.emulations, oracle.flips, oracle.cost_ns) == (6, 0, 6.0)
+    assert hybrid.optimal(runs, 1.0, 1.5).cost_ns == 4.5
+    # a run longer than the threshold is flipped, and the flipped slot lets the next same-sign run through
+    oracle = hybrid.run_oracle([-4, 1, -4, 5], 1.0, 1.5)
+    assert (oracle.emulations, oracle.flips) == (1, 2)
+    # a break resets the slot to "up"
+    assert hybrid.run_oracle([-4, 0, -4], 1.0, 1.5).flips == 2
+    over = hybrid.run_oracle_over([[-4, 1], [-1]], 1.0, 1.5)
+    assert (over.emulations, over.flips) == (2, 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(runs=runs_strategy, start_negative=st.booleans(), e=st.integers(1, 50), f=st.integers(1, 50))
+def test_run_oracle_is_bounded_by_the_optimum_and_prices_its_counts(runs, start_negative, e, f):
+    if start_negative:
+        runs = [-r for r in runs]
+    oracle = hybrid.run_oracle(runs, e, f)
+    assert oracle.cost_ns >= hybrid.optimal(runs, e, f).cost_ns
+    assert oracle.emulations * e + oracle.flips * f == oracle.cost_ns

@@ -33,3 +33,25 @@ def test_the_best_online_tally_takes_each_workload_s_best(monkeypatch):
     # is within 10%; c: site 104 beats flip and is within 10%
     assert tally[summary.BEST_ONLINE] == {"workloads": 3, "at_most_best_pure": 2, "within_10pct_of_bound": 2}
     assert [r["best_online"] for r in out["rows"]] == ["online-site", "online-probe", "online-site"]
+
+
+def test_a_workload_no_online_rule_handles_gets_its_three_numbers(monkeypatch):
+    monkeypatch.setattr(summary.costmodel, "fault_handling_ns", lambda profile, counters: counters["ns"])
+    grouped = {
+        ("a", "default", "nonpae"): _row(100, 101, 300, online_site=150, online_probe=130),
+        ("b", "default", "nonpae"): _row(100, 400, 300, online_site=150, online_probe=105),
+    }
+    native = grouped[("a", "default", "nonpae")]["native"]
+    native["offline_optimum"]["by_profile"]["p"]["run_oracle"] = {"fault_time_ns": 180.0}
+    grouped[("a", "default", "nonpae")]["online-probe"]["counters"]["strategy"] = {"by_kind": {"probe": 4}}
+    profile = SimpleNamespace(name="p", label=lambda: "p", trap_ns=3.0, descriptor_write_ns=1.0)
+    out = summary.online_comparison(list(grouped), grouped, profile)
+    a, b = out["rows"]
+    assert b["why"] is None   # probe 105: at most min(400, 300) and within 10% of the bound
+    assert abs(a["why"]["to_win"] - 0.01) < 1e-12
+    assert a["why"]["run_oracle"] == 1.8
+    # 4 probes x (one trap + two descriptor writes) = 20 ns over a bound of 100 ns
+    assert a["why"]["learning"] == {"online-probe": {"probes": 4, "vs_bound": 0.2}}
+    line = summary.fmt_shortfall(a)
+    assert line.startswith("a (default): min(emulate, flip) is 1.01x the bound") and "1.80x" in line
+    assert "online-probe's 4 probes cost 0.20x" in line

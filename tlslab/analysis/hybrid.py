@@ -105,7 +105,34 @@ def optimal(runs: list[int], emulate_ns: float, flip_ns: float, start_free: bool
     return PolicyCost("optimal hybrid (offline bound)", best[1], best[2], best[0])
 
 
-POLICIES = (pure_emulate, pure_flip, predictive, optimal)
+def run_oracle(runs: list[int], emulate_ns: float, flip_ns: float) -> PolicyCost:
+    """Offline, but only one run deep: at each wrong-state run it knows that run's length, nothing after it.
+
+    It flips where the run is longer than ``2 * flip_ns / emulate_ns`` accesses and
+    emulates the run otherwise: the rule every online strategy approximates (its
+    threshold, docs/online-strategies.md), given perfect knowledge of the run in
+    hand. Its distance to ``optimal`` is what deciding run by run costs, however
+    well a policy learns run lengths; its distance from an online strategy is
+    what learning them costs. A break leaves the slot "up", as for the pure
+    policies.
+    """
+    threshold = 2 * flip_ns / emulate_ns
+    up, emulations, flips = True, 0, 0
+    for r in runs:
+        if r == 0:
+            up = True
+            continue
+        if (r > 0) != up:
+            if abs(r) > threshold:
+                flips += 1
+                up = r > 0
+            else:
+                emulations += abs(r)
+    return PolicyCost("run-length oracle (one run deep)", emulations, flips,
+                      emulations * emulate_ns + flips * flip_ns)
+
+
+POLICIES = (pure_emulate, pure_flip, predictive, run_oracle, optimal)
 
 
 def compare(runs: list[int], emulate_ns: float, flip_ns: float) -> list[PolicyCost]:
@@ -117,6 +144,16 @@ def optimal_over(traces: list[list[int]], emulate_ns: float, flip_ns: float) -> 
     total = PolicyCost("optimal hybrid (offline bound)", 0, 0, 0.0)
     for i, runs in enumerate(traces):
         c = optimal(runs, emulate_ns, flip_ns, start_free=i > 0)
+        total = PolicyCost(total.policy, total.emulations + c.emulations, total.flips + c.flips,
+                           total.cost_ns + c.cost_ns)
+    return total
+
+
+def run_oracle_over(traces: list[list[int]], emulate_ns: float, flip_ns: float) -> PolicyCost:
+    """``run_oracle`` over every address space's trace (each one starting "up")."""
+    total = PolicyCost("run-length oracle (one run deep)", 0, 0, 0.0)
+    for runs in traces:
+        c = run_oracle(runs, emulate_ns, flip_ns)
         total = PolicyCost(total.policy, total.emulations + c.emulations, total.flips + c.flips,
                            total.cost_ns + c.cost_ns)
     return total

@@ -182,7 +182,8 @@ def _profiles_modelled(counters: dict) -> dict:
 
 
 def _offline_optimum(domain) -> dict:
-    """A native cell's offline bound (tlslab.analysis.hybrid) under every profile that prices faults."""
+    """A native cell's offline bound (tlslab.analysis.hybrid) under every profile that prices faults, with
+    the run-length oracle beside it (the summary's account of why online rules fall short where they do)."""
     from tlslab.analysis import hybrid
     from tlslab.hypervisor import costmodel
 
@@ -195,8 +196,11 @@ def _offline_optimum(domain) -> dict:
         e, f = costmodel.fault_prices(profile)
         if e > 0 and f > 0:
             b = hybrid.optimal_over(traces, e, f)
+            o = hybrid.run_oracle_over(traces, e, f)   # one run deep: what deciding run by run costs
             out["by_profile"][name] = {"faults": b.faults, "emulations": b.emulations, "flips": b.flips,
-                                       "fault_time_ns": b.cost_ns}
+                                       "fault_time_ns": b.cost_ns,
+                                       "run_oracle": {"faults": o.faults, "emulations": o.emulations,
+                                                      "flips": o.flips, "fault_time_ns": o.cost_ns}}
     return out
 
 

@@ -12,7 +12,15 @@ import html
 import json
 from pathlib import Path
 
-from tlslab.bench.summary import KEIR_RATIOS, Summary, fmt_faults, fmt_online, fmt_ratio
+from tlslab.bench.summary import (
+    KEIR_RATIOS,
+    SHORTFALL_NOTE,
+    Summary,
+    fmt_faults,
+    fmt_online,
+    fmt_ratio,
+    fmt_shortfall,
+)
 from tlslab.report.figures import coverage_data
 from tlslab.record import Outcome
 
@@ -203,6 +211,12 @@ def _online_section(s: Summary, figure: str) -> str:
         out.append(f"<li>{esc(name)}: at most min(emulate, flip) on {t['at_most_best_pure']} of {t['workloads']} "
                    f"workloads; within 10% of the bound on {t['within_10pct_of_bound']} of {t['workloads']}</li>")
     out.append("</ul>")
+    short = [r for r in on["rows"] if r.get("why")]
+    if short:
+        out.append(f"<p>Where no online strategy is both at most min(emulate, flip) and within 10% of the bound, "
+                   f"why ({esc(SHORTFALL_NOTE)}):</p><ul>")
+        out.extend(f"<li>{esc(fmt_shortfall(r))}</li>" for r in short)
+        out.append("</ul>")
     out.append(figure)
     return "\n".join(out)
 
