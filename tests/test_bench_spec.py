@@ -55,6 +55,9 @@ def test_cell_id_is_stable_and_spec_sensitive():
     ("[[guest]]\nname='lsr'\ntrees=['dirs=x']", "not an integer"),
     ("[[guest]]\nname='lsr'\nargs='-R'", "list of strings"),
     ("[[guest", "not valid TOML"),
+    ("online_prices = 'hw-vm'\n[[guest]]\nname='lsr'", "online_prices: expected a list"),
+    ("online_prices = ['no-such']\n[[guest]]\nname='lsr'", "online_prices: unknown cost profile 'no-such'"),
+    ("online_prices = ['nominal']\n[[guest]]\nname='lsr'", "'nominal' does not price faults"),
 ])
 def test_bad_specs(text, msg):
     with pytest.raises(SpecError, match=msg):
@@ -277,7 +280,9 @@ def test_default_spec_has_keir_and_lsr_dyn(roots_present):
     # every strategy but flip-full and flip-fs (equal to flip on keir; left out for make bench's 10 minutes)
     assert {c.spec.strategy for c in keir} == set(STRATEGIES) - {"flip-full", "flip-fs"}
     online = [c for c in cells if getattr(STRATEGIES[c.spec.strategy], "online", False)]
-    assert online and all(c.spec.prices == "xen-2004" for c in online)   # they decide with the matrix's profile
+    # they decide with the matrix's profile, and once more with the measured hw-vm prices (online_prices)
+    assert online and {c.spec.prices for c in online} == {"xen-2004", "hw-vm"}
+    assert sum(c.spec.prices == "xen-2004" for c in online) == sum(c.spec.prices == "hw-vm" for c in online)
     assert all(c.spec.guest == "/bin/ls" and c.spec.rootfs == "debian" and c.spec.args[0] == "-R" for c in keir)
     assert {c.spec.variant for c in cells if c.spec.guest == "lsr"} == {"default", "nosegneg", "dyn"}
 
@@ -289,3 +294,27 @@ def test_backends_are_one_registry():
 
     assert set(spec.BACKENDS) == set(BACKENDS)
     assert [n for n, b in BACKENDS.items() if b.serial] == ["hw"] and BACKENDS["unicorn"].unavailable() is None
+
+
+def test_online_prices_give_online_strategies_a_cell_per_extra_profile():
+    text = """
+cost_profile = "xen-2004"
+online_prices = ["xen-2004", "hw-vm", "hw-vm"]
+strategies = ["native", "emulate", "online-probe", "online-site"]
+variants = ["default"]
+[[guest]]
+name = "canary"
+args = ["5"]
+"""
+    spec = MatrixSpec.from_toml(text, "t.toml")
+    assert spec.online_extra_prices() == ["hw-vm"]      # the main prices (cost_profile) and repeats drop out
+    cells = spec.cells()
+    by = {(c.spec.strategy, c.spec.prices) for c in cells}
+    assert {("online-probe", "xen-2004"), ("online-probe", "hw-vm"), ("online-site", "xen-2004"),
+            ("online-site", "hw-vm")} <= by
+    assert sum(1 for c in cells if c.spec.strategy in ("native", "emulate")) == 2   # the others: one cell each
+    assert len(cells) == 6 and len({c.id for c in cells}) == 6 and len({c.label for c in cells}) == 6
+    assert {c.label for c in cells if c.spec.strategy == "online-probe"} == {
+        "canary 5 default online-probe nonpae prices=xen-2004", "canary 5 default online-probe nonpae prices=hw-vm"}
+    plain = MatrixSpec.from_toml(text.replace('online_prices = ["xen-2004", "hw-vm", "hw-vm"]', ""), "t.toml")
+    assert plain.online_extra_prices() == [] and len(plain.cells()) == 4

@@ -548,7 +548,8 @@ def new_run_dir(out: str | Path, name: str) -> RunDir:
 
 
 def spec_record(spec: MatrixSpec) -> dict:
-    return {**spec.to_dict(), "cost_profile": spec.cost_profile, "fit": spec.fit,
+    return {**spec.to_dict(), "cost_profile": spec.cost_profile, "online_extra_prices": spec.online_extra_prices(),
+            "fit": spec.fit,
             "timeout_seconds": spec.timeout_seconds, "max_tasks_per_child": spec.max_tasks_per_child,
             "kill_after_seconds": spec.kill_after_seconds, "backends": spec.backends, "hw": spec.hw}
 

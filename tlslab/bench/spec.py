@@ -10,6 +10,8 @@ the matrix is expanded), build variants, hypervisor profiles. Example::
     profiles = ["nonpae"]                        # hypervisor start: nonpae | pae
     cost_profile = "xen-2004"                    # profile the summary uses ("fit": fit Keir's
                                                  # table in this run even if xen-2004 is stored)
+    online_prices = ["xen-2004", "hw-vm"]        # online strategies also decide with these
+                                                 # prices, each judged in its own online table
     timeout_seconds = 120                        # per cell (the vCPU stops the guest)
     kill_after_seconds = 180                     # per cell, hard: the worker is killed
                                                  # (default: timeout * 1.25 + 30)
@@ -82,7 +84,7 @@ import hashlib
 import json
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tlslab.experiment import DEFAULT_ROOTFS, DEFAULT_TREE_AT, RunSpec, host_directory
@@ -96,6 +98,7 @@ HW_BENCH_DEFAULT = ("native", "emulate", "flip")   # hw cells when [hw] names no
 HW_KEYS = {"strategies", "variants", "repeat", "cpu"}
 #: RunSpec fields added after cell ids were first recorded, with their defaults: they enter a cell's
 #: identity only when set to something else, so every earlier cell keeps its id.
+ONLINE_PROBE = "online-probe"   # an online strategy: whose price fields every online strategy shares
 LATE_FIELDS = {"rootfs": None, "tree_at": DEFAULT_TREE_AT, "env": (), "prices": "hw-vm", "emulate_ns": 0.0,
                "flip_ns": 0.0}
 
@@ -233,8 +236,12 @@ class Cell:
 
     @property
     def label(self) -> str:
+        from tlslab.hypervisor.strategies import STRATEGIES
+
         s = self.spec
-        return f"{self.workload} {s.variant} {s.strategy} {s.profile}" + (" on hw" if self.backend == "hw" else "")
+        # an online strategy's cells differ by the prices it decides with (MatrixSpec.online_prices)
+        prices = f" prices={s.prices}" if getattr(STRATEGIES.get(s.strategy), "online", False) else ""
+        return f"{self.workload} {s.variant} {s.strategy} {s.profile}{prices}" + (" on hw" if self.backend == "hw" else "")
 
     def to_dict(self) -> dict:
         d = {"id": self.id, "workload": self.workload, "weight": self.weight, "skip": self.skip,
@@ -296,6 +303,7 @@ class MatrixSpec:
     variants: list[str] = field(default_factory=lambda: ["default", "nosegneg"])
     profiles: list[str] = field(default_factory=lambda: ["nonpae"])
     cost_profile: str = "nominal"
+    online_prices: list[str] = field(default_factory=list)   # more profiles the online strategies decide with
     timeout_seconds: float = 300.0
     stdout: str = "pipe"
     seed: int = 0
@@ -326,8 +334,9 @@ class MatrixSpec:
         where = source or "spec"
         if not isinstance(raw, dict):
             raise SpecError(f"{where}: a matrix spec is a TOML table")
-        known = {"name", "description", "strategies", "variants", "profiles", "cost_profile", "timeout_seconds",
-                 "stdout", "seed", "max_tasks_per_child", "kill_after_seconds", "fit", "guest", "backends", "hw"}
+        known = {"name", "description", "strategies", "variants", "profiles", "cost_profile", "online_prices",
+                 "timeout_seconds", "stdout", "seed", "max_tasks_per_child", "kill_after_seconds", "fit", "guest",
+                 "backends", "hw"}
         unknown = set(raw) - known
         if unknown:
             raise SpecError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
@@ -349,6 +358,8 @@ class MatrixSpec:
                 _string(where, key, raw[key], empty=True)
         if "cost_profile" in raw:
             _check_cost_profile(where, _string(where, "cost_profile", raw["cost_profile"]))
+        if "online_prices" in raw:
+            _check_online_prices(where, raw["online_prices"])
         if "timeout_seconds" in raw:
             _number(where, "timeout_seconds", raw["timeout_seconds"], 0, MAX_TIMEOUT, lo_open=True)
         if "kill_after_seconds" in raw:
@@ -462,6 +473,7 @@ class MatrixSpec:
             variants=list(top.get("variants", ["default", "nosegneg"])),
             profiles=list(top.get("profiles", ["nonpae"])),
             cost_profile=str(raw.get("cost_profile", "nominal")),
+            online_prices=list(raw.get("online_prices", [])),
             timeout_seconds=float(raw.get("timeout_seconds", 300.0)),
             stdout=str(raw.get("stdout", "pipe")),
             seed=int(raw.get("seed", 0)),
@@ -577,6 +589,11 @@ class MatrixSpec:
                                 continue
                             seen.add(cell.id)
                             out.append(cell)
+                            for prices in self._extra_prices(strategy):   # the same policy deciding with other prices
+                                extra = Cell(replace(spec, prices=prices), workload, round(weight, 3), skip)
+                                if extra.id not in seen:
+                                    seen.add(extra.id)
+                                    out.append(extra)
                             if "hw" in self._axis("backends", g) and self._hw_wants(strategy, variant):
                                 hw = Cell(spec, workload, round(0.05 * self.hw_options()["repeat"] * _tree_factor(tree), 3),
                                           skip or _hw_cell_skip(spec), "hw", self.hw_options())
@@ -598,6 +615,19 @@ class MatrixSpec:
             return {}
         return {"prices": self.cost_profile} if e > 0 and f > 0 else {}
 
+    def _extra_prices(self, strategy: str) -> list[str]:
+        """The profiles an online strategy gets more cells with (``online_extra_prices``); none for the others."""
+        from tlslab.hypervisor.strategies import STRATEGIES
+
+        return self.online_extra_prices() if getattr(STRATEGIES.get(strategy), "online", False) else []
+
+    def online_extra_prices(self) -> list[str]:
+        """``online_prices`` beyond the prices online strategies' main cells decide with: each gives every online
+        strategy one more cell per row, so the summary can judge them under that profile too. run.json keeps
+        the list, so the summary can tell those cells from the main ones."""
+        main = self._price_fields(ONLINE_PROBE).get("prices", LATE_FIELDS["prices"])
+        return [p for p in dict.fromkeys(self.online_prices) if p != main]
+
     def hw_options(self) -> dict:
         return {"repeat": int(self.hw.get("repeat", 3)), "cpu": int(self.hw.get("cpu", 0))}
 
@@ -608,6 +638,24 @@ class MatrixSpec:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "source": self.source, "toml": self.raw}
+
+
+def _check_online_prices(where: str, value) -> None:
+    """``online_prices``: a list of stored cost profiles that price faults (the online strategies' threshold
+    is 2F/E from them)."""
+    from tlslab.hypervisor import costmodel
+
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise SpecError(f"{where}: online_prices: expected a list of cost profile names, got {value!r}")
+    known = costmodel.available_profiles()
+    for name in value:
+        profile = known.get(name)
+        if profile is None:
+            raise SpecError(f"{where}: online_prices: unknown cost profile {name!r} "
+                            f"(choose from {', '.join(known)}; see `tlslab costs`)")
+        e, f = costmodel.fault_prices(profile)
+        if e <= 0 or f <= 0:
+            raise SpecError(f"{where}: online_prices: cost profile {name!r} does not price faults")
 
 
 def _check_cost_profile(where: str, name: str) -> None:

@@ -65,6 +65,7 @@ class Summary:
     keir: dict | None = None        # keir_comparison(): None if the run has no Keir-benchmark row
     processes: dict | None = None   # process_comparison(): multi-process workloads (boot, threads), or None
     online: dict | None = None      # online_comparison(): policies against the offline bound, or None
+    online_extra: dict = field(default_factory=dict)   # the same under each of the matrix's online_extra_prices
 
 
 def _key(rec: dict) -> tuple:
@@ -138,8 +139,25 @@ def choose_profile(records: list[dict], name: str, fit: dict) -> ProfileChoice:
     return ProfileChoice(p, f"cost profile {name!r} is unknown here; using {p.label()}", False)
 
 
+def split_online_extra(records: list[dict], spec: dict) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(main records, {prices: records}): the online strategies' cells that decided with one of the matrix's
+    ``online_extra_prices`` (run.json) go apart; every table but their own online table uses the main ones."""
+    from tlslab.hypervisor.strategies import STRATEGIES
+
+    extra_prices = set(spec.get("online_extra_prices") or [])
+    main, extra = [], {}
+    for rec in records:
+        prices = rec["spec"].get("prices")
+        if prices in extra_prices and getattr(STRATEGIES.get(rec["spec"]["strategy"]), "online", False):
+            extra.setdefault(prices, []).append(rec)
+        else:
+            main.append(rec)
+    return main, extra
+
+
 def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
     from tlslab.bench import hwcells
+    from tlslab.hypervisor.strategies import STRATEGIES
 
     info = run.read_run()
     all_records = list(run.latest().values())
@@ -164,9 +182,16 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
         if rec["spec"]["strategy"] not in strategies:
             strategies.append(rec["spec"]["strategy"])
 
+    # online cells deciding with one of the matrix's extra price profiles are judged in tables of their own
+    main_records, extra_records = split_online_extra(records, spec)
+    online_names = {n for n, cls in STRATEGIES.items() if getattr(cls, "online", False)}
     grouped: dict[tuple, dict[str, dict]] = {k: {} for k in order}
-    for rec in records:
+    for rec in main_records:
         grouped[_key(rec)][rec["spec"]["strategy"]] = rec
+    extra: dict[str, dict[tuple, dict[str, dict]]] = {}
+    for prices, recs in extra_records.items():
+        for rec in recs:
+            extra.setdefault(prices, {}).setdefault(_key(rec), {})[rec["spec"]["strategy"]] = rec
 
     rows = []
     for key in order:
@@ -224,10 +249,21 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
     hw = hwcells.comparison(all_records, choice)
     if hw and hw.get("profile"):
         hw = honest_provenance(hw, all_records)
+    online_extra = {}
+    for prices, by_key in extra.items():
+        try:
+            profile = costmodel.get_profile(prices)
+        except ValueError:
+            continue   # a profile this machine no longer has: its table cannot be priced
+        merged = {k: {**{n: r for n, r in grouped[k].items() if n not in online_names}, **by_key.get(k, {})}
+                  for k in order}
+        comparison = online_comparison(order, merged, profile)
+        if comparison:
+            online_extra[prices] = comparison
     return Summary(info.get("run_id", run.id), choice, strategies, rows, failures, crashes, skipped, counts,
                    info.get("meta", {}), spec, missing, hw,
-                   keir_comparison(rows, choice, all_cells, skipped), process_comparison(records),
-                   online_comparison(order, grouped, choice.profile))
+                   keir_comparison(rows, choice, all_cells, skipped), process_comparison(main_records),
+                   online_comparison(order, grouped, choice.profile), online_extra)
 
 
 BOUND_POLICIES = ("emulate", "flip")   # the two 2004 mechanisms every online strategy must beat
@@ -762,13 +798,18 @@ def fmt_online(cell: dict | None) -> tuple[str, bool]:
 
 
 def render_online(summary: Summary, console) -> None:
-    """Each fault-driven policy's fault-handling time as a multiple of the offline bound."""
+    """Each fault-driven policy's fault-handling time as a multiple of the offline bound: under the summary's
+    cost profile, then under each profile the matrix also had the online strategies decide with."""
+    for on in [summary.online, *summary.online_extra.values()]:
+        if on:
+            render_online_table(on, console)
+
+
+def render_online_table(on: dict, console) -> None:
+    """One ``online_comparison``: the table, the tallies and, where no online strategy makes both marks, why."""
     from rich.markup import escape
     from rich.table import Table
 
-    on = summary.online
-    if not on:
-        return
     t = Table(title=escape(f"fault-handling time / offline bound, under {on['label']}"), header_style="bold",
               caption="1.00x = the offline-optimal hybrid (knows the future; no policy can beat it); emulate and "
                       "flip are the 2004 mechanisms; online-* choose per fault from what the hypervisor sees (see "

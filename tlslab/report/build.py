@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tlslab.bench.store import RunDir
-from tlslab.bench.summary import summarize
+from tlslab.bench.summary import split_online_extra, summarize
 from tlslab.record import SCHEMA_VERSION
 
 
@@ -18,6 +18,7 @@ def build_report(run: RunDir, out: Path, profile: str | None = None, command: st
 
     info = run.read_run()
     records = [r for r in run.latest().values() if not is_hw(r)]   # hw cells: s.hw, their own table
+    records, _ = split_online_extra(records, info.get("spec", {}))   # online cells under extra prices: s.online_extra
     s = summarize(run, profile)
     figs = figures.all_figures(s, records, out)
     page = html.render_html(s, info, records, figs, command, run)
@@ -30,6 +31,7 @@ def build_report(run: RunDir, out: Path, profile: str | None = None, command: st
         "hw": s.hw,
         "processes": s.processes,
         "online": s.online,
+        "online_extra": s.online_extra,
         "schema": SCHEMA_VERSION,       # tlslab.record: the records' schema this summary was made with
     }, indent=2, sort_keys=True, default=str) + "\n")
     return index

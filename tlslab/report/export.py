@@ -14,10 +14,11 @@ import io
 
 from tlslab.bench.store import RunDir
 from tlslab.hypervisor import costmodel
+from tlslab.hypervisor.strategies import STRATEGIES
 from tlslab.record import RunRecord
 
 BASE_COLUMNS = [
-    "run_id", "cell", "backend", "workload", "guest", "variant", "args", "applet", "tree", "root", "rootfs", "strategy", "hv_profile",
+    "run_id", "cell", "backend", "workload", "guest", "variant", "args", "applet", "tree", "root", "rootfs", "strategy", "prices", "hv_profile",
     "seed", "outcome", "reason", "exit_status", "crash_eip", "crash_symbol", "crash_instruction",
     "guest_sha256", "instructions", "syscalls", "faults", "faults_per_1k_instructions", "decodes",
     "descriptor_writes", "emulated_accesses", "emulated_instructions", "patches", "notifications", "refused",
@@ -55,6 +56,8 @@ def rows(run: RunDir) -> tuple[list[str], list[dict]]:
             "variant": s["variant"], "args": " ".join(s.get("args") or []), "applet": s.get("applet") or "",
             "tree": s.get("tree") or "", "root": s.get("root") or "", "rootfs": s.get("rootfs") or "",
             "strategy": s["strategy"],
+            # the cost profile an online strategy decided with (a matrix may run it with several)
+            "prices": (s.get("prices") or "") if getattr(STRATEGIES.get(s["strategy"]), "online", False) else "",
             "hv_profile": s["profile"], "seed": s.get("seed"), "outcome": rec.outcome.value,
             "reason": rec.reason or "", "exit_status": rec.status,
             "crash_eip": f"{crash['eip']:#010x}" if crash.get("eip") is not None else "",

@@ -187,12 +187,21 @@ def _profiles_table(run, s: Summary) -> str:
 
 
 def _online_section(s: Summary, figure: str) -> str:
-    """Online strategies against emulate, flip and the offline bound."""
+    """Online strategies against emulate, flip and the offline bound: under the summary's cost profile (with
+    the figure), then under each profile the matrix also had them decide with."""
     on = s.online
     if not on:
         return ""
-    out = ['<h2 id="online">Online strategies against the offline bound</h2>',
-           f'<p class="note">Fault-handling time of each policy divided by the offline-optimal hybrid\'s (it knows '
+    out = ['<h2 id="online">Online strategies against the offline bound</h2>', _online_table(on), figure]
+    for extra in s.online_extra.values():
+        out.append(f'<h3>The same, with the online strategies deciding with {esc(extra["profile"])}\'s prices</h3>')
+        out.append(_online_table(extra))
+    return "\n".join(out)
+
+
+def _online_table(on: dict) -> str:
+    """One ``online_comparison``: its table, tallies and, where no online strategy makes both marks, why."""
+    out = [f'<p class="note">Fault-handling time of each policy divided by the offline-optimal hybrid\'s (it knows '
            f'the future, so no policy beats it), under {esc(on["label"])}. emulate and flip are the 2004 mechanisms; '
            'the online-* strategies choose per fault from what a hypervisor sees (their rules: '
            '<code>tlslab strategies</code>). *: at most min(emulate, flip). Only runs with native\'s output '
@@ -217,7 +226,6 @@ def _online_section(s: Summary, figure: str) -> str:
                    f"why ({esc(SHORTFALL_NOTE)}):</p><ul>")
         out.extend(f"<li>{esc(fmt_shortfall(r))}</li>" for r in short)
         out.append("</ul>")
-    out.append(figure)
     return "\n".join(out)
 
 
