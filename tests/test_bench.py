@@ -274,3 +274,16 @@ def test_online_strategies_are_judged_under_each_price_profile(tmp_path):
     row = s.rows[0]
     assert row["cells"]["online-probe"]["cell"] == probes["xen-2004"]["cell"]
     assert cp.stdout.count("fault-handling time / offline bound, under") == 2
+    text = " ".join(cp.stdout.split())   # titles wrap at the table's width
+    assert "deciding with hw-vm's prices" in text and "deciding with xen-2004's prices" in text
+    # the report: a second online table for the hw-vm cells; the figures and coverage keep the main cells
+    from tlslab.report.build import build_report
+
+    index = build_report(RunDir(run), tmp_path / "report")
+    import html as htmllib
+
+    page = htmllib.unescape(index.read_text())
+    assert "The online strategies deciding with hw-vm's prices" in page
+    assert page.count("Fault-handling time of each policy") == 2   # the main online table and the hw-vm one
+    summary_json = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert list(summary_json["online_extra"]) == ["hw-vm"]

@@ -40,9 +40,7 @@ def test_optimal_equals_brute_force_and_bounds_every_policy(runs, start_negative
     assert opt.cost_ns == brute_force(runs, e, f)
     assert opt.emulations * e + opt.flips * f == opt.cost_ns
     for policy in (hybrid.pure_emulate, hybrid.pure_flip, hybrid.predictive, hybrid.run_oracle):
-        cost = policy(runs, e, f)
-        assert cost.cost_ns >= opt.cost_ns
-        assert cost.emulations * e + cost.flips * f == cost.cost_ns
+        assert policy(runs, e, f).cost_ns >= opt.cost_ns
 
 
 def test_pure_policies_predict_the_traps_the_strategies_take():
@@ -68,6 +66,10 @@ def test_run_oracle_decides_each_run_from_its_own_length_only():
     # a run longer than the threshold is flipped, and the flipped slot lets the next same-sign run through
     oracle = hybrid.run_oracle([-4, 1, -4, 5], 1.0, 1.5)
     assert (oracle.emulations, oracle.flips) == (1, 2)
+    # a run exactly at the threshold is emulated (ProbeStrategy flips only above it: estimate > threshold)
+    assert (hybrid.run_oracle([-3], 1.0, 1.5).emulations, hybrid.run_oracle([-3], 1.0, 1.5).flips) == (3, 0)
+    # free emulation: never flip
+    assert hybrid.run_oracle([-50], 0.0, 1.0).flips == 0
     # a break resets the slot to "up"
     assert hybrid.run_oracle([-4, 0, -4], 1.0, 1.5).flips == 2
     over = hybrid.run_oracle_over([[-4, 1], [-1]], 1.0, 1.5)

@@ -151,11 +151,9 @@ def test_hybrid_json_record_runs_every_policy():
         assert set(p) >= {"name", "online", "faults", "emulations", "flips", "patches", "fault_time_ns"}
     assert [p["online"] for p in rec["policies"]][:2] == [False, False]
     assert rec["best_online"] in ONLINE
-    # the run-length oracle: offline, one run deep; never below the bound, priced from its own counts
-    oracle, prices = rec["run_oracle"], rec["prices_ns"]
+    # the run-length oracle: offline, one run deep, never below the bound
+    oracle = rec["run_oracle"]
     assert oracle["online"] is False and oracle["fault_time_ns"] >= rec["offline_optimum"]["fault_time_ns"]
-    assert oracle["fault_time_ns"] == pytest.approx(oracle["emulations"] * prices["emulate"]
-                                                    + oracle["flips"] * prices["flip"])
 
 
 def test_dead_address_spaces_leave_their_traces_and_free_their_engines(debian_rootfs):

@@ -43,15 +43,30 @@ def test_a_workload_no_online_rule_handles_gets_its_three_numbers(monkeypatch):
     }
     native = grouped[("a", "default", "nonpae")]["native"]
     native["offline_optimum"]["by_profile"]["p"]["run_oracle"] = {"fault_time_ns": 180.0}
-    grouped[("a", "default", "nonpae")]["online-probe"]["counters"]["strategy"] = {"by_kind": {"probe": 4}}
-    profile = SimpleNamespace(name="p", label=lambda: "p", trap_ns=3.0, descriptor_write_ns=1.0)
+    probe = grouped[("a", "default", "nonpae")]["online-probe"]
+    probe["counters"]["strategy"] = {"by_kind": {"probe": 5, "probe-end": 3, "probe-flip": 1}}
+    probe["spec"] = {"prices": "hw-vm", "emulate_ns": 2.0, "flip_ns": 3.0}   # threshold 3: cap 4
+    profile = SimpleNamespace(name="p", label=lambda: "p", trap_ns=3.0, decode_ns=0.0, descriptor_write_ns=1.0,
+                              emulated_access_ns=0.5)
     out = summary.online_comparison(list(grouped), grouped, profile)
     a, b = out["rows"]
     assert b["why"] is None   # probe 105: at most min(400, 300) and within 10% of the bound
     assert abs(a["why"]["to_win"] - 0.01) < 1e-12
     assert a["why"]["run_oracle"] == 1.8
-    # 4 probes x (one trap + two descriptor writes) = 20 ns over a bound of 100 ns
-    assert a["why"]["learning"] == {"online-probe": {"probes": 4, "vs_bound": 0.2}}
+    # 3 ended probes x (a trap + two writes) = 15, 1 capped probe x (3 emulated faults + a write) = 11.5,
+    # 1 probe ended unseen x a write = 1: 27.5 ns over a bound of 100 ns
+    assert a["why"]["learning"] == {"online-probe": {"probes": 5, "vs_bound": 0.275}}
+    assert a["why"]["none_ran"] is False
     line = summary.fmt_shortfall(a)
     assert line.startswith("a (default): min(emulate, flip) is 1.01x the bound") and "1.80x" in line
-    assert "online-probe's 4 probes cost 0.20x" in line
+    assert "online-probe's 5 probes cost about 0.28x" in line
+
+
+def test_a_workload_where_no_online_strategy_ran_is_listed_with_that(monkeypatch):
+    monkeypatch.setattr(summary.costmodel, "fault_handling_ns", lambda profile, counters: counters["ns"])
+    grouped = {("a", "default", "nonpae"): _row(100, 120, 300, online_probe=90)}
+    grouped[("a", "default", "nonpae")]["online-probe"]["outcome"] = "guest-crash"
+    out = summary.online_comparison(list(grouped), grouped, SimpleNamespace(name="p", label=lambda: "p"))
+    (row,) = out["rows"]
+    assert row["why"]["none_ran"] is True and abs(row["why"]["to_win"] - 0.2) < 1e-12
+    assert summary.fmt_shortfall(row).startswith("a (default): no online strategy ran to the end")

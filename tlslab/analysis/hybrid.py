@@ -109,14 +109,14 @@ def run_oracle(runs: list[int], emulate_ns: float, flip_ns: float) -> PolicyCost
     """Offline, but only one run deep: at each wrong-state run it knows that run's length, nothing after it.
 
     It flips where the run is longer than ``2 * flip_ns / emulate_ns`` accesses and
-    emulates the run otherwise: the rule every online strategy approximates (its
-    threshold, docs/online-strategies.md), given perfect knowledge of the run in
-    hand. Its distance to ``optimal`` is what deciding run by run costs, however
-    well a policy learns run lengths; its distance from an online strategy is
-    what learning them costs. A break leaves the slot "up", as for the pure
-    policies.
+    emulates the run otherwise: the threshold rule online-probe approximates
+    (docs/online-strategies.md), given each run's exact length. Its distance to
+    ``optimal`` is what that rule leaves on the table however well run lengths
+    are learnt (the optimum may depend on runs further ahead). It is not a
+    bound on online rules: one that decides differently (online-site, say)
+    can do better. A break leaves the slot "up", as for the pure policies.
     """
-    threshold = 2 * flip_ns / emulate_ns
+    threshold = 2 * flip_ns / emulate_ns if emulate_ns > 0 else float("inf")   # free emulation: never flip
     up, emulations, flips = True, 0, 0
     for r in runs:
         if r == 0:
@@ -139,21 +139,22 @@ def compare(runs: list[int], emulate_ns: float, flip_ns: float) -> list[PolicyCo
     return [policy(runs, emulate_ns, flip_ns) for policy in POLICIES]
 
 
+def _over(traces: list[list[int]], one, name: str) -> PolicyCost:
+    """The sum of ``one(i, runs)`` over every address space's trace."""
+    emulations = flips = 0
+    cost = 0.0
+    for i, runs in enumerate(traces):
+        c = one(i, runs)
+        emulations, flips, cost = emulations + c.emulations, flips + c.flips, cost + c.cost_ns
+    return PolicyCost(name, emulations, flips, cost)
+
+
 def optimal_over(traces: list[list[int]], emulate_ns: float, flip_ns: float) -> PolicyCost:
     """The offline bound of a whole run: every address space's trace, the first one starting "up"."""
-    total = PolicyCost("optimal hybrid (offline bound)", 0, 0, 0.0)
-    for i, runs in enumerate(traces):
-        c = optimal(runs, emulate_ns, flip_ns, start_free=i > 0)
-        total = PolicyCost(total.policy, total.emulations + c.emulations, total.flips + c.flips,
-                           total.cost_ns + c.cost_ns)
-    return total
+    return _over(traces, lambda i, runs: optimal(runs, emulate_ns, flip_ns, start_free=i > 0),
+                 "optimal hybrid (offline bound)")
 
 
 def run_oracle_over(traces: list[list[int]], emulate_ns: float, flip_ns: float) -> PolicyCost:
     """``run_oracle`` over every address space's trace (each one starting "up")."""
-    total = PolicyCost("run-length oracle (one run deep)", 0, 0, 0.0)
-    for runs in traces:
-        c = run_oracle(runs, emulate_ns, flip_ns)
-        total = PolicyCost(total.policy, total.emulations + c.emulations, total.flips + c.flips,
-                           total.cost_ns + c.cost_ns)
-    return total
+    return _over(traces, lambda i, runs: run_oracle(runs, emulate_ns, flip_ns), "run-length oracle (one run deep)")

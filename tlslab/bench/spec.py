@@ -98,7 +98,6 @@ HW_BENCH_DEFAULT = ("native", "emulate", "flip")   # hw cells when [hw] names no
 HW_KEYS = {"strategies", "variants", "repeat", "cpu"}
 #: RunSpec fields added after cell ids were first recorded, with their defaults: they enter a cell's
 #: identity only when set to something else, so every earlier cell keeps its id.
-ONLINE_PROBE = "online-probe"   # an online strategy: whose price fields every online strategy shares
 LATE_FIELDS = {"rootfs": None, "tree_at": DEFAULT_TREE_AT, "env": (), "prices": "hw-vm", "emulate_ns": 0.0,
                "flip_ns": 0.0}
 
@@ -236,11 +235,11 @@ class Cell:
 
     @property
     def label(self) -> str:
-        from tlslab.hypervisor.strategies import STRATEGIES
+        from tlslab.hypervisor.strategies import is_online
 
         s = self.spec
         # an online strategy's cells differ by the prices it decides with (MatrixSpec.online_prices)
-        prices = f" prices={s.prices}" if getattr(STRATEGIES.get(s.strategy), "online", False) else ""
+        prices = f" prices={s.prices}" if is_online(s.strategy) else ""
         return f"{self.workload} {s.variant} {s.strategy} {s.profile}{prices}" + (" on hw" if self.backend == "hw" else "")
 
     def to_dict(self) -> dict:
@@ -604,28 +603,35 @@ class MatrixSpec:
 
     def _price_fields(self, strategy: str) -> dict:
         """Online strategies decide with the matrix's cost profile (the one their cells are priced with)."""
-        from tlslab.hypervisor import costmodel
-        from tlslab.hypervisor.strategies import STRATEGIES
+        from tlslab.hypervisor.strategies import is_online
 
-        if not getattr(STRATEGIES.get(strategy), "online", False):
+        if not is_online(strategy):
             return {}
+        prices = self._main_prices()
+        return {"prices": prices} if prices == self.cost_profile else {}
+
+    def _main_prices(self) -> str:
+        """The profile online strategies' main cells decide with: the matrix's cost profile where it is stored
+        and prices faults, else RunSpec's default (a profile fitted during the run does not exist yet)."""
+        from tlslab.hypervisor import costmodel
+
         try:
             e, f = costmodel.fault_prices(costmodel.get_profile(self.cost_profile))
-        except ValueError:   # a profile fitted during the run ("fit"): the strategies' default prices
-            return {}
-        return {"prices": self.cost_profile} if e > 0 and f > 0 else {}
+        except ValueError:
+            return LATE_FIELDS["prices"]
+        return self.cost_profile if e > 0 and f > 0 else LATE_FIELDS["prices"]
 
     def _extra_prices(self, strategy: str) -> list[str]:
         """The profiles an online strategy gets more cells with (``online_extra_prices``); none for the others."""
-        from tlslab.hypervisor.strategies import STRATEGIES
+        from tlslab.hypervisor.strategies import is_online
 
-        return self.online_extra_prices() if getattr(STRATEGIES.get(strategy), "online", False) else []
+        return self.online_extra_prices() if is_online(strategy) else []
 
     def online_extra_prices(self) -> list[str]:
         """``online_prices`` beyond the prices online strategies' main cells decide with: each gives every online
         strategy one more cell per row, so the summary can judge them under that profile too. run.json keeps
         the list, so the summary can tell those cells from the main ones."""
-        main = self._price_fields(ONLINE_PROBE).get("prices", LATE_FIELDS["prices"])
+        main = self._main_prices()
         return [p for p in dict.fromkeys(self.online_prices) if p != main]
 
     def hw_options(self) -> dict:

@@ -142,14 +142,14 @@ def choose_profile(records: list[dict], name: str, fit: dict) -> ProfileChoice:
 def split_online_extra(records: list[dict], spec: dict) -> tuple[list[dict], dict[str, list[dict]]]:
     """(main records, {prices: records}): the online strategies' cells that decided with one of the matrix's
     ``online_extra_prices`` (run.json) go apart; every table but their own online table uses the main ones."""
-    from tlslab.hypervisor.strategies import STRATEGIES
+    from tlslab.hypervisor.strategies import is_online
 
-    extra_prices = set(spec.get("online_extra_prices") or [])
-    main, extra = [], {}
+    extra_prices = list(spec.get("online_extra_prices") or [])
+    main, extra = [], {p: [] for p in extra_prices}   # in the matrix's order, not the records'
     for rec in records:
         prices = rec["spec"].get("prices")
-        if prices in extra_prices and getattr(STRATEGIES.get(rec["spec"]["strategy"]), "online", False):
-            extra.setdefault(prices, []).append(rec)
+        if prices in extra and is_online(rec["spec"]["strategy"]):
+            extra[prices].append(rec)
         else:
             main.append(rec)
     return main, extra
@@ -157,7 +157,7 @@ def split_online_extra(records: list[dict], spec: dict) -> tuple[list[dict], dic
 
 def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
     from tlslab.bench import hwcells
-    from tlslab.hypervisor.strategies import STRATEGIES
+    from tlslab.hypervisor.strategies import online_names
 
     info = run.read_run()
     all_records = list(run.latest().values())
@@ -184,7 +184,7 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
 
     # online cells deciding with one of the matrix's extra price profiles are judged in tables of their own
     main_records, extra_records = split_online_extra(records, spec)
-    online_names = {n for n, cls in STRATEGIES.items() if getattr(cls, "online", False)}
+    online = set(online_names())
     grouped: dict[tuple, dict[str, dict]] = {k: {} for k in order}
     for rec in main_records:
         grouped[_key(rec)][rec["spec"]["strategy"]] = rec
@@ -249,17 +249,16 @@ def summarize(run: RunDir, profile_name: str | None = None) -> Summary:
     hw = hwcells.comparison(all_records, choice)
     if hw and hw.get("profile"):
         hw = honest_provenance(hw, all_records)
-    online_extra = {}
+    online_extra: dict[str, dict | None] = {}
     for prices, by_key in extra.items():
         try:
             profile = costmodel.get_profile(prices)
         except ValueError:
-            continue   # a profile this machine no longer has: its table cannot be priced
-        merged = {k: {**{n: r for n, r in grouped[k].items() if n not in online_names}, **by_key.get(k, {})}
+            online_extra[prices] = None   # a profile this machine does not have: said, not dropped
+            continue
+        merged = {k: {**{n: r for n, r in grouped[k].items() if n not in online}, **by_key.get(k, {})}
                   for k in order}
-        comparison = online_comparison(order, merged, profile)
-        if comparison:
-            online_extra[prices] = comparison
+        online_extra[prices] = online_comparison(order, merged, profile)
     return Summary(info.get("run_id", run.id), choice, strategies, rows, failures, crashes, skipped, counts,
                    info.get("meta", {}), spec, missing, hw,
                    keir_comparison(rows, choice, all_cells, skipped), process_comparison(main_records),
@@ -272,50 +271,85 @@ BOUND_POLICIES = ("emulate", "flip")   # the two 2004 mechanisms every online st
 BEST_ONLINE = "best online strategy per workload (chosen after the fact)"
 
 
-def probe_cost_ns(profile, counters: dict) -> tuple[int, float]:
-    """(probes, ns) a strategy spent learning: each probe costs one extra trap (the access that ends it)
-    and two descriptor writes (the empty descriptor in, the slot's own back) beyond emulating its run."""
-    probes = counters.get("strategy", {}).get("by_kind", {}).get("probe", 0)
-    price = getattr(profile, "trap_ns", 0.0) + 2 * getattr(profile, "descriptor_write_ns", 0.0)
-    return probes, probes * price
+def probe_cost_ns(profile, rec: dict) -> tuple[int, float | None]:
+    """(probes, ns): an estimate of what a probing strategy's probes cost beyond taking, at each probe's
+    first fault, the decision its measurement led to (ProbeStrategy, tlslab.hypervisor.strategies.online).
+
+    A probe that ends at an access of the other sign (``probe-end``: the run was short, emulating it was
+    right) cost one more trap and decode and two descriptor writes (the empty descriptor in, the slot's
+    own back). A probe that reaches the cap (``probe-flip``: the run was long, flipping at once was right)
+    cost cap - 1 emulated faults and the empty descriptor's write; cap = int(2F/E) + 1 from the prices
+    the cell decided with. Any other probe (ended unseen by a TLS reload) is priced at its one write.
+    ``profile`` prices the counts. ns is None where the cell's decision prices are unknown here.
+    """
+    from tlslab.hypervisor.strategies.online import PriceOptions
+
+    kinds = rec["counters"].get("strategy", {}).get("by_kind", {})
+    probes = kinds.get("probe", 0)
+    if not probes:
+        return 0, 0.0
+    s = rec["spec"]
+    try:
+        e, f = PriceOptions(s.get("prices") or "hw-vm", s.get("emulate_ns") or 0.0,
+                            s.get("flip_ns") or 0.0).fault_prices()
+    except ValueError:
+        return probes, None
+    cap = int(2 * f / e) + 1
+    price = {k: getattr(profile, k, 0.0) for k in ("trap_ns", "decode_ns", "descriptor_write_ns",
+                                                    "emulated_access_ns")}
+    fault = price["trap_ns"] + price["decode_ns"]
+    write = price["descriptor_write_ns"]
+    ended, flipped = kinds.get("probe-end", 0), kinds.get("probe-flip", 0)
+    ns = (ended * (fault + 2 * write) + flipped * ((cap - 1) * (fault + price["emulated_access_ns"]) + write)
+          + max(0, probes - ended - flipped) * write)
+    return probes, ns
 
 
 def shortfall(row: dict, bound: dict, by: dict, online: list[str], profile) -> dict | None:
-    """Why no online strategy reaches the acceptance marks on this workload, in three measured numbers
-    (None where the best one is at most min(emulate, flip) and within 10% of the bound).
+    """Why no online strategy reaches the acceptance marks on this workload, in three numbers (None where
+    the best one is at most min(emulate, flip) and within 10% of the bound).
 
     ``to_win``: min(emulate, flip) over the bound, minus 1: all any policy could gain over the better
-    2004 mechanism. ``run_oracle``: the run-length oracle over the bound (tlslab.analysis.hybrid: it
-    knows each run's length as the run starts, nothing after it): what deciding run by run costs
-    however well run lengths are learnt. ``learning``: per strategy that probes, its probes' extra
-    cost over the bound: what learning them online cost.
+    2004 mechanism (None if emulate or flip did not run to the end). ``run_oracle``: the run-length
+    oracle over the bound (tlslab.analysis.hybrid: the threshold rule online-probe approximates, given
+    each run's exact length as the run starts; the distance to 1.00x is what the rule leaves, the
+    optimum depending on runs further ahead). ``learning``: per strategy that probes, the estimated
+    extra cost of its probes over the bound (``probe_cost_ns``). ``none_ran``: no online strategy ran
+    to the end with native's output.
     """
-    best = row["cells"].get(row["best_online"]) if row["best_online"] else None
-    if best is None or best["vs_bound"] is None or row["best_pure_ms"] is None or not bound["fault_time_ns"]:
+    if not bound["fault_time_ns"]:
         return None
-    if best["at_most_best_pure"] and best["vs_bound"] <= 1.10:
+    best = row["cells"].get(row["best_online"]) if row["best_online"] else None
+    if best is not None and best["vs_bound"] is not None and best["at_most_best_pure"] and best["vs_bound"] <= 1.10:
         return None
     oracle = bound.get("run_oracle")
     learning = {}
     for name in online:
         rec = by.get(name)
         if rec is not None and (row["cells"].get(name) or {}).get("fault_ms") is not None:
-            probes, ns = probe_cost_ns(profile, rec["counters"])
+            probes, ns = probe_cost_ns(profile, rec)
             if probes:
-                learning[name] = {"probes": probes, "vs_bound": ns / bound["fault_time_ns"]}
-    return {"to_win": row["best_pure_ms"] * 1e6 / bound["fault_time_ns"] - 1,
+                learning[name] = {"probes": probes,
+                                  "vs_bound": ns / bound["fault_time_ns"] if ns is not None else None}
+    return {"to_win": (row["best_pure_ms"] * 1e6 / bound["fault_time_ns"] - 1
+                       if row["best_pure_ms"] is not None else None),
             "run_oracle": oracle["fault_time_ns"] / bound["fault_time_ns"] if oracle else None,
-            "learning": learning}
+            "learning": learning, "none_ran": best is None or best["vs_bound"] is None}
 
 
 def fmt_shortfall(row: dict) -> str:
-    """One line: the three numbers of ``shortfall`` for a workload."""
+    """One line: the numbers of ``shortfall`` for a workload."""
     why = row["why"]
-    parts = [f"min(emulate, flip) is {why['to_win'] + 1:.2f}x the bound"]
+    parts = []
+    if why.get("none_ran"):
+        parts.append("no online strategy ran to the end with native's output")
+    if why["to_win"] is not None:
+        parts.append(f"min(emulate, flip) is {why['to_win'] + 1:.2f}x the bound")
     if why["run_oracle"] is not None:
-        parts.append(f"deciding run by run, knowing each run's length, {why['run_oracle']:.2f}x")
+        parts.append(f"the threshold rule, knowing each run's length, {why['run_oracle']:.2f}x")
     for name, cost in why["learning"].items():
-        parts.append(f"{name}'s {cost['probes']:,} probes cost {cost['vs_bound']:.2f}x")
+        if cost["vs_bound"] is not None:
+            parts.append(f"{name}'s {cost['probes']:,} probes cost about {cost['vs_bound']:.2f}x")
     return f"{row['workload']} ({row['variant']}): " + "; ".join(parts)
 
 
@@ -327,11 +361,12 @@ def online_comparison(order: list[tuple], grouped: dict, profile: costmodel.Cost
     its cell ran to the end with native's output. None if the run has no
     online strategy or no bound.
     """
-    from tlslab.hypervisor.strategies import STRATEGIES
+    from tlslab.hypervisor.strategies import online_names
 
-    online = [n for n, cls in STRATEGIES.items() if getattr(cls, "online", False)]
+    online = online_names()
     policies = [*BOUND_POLICIES, *online]
     rows = []
+    decided_with = set()   # the prices the online cells decided with (the table's title says which)
     for key in order:
         by = grouped[key]
         native = by.get("native")
@@ -346,6 +381,8 @@ def online_comparison(order: list[tuple], grouped: dict, profile: costmodel.Cost
             same = (rec.get("outcome") == "ok" and native.get("outcome") == "ok"
                     and rec["stdout"]["sha256"] == native["stdout"]["sha256"])
             ns = costmodel.fault_handling_ns(profile, rec["counters"]) if same else None
+            if name in online and rec.get("spec", {}).get("prices"):
+                decided_with.add(rec["spec"]["prices"])
             cells[name] = {"fault_ms": ns / 1e6 if ns is not None else None,
                            "vs_bound": (ns / bound["fault_time_ns"]) if ns is not None and bound["fault_time_ns"]
                            else (1.0 if ns == 0 else None),
@@ -386,7 +423,7 @@ def online_comparison(order: list[tuple], grouped: dict, profile: costmodel.Cost
         "within_10pct_of_bound": sum(1 for c in best if c["vs_bound"] is not None and c["vs_bound"] <= 1.10),
     }
     return {"profile": profile.name, "label": profile.label(), "policies": policies, "online": online,
-            "rows": rows, "tally": tally}
+            "rows": rows, "tally": tally, "decided_with": sorted(decided_with)}
 
 
 # --------------------------------------------------------------------------- where a profile was measured
@@ -784,8 +821,9 @@ def fmt_xr(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-SHORTFALL_NOTE = ("all three relative to the bound: what the better 2004 mechanism leaves to win; what a rule "
-                  "deciding each run from its exact length costs; what probing for those lengths cost")
+SHORTFALL_NOTE = ("all relative to the bound: what the better 2004 mechanism leaves to win; what the threshold "
+                  "rule costs given each run's exact length (docs/online-strategies.md); an estimate of what "
+                  "probing for those lengths cost")
 
 
 def fmt_online(cell: dict | None) -> tuple[str, bool]:
@@ -800,9 +838,22 @@ def fmt_online(cell: dict | None) -> tuple[str, bool]:
 def render_online(summary: Summary, console) -> None:
     """Each fault-driven policy's fault-handling time as a multiple of the offline bound: under the summary's
     cost profile, then under each profile the matrix also had the online strategies decide with."""
-    for on in [summary.online, *summary.online_extra.values()]:
+    from rich.markup import escape
+
+    if summary.online:
+        render_online_table(summary.online, console)
+    for prices, on in summary.online_extra.items():
         if on:
             render_online_table(on, console)
+        else:
+            console.print(escape(f"online strategies deciding with {prices}'s prices: not judged here (this "
+                                 f"machine has no cost profile {prices!r}, or their run has no bound under it)"))
+
+
+def decided(on: dict) -> str:
+    """The title's note on which prices the table's online cells decided with."""
+    prices = on.get("decided_with") or []
+    return f"; online strategies deciding with {', '.join(prices)}'s prices" if prices else ""
 
 
 def render_online_table(on: dict, console) -> None:
@@ -810,7 +861,8 @@ def render_online_table(on: dict, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=escape(f"fault-handling time / offline bound, under {on['label']}"), header_style="bold",
+    t = Table(title=escape(f"fault-handling time / offline bound, under {on['label']}{decided(on)}"),
+              header_style="bold",
               caption="1.00x = the offline-optimal hybrid (knows the future; no policy can beat it); emulate and "
                       "flip are the 2004 mechanisms; online-* choose per fault from what the hypervisor sees (see "
                       "`tlslab strategies`). *: at most min(emulate, flip). Only runs with native's output count.")

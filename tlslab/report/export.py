@@ -12,9 +12,10 @@ from __future__ import annotations
 import csv
 import io
 
+from tlslab.bench.spec import LATE_FIELDS
 from tlslab.bench.store import RunDir
 from tlslab.hypervisor import costmodel
-from tlslab.hypervisor.strategies import STRATEGIES
+from tlslab.hypervisor.strategies import is_online
 from tlslab.record import RunRecord
 
 BASE_COLUMNS = [
@@ -57,7 +58,7 @@ def rows(run: RunDir) -> tuple[list[str], list[dict]]:
             "tree": s.get("tree") or "", "root": s.get("root") or "", "rootfs": s.get("rootfs") or "",
             "strategy": s["strategy"],
             # the cost profile an online strategy decided with (a matrix may run it with several)
-            "prices": (s.get("prices") or "") if getattr(STRATEGIES.get(s["strategy"]), "online", False) else "",
+            "prices": (s.get("prices") or LATE_FIELDS["prices"]) if is_online(s["strategy"]) else "",
             "hv_profile": s["profile"], "seed": s.get("seed"), "outcome": rec.outcome.value,
             "reason": rec.reason or "", "exit_status": rec.status,
             "crash_eip": f"{crash['eip']:#010x}" if crash.get("eip") is not None else "",

@@ -16,6 +16,7 @@ from tlslab.bench.summary import (
     KEIR_RATIOS,
     SHORTFALL_NOTE,
     Summary,
+    decided,
     fmt_faults,
     fmt_online,
     fmt_ratio,
@@ -189,20 +190,24 @@ def _profiles_table(run, s: Summary) -> str:
 def _online_section(s: Summary, figure: str) -> str:
     """Online strategies against emulate, flip and the offline bound: under the summary's cost profile (with
     the figure), then under each profile the matrix also had them decide with."""
-    on = s.online
-    if not on:
+    if not s.online and not s.online_extra:
         return ""
-    out = ['<h2 id="online">Online strategies against the offline bound</h2>', _online_table(on), figure]
-    for extra in s.online_extra.values():
-        out.append(f'<h3>The same, with the online strategies deciding with {esc(extra["profile"])}\'s prices</h3>')
-        out.append(_online_table(extra))
+    out = ['<h2 id="online">Online strategies against the offline bound</h2>']
+    if s.online:
+        out += [_online_table(s.online), figure]
+    for prices, extra in s.online_extra.items():
+        out.append(f"<h3>The online strategies deciding with {esc(prices)}'s prices</h3>")
+        out.append(_online_table(extra) if extra else
+                   f'<p class="note">Not judged here: this machine has no cost profile {esc(repr(prices))}, or '
+                   'their run has no bound under it.</p>')
     return "\n".join(out)
 
 
 def _online_table(on: dict) -> str:
     """One ``online_comparison``: its table, tallies and, where no online strategy makes both marks, why."""
     out = [f'<p class="note">Fault-handling time of each policy divided by the offline-optimal hybrid\'s (it knows '
-           f'the future, so no policy beats it), under {esc(on["label"])}. emulate and flip are the 2004 mechanisms; '
+           f'the future, so no policy beats it), under {esc(on["label"] + decided(on))}. emulate and flip are the '
+           '2004 mechanisms; '
            'the online-* strategies choose per fault from what a hypervisor sees (their rules: '
            '<code>tlslab strategies</code>). *: at most min(emulate, flip). Only runs with native\'s output '
            'count.</p>',
@@ -459,7 +464,7 @@ real i386 glibc programs (our static and dynamic guests, Debian's own binaries) 
 (<code>ls -R</code>: 180 ms native, 300 ms emulate, 390 ms flip).</p>
 <p class="toc"><a href="#summary">summary</a>{'<a href="#keir">Keir 2004 vs today</a>' if s.keir else ''}{'<a href="#processes">processes</a>' if s.processes else ''}<a href="#fig-overhead">overhead</a><a href="#faults">faults</a>
 <a href="#fig-timeline">timeline</a><a href="#coverage">2004 coverage</a><a href="#crashes">crashes</a>
-<a href="#failures">failures</a>{'<a href="#online">online vs bound</a>' if s.online else ''}{'<a href="#hw">model vs CPU</a>' if s.hw else ''}<a href="#run">run</a></p>
+<a href="#failures">failures</a>{'<a href="#online">online vs bound</a>' if s.online or s.online_extra else ''}{'<a href="#hw">model vs CPU</a>' if s.hw else ''}<a href="#run">run</a></p>
 {_meta(s, info)}
 {fitted_note}
 <h2 id="summary">Modelled time relative to native</h2>

@@ -103,7 +103,7 @@ def run(args) -> int:
     from tlslab.analysis import hybrid
     from tlslab.cli import RunFailed
     from tlslab.cli.commands.run import build_domain
-    from tlslab.hypervisor.strategies import STRATEGIES
+    from tlslab.hypervisor.strategies import online_names
 
     name, label, where, emulate_ns, flip_ns, pricing = choose_prices(args)
     base = spec_from_args(args, "native")
@@ -115,10 +115,10 @@ def run(args) -> int:
     if dropped:
         raise RunFailed(f"sign trace overflowed ({dropped} runs dropped): use a smaller workload")
     policies = []
-    online_names = [n for n, cls in STRATEGIES.items() if getattr(cls, "online", False)]
+    names = online_names()
     price_fields = {"prices": name, "emulate_ns": args.emulate_ns or 0.0, "flip_ns": args.flip_ns or 0.0}
-    for strategy in ("emulate", "flip", *online_names):
-        online = strategy in online_names
+    for strategy in ("emulate", "flip", *names):
+        online = strategy in names
         spec = dataclasses.replace(base, strategy=strategy, **(price_fields if online else {}))
         d, _ = build_domain(spec)
         result = d.run()
@@ -138,7 +138,7 @@ def run(args) -> int:
         "policies": policies,
         "offline_optimum": {"name": bound.policy, "online": False, "faults": bound.faults,
                             "emulations": bound.emulations, "flips": bound.flips, "fault_time_ns": bound.cost_ns},
-        # offline too, but one run deep: what deciding run by run costs however well run lengths are learnt
+        # offline too, but one run deep: the threshold rule online-probe approximates, given exact run lengths
         "run_oracle": {"name": oracle.policy, "online": False, "faults": oracle.faults,
                        "emulations": oracle.emulations, "flips": oracle.flips, "fault_time_ns": oracle.cost_ns},
     }

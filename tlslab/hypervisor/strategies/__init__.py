@@ -52,10 +52,20 @@ def get_strategy(name: str, **options) -> Strategy:
     return cls.make(**options)
 
 
+def is_online(name: str) -> bool:
+    """Whether strategy ``name`` is an online policy (decides per fault with a cost profile's prices)."""
+    return bool(getattr(STRATEGIES.get(name), "online", False))
+
+
+def online_names() -> list[str]:
+    """The online strategies, in registry order."""
+    return [name for name in STRATEGIES if is_online(name)]
+
+
 def option_names(name: str) -> tuple[str, ...]:
     """The options strategy ``name`` declares (for specs and the CLI)."""
     return tuple(STRATEGIES[name].Options.__dataclass_fields__)
 
 
 __all__ = ["Action", "Strategy", "StrategyCounters", "StrategyOptionError", "Trap", "Verdict", "STRATEGIES",
-           "get_strategy", "option_names", "UnknownStrategy", "fetch_and_decode"]
+           "get_strategy", "option_names", "UnknownStrategy", "fetch_and_decode", "is_online", "online_names"]
