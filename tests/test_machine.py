@@ -130,6 +130,30 @@ def test_instruction_count_is_exact_and_deterministic():
     assert counts == {41}
 
 
+def test_instruction_count_is_exact_over_more_blocks_than_the_block_front_holds():
+    """The block hook keeps counts in a small two-way front (_fastpath.c) over a large table: 1,500
+    distinct blocks run three times collide and evict there, and the count must stay exact."""
+    blocks, rounds = 1500, 3
+    lines = [f"mov ecx, {rounds}", "top:"]
+    expected_loop = 0
+    for i in range(blocks):
+        adds = 1 + i % 3
+        lines += ["add ebx, 1"] * adds + [f"jmp b{i}", f"b{i}:"]
+        expected_loop += adds + 1
+    lines += ["dec ecx", "jnz top", "mov eax, 1", "int 0x80"]
+    base = 0x00400000
+    code = bytes(KS.asm("; ".join(lines), base)[0])
+    v = VCpu()
+    v.mem.map(base, (len(code) + 0xFFF) & ~0xFFF, PROT_READ | PROT_EXEC)
+    v.mem.write(base, code)
+    v.mem.map(STACK_TOP - 0x10000, 0x10000, PROT_READ | PROT_WRITE)
+    v.enter_user_mode(base, STACK_TOP - 0x100)
+    assert v.run().reason is ExitReason.SYSCALL
+    assert v.regs.get("ebx") == rounds * sum(1 + i % 3 for i in range(blocks))
+    assert v.counters.instructions == 1 + rounds * (expected_loop + 2) + 2
+    assert v._fast.header.block_misses >= blocks  # every distinct block was counted by Python once
+
+
 def test_instruction_count_excludes_faulting_and_later_instructions():
     v = make_vcpu("add ebx, 1; add ebx, 1; mov ecx, dword ptr gs:[-4]; add ebx, 1", truncated())
     assert v.run().reason is ExitReason.SEGMENT_VIOLATION

@@ -479,15 +479,18 @@ class VCpu:
         fault taken to Python and one settled in the hook give the same
         schedule.
         """
-        if budget is not None and self._fast is not None and self.count_instructions:
-            self._fast.header.budget_end = max(1, self._fast.header.instructions + budget)
-            self._fast.header.budget_hit = 0
-        if self._fast is not None:
-            self._fast.header.budget_first = int(self._continues_faulted_block(self.regs.get("eip")))
+        # one EIP read and few header accesses: this runs once per system call and fault
+        eip = self.regs.get("eip")
+        fast = self._fast
+        h = fast.header if fast is not None else None
+        if h is not None:
+            if budget is not None and self.count_instructions:
+                h.budget_end = max(1, h.instructions + budget)
+                h.budget_hit = 0
+            h.budget_first = 1 if self._faulted is not None and self._continues_faulted_block(eip) else 0
         self._faulted = None
         self._pending = None
         self._unmapped = None
-        eip = self.regs.get("eip")
         error = None
         unicorn_timeout_us = 0
         if self.timeout_us:
@@ -505,17 +508,15 @@ class VCpu:
             self.uc.emu_start(eip, 0xFFFFFFFF, timeout=unicorn_timeout_us)
         except UcError as exc:
             error = exc.errno
-        if self._fast is not None and self.count_instructions:
-            self.counters.instructions = self._fast.header.instructions
+        if h is not None and self.count_instructions:
+            self.counters.instructions = h.instructions
         if self._settle is not None:
             self._collect_settled()
         stop_eip = self.regs.get("eip")
 
-        if self._fast is not None:
-            budget_hit = self._fast.header.budget_hit
-            self._fast.header.budget_end = 0
-            self._fast.header.budget_hit = budget_hit
-        fast_exit = self._fast.take_exit() if self.checks else None
+        if h is not None:
+            h.budget_end = 0   # budget_hit stays for the check below
+        fast_exit = fast.take_exit() if self.checks else None
         if fast_exit is not None and error in (UC_ERR_READ_PROT, UC_ERR_WRITE_PROT):
             if stop_eip != fast_exit.eip:
                 # Unicorn could not stop this store before the instruction completed
