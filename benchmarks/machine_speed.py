@@ -1,7 +1,8 @@
 """Machine speed: lsr on a 4,000-entry tree, segment checks on vs syscalls only.
 
 Both configurations run in this one process, alternately, so machine noise hits
-both alike; the figure that matters is the ratio (issue target: >= 0.5).
+both alike; the figure that matters is the ratio (issue 14's target: >= 0.8; the first
+target, met on 2026-11-22, was 0.5).
 
   checks on     : every fs/gs access seen and checked before it commits, guest
                   instructions counted (the configuration every experiment uses)
@@ -64,7 +65,11 @@ def main() -> int:
           f"median of {args.repeat} alternating runs")
     print(f"syscalls only : {t_off * 1000:8.1f} ms  {ips_off / 1e6:6.2f} M guest instructions/s")
     print(f"checks on     : {t_on * 1000:8.1f} ms  {ips_on / 1e6:6.2f} M guest instructions/s")
-    print(f"ratio (checks on / syscalls only): {ips_on / ips_off:.2f}   (target >= 0.5)")
+    print(f"ratio (checks on / syscalls only): {ips_on / ips_off:.2f}   (issue 14 target >= 0.8)")
+    # each checked run against the unchecked run beside it: drifts of a shared machine cancel in a pair
+    paired = sorted(off_t / on_t for on_t, off_t in zip(on, off))
+    print(f"paired ratios (each checked run / the unchecked run after it): median {statistics.median(paired):.2f}, "
+          f"range {paired[0]:.2f}-{paired[-1]:.2f} over {len(paired)} pairs")
     return 0
 
 
