@@ -806,7 +806,7 @@ static __attribute__((noinline)) uint32_t block_icount_slow(struct fastpath *fp,
         return hit.icount;
     }
     front[1] = front[0];
-    front[0].size = 0;
+    front[0] = (struct block_front){0, 0, 0};   /* whole: a stale address or count must not match later */
     uint32_t i = mix32(((uint64_t)a << 20) ^ size) & (BLOCK_SLOTS - 1);
     for (uint32_t n = 0; n < 256; n++, i = (i + 1) & (BLOCK_SLOTS - 1)) {
         struct block *b = &fp->blocks[i];
@@ -827,33 +827,15 @@ static __attribute__((noinline)) uint32_t block_icount_slow(struct fastpath *fp,
     return fp->block_icount(a, size);  /* table full: asked every time, still exact */
 }
 
-/* Stop before this block when the time slice is used up, or when the wall-clock deadline passed
- * (checked every DEADLINE_EVERY blocks). 1 = the block does not run now (not counted). */
-static __attribute__((noinline)) int block_stops(struct fastpath *fp, void *uc, int first)
-{
-    if (fp->budget_end && !first && fp->instructions >= fp->budget_end) {
-        fp->budget_hit = 1;
-        fp->budget_end = 0;
-        fp->emu_stop(uc);
-        return 1;  /* the block does not run now: it is counted when it does */
-    }
-    if (fp->deadline_ns && (fp->deadline_tick & (DEADLINE_EVERY - 1)) == 0) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        if ((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec >= fp->deadline_ns) {
-            fp->emu_stop(uc);  /* emu_start returns with no error and no exit: the run loop's TIMEOUT */
-        }
-    }
-    return 0;
-}
-
 static inline struct block_front *block_front_of(struct fastpath *fp, uint32_t a, uint32_t size)
 {
     return &fp->block_cache[(((a ^ size) * 0x9E3779B1u) >> (32 - BLOCK_CACHE_BITS)) & ~1u];
 }
 
 /* The block hook's general case: the count not in the front's first way, a time slice to watch, or
- * a clock read due. */
+ * a clock read due. A block stopped by the time slice does not run now: it is not counted and takes
+ * no clock tick (it is counted, and ticks, when it does run). The deadline is read every
+ * DEADLINE_EVERY blocks that run. */
 static __attribute__((noinline)) void on_block_general(struct fastpath *fp, void *uc, uint32_t a, uint32_t size)
 {
     struct block_front *front = block_front_of(fp, a, size);
@@ -862,10 +844,18 @@ static __attribute__((noinline)) void on_block_general(struct fastpath *fp, void
     int first = fp->budget_first;
     fp->budget_first = 0;
     fp->split_bytes = 0;
+    if (fp->budget_end && !first && fp->instructions >= fp->budget_end) {
+        fp->budget_hit = 1;
+        fp->budget_end = 0;
+        fp->emu_stop(uc);
+        return;
+    }
     uint32_t tick = ++fp->deadline_tick;
-    if (fp->budget_end || (fp->deadline_ns && (tick & (DEADLINE_EVERY - 1)) == 0)) {
-        if (block_stops(fp, uc, first))
-            return;
+    if (fp->deadline_ns && (tick & (DEADLINE_EVERY - 1)) == 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        if ((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec >= fp->deadline_ns)
+            fp->emu_stop(uc);  /* emu_start returns with no error and no exit: the run loop's TIMEOUT */
     }
     fp->instructions += icount;
     fp->cur_block_address = a;

@@ -321,6 +321,10 @@ def load_library() -> ctypes.CDLL:
         lib.fp_set_aliases.restype = ctypes.c_int
         lib.fp_set_generation.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64]
         lib.fp_set_generation.restype = None
+        lib.fp_used_sites.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32]
+        lib.fp_used_sites.restype = ctypes.c_uint32
+        lib.fp_on_block.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p]
+        lib.fp_on_block.restype = None
         for name in ("fp_reset_sites", "fp_reset_verdicts", "fp_reset_blocks", "fp_reset_flips"):
             getattr(lib, name).argtypes = [ctypes.c_void_p]
             getattr(lib, name).restype = None
@@ -508,8 +512,6 @@ class Fastpath:
         names = {SEG_FS: "fs", SEG_GS: "gs"}
         table = self.header.sites
         fn = self.lib.fp_used_sites
-        fn.restype = ctypes.c_uint32
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32]
         cap = 4096
         while True:
             used = (ctypes.c_uint32 * cap)()
