@@ -72,8 +72,8 @@ typedef int (*emu_stop_fn)(void *uc);
 /* A two-way front for `blocks` (16 KB: L1-sized, a few TLB entries): the 4 MB table alone cost a
  * cache or TLB miss on almost every guest block (perf on lsr [4k]: half the block hook's samples
  * on that one load), while a program's hot blocks are few (there, 99 % of lookups hit the front). */
-#define BLOCK_CACHE_SLOTS (1u << BLOCK_CACHE_BITS)
 #define BLOCK_CACHE_BITS 11
+#define BLOCK_CACHE_SLOTS (1u << BLOCK_CACHE_BITS)
 #define ALIAS_SLOTS 8192
 #define DEADLINE_EVERY 4096u   /* blocks between clock reads (a power of two) */
 
@@ -135,7 +135,8 @@ struct site {
  * size or count does not fit 16 bits (none does: Unicorn's blocks are far shorter) is never cached. */
 struct block_front {
     uint32_t address;
-    uint16_t size, icount;  /* size 0 = empty */
+    uint16_t size, icount;  /* all zero = empty (an empty block counts 0 instructions, so a lookup of
+                             * one that lands on an empty entry still gets its count) */
 };
 
 struct block {
@@ -786,7 +787,6 @@ bool fp_on_prot(void *uc, int type, uint64_t address, int size, int64_t value, v
     return true;
 }
 
-/* The block table behind the front (`block_cache`): look up or ask Python, and refill the front. */
 static inline void front_fill(struct block_front *f, uint32_t a, uint32_t size, uint32_t icount)
 {
     if (size <= 0xffff && icount <= 0xffff) {
@@ -796,6 +796,8 @@ static inline void front_fill(struct block_front *f, uint32_t a, uint32_t size, 
     }
 }
 
+/* The block table behind the front (`block_cache`): the second way, then the table (asking Python
+ * once per block), refilling the front's first way. */
 static __attribute__((noinline)) uint32_t block_icount_slow(struct fastpath *fp, struct block_front *front,
                                                             uint32_t a, uint32_t size)
 {
