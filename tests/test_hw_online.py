@@ -153,6 +153,24 @@ def test_cli_hw_json_reports_the_model_counts(hw_ok):
     assert h["hw_counters"]["online"]["descriptor_writes"] == s["descriptor_writes"]
 
 
+@pytest.mark.oracle
+def test_cli_hw_json_carries_the_guest_output_as_the_model_record_does(hw_ok):
+    """`tlslab run --json` on either backend: the record holds the guest's stdout (it is not printed
+    around the JSON, which would make the record unparseable), and `-q` leaves it out of both."""
+    import json
+
+    args = ["run", "lsr", "-s", "flip", "--json", "--", "."]
+    hw = subprocess.run([sys.executable, "-m", "tlslab", *args[:-2], "--backend", "hw", *args[-2:]],
+                        capture_output=True, text=True, timeout=300)
+    model = subprocess.run([sys.executable, "-m", "tlslab", *args], capture_output=True, text=True, timeout=300)
+    assert hw.returncode == 0 and model.returncode == 0, hw.stderr + model.stderr
+    h, m = json.loads(hw.stdout), json.loads(model.stdout)
+    assert h["stdout"] and h["stdout"] == m["stdout"]
+    quiet = subprocess.run([sys.executable, "-m", "tlslab", *args[:-2], "-q", "--backend", "hw", *args[-2:]],
+                           capture_output=True, text=True, timeout=300)
+    assert json.loads(quiet.stdout)["stdout"] is None
+
+
 ORPHAN_C = r"""
 #include <stdio.h>
 #include <sys/wait.h>

@@ -250,7 +250,9 @@ def run_hardware(spec, args) -> int:
                    "fault_sites": {f"{k:#x}": v for k, v in result.fault_sites.items()},
                    "object_sites": {f"{path}+{off:#x}": n for (path, off), n in result.object_sites().items()},
                    "hw_counters": result.counters(), "wall_seconds": result.wall_seconds,
-                   "run_seconds": result.run_seconds})
+                   "run_seconds": result.run_seconds,
+                   # the guest's output, as the model's record carries it (--quiet: left out)
+                   "stdout": result.stdout.decode("utf-8", "replace") if not args.quiet else None})
         print(json.dumps(record.to_dict(), indent=2, sort_keys=True))
         return 0 if result.ok else 1
     if not args.quiet:
