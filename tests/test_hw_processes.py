@@ -107,6 +107,25 @@ def test_dash_scripts_follow_every_process(hw_ok, name, oracle_summary):
         sorted(p["program"] for p in runs["flip"].processes)
 
 
+@pytest.mark.parametrize("strategy", ["untraced", "flip"])
+def test_root_programs_see_the_model_dev_and_proc_self_exe(hw_ok, strategy):
+    """A program of the pinned root (which has no /dev or /proc) finds /dev/null, /dev/zero and
+    /proc/self/exe on the CPU as in the model: the jail adds them as the model mounts them."""
+    from tlslab.experiment import make_domain
+
+    script = "ls /usr/lib >/dev/null; echo $?; head -c 3 /dev/zero | od -An -tx1; cat /dev/null; ls /dev; echo end"
+    specs = [RunSpec("/bin/dash", ("-c", script), strategy=strategy, tree=None, rootfs="debian"),
+             RunSpec("/bin/readlink", ("/proc/self/exe",), strategy=strategy, tree=None, rootfs="debian")]
+    for spec in specs:
+        hw, _ = run_spec(spec)
+        domain, _ = make_domain(RunSpec(**{**spec.to_dict(), "strategy": "native" if strategy == "untraced"
+                                           else strategy, "args": tuple(spec.args)}))
+        model = domain.run()
+        assert hw.status == 0 and hw.stderr == b"", hw.stderr
+        assert model.status == 0 and hw.stdout == model.stdout, (hw.stdout, model.stdout)
+    assert hw.stdout == b"/bin/readlink\n"
+
+
 def test_flip_takes_at_least_emulates_faults_in_a_pipeline(hw_ok):
     em, fl = dash(SCRIPTS["pipe"], "emulate"), dash(SCRIPTS["pipe"], "flip")
     assert fl.faults >= em.faults > 0

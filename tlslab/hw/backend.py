@@ -73,10 +73,14 @@ and credentials: it can write neither the root nor the host; cwd ``/``. A
 program of the root is executed by its path inside the chroot (AT_EXECFN as
 ``chroot ROOT PROG`` gives it); a bundled guest outside the root is opened
 before the chroot and executed by descriptor, the kernel finding its
-PT_INTERP inside the root. A data tree is mounted at ``tree_at`` (the cwd) in
-the private mount namespace: a read-only tmpfs view with read-only bind
-mounts of the root's top-level entries and of the tree; the root is never
-touched.
+PT_INTERP inside the root. The guest's ``/`` is a view in the private mount
+namespace: a tmpfs (writable by root only) with read-only bind mounts of the
+root's top-level entries, of the data tree at ``tree_at`` (the cwd) when
+there is one, and, where the root has none, the model's ``/dev`` (null,
+zero, urandom, random) and ``/proc/self/exe`` (a static symlink to the
+model's path of the program: a program the guest executes sees the same
+link, where the model's follows each exec); the root is never touched.
+``/`` lists dev and proc, which the model hides.
 """
 
 from __future__ import annotations
@@ -422,9 +426,10 @@ def run_hw(
     as many failing probes as in the model, and the same number in every run.
     Every run is jailed (module docstring; needs root, else HwUnavailable).
     Without ``chroot``, the cwd (``root``, the tree or the current directory)
-    becomes the guest's working directory in a throwaway overlay, and
-    ``exe_path`` (default ``/bin/`` + argv[0]'s basename, the model's path of
-    the program) is what /proc/self/exe reads.
+    becomes the guest's working directory in a throwaway overlay. Either way
+    ``exe_path`` (default ``exe_in_root``, else ``/bin/`` + argv[0]'s basename:
+    the model's path of the program) is what /proc/self/exe reads, and /dev
+    has null, zero, random and urandom, as in the model.
     ``chroot``: run chrooted into this directory. The guest is
     then ``exe_in_root`` (a path inside it) if given, else ``guest_path``
     executed by descriptor; cwd is ``/``, or ``tree_at`` with the data tree
@@ -480,13 +485,16 @@ def run_hw(
             chroot = os.fspath(chroot)
             if not os.path.isdir(chroot):
                 raise HwError(f"root filesystem {chroot} is not a directory")
-            jail = ["--chroot", chroot]
+            # always a view: the root's entries bound read-only on a private tmpfs, plus the /dev and
+            # /proc/self/exe the model mounts on every root (a Debian root has neither)
+            view = os.path.join(work, "view")
+            os.mkdir(view, 0o700)
+            jail = ["--chroot", chroot, "--view", view,
+                    "--exe-path", exe_path or exe_in_root or "/bin/" + os.path.basename(argv[0])]
             if cwd is not None:  # the data tree, mounted at tree_at in the guest's private namespace
                 if not tree_at.startswith("/") or tree_at.rstrip("/") == "":
                     raise HwError(f"cannot mount the data tree at {tree_at}: not an absolute path below /")
-                view = os.path.join(work, "view")
-                os.mkdir(view, 0o700)
-                jail += ["--view", view, "--mount-src", cwd, "--mount-at", tree_at]
+                jail += ["--mount-src", cwd, "--mount-at", tree_at]
                 cwd = tree_at
             else:
                 cwd = "/"
@@ -657,7 +665,8 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
     return run_hw(guest.path, [program.argv0, *spec.args],
                   tree=None if root else spec.tree, root=root,
                   chroot=program.root_dir, exe_in_root=program.guest_path if rooted_path else None,
-                  tree_at=spec.tree_at, uid=creds["uid"].default, gid=creds["gid"].default, **common), guest
+                  tree_at=spec.tree_at, uid=creds["uid"].default, gid=creds["gid"].default,
+                  exe_path=program.guest_path, **common), guest
 
 
 def model_prices(spec) -> tuple[float, float]:

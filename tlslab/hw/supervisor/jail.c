@@ -117,6 +117,37 @@ static void populate(int errfd, const char *src, const char *dst, const char *re
     }
 }
 
+/* What the model mounts on every guest's root, by name (tlslab/linux/vfs.py): /dev with null, zero,
+ * urandom and random (the host's, bound read-only: writes to a device node still reach the device) and
+ * /proc/self/exe, a symlink to the model's path of the program (no procfs: its /proc/PID/root of
+ * another uid-1000 process would lead out of the jail; so the link is static: right for the program the
+ * run starts, while a program it executes sees the same link, where the model's follows each exec). Added under `root` (a directory on the view's
+ * tmpfs) where the guest's root has no entry of that name. The model hides both from the root's
+ * listing; a directory cannot be hidden, so a listing of "/" shows them here (docs/machine.md). */
+static void add_specials(int errfd, const char *root, int have_dev, int have_proc, const char *exe_path) {
+    static const char *devs[] = {"null", "zero", "urandom", "random"};
+    char s2[4096], d2[4096];
+    if (!have_dev) {
+        snprintf(d2, sizeof d2, "%s/dev", root);
+        if (mkdir(d2, 0755) < 0) child_fail(errfd, "mkdir view entry");
+        for (size_t k = 0; k < sizeof devs / sizeof devs[0]; k++) {
+            snprintf(s2, sizeof s2, "/dev/%s", devs[k]);
+            snprintf(d2, sizeof d2, "%s/dev/%s", root, devs[k]);
+            if (mknod(d2, S_IFREG | 0644, 0) < 0) child_fail(errfd, "create view entry");
+            if (mount(s2, d2, NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount /dev");
+            if (mount(NULL, d2, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC, NULL) < 0)
+                child_fail(errfd, "remount bind read-only");
+        }
+    }
+    if (!have_proc) {
+        snprintf(d2, sizeof d2, "%s/proc", root);
+        snprintf(s2, sizeof s2, "%s/proc/self", root);
+        if (mkdir(d2, 0555) < 0 || mkdir(s2, 0555) < 0) child_fail(errfd, "mkdir view entry");
+        snprintf(d2, sizeof d2, "%s/proc/self/exe", root);
+        if (symlink(exe_path ? exe_path : "/bin/prog", d2) < 0) child_fail(errfd, "symlink view entry");
+    }
+}
+
 /* --view: in a private mount namespace of the child (gone with the guest):
  * a tmpfs on view_dir holding read-only bind mounts of chroot_dir's entries
  * (see populate) and the data tree bound read-only at mount_at; the child
@@ -131,6 +162,13 @@ static void build_view(int errfd, const struct options *opt) {
     if (mount("tlslab-view", opt->view_dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0)
         child_fail(errfd, "mount tmpfs view");
     populate(errfd, opt->chroot_dir, opt->view_dir, opt->mount_src ? opt->mount_at : NULL, opt->mount_src);
+    char path[4096];
+    struct stat st;
+    snprintf(path, sizeof path, "%s/dev", opt->chroot_dir);
+    int have_dev = lstat(path, &st) == 0;
+    snprintf(path, sizeof path, "%s/proc", opt->chroot_dir);
+    int have_proc = lstat(path, &st) == 0;
+    add_specials(errfd, opt->view_dir, have_dev, have_proc, opt->exe_path);
 }
 
 /* --overlay DIR --view EMPTYDIR (runs without a root filesystem): the guest
@@ -153,7 +191,6 @@ static void build_view(int errfd, const struct options *opt) {
  * option paths (cwd is the tmpfs) keep commas and colons in DIR out of the
  * mount options. Returns a descriptor of the tree for fchdir after chroot. */
 static int build_overlay(int errfd, const struct options *opt) {
-    static const char *devs[] = {"null", "zero", "urandom", "random"};
     char s2[4096], d2[4096];
     struct stat st;
     if (stat(opt->overlay_dir, &st) < 0) child_fail(errfd, "stat data tree");
@@ -196,23 +233,7 @@ static int build_overlay(int errfd, const struct options *opt) {
         if (mount(s2, d2, NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount");
     }
     closedir(d);
-    if (!have_dev) {
-        if (mkdir("root/dev", 0755) < 0) child_fail(errfd, "mkdir view entry");
-        for (size_t k = 0; k < sizeof devs / sizeof devs[0]; k++) {
-            snprintf(s2, sizeof s2, "/dev/%s", devs[k]);
-            snprintf(d2, sizeof d2, "root/dev/%s", devs[k]);
-            if (mknod(d2, S_IFREG | 0644, 0) < 0) child_fail(errfd, "create view entry");
-            if (mount(s2, d2, NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount /dev");
-            if (mount(NULL, d2, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NOEXEC, NULL) < 0)
-                child_fail(errfd, "remount bind read-only");
-        }
-    }
-    if (!have_proc) {
-        if (mkdir("root/proc", 0555) < 0 || mkdir("root/proc/self", 0555) < 0)
-            child_fail(errfd, "mkdir view entry");
-        if (symlink(opt->exe_path ? opt->exe_path : "/bin/prog", "root/proc/self/exe") < 0)
-            child_fail(errfd, "symlink view entry");
-    }
+    add_specials(errfd, "root", have_dev, have_proc, opt->exe_path);
     int fd = open("tree", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) child_fail(errfd, "open data tree");
     if (umount2("tree", MNT_DETACH) < 0) child_fail(errfd, "detach data tree");
