@@ -5,6 +5,8 @@ Guest code is assembled with keystone and run in ring 3 on a real VCpu.
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -301,3 +303,28 @@ def test_an_unaligned_window_access_is_one_access(insn):
     assert v.run().reason is ExitReason.SYSCALL
     assert v.segment_counters()["gs"].accesses == 1
     assert [s.accesses for s in v.site_counters()] == [1]
+
+
+def test_a_program_starts_with_the_linux_fpu_state():
+    """x87 control word 0x037f (double-extended precision, exceptions masked), an empty register stack
+    and MXCSR 0x1f80, as Linux starts every image: Unicorn's own start state (control word 0) would
+    make a save/restore of the control word switch doubles to single precision."""
+    body = (f"fnstcw word ptr [{DATA}]; fnstsw word ptr [{DATA + 2}]; stmxcsr dword ptr [{DATA + 4}]; "
+            f"fld1; fld1; fadd st(0), st(1); fstp qword ptr [{DATA + 8}]; fstp st(0)")
+    v = make_vcpu(body)
+    assert v.run().reason is ExitReason.SYSCALL
+    raw = v.mem.read(DATA, 16)
+    assert int.from_bytes(raw[0:2], "little") == 0x037F
+    assert int.from_bytes(raw[2:4], "little") == 0   # no exception flags, TOP 0: the stack was empty
+    assert int.from_bytes(raw[4:8], "little") == 0x1F80
+    assert struct.unpack("<d", raw[8:16]) == (2.0,)
+
+
+@pytest.mark.parametrize("body, vector", [("ud2", 6), ("xor ecx, ecx; div ecx", 0), ("int3", 3)])
+def test_cpu_exceptions_exit_with_their_vector(body, vector):
+    """#UD, #DE and int3 stop the run with the vector the kernel turns into a signal (SIGILL, SIGFPE,
+    SIGTRAP): an invalid instruction is reported by Unicorn's INSN_INVALID hook, whose callback
+    takes (uc, user_data) -- with a one-argument callback the hook failed silently."""
+    v = make_vcpu("nop; " + body)
+    e = v.run()
+    assert e.reason is ExitReason.EXCEPTION and e.vector == vector, e

@@ -21,6 +21,7 @@ process listing and signalled to its parent, as on Linux.
 
 from __future__ import annotations
 
+import signal as signal_module
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ import capstone
 from tlslab.hypervisor.policy import DescriptorPolicy
 from tlslab.hypervisor.strategies import Action, Strategy, Trap, get_strategy
 from tlslab.linux.kernel import RUNNABLE, Block, Kernel, TooManyProcesses
-from tlslab.linux.signals import SIGILL, SIGSEGV
+from tlslab.linux.signals import SIGBUS, SIGFPE, SIGILL, SIGSEGV, SIGTRAP
 from tlslab.linux.syscalls_proc import ProcessExit
 from tlslab.machine import layout
 from tlslab.machine.vcpu import Exit, ExitReason, VCpu
@@ -38,6 +39,27 @@ from tlslab.x86.descriptor import SegmentDescriptor
 
 _DISASM = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
 FLAT_USER = SegmentDescriptor.flat_user_data(0)
+
+# si_code values (Linux uapi asm-generic/siginfo.h)
+SEGV_MAPERR, SEGV_ACCERR = 1, 2
+ILL_ILLOPN, FPE_INTDIV, FPE_FLTINV, TRAP_BRKPT, BUS_ADRALN, SI_KERNEL = 2, 1, 7, 1, 1, 0x80
+
+# CPU exception vector -> the signal Linux's trap handlers send, and its si_code (arch/x86/kernel/traps.c)
+FAULT_SIGNALS = {
+    0: (SIGFPE, FPE_INTDIV),     # #DE divide error
+    1: (SIGTRAP, TRAP_BRKPT),    # #DB
+    3: (SIGTRAP, TRAP_BRKPT),    # int3
+    4: (SIGSEGV, SI_KERNEL),     # #OF into
+    5: (SIGSEGV, SI_KERNEL),     # #BR bound
+    6: (SIGILL, ILL_ILLOPN),     # #UD
+    10: (SIGSEGV, SI_KERNEL),    # #TS
+    11: (SIGBUS, SI_KERNEL),     # #NP
+    12: (SIGBUS, SI_KERNEL),     # #SS
+    13: (SIGSEGV, SI_KERNEL),    # #GP (not a TLS access: those go to the strategies)
+    16: (SIGFPE, FPE_FLTINV),    # #MF x87 error
+    17: (SIGBUS, BUS_ADRALN),    # #AC
+    19: (SIGFPE, FPE_FLTINV),    # #XM SIMD error
+}
 
 
 @dataclass(frozen=True)
@@ -225,10 +247,11 @@ class Domain:
                 code = b""
         return objects.symbolize(eip), bytes(code)
 
-    def crash_at(self, eip: int, reason: str, timed_out: bool = False) -> GuestCrash:
+    def crash_at(self, eip: int, reason: str, timed_out: bool = False, vcpu=None) -> GuestCrash:
         text = "??"
+        vcpu = vcpu if vcpu is not None else self.vcpu
         try:
-            mem = self.vcpu.mem if self.vcpu is not None else None
+            mem = vcpu.mem if vcpu is not None else None
             code = mem.read(eip, 15) if mem is not None and mem.is_mapped(eip, 15) else b""
             insn = next(_DISASM.disasm(code, eip, 1), None)
             if insn is not None:
@@ -286,12 +309,20 @@ class Domain:
                         continue  # the stack grew down to the access: run the instruction again
                     where = pf.linear if pf else 0
                     hole = " (hypervisor hole)" if where >= self.policy.hypervisor_start else ""
+                    # a handler runs for the guest's own faults; an access aimed at the hole is
+                    # always reported and fatal (nothing of it happened either way)
+                    code = SEGV_ACCERR if process.mem.is_mapped(where & ~0xFFF, 1) else SEGV_MAPERR
+                    if not hole and k.fault_signal(task, SIGSEGV, code, where):
+                        continue
                     self._kill(process, self.crash_at(e.eip, f"SIGSEGV: {e.message}{hole}"))
                     continue
                 if e.reason is ExitReason.TIMEOUT:
                     crash = self.crash_at(e.eip, "timed out", timed_out=True)
                     break
-                self._kill(process, self.crash_at(e.eip, e.message or "CPU exception"), SIGILL)
+                sig, code = FAULT_SIGNALS.get(e.vector, (SIGILL, ILL_ILLOPN))
+                if e.vector is not None and k.fault_signal(task, sig, code, e.eip):
+                    continue
+                self._kill(process, self.crash_at(e.eip, e.message or "CPU exception"), sig)
         except TooManyProcesses as exc:
             crash = self.crash_at(self._eip(), f"stopped: {exc} (a fork bomb?)")
         if crash is None and not k.finished:
@@ -302,8 +333,10 @@ class Domain:
         if crash is None and first.crash is not None:
             crash = first.crash
         status = None
-        if crash is None:  # killed by a signal without a crash record (abort, SIGPIPE): the shell's 128+n
-            status = first.exit_status if not first.exit_signal else 128 + first.exit_signal
+        if crash is None and first.exit_signal:   # killed by a signal (abort, SIGPIPE, kill): a crash,
+            crash = self._signal_death(first)     # as the hw backend reports the same death
+        if crash is None:
+            status = first.exit_status
         wall = time.perf_counter() - started
         return RunResult(status, bytes(first.stdout), bytes(first.stderr), crash,
                          self.counters(), wall, self.sites())
@@ -312,6 +345,7 @@ class Domain:
         """Make the task the kernel chose ready to run (signals delivered); False: the run is over."""
         k = self.kernel
         while not k.finished:
+            k.fire_alarms()   # an ITIMER_REAL that expired while the last task ran: SIGALRM now
             cur = k.current
             if cur.state == RUNNABLE and cur.process.alive and not k.yield_requested:
                 k.deliver_signals(cur)
@@ -322,6 +356,16 @@ class Domain:
             if not k.schedule(force=forced):
                 return False
         return False
+
+    def _signal_death(self, process) -> GuestCrash:
+        sig = process.exit_signal
+        try:
+            name = signal_module.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        vcpu = process.vcpu
+        eip = vcpu.regs.get("eip") if vcpu is not None and vcpu.regs is not None else 0
+        return self.crash_at(eip, f"killed by {name} (signal {sig})", vcpu=vcpu)
 
     def _eip(self) -> int:
         vcpu = self.vcpu

@@ -49,13 +49,31 @@ RUNNABLE, BLOCKED, DEAD = "runnable", "blocked", "dead"
 
 
 class Block(Exception):
-    """Raised by a system call that must wait: the task sleeps until ``ready()`` and the call is re-run."""
+    """Raised by a system call that must wait: the task sleeps until ``ready()`` and the call is re-run.
 
-    def __init__(self, what: str, ready: Callable[[], bool], interruptible: bool = True):
+    A wait can also end two other ways (``Kernel._end_wait``), and the call then returns instead of
+    being re-run:
+
+    - ``deadline_ns`` (the kernel's guest clock, ``Kernel.elapsed_ns``) passes: ``on_timeout()``'s
+      value, -ETIMEDOUT without one (futex, sigtimedwait; poll and select return 0);
+    - a signal with a handler arrives (``interruptible``): -EINTR, unless the wait is ``restartable``
+      and the handler has SA_RESTART, when the call is re-run after the handler (Linux's
+      ERESTARTSYS; pause and sigsuspend are never restarted: ERESTARTNOHAND).
+
+    ``cancel()`` undoes the wait's registration (a futex waiter) when it ends without ``ready()``.
+    """
+
+    def __init__(self, what: str, ready: Callable[[], bool], interruptible: bool = True,
+                 deadline_ns: int | None = None, on_timeout: Callable[[], int] | None = None,
+                 restartable: bool = True, cancel: Callable[[], None] | None = None):
         super().__init__(what)
         self.what = what
         self.ready = ready
         self.interruptible = interruptible
+        self.deadline_ns = deadline_ns
+        self.on_timeout = on_timeout
+        self.restartable = restartable
+        self.cancel = cancel
 
 
 class TooManyProcesses(RuntimeError):
@@ -75,6 +93,8 @@ class Task:
     clear_child_tid: int = 0
     robust_list: int = 0
     sigmask: int = 0
+    saved_sigmask: int | None = None                     # sigsuspend: the mask a handler's frame restores
+    altstack: tuple[int, int] | None = None              # sigaltstack: (base, size) of the alternate stack
     pending: list[int] = field(default_factory=list)     # signals directed at this thread
     instructions: int = 0                                # retired while this task was on the CPU
     faults: int = 0                                      # segment faults its instructions took
@@ -125,6 +145,7 @@ class Kernel:
         self.tls_reloads = 0
         self.switches = 0
         self.futex_waiters: dict[tuple[int, int], list[tuple[Task, int]]] = {}
+        self.alarms: dict[object, tuple[int, int]] = {}   # process -> (expiry, interval) of its ITIMER_REAL
         self.init = init
         self.current: Task | None = None
         self.gdt_owner: Task | None = None  # whose TLS array the CPU's TLS slots were last loaded for
@@ -154,6 +175,8 @@ class Kernel:
         if not self.processes:
             self.next_id = FIRST_PID + 1
         process.ppid = parent.pid if parent is not None else FIRST_PID - 1
+        if parent is None:   # started by a parent outside the run (pid 999): in its group and session
+            process.pgid = process.sid = process.ppid
         process.parent = parent
         process.children = []
         process.threads = []
@@ -192,34 +215,107 @@ class Kernel:
         if task.state == RUNNABLE:
             return True
         if task.state == BLOCKED:
-            if task.waiting is not None and task.waiting.ready():
+            w = task.waiting
+            if w is not None and w.ready():
                 return True
-            if task.waiting is not None and task.waiting.interruptible and self._deliverable(task) is not None:
+            if w is not None and w.interruptible and self._deliverable(task) is not None:
+                return True
+            if w is not None and w.deadline_ns is not None and self.elapsed_ns() >= w.deadline_ns:
                 return True
         return False
 
     def schedule(self, force: bool = False) -> bool:
-        """Make the first ready task after the current one current; False when none is ready."""
+        """Make the first ready task after the current one current; False when none is ready.
+
+        When every task waits and some wait has a deadline (or a process an alarm), guest time jumps
+        to the earliest one, as an idle machine's clock runs on until a timer fires.
+        """
         cur = self.current
         if cur is not None and cur.state == RUNNABLE and not force:
             return True
-        order = self.runq
-        preferred, self.run_next = self.run_next, None
-        if preferred is not None and preferred in order and self._ready(preferred):
-            if preferred.state == BLOCKED:
-                preferred.state, preferred.waiting = RUNNABLE, None
-            self.switch_to(preferred)
-            return True
-        start = order.index(cur) + 1 if cur in order else min(self._resume_pos, len(order))
-        candidates = order[start:] + order[:start]
-        for task in candidates:
-            if self._ready(task):
-                if task.state == BLOCKED:
-                    task.state = RUNNABLE
-                    task.waiting = None
-                self.switch_to(task)
+        while True:
+            order = self.runq
+            preferred, self.run_next = self.run_next, None
+            if preferred is not None and preferred in order and self._ready(preferred):
+                self._start(preferred)
                 return True
-        return False
+            start = order.index(cur) + 1 if cur in order else min(self._resume_pos, len(order))
+            for task in order[start:] + order[:start]:
+                if self._ready(task):
+                    self._start(task)
+                    return True
+            if not self._idle_until_next_timer():
+                return False
+
+    def _start(self, task: Task) -> None:
+        """Switch to a ready task; a wait that ended without ``ready()`` returns from its call here."""
+        blocked = task.waiting if task.state == BLOCKED else None
+        if blocked is not None:
+            task.state, task.waiting = RUNNABLE, None
+        self.switch_to(task)
+        if blocked is not None:
+            self._end_wait(task, blocked)
+
+    def _end_wait(self, task: Task, blocked: Block) -> None:
+        if blocked.ready():
+            return   # EIP is at the int $0x80: the call runs again and completes
+        if blocked.cancel is not None:
+            blocked.cancel()
+        found = self._deliverable(task) if blocked.interruptible else None
+        if found is not None:
+            action = task.process.sigaction(found[0])
+            if blocked.restartable and action.flags & SIG.SA_RESTART and action.handler not in (
+                    SIG.SIG_DFL, SIG.SIG_IGN):
+                return   # re-run after the handler
+            result = -E.EINTR
+        else:   # the deadline passed
+            result = blocked.on_timeout() if blocked.on_timeout is not None else -E.ETIMEDOUT
+        regs = task.process.vcpu.regs
+        regs.set("eip", regs.get("eip") + 2)
+        regs.set("eax", result & 0xFFFFFFFF)
+
+    def next_timer_ns(self) -> int | None:
+        """The earliest pending wait deadline or alarm on the guest clock (None: none)."""
+        times = [t.waiting.deadline_ns for t in self.runq
+                 if t.state == BLOCKED and t.waiting is not None and t.waiting.deadline_ns is not None]
+        times += [when for when, _interval in self.alarms.values()]
+        return min(times) if times else None
+
+    def set_alarm(self, process, value_ns: int, interval_ns: int) -> None:
+        """Arm (value_ns > 0: that far from now, then every interval_ns if > 0) or disarm (0) the
+        process's ITIMER_REAL."""
+        if value_ns:
+            self.alarms[process] = (self.elapsed_ns() + value_ns, interval_ns)
+        else:
+            self.alarms.pop(process, None)
+
+    def _idle_until_next_timer(self) -> bool:
+        """Nothing can run: let guest time pass to the next deadline or alarm (False: there is none)."""
+        when = self.next_timer_ns()
+        if when is None:
+            return False
+        now = self.elapsed_ns()
+        if when > now:
+            self.slept_ns += when - now
+        self.fire_alarms()
+        return True
+
+    def fire_alarms(self) -> None:
+        """SIGALRM to every process whose ITIMER_REAL expired by now (setitimer, alarm); re-arm intervals."""
+        if not self.alarms:
+            return
+        now = self.elapsed_ns()
+        for q, (when, interval) in list(self.alarms.items()):
+            if when > now:
+                continue
+            if not q.alive:
+                del self.alarms[q]
+                continue
+            if interval:
+                self.alarms[q] = (when + ((now - when) // interval + 1) * interval, interval)
+            else:
+                del self.alarms[q]
+            self.send_signal(q, SIG.SIGALRM)
 
     def preempt(self) -> None:
         """The running task used its quantum: let the next ready task run."""
@@ -283,12 +379,21 @@ class Kernel:
         is switched out: how the hypervisor handles a fault must not change
         the schedule, so strategies are compared on the same interleaving.
         """
+        alarm = self._next_alarm_in()
         if not self.others_ready():
             self.slice_end = None
-            return None
+            return alarm
         if self.slice_end is None:
             self.slice_end = now + self.quantum
-        return self.slice_end - now
+        left = self.slice_end - now
+        return left if alarm is None else min(left, alarm)
+
+    def _next_alarm_in(self) -> int | None:
+        """Guest instructions until the next alarm (1 ns each on the guest clock): the running task
+        stops there so that SIGALRM arrives on time. None: no alarm set."""
+        if not self.alarms:
+            return None
+        return max(0, min(when for when, _interval in self.alarms.values()) - self.elapsed_ns())
 
     def others_ready(self) -> bool:
         """Is a task other than the running one ready (so the running one gets a quantum)?"""
@@ -314,6 +419,7 @@ class Kernel:
         task = self._new_task(child)
         task.tls = dict(parent_task.tls)
         task.sigmask = parent_task.sigmask
+        task.altstack = parent_task.altstack   # fork keeps the forking thread's alternate stack
         context = parent.vcpu.uc.context_save()
         vcpu.load_context(context)
         for slot in TLS_SLOTS:  # the child's CPU state starts as the parent's
@@ -421,6 +527,7 @@ class Kernel:
         process.crash = crash
         process.alive = False
         process.zombie = True
+        self.alarms.pop(process, None)
         if process in self.live:
             self.live.remove(process)
         self._retire_vcpu(process, process.vcpu, keep=process is self.init)
@@ -549,6 +656,21 @@ class Kernel:
         if sig not in [s for s, _ in target.pending]:
             target.pending.append((sig, info or SIG.siginfo(sig)))
 
+    def fault_signal(self, task: Task, sig: int, code: int, address: int) -> bool:
+        """The task's own instruction faulted (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP): queue the
+        signal first, with si_code and si_addr, for its handler, which runs with EIP at the faulting
+        instruction. False where Linux's force_sig_fault kills instead: no handler, or the signal
+        blocked or ignored."""
+        action = task.process.sigaction(sig)
+        if action.handler in (SIG.SIG_DFL, SIG.SIG_IGN) or task.sigmask & SIG.bit(sig):
+            return False
+        task.pending.insert(0, (sig, SIG.siginfo(sig, code, address)))
+        return True
+
+    def signal_pending_for(self, task: Task) -> bool:
+        """Would a signal be delivered to ``task`` on its way back to user mode?"""
+        return self._deliverable(task) is not None
+
     def _deliverable(self, task: Task):
         for sig, info in task.pending:
             if not task.sigmask & SIG.bit(sig) or sig in (SIG.SIGKILL, SIG.SIGSEGV):
@@ -580,8 +702,9 @@ class Kernel:
                 else:
                     regs.set("eip", regs.get("eip") + 2)
                     regs.set("eax", -E.EINTR & 0xFFFFFFFF)
-            oldmask = task.sigmask
-            SIG.setup_frame(p.mem, p.vcpu.regs, sig, action, oldmask, info)
+            oldmask = task.sigmask if task.saved_sigmask is None else task.saved_sigmask
+            task.saved_sigmask = None   # sigsuspend's temporary mask ends with this handler's frame
+            SIG.setup_frame(p.mem, p.vcpu.regs, sig, action, oldmask, info, task.altstack)
             task.sigmask |= action.mask | (0 if action.flags & SIG.SA_NODEFER else SIG.bit(sig))
             task.sigmask &= ~SIG.UNBLOCKABLE
             if action.flags & SIG.SA_RESETHAND:
@@ -593,11 +716,19 @@ class Kernel:
     def futex_key(self, process, addr: int) -> tuple[int, int]:
         return (id(process.vcpu), addr)
 
-    def futex_wait(self, task: Task, addr: int, bitset: int) -> Block:
+    def futex_wait(self, task: Task, addr: int, bitset: int, deadline_ns: int | None = None) -> Block:
         key = self.futex_key(task.process, addr)
         entry = [task, bitset, False]
         self.futex_waiters.setdefault(key, []).append(entry)
-        return Block(f"futex {addr:#x}", lambda: entry[2])
+
+        def cancel() -> None:   # wherever a requeue moved it
+            for waiters in self.futex_waiters.values():
+                for i, e in enumerate(waiters):
+                    if e is entry:
+                        del waiters[i]
+                        return
+
+        return Block(f"futex {addr:#x}", lambda: entry[2], deadline_ns=deadline_ns, cancel=cancel)
 
     def futex_wake(self, process, addr: int, n: int, bitset: int = 0xFFFFFFFF) -> int:
         key = self.futex_key(process, addr)

@@ -127,13 +127,14 @@ class Dir(Node):
 
 
 class File(Node):
-    __slots__ = ("_data", "_source", "_size", "host_path")
+    __slots__ = ("_data", "_source", "_size", "host_path", "links")
 
     def __init__(self, ino: int, mode: int = S_IFREG | 0o644, data: bytes | None = None,
                  source: Callable[[], bytes] | None = None, size: int | None = None,
                  host_path: bytes | None = None, **kw):
         super().__init__(ino, mode, **kw)
         self.host_path = host_path  # the host file a read-only view reads (None: in memory)
+        self.links = 1              # directory entries naming it (link(2) adds, unlink removes)
         self._data = bytearray(data) if data is not None else None
         self._source = source
         self._size = len(data) if data is not None else (size or 0)
@@ -176,6 +177,10 @@ class File(Node):
             del buf[length:]
         else:
             buf.extend(bytes(length - len(buf)))
+
+    @property
+    def nlink(self) -> int:
+        return self.links
 
 
 class Symlink(Node):

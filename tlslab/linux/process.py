@@ -92,6 +92,7 @@ class Process:
         self._setup_stdio()
 
         self.pid, self.ppid = 1000, 999
+        self.pgid = self.sid = self.ppid   # process group and session (setpgid, setsid): the parent's
         self.kernel = None           # set when a Kernel adopts the process (tlslab.linux.kernel)
         self.task = Task(self.pid, self)  # the thread running (or last run) in this process
         self.threads = [self.task]

@@ -98,17 +98,36 @@ def _sigcontext(regs, oldmask: int) -> bytes:
     return SIGCONTEXT.pack(*values)
 
 
-def setup_frame(mem, regs, sig: int, action: SigAction, oldmask: int, info: bytes) -> None:
-    """Push a handler frame for ``sig`` and point the registers at the handler."""
+SS_ONSTACK, SS_DISABLE = 1, 2
+MINSIGSTKSZ = 2048
+
+
+def on_stack(altstack: tuple[int, int] | None, esp: int) -> bool:
+    """Is ``esp`` on the alternate signal stack (base, size)?"""
+    return altstack is not None and altstack[0] < esp <= altstack[0] + altstack[1]
+
+
+def setup_frame(mem, regs, sig: int, action: SigAction, oldmask: int, info: bytes,
+                altstack: tuple[int, int] | None = None) -> None:
+    """Push a handler frame for ``sig`` and point the registers at the handler: on the alternate
+    stack ``altstack`` (base, size; sigaltstack) for an SA_ONSTACK handler not already running
+    there, as Linux's get_sigframe does."""
     rt = bool(action.flags & SA_SIGINFO)
     size = RT_FRAME_SIZE if rt else FRAME_SIZE
-    sp = ((regs.get("esp") - size + 4) & ~0xF) - 4
+    esp = regs.get("esp")
+    top = esp
+    if altstack is not None and action.flags & SA_ONSTACK and not on_stack(altstack, esp):
+        top = altstack[0] + altstack[1]
+    sp = ((top - size + 4) & ~0xF) - 4
     sc = _sigcontext(regs, oldmask)
     if rt:
         retcode_at = sp + RT_OFF_RETCODE
         pretcode = action.restorer if action.flags & SA_RESTORER else retcode_at
         frame = struct.pack("<IiII", pretcode, sig, sp + RT_OFF_INFO, sp + RT_OFF_UC) + info
-        frame += struct.pack("<IIIII", 0, 0, 0, 2, 0) + sc + oldmask.to_bytes(8, "little") + RT_RETCODE
+        stack = ((altstack[0], SS_ONSTACK if on_stack(altstack, esp) else 0, altstack[1])
+                 if altstack is not None else (0, SS_DISABLE, 0))
+        frame += struct.pack("<II", 0, 0) + struct.pack("<IiI", *stack) + sc + oldmask.to_bytes(8, "little")
+        frame += RT_RETCODE
     else:
         retcode_at = sp + OFF_RETCODE
         pretcode = action.restorer if action.flags & SA_RESTORER else retcode_at

@@ -14,6 +14,7 @@ from tlslab.linux.kernel import Block
 from tlslab.linux.pipes import PIPE_BUF, PipeEnd
 from tlslab.linux.signals import SIGPIPE
 from tlslab.linux.syscall_table import signed, syscall
+from tlslab.linux.syscalls_proc import realtime_ns, timespec_ns
 from tlslab.linux.vfs import R_OK, W_OK, X_OK
 
 AT_FDCWD = -100
@@ -478,11 +479,14 @@ def sys_unlinkat(p, dirfd, path, flags):
     return _unlink(p, dirfd, path, bool(flags & AT_REMOVEDIR))
 
 
-def _rename(p, olddfd, old_addr, newdfd, new_addr):
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
+
+
+def _rename(p, olddfd, old_addr, newdfd, new_addr, noreplace: bool = False):
     old, new = path_arg(p, old_addr), path_arg(p, new_addr)
     op, on = p.vfs.resolve_parent(old, _parent_base(p, olddfd, old))
     np_, nn = p.vfs.resolve_parent(new, _parent_base(p, newdfd, new))
-    p.vfs.rename(op, on, np_, nn)
+    p.vfs.rename(op, on, np_, nn, noreplace=noreplace)
     return 0
 
 
@@ -498,9 +502,31 @@ def sys_renameat(p, olddfd, old, newdfd, new):
 
 @syscall("renameat2")
 def sys_renameat2(p, olddfd, old, newdfd, new, flags):
-    if flags:
-        raise SyscallError(E.EINVAL, "renameat2 flags")
-    return _rename(p, olddfd, old, newdfd, new)
+    """RENAME_NOREPLACE as Linux; RENAME_EXCHANGE and RENAME_WHITEOUT are refused with EINVAL, as by a
+    filesystem without them (glibc's callers fall back)."""
+    if flags & ~RENAME_NOREPLACE:
+        raise SyscallError(E.EINVAL, "renameat2 flags other than RENAME_NOREPLACE")
+    return _rename(p, olddfd, old, newdfd, new, noreplace=bool(flags & RENAME_NOREPLACE))
+
+
+def _link(p, olddfd, old_addr, newdfd, new_addr, flags: int) -> int:
+    if flags & ~(AT_SYMLINK_FOLLOW | AT_EMPTY_PATH):
+        raise SyscallError(E.EINVAL)
+    node = node_at(p, olddfd, old_addr, flags & AT_EMPTY_PATH, follow=bool(flags & AT_SYMLINK_FOLLOW))
+    new = path_arg(p, new_addr)
+    parent, name = p.vfs.resolve_parent(new, _parent_base(p, newdfd, new))
+    p.vfs.link(node, parent, name)
+    return 0
+
+
+@syscall("link")
+def sys_link(p, old, new):
+    return _link(p, AT_FDCWD & 0xFFFFFFFF, old, AT_FDCWD & 0xFFFFFFFF, new, 0)
+
+
+@syscall("linkat")
+def sys_linkat(p, olddfd, old, newdfd, new, flags):
+    return _link(p, olddfd, old, newdfd, new, flags)
 
 
 @syscall("symlink")
@@ -591,13 +617,152 @@ def sys_fsync(p, fd):
     return 0
 
 
-@syscall("ftruncate64")
-def sys_ftruncate64(p, fd, lo, hi):
+MAX_FILE_SIZE = 1 << 31   # the in-memory overlay's limit on one file (EFBIG beyond)
+
+
+def _truncate(node: N.Node, length: int) -> int:
+    if isinstance(node, N.Dir):
+        raise SyscallError(E.EISDIR)
+    if not isinstance(node, N.File) or length < 0:
+        raise SyscallError(E.EINVAL)
+    if length > MAX_FILE_SIZE:
+        raise SyscallError(E.EFBIG)
+    node.truncate(length)
+    return 0
+
+
+def _ftruncate(p, fd: int, length: int) -> int:
     f = p.fds.get(signed(fd))
     if not isinstance(f.node, N.File) or not f.writable:
         raise SyscallError(E.EINVAL)
-    f.node.truncate(lo | hi << 32)
+    return _truncate(f.node, length)
+
+
+def _path_truncate(p, path_addr: int, length: int) -> int:
+    node = p.vfs.resolve(path_arg(p, path_addr))
+    if isinstance(node, N.File) and not p.vfs.may(node, W_OK):
+        raise SyscallError(E.EACCES)
+    if isinstance(node, N.File) and node.dev in (N.DEV_PROC,):
+        raise SyscallError(E.EACCES)
+    return _truncate(node, length)
+
+
+@syscall("ftruncate64")
+def sys_ftruncate64(p, fd, lo, hi):
+    return _ftruncate(p, fd, signed(hi) << 32 | lo)
+
+
+@syscall("ftruncate")
+def sys_ftruncate(p, fd, length):
+    return _ftruncate(p, fd, signed(length))
+
+
+@syscall("truncate64")
+def sys_truncate64(p, path, lo, hi):
+    return _path_truncate(p, path, signed(hi) << 32 | lo)
+
+
+@syscall("truncate")
+def sys_truncate(p, path, length):
+    return _path_truncate(p, path, signed(length))
+
+
+FALLOC_FL_KEEP_SIZE = 1
+
+
+@syscall("fallocate")
+def sys_fallocate(p, fd, mode, off_lo, off_hi, len_lo, len_hi):
+    """Mode 0 (extend the file to offset + length) and KEEP_SIZE (nothing to reserve in memory);
+    punching and collapsing holes are refused with EOPNOTSUPP, as by a filesystem without them."""
+    f = p.fds.get(signed(fd))
+    offset, length = signed(off_hi) << 32 | off_lo, signed(len_hi) << 32 | len_lo
+    if offset < 0 or length <= 0:
+        raise SyscallError(E.EINVAL)
+    if mode & ~FALLOC_FL_KEEP_SIZE:
+        raise SyscallError(E.EOPNOTSUPP)
+    if not f.writable:
+        raise SyscallError(E.EBADF)
+    if f.node.fmt == N.S_IFIFO:
+        raise SyscallError(E.ESPIPE)
+    if not isinstance(f.node, N.File):
+        raise SyscallError(E.ENODEV)
+    if offset + length > MAX_FILE_SIZE:
+        raise SyscallError(E.EFBIG)
+    if not mode & FALLOC_FL_KEEP_SIZE and offset + length > f.node.size:
+        f.node.truncate(offset + length)
     return 0
+
+
+LOCK_SH, LOCK_EX, LOCK_NB, LOCK_UN = 1, 2, 4, 8
+
+
+@syscall("flock")
+def sys_flock(p, fd, operation):
+    """Advisory locks always succeed: every lock request is granted at once (no other host process
+    shares the guest's files, and the guest's own processes are not made to wait on each other)."""
+    p.fds.get(signed(fd))
+    if (operation & ~LOCK_NB) not in (LOCK_SH, LOCK_EX, LOCK_UN):
+        raise SyscallError(E.EINVAL)
+    return 0
+
+
+UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
+
+
+def _utimes(p, node: N.Node, mtime_ns: int | None, explicit: bool) -> int:
+    """Set the modification time (the model keeps no access time). Linux's rules: explicit times need
+    ownership (or root); "now" needs ownership or write permission."""
+    owner = p.vfs.uid in (0, node.uid)
+    if not owner and (explicit or not p.vfs.may(node, W_OK)):
+        raise SyscallError(E.EPERM if explicit else E.EACCES)
+    if node.dev == N.DEV_PROC:
+        raise SyscallError(E.EACCES)
+    if mtime_ns is not None:
+        node.mtime_ns = mtime_ns
+    return 0
+
+
+def _utimensat(p, dirfd, path_addr, times, flags, fmt) -> int:
+    if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH):
+        raise SyscallError(E.EINVAL)
+    if path_addr == 0:   # futimens: the descriptor itself
+        if signed(dirfd) == AT_FDCWD:
+            raise SyscallError(E.EFAULT)
+        node = p.fds.get(signed(dirfd)).node
+    else:
+        node = node_at(p, dirfd, path_addr, flags, follow=not flags & AT_SYMLINK_NOFOLLOW)
+    if times == 0:
+        return _utimes(p, node, realtime_ns(p), explicit=False)
+    (_asec, ansec), (msec, mnsec) = (fmt.unpack(p.mem.read(times + i * fmt.size, fmt.size)) for i in (0, 1))
+    for nsec in (ansec, mnsec):
+        if nsec not in (UTIME_NOW, UTIME_OMIT) and not 0 <= nsec < 1_000_000_000:
+            raise SyscallError(E.EINVAL)
+    if mnsec == UTIME_OMIT:
+        return _utimes(p, node, None, explicit=ansec not in (UTIME_NOW, UTIME_OMIT))
+    if mnsec == UTIME_NOW:
+        return _utimes(p, node, realtime_ns(p), explicit=ansec not in (UTIME_NOW, UTIME_OMIT))
+    return _utimes(p, node, msec * 1_000_000_000 + mnsec, explicit=True)
+
+
+@syscall("utimensat")
+def sys_utimensat(p, dirfd, path, times, flags):
+    return _utimensat(p, dirfd, path, times, flags, S.TIMESPEC32)
+
+
+@syscall("utimensat_time64")
+def sys_utimensat_time64(p, dirfd, path, times, flags):
+    return _utimensat(p, dirfd, path, times, flags, S.TIMESPEC64)
+
+
+@syscall("utimes")
+def sys_utimes(p, path, times):
+    node = p.vfs.resolve(path_arg(p, path))
+    if times == 0:
+        return _utimes(p, node, realtime_ns(p), explicit=False)
+    _a, (msec, musec) = (S.TIMEVAL32.unpack(p.mem.read(times + i * 8, 8)) for i in (0, 1))
+    if not 0 <= musec < 1_000_000:
+        raise SyscallError(E.EINVAL)
+    return _utimes(p, node, msec * 1_000_000_000 + musec * 1000, explicit=True)
 
 
 @syscall("ioctl")
@@ -707,8 +872,96 @@ def sys_poll(p, fds, nfds, timeout):
         if nfds:
             p.mem.write(fds, bytes(out))
         return ready
-    if signed(timeout) > 0:
+    if signed(timeout) > 0 and p.kernel is None:
         p.sleep(signed(timeout) * 1_000_000)
         return 0
+
+    def timed_out() -> int:
+        if nfds:
+            p.mem.write(fds, bytes(out))
+        return 0
+
+    deadline = p.kernel.elapsed_ns() + signed(timeout) * 1_000_000 if signed(timeout) > 0 else None
     raise Block("poll", lambda: any(fd >= 0 and _poll_revents(p, fd, ev | POLLERR | POLLHUP)
-                                    for fd, ev, _r in entries))
+                                    for fd, ev, _r in entries), deadline_ns=deadline, on_timeout=timed_out)
+
+
+# ------------------------------------------------------------------ select
+FD_SETSIZE = 1024
+
+
+def _select(p, n: int, sets: tuple[int, int, int], timeout_ns: int | None) -> int:
+    """select/pselect on the fds poll can judge: read, write and exception sets of ``n`` bits
+    (i386 ``long`` words); ``timeout_ns`` None waits, 0 polls."""
+    n = signed(n)
+    if not 0 <= n <= FD_SETSIZE:
+        raise SyscallError(E.EINVAL)
+    nbytes = (n + 31) // 32 * 4
+    masks = [int.from_bytes(p.mem.read(a, nbytes), "little") if a and nbytes else 0 for a in sets]
+    wanted = [fd for fd in range(n) if any(m >> fd & 1 for m in masks)]
+    for fd in wanted:
+        if fd not in p.fds.fds:
+            raise SyscallError(E.EBADF)
+
+    def scan() -> tuple[list[int], int]:
+        got = [0, 0, 0]
+        for fd in wanted:
+            rev = _poll_revents(p, fd, POLLIN | POLLOUT | POLLPRI)
+            if masks[0] >> fd & 1 and rev & (POLLIN | POLLHUP | POLLERR):
+                got[0] |= 1 << fd
+            if masks[1] >> fd & 1 and rev & (POLLOUT | POLLERR):
+                got[1] |= 1 << fd
+            if masks[2] >> fd & 1 and rev & POLLPRI:
+                got[2] |= 1 << fd
+        return got, sum(bin(m).count("1") for m in got)
+
+    def write(got: list[int]) -> None:
+        for a, m in zip(sets, got):
+            if a and nbytes:
+                p.mem.write(a, m.to_bytes(nbytes, "little"))
+
+    got, ready = scan()
+    if ready or timeout_ns == 0:
+        write(got)
+        return ready
+    if p.kernel is None:
+        if timeout_ns is None:
+            raise SyscallError(E.EINTR)   # a bare process: nothing could ever make it ready
+        p.sleep(timeout_ns)
+        write([0, 0, 0])
+        return 0
+
+    def timed_out() -> int:
+        write([0, 0, 0])
+        return 0
+
+    deadline = p.kernel.elapsed_ns() + timeout_ns if timeout_ns is not None else None
+    raise Block("select", lambda: scan()[1] > 0, deadline_ns=deadline, on_timeout=timed_out)
+
+
+@syscall("_newselect")
+def sys_newselect(p, n, inp, outp, exp, tvp):
+    timeout = None
+    if tvp:
+        sec, usec = S.TIMEVAL32.unpack(p.mem.read(tvp, 8))
+        if sec < 0 or not 0 <= usec < 1_000_000:
+            raise SyscallError(E.EINVAL)
+        timeout = sec * 1_000_000_000 + usec * 1000
+    return _select(p, n, (inp, outp, exp), timeout)
+
+
+def _pselect(p, n, inp, outp, exp, tsp, sig, fmt) -> int:
+    """pselect6 as select with a timespec. Not modelled (stated): its signal-mask argument, the mask
+    Linux applies for the wait only; the caller's own mask stays in force."""
+    timeout = timespec_ns(p, tsp, fmt) if tsp else None
+    return _select(p, n, (inp, outp, exp), timeout)
+
+
+@syscall("pselect6")
+def sys_pselect6(p, n, inp, outp, exp, tsp, sig):
+    return _pselect(p, n, inp, outp, exp, tsp, sig, S.TIMESPEC32)
+
+
+@syscall("pselect6_time64")
+def sys_pselect6_time64(p, n, inp, outp, exp, tsp, sig):
+    return _pselect(p, n, inp, outp, exp, tsp, sig, S.TIMESPEC64)

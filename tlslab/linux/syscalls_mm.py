@@ -1,9 +1,12 @@
-"""Address-space system calls: brk, mmap2, munmap, mprotect, mremap, madvise.
+"""Address-space system calls: brk, mmap2, munmap, mprotect, mremap, madvise, msync.
 
 Mappings are exact (page granular, like Linux), so a guest access past brk or
 past a mapping faults as it would natively. File-backed mappings are private
 copies of the file's bytes (the bytes past the end of the file in the last
-page read zero); MAP_SHARED file writes do not reach the file. Every file
+page read zero); MAP_SHARED file writes do not reach the file, and an
+anonymous MAP_SHARED mapping is copied into a forked child like a private one
+(stated limits: programs that share memory between processes see their own
+copies). Every file
 mapping is recorded in the process's object map (naming code in shared
 objects) and page-cache model (which code pages are file pages: the hazard of
 patching them, see ``pagecache``); munmap and MAP_FIXED replacements forget
@@ -133,6 +136,20 @@ def sys_mprotect(p, addr, length, prot):
     if not p.mem.is_mapped(addr, page_ceil(length)):
         raise SyscallError(E.ENOMEM)
     p.mem.protect(addr, page_ceil(length), prot & 7)
+    return 0
+
+
+MS_ASYNC, MS_INVALIDATE, MS_SYNC = 1, 2, 4
+
+
+@syscall("msync")
+def sys_msync(p, addr, length, flags):
+    """Argument checks as Linux; nothing to write back (stated in do_mmap: a MAP_SHARED file
+    mapping is a private copy in the model)."""
+    if addr % PAGE or flags & ~(MS_ASYNC | MS_INVALIDATE | MS_SYNC) or (flags & MS_ASYNC and flags & MS_SYNC):
+        raise SyscallError(E.EINVAL)
+    if length and not p.mem.is_mapped(addr, page_ceil(length)):
+        raise SyscallError(E.ENOMEM)
     return 0
 
 

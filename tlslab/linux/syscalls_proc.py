@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from tlslab.linux import errno as E
 from tlslab.linux import structs as S
 from tlslab.linux.errno import SyscallError
+from tlslab.linux.signals import MINSIGSTKSZ, SS_DISABLE, SS_ONSTACK, on_stack
 from tlslab.linux.syscall_table import signed, syscall
 from tlslab.machine import layout
 from tlslab.x86.descriptor import SegmentDescriptor, UserDesc
@@ -55,13 +56,59 @@ class TlsInstall:
 
 
 # ------------------------------------------------------------------ exit, ids
-@syscall("getpgrp", "getsid")
+def _process(p, pid: int):
+    """The live process ``pid`` names (0: the caller), else ESRCH."""
+    pid = signed(pid)
+    if pid == 0 or pid == p.pid:
+        return p
+    k = p.kernel
+    found = next((q for q in k.live_processes() if q.pid == pid), None) if k is not None else None
+    if found is None or pid < 0:
+        raise SyscallError(E.ESRCH)
+    return found
+
+
+@syscall("getpgrp")
 def sys_getpgrp(p):
-    return p.pid
+    return p.pgid
 
 
 @syscall("getpgid")
 def sys_getpgid(p, pid):
+    return _process(p, pid).pgid
+
+
+@syscall("getsid")
+def sys_getsid(p, pid):
+    return _process(p, pid).sid
+
+
+@syscall("setpgid")
+def sys_setpgid(p, pid, pgid):
+    """Linux's rules: the caller or one of its children (not yet exec'ed: not modelled), in the
+    caller's session, not a session leader; the group must exist in that session or be the
+    process's own pid."""
+    if signed(pgid) < 0:
+        raise SyscallError(E.EINVAL)
+    q = _process(p, pid)
+    if q is not p and getattr(q, "parent", None) is not p:
+        raise SyscallError(E.ESRCH)
+    pgid = pgid or q.pid
+    if q.sid != p.sid or q.pid == q.sid:
+        raise SyscallError(E.EPERM)
+    if pgid != q.pid:
+        members = p.kernel.live_processes() if p.kernel is not None else [p]
+        if not any(r.pgid == pgid and r.sid == p.sid for r in members):
+            raise SyscallError(E.EPERM)
+    q.pgid = pgid
+    return 0
+
+
+@syscall("setsid")
+def sys_setsid(p):
+    if p.pgid == p.pid or (p.kernel is not None and any(q.pgid == p.pid for q in p.kernel.live_processes())):
+        raise SyscallError(E.EPERM)
+    p.pgid = p.sid = p.pid
     return p.pid
 
 
@@ -121,10 +168,31 @@ def sys_rt_sigprocmask(p, how, nset, oset, sigsetsize):
     return 0
 
 
+STACK_T = struct.Struct("<IiI")   # ss_sp, ss_flags, ss_size
+
+
 @syscall("sigaltstack")
 def sys_sigaltstack(p, ss, old):
+    """The calling thread's alternate signal stack, used by SA_ONSTACK handlers (signals.setup_frame)."""
+    task = p.task
+    esp = p.vcpu.regs.get("esp")
+    current = task.altstack
     if old:
-        p.mem.write(old, (0).to_bytes(4, "little") + (2).to_bytes(4, "little") + bytes(4))  # SS_DISABLE
+        flags = SS_DISABLE if current is None else (SS_ONSTACK if on_stack(current, esp) else 0)
+        base, size = current if current is not None else (0, 0)
+        p.mem.write(old, STACK_T.pack(base, flags, size))
+    if ss:
+        base, flags, size = STACK_T.unpack(p.mem.read(ss, STACK_T.size))
+        if on_stack(current, esp):
+            raise SyscallError(E.EPERM)
+        if flags & ~SS_DISABLE & ~(1 << 31):   # SS_AUTODISARM (bit 31) accepted, not modelled
+            raise SyscallError(E.EINVAL)
+        if flags & SS_DISABLE:
+            task.altstack = None
+        else:
+            if size < MINSIGSTKSZ:
+                raise SyscallError(E.ENOMEM)
+            task.altstack = (base, size)
     return 0
 
 
@@ -181,6 +249,11 @@ def sys_prctl(p, option, a2, a3, a4, a5):
 
 
 # ------------------------------------------------------------------ time
+def realtime_ns(p) -> int:
+    """CLOCK_REALTIME now, in ns (file times the guest sets to "now")."""
+    return GUEST_EPOCH_NS + p.elapsed_ns()
+
+
 def _clock(p, clock_id: int) -> int:
     clock_id = signed(clock_id)
     if clock_id in (0, 5, 11):          # REALTIME, REALTIME_COARSE, TAI
@@ -240,27 +313,66 @@ def sys_clock_getres_time64(p, clock_id, res):
     return 0
 
 
-def _sleep(p, req: int, fmt) -> int:
+TIMER_ABSTIME = 1
+
+
+def _sleep(p, req: int, fmt, clock_id: int | None = None, flags: int = 0, rem: int = 0) -> int:
+    """Guest time passes at once (``Process.sleep``); an alarm of the sleeper's own that expires first
+    ends the sleep there with EINTR (the time left in ``rem`` for a relative sleep) if a handler
+    is to run."""
     sec, nsec = fmt.unpack(p.mem.read(req, fmt.size))
     if sec < 0 or not 0 <= nsec < 1_000_000_000:
         raise SyscallError(E.EINVAL)
-    p.sleep(sec * 1_000_000_000 + nsec)
+    ns = sec * 1_000_000_000 + nsec
+    if clock_id is not None:
+        now = _clock(p, clock_id)
+        if signed(clock_id) in (2, 3):   # the CPU-time clocks cannot be slept on
+            raise SyscallError(E.EINVAL)
+        if flags & TIMER_ABSTIME:   # until the clock reads ``ns`` (now if it already does)
+            ns = max(0, ns - now)
+    k = p.kernel
+    alarm = k.alarms.get(p) if k is not None else None
+    if alarm is not None and alarm[0] < k.elapsed_ns() + ns:
+        # the process's own alarm comes first: sleep until it, and a handler interrupts the sleep
+        slept = max(0, alarm[0] - k.elapsed_ns())
+        p.sleep(slept)
+        k.fire_alarms()
+        if k.signal_pending_for(p.task):
+            if rem and not flags & TIMER_ABSTIME:
+                left = ns - slept
+                p.mem.write(rem, fmt.pack(left // 1_000_000_000, left % 1_000_000_000))
+            raise SyscallError(E.EINTR)
+        ns -= slept
+    p.sleep(ns)
     return 0
+
+
+def timespec_ns(p, addr: int, fmt) -> int:
+    """A struct timespec (``fmt``: 32- or 64-bit) in ns; EINVAL if malformed."""
+    sec, nsec = fmt.unpack(p.mem.read(addr, fmt.size))
+    if sec < 0 or not 0 <= nsec < 1_000_000_000:
+        raise SyscallError(E.EINVAL)
+    return sec * 1_000_000_000 + nsec
+
+
+def clock_ns(p, clock_id: int) -> int:
+    """What ``clock_id`` reads now (clock_gettime's clocks)."""
+    return _clock(p, clock_id)
 
 
 @syscall("nanosleep")
 def sys_nanosleep(p, req, rem):
-    return _sleep(p, req, S.TIMESPEC32)
+    return _sleep(p, req, S.TIMESPEC32, rem=rem)
 
 
 @syscall("clock_nanosleep")
 def sys_clock_nanosleep(p, clock_id, flags, req, rem):
-    return _sleep(p, req, S.TIMESPEC32)
+    return _sleep(p, req, S.TIMESPEC32, clock_id, flags, rem)
 
 
 @syscall("clock_nanosleep_time64")
 def sys_clock_nanosleep_time64(p, clock_id, flags, req, rem):
-    return _sleep(p, req, S.TIMESPEC64)
+    return _sleep(p, req, S.TIMESPEC64, clock_id, flags, rem)
 
 
 @syscall("times")

@@ -18,13 +18,14 @@ import struct
 from tlslab.linux import errno as E
 from tlslab.linux import nodes as N
 from tlslab.linux import signals as SIG
+from tlslab.linux import structs as S
 from tlslab.linux.elf import EXECUTABLE, ElfError, parse_elf_bytes
 from tlslab.linux.errno import SyscallError
 from tlslab.linux.files import O_CLOEXEC, O_NONBLOCK, O_RDONLY, O_WRONLY, OpenFile
 from tlslab.linux.kernel import TLS_SLOTS, Block
 from tlslab.linux.pipes import Pipe
 from tlslab.linux.syscall_table import signed, syscall
-from tlslab.linux.syscalls_proc import ProcessExit
+from tlslab.linux.syscalls_proc import ProcessExit, clock_ns, timespec_ns
 from tlslab.x86.descriptor import UserDesc
 
 CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
@@ -259,7 +260,8 @@ def _target(p, pid: int):
         return [q for q in k.processes if q.pid == pid and q.alive]
     if pid == -1:
         return [q for q in k.live_processes() if q is not k.init or q is p]
-    return [q for q in k.live_processes()]  # process groups: one group
+    group = p.pgid if pid == 0 else -pid   # a process group: the caller's (0) or |pid|
+    return [q for q in k.live_processes() if q.pgid == group]
 
 
 @syscall("kill")
@@ -274,7 +276,10 @@ def sys_kill(p, pid, sig):
     return 0
 
 
-def _send(p, q, sig: int, task=None) -> None:
+SI_USER, SI_TKILL = 0, -6   # si_code: kill(2); tkill(2)/tgkill(2) (raise)
+
+
+def _send(p, q, sig: int, task=None, code: int = SI_USER) -> None:
     if sig == 0:
         return
     if q.kernel is None:
@@ -282,7 +287,41 @@ def _send(p, q, sig: int, task=None) -> None:
         if sig == SIG.SIGKILL or action.handler == SIG.SIG_DFL and SIG.default_terminates(sig):
             raise ProcessExit(128 + sig, signal=sig)
         return
-    q.kernel.send_signal(q, sig, SIG.siginfo(sig, 0, p.pid, p.vfs.uid), task)
+    q.kernel.send_signal(q, sig, SIG.siginfo(sig, code, p.pid, p.vfs.uid), task)
+
+
+def _queueinfo(p, q, sig: int, uinfo: int, task=None) -> int:
+    """rt_(tg)sigqueueinfo (sigqueue): the caller's own siginfo. Another process may only be sent
+    si_code < 0 (user codes such as SI_QUEUE): Linux refuses to let a process forge a kernel's."""
+    if not 0 <= sig <= 64:
+        raise SyscallError(E.EINVAL)
+    info = bytearray(p.mem.read(uinfo, SIG.SIGINFO_SIZE))
+    code = struct.unpack_from("<i", info, 8)[0]
+    if (code >= 0 or code == SI_TKILL) and q is not p:
+        raise SyscallError(E.EPERM)
+    struct.pack_into("<i", info, 0, sig)
+    if sig and q.kernel is not None:
+        q.kernel.send_signal(q, sig, bytes(info), task)
+    elif sig:
+        _send(p, q, sig, task)
+    return 0
+
+
+@syscall("rt_sigqueueinfo")
+def sys_rt_sigqueueinfo(p, pid, sig, uinfo):
+    targets = _target(p, signed(pid)) if signed(pid) > 0 else []
+    if not targets:
+        raise SyscallError(E.ESRCH)
+    return _queueinfo(p, targets[0], sig, uinfo)
+
+
+@syscall("rt_tgsigqueueinfo")
+def sys_rt_tgsigqueueinfo(p, tgid, tid, sig, uinfo):
+    task = next((t for t in p.kernel.runq if t.tid == tid), None) if p.kernel is not None else (
+        p.task if tid == p.task.tid else None)
+    if task is None or task.process.pid != signed(tgid):
+        raise SyscallError(E.ESRCH)
+    return _queueinfo(p, task.process, sig, uinfo, task)
 
 
 @syscall("tgkill")
@@ -306,7 +345,7 @@ def _tkill(p, tid: int, sig: int) -> int:
     task = next((t for t in p.kernel.runq if t.tid == tid), None)
     if task is None:
         raise SyscallError(E.ESRCH)
-    _send(p, task.process, sig, task)
+    _send(p, task.process, sig, task, SI_TKILL)
     return 0
 
 
@@ -325,8 +364,30 @@ def sys_sigreturn(p):
 
 
 # ------------------------------------------------------------------ futex
-@syscall("futex", "futex_time64")
+FUTEX_CLOCK_REALTIME = 256
+
+
+def _deadline(p, timeout: int, fmt, absolute: bool, clock_id: int) -> int | None:
+    """A wait's timeout as a deadline on the kernel's guest clock (None: no timeout)."""
+    if not timeout:
+        return None
+    ns = timespec_ns(p, timeout, fmt)
+    if absolute:
+        ns = max(0, ns - clock_ns(p, clock_id))
+    return p.kernel.elapsed_ns() + ns if p.kernel is not None else ns
+
+
+@syscall("futex")
 def sys_futex(p, uaddr, op, val, timeout, uaddr2, val3):
+    return _futex(p, uaddr, op, val, timeout, uaddr2, val3, S.TIMESPEC32)
+
+
+@syscall("futex_time64")
+def sys_futex_time64(p, uaddr, op, val, timeout, uaddr2, val3):
+    return _futex(p, uaddr, op, val, timeout, uaddr2, val3, S.TIMESPEC64)
+
+
+def _futex(p, uaddr, op, val, timeout, uaddr2, val3, fmt):
     cmd = op & 0x7F
     k = p.kernel
     if cmd in (FUTEX_WAIT, FUTEX_WAIT_BITSET):
@@ -335,10 +396,17 @@ def sys_futex(p, uaddr, op, val, timeout, uaddr2, val3):
         bitset = val3 if cmd == FUTEX_WAIT_BITSET else 0xFFFFFFFF
         if bitset == 0:
             raise SyscallError(E.EINVAL)
-        if k is None or len(k.runq) <= 1:
-            # nobody could ever wake it: a timed wait times out, an untimed one would hang forever
-            raise SyscallError(E.ETIMEDOUT if timeout else E.EINTR)
-        raise k.futex_wait(p.task, uaddr, bitset)
+        # FUTEX_WAIT's timeout is relative; FUTEX_WAIT_BITSET's absolute (MONOTONIC, or REALTIME by flag)
+        deadline = _deadline(p, timeout, fmt, cmd == FUTEX_WAIT_BITSET,
+                             0 if op & FUTEX_CLOCK_REALTIME else 1)
+        if k is None:
+            if deadline is not None:
+                p.sleep(deadline)
+            raise SyscallError(E.ETIMEDOUT if deadline is not None else E.EINTR)
+        if len(k.runq) <= 1 and deadline is None and k.next_timer_ns() is None:
+            # nobody and nothing could ever wake it: it would hang forever
+            raise SyscallError(E.EINTR)
+        raise k.futex_wait(p.task, uaddr, bitset, deadline)
     if cmd in (FUTEX_WAKE, FUTEX_WAKE_BITSET):
         if k is None:
             return 0
@@ -350,6 +418,137 @@ def sys_futex(p, uaddr, op, val, timeout, uaddr2, val3):
             return 0
         return k.futex_requeue(p, uaddr, val, uaddr2, timeout)  # timeout carries nr_requeue
     raise SyscallError(E.ENOSYS, f"futex op {op}")
+
+
+# ------------------------------------------------------------------ waiting for signals, alarms
+def _no_kernel(p) -> None:
+    if p.kernel is None:   # a bare process (no scheduler): nothing could ever arrive
+        raise SyscallError(E.EINTR)
+
+
+@syscall("pause")
+def sys_pause(p):
+    """Sleep until a signal runs a handler (-EINTR then) or ends the process."""
+    _no_kernel(p)
+    raise Block("pause", lambda: False, restartable=False)
+
+
+@syscall("rt_sigsuspend")
+def sys_rt_sigsuspend(p, mask, sigsetsize):
+    """pause() with ``mask`` as the signal mask until a handler runs; its frame restores the old mask."""
+    if sigsetsize != 8:
+        raise SyscallError(E.EINVAL)
+    _no_kernel(p)
+    task = p.task
+    if task.saved_sigmask is None:   # not when re-entered after an ignored wake-up
+        task.saved_sigmask = task.sigmask
+    task.sigmask = int.from_bytes(p.mem.read(mask, 8), "little") & ~SIG.UNBLOCKABLE
+    raise Block("sigsuspend", lambda: False, restartable=False)
+
+
+@syscall("rt_sigpending")
+def sys_rt_sigpending(p, out, sigsetsize):
+    if sigsetsize > 8:
+        raise SyscallError(E.EINVAL)
+    pending = 0
+    for sig, _info in p.task.pending:
+        pending |= SIG.bit(sig)
+    p.mem.write(out, pending.to_bytes(8, "little")[:sigsetsize])
+    return 0
+
+
+def _sigtimedwait(p, uthese, uinfo, uts, sigsetsize, fmt) -> int:
+    """Take a pending signal of the set without running its handler; wait for one (until the
+    timeout: -EAGAIN) if none is pending."""
+    if sigsetsize != 8:
+        raise SyscallError(E.EINVAL)
+    these = int.from_bytes(p.mem.read(uthese, 8), "little") & ~SIG.UNBLOCKABLE
+    task = p.task
+    for entry in task.pending:
+        if these & SIG.bit(entry[0]):
+            task.pending.remove(entry)
+            if uinfo:
+                p.mem.write(uinfo, entry[1])
+            return entry[0]
+    deadline = _deadline(p, uts, fmt, False, 1)
+    if deadline is not None and deadline <= (p.kernel.elapsed_ns() if p.kernel is not None else 0):
+        raise SyscallError(E.EAGAIN)
+    _no_kernel(p)
+
+    def timed_out() -> int:
+        return -E.EAGAIN
+
+    raise Block("sigtimedwait", lambda: any(these & SIG.bit(s) for s, _ in task.pending),
+                deadline_ns=deadline, on_timeout=timed_out, restartable=False)
+
+
+@syscall("rt_sigtimedwait")
+def sys_rt_sigtimedwait(p, uthese, uinfo, uts, sigsetsize):
+    return _sigtimedwait(p, uthese, uinfo, uts, sigsetsize, S.TIMESPEC32)
+
+
+@syscall("rt_sigtimedwait_time64")
+def sys_rt_sigtimedwait_time64(p, uthese, uinfo, uts, sigsetsize):
+    return _sigtimedwait(p, uthese, uinfo, uts, sigsetsize, S.TIMESPEC64)
+
+
+ITIMER_REAL = 0
+ITIMERVAL32 = struct.Struct("<iIiI")   # it_interval {sec, usec}, it_value {sec, usec}
+
+
+def _timer_left(p) -> tuple[int, int]:
+    """(interval, time left) of the process's ITIMER_REAL, in ns."""
+    k = p.kernel
+    if k is None or p not in k.alarms:
+        return 0, 0
+    when, interval = k.alarms[p]
+    return interval, max(1, when - k.elapsed_ns())
+
+
+def _set_timer(p, value_ns: int, interval_ns: int) -> None:
+    k = p.kernel
+    if k is None:
+        if value_ns:
+            raise SyscallError(E.ENOSYS, "alarms need the scheduler")
+        return
+    k.set_alarm(p, value_ns, interval_ns)
+
+
+def _itimerval(interval: int, left: int) -> bytes:
+    return ITIMERVAL32.pack(interval // 10**9, interval % 10**9 // 1000, left // 10**9, left % 10**9 // 1000)
+
+
+@syscall("setitimer")
+def sys_setitimer(p, which, new, old):
+    """ITIMER_REAL on the guest clock: SIGALRM when it expires (Kernel.fire_alarms). The
+    process-time timers (VIRTUAL, PROF) are refused with EINVAL."""
+    if which != ITIMER_REAL:
+        raise SyscallError(E.EINVAL, "only ITIMER_REAL")
+    before = _timer_left(p)
+    if new:
+        isec, iusec, vsec, vusec = ITIMERVAL32.unpack(p.mem.read(new, ITIMERVAL32.size))
+        if min(isec, vsec) < 0 or not (0 <= iusec < 10**6 and 0 <= vusec < 10**6):
+            raise SyscallError(E.EINVAL)
+        _set_timer(p, vsec * 10**9 + vusec * 1000, isec * 10**9 + iusec * 1000)
+    if old:
+        p.mem.write(old, _itimerval(*before))
+    return 0
+
+
+@syscall("getitimer")
+def sys_getitimer(p, which, out):
+    if which != ITIMER_REAL:
+        raise SyscallError(E.EINVAL, "only ITIMER_REAL")
+    p.mem.write(out, _itimerval(*_timer_left(p)))
+    return 0
+
+
+@syscall("alarm")
+def sys_alarm(p, seconds):
+    """Seconds left of the previous alarm (rounded up), and a new one-shot ITIMER_REAL."""
+    _interval, left = _timer_left(p)
+    _set_timer(p, seconds * 10**9, 0)
+    return (left + 10**9 - 1) // 10**9
 
 
 # ------------------------------------------------------------------ pipes

@@ -221,11 +221,29 @@ class Vfs:
         elif isinstance(node, N.Dir):
             raise SyscallError(E.EISDIR)
         del parent.entries[name]
+        if isinstance(node, N.File):
+            node.links -= 1
 
-    def rename(self, old_parent: N.Dir, old: bytes, new_parent: N.Dir, new: bytes) -> None:
+    def link(self, node: N.Node, parent: N.Dir, name: bytes) -> None:
+        """A second name for ``node`` (link(2)): not for directories; same filesystem only."""
+        if isinstance(node, N.Dir):
+            raise SyscallError(E.EPERM)
+        if name in (b".", b"..") or parent.lookup(name) is not None:
+            raise SyscallError(E.EEXIST)
+        self._check_writable_dir(parent)
+        if node.dev != parent.dev or node.dev in (N.DEV_PROC, N.DEV_DEVTMPFS):
+            raise SyscallError(E.EXDEV)
+        parent.attach(name, node)
+        if isinstance(node, N.File):
+            node.links += 1
+
+    def rename(self, old_parent: N.Dir, old: bytes, new_parent: N.Dir, new: bytes,
+               noreplace: bool = False) -> None:
         node = old_parent.lookup(old)
         if node is None:
             raise SyscallError(E.ENOENT)
+        if noreplace and new_parent.lookup(new) is not None:
+            raise SyscallError(E.EEXIST)
         if old in (b".", b"..") or new in (b".", b".."):
             raise SyscallError(E.EBUSY)
         self._check_writable_dir(old_parent)
@@ -250,6 +268,8 @@ class Vfs:
                 raise SyscallError(E.ENOTEMPTY)
         del old_parent.entries[old]
         new_parent.attach(new, node)
+        if isinstance(existing, N.File):
+            existing.links -= 1
 
 
 def data_tree(tree=None, host_dir: str | os.PathLike | None = None) -> N.Dir:

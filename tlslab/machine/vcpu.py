@@ -359,7 +359,7 @@ class VCpu:
         self._unmapped = (address, size, access == UC_MEM_WRITE_UNMAPPED, False)
         return False
 
-    def _on_invalid(self, uc) -> bool:
+    def _on_invalid(self, uc, user_data=None) -> bool:
         eip = self.regs.get("eip")
         self._pending = Exit(ExitReason.EXCEPTION, eip, vector=6, message=f"#UD invalid instruction at {eip:#010x}")
         return False
@@ -424,6 +424,7 @@ class VCpu:
         uc.reg_write(X.UC_X86_REG_SS, layout.KERNEL_DS)
         uc.reg_write(X.UC_X86_REG_DS, layout.USER_DS)
         uc.reg_write(X.UC_X86_REG_ES, layout.USER_DS)
+        self._reset_fpu()
         self._write_hv(layout.ENTRY_STUB, b"\xcf")  # iret
         uc.mem_map_ptr(layout.ENTRY_STUB, layout.PAGE_SIZE, UC_PROT_EXEC if self.checks else UC_PROT_ALL,
                        self._hv_host + (layout.ENTRY_STUB - layout.HYPERVISOR_PAGES))
@@ -438,6 +439,24 @@ class VCpu:
         self._started = True
         if self._fast is not None:
             self._fast.header.instructions = 0  # the entry stub is not the guest's
+
+    def _reset_fpu(self) -> None:
+        """The x87/SSE state a new program starts with on Linux (as after FNINIT and a fresh MXCSR).
+
+        Unicorn's engine starts with a zero control word: x87 precision "single", every exception
+        unmasked, and MXCSR 0 (SSE exceptions unmasked). glibc never loads a control word at start-up,
+        so a program would compute doubles in single precision as soon as code saves and restores the
+        control word (gcc's (int)double conversion does). Linux gives every new image 0x037f
+        (extended precision, round to nearest, all exceptions masked) and MXCSR 0x1f80 (Intel SDM
+        vol. 1, 8.1.5 and 10.2.3.1: the values FNINIT and a processor reset give).
+        """
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_FPCW, 0x037F)
+        uc.reg_write(X.UC_X86_REG_FPSW, 0)
+        uc.reg_write(X.UC_X86_REG_FPTAG, 0xFFFF)   # every x87 register empty
+        uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
+        for i in range(8):
+            uc.reg_write(getattr(X, f"UC_X86_REG_XMM{i}"), 0)
 
     def share_deadline(self, other: VCpu) -> None:
         """Run under ``other``'s wall-clock limit (one limit for every address space of a run)."""

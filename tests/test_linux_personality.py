@@ -1,0 +1,239 @@
+"""The Linux personality against the host on what programs of their own commonly use.
+
+One static i386 program (``PERSONALITY_C``) prints what the kernel and the CPU
+give it: the x87/SSE start state, signals raised by its own faults and caught
+(SIGSEGV, SIGFPE, SIGILL, on an alternate stack), signal queueing and
+si_code, alarms and interval timers that interrupt pause, sigsuspend and a
+pipe read, sigtimedwait, timed waits that time out while another thread is
+blocked, select, clock_nanosleep with an absolute time, process groups, and
+the truncate/link/utimensat/flock/fallocate/renameat2 family. Its output
+must be the host's (the program run untraced, in the hw backend's jail,
+as uid 1000 in the same data tree) under every strategy below. Each line is
+deterministic on the host: times are printed only as comparisons.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import GCC32, require_gcc32, unavailable
+from tlslab.experiment import RunSpec, make_domain
+
+PERSONALITY_C = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/select.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static sigjmp_buf jb;
+static volatile int got, code, on_alt;
+static volatile void *addr;
+static char altstack[65536];
+
+static void catch_fault(int s, siginfo_t *si, void *uc) { got = s; code = si->si_code; addr = si->si_addr; siglongjmp(jb, 1); }
+static void count(int s, siginfo_t *si, void *uc) { got = s; code = si->si_code; if (si->si_code == SI_QUEUE) addr = si->si_value.sival_ptr; }
+static void on_stack(int s) { char here; on_alt = &here >= altstack && &here < altstack + sizeof altstack; }
+static void alarmed(int s) { got = s; }
+
+static long ms_since(struct timespec *t0) {
+    struct timespec t1; clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (t1.tv_sec - t0->tv_sec) * 1000 + (t1.tv_nsec - t0->tv_nsec) / 1000000;
+}
+
+static void handler(int sig, void (*fn)(int, siginfo_t *, void *), int flags) {
+    struct sigaction sa; memset(&sa, 0, sizeof sa); sa.sa_sigaction = fn; sa.sa_flags = SA_SIGINFO | flags;
+    sigaction(sig, &sa, NULL);
+}
+
+static int pipe_fd[2];
+static void *reader(void *arg) { char c; return (void *)(long)read(pipe_fd[0], &c, 1); }
+
+int main(void) {
+    setvbuf(stdout, NULL, _IONBF, 0);
+    /* the FPU as Linux starts a program */
+    unsigned short cw; unsigned mxcsr; __asm__ volatile("fnstcw %0" : "=m"(cw)); __asm__ volatile("stmxcsr %0" : "=m"(mxcsr));
+    volatile double x = 2.7, one = 1, three = 3; volatile int i = (int)x;
+    printf("fpu cw=%#x mxcsr=%#x cast=%d third=%.17g\n", cw, mxcsr, i, one / three);
+
+    /* faults of its own, caught */
+    handler(SIGSEGV, catch_fault, 0); handler(SIGFPE, catch_fault, 0); handler(SIGILL, catch_fault, 0);
+    if (!sigsetjmp(jb, 1)) *(volatile int *)0x10 = 1;
+    printf("segv sig=%d code=%d addr=%p\n", got, code, (void *)addr);
+    if (!sigsetjmp(jb, 1)) { volatile int z = 0; volatile int q = 7 / z; (void)q; }
+    printf("fpe sig=%d code=%d\n", got, code);
+    if (!sigsetjmp(jb, 1)) __asm__ volatile("ud2");
+    printf("ill sig=%d code=%d\n", got, code);
+
+    /* an alternate stack */
+    stack_t ss = {.ss_sp = altstack, .ss_size = sizeof altstack, .ss_flags = 0}; sigaltstack(&ss, NULL);
+    struct sigaction sa; memset(&sa, 0, sizeof sa); sa.sa_handler = on_stack; sa.sa_flags = SA_ONSTACK; sigaction(SIGUSR2, &sa, NULL);
+    raise(SIGUSR2);
+    stack_t now; sigaltstack(NULL, &now);
+    printf("altstack used=%d flags=%d size_ok=%d\n", on_alt, now.ss_flags, now.ss_size == sizeof altstack);
+
+    /* who sent it */
+    handler(SIGUSR1, count, 0);
+    raise(SIGUSR1); printf("raise code_is_tkill=%d\n", code == SI_TKILL);
+    kill(getpid(), SIGUSR1); printf("kill code_is_user=%d\n", code == SI_USER);
+    union sigval v = {.sival_ptr = (void *)0x1234}; int r = sigqueue(getpid(), SIGUSR1, v);
+    printf("sigqueue r=%d code_is_queue=%d value=%p\n", r, code == SI_QUEUE, (void *)addr);
+
+    /* alarms: pause, a pipe read without SA_RESTART, sigsuspend */
+    memset(&sa, 0, sizeof sa); sa.sa_handler = alarmed; sigaction(SIGALRM, &sa, NULL);
+    printf("alarm(0)=%u\n", alarm(0)); alarm(5); printf("alarm left=%u\n", alarm(0));
+    got = 0; alarm(1); r = pause(); printf("pause r=%d eintr=%d sig=%d\n", r, errno == EINTR, got);
+    pipe(pipe_fd);
+    struct itimerval it = {{0, 0}, {0, 20000}}; setitimer(ITIMER_REAL, &it, NULL);
+    char c; r = read(pipe_fd[0], &c, 1); printf("read r=%d eintr=%d\n", r, errno == EINTR);
+    sigset_t usr1, old, none; sigemptyset(&usr1); sigaddset(&usr1, SIGUSR1); sigemptyset(&none);
+    sigprocmask(SIG_BLOCK, &usr1, &old); got = 0; raise(SIGUSR1);
+    printf("blocked: delivered=%d\n", got);
+    r = sigsuspend(&none); sigset_t after; sigprocmask(SIG_BLOCK, NULL, &after);
+    printf("sigsuspend r=%d eintr=%d sig=%d mask_back=%d\n", r, errno == EINTR, got, sigismember(&after, SIGUSR1));
+
+    /* sigtimedwait: a pending one, then a timeout */
+    raise(SIGUSR1); siginfo_t info; r = sigwaitinfo(&usr1, &info);
+    printf("sigwaitinfo r=%d code_is_tkill=%d\n", r, info.si_code == SI_TKILL);
+    struct timespec t0, ten = {0, 10000000}; clock_gettime(CLOCK_MONOTONIC, &t0);
+    r = sigtimedwait(&usr1, &info, &ten); printf("sigtimedwait r=%d eagain=%d waited=%d\n", r, errno == EAGAIN, ms_since(&t0) >= 10);
+    sigprocmask(SIG_SETMASK, &old, NULL);
+
+    /* timed waits: alone, and while another thread waits on a pipe */
+    sem_t sem; sem_init(&sem, 0, 0); struct timespec dl; clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_nsec += 50000000; if (dl.tv_nsec >= 1000000000) { dl.tv_sec++; dl.tv_nsec -= 1000000000; }
+    clock_gettime(CLOCK_MONOTONIC, &t0); r = sem_timedwait(&sem, &dl);
+    printf("sem_timedwait r=%d etimedout=%d waited=%d\n", r, errno == ETIMEDOUT, ms_since(&t0) >= 45);
+    pthread_t t; pthread_create(&t, NULL, reader, NULL);
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER; pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+    clock_gettime(CLOCK_REALTIME, &dl); dl.tv_sec += 1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    pthread_mutex_lock(&m); r = pthread_cond_timedwait(&cv, &m, &dl); pthread_mutex_unlock(&m);
+    printf("cond_timedwait etimedout=%d waited=%d\n", r == ETIMEDOUT, ms_since(&t0) >= 950);
+    write(pipe_fd[1], "x", 1); void *res; pthread_join(t, &res); printf("reader got %ld\n", (long)res);
+
+    /* select */
+    fd_set rd; FD_ZERO(&rd); FD_SET(pipe_fd[0], &rd); struct timeval tv = {0, 10000};
+    r = select(pipe_fd[0] + 1, &rd, NULL, NULL, &tv); printf("select empty r=%d set=%d\n", r, FD_ISSET(pipe_fd[0], &rd));
+    write(pipe_fd[1], "y", 1); FD_ZERO(&rd); FD_SET(pipe_fd[0], &rd); tv.tv_usec = 10000;
+    r = select(pipe_fd[0] + 1, &rd, NULL, NULL, &tv); printf("select ready r=%d set=%d\n", r, FD_ISSET(pipe_fd[0], &rd));
+
+    /* clock_nanosleep to an absolute time */
+    struct timespec until; clock_gettime(CLOCK_MONOTONIC, &until); t0 = until; until.tv_nsec += 20000000;
+    if (until.tv_nsec >= 1000000000) { until.tv_sec++; until.tv_nsec -= 1000000000; }
+    r = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL); long w = ms_since(&t0);
+    printf("abstime sleep r=%d waited=%d not_long=%d\n", r, w >= 20, w < 1000);
+
+    /* process groups */
+    int was_leader = getpgrp() == getpid(); r = setpgid(0, 0);
+    printf("was leader=%d setpgid=%d leader=%d getpgid_ok=%d\n", was_leader, r, getpgrp() == getpid(), getpgid(0) == getpid());
+    pid_t child = fork();
+    if (child == 0) { int s1 = setsid(); _exit(s1 == getpid() && getsid(0) == getpid() ? 7 : 8); }
+    int status; waitpid(child, &status, 0); printf("setsid in child ok=%d\n", WEXITSTATUS(status) == 7);
+
+    /* files */
+    int fd = open("pf", O_CREAT | O_RDWR | O_TRUNC, 0644); write(fd, "hello world", 11);
+    struct stat st; ftruncate(fd, 5); fstat(fd, &st); printf("ftruncate size=%lld\n", (long long)st.st_size);
+    truncate("pf", 3000); stat("pf", &st); printf("truncate size=%lld\n", (long long)st.st_size);
+    printf("fallocate r=%d\n", posix_fallocate(fd, 0, 8192)); fstat(fd, &st); printf("fallocated size=%lld\n", (long long)st.st_size);
+    printf("flock=%d unlock=%d\n", flock(fd, LOCK_EX), flock(fd, LOCK_UN));
+    printf("link=%d\n", link("pf", "pf2")); stat("pf", &st); printf("nlink=%d\n", (int)st.st_nlink);
+    unlink("pf2"); stat("pf", &st); printf("nlink after unlink=%d\n", (int)st.st_nlink);
+    struct timespec times[2] = {{1000000000, 0}, {1200000000, 500}};
+    printf("utimensat=%d\n", utimensat(AT_FDCWD, "pf", times, 0)); stat("pf", &st);
+    printf("mtime=%lld.%09ld\n", (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+    close(open("pf3", O_CREAT | O_WRONLY, 0644));
+    r = syscall(SYS_renameat2, AT_FDCWD, "pf", AT_FDCWD, "pf3", 1 /* RENAME_NOREPLACE */);
+    printf("renameat2 noreplace r=%d eexist=%d\n", r, errno == EEXIST);
+    close(fd);
+    return 0;
+}
+"""
+
+STRATEGIES = ("native", "emulate", "flip", "online-probe")
+
+
+@pytest.fixture(scope="module")
+def personality_exe(tmp_path_factory):
+    require_gcc32()
+    exe = tmp_path_factory.mktemp("personality") / "personality"
+    src = exe.with_suffix(".c")
+    src.write_text(PERSONALITY_C)
+    cp = subprocess.run([*GCC32, "-O1", "-pthread", "-o", str(exe), str(src)], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    return exe
+
+
+def host_output(spec: RunSpec) -> bytes:
+    try:
+        from tlslab.hw.backend import HwUnavailable, run_spec
+    except ImportError as exc:  # pragma: no cover
+        unavailable(f"hw backend: {exc}")
+    if os.geteuid() != 0:
+        unavailable("the host's run is jailed (uid 1000, the model's tree), which needs root", ci_installs=True)
+    try:
+        result, _ = run_spec(RunSpec(**{**spec.to_dict(), "strategy": "untraced", "args": tuple(spec.args)}))
+    except HwUnavailable as exc:
+        unavailable(f"cannot run natively here: {exc}")
+    assert result.status == 0, result.stderr
+    return result.stdout
+
+
+def test_the_personality_matches_the_host(personality_exe):
+    spec = RunSpec(str(personality_exe), ())
+    want = host_output(spec)
+    lines = want.decode().splitlines()
+    assert "fpu cw=0x37f mxcsr=0x1f80 cast=2 third=0.33333333333333331" in lines   # the host's, as documented
+    assert "segv sig=11 code=1 addr=0x10" in lines and "pause r=-1 eintr=1 sig=14" in lines
+    for strategy in STRATEGIES:
+        domain, _ = make_domain(RunSpec(**{**spec.to_dict(), "strategy": strategy, "args": ()}))
+        result = domain.run()
+        assert result.crash is None, (strategy, result.crash.describe())
+        assert result.status == 0, (strategy, result.stderr)
+        unsupported = result.counters["linux"]["syscalls"]["unsupported"]
+        assert not unsupported, (strategy, unsupported)
+        assert result.stdout.decode().splitlines() == lines, strategy
+
+
+def test_a_fault_without_a_handler_still_names_where_and_why(tmp_path):
+    """The same faults with no handler installed (or the signal blocked) end the run as before: a crash
+    record with the instruction and the reason, not a handler call."""
+    require_gcc32()
+    src = tmp_path / "nohandler.c"
+    src.write_text(r"""
+#include <signal.h>
+#include <unistd.h>
+static void h(int s) { _exit(3); }
+int main(int argc, char **argv) {
+    if (argc > 1) {   /* a handler, but the signal blocked: Linux kills all the same */
+        signal(SIGSEGV, h);
+        sigset_t s; sigemptyset(&s); sigaddset(&s, SIGSEGV); sigprocmask(SIG_BLOCK, &s, 0);
+    }
+    *(volatile int *)0x10 = 1;
+    return 0;
+}
+""")
+    exe = tmp_path / "nohandler"
+    cp = subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    for args in ((), ("blocked",)):
+        domain, _ = make_domain(RunSpec(str(exe), args, strategy="emulate"))
+        result = domain.run()
+        assert result.crash is not None and result.status is None
+        assert "SIGSEGV" in result.crash.reason and "0x00000010" in result.crash.reason
