@@ -165,7 +165,7 @@ def test_cli_hw_json_carries_the_guest_output_as_the_model_record_does(hw_ok):
     model = subprocess.run([sys.executable, "-m", "tlslab", *args], capture_output=True, text=True, timeout=300)
     assert hw.returncode == 0 and model.returncode == 0, hw.stderr + model.stderr
     h, m = json.loads(hw.stdout), json.loads(model.stdout)
-    assert h["stdout"] and h["stdout"] == m["stdout"]
+    assert h["stdout"] and h["stdout"] == m["stdout"] and h["stderr"] == m["stderr"] == ""
     quiet = subprocess.run([sys.executable, "-m", "tlslab", *args[:-2], "-q", "--backend", "hw", *args[-2:]],
                            capture_output=True, text=True, timeout=300)
     assert json.loads(quiet.stdout)["stdout"] is None

@@ -161,6 +161,11 @@ int main(void) {
     close(open("pf3", O_CREAT | O_WRONLY, 0644));
     r = syscall(SYS_renameat2, AT_FDCWD, "pf", AT_FDCWD, "pf3", 1 /* RENAME_NOREPLACE */);
     printf("renameat2 noreplace r=%d eexist=%d\n", r, errno == EEXIST);
+    /* file times follow the clock the guest reads */
+    time_t t_now = time(NULL); fd = open("pt", O_CREAT | O_WRONLY, 0644); struct stat made; fstat(fd, &made);
+    sleep(2); write(fd, "z", 1); struct stat later; fstat(fd, &later); struct stat dir; stat(".", &dir);
+    printf("created now=%d written later=%d dir changed=%d\n", made.st_mtime >= t_now - 1 && made.st_mtime <= t_now + 1,
+           later.st_mtime > made.st_mtime, dir.st_mtime >= t_now - 1);
     close(fd);
     return 0;
 }
@@ -237,3 +242,70 @@ int main(int argc, char **argv) {
         result = domain.run()
         assert result.crash is not None and result.status is None
         assert "SIGSEGV" in result.crash.reason and "0x00000010" in result.crash.reason
+
+
+PTHREAD_EXIT_C = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static void *quits(void *arg) { pthread_exit((void *)42); }
+static void *waits(void *arg) { for (;;) pause(); }
+int main(void) {
+    pthread_t a, b; void *r1, *r2;
+    pthread_create(&a, NULL, quits, NULL); pthread_join(a, &r1);
+    pthread_create(&b, NULL, waits, NULL); pthread_cancel(b); pthread_join(b, &r2);
+    printf("exit value %ld, cancelled %d\n", (long)r1, r2 == PTHREAD_CANCELED);
+    return 0;
+}
+"""
+
+
+def test_a_dynamic_program_can_end_and_cancel_threads(tmp_path, debian_rootfs):
+    """glibc's pthread_exit and pthread_cancel dlopen libgcc_s.so.1 to unwind (the pinned root has it,
+    as libc6 depends on it); the same on the host and in the model."""
+    require_gcc32()
+    src = tmp_path / "pexit.c"
+    src.write_text(PTHREAD_EXIT_C)
+    exe = tmp_path / "pexit"
+    cp = subprocess.run(["gcc", "-m32", "-O1", "-pthread", "-o", str(exe), str(src)], capture_output=True, text=True)
+    if cp.returncode != 0:
+        unavailable(f"gcc -m32 cannot link a dynamic i386 program here: {cp.stderr.strip()[-200:]}")
+    spec = RunSpec(str(exe), ())
+    want = host_output(spec)
+    assert want == b"exit value 42, cancelled 1\n"
+    for strategy in ("native", "flip"):
+        domain, _ = make_domain(RunSpec(**{**spec.to_dict(), "strategy": strategy, "args": ()}))
+        result = domain.run()
+        assert result.crash is None and result.status == 0, (strategy, result.stderr)
+        assert result.stdout == want, strategy
+
+
+def test_the_first_process_can_exec(tmp_path):
+    """execve in the run's first process (a shell's `exec`, a program re-running itself through
+    /proc/self/exe) replaces its vCPU; the new one keeps the run's wall-clock limit. This used to be an
+    internal error (the limit was read from the released vCPU)."""
+    for strategy in ("native", "flip"):
+        spec = RunSpec("/bin/dash", ("-c", "echo a; exec /bin/echo b"), strategy=strategy, tree=None,
+                       rootfs="debian", timeout_seconds=60)
+        domain, _ = make_domain(spec)
+        result = domain.run()
+        assert result.crash is None and result.status == 0 and result.stdout == b"a\nb\n", strategy
+    require_gcc32()
+    src = tmp_path / "again.c"
+    src.write_text(r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    if (argc > 1) { printf("again %s\n", argv[1]); return 0; }
+    char *av[] = {argv[0], "x", 0};
+    execv("/proc/self/exe", av);
+    perror("execv");
+    return 1;
+}
+""")
+    exe = tmp_path / "again"
+    cp = subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    domain, _ = make_domain(RunSpec(str(exe), (), strategy="emulate"))
+    result = domain.run()
+    assert result.crash is None and result.stdout == b"again x\n" and result.status == 0, result.stderr

@@ -29,11 +29,11 @@ Facts the code relies on, and where they come from (checked on a Debian 12
   ``libpython3.11-minimal``/``libpython3.11-stdlib`` add a real
   ``/usr/lib/python3.11`` and i386 shared objects, ``libperl5.36`` a real
   ``/usr/lib/i386-linux-gnu/perl``, ``gcc-12-plugin-dev`` a deep header tree
-  under ``/usr/lib/gcc``. All 16 packages together: 7,771 entries below
+  under ``/usr/lib/gcc``. All 17 packages together: 7,771 entries below
   ``usr/lib`` (``os.walk``: directories + files + symlinks, ``usr/lib``
-  itself not counted; ``find usr/lib | wc -l`` says 7,772), 8,528 entries in
-  the whole root, 114.5 MB of file sizes (``du``: about 122 MB) unpacked from
-  18.7 MB of ``.deb`` files -- measured by ``tlslab rootfs fetch`` on the
+  itself not counted; ``find usr/lib | wc -l`` says 7,772), 8,531 entries in
+  the whole root, 114.6 MB of file sizes (``du``: about 122 MB) unpacked from
+  18.8 MB of ``.deb`` files -- measured by ``tlslab rootfs fetch`` on the
   lock as committed; :func:`materialise` records these numbers in the stamp.
 - The packages ship ``/bin``, ``/lib`` and ``/usr`` as real directories
   (bookworm's packages are not merged-/usr; the ``/lib`` -> ``usr/lib``
@@ -105,6 +105,7 @@ DEBIAN_PACKAGES: tuple[tuple[str, str], ...] = (
     ("libgmp10", "i386"),
     ("libpcre2-8-0", "i386"),
     ("libselinux1", "i386"),
+    ("libgcc-s1", "i386"),
     # fillers: a real, large /usr/lib
     ("python3-django", "all"),
     ("libpython3.11-minimal", "i386"),
@@ -119,7 +120,11 @@ shell), ``findutils`` (``/usr/bin/find``), ``grep``, ``sed``. Libraries: every
 library those programs need, found with ``dpkg-deb -f DEB Pre-Depends
 Depends``: ``libc6`` (``ld-linux.so.2``, ``libc.so.6``), ``libacl1``,
 ``libattr1``, ``libgmp10``, ``libselinux1`` (coreutils; sed and findutils need
-a subset), ``libpcre2-8-0`` (grep).
+a subset), ``libpcre2-8-0`` (grep), and ``libgcc-s1``, which ``libc6`` itself
+depends on: glibc loads ``libgcc_s.so.1`` with dlopen to unwind a thread's
+stack in ``pthread_exit`` and ``pthread_cancel`` and aborts without it ("libgcc_s.so.1
+must be installed for pthread_exit to work"). It installs
+``/lib/i386-linux-gnu/libgcc_s.so.1`` and nothing under ``/usr/lib``.
 
 Fillers, there only so that ``/usr/lib`` looks like a real system's (the 2004
 benchmark is ``ls -R /usr/lib``; >= 5,000 entries from real packages):

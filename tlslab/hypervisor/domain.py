@@ -123,6 +123,9 @@ class Domain:
         self.max_traps = max_traps
         self._refused: str | None = None
         self.first_process = process_factory(first_vcpu, self._shape_descriptor)
+        # the run's one wall-clock limit lives on the first vCPU (set when it first runs); kept here
+        # because the first process may exec, which releases that vCPU
+        self._deadline_source = first_vcpu
         self.kernel = Kernel(self.first_process, self._new_vcpu, self._shape_descriptor)
         self.kernel.on_new_address_space.append(self._on_new_address_space)
         self.strategy.attach(self)
@@ -142,7 +145,7 @@ class Domain:
 
     def _new_vcpu(self) -> VCpu:
         vcpu = VCpu(**self._vcpu_options)
-        vcpu.share_deadline(self.first_process.vcpu)
+        vcpu.share_deadline(self._deadline_source)
         self._watch_vcpu(vcpu)
         vcpu.settle_in_hook(self._settle_plan)
         return vcpu

@@ -23,7 +23,7 @@ from tlslab.linux.pagecache import PageCache
 from tlslab.linux.signals import DEFAULT_ACTION, SIG_DFL, SIG_IGN, SigAction, default_terminates
 from tlslab.linux.stack import InitialStack, StackSpec, build_stack
 from tlslab.linux.syscalls import SyscallCounters, dispatch, syscall_name
-from tlslab.linux.syscalls_proc import ProcessExit, TlsInstall
+from tlslab.linux.syscalls_proc import GUEST_EPOCH_NS, ProcessExit, TlsInstall
 from tlslab.linux.vfs import Vfs
 from tlslab.machine import layout
 from tlslab.machine.memory import PROT_EXEC, PROT_READ, PROT_WRITE
@@ -82,6 +82,7 @@ class Process:
         self.seed = seed
         self.vfs = vfs if vfs is not None else Vfs(N.Dir(2), seed=seed)
         self.vfs.exe_path = self.guest_path
+        self.vfs.clock = self.realtime_ns   # the times of files the guest creates and writes
         self._bind_exe()
         self.descriptor_policy = descriptor_policy
         self.stdout_model, self.stream = stdout, stream
@@ -127,6 +128,7 @@ class Process:
 
         link.magic._source = source
         link.magic._size = os.path.getsize(path) if os.path.exists(path) else 0
+        link.magic.host_path = os.fsencode(path)   # execve("/proc/self/exe") runs this binary again
 
     def exe_node(self) -> N.File:
         """The file node the executable is read from (/proc/self/exe)."""
@@ -268,6 +270,10 @@ class Process:
         self.mem.map(new_start, start - new_start, self.stack_prot, "[stack]")
         self.stack_start = new_start
         return True
+
+    def realtime_ns(self) -> int:
+        """CLOCK_REALTIME on the guest clock (``elapsed_ns`` after the guest epoch)."""
+        return GUEST_EPOCH_NS + self.elapsed_ns()
 
     def sleep(self, ns: int) -> None:
         """Guest time passes (nanosleep): the one clock moves on."""

@@ -10,9 +10,12 @@ bytes); an rt frame adds ``siginfo`` (128 bytes) and a ``ucontext`` whose
 ``uc_mcontext`` is that sigcontext and ``uc_sigmask`` the old mask.
 sigreturn reads the registers back from where the frame says.
 
+An SA_ONSTACK handler runs on the thread's sigaltstack (``setup_frame``'s
+``altstack``), as Linux's ``get_sigframe`` chooses it.
+
 Not modelled (stated): FPU/SSE state is not saved in the frame (handlers that
-use floating point could disturb the interrupted code); alternate signal
-stacks are not used; stop and continue signals are ignored.
+use floating point could disturb the interrupted code); stop and continue
+signals are ignored.
 """
 
 from __future__ import annotations

@@ -98,6 +98,7 @@ def do_open(p, dirfd: int, path_addr: int, flags: int, mode: int) -> int:
             raise SyscallError(E.ENXIO)
         if flags & O_TRUNC and acc != O_RDONLY and isinstance(node, N.File):
             node.truncate(0)
+            vfs.touch(node)
     return p.fds.install(OpenFile(node, flags, path), cloexec=bool(flags & O_CLOEXEC))
 
 
@@ -216,6 +217,8 @@ def _write(p, f: OpenFile, data: bytes, offset: int | None = None) -> int:
         raise SyscallError(E.EBADF)
     node = f.node
     if isinstance(node, N.File):
+        if data:
+            p.vfs.touch(node)
         if offset is not None:
             p.page_cache.check_write(f.path, offset, data)
             return node.write_at(offset, data)
@@ -620,7 +623,7 @@ def sys_fsync(p, fd):
 MAX_FILE_SIZE = 1 << 31   # the in-memory overlay's limit on one file (EFBIG beyond)
 
 
-def _truncate(node: N.Node, length: int) -> int:
+def _truncate(p, node: N.Node, length: int) -> int:
     if isinstance(node, N.Dir):
         raise SyscallError(E.EISDIR)
     if not isinstance(node, N.File) or length < 0:
@@ -628,6 +631,7 @@ def _truncate(node: N.Node, length: int) -> int:
     if length > MAX_FILE_SIZE:
         raise SyscallError(E.EFBIG)
     node.truncate(length)
+    p.vfs.touch(node)
     return 0
 
 
@@ -635,7 +639,7 @@ def _ftruncate(p, fd: int, length: int) -> int:
     f = p.fds.get(signed(fd))
     if not isinstance(f.node, N.File) or not f.writable:
         raise SyscallError(E.EINVAL)
-    return _truncate(f.node, length)
+    return _truncate(p, f.node, length)
 
 
 def _path_truncate(p, path_addr: int, length: int) -> int:
@@ -644,7 +648,7 @@ def _path_truncate(p, path_addr: int, length: int) -> int:
         raise SyscallError(E.EACCES)
     if isinstance(node, N.File) and node.dev in (N.DEV_PROC,):
         raise SyscallError(E.EACCES)
-    return _truncate(node, length)
+    return _truncate(p, node, length)
 
 
 @syscall("ftruncate64")

@@ -201,6 +201,8 @@ def _program(p, path: bytes, argv: list[bytes], depth: int = 0):
         parse_elf_bytes(os.fsdecode(path), node.read_at(0, node.size), EXECUTABLE)
     except ElfError as exc:
         raise SyscallError(E.ENOEXEC, str(exc)) from None
+    if node is p.exe_node():   # /proc/self/exe: the new image's own link names the program, not itself
+        path = p.guest_path
     return os.fsdecode(node.host_path), path, argv
 
 

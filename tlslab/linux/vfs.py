@@ -11,6 +11,7 @@ materialised tree.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 import functools
 import os
 import random
@@ -36,6 +37,9 @@ class Vfs:
         self.cwd: N.Dir = root
         self.uid, self.gid, self.umask = uid, gid, umask
         self.exe_path = exe_path
+        # the guest's CLOCK_REALTIME in ns (set by the process): the times of files the guest creates
+        # or changes. None: the epoch, as before a process exists.
+        self.clock: Callable[[], int] | None = None
         self._ino = [FIRST_OVERLAY_INO]  # shared by every process's view (fork)
         self._urandom = random.Random(f"tlslab-urandom:{seed}")
         self._mount_specials(exe_source)
@@ -176,6 +180,15 @@ class Vfs:
         return b"/" + b"/".join(reversed(parts))
 
     # ------------------------------------------------------------ changes (overlay)
+    def now(self) -> int:
+        return self.clock() if self.clock is not None else 0
+
+    def touch(self, *nodes: N.Node) -> None:
+        """The content of ``nodes`` changed now (a file written; a directory's entries)."""
+        now = self.now()
+        for node in nodes:
+            node.mtime_ns = now
+
     def _check_writable_dir(self, parent: N.Dir) -> None:
         if not self.may(parent, W_OK | X_OK):
             raise SyscallError(E.EACCES)
@@ -185,22 +198,25 @@ class Vfs:
     def create_file(self, parent: N.Dir, name: bytes, mode: int) -> N.File:
         self._check_writable_dir(parent)
         node = N.File(self.new_ino(), N.S_IFREG | (mode & 0o7777 & ~self.umask), data=b"",
-                      uid=self.uid, gid=self.gid, mtime_ns=0)
+                      uid=self.uid, gid=self.gid, mtime_ns=self.now())
         parent.attach(name, node)
+        self.touch(parent)
         return node
 
     def mkdir(self, parent: N.Dir, name: bytes, mode: int) -> N.Dir:
         if name in (b".", b"..") or parent.lookup(name) is not None:
             raise SyscallError(E.EEXIST)
         self._check_writable_dir(parent)
+        self.touch(parent)
         return parent.attach(name, N.Dir(self.new_ino(), N.S_IFDIR | (mode & 0o7777 & ~self.umask),
-                                         uid=self.uid, gid=self.gid))
+                                         uid=self.uid, gid=self.gid, mtime_ns=self.now()))
 
     def symlink(self, parent: N.Dir, name: bytes, target: bytes) -> None:
         if parent.lookup(name) is not None:
             raise SyscallError(E.EEXIST)
         self._check_writable_dir(parent)
-        parent.attach(name, N.Symlink(self.new_ino(), target, uid=self.uid, gid=self.gid))
+        parent.attach(name, N.Symlink(self.new_ino(), target, uid=self.uid, gid=self.gid, mtime_ns=self.now()))
+        self.touch(parent)
 
     def unlink(self, parent: N.Dir, name: bytes, directory: bool = False) -> None:
         if name in (b".", b".."):
@@ -221,6 +237,7 @@ class Vfs:
         elif isinstance(node, N.Dir):
             raise SyscallError(E.EISDIR)
         del parent.entries[name]
+        self.touch(parent)
         if isinstance(node, N.File):
             node.links -= 1
 
@@ -234,6 +251,7 @@ class Vfs:
         if node.dev != parent.dev or node.dev in (N.DEV_PROC, N.DEV_DEVTMPFS):
             raise SyscallError(E.EXDEV)
         parent.attach(name, node)
+        self.touch(parent)
         if isinstance(node, N.File):
             node.links += 1
 
@@ -268,6 +286,7 @@ class Vfs:
                 raise SyscallError(E.ENOTEMPTY)
         del old_parent.entries[old]
         new_parent.attach(new, node)
+        self.touch(old_parent, new_parent)
         if isinstance(existing, N.File):
             existing.links -= 1
 

@@ -128,6 +128,7 @@ def run(args) -> int:
                       "breakdown_ns": modelled.breakdown_ns},
             wall_seconds=result.wall_seconds,
             stdout=result.stdout.decode("utf-8", "replace") if not args.quiet else None,
+            stderr=result.stderr.decode("utf-8", "replace") if not args.quiet else None,
         )
         print(json.dumps(record.to_dict(), indent=2, sort_keys=True))
         return 0 if result.ok else 1
@@ -252,7 +253,8 @@ def run_hardware(spec, args) -> int:
                    "hw_counters": result.counters(), "wall_seconds": result.wall_seconds,
                    "run_seconds": result.run_seconds,
                    # the guest's output, as the model's record carries it (--quiet: left out)
-                   "stdout": result.stdout.decode("utf-8", "replace") if not args.quiet else None})
+                   "stdout": result.stdout.decode("utf-8", "replace") if not args.quiet else None,
+                   "stderr": result.stderr.decode("utf-8", "replace") if not args.quiet else None})
         print(json.dumps(record.to_dict(), indent=2, sort_keys=True))
         return 0 if result.ok else 1
     if not args.quiet:
