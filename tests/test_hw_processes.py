@@ -126,6 +126,24 @@ def test_root_programs_see_the_model_dev_and_proc_self_exe(hw_ok, strategy):
     assert hw.stdout == b"/bin/readlink\n"
 
 
+@pytest.mark.parametrize("strategy", ["untraced", "emulate"])
+def test_root_programs_write_the_data_tree_as_in_the_model(hw_ok, strategy):
+    """Under a root filesystem the data tree at /data is a writable overlay on the CPU, as in the
+    model (it was bound read-only: a shell redirect failed with EROFS there and worked in the model)."""
+    from tlslab.experiment import make_domain
+
+    script = ("seq 100 > nums; split -l 30 nums part_; ls part_*; cat part_* | md5sum; mkdir -p d/e; "
+              "touch d/e/f; ln d/e/f g; stat -c %h g; mv g h; rm -r d; ls | wc -l")
+    spec = RunSpec("/bin/dash", ("-c", script), strategy=strategy, tree="small", rootfs="debian")
+    hw, _ = run_spec(spec)
+    domain, _ = make_domain(RunSpec(**{**spec.to_dict(), "strategy": "native" if strategy == "untraced"
+                                       else strategy, "args": tuple(spec.args)}))
+    model = domain.run()
+    assert hw.status == 0 and hw.stderr == b"", hw.stderr
+    assert model.status == 0 and hw.stdout == model.stdout, (hw.stdout, model.stdout)
+    assert b"part_ad" in hw.stdout
+
+
 def test_flip_takes_at_least_emulates_faults_in_a_pipeline(hw_ok):
     em, fl = dash(SCRIPTS["pipe"], "emulate"), dash(SCRIPTS["pipe"], "flip")
     assert fl.faults >= em.faults > 0

@@ -309,3 +309,18 @@ int main(int argc, char **argv) {
     domain, _ = make_domain(RunSpec(str(exe), (), strategy="emulate"))
     result = domain.run()
     assert result.crash is None and result.stdout == b"again x\n" and result.status == 0, result.stderr
+
+
+def test_files_made_in_a_mounted_tree_belong_to_its_filesystem():
+    """Under a root filesystem the data tree is a mount of its own (its own st_dev): what the guest
+    creates there is on that filesystem, so link(2) and rename(2) within it work (they failed with
+    EXDEV: new files carried the default device). Also: hard-link counts, copy_file_range (cat >>),
+    nice values."""
+    script = ("touch q; ln q q2; stat -c %h q; mv q q3; [ \"$(stat -c %d q3)\" = \"$(stat -c %d .)\" ] && "
+              "echo same-fs; rm q2; stat -c %h q3; echo x > f; cat f >> g; cat f >> g; cat g; nice -n 5 nice")
+    for strategy in ("native", "emulate"):
+        domain, _ = make_domain(RunSpec("/bin/dash", ("-c", script), strategy=strategy, rootfs="debian"))
+        result = domain.run()
+        assert result.crash is None and result.status == 0, (strategy, result.stderr)
+        assert result.stdout == b"2\nsame-fs\n1\nx\nx\n5\n", (strategy, result.stdout, result.stderr)
+        assert not result.counters["linux"]["syscalls"]["unsupported"]

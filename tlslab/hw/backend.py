@@ -75,8 +75,9 @@ program of the root is executed by its path inside the chroot (AT_EXECFN as
 before the chroot and executed by descriptor, the kernel finding its
 PT_INTERP inside the root. The guest's ``/`` is a view in the private mount
 namespace: a tmpfs (writable by root only) with read-only bind mounts of the
-root's top-level entries, of the data tree at ``tree_at`` (the cwd) when
-there is one, and, where the root has none, the model's ``/dev`` (null,
+root's top-level entries, a writable overlay of the data tree at ``tree_at``
+(the cwd) when there is one (its writes in a size-bounded tmpfs outside the
+view, gone with the guest, as in the model's overlay), and, where the root has none, the model's ``/dev`` (null,
 zero, urandom, random) and ``/proc/self/exe`` (a static symlink to the
 model's path of the program: a program the guest executes sees the same
 link, where the model's follows each exec); the root is never touched.
@@ -494,7 +495,9 @@ def run_hw(
             if cwd is not None:  # the data tree, mounted at tree_at in the guest's private namespace
                 if not tree_at.startswith("/") or tree_at.rstrip("/") == "":
                     raise HwError(f"cannot mount the data tree at {tree_at}: not an absolute path below /")
-                jail += ["--mount-src", cwd, "--mount-at", tree_at]
+                scratch = os.path.join(work, "scratch")   # the tree's overlay writes (outside the view)
+                os.mkdir(scratch, 0o700)
+                jail += ["--mount-src", cwd, "--mount-at", tree_at, "--scratch", scratch]
                 cwd = tree_at
             else:
                 cwd = "/"

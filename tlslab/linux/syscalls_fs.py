@@ -623,6 +623,44 @@ def sys_fsync(p, fd):
 MAX_FILE_SIZE = 1 << 31   # the in-memory overlay's limit on one file (EFBIG beyond)
 
 
+@syscall("copy_file_range")
+def sys_copy_file_range(p, fd_in, off_in, fd_out, off_out, length, flags):
+    """Between regular files only (EXDEV otherwise, which makes coreutils fall back to read and
+    write, as for files on different filesystems); offsets through the loff_t pointers when given."""
+    if flags:
+        raise SyscallError(E.EINVAL)
+    src, dst = p.fds.get(signed(fd_in)), p.fds.get(signed(fd_out))
+    if not src.readable or not dst.writable or dst.flags & O_APPEND:
+        raise SyscallError(E.EBADF)
+    if not (isinstance(src.node, N.File) and isinstance(dst.node, N.File)):
+        raise SyscallError(E.EXDEV if src.node.fmt != N.S_IFDIR and dst.node.fmt != N.S_IFDIR else E.EISDIR)
+    pos_in = signed_u64(p.mem.read(off_in, 8)) if off_in else src.offset
+    pos_out = signed_u64(p.mem.read(off_out, 8)) if off_out else dst.offset
+    if pos_in < 0 or pos_out < 0:
+        raise SyscallError(E.EINVAL)
+    if src.node is dst.node and pos_in < pos_out + length and pos_out < pos_in + length:
+        raise SyscallError(E.EINVAL)   # overlapping ranges of one file
+    data = src.node.read_at(pos_in, min(length, MAX_IO))
+    if pos_out + len(data) > MAX_FILE_SIZE:
+        raise SyscallError(E.EFBIG)
+    if data:
+        dst.node.write_at(pos_out, data)
+        p.vfs.touch(dst.node)
+    if off_in:
+        p.mem.write(off_in, (pos_in + len(data)).to_bytes(8, "little"))
+    else:
+        src.offset = pos_in + len(data)
+    if off_out:
+        p.mem.write(off_out, (pos_out + len(data)).to_bytes(8, "little"))
+    else:
+        dst.offset = pos_out + len(data)
+    return len(data)
+
+
+def signed_u64(raw: bytes) -> int:
+    return int.from_bytes(raw, "little", signed=True)
+
+
 def _truncate(p, node: N.Node, length: int) -> int:
     if isinstance(node, N.Dir):
         raise SyscallError(E.EISDIR)

@@ -112,6 +112,48 @@ def sys_setsid(p):
     return p.pid
 
 
+PRIO_PROCESS, PRIO_PGRP, PRIO_USER = 0, 1, 2
+
+
+def _prio_targets(p, which: int, who: int) -> list:
+    k = p.kernel
+    live = k.live_processes() if k is not None else [p]
+    if which == PRIO_PROCESS:
+        return [_process(p, who)]
+    if which == PRIO_PGRP:
+        group = who or p.pgid
+        return [q for q in live if q.pgid == group]
+    if which == PRIO_USER:
+        uid = who or p.vfs.uid
+        return [q for q in live if q.vfs.uid == uid]
+    raise SyscallError(E.EINVAL)
+
+
+@syscall("getpriority")
+def sys_getpriority(p, which, who):
+    """The best (lowest) nice value of the targets, as the raw call returns it: 20 - nice."""
+    targets = _prio_targets(p, which, who)
+    if not targets:
+        raise SyscallError(E.ESRCH)
+    return 20 - min(getattr(q, "nice", 0) for q in targets)
+
+
+@syscall("setpriority")
+def sys_setpriority(p, which, who, prio):
+    """Nice values are kept (and inherited by fork) but do not change the deterministic scheduler.
+    An unprivileged guest may only raise them, as on Linux without CAP_SYS_NICE."""
+    targets = _prio_targets(p, which, who)
+    if not targets:
+        raise SyscallError(E.ESRCH)
+    nice = max(-20, min(19, signed(prio)))
+    for q in targets:
+        if p.vfs.uid != 0 and (q.vfs.uid != p.vfs.uid or nice < getattr(q, "nice", 0)):
+            raise SyscallError(E.EACCES if q.vfs.uid == p.vfs.uid else E.EPERM)
+    for q in targets:
+        q.nice = nice
+    return 0
+
+
 @syscall("getuid32", "geteuid32", "getuid", "geteuid")
 def sys_getuid(p):
     return p.vfs.uid

@@ -198,7 +198,7 @@ class Vfs:
     def create_file(self, parent: N.Dir, name: bytes, mode: int) -> N.File:
         self._check_writable_dir(parent)
         node = N.File(self.new_ino(), N.S_IFREG | (mode & 0o7777 & ~self.umask), data=b"",
-                      uid=self.uid, gid=self.gid, mtime_ns=self.now())
+                      uid=self.uid, gid=self.gid, mtime_ns=self.now(), dev=parent.dev)
         parent.attach(name, node)
         self.touch(parent)
         return node
@@ -209,13 +209,14 @@ class Vfs:
         self._check_writable_dir(parent)
         self.touch(parent)
         return parent.attach(name, N.Dir(self.new_ino(), N.S_IFDIR | (mode & 0o7777 & ~self.umask),
-                                         uid=self.uid, gid=self.gid, mtime_ns=self.now()))
+                                         uid=self.uid, gid=self.gid, mtime_ns=self.now(), dev=parent.dev))
 
     def symlink(self, parent: N.Dir, name: bytes, target: bytes) -> None:
         if parent.lookup(name) is not None:
             raise SyscallError(E.EEXIST)
         self._check_writable_dir(parent)
-        parent.attach(name, N.Symlink(self.new_ino(), target, uid=self.uid, gid=self.gid, mtime_ns=self.now()))
+        parent.attach(name, N.Symlink(self.new_ino(), target, uid=self.uid, gid=self.gid, mtime_ns=self.now(),
+                                      dev=parent.dev))
         self.touch(parent)
 
     def unlink(self, parent: N.Dir, name: bytes, directory: bool = False) -> None:

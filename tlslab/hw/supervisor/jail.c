@@ -68,7 +68,10 @@ static void copy_symlink(int errfd, const char *src, const char *dst, const char
  * replicated the same way one level down, and the mount point itself, where
  * the data tree (host directory `tree`) is bound (replacing what the root has
  * there; its parent must exist in the root, as in the model). */
-static void populate(int errfd, const char *src, const char *dst, const char *rest, const char *tree) {
+static void mount_tree(int errfd, const char *tree, const char *dst, const char *scratch);
+
+static void populate(int errfd, const char *src, const char *dst, const char *rest, const char *tree,
+                     const char *scratch) {
     char s2[4096], d2[4096], first[256] = "";
     const char *next = NULL;
     if (rest) {
@@ -99,7 +102,7 @@ static void populate(int errfd, const char *src, const char *dst, const char *re
         if (on_path) {
             if (!S_ISDIR(st.st_mode)) { errno = ENOTDIR; child_fail(errfd, "tree mount point"); }
             if (mkdir(d2, st.st_mode & 07777) < 0) child_fail(errfd, "mkdir view entry");
-            populate(errfd, s2, d2, next, tree);
+            populate(errfd, s2, d2, next, tree, scratch);
             found = 1;
             continue;
         }
@@ -113,8 +116,37 @@ static void populate(int errfd, const char *src, const char *dst, const char *re
     if (first[0] && next && !found) { errno = ENOENT; child_fail(errfd, "tree mount point"); }
     if (first[0] && !next) {
         snprintf(d2, sizeof d2, "%s/%s", dst, first);
-        bind_ro(errfd, tree, d2, 1);
+        mount_tree(errfd, tree, d2, scratch);
     }
+}
+
+/* The data tree at its mount point dst of the view: with a scratch directory (outside the view, so
+ * unreachable after chroot), a writable overlayfs of the tree whose writes land in a size-bounded
+ * tmpfs on scratch, as in the model's in-memory overlay (upper/ gets the tree's mode, owner and times,
+ * which the overlay's top directory shows); without one, a read-only bind. Relative option paths
+ * (cwd is scratch) keep commas and colons in the tree's path out of the mount options. */
+static void mount_tree(int errfd, const char *tree, const char *dst, const char *scratch) {
+    if (!scratch) {
+        bind_ro(errfd, tree, dst, 1);
+        return;
+    }
+    struct stat st;
+    if (stat(tree, &st) < 0) child_fail(errfd, "stat data tree");
+    if (mkdir(dst, 0755) < 0) child_fail(errfd, "mkdir view entry");
+    if (mount("tlslab-scratch", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700,size=" OVERLAY_SIZE) < 0)
+        child_fail(errfd, "mount tmpfs scratch");
+    if (chdir(scratch) < 0) child_fail(errfd, "chdir scratch");
+    if (mkdir("lower", 0700) < 0 || mkdir("upper", st.st_mode & 07777) < 0 || mkdir("work", 0700) < 0)
+        child_fail(errfd, "mkdir view entry");
+    if (mount(tree, "lower", NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount");
+    if (mount(NULL, "lower", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0)
+        child_fail(errfd, "remount bind read-only");
+    if (chown("upper", st.st_uid, st.st_gid) < 0 || chmod("upper", st.st_mode & 07777) < 0)
+        child_fail(errfd, "chown view entry");
+    struct timespec ts[2] = {st.st_atim, st.st_mtim};
+    if (utimensat(AT_FDCWD, "upper", ts, 0) < 0) child_fail(errfd, "utimensat view entry");
+    if (mount("tlslab-tree", dst, "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=work") < 0)
+        child_fail(errfd, "mount overlay");
 }
 
 /* What the model mounts on every guest's root, by name (tlslab/linux/vfs.py): /dev with null, zero,
@@ -161,7 +193,8 @@ static void build_view(int errfd, const struct options *opt) {
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) child_fail(errfd, "mount private /");
     if (mount("tlslab-view", opt->view_dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755") < 0)
         child_fail(errfd, "mount tmpfs view");
-    populate(errfd, opt->chroot_dir, opt->view_dir, opt->mount_src ? opt->mount_at : NULL, opt->mount_src);
+    populate(errfd, opt->chroot_dir, opt->view_dir, opt->mount_src ? opt->mount_at : NULL, opt->mount_src,
+             opt->scratch_dir);
     char path[4096];
     struct stat st;
     snprintf(path, sizeof path, "%s/dev", opt->chroot_dir);

@@ -98,14 +98,16 @@ static void usage(void) {
             "    [--emulate-ns NS --flip-ns NS] [--hv-start HEX]\n"
             "    [--cpu N|-1] [--cwd DIR] [--stdin PATH] [--stdout PATH] [--stderr PATH] [--env K=V]...\n"
             "    [--timeout SECONDS] [--max-procs N] [--step-only] [--model-env] [--trace PATH]\n"
-            "    [--chroot DIR [--view EMPTYDIR [--mount-src DIR --mount-at PATH] [--exe-path PATH]]] [--uid N] [--gid N]\n"
+            "    [--chroot DIR [--view EMPTYDIR [--mount-src DIR --mount-at PATH [--scratch EMPTYDIR]] [--exe-path PATH]]]\n"
+            "    [--uid N] [--gid N]\n"
             "    [--exec-fd]\n"
             "    [--overlay DIR --view EMPTYDIR --exec-fd [--exe-path PATH]]\n"
             "    --json PATH -- EXE ARGV0 [ARGS...]\n"
             "  --chroot: the guest runs chrooted in DIR; --cwd is then a path inside it, and EXE too\n"
             "  unless --exec-fd (EXE is a host path, opened before chroot and executed by descriptor).\n"
             "  --view: in a private mount namespace, build DIR's view (read-only binds of DIR's top-level\n"
-            "  entries on a tmpfs mounted on EMPTYDIR) with --mount-src bound read-only at --mount-at, and\n"
+            "  entries on a tmpfs mounted on EMPTYDIR) with --mount-src bound read-only at --mount-at (with\n"
+            "  --scratch: a writable overlay of it whose writes go to a tmpfs on that EMPTYDIR), and\n"
             "  /dev and /proc/self/exe (-> --exe-path) where DIR has no dev or proc, as the model has them.\n"
             "  --overlay: the guest's cwd is DIR, / has DIR's top-level entries, /dev and /proc/self/exe\n"
             "  (-> --exe-path, default /bin/prog); its writes\n"
@@ -154,6 +156,7 @@ static int parse_options(struct supervisor *sv, int argc, char **argv) {
         else if (!strcmp(a, "--exe-path")) opt->exe_path = argv[++i];
         else if (!strcmp(a, "--mount-src")) opt->mount_src = argv[++i];
         else if (!strcmp(a, "--mount-at")) opt->mount_at = argv[++i];
+        else if (!strcmp(a, "--scratch")) opt->scratch_dir = argv[++i];
         else if (!strcmp(a, "--uid")) opt->guest_uid = atol(argv[++i]);
         else if (!strcmp(a, "--gid")) opt->guest_gid = atol(argv[++i]);
         else if (!strcmp(a, "--exec-fd")) opt->exec_fd = 1;
@@ -162,7 +165,7 @@ static int parse_options(struct supervisor *sv, int argc, char **argv) {
     }
     if (argc - i < 2) usage();
     if ((opt->view_dir && !opt->chroot_dir && !opt->overlay_dir) || (opt->mount_src && !opt->view_dir) ||
-        (!opt->mount_src != !opt->mount_at))
+        (!opt->mount_src != !opt->mount_at) || (opt->scratch_dir && !opt->mount_src))
         usage();
     if (opt->overlay_dir && (opt->chroot_dir || !opt->view_dir || opt->mount_src || !opt->exec_fd || opt->cwd_path))
         usage();

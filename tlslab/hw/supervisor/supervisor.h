@@ -246,7 +246,7 @@ struct options {
     /* root-filesystem runs (see run_child): chroot, a private mount namespace
      * for a data tree, the model's uid/gid, exec by descriptor; runs without a
      * root (static guests): --overlay, the data tree as a throwaway "/" */
-    const char *chroot_dir, *view_dir, *mount_src, *mount_at, *overlay_dir, *exe_path;
+    const char *chroot_dir, *view_dir, *mount_src, *mount_at, *overlay_dir, *exe_path, *scratch_dir;
     long guest_uid, guest_gid;
     int exec_fd;
 };
