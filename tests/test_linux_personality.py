@@ -324,3 +324,113 @@ def test_files_made_in_a_mounted_tree_belong_to_its_filesystem():
         assert result.crash is None and result.status == 0, (strategy, result.stderr)
         assert result.stdout == b"2\nsame-fs\n1\nx\nx\n5\n", (strategy, result.stdout, result.stderr)
         assert not result.counters["linux"]["syscalls"]["unsupported"]
+
+
+SIGNALS_C = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/select.h>
+#include <unistd.h>
+static sigset_t usr1;
+static volatile int got;
+static void h(int s) { got = s; }
+static void *waiter(void *a) { int s = 0; int r = sigwait(&usr1, &s); printf("sigwait in a thread r=%d sig=%d\n", r, s); return 0; }
+int main(void) {
+    setvbuf(stdout, NULL, _IONBF, 0);
+    /* a process-directed signal is taken by the thread that sigwaits for it */
+    sigemptyset(&usr1); sigaddset(&usr1, SIGUSR1); pthread_sigmask(SIG_BLOCK, &usr1, 0);
+    pthread_t t; pthread_create(&t, 0, waiter, 0); usleep(1000); kill(getpid(), SIGUSR1); pthread_join(t, 0);
+    /* select is never restarted, SA_RESTART or not */
+    signal(SIGALRM, h);   /* glibc's signal(): SA_RESTART */
+    int p[2]; pipe(p); fd_set rd; FD_ZERO(&rd); FD_SET(p[0], &rd); alarm(1);
+    int r = select(p[0] + 1, &rd, 0, 0, 0); printf("select r=%d eintr=%d got=%d\n", r, errno == EINTR, got);
+    /* a pending signal set to be ignored is discarded; sigsuspend's mask is undone either way */
+    raise(SIGUSR1); signal(SIGUSR1, SIG_IGN); sigset_t pend; sigpending(&pend);
+    printf("discarded=%d\n", !sigismember(&pend, SIGUSR1));
+    sigset_t none; sigemptyset(&none); got = 0; alarm(1); r = sigsuspend(&none);
+    sigset_t now; sigprocmask(SIG_BLOCK, 0, &now);
+    printf("sigsuspend r=%d got=%d usr1 blocked again=%d\n", r, got, sigismember(&now, SIGUSR1));
+    return 0;
+}
+"""
+
+
+def test_signal_corner_cases_match_the_host(tmp_path):
+    require_gcc32()
+    src = tmp_path / "signals2.c"
+    src.write_text(SIGNALS_C)
+    exe = tmp_path / "signals2"
+    cp = subprocess.run([*GCC32, "-O1", "-pthread", "-o", str(exe), str(src)], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    spec = RunSpec(str(exe), ())
+    want = host_output(spec)
+    assert b"sigwait in a thread r=0 sig=10" in want
+    for strategy in ("native", "flip"):
+        domain, _ = make_domain(RunSpec(**{**spec.to_dict(), "strategy": strategy, "args": ()}))
+        result = domain.run()
+        assert result.crash is None and result.status == 0, (strategy, result.crash and result.crash.describe())
+        assert result.stdout == want, (strategy, result.stdout)
+
+
+def test_a_handler_with_no_stack_left_ends_the_process(tmp_path):
+    """A SIGSEGV handler cannot run when the stack overflowed (no room for its frame) or points at
+    nothing: the process dies of SIGSEGV, as on Linux (the frame write used to escape as a Python
+    error); the deep recursion on the way grows the stack quickly (64 KiB per fault)."""
+    require_gcc32()
+    src = tmp_path / "nostack.c"
+    src.write_text(r"""
+#include <signal.h>
+#include <unistd.h>
+static void h(int s) { _exit(5); }
+static int rec(int n) { volatile char buf[4096]; buf[0] = n; return rec(n + 1) + buf[0]; }
+int main(int argc, char **argv) {
+    signal(SIGSEGV, h);
+    if (argc > 1) __asm__ volatile("movl $0x2000, %esp; pushl $0");
+    return rec(0);
+}
+""")
+    exe = tmp_path / "nostack"
+    cp = subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    for args in ((), ("bad-esp",)):
+        domain, _ = make_domain(RunSpec(str(exe), args, strategy="emulate", timeout_seconds=120))
+        result = domain.run()
+        assert result.crash is not None and not result.crash.timed_out, result.crash
+        assert "SIGSEGV" in result.crash.reason and result.status is None
+
+
+def test_guest_files_cannot_exhaust_host_memory(tmp_path):
+    """The guest's files live in host memory: a write far past the end, a truncate up or a fallocate
+    that would make them grow by more than the overlay's 256 MiB in all fails with ENOSPC (a
+    sparse file on the host's tmpfs would not; a stated limit), and deleting gives the bytes back."""
+    require_gcc32()
+    src = tmp_path / "big.c"
+    src.write_text(r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    int fd = open("big", O_CREAT | O_RDWR, 0644);
+    long long r = pwrite64(fd, "x", 1, 1500LL << 20); printf("pwrite far r=%lld enospc=%d\n", r, errno == ENOSPC);
+    errno = 0; r = ftruncate(fd, 300 << 20); printf("ftruncate r=%lld enospc=%d\n", r, errno == ENOSPC);
+    r = ftruncate(fd, 200 << 20); printf("ftruncate 200M r=%lld\n", r);
+    errno = 0; r = posix_fallocate(fd, 0, 300 << 20); printf("fallocate to 300M r=%lld (ENOSPC=%d)\n", r, ENOSPC);
+    close(fd); unlink("big");
+    fd = open("big2", O_CREAT | O_RDWR, 0644); r = ftruncate(fd, 200 << 20); printf("after unlink r=%lld\n", r);
+    return 0;
+}
+""")
+    exe = tmp_path / "big"
+    cp = subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    domain, _ = make_domain(RunSpec(str(exe), (), strategy="native"))
+    result = domain.run()
+    assert result.crash is None and result.status == 0
+    assert result.stdout == (b"pwrite far r=-1 enospc=1\nftruncate r=-1 enospc=1\nftruncate 200M r=0\n"
+                             b"fallocate to 300M r=28 (ENOSPC=28)\nafter unlink r=0\n"), result.stdout

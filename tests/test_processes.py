@@ -191,8 +191,8 @@ def test_a_spinning_child_does_not_hang_the_lab(tmp_path):
 def test_boot_faults_on_the_cpu_equal_the_model(debian_rootfs, oracle_summary):
     """Keir's "2.5 million faults to boot" question, today: the real CPU takes the model's faults.
 
-    Equal within a handful of faults out of ~260,000 (measured: emulate 258,979 in the model, 258,979 or
-    258,980 on the CPU from run to run; flip 320,124 vs 320,126): a flip belongs to the thread on Linux
+    Equal within a handful of faults out of ~260,000 (measured: emulate 259,190 in the model, 259,191
+    on the CPU; flip 320,416 vs 320,418): a flip belongs to the thread on Linux
     (ptrace rewrites the thread's own TLS array, which a forked child inherits flipped) while the model
     follows XenLinux, where a flip lives in the CPU's GDT slot and a slot is rewritten only when the
     next task's descriptor differs (README, hw backend); the host's run-to-run wobble is one fault.

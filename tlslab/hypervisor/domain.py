@@ -34,6 +34,7 @@ from tlslab.linux.kernel import RUNNABLE, Block, Kernel, TooManyProcesses
 from tlslab.linux.signals import SIGBUS, SIGFPE, SIGILL, SIGSEGV, SIGTRAP
 from tlslab.linux.syscalls_proc import ProcessExit
 from tlslab.machine import layout
+from tlslab.machine.memory import GuestFault
 from tlslab.machine.vcpu import Exit, ExitReason, VCpu
 from tlslab.x86.descriptor import SegmentDescriptor
 
@@ -48,7 +49,7 @@ ILL_ILLOPN, FPE_INTDIV, FPE_FLTINV, TRAP_BRKPT, BUS_ADRALN, SI_KERNEL = 2, 1, 7,
 FAULT_SIGNALS = {
     0: (SIGFPE, FPE_INTDIV),     # #DE divide error
     1: (SIGTRAP, TRAP_BRKPT),    # #DB
-    3: (SIGTRAP, TRAP_BRKPT),    # int3
+    3: (SIGTRAP, SI_KERNEL),     # int3 (do_int3: a plain SIGTRAP)
     4: (SIGSEGV, SI_KERNEL),     # #OF into
     5: (SIGSEGV, SI_KERNEL),     # #BR bound
     6: (SIGILL, ILL_ILLOPN),     # #UD
@@ -322,8 +323,9 @@ class Domain:
                 if e.reason is ExitReason.TIMEOUT:
                     crash = self.crash_at(e.eip, "timed out", timed_out=True)
                     break
-                sig, code = FAULT_SIGNALS.get(e.vector, (SIGILL, ILL_ILLOPN))
-                if e.vector is not None and k.fault_signal(task, sig, code, e.eip):
+                sig, code = self._fault_signal_of(process, e)
+                address = e.eip if code not in (SI_KERNEL,) else 0
+                if e.vector is not None and k.fault_signal(task, sig, code, address):
                     continue
                 self._kill(process, self.crash_at(e.eip, e.message or "CPU exception"), sig)
         except TooManyProcesses as exc:
@@ -359,6 +361,21 @@ class Domain:
             if not k.schedule(force=forced):
                 return False
         return False
+
+    @staticmethod
+    def _fault_signal_of(process, e: Exit) -> tuple[int, int]:
+        """(signal, si_code) Linux sends for a CPU exception exit. A software ``int N`` (Unicorn
+        reports it by its vector, EIP after the instruction) other than int $3 and int $4 reaches a
+        gate user mode may not use: #GP, SIGSEGV."""
+        vector = e.vector
+        if vector is not None and vector not in (3, 4):
+            try:
+                before = process.mem.read((e.eip - 2) & 0xFFFFFFFF, 2) if e.eip >= 2 else b""
+            except GuestFault:   # nothing mapped before EIP
+                before = b""
+            if before == bytes((0xCD, vector)):
+                return SIGSEGV, SI_KERNEL
+        return FAULT_SIGNALS.get(vector, (SIGILL, ILL_ILLOPN))
 
     def _signal_death(self, process) -> GuestCrash:
         sig = process.exit_signal

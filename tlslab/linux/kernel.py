@@ -38,6 +38,7 @@ from tlslab.linux import signals as SIG
 from tlslab.linux.errno import SyscallError
 from tlslab.linux.pipes import PipeEnd
 from tlslab.machine import layout
+from tlslab.machine.memory import GuestFault
 
 TLS_SLOTS = tuple(range(layout.GDT_ENTRY_TLS_MIN, layout.GDT_ENTRY_TLS_MIN + layout.GDT_ENTRY_TLS_ENTRIES))
 DEFAULT_QUANTUM = 2_000_000   # instructions a task may run before the scheduler looks again
@@ -268,8 +269,10 @@ class Kernel:
                     SIG.SIG_DFL, SIG.SIG_IGN):
                 return   # re-run after the handler
             result = -E.EINTR
-        else:   # the deadline passed
+        elif blocked.deadline_ns is not None and self.elapsed_ns() >= blocked.deadline_ns:
             result = blocked.on_timeout() if blocked.on_timeout is not None else -E.ETIMEDOUT
+        else:
+            return   # woken for a shared signal another thread took first: the call runs again
         regs = task.process.vcpu.regs
         regs.set("eip", regs.get("eip") + 2)
         regs.set("eax", result & 0xFFFFFFFF)
@@ -297,6 +300,18 @@ class Kernel:
         now = self.elapsed_ns()
         if when > now:
             self.slept_ns += when - now
+        self.fire_alarms()
+        if any(self._ready(t) for t in self.runq):
+            return True
+        # the alarms woke nobody (SIGALRM ignored or blocked, or taken by no waiter): only a wait's
+        # deadline can still end this; go straight there (interval alarms catch up on the way)
+        deadlines = [t.waiting.deadline_ns for t in self.runq
+                     if t.state == BLOCKED and t.waiting is not None and t.waiting.deadline_ns is not None]
+        if not deadlines:
+            return False
+        now = self.elapsed_ns()
+        if min(deadlines) > now:
+            self.slept_ns += min(deadlines) - now
         self.fire_alarms()
         return True
 
@@ -470,6 +485,7 @@ class Kernel:
             self.slice_end = process.vcpu.instructions_retired() + left
         task.context = None
         task.tls = {}
+        task.altstack, task.saved_sigmask = None, None   # not kept across execve
         task.mark = process.vcpu.counters.instructions
         process.task = task
         self.gdt_owner = None if self.gdt_owner is task else self.gdt_owner
@@ -646,15 +662,15 @@ class Kernel:
         if action.handler == SIG.SIG_IGN or (action.handler == SIG.SIG_DFL and not SIG.default_terminates(sig)):
             if sig != SIG.SIGKILL:
                 return
-        target = task or next((t for t in process.threads if t.state != DEAD and not t.sigmask & SIG.bit(sig)),
-                              next((t for t in process.threads if t.state != DEAD), None))
-        if target is None:
-            return
         if sig == SIG.SIGKILL:
             self.exit_process(process, 0, SIG.SIGKILL)
             return
-        if sig not in [s for s, _ in target.pending]:
-            target.pending.append((sig, info or SIG.siginfo(sig)))
+        # thread-directed (tgkill, a fault): that thread's queue; process-directed (kill, alarms,
+        # SIGCHLD): the process's shared queue, taken by the first of its threads that does not
+        # block it, or by a thread's sigwait (Linux's shared_pending)
+        queue = task.pending if task is not None else process.shared_pending
+        if sig not in [s for s, _ in queue]:
+            queue.append((sig, info or SIG.siginfo(sig)))
 
     def fault_signal(self, task: Task, sig: int, code: int, address: int) -> bool:
         """The task's own instruction faulted (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP): queue the
@@ -672,19 +688,30 @@ class Kernel:
         return self._deliverable(task) is not None
 
     def _deliverable(self, task: Task):
-        for sig, info in task.pending:
-            if not task.sigmask & SIG.bit(sig) or sig in (SIG.SIGKILL, SIG.SIGSEGV):
-                return sig, info
+        found = self._find_deliverable(task)
+        return found[0] if found is not None else None
+
+    def _find_deliverable(self, task: Task):
+        """The next signal ``task`` takes on its way to user mode, and the queue it is in: its own
+        first, then its process's shared queue."""
+        for queue in (task.pending, task.process.shared_pending):
+            for entry in queue:
+                if not task.sigmask & SIG.bit(entry[0]) or entry[0] in (SIG.SIGKILL, SIG.SIGSEGV):
+                    return entry, queue
         return None
 
     def deliver_signals(self, task: Task) -> None:
         """Before ``task`` returns to user mode: run the default action or enter a handler."""
         p = task.process
         while p.alive and task.state != DEAD:
-            found = self._deliverable(task)
-            if found is None:
+            hit = self._find_deliverable(task)
+            if hit is None:
+                if task.saved_sigmask is not None and task.state == RUNNABLE:
+                    # sigsuspend ended without a handler frame to restore its caller's mask: now
+                    task.sigmask, task.saved_sigmask = task.saved_sigmask, None
                 return
-            task.pending.remove(found)
+            found, queue = hit
+            queue.remove(found)
             sig, info = found
             action = p.sigaction(sig)
             if action.handler == SIG.SIG_IGN:
@@ -704,7 +731,11 @@ class Kernel:
                     regs.set("eax", -E.EINTR & 0xFFFFFFFF)
             oldmask = task.sigmask if task.saved_sigmask is None else task.saved_sigmask
             task.saved_sigmask = None   # sigsuspend's temporary mask ends with this handler's frame
-            SIG.setup_frame(p.mem, p.vcpu.regs, sig, action, oldmask, info, task.altstack)
+            try:
+                SIG.setup_frame(p.mem, p.vcpu.regs, sig, action, oldmask, info, task.altstack)
+            except GuestFault:   # no room for the frame (a bad stack pointer or sigaltstack): SIGSEGV, fatal
+                self.exit_process(p, 0, SIG.SIGSEGV)
+                return
             task.sigmask |= action.mask | (0 if action.flags & SIG.SA_NODEFER else SIG.bit(sig))
             task.sigmask &= ~SIG.UNBLOCKABLE
             if action.flags & SIG.SA_RESETHAND:
@@ -728,7 +759,9 @@ class Kernel:
                         del waiters[i]
                         return
 
-        return Block(f"futex {addr:#x}", lambda: entry[2], deadline_ns=deadline_ns, cancel=cancel)
+        # a timed wait is not restarted after a handler (Linux: ERESTART_RESTARTBLOCK, EINTR to glibc)
+        return Block(f"futex {addr:#x}", lambda: entry[2], deadline_ns=deadline_ns, cancel=cancel,
+                     restartable=deadline_ns is None)
 
     def futex_wake(self, process, addr: int, n: int, bitset: int = 0xFFFFFFFF) -> int:
         key = self.futex_key(process, addr)

@@ -56,6 +56,9 @@ class ProcessCounters:
                 "signals_delivered": self.signals_delivered}
 
 
+STACK_GROWTH = 64 * 1024   # the least a stack fault grows the stack by (grow_stack)
+
+
 class Process:
     """One single-threaded guest process.
 
@@ -94,6 +97,7 @@ class Process:
 
         self.pid, self.ppid = 1000, 999
         self.pgid = self.sid = self.ppid   # process group and session (setpgid, setsid): the parent's
+        self.shared_pending: list = []     # process-directed signals not yet taken by a thread (kernel)
         self.kernel = None           # set when a Kernel adopts the process (tlslab.linux.kernel)
         self.task = Task(self.pid, self)  # the thread running (or last run) in this process
         self.threads = [self.task]
@@ -267,6 +271,12 @@ class Process:
         new_start = address & ~(layout.PAGE_SIZE - 1)
         if self.mem.is_mapped(new_start, 1) or any(r.start < start and r.end > new_start for r in self.mem.regions()):
             return False
+        # grow by at least STACK_GROWTH where nothing else is mapped: a deep recursion then takes one
+        # fault (and one region) per 64 KiB rather than per page; the pages are zero and, as on
+        # Linux, an access anywhere down to the limit would have grown the stack to them anyway
+        chunk = max(self.stack_limit, (start - STACK_GROWTH) & ~(layout.PAGE_SIZE - 1))
+        if chunk < new_start and not any(r.start < new_start and r.end > chunk for r in self.mem.regions()):
+            new_start = chunk
         self.mem.map(new_start, start - new_start, self.stack_prot, "[stack]")
         self.stack_start = new_start
         return True
@@ -317,6 +327,7 @@ class Process:
         child._rng = random.Random()
         child._rng.setstate(self._rng.getstate())
         child.exit_status, child.exit_signal, child.crash = None, 0, None
+        child.shared_pending = []   # a fork's child starts with no pending signals
         return child
 
     def replace_image(self, vcpu, path: str, guest_path: bytes, argv: list[bytes], envp: list[bytes]) -> None:

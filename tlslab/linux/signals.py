@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass
 
 from tlslab.machine import layout
+from tlslab.machine.memory import GuestFault
 
 SIGHUP, SIGINT, SIGQUIT, SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE = 1, 2, 3, 4, 5, 6, 7, 8
 SIGKILL, SIGUSR1, SIGSEGV, SIGUSR2, SIGPIPE, SIGALRM, SIGTERM = 9, 10, 11, 12, 13, 14, 15
@@ -121,7 +122,11 @@ def setup_frame(mem, regs, sig: int, action: SigAction, oldmask: int, info: byte
     top = esp
     if altstack is not None and action.flags & SA_ONSTACK and not on_stack(altstack, esp):
         top = altstack[0] + altstack[1]
-    sp = ((top - size + 4) & ~0xF) - 4
+    # 32-bit arithmetic as on the CPU; a frame that lands outside the guest's mapped memory is not
+    # written (GuestFault: the kernel kills the process with SIGSEGV)
+    sp = ((((top - size + 4) & ~0xF) - 4) & 0xFFFFFFFF)
+    if sp + size > 1 << 32:
+        raise GuestFault(sp, size)
     sc = _sigcontext(regs, oldmask)
     if rt:
         retcode_at = sp + RT_OFF_RETCODE

@@ -24,6 +24,7 @@ TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGPGRP, TIOCGWINSZ, FIONREAD = 0x5401, 0x54
 F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC = 0, 1, 2, 3, 4, 1030
 FD_CLOEXEC = 1
 MAX_IO = 1 << 24
+MAX_FILE_SIZE = 1 << 31   # one file's size limit (EFBIG beyond); Vfs.resize bounds them all (ENOSPC)
 
 
 # ------------------------------------------------------------------ helpers
@@ -97,6 +98,7 @@ def do_open(p, dirfd: int, path_addr: int, flags: int, mode: int) -> int:
         if isinstance(node, N.Device) and node.kind == "host-special":
             raise SyscallError(E.ENXIO)
         if flags & O_TRUNC and acc != O_RDONLY and isinstance(node, N.File):
+            vfs.resize(node, 0)
             node.truncate(0)
             vfs.touch(node)
     return p.fds.install(OpenFile(node, flags, path), cloexec=bool(flags & O_CLOEXEC))
@@ -212,6 +214,14 @@ def _pipe_write(p, f: OpenFile, pipe, data: bytes) -> int:
     raise Block("pipe write", lambda: pipe.space >= min(len(data), PIPE_BUF) or not p.pipe_end_open(pipe, "r"))
 
 
+def _grow(p, node: N.File, end: int) -> None:
+    """A write up to byte ``end``: within the per-file and the overlay limits (EFBIG, ENOSPC)."""
+    if end > MAX_FILE_SIZE:
+        raise SyscallError(E.EFBIG)
+    if end > node.size:
+        p.vfs.resize(node, end)
+
+
 def _write(p, f: OpenFile, data: bytes, offset: int | None = None) -> int:
     if not f.writable:
         raise SyscallError(E.EBADF)
@@ -220,10 +230,12 @@ def _write(p, f: OpenFile, data: bytes, offset: int | None = None) -> int:
         if data:
             p.vfs.touch(node)
         if offset is not None:
+            _grow(p, node, offset + len(data))
             p.page_cache.check_write(f.path, offset, data)
             return node.write_at(offset, data)
         if f.flags & O_APPEND:
             f.offset = node.size
+        _grow(p, node, f.offset + len(data))
         p.page_cache.check_write(f.path, f.offset, data)
         n = node.write_at(f.offset, data)
         f.offset += n
@@ -620,7 +632,6 @@ def sys_fsync(p, fd):
     return 0
 
 
-MAX_FILE_SIZE = 1 << 31   # the in-memory overlay's limit on one file (EFBIG beyond)
 
 
 @syscall("copy_file_range")
@@ -641,9 +652,8 @@ def sys_copy_file_range(p, fd_in, off_in, fd_out, off_out, length, flags):
     if src.node is dst.node and pos_in < pos_out + length and pos_out < pos_in + length:
         raise SyscallError(E.EINVAL)   # overlapping ranges of one file
     data = src.node.read_at(pos_in, min(length, MAX_IO))
-    if pos_out + len(data) > MAX_FILE_SIZE:
-        raise SyscallError(E.EFBIG)
     if data:
+        _grow(p, dst.node, pos_out + len(data))
         dst.node.write_at(pos_out, data)
         p.vfs.touch(dst.node)
     if off_in:
@@ -668,6 +678,7 @@ def _truncate(p, node: N.Node, length: int) -> int:
         raise SyscallError(E.EINVAL)
     if length > MAX_FILE_SIZE:
         raise SyscallError(E.EFBIG)
+    p.vfs.resize(node, length)
     node.truncate(length)
     p.vfs.touch(node)
     return 0
@@ -731,6 +742,7 @@ def sys_fallocate(p, fd, mode, off_lo, off_hi, len_lo, len_hi):
     if offset + length > MAX_FILE_SIZE:
         raise SyscallError(E.EFBIG)
     if not mode & FALLOC_FL_KEEP_SIZE and offset + length > f.node.size:
+        p.vfs.resize(f.node, offset + length)
         f.node.truncate(offset + length)
     return 0
 
@@ -925,7 +937,8 @@ def sys_poll(p, fds, nfds, timeout):
 
     deadline = p.kernel.elapsed_ns() + signed(timeout) * 1_000_000 if signed(timeout) > 0 else None
     raise Block("poll", lambda: any(fd >= 0 and _poll_revents(p, fd, ev | POLLERR | POLLHUP)
-                                    for fd, ev, _r in entries), deadline_ns=deadline, on_timeout=timed_out)
+                                    for fd, ev, _r in entries), deadline_ns=deadline, on_timeout=timed_out,
+                restartable=False)   # poll and select return EINTR after a handler, SA_RESTART or not
 
 
 # ------------------------------------------------------------------ select
@@ -936,8 +949,9 @@ def _select(p, n: int, sets: tuple[int, int, int], timeout_ns: int | None) -> in
     """select/pselect on the fds poll can judge: read, write and exception sets of ``n`` bits
     (i386 ``long`` words); ``timeout_ns`` None waits, 0 polls."""
     n = signed(n)
-    if not 0 <= n <= FD_SETSIZE:
+    if n < 0:
         raise SyscallError(E.EINVAL)
+    n = min(n, FD_SETSIZE)   # Linux caps n at the size of the fd table (select(getdtablesize(), ...))
     nbytes = (n + 31) // 32 * 4
     masks = [int.from_bytes(p.mem.read(a, nbytes), "little") if a and nbytes else 0 for a in sets]
     wanted = [fd for fd in range(n) if any(m >> fd & 1 for m in masks)]
@@ -978,7 +992,7 @@ def _select(p, n: int, sets: tuple[int, int, int], timeout_ns: int | None) -> in
         return 0
 
     deadline = p.kernel.elapsed_ns() + timeout_ns if timeout_ns is not None else None
-    raise Block("select", lambda: scan()[1] > 0, deadline_ns=deadline, on_timeout=timed_out)
+    raise Block("select", lambda: scan()[1] > 0, deadline_ns=deadline, on_timeout=timed_out, restartable=False)
 
 
 @syscall("_newselect")
@@ -989,7 +1003,10 @@ def sys_newselect(p, n, inp, outp, exp, tvp):
         if sec < 0 or not 0 <= usec < 1_000_000:
             raise SyscallError(E.EINVAL)
         timeout = sec * 1_000_000_000 + usec * 1000
-    return _select(p, n, (inp, outp, exp), timeout)
+    result = _select(p, n, (inp, outp, exp), timeout)
+    if tvp and result == 0:
+        p.mem.write(tvp, bytes(8))   # the time left, as Linux writes it back: none
+    return result
 
 
 def _pselect(p, n, inp, outp, exp, tsp, sig, fmt) -> int:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from tlslab.linux import errno as E
 from tlslab.linux import structs as S
 from tlslab.linux.errno import SyscallError
-from tlslab.linux.signals import MINSIGSTKSZ, SS_DISABLE, SS_ONSTACK, on_stack
+from tlslab.linux.signals import (
+    MINSIGSTKSZ, SIG_DFL, SIG_IGN, SS_DISABLE, SS_ONSTACK, default_terminates, on_stack,
+)
 from tlslab.linux.syscall_table import signed, syscall
 from tlslab.machine import layout
 from tlslab.x86.descriptor import SegmentDescriptor, UserDesc
@@ -61,8 +63,9 @@ def _process(p, pid: int):
     pid = signed(pid)
     if pid == 0 or pid == p.pid:
         return p
-    k = p.kernel
-    found = next((q for q in k.live_processes() if q.pid == pid), None) if k is not None else None
+    k = p.kernel   # a zombie (exited, not yet waited for) still answers
+    found = next((q for q in k.processes if q.pid == pid and not getattr(q, "reaped", False)),
+                 None) if k is not None else None
     if found is None or pid < 0:
         raise SyscallError(E.ESRCH)
     return found
@@ -184,6 +187,11 @@ def sys_rt_sigaction(p, sig, act, oldact, sigsetsize):
     old = p.sigactions.get(sig, bytes(20))
     if act:
         p.sigactions[sig] = p.mem.read(act, 20)
+        action = p.sigaction(sig)
+        if action.handler == SIG_IGN or (action.handler == SIG_DFL and not default_terminates(sig)):
+            # POSIX: setting a pending signal to be ignored discards it, in every thread
+            for queue in [p.shared_pending, *(t.pending for t in getattr(p, "threads", [p.task]))]:
+                queue[:] = [entry for entry in queue if entry[0] != sig]
     if oldact:
         p.mem.write(oldact, old)
     return 0
@@ -227,8 +235,8 @@ def sys_sigaltstack(p, ss, old):
         base, flags, size = STACK_T.unpack(p.mem.read(ss, STACK_T.size))
         if on_stack(current, esp):
             raise SyscallError(E.EPERM)
-        if flags & ~SS_DISABLE & ~(1 << 31):   # SS_AUTODISARM (bit 31) accepted, not modelled
-            raise SyscallError(E.EINVAL)
+        if flags & ~SS_DISABLE & ~SS_ONSTACK & ~(1 << 31):   # SS_ONSTACK reads as 0; SS_AUTODISARM
+            raise SyscallError(E.EINVAL)                        # (bit 31) accepted, not modelled
         if flags & SS_DISABLE:
             task.altstack = None
         else:

@@ -453,7 +453,7 @@ def sys_rt_sigpending(p, out, sigsetsize):
     if sigsetsize > 8:
         raise SyscallError(E.EINVAL)
     pending = 0
-    for sig, _info in p.task.pending:
+    for sig, _info in (*p.task.pending, *p.shared_pending):
         pending |= SIG.bit(sig)
     p.mem.write(out, pending.to_bytes(8, "little")[:sigsetsize])
     return 0
@@ -466,12 +466,13 @@ def _sigtimedwait(p, uthese, uinfo, uts, sigsetsize, fmt) -> int:
         raise SyscallError(E.EINVAL)
     these = int.from_bytes(p.mem.read(uthese, 8), "little") & ~SIG.UNBLOCKABLE
     task = p.task
-    for entry in task.pending:
-        if these & SIG.bit(entry[0]):
-            task.pending.remove(entry)
-            if uinfo:
-                p.mem.write(uinfo, entry[1])
-            return entry[0]
+    for queue in (task.pending, p.shared_pending):   # its own first, then the process's
+        for entry in queue:
+            if these & SIG.bit(entry[0]):
+                queue.remove(entry)
+                if uinfo:
+                    p.mem.write(uinfo, entry[1])
+                return entry[0]
     deadline = _deadline(p, uts, fmt, False, 1)
     if deadline is not None and deadline <= (p.kernel.elapsed_ns() if p.kernel is not None else 0):
         raise SyscallError(E.EAGAIN)
@@ -480,7 +481,7 @@ def _sigtimedwait(p, uthese, uinfo, uts, sigsetsize, fmt) -> int:
     def timed_out() -> int:
         return -E.EAGAIN
 
-    raise Block("sigtimedwait", lambda: any(these & SIG.bit(s) for s, _ in task.pending),
+    raise Block("sigtimedwait", lambda: any(these & SIG.bit(s) for s, _ in (*task.pending, *p.shared_pending)),
                 deadline_ns=deadline, on_timeout=timed_out, restartable=False)
 
 
@@ -517,7 +518,8 @@ def _set_timer(p, value_ns: int, interval_ns: int) -> None:
 
 
 def _itimerval(interval: int, left: int) -> bytes:
-    return ITIMERVAL32.pack(interval // 10**9, interval % 10**9 // 1000, left // 10**9, left % 10**9 // 1000)
+    left_us = (left + 999) // 1000   # a timer still armed reads at least 1 us, as on Linux
+    return ITIMERVAL32.pack(interval // 10**9, interval % 10**9 // 1000, left_us // 10**6, left_us % 10**6)
 
 
 @syscall("setitimer")
@@ -547,10 +549,14 @@ def sys_getitimer(p, which, out):
 
 @syscall("alarm")
 def sys_alarm(p, seconds):
-    """Seconds left of the previous alarm (rounded up), and a new one-shot ITIMER_REAL."""
+    """Seconds left of the previous alarm (rounded to the nearest second, at least 1 while it is
+    armed, as Linux's alarm_setitimer), and a new one-shot ITIMER_REAL."""
     _interval, left = _timer_left(p)
     _set_timer(p, seconds * 10**9, 0)
-    return (left + 10**9 - 1) // 10**9
+    if not left:
+        return 0
+    left_us = (left + 999) // 1000
+    return max(1, left_us // 10**6 + (left_us % 10**6 >= 500_000))
 
 
 # ------------------------------------------------------------------ pipes

@@ -20,6 +20,8 @@ from tlslab.linux import errno as E
 from tlslab.linux import nodes as N
 from tlslab.linux.errno import SyscallError
 
+OVERLAY_BYTES = 256 << 20   # what the guest's files may grow by in all (ENOSPC beyond), as the
+                            # hw backend's overlay tmpfs (size=256m) allows
 MAX_SYMLINKS = 40
 NAME_MAX = 255
 PATH_MAX = 4096
@@ -41,6 +43,7 @@ class Vfs:
         # or changes. None: the epoch, as before a process exists.
         self.clock: Callable[[], int] | None = None
         self._ino = [FIRST_OVERLAY_INO]  # shared by every process's view (fork)
+        self._grown = [0]                # bytes files grew by in all (OVERLAY_BYTES), shared likewise
         self._urandom = random.Random(f"tlslab-urandom:{seed}")
         self._mount_specials(exe_source)
 
@@ -183,6 +186,14 @@ class Vfs:
     def now(self) -> int:
         return self.clock() if self.clock is not None else 0
 
+    def resize(self, node: N.File, new_size: int) -> None:
+        """Account ``node`` growing (or shrinking) to ``new_size`` bytes before it does: the guest's
+        files live in host memory, so what they may grow by in all is bounded (ENOSPC)."""
+        delta = new_size - node.size
+        if delta > 0 and self._grown[0] + delta > OVERLAY_BYTES:
+            raise SyscallError(E.ENOSPC)
+        self._grown[0] = max(0, self._grown[0] + delta)
+
     def touch(self, *nodes: N.Node) -> None:
         """The content of ``nodes`` changed now (a file written; a directory's entries)."""
         now = self.now()
@@ -241,6 +252,8 @@ class Vfs:
         self.touch(parent)
         if isinstance(node, N.File):
             node.links -= 1
+            if node.links == 0:   # its bytes are given back (an open descriptor may still use them)
+                self._grown[0] = max(0, self._grown[0] - node.size)
 
     def link(self, node: N.Node, parent: N.Dir, name: bytes) -> None:
         """A second name for ``node`` (link(2)): not for directories; same filesystem only."""
