@@ -651,9 +651,11 @@ def sys_copy_file_range(p, fd_in, off_in, fd_out, off_out, length, flags):
         raise SyscallError(E.EINVAL)
     if src.node is dst.node and pos_in < pos_out + length and pos_out < pos_in + length:
         raise SyscallError(E.EINVAL)   # overlapping ranges of one file
-    data = src.node.read_at(pos_in, min(length, MAX_IO))
+    # through the page cache, as read(2) and write(2) go: a shared code patch travels with the bytes
+    data = p.page_cache.overlay(src.node, pos_in, src.node.read_at(pos_in, min(length, MAX_IO)))
     if data:
         _grow(p, dst.node, pos_out + len(data))
+        p.page_cache.check_write(dst.path, pos_out, data)
         dst.node.write_at(pos_out, data)
         p.vfs.touch(dst.node)
     if off_in:
