@@ -144,6 +144,23 @@ def test_root_programs_write_the_data_tree_as_in_the_model(hw_ok, strategy):
     assert b"part_ad" in hw.stdout
 
 
+def test_a_root_dir_given_relative_to_the_cwd_is_mounted_on_the_cpu(hw_ok):
+    """`--root DIR` relative to the current directory (the bench gives guests/boot so) under a root
+    filesystem: the supervisor opens it before it changes directory to build the overlay."""
+    from pathlib import Path
+
+    from tlslab.experiment import make_domain
+
+    boot = Path(__file__).resolve().parent.parent / "guests" / "boot"
+    spec = RunSpec("/bin/dash", ("-c", "ls /data | wc -l; ls /data/rcS.d | head -2"), strategy="untraced",
+                   tree=None, rootfs="debian", root=os.path.relpath(boot))
+    hw, _ = run_spec(spec)
+    domain, _ = make_domain(RunSpec(**{**spec.to_dict(), "strategy": "native", "args": tuple(spec.args)}))
+    model = domain.run()
+    assert hw.status == 0 and hw.stderr == b"", hw.stderr
+    assert hw.stdout == model.stdout and b"S01mountkernfs.sh" in hw.stdout
+
+
 def test_flip_takes_at_least_emulates_faults_in_a_pipeline(hw_ok):
     em, fl = dash(SCRIPTS["pipe"], "emulate"), dash(SCRIPTS["pipe"], "flip")
     assert fl.faults >= em.faults > 0

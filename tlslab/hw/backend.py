@@ -497,7 +497,7 @@ def run_hw(
                     raise HwError(f"cannot mount the data tree at {tree_at}: not an absolute path below /")
                 scratch = os.path.join(work, "scratch")   # the tree's overlay writes (outside the view)
                 os.mkdir(scratch, 0o700)
-                jail += ["--mount-src", cwd, "--mount-at", tree_at, "--scratch", scratch]
+                jail += ["--mount-src", os.path.abspath(cwd), "--mount-at", tree_at, "--scratch", scratch]
                 cwd = tree_at
             else:
                 cwd = "/"

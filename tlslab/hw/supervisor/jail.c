@@ -133,20 +133,29 @@ static void mount_tree(int errfd, const char *tree, const char *dst, const char 
     struct stat st;
     if (stat(tree, &st) < 0) child_fail(errfd, "stat data tree");
     if (mkdir(dst, 0755) < 0) child_fail(errfd, "mkdir view entry");
+    /* the tree (and dst) may be relative to the supervisor's cwd: open it before leaving that cwd */
+    int tree_fd = open(tree, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int dst_fd = open(dst, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (tree_fd < 0 || dst_fd < 0) child_fail(errfd, "open data tree");
+    char tree_path[64], dst_path[64];
+    snprintf(tree_path, sizeof tree_path, "/proc/self/fd/%d", tree_fd);
+    snprintf(dst_path, sizeof dst_path, "/proc/self/fd/%d", dst_fd);
     if (mount("tlslab-scratch", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700,size=" OVERLAY_SIZE) < 0)
         child_fail(errfd, "mount tmpfs scratch");
     if (chdir(scratch) < 0) child_fail(errfd, "chdir scratch");
     if (mkdir("lower", 0700) < 0 || mkdir("upper", st.st_mode & 07777) < 0 || mkdir("work", 0700) < 0)
         child_fail(errfd, "mkdir view entry");
-    if (mount(tree, "lower", NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount");
+    if (mount(tree_path, "lower", NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount");
     if (mount(NULL, "lower", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0)
         child_fail(errfd, "remount bind read-only");
     if (chown("upper", st.st_uid, st.st_gid) < 0 || chmod("upper", st.st_mode & 07777) < 0)
         child_fail(errfd, "chown view entry");
     struct timespec ts[2] = {st.st_atim, st.st_mtim};
     if (utimensat(AT_FDCWD, "upper", ts, 0) < 0) child_fail(errfd, "utimensat view entry");
-    if (mount("tlslab-tree", dst, "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=work") < 0)
+    if (mount("tlslab-tree", dst_path, "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=work") < 0)
         child_fail(errfd, "mount overlay");
+    close(tree_fd);
+    close(dst_fd);
 }
 
 /* What the model mounts on every guest's root, by name (tlslab/linux/vfs.py): /dev with null, zero,
