@@ -115,3 +115,23 @@ def pytest_terminal_summary(terminalreporter, config) -> None:
 def run_dirs(out: Path) -> list[Path]:
     """The bench run directories under ``out`` (those with a run.json), oldest first."""
     return sorted(p for p in out.iterdir() if (p / "run.json").is_file())
+
+
+def host_output(spec, why_root: str = "the host's run is jailed (uid 1000, the model's tree), which needs root") -> bytes:
+    """stdout of ``spec`` run natively on this CPU, untraced, in the hw backend's jail (uid 1000, the
+    model's tree and root filesystem): the oracle model runs are compared with. Skips (fails under
+    CI=true) where the host cannot."""
+    from tlslab.experiment import RunSpec
+
+    try:
+        from tlslab.hw.backend import HwUnavailable, run_spec
+    except ImportError as exc:  # pragma: no cover
+        unavailable(f"hw backend: {exc}")
+    if os.geteuid() != 0:
+        unavailable(why_root, ci_installs=True)
+    try:
+        result, _ = run_spec(RunSpec(**{**spec.to_dict(), "strategy": "untraced", "args": tuple(spec.args)}))
+    except HwUnavailable as exc:
+        unavailable(f"cannot run natively here: {exc}")
+    assert result.status == 0, result.stderr
+    return result.stdout

@@ -14,12 +14,11 @@ deterministic on the host: times are printed only as comparisons.
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest
 
-from conftest import GCC32, require_gcc32, unavailable
+from conftest import GCC32, host_output, require_gcc32, unavailable
 from tlslab.experiment import RunSpec, make_domain
 
 PERSONALITY_C = r"""
@@ -183,21 +182,6 @@ def personality_exe(tmp_path_factory):
     cp = subprocess.run([*GCC32, "-O1", "-pthread", "-o", str(exe), str(src)], capture_output=True, text=True)
     assert cp.returncode == 0, cp.stderr
     return exe
-
-
-def host_output(spec: RunSpec) -> bytes:
-    try:
-        from tlslab.hw.backend import HwUnavailable, run_spec
-    except ImportError as exc:  # pragma: no cover
-        unavailable(f"hw backend: {exc}")
-    if os.geteuid() != 0:
-        unavailable("the host's run is jailed (uid 1000, the model's tree), which needs root", ci_installs=True)
-    try:
-        result, _ = run_spec(RunSpec(**{**spec.to_dict(), "strategy": "untraced", "args": tuple(spec.args)}))
-    except HwUnavailable as exc:
-        unavailable(f"cannot run natively here: {exc}")
-    assert result.status == 0, result.stderr
-    return result.stdout
 
 
 def test_the_personality_matches_the_host(personality_exe):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import unavailable
+from conftest import host_output, unavailable
 from tlslab.experiment import RunSpec, make_domain
 from tlslab.hypervisor.strategies import STRATEGIES
 from tlslab.linux import kernel as K
@@ -35,18 +35,7 @@ SCRIPTS = {
 
 
 def native(spec: RunSpec) -> bytes:
-    try:
-        from tlslab.hw.backend import HwUnavailable, run_spec
-    except ImportError as exc:  # pragma: no cover
-        unavailable(f"hw backend: {exc}")
-    if os.geteuid() != 0:
-        unavailable("the native comparison runs chrooted, which needs root", ci_installs=True)
-    try:
-        result, _ = run_spec(RunSpec(**{**spec.to_dict(), "strategy": "untraced", "args": tuple(spec.args)}))
-    except HwUnavailable as exc:
-        unavailable(f"cannot run natively here: {exc}")
-    assert result.status == 0, result.stderr
-    return result.stdout
+    return host_output(spec, "the native comparison runs chrooted, which needs root")
 
 
 def model(spec: RunSpec, strategy: str):

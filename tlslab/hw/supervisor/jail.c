@@ -62,6 +62,24 @@ static void copy_symlink(int errfd, const char *src, const char *dst, const char
     if (symlink(link, dst) < 0) child_fail(errfd, "symlink view entry");
 }
 
+/* In the current directory (a fresh tmpfs): an overlayfs of host directory `lower_src` (`st`: its stat)
+ * mounted on `target`, its writes in upper/ here. lower/ is a read-only bind of lower_src; upper/ gets
+ * lower_src's mode, owner and times, which the overlay's top directory shows. The option string names
+ * only lower, upper and work, relative: commas and colons in lower_src's path stay out of it. */
+static void overlay_here(int errfd, const char *lower_src, const struct stat *st, const char *target) {
+    if (mkdir("lower", 0700) < 0 || mkdir("upper", st->st_mode & 07777) < 0 || mkdir("work", 0700) < 0)
+        child_fail(errfd, "mkdir view entry");
+    if (mount(lower_src, "lower", NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount");
+    if (mount(NULL, "lower", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0)
+        child_fail(errfd, "remount bind read-only");
+    if (chown("upper", st->st_uid, st->st_gid) < 0 || chmod("upper", st->st_mode & 07777) < 0)
+        child_fail(errfd, "chown view entry");
+    struct timespec ts[2] = {st->st_atim, st->st_mtim};
+    if (utimensat(AT_FDCWD, "upper", ts, 0) < 0) child_fail(errfd, "utimensat view entry");
+    if (mount("tlslab-tree", target, "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=work") < 0)
+        child_fail(errfd, "mount overlay");
+}
+
 /* Fill view directory dst (on the tmpfs) with src's entries: symlinks copied,
  * everything else bound read-only -- except the directory on the way to the
  * data tree's mount point `rest` (relative, no leading '/'), which is
@@ -143,17 +161,7 @@ static void mount_tree(int errfd, const char *tree, const char *dst, const char 
     if (mount("tlslab-scratch", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700,size=" OVERLAY_SIZE) < 0)
         child_fail(errfd, "mount tmpfs scratch");
     if (chdir(scratch) < 0) child_fail(errfd, "chdir scratch");
-    if (mkdir("lower", 0700) < 0 || mkdir("upper", st.st_mode & 07777) < 0 || mkdir("work", 0700) < 0)
-        child_fail(errfd, "mkdir view entry");
-    if (mount(tree_path, "lower", NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount");
-    if (mount(NULL, "lower", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0)
-        child_fail(errfd, "remount bind read-only");
-    if (chown("upper", st.st_uid, st.st_gid) < 0 || chmod("upper", st.st_mode & 07777) < 0)
-        child_fail(errfd, "chown view entry");
-    struct timespec ts[2] = {st.st_atim, st.st_mtim};
-    if (utimensat(AT_FDCWD, "upper", ts, 0) < 0) child_fail(errfd, "utimensat view entry");
-    if (mount("tlslab-tree", dst_path, "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=work") < 0)
-        child_fail(errfd, "mount overlay");
+    overlay_here(errfd, tree_path, &st, dst_path);
     close(tree_fd);
     close(dst_fd);
 }
@@ -242,18 +250,8 @@ static int build_overlay(int errfd, const struct options *opt) {
     if (mount("tlslab-view", opt->view_dir, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700,size=" OVERLAY_SIZE) < 0)
         child_fail(errfd, "mount tmpfs view");
     if (chdir(opt->view_dir) < 0) child_fail(errfd, "chdir view");
-    if (mkdir("lower", 0700) < 0 || mkdir("upper", st.st_mode & 07777) < 0 || mkdir("work", 0700) < 0 ||
-        mkdir("tree", 0700) < 0 || mkdir("root", 0755) < 0)
-        child_fail(errfd, "mkdir view entry");
-    if (mount(opt->overlay_dir, "lower", NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount");
-    if (mount(NULL, "lower", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0)
-        child_fail(errfd, "remount bind read-only");
-    if (chown("upper", st.st_uid, st.st_gid) < 0 || chmod("upper", st.st_mode & 07777) < 0)
-        child_fail(errfd, "chown view entry");
-    struct timespec ts[2] = {st.st_atim, st.st_mtim};
-    if (utimensat(AT_FDCWD, "upper", ts, 0) < 0) child_fail(errfd, "utimensat view entry");
-    if (mount("tlslab-tree", "tree", "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=work") < 0)
-        child_fail(errfd, "mount overlay");
+    if (mkdir("tree", 0700) < 0 || mkdir("root", 0755) < 0) child_fail(errfd, "mkdir view entry");
+    overlay_here(errfd, opt->overlay_dir, &st, "tree");
     int have_dev = 0, have_proc = 0;
     DIR *d = opendir("tree");
     if (!d) child_fail(errfd, "opendir data tree");
