@@ -110,10 +110,11 @@ def test_dash_scripts_follow_every_process(hw_ok, name, oracle_summary):
 @pytest.mark.parametrize("strategy", ["untraced", "flip"])
 def test_root_programs_see_the_model_dev_and_proc_self_exe(hw_ok, strategy):
     """A program of the pinned root (which has no /dev or /proc) finds /dev/null, /dev/zero and
-    /proc/self/exe on the CPU as in the model: the jail adds them as the model mounts them."""
+    /proc/self/exe on the CPU as in the model: the jail adds them as the model mounts them, and "/"
+    lists them on both."""
     from tlslab.experiment import make_domain
 
-    script = "ls /usr/lib >/dev/null; echo $?; head -c 3 /dev/zero | od -An -tx1; cat /dev/null; ls /dev; echo end"
+    script = "ls /usr/lib >/dev/null; echo $?; head -c 3 /dev/zero | od -An -tx1; cat /dev/null; ls /dev; ls /; echo end"
     specs = [RunSpec("/bin/dash", ("-c", script), strategy=strategy, tree=None, rootfs="debian"),
              RunSpec("/bin/readlink", ("/proc/self/exe",), strategy=strategy, tree=None, rootfs="debian")]
     for spec in specs:

@@ -145,7 +145,7 @@ def build_vfs(spec: RunSpec, program: Program | None = None) -> Vfs:
         if spec.root:
             return Vfs.from_host(host_directory(spec.root), seed=spec.seed)
         return Vfs.from_tree(TreeSpec.parse(spec.tree or DEFAULT_TREE), seed=spec.seed)
-    vfs = Vfs.from_host(program.root_dir, map_owner=False, seed=spec.seed)
+    vfs = Vfs.from_host(program.root_dir, map_owner=False, seed=spec.seed, list_specials=True)
     if spec.root or spec.tree:
         tree = data_tree(host_dir=host_directory(spec.root)) if spec.root else data_tree(TreeSpec.parse(spec.tree))
         if not spec.root:

@@ -81,7 +81,7 @@ view, gone with the guest, as in the model's overlay), and, where the root has n
 zero, urandom, random) and ``/proc/self/exe`` (a static symlink to the
 model's path of the program: a program the guest executes sees the same
 link, where the model's follows each exec); the root is never touched.
-``/`` lists dev and proc, which the model hides.
+``/`` lists dev and proc, as the model's root filesystem does.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ class Process:
     # ------------------------------------------------------------ set-up
     def _bind_exe(self) -> None:
         """Make /proc/self/exe name this guest and read this binary."""
-        link = self.vfs.root.hidden[b"proc"].entries[b"self"].entries[b"exe"]
+        link = self.vfs.root.lookup(b"proc").entries[b"self"].entries[b"exe"]
         link.target = self.guest_path
         path = self.path
 
@@ -136,7 +136,7 @@ class Process:
 
     def exe_node(self) -> N.File:
         """The file node the executable is read from (/proc/self/exe)."""
-        return self.vfs.root.hidden[b"proc"].entries[b"self"].entries[b"exe"].magic
+        return self.vfs.root.lookup(b"proc").entries[b"self"].entries[b"exe"].magic
 
     def _stream(self, fd: int, kind: str) -> N.Device:
         buf = self.stdout if fd == 1 else self.stderr

@@ -33,7 +33,7 @@ class Vfs:
     """One guest's view: root, cwd, mounts; all failures are ``SyscallError``."""
 
     def __init__(self, root: N.Dir, exe_path: bytes = b"/bin/prog", exe_source=None, seed: int = 0,
-                 uid: int = 1000, gid: int = 1000, umask: int = 0o022):
+                 uid: int = 1000, gid: int = 1000, umask: int = 0o022, list_specials: bool = False):
         self.root = root
         self.root.parent, self.root.name = root, b""
         self.cwd: N.Dir = root
@@ -45,7 +45,7 @@ class Vfs:
         self._ino = [FIRST_OVERLAY_INO]  # shared by every process's view (fork)
         self._grown = [0]                # bytes files grew by in all (OVERLAY_BYTES), shared likewise
         self._urandom = random.Random(f"tlslab-urandom:{seed}")
-        self._mount_specials(exe_source)
+        self._mount_specials(exe_source, list_specials)
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -89,7 +89,10 @@ class Vfs:
         view = copy.copy(self)
         return view
 
-    def _mount_specials(self, exe_source) -> None:
+    def _mount_specials(self, exe_source, listed: bool) -> None:
+        """/dev and /proc/self/exe on the root. A root filesystem lists them in "/", as a Linux
+        system's root (and the hw backend's view of one) does; a data tree at "/" hides them, so
+        that a walk of it lists exactly the tree."""
         dev = N.Dir(self.new_ino(), dev=N.DEV_DEVTMPFS, uid=0, gid=0)
         for name, kind, minor in ((b"null", "null", 3), (b"zero", "zero", 5), (b"urandom", "urandom", 9),
                                   (b"random", "urandom", 8)):
@@ -100,7 +103,10 @@ class Vfs:
         exe = N.File(self.new_ino(), N.S_IFREG | 0o755, source=exe_source, dev=N.DEV_PROC, uid=0, gid=0)
         self_dir.attach(b"exe", N.Symlink(self.new_ino(), self.exe_path, magic=exe, dev=N.DEV_PROC, uid=0, gid=0))
         for name, node in ((b"dev", dev), (b"proc", proc)):
-            self.root.hidden[name] = node
+            if listed and self.root.lookup(name) is None:
+                self.root.attach(name, node)
+            else:
+                self.root.hidden[name] = node
             node.parent, node.name = self.root, name
 
     # ------------------------------------------------------------ permissions
