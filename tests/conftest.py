@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pytest
 
+import tlslab  # noqa: F401  first: it points the Unicorn binding at tlslab's build before any test imports unicorn
+
 CI = os.environ.get("CI") == "true"
 GCC32 = ["gcc", "-m32", "-static"]
 

@@ -67,6 +67,7 @@ from tlslab.bench.blobs import blob
 from tlslab.bench.spec import Cell, MatrixSpec
 from tlslab.bench.store import FINISHED, RETRYABLE, CellWriter, RunDir
 from tlslab.record import Outcome, RunRecord, crash_dict, model_outcome
+from tlslab.machine import fastpath
 
 INJECT_ENV = "TLSLAB_BENCH_INJECT"
 
@@ -128,6 +129,8 @@ def collect_metadata() -> dict:
         "python_version": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "unicorn_version": _version("unicorn"),
+        # the library actually loaded (tlslab's build or the wheel's) and how it counts instructions
+        "unicorn_library": fastpath.unicorn_build(),
         "capstone_version": _version("capstone"),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),

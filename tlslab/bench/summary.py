@@ -717,8 +717,16 @@ def render(summary: Summary, console=None) -> None:
     if meta:
         console.print("[dim]" + escape(f"tlslab {meta.get('tlslab_version')} @ {str(meta.get('git_commit') or '?')[:12]}"
                       f"{' (dirty)' if meta.get('git_dirty') else ''}, Python {meta.get('python_version')}, "
-                      f"unicorn {meta.get('unicorn_version')}, capstone {meta.get('capstone_version')}, "
+                      f"unicorn {meta.get('unicorn_version')}{_counter_note(meta)}, capstone {meta.get('capstone_version')}, "
                       f"{meta.get('cpu_model')} ({meta.get('cpu_count')} CPUs), host {meta.get('hostname')}") + "[/]")
+
+
+def _counter_note(meta: dict) -> str:
+    """How the run's Unicorn counted instructions (older runs did not record it)."""
+    library = meta.get("unicorn_library")
+    if not library:
+        return ""
+    return " (tlslab build, inline counter)" if "inline block counter" in library else " (stock library, block hook)"
 
 
 NARROW = 120   # columns below which the summary is printed one table per build (render_narrow)

@@ -75,7 +75,7 @@ typedef int (*emu_stop_fn)(void *uc);
 #define BLOCK_CACHE_BITS 11
 #define BLOCK_CACHE_SLOTS (1u << BLOCK_CACHE_BITS)
 #define ALIAS_SLOTS 8192
-#define DEADLINE_EVERY 4096u   /* blocks between clock reads (a power of two) */
+#define CLOCK_EVERY 65536u     /* guest instructions between clock reads (about 2 ms at 40 M/s) */
 
 /* Settling faults in the hook (issue 14 item 2): the strategies whose answer to a #GP the hook can
  * give without leaving Unicorn. Everything else, and every fault these decline, goes to Python. */
@@ -180,21 +180,29 @@ struct fastpath {
     classify_site_fn classify_site;
     verdict_fn verdict;
     block_icount_fn block_icount;
+    /* The block counter, laid out as Unicorn's inline counter reads it (uc_tlslab_inline_counter,
+     * third_party/unicorn): instructions at +0, count_limit at +8, the current block at +16..+24.
+     * Translated code (or fp_on_block's fast path under a stock Unicorn) only adds a block's count
+     * while instructions < count_limit; at or past it fp_on_block's general case runs. So
+     * count_limit is never above the budget or the next clock read, and whoever changes what the
+     * general case decides by (the budget, budget_first, split_bytes, the deadline) sets it to 0. */
     uint64_t instructions;      /* counted at block entry, corrected on precise stops */
+    uint64_t count_limit;
     uint32_t cur_block_address, cur_block_size, cur_block_icount, pad;
     uint64_t verdict_misses, site_misses, block_misses;
     uint32_t last_eip, last_linear;   /* read-modify-write: one access, two events */
     uint32_t hv_lo, hv_hi;            /* hypervisor pages (GDT): plain reads allowed */
     int32_t host_access, pad2;        /* set while Python makes Unicorn read the GDT */
     int32_t last_was_read, nalias;
-    /* Wall-clock limit, checked every DEADLINE_EVERY blocks. Unicorn's own
+    /* Wall-clock limit, read every CLOCK_EVERY instructions. Unicorn's own
      * emu_start timeout starts a watcher thread per call that polls every few
      * microseconds: with one emu_start per guest syscall or fault that thread
      * costs more than the guest (measured ~2.8x) and takes the other core
      * away from a second bench worker. */
     emu_stop_fn emu_stop;
     uint64_t deadline_ns;             /* CLOCK_MONOTONIC (Python's time.monotonic_ns); 0 = none */
-    uint32_t deadline_tick, budget_hit;
+    uint64_t clock_check_at;          /* read the clock when instructions reach this (with deadline_ns) */
+    uint32_t budget_hit, pad5;
     /* Instruction budget (a scheduler quantum): stop before the first block
      * that starts at or beyond it, without counting that block; 0 = none. */
     uint64_t budget_end;
@@ -224,6 +232,12 @@ struct fastpath {
 };
 
 size_t fp_sizeof(void) { return sizeof(struct fastpath); }
+
+/* the inline counter's area (uc_tlslab_inline_counter) is &fp->instructions */
+_Static_assert(offsetof(struct fastpath, count_limit) == offsetof(struct fastpath, instructions) + 8, "area+8");
+_Static_assert(offsetof(struct fastpath, cur_block_address) == offsetof(struct fastpath, instructions) + 16, "area+16");
+_Static_assert(offsetof(struct fastpath, cur_block_size) == offsetof(struct fastpath, instructions) + 20, "area+20");
+_Static_assert(offsetof(struct fastpath, cur_block_icount) == offsetof(struct fastpath, instructions) + 24, "area+24");
 
 /* The layout Python's ctypes mirrors (fastpath.py) must match, checked when
  * the library loads: a field moved here without its mirror would otherwise
@@ -262,13 +276,14 @@ static const struct fp_layout_row fp_layout_rows[] = {
     FP_FIELD(fastpath, uc), FP_FIELD(fastpath, reg_read), FP_FIELD(fastpath, regid_eip), FP_FIELD(fastpath, nwindows),
     FP_FIELD(fastpath, regid_seg), FP_FIELD(fastpath, regid_esi), FP_FIELD(fastpath, regid_edi),
     FP_FIELD(fastpath, classify_site), FP_FIELD(fastpath, verdict), FP_FIELD(fastpath, block_icount),
-    FP_FIELD(fastpath, instructions), FP_FIELD(fastpath, cur_block_address), FP_FIELD(fastpath, cur_block_size),
+    FP_FIELD(fastpath, instructions), FP_FIELD(fastpath, count_limit), FP_FIELD(fastpath, cur_block_address), FP_FIELD(fastpath, cur_block_size),
     FP_FIELD(fastpath, cur_block_icount), FP_FIELD(fastpath, pad), FP_FIELD(fastpath, verdict_misses),
     FP_FIELD(fastpath, site_misses), FP_FIELD(fastpath, block_misses),
     FP_FIELD(fastpath, last_eip), FP_FIELD(fastpath, last_linear),
     FP_FIELD(fastpath, hv_lo), FP_FIELD(fastpath, hv_hi), FP_FIELD(fastpath, host_access), FP_FIELD(fastpath, pad2),
     FP_FIELD(fastpath, last_was_read), FP_FIELD(fastpath, nalias), FP_FIELD(fastpath, emu_stop),
-    FP_FIELD(fastpath, deadline_ns), FP_FIELD(fastpath, deadline_tick), FP_FIELD(fastpath, budget_hit),
+    FP_FIELD(fastpath, deadline_ns), FP_FIELD(fastpath, clock_check_at), FP_FIELD(fastpath, budget_hit),
+    FP_FIELD(fastpath, pad5),
     FP_FIELD(fastpath, budget_end), FP_FIELD(fastpath, budget_first), FP_FIELD(fastpath, pad3),
     FP_FIELD(fastpath, settle), FP_FIELD(fastpath, exit), FP_FIELD(fastpath, windows), FP_FIELD(fastpath, stats),
     FP_FIELD(fastpath, sites), FP_FIELD(fastpath, verdict_keys), FP_FIELD(fastpath, verdict_values),
@@ -783,6 +798,7 @@ bool fp_on_prot(void *uc, int type, uint64_t address, int size, int64_t value, v
         fp->split_lo = linear;
         fp->split_hi = linear + (uint32_t)size;
         fp->split_bytes = (uint32_t)size;
+        fp->count_limit = 0;   /* the next block resets split_bytes: the general case */
     }
     return true;
 }
@@ -834,10 +850,25 @@ static inline struct block_front *block_front_of(struct fastpath *fp, uint32_t a
     return &fp->block_cache[(((a ^ size) * 0x9E3779B1u) >> (32 - BLOCK_CACHE_BITS)) & ~1u];
 }
 
-/* The block hook's general case: the count not in the front's first way, a time slice to watch, or
- * a clock read due. A block stopped by the time slice does not run now: it is not counted and takes
- * no clock tick (it is counted, and ticks, when it does run). The deadline is read every
- * DEADLINE_EVERY blocks that run. */
+/* The instruction count up to which blocks may be counted without on_block_general: the
+ * budget's end and the next clock read, whichever is first. */
+static uint64_t next_count_limit(const struct fastpath *fp)
+{
+    uint64_t limit = UINT64_MAX;
+    uint64_t budget_end = __atomic_load_n(&fp->budget_end, __ATOMIC_RELAXED);
+    uint64_t clock_check_at = __atomic_load_n(&fp->clock_check_at, __ATOMIC_RELAXED);
+    if (budget_end && budget_end < limit)
+        limit = budget_end;
+    if (__atomic_load_n(&fp->deadline_ns, __ATOMIC_RELAXED) && clock_check_at < limit)
+        limit = clock_check_at;
+    return limit;
+}
+
+/* The block hook's general case: instructions at or past count_limit (a time slice to watch, a
+ * clock read due, or something set count_limit to 0), or, under a stock Unicorn, the count not in
+ * the front's first way. A block stopped by the time slice does not run now: it is not counted
+ * (it is, when it does run). It ends by setting count_limit, the point up to which the common case
+ * may count on its own. */
 static __attribute__((noinline)) void on_block_general(struct fastpath *fp, void *uc, uint32_t a, uint32_t size)
 {
     struct block_front *front = block_front_of(fp, a, size);
@@ -849,13 +880,14 @@ static __attribute__((noinline)) void on_block_general(struct fastpath *fp, void
     if (fp->budget_end && !first && fp->instructions >= fp->budget_end) {
         fp->budget_hit = 1;
         fp->budget_end = 0;
+        fp->count_limit = 0;
         fp->emu_stop(uc);
         return;
     }
-    uint32_t tick = ++fp->deadline_tick;
-    if (fp->deadline_ns && (tick & (DEADLINE_EVERY - 1)) == 0) {
+    if (fp->deadline_ns && fp->instructions >= fp->clock_check_at) {
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
+        fp->clock_check_at = fp->instructions + CLOCK_EVERY;
         if ((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec >= fp->deadline_ns)
             fp->emu_stop(uc);  /* emu_start returns with no error and no exit: the run loop's TIMEOUT */
     }
@@ -863,27 +895,31 @@ static __attribute__((noinline)) void on_block_general(struct fastpath *fp, void
     fp->cur_block_address = a;
     fp->cur_block_size = size;
     fp->cur_block_icount = icount;
+    fp->count_limit = next_count_limit(fp);
+    /* request_stop_all (another thread, on Ctrl-C) sets deadline_ns, clock_check_at and then
+     * count_limit = 0; had it done so between the read above and the store, the store undid it.
+     * Look again after a full fence (this path is rare: a clock read is due every CLOCK_EVERY). */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint64_t again = next_count_limit(fp);
+    if (again < fp->count_limit)
+        fp->count_limit = again;
 }
 
-/* UC_HOOK_BLOCK: count retired instructions a block at a time. It runs for every guest block (Unicorn
- * calls it directly from translated code), so the common case -- the count in the front's first
- * way, no time slice, no clock read due -- is a leaf with a few loads and stores; everything else is
- * on_block_general. */
+/* UC_HOOK_BLOCK, or the slow call of Unicorn's inline counter: count retired instructions a block
+ * at a time. As a hook it runs for every guest block (Unicorn calls it directly from translated
+ * code), so the common case -- below count_limit and the count in the front's first way -- is a
+ * leaf with a few loads and stores, the same work the inline counter does in translated code;
+ * everything else is on_block_general. */
 void fp_on_block(void *uc, uint64_t address, uint32_t size, void *user)
 {
     struct fastpath *fp = user;
     uint32_t a = (uint32_t)address;
     const struct block_front *front = block_front_of(fp, a, size);
-    uint32_t tick = fp->deadline_tick + 1;
-    if (__builtin_expect(front[0].size != size || front[0].address != a || fp->budget_end != 0 ||
-                         (fp->deadline_ns && (tick & (DEADLINE_EVERY - 1)) == 0), 0)) {
+    if (__builtin_expect(front[0].size != size || front[0].address != a || fp->instructions >= fp->count_limit, 0)) {
         on_block_general(fp, uc, a, size);
         return;
     }
     uint32_t icount = front[0].icount;
-    fp->deadline_tick = tick;
-    fp->budget_first = 0;
-    fp->split_bytes = 0;
     fp->instructions += icount;
     fp->cur_block_address = a;
     fp->cur_block_size = size;

@@ -38,6 +38,7 @@ def _free_buffers(buffers: list) -> None:
         _libc.munmap(address, size)
 
 from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.unicorn_const import UC_HOOK_BLOCK
 
 from tlslab.x86 import cbuild, core
 
@@ -65,6 +66,34 @@ SITE_SETTLE_FLIP = 1 << 21
 SITE_SETTLE_STACK_WRITE = 1 << 22   # ... which also pushes (push, call through fs/gs)
 SITE_SETTLE_STACK_READ = 1 << 23    # ... which also pops (pop to fs/gs)
 SITE_SETTLE_ACCESSES_SHIFT = 24
+
+
+def _inline_counter_entry():
+    """Unicorn's inline block counter (``uc_tlslab_inline_counter``), present only in the library
+    built from ``third_party/unicorn`` (our patch); None under a stock Unicorn."""
+    if ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None   # the patch emits it on 64-bit hosts only
+    try:
+        fn = uclib.uc_tlslab_inline_counter
+    except AttributeError:
+        return None
+    fn.argtypes = [ctypes.c_void_p] * 4
+    fn.restype = ctypes.c_int
+    return fn
+
+
+#: How guest instructions are counted: Unicorn's inline counter where the library has it, else a
+#: UC_HOOK_BLOCK callback (``fp_on_block``) per block. Both run the same general case and give the
+#: same counts (tests/test_block_counter.py); the inline one costs no call per block. Tests may set
+#: this to None to run the hook on a patched library.
+INLINE_COUNTER = _inline_counter_entry()
+
+
+def unicorn_build() -> str:
+    """Which Unicorn this process runs, for records: its library file and how blocks are counted."""
+    name = getattr(uclib, "_name", "?")
+    how = "inline block counter (tlslab patch)" if INLINE_COUNTER is not None else "block hook (stock Unicorn)"
+    return f"{name}: {how}"
 
 
 class FastpathBuildError(RuntimeError):
@@ -170,6 +199,7 @@ class FastpathHeader(ctypes.Structure):
         ("verdict", ctypes.c_void_p),
         ("block_icount", ctypes.c_void_p),
         ("instructions", ctypes.c_uint64),
+        ("count_limit", ctypes.c_uint64),
         ("cur_block_address", ctypes.c_uint32),
         ("cur_block_size", ctypes.c_uint32),
         ("cur_block_icount", ctypes.c_uint32),
@@ -187,8 +217,9 @@ class FastpathHeader(ctypes.Structure):
         ("nalias", ctypes.c_int32),
         ("emu_stop", ctypes.c_void_p),
         ("deadline_ns", ctypes.c_uint64),
-        ("deadline_tick", ctypes.c_uint32),
+        ("clock_check_at", ctypes.c_uint64),
         ("budget_hit", ctypes.c_uint32),
+        ("pad5", ctypes.c_uint32),
         ("budget_end", ctypes.c_uint64),
         ("budget_first", ctypes.c_uint32),
         ("pad3", ctypes.c_uint32),
@@ -305,7 +336,10 @@ def request_stop_all() -> int:
     except RuntimeError:        # the set changed while we looked: try once more
         live = list(_LIVE)
     for fp in live:
+        # in this order: the block counter's general case reads the first two after storing the third
         fp.header.deadline_ns = 1
+        fp.header.clock_check_at = 0
+        fp.header.count_limit = 0
     return len(live)
 
 
@@ -382,6 +416,18 @@ class Fastpath:
         self.on_block = ctypes.cast(lib.fp_on_block, ctypes.c_void_p).value
         self.on_prot = ctypes.cast(lib.fp_on_prot, ctypes.c_void_p).value
         _LIVE.add(self)
+
+    def count_blocks(self, uc_handle) -> None:
+        """Count guest instructions a block at a time (see ``INLINE_COUNTER``)."""
+        if INLINE_COUNTER is not None:
+            area = self.address + FastpathHeader.instructions.offset
+            err = INLINE_COUNTER(uc_handle, area, self.on_block, self.address)
+        else:
+            hh = ctypes.c_size_t()
+            err = uclib.uc_hook_add(uc_handle, ctypes.byref(hh), UC_HOOK_BLOCK, ctypes.c_void_p(self.on_block),
+                                    ctypes.c_void_p(self.address), ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err:
+            raise RuntimeError(f"unicorn refused the block counter: error {err}")
 
     def enable_sign_trace(self, capacity: int = 1 << 22) -> None:
         """Record, per segment register, the lengths of runs of same-sign offsets.

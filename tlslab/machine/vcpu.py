@@ -31,7 +31,6 @@ from unicorn import (
     UC_ERR_READ_UNMAPPED,
     UC_ERR_WRITE_PROT,
     UC_ERR_WRITE_UNMAPPED,
-    UC_HOOK_BLOCK,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
     UC_HOOK_MEM_FETCH_UNMAPPED,
@@ -131,6 +130,9 @@ class VCpu:
         self._settle: SettlePlan | None = None   # faults the access hook settles itself (settle.py)
         self._settled = SettledFaults()
         self._started = False
+        # what run() last wrote to the block counter's inputs (see run: it writes only what changes)
+        self._budget_first_written = 0
+        self._budget_written = False
         self._setup_hypervisor_pages()
         self._setup_hooks()
         if trace_signs:
@@ -206,11 +208,7 @@ class VCpu:
                 w.user_top = layout.USER_TOP
                 w.base = shift  # window_base(slot, 0): no descriptor yet
         if self.count_instructions:
-            hh = ctypes.c_size_t()
-            err = uclib.uc_hook_add(handle, ctypes.byref(hh), UC_HOOK_BLOCK, ctypes.c_void_p(self._fast.on_block),
-                                    ctypes.c_void_p(self._fast.address), ctypes.c_uint64(1), ctypes.c_uint64(0))
-            if err:
-                raise UcError(err)
+            self._fast.count_blocks(handle)
         uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         uc.hook_add(UC_HOOK_MEM_READ_UNMAPPED | UC_HOOK_MEM_WRITE_UNMAPPED | UC_HOOK_MEM_FETCH_UNMAPPED, self._on_unmapped)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
@@ -465,6 +463,7 @@ class VCpu:
             self._deadline_ns = other._deadline_ns
             if self._fast is not None and self.count_instructions:
                 self._fast.header.deadline_ns = self._deadline_ns
+                self._fast.header.count_limit = 0   # the block counter's general case reads it
 
     def release(self) -> None:
         """This address space is over (exit, exec): drop the engine and its memory together.
@@ -502,11 +501,21 @@ class VCpu:
         eip = self.regs.get("eip")
         fast = self._fast
         h = fast.header if fast is not None else None
+        # The block counter's general case must see whatever is set here: every write below also
+        # sets count_limit to 0 (_fastpath.c). C clears budget_first at the first block, so a 0 is
+        # written only after a 1 (a run may end before any block).
         if h is not None:
+            limit_stale = False
             if budget is not None and self.count_instructions:
                 h.budget_end = max(1, h.instructions + budget)
                 h.budget_hit = 0
-            h.budget_first = 1 if self._faulted is not None and self._continues_faulted_block(eip) else 0
+                self._budget_written = limit_stale = True
+            first = 1 if self._faulted is not None and self._continues_faulted_block(eip) else 0
+            if first or self._budget_first_written:
+                h.budget_first = self._budget_first_written = first
+                limit_stale = True
+            if limit_stale:
+                h.count_limit = 0   # the first block takes the counter's general case: what was just set
         self._faulted = None
         self._pending = None
         self._unmapped = None
@@ -517,7 +526,8 @@ class VCpu:
             if self._deadline_ns is None:
                 self._deadline_ns = now + self.timeout_us * 1000
                 if self._fast is not None and self.count_instructions:
-                    self._fast.header.deadline_ns = self._deadline_ns  # checked by the block hook
+                    self._fast.header.deadline_ns = self._deadline_ns  # checked by the block counter
+                    self._fast.header.count_limit = 0
             if now >= self._deadline_ns:  # e.g. a guest that loops in system calls
                 return self._timeout_exit(eip)
             if self._fast is None or not self.count_instructions:
@@ -533,8 +543,9 @@ class VCpu:
             self._collect_settled()
         stop_eip = self.regs.get("eip")
 
-        if h is not None:
+        if self._budget_written:
             h.budget_end = 0   # budget_hit stays for the check below
+            self._budget_written = False
         fast_exit = fast.take_exit() if self.checks else None
         if fast_exit is not None and error in (UC_ERR_READ_PROT, UC_ERR_WRITE_PROT):
             if stop_eip != fast_exit.eip:

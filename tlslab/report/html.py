@@ -396,7 +396,8 @@ def _meta(s: Summary, info: dict) -> str:
     items = [
         ("run", s.run_id), ("created", info.get("created", "?")), ("status", info.get("status", "?")),
         ("tlslab", f"{m.get('tlslab_version')} @ {str(m.get('git_commit'))[:12]}" + (" (dirty tree)" if m.get("git_dirty") else "")),
-        ("Python", m.get("python_version")), ("unicorn", m.get("unicorn_version")), ("capstone", m.get("capstone_version")),
+        ("Python", m.get("python_version")), ("unicorn", m.get("unicorn_version")),
+        ("unicorn library", m.get("unicorn_library") or "not recorded"), ("capstone", m.get("capstone_version")),
         ("CPU", f"{m.get('cpu_model')} x {m.get('cpu_count')}"), ("host", m.get("hostname")),
         ("cells", ", ".join(f"{v} {k}" for k, v in sorted(s.counts.items()))),
         ("spec", s.spec.get("source", "?")), ("jobs", info.get("jobs", "?")),
