@@ -46,8 +46,13 @@ from tlslab.machine.vcpu import VCpu
 STOCK_LIBRARY = Path(importlib.util.find_spec("unicorn").submodule_search_locations[0]) / "lib"
 
 
-def one_run(path: str, tree: str, checks: bool, inline=None) -> tuple[float, int, bytes]:
-    fastpath.INLINE_COUNTER = inline
+_AS_LOADED = object()
+
+
+def one_run(path: str, tree: str, checks: bool, inline=_AS_LOADED) -> tuple[float, int, bytes]:
+    """One timed run; ``inline``: the counter entry to use (None: the block hook), default the library's."""
+    if inline is not _AS_LOADED:
+        fastpath.INLINE_COUNTER = inline
     vcpu = VCpu(checks=checks, count_instructions=checks)
     process = Process(vcpu, path, argv=["lsr", "."], vfs=Vfs.from_tree(TreeSpec.parse(tree)))
     process.load()
