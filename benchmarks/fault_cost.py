@@ -16,9 +16,10 @@ Python strategy (``Domain(settle=False)``), the path before. Model wall time is
 the run loop (``RunResult.wall_seconds``, ELF load excluded), faults are the
 strategy's #GP traps; hw wall time is exec to reaped (``HwResult.run_seconds``),
 faults the supervisor's count. Each round also times machine_speed.py's
-checks-on vs plain-Unicorn runs (its ``one_run``, reused) for instructions per
-second. The load average is printed before and after: on a busy host the
-figures are not baselines.
+checks-on vs plain-Unicorn runs (its ``one_run``, reused; which runs first
+alternates by round) for instructions per second; machine_speed.py is the
+fuller measurement. The load average is printed before and after: on a busy
+host the figures are not baselines.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         hw_reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
     model_rounds, python_rounds, hw_rounds, ips_on, ips_off = [], [], [], [], []
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         model_rounds.append({s: model_run(s, args.tree) for s in STRATEGIES})
         python_rounds.append({s: model_run(s, args.tree, settle=False) for s in STRATEGIES})
         if hw_reason is None:
@@ -98,8 +99,13 @@ def main(argv=None) -> int:
                 hw_rounds.append({s: hw_run(s, args.tree, args.cpu) for s in STRATEGIES})
             except HwError as exc:
                 hw_reason = str(exc).splitlines()[0]
-        t_on, instructions, _ = one_run(lsr, args.tree, True)
-        t_off, _, _ = one_run(lsr, args.tree, False)
+        # the first run after the hw runs starts with colder caches: alternate which one it is
+        if round_ % 2:
+            t_off, _, _ = one_run(lsr, args.tree, False)
+            t_on, instructions, _ = one_run(lsr, args.tree, True)
+        else:
+            t_on, instructions, _ = one_run(lsr, args.tree, True)
+            t_off, _, _ = one_run(lsr, args.tree, False)
         ips_on.append(instructions / t_on)
         ips_off.append(instructions / t_off)
 
