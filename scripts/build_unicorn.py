@@ -5,7 +5,7 @@ instructions in translated code instead of a call per block (``uc_tlslab_inline_
 stores to pages without translated code take Unicorn's fast path (stock Unicorn sends every store
 of an x86 guest without paging through its slow path), memoises the guest-state restore Unicorn
 does before every memory hook, and lets the victim TLB match I/O entries. tlslab uses the inline counter when the library it loads has it and
-a block hook otherwise, with the same counts; the other two parts change speed only.
+a block hook otherwise, with the same counts; the other three parts change speed only.
 
 The source is the PyPI sdist of unicorn 2.1.4, fetched with pip (so the machine's index settings
 apply) and checked against its sha256. The library goes to ``<prefix>/lib/tlslab-unicorn``

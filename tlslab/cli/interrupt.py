@@ -7,7 +7,7 @@ places never see Ctrl-C in time:
   inside Unicorn (the GIL released) and never returns to Python. The C
   handler CPython installs for SIGINT writes the signal number to the wakeup
   fd (:func:`signal.set_wakeup_fd`); a watcher thread reading it tells every
-  live fast path to stop at its block hook's next clock check
+  live fast path to stop at its block counter's next clock check
   (:func:`tlslab.machine.fastpath.request_stop_all`), so ``emu_start``
   returns within microseconds and the handler runs.
 * a ctypes callback of the fast path (site classification, block counting):

@@ -326,10 +326,10 @@ _LIVE: "weakref.WeakSet[Fastpath]" = weakref.WeakSet()
 
 
 def request_stop_all() -> int:
-    """Make every live fast path stop its guest at the block hook's next clock check (a deadline of "now").
+    """Make every live fast path stop its guest at the block counter's next clock check (a deadline of "now").
 
     Called on Ctrl-C, possibly from a thread other than the one in ``emu_start``: a guest spinning
-    without system calls never returns to Python, so only the block hook can stop it. Returns how many
+    without system calls never returns to Python, so only the block counter can stop it. Returns how many
     fast paths were told."""
     try:
         live = list(_LIVE)

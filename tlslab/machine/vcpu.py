@@ -531,7 +531,7 @@ class VCpu:
             if now >= self._deadline_ns:  # e.g. a guest that loops in system calls
                 return self._timeout_exit(eip)
             if self._fast is None or not self.count_instructions:
-                # no block hook to check the clock: Unicorn's watcher thread (slow, see _fastpath.c)
+                # no block counter to check the clock: Unicorn's watcher thread (slow, see _fastpath.c)
                 unicorn_timeout_us = max(1, (self._deadline_ns - now) // 1000)
         try:
             self.uc.emu_start(eip, 0xFFFFFFFF, timeout=unicorn_timeout_us)
@@ -572,14 +572,14 @@ class VCpu:
         if self._fast is not None and self._fast.header.budget_hit:
             self._fast.header.budget_hit = 0
             return Exit(ExitReason.PREEMPTED, stop_eip)
-        return self._timeout_exit(stop_eip)  # stopped by the deadline (block hook or Unicorn's timer)
+        return self._timeout_exit(stop_eip)  # stopped by the deadline (block counter or Unicorn's timer)
 
     def _continues_faulted_block(self, eip: int) -> bool:
         """Does this run resume, in program order, inside the block whose fault ended the last run?
 
         Then Unicorn starts a new translation block here, but the program has no
         block boundary here -- and a fault settled in the hook has none either --
-        so the block hook must not end a time slice at it. A control transfer
+        so the block counter must not end a time slice at it. A control transfer
         (jmp/call through fs/gs) resumes at its target, a real boundary.
         """
         if self._faulted is None or self._fast is None:
