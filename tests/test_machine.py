@@ -28,10 +28,11 @@ GS_SELECTOR = (layout.GDT_ENTRY_TLS_MIN << 3) | 3
 PROLOGUE = f"mov eax, {GS_SELECTOR}; mov gs, ax; "
 
 
-def make_vcpu(body: str, desc: SegmentDescriptor | None = None, checks: bool = True, **vcpu_options) -> VCpu:
+def make_vcpu(body: str, desc: SegmentDescriptor | None = None, checks: bool = True,
+              code_prot: int = PROT_READ | PROT_EXEC, code_size: int = 0x1000, **vcpu_options) -> VCpu:
     code = bytes(KS.asm(PROLOGUE + body + "; mov eax, 1; int 0x80", CODE)[0])
     v = VCpu(checks=checks, **vcpu_options)
-    v.mem.map(CODE, 0x1000, PROT_READ | PROT_EXEC)
+    v.mem.map(CODE, code_size, code_prot)
     v.mem.write(CODE, code)
     v.mem.map(DATA, 0x2000, PROT_READ | PROT_WRITE)
     v.mem.map(STACK_TOP - 0x10000, 0x10000, PROT_READ | PROT_WRITE)

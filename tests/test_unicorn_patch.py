@@ -12,35 +12,20 @@ code paths above are the ones exercised (tests/test_block_counter.py checks whic
 from __future__ import annotations
 
 import pytest
-from keystone import KS_ARCH_X86, KS_MODE_32, Ks
 from unicorn import UC_ARCH_X86, UC_HOOK_MEM_WRITE, UC_MODE_32, UC_PROT_ALL, Uc
 from unicorn.x86_const import UC_X86_REG_ESP
 
-from tlslab.machine import layout
+from test_machine import CODE, GS_SELECTOR, KS, TCB, make_vcpu
 from tlslab.machine.memory import PROT_EXEC, PROT_READ, PROT_WRITE
 from tlslab.machine.vcpu import ExitReason, VCpu
 from tlslab.x86 import xen
 from tlslab.x86.descriptor import SegmentDescriptor
 
-KS = Ks(KS_ARCH_X86, KS_MODE_32)
-CODE = 0x0804_8000
-DATA = 0x0810_0000
-TCB = DATA + 0x840
-STACK_TOP = layout.STACK_TOP
-GS_SELECTOR = (layout.GDT_ENTRY_TLS_MIN << 3) | 3
 
 
 def rwx_vcpu(body: str, desc: SegmentDescriptor | None = None) -> VCpu:
-    """A guest whose code page is writable: it may rewrite itself."""
-    code = bytes(KS.asm(f"mov eax, {GS_SELECTOR}; mov gs, ax; " + body, CODE)[0])
-    v = VCpu()
-    v.mem.map(CODE, 0x2000, PROT_READ | PROT_WRITE | PROT_EXEC)
-    v.mem.write(CODE, code)
-    v.mem.map(DATA, 0x2000, PROT_READ | PROT_WRITE)
-    v.mem.map(STACK_TOP - 0x10000, 0x10000, PROT_READ | PROT_WRITE)
-    v.set_descriptor(layout.GDT_ENTRY_TLS_MIN, desc or SegmentDescriptor.flat_user_data(TCB))
-    v.enter_user_mode(CODE, STACK_TOP - 0x100)
-    return v
+    """A guest whose two code pages are writable: it may rewrite itself."""
+    return make_vcpu(body, desc, code_prot=PROT_READ | PROT_WRITE | PROT_EXEC, code_size=0x2000)
 
 
 def run_to_exit(v: VCpu):
