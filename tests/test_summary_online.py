@@ -43,6 +43,10 @@ def test_a_workload_no_online_rule_handles_gets_its_three_numbers(monkeypatch):
     }
     native = grouped[("a", "default", "nonpae")]["native"]
     native["offline_optimum"]["by_profile"]["p"]["run_oracle"] = {"fault_time_ns": 180.0}
+    native["sites"] = [{"segment": "gs", "eip": 1, "negative": 6, "positive": 9},
+                       {"segment": "gs", "eip": 2, "negative": 0, "positive": 4},    # no negative: no fault
+                       {"segment": "fs", "eip": 3, "negative": 5, "positive": 0},    # %fs: not a %gs site
+                       {"segment": "gs", "eip": 4, "negative": 1, "positive": 0}]
     probe = grouped[("a", "default", "nonpae")]["online-probe"]
     probe["counters"]["strategy"] = {"by_kind": {"probe": 5, "probe-end": 3, "probe-flip": 1}}
     probe["spec"] = {"prices": "hw-vm", "emulate_ns": 2.0, "flip_ns": 3.0}   # threshold 3: cap 4
@@ -60,6 +64,8 @@ def test_a_workload_no_online_rule_handles_gets_its_three_numbers(monkeypatch):
     line = summary.fmt_shortfall(a)
     assert line.startswith("a (default): min(emulate, flip) is 1.01x the bound") and "1.80x" in line
     assert "online-probe's 5 probes cost about 0.28x" in line
+    assert (a["why"]["negative_accesses"], a["why"]["negative_sites"]) == (7, 2)
+    assert line.endswith("7 negative %gs accesses at 2 sites (3.5 per site; the bound's 1 faults, 0.5 per site)")
 
 
 def test_a_workload_where_no_online_strategy_ran_is_listed_with_that(monkeypatch):

@@ -306,7 +306,7 @@ def probe_cost_ns(profile, rec: dict) -> tuple[int, float | None]:
 
 
 def shortfall(row: dict, bound: dict, by: dict, online: list[str], profile) -> dict | None:
-    """Why no online strategy reaches the acceptance marks on this workload, in three numbers (None where
+    """Why no online strategy reaches the acceptance marks on this workload, in a few numbers (None where
     the best one is at most min(emulate, flip) and within 10% of the bound).
 
     ``to_win``: min(emulate, flip) over the bound, minus 1: all any policy could gain over the better
@@ -315,7 +315,9 @@ def shortfall(row: dict, bound: dict, by: dict, online: list[str], profile) -> d
     each run's exact length as the run starts; the distance to 1.00x is what the rule leaves, the
     optimum depending on runs further ahead). ``learning``: per strategy that probes, the estimated
     extra cost of its probes over the bound (``probe_cost_ns``). ``none_ran``: no online strategy ran
-    to the end with native's output.
+    to the end with native's output. ``negative_accesses``/``negative_sites``: native's negative %gs
+    accesses and the sites making them (their ratio is how often a rule meets each site it could learn
+    about: a program with a few faults per site cannot repay learning).
     """
     if not bound["fault_time_ns"]:
         return None
@@ -323,6 +325,8 @@ def shortfall(row: dict, bound: dict, by: dict, online: list[str], profile) -> d
     if best is not None and best["vs_bound"] is not None and best["at_most_best_pure"] and best["vs_bound"] <= 1.10:
         return None
     oracle = bound.get("run_oracle")
+    negative = [site["negative"] for site in ((by.get("native") or {}).get("sites") or ())
+                if site.get("segment") == "gs" and site.get("negative")]
     learning = {}
     for name in online:
         rec = by.get(name)
@@ -334,7 +338,10 @@ def shortfall(row: dict, bound: dict, by: dict, online: list[str], profile) -> d
     return {"to_win": (row["best_pure_ms"] * 1e6 / bound["fault_time_ns"] - 1
                        if row["best_pure_ms"] is not None else None),
             "run_oracle": oracle["fault_time_ns"] / bound["fault_time_ns"] if oracle else None,
-            "learning": learning, "none_ran": best is None or best["vs_bound"] is None}
+            "learning": learning, "none_ran": best is None or best["vs_bound"] is None,
+            # how often a rule meets each site it could learn about: under emulate, every negative %gs
+            # access faults, so this is faults per faulting site (native's per-site counters)
+            "negative_accesses": sum(negative), "negative_sites": len(negative)}
 
 
 def fmt_shortfall(row: dict) -> str:
@@ -350,6 +357,11 @@ def fmt_shortfall(row: dict) -> str:
     for name, cost in why["learning"].items():
         if cost["vs_bound"] is not None:
             parts.append(f"{name}'s {cost['probes']:,} probes cost about {cost['vs_bound']:.2f}x")
+    if why.get("negative_sites"):
+        sites = why["negative_sites"]
+        parts.append(f"{why['negative_accesses']:,} negative %gs accesses at {sites:,} sites "
+                     f"({why['negative_accesses'] / sites:,.1f} per site; the bound's {row['bound_faults']:,} "
+                     f"faults, {row['bound_faults'] / sites:,.1f} per site)")
     return f"{row['workload']} ({row['variant']}): " + "; ".join(parts)
 
 
@@ -829,9 +841,10 @@ def fmt_xr(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-SHORTFALL_NOTE = ("all relative to the bound: what the better 2004 mechanism leaves to win; what the threshold "
+SHORTFALL_NOTE = ("relative to the bound: what the better 2004 mechanism leaves to win; what the threshold "
                   "rule costs given each run's exact length (docs/online-strategies.md); an estimate of what "
-                  "probing for those lengths cost")
+                  "probing for those lengths cost; then how often a rule meets each site it could learn about, and how many "
+                  "faults per site even the bound takes")
 
 
 def fmt_online(cell: dict | None) -> tuple[str, bool]:

@@ -253,6 +253,7 @@ class ProbeStrategy(OnlineStrategy):
 
     name = "online-probe"
     order = 52
+    reprobe_factor = REPROBE_FACTOR   # a class attribute so that design studies can vary it (tlslab.inspect.replay)
     description = "online: probe each site's same-sign run with an empty segment, then flip only runs that pay"
 
     def __init__(self, options=None) -> None:
@@ -290,7 +291,7 @@ class ProbeStrategy(OnlineStrategy):
         seen = self.seen[key] = self.seen.get(key, 0) + 1
         estimate = self.estimate.get(key)
         if estimate is None or seen >= self.next_probe.get(key, 0):
-            self.next_probe[key] = seen * REPROBE_FACTOR
+            self.next_probe[key] = seen * self.reprobe_factor
             return None
         return estimate
 
