@@ -17,6 +17,9 @@ prices, and priced under the same profile, relative to the bound:
 * online-probe with another re-probe factor (4, 16, never): sensitivity;
 * online-probe probing a site only at its second fault ("ski rental": the
   first fault of every site is emulated unprobed);
+* online-probe sharing what it learns across sites: a site met for the
+  first time takes the remaining run last learnt at any site for the same
+  %gs offset (the same thread variable) instead of a probe;
 * a **last-value oracle** (not online: it is told, at each fault, the true
   remaining run of the previous fault at the same site, for free, and flips
   above the threshold): how far per-site estimation could go if learning cost
@@ -97,6 +100,40 @@ class SkiRental(ProbeStrategy):
         return super().decide(trap, insn, sign)
 
 
+class OffsetPrior(ProbeStrategy):
+    """online-probe, but a site met for the first time borrows, instead of a probe, the remaining run last
+    learnt at any site for the same %gs offset (the same thread variable); it is probed at its second fault.
+    Tests whether learning can be shared across sites, for programs that meet each site only a few times."""
+
+    name = "probe, offset prior"
+
+    def __init__(self, options=None) -> None:
+        super().__init__(options)
+        self.by_offset: dict = {}
+
+    def decide(self, trap, insn, sign):
+        v = trap.violation
+        site, variable = (v.eip, sign), (v.offset, sign)
+        if not is_probe_descriptor(v.descriptor) and site not in self.estimate and variable in self.by_offset:
+            self.seen[site] = self.seen.get(site, 0) + 1
+            if self.seen[site] == 1:
+                self._previous = v.eip
+                return self.flip(trap) if self.by_offset[variable] > self.threshold else self.emulate(trap, insn)
+        return super().decide(trap, insn, sign)
+
+    def _start_probe(self, trap, insn, sign, key, where):
+        return super()._start_probe(trap, insn, sign, (*key, (trap.violation.offset, sign)), where)
+
+    def _in_probe(self, trap, insn, sign, key, probe, where):
+        return super()._in_probe(trap, insn, sign, (*key, (trap.violation.offset, sign)), probe, where)
+
+    def _learn(self, keys) -> None:
+        n = len(keys)
+        for i in range(n - 1, -1, -1):   # as online-probe: a variable seen twice keeps its first remainder
+            self.by_offset[keys[i][2]] = n - i
+        super()._learn([k[:2] for k in keys])
+
+
 def remaining_runs(trace) -> list[int]:
     """Per access, the length of the same-sign %gs run it starts (in its slot; a reload ends a run)."""
     rem = [0] * len(trace)
@@ -137,7 +174,7 @@ def last_value_oracle(truth: list[int]):
 def rules(trace) -> list[type]:
     shipped = [STRATEGIES[n] for n in online_names()]
     return [EmulateRule, FlipRule, *shipped, ReprobeEvery4, ReprobeEvery16, NeverReprobe, SkiRental,
-            last_value_oracle(remaining_runs(trace))]
+            OffsetPrior, last_value_oracle(remaining_runs(trace))]
 
 
 def recorded(cell, fresh: bool):
@@ -215,7 +252,7 @@ def report(prices: str, results: list[dict]) -> None:
     fitted = " (FITTED profile)" if costmodel.get_profile(prices).kind == "fitted" else ""
     print(f"\nfault-handling time / offline bound, deciding and priced with {prices}{fitted} (replays)")
     short = {n: n.replace("online-", "").replace("probe, ", "p ").replace("re-probe ", "re")
-             .replace("probe from a site's 2nd fault", "p 2nd").replace("last-value oracle (offline)", "last*")
+             .replace("probe from a site's 2nd fault", "p 2nd").replace("p offset prior", "p offset").replace("last-value oracle (offline)", "last*")
              .replace("run-length oracle", "oracle*")[:9] for n in names}
     print(f"{'workload':34} {'-ve/site':>8} {'emul':>6} {'flip':>6} " + " ".join(f"{short[n]:>9}" for n in names))
     tally = {n: [0, 0] for n in names}
