@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import pickle
@@ -62,7 +63,17 @@ from tlslab.hypervisor.strategies.online import (  # noqa: E402
 from tlslab.inspect.replay import EmulateRule, FlipRule, record_accesses, replay, replaying  # noqa: E402
 
 PROFILES = ("hw-vm", "xen-2004")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+
+
+def source_digest() -> str:
+    """A hash of tlslab's sources: a recording depends on the kernel, loader and emulator that made it."""
+    h = hashlib.sha256()
+    root = HERE.parent / "tlslab"
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c", ".h")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 class ReprobeEvery4(ProbeStrategy):
@@ -110,13 +121,14 @@ class OffsetPrior(ProbeStrategy):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self.by_offset: dict = {}
+        self.met: set = set()
 
     def decide(self, trap, insn, sign):
         v = trap.violation
         site, variable = (v.eip, sign), (v.offset, sign)
-        if not is_probe_descriptor(v.descriptor) and site not in self.estimate and variable in self.by_offset:
-            self.seen[site] = self.seen.get(site, 0) + 1
-            if self.seen[site] == 1:
+        if not is_probe_descriptor(v.descriptor) and site not in self.met:
+            self.met.add(site)
+            if site not in self.estimate and variable in self.by_offset:
                 self._previous = v.eip
                 return self.flip(trap) if self.by_offset[variable] > self.threshold else self.emulate(trap, insn)
         return super().decide(trap, insn, sign)
@@ -184,14 +196,17 @@ def recorded(cell, fresh: bool):
     runs, dropped = domain.sign_runs("gs")
     if not native.ok or dropped:
         return None, None, "the native run failed or its sign trace overflowed"
-    digest = sha256_file(guest.path)[:16]
-    path = user_cache_dir() / "replay" / f"{cell.id}-{digest}-{CACHE_FORMAT}.pkl.gz"
+    negative = domain.counters()["segments"]["gs"]["negative"]
+    key = f"{cell.id}-{sha256_file(guest.path)[:16]}-{source_digest()}-{CACHE_FORMAT}"
+    path = user_cache_dir() / "replay" / f"{key}.pkl.gz"
     if path.exists() and not fresh:
         with gzip.open(path, "rb") as f:
-            return pickle.load(f), runs, "cached"
+            trace = pickle.load(f)
+        if trace.negative_gs_accesses() == negative:    # else stale (a root or rc script changed): record again
+            return trace, runs, "cached"
     trace, result = record_accesses(cell.spec)
-    if not result.ok or result.stdout != native.stdout:
-        return None, None, "the recording run did not reproduce native's output"
+    if not result.ok or result.stdout != native.stdout or trace.negative_gs_accesses() != negative:
+        return None, None, "the recording run did not reproduce native's output and accesses"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with gzip.open(tmp, "wb") as f:

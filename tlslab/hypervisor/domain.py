@@ -109,7 +109,8 @@ class Domain:
 
     def __init__(self, process_factory, strategy: Strategy | str, profile: str = "nonpae",
                  checks: bool = True, timeout_seconds: float = 0, max_traps: int | None = None,
-                 trace_signs: bool = False, vcpu: VCpu | None = None, settle: bool = True):
+                 trace_signs: bool = False, vcpu: VCpu | None = None, settle: bool = True,
+                 quantum: int | None = None):
         self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         self.policy = DescriptorPolicy.xen(profile) if self.strategy.truncates else DescriptorPolicy.native(profile)
         self._vcpu_options = dict(checks=checks, timeout_seconds=timeout_seconds, trace_signs=trace_signs)
@@ -127,7 +128,9 @@ class Domain:
         # the run's one wall-clock limit lives on the first vCPU (set when it first runs); kept here
         # because the first process may exec, which releases that vCPU
         self._deadline_source = first_vcpu
-        self.kernel = Kernel(self.first_process, self._new_vcpu, self._shape_descriptor)
+        # quantum: the scheduler's time slice in guest instructions (None: the kernel's default)
+        self.kernel = Kernel(self.first_process, self._new_vcpu, self._shape_descriptor,
+                             **({"quantum": quantum} if quantum is not None else {}))
         self.kernel.on_new_address_space.append(self._on_new_address_space)
         self.strategy.attach(self)
         # faults the strategy lets the access hook settle (machine/settle.py), planned when the run

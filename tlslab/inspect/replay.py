@@ -17,23 +17,33 @@ Recording (:func:`record_accesses`) runs the guest once with
 :class:`AccessRecorder`: it emulates every faulting access, as ``emulate``
 does, and then gives ``%gs`` the empty descriptor of ``online-probe``
 (:func:`tlslab.hypervisor.strategies.online.probe_descriptor`), so the next
-``%gs`` access faults whatever its sign. A ``%gs`` fault that arrives with
-another descriptor follows a TLS reload (a thread switch, or a new address
-space): the replay installs that descriptor there too, as the kernel did.
-``%fs`` faults (guests that use ``%fs`` themselves) are recorded as they come:
-every online rule emulates them.
+access through that slot faults whatever its sign. A fault that arrives with
+another descriptor in its TLS slot follows a reload by the guest kernel (a
+thread switch to a thread with other TLS, ``set_thread_area``): the replay
+installs that descriptor there too, at that access. Accesses between a reload
+and that fault ran free under the reloaded descriptor, and they run free in
+the replay under the same one, whatever the rule.
 
-Exactness: on a program without ``fork`` the replay of a rule takes the same
-traps, emulations and descriptor writes as the rule's real run
-(``tests/test_replay.py`` checks emulate and the three online strategies).
-A forked address space starts with a copy of its parent's slots at the
-moment of the fork, which the recording does not keep: the replay starts
-such a space from the descriptor its first access met and says so
-(``Replay.inherited``); figures for those traces are approximate.
+The replay keeps one table of TLS slots for the whole CPU, as the guest
+kernel does: a switch that does not reload a slot (the threads or processes
+have the same TLS, as after ``fork``) carries its content, a flipped or empty
+descriptor included, to the next address space (tlslab.linux.kernel's
+``_load_tls``). ``%fs`` accesses are checked against the same table when
+``%fs`` holds a TLS selector (a guest may load its ``%gs`` selector into
+``%fs``); through any other selector every recorded ``%fs`` access is a fault
+(every online rule emulates it).
+
+Exactness: the replay of a rule takes the same traps, decodes, emulations,
+emulated accesses and descriptor writes as the rule's real run; checked on
+one thread, thread switches, a guest sharing its TLS slot between ``%fs``
+and ``%gs``, and processes forked and switched in short time slices
+(``tests/test_replay.py``). A rule that reads anything else of the guest
+(memory, registers) cannot be replayed.
 """
 
 from __future__ import annotations
 
+import weakref
 from array import array
 from dataclasses import dataclass, field, replace
 
@@ -55,8 +65,8 @@ class AccessTrace:
     Parallel arrays, one entry per access: address space (0, 1, ... in order of
     first access), segment (0 fs, 1 gs), selector, EIP, offset, size, write,
     guest instructions retired before it, memory accesses its emulation made.
-    ``reloads``: index -> the descriptor a ``%gs`` access met after a TLS
-    reload (or at a space's first access).
+    ``reloads``: index -> the descriptor an access met in its TLS slot where
+    that was not the recorder's empty one (the kernel reloaded the slot).
     """
 
     space: array = field(default_factory=lambda: array("I"))
@@ -67,7 +77,7 @@ class AccessTrace:
     size: array = field(default_factory=lambda: array("B"))
     write: array = field(default_factory=lambda: array("B"))
     instructions: array = field(default_factory=lambda: array("Q"))
-    emulated_accesses: array = field(default_factory=lambda: array("B"))
+    emulated_accesses: array = field(default_factory=lambda: array("I"))
     reloads: dict[int, SegmentDescriptor] = field(default_factory=dict)
     profile: str = "nonpae"      # the hypervisor profile the recording ran under (Xen's flip depends on it)
 
@@ -95,7 +105,8 @@ class AccessRecorder(OnlineStrategy):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self.trace = AccessTrace()
-        self._spaces: dict[int, tuple[object, int]] = {}   # id(vcpu) -> (vcpu kept alive, space number)
+        self._spaces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # vcpu -> space number
+        self._made = 0
 
     def attach(self, domain) -> None:
         self.trace.profile = domain.policy.profile
@@ -103,16 +114,17 @@ class AccessRecorder(OnlineStrategy):
     def step(self, trap, insn) -> Verdict:
         v = trap.violation
         vcpu = trap.domain.vcpu
-        entry = self._spaces.get(id(vcpu))
-        if entry is None:
-            entry = self._spaces[id(vcpu)] = (vcpu, len(self._spaces))
+        space = self._spaces.get(vcpu)
+        if space is None:
+            space = self._spaces[vcpu] = self._made
+            self._made += 1
         t = self.trace
         index = len(t)
-        gs = v.segment == "gs"
-        if gs and not is_probe_descriptor(v.descriptor):
+        in_slot = is_tls_selector(v.selector)
+        if in_slot and not is_probe_descriptor(v.descriptor):
             t.reloads[index] = v.descriptor
-        t.space.append(entry[1])
-        t.segment.append(1 if gs else 0)
+        t.space.append(space)
+        t.segment.append(SEGMENTS.index(v.segment))
         t.selector.append(v.selector & 0xFFFF)
         t.eip.append(v.eip)
         t.offset.append(v.offset)
@@ -121,21 +133,30 @@ class AccessRecorder(OnlineStrategy):
         t.instructions.append(vcpu.instructions_retired())
         before = self.counters.emulated_accesses
         verdict = self.emulate(trap, insn)
-        t.emulated_accesses.append(min(255, self.counters.emulated_accesses - before))
-        if verdict.action is Action.RESUME and gs and not is_probe_descriptor(v.descriptor):
+        t.emulated_accesses.append(self.counters.emulated_accesses - before)
+        if (verdict.action is Action.RESUME and v.segment == "gs" and in_slot
+                and not is_probe_descriptor(v.descriptor)):
             self.install(trap, probe_descriptor(v.descriptor))
         return verdict
 
 
-def record_accesses(spec) -> tuple[AccessTrace, object]:
+def is_tls_selector(selector: int) -> bool:
+    """A GDT selector of one of the TLS slots (what set_thread_area fills and strategies rewrite)."""
+    selector &= 0xFFFF
+    index = layout.selector_index(selector)
+    return (not selector & 4
+            and layout.GDT_ENTRY_TLS_MIN <= index < layout.GDT_ENTRY_TLS_MIN + layout.GDT_ENTRY_TLS_ENTRIES)
+
+
+def record_accesses(spec, **domain_options) -> tuple[AccessTrace, object]:
     """Run ``spec`` (its strategy is replaced) under :class:`AccessRecorder`: (trace, run result).
 
     The guest's output is the native run's (every access is emulated exactly);
-    callers compare it to be sure.
+    callers compare it to be sure. ``domain_options`` go to the Domain (e.g. ``quantum``).
     """
     from tlslab.experiment import make_domain
 
-    domain, _ = make_domain(replace(spec, strategy="emulate"))
+    domain, _ = make_domain(replace(spec, strategy="emulate"), **domain_options)
     recorder = AccessRecorder()
     recorder.attach(domain)
     domain.strategy = recorder
@@ -149,12 +170,13 @@ class ReplayError(RuntimeError):
     """A rule refused an access the recording shows the guest made (it would have killed the guest)."""
 
 
-@dataclass
-class _Slots:
-    """One address space of the replay: its TLS slots, its clock."""
+class _Space:
+    """One address space of the replay: its identity (rules key state by vCPU), its clock, and the CPU's
+    one table of TLS slots, shared by every space (the guest kernel carries slots across switches)."""
 
-    descriptors: dict[int, SegmentDescriptor]
-    now: int = 0
+    def __init__(self, table: dict[int, SegmentDescriptor]) -> None:
+        self.descriptors = table
+        self.now = 0
 
     def set_descriptor(self, index: int, desc: SegmentDescriptor) -> None:
         self.descriptors[index] = desc
@@ -177,7 +199,7 @@ class _Policy:
 class _Domain:
     def __init__(self, profile: str) -> None:
         self.policy = _Policy(profile)
-        self.vcpu: _Slots | None = None
+        self.vcpu: _Space | None = None
         self.access_index = 0     # the trace entry being replayed: for offline reference rules only
 
     def requested_descriptor(self, segment: str):
@@ -233,7 +255,6 @@ class Replay:
 
     name: str
     counters: dict
-    inherited: int          # address spaces whose first %gs access met an inherited descriptor
 
     def fault_ns(self, profile: costmodel.CostProfile) -> float:
         return costmodel.fault_handling_ns(profile, self.counters)
@@ -242,38 +263,32 @@ class Replay:
 def replay(trace: AccessTrace, strategy: OnlineStrategy) -> Replay:
     """Run ``strategy`` (made with :func:`replaying`) over ``trace``; ReplayError if it refuses an access."""
     domain = _Domain(trace.profile)
-    spaces: dict[int, _Slots] = {}
-    homes: dict[tuple[int, int], SegmentDescriptor] = {}   # (space, slot) -> its descriptor after a reload
-    latest: dict[int, SegmentDescriptor] = {}              # slot -> the home most recently used
-    inherited = 0
+    table: dict[int, SegmentDescriptor] = {}                 # the CPU's TLS slots
+    spaces: dict[int, _Space] = {}
+    homes: dict[tuple[int, int], SegmentDescriptor] = {}     # (space, slot) -> what the kernel last loaded
     c = strategy.counters
     for i in range(len(trace)):
         space, selector = trace.space[i], trace.selector[i]
-        slots = spaces.get(space)
-        if slots is None:
-            slots = spaces[space] = _Slots({})
-        slots.now = trace.instructions[i]
-        domain.vcpu = slots
+        here = spaces.get(space)
+        if here is None:
+            here = spaces[space] = _Space(table)
+        here.now = trace.instructions[i]
+        domain.vcpu = here
         domain.access_index = i
         index = layout.selector_index(selector)
-        gs = trace.segment[i] == 1
-        if gs:
+        in_slot = is_tls_selector(selector)
+        if in_slot:
             reload = trace.reloads.get(i)
             if reload is not None:
-                slots.descriptors[index] = homes[space, index] = reload
-            elif index not in slots.descriptors:
-                # a forked space: its slot is a copy of the parent's at the fork, which the trace lacks;
-                # start it from the slot's latest home in any space (approximate, counted)
-                inherited += 1
-                home = latest.get(index)
-                if home is None:
-                    raise ReplayError(f"access {i}: address space {space} starts with no descriptor to replay from")
-                slots.descriptors[index] = homes[space, index] = home
-            latest[index] = domain.policy.home = homes[space, index]
+                table[index] = homes[space, index] = reload
+            if index not in table:
+                raise ReplayError(f"access {i}: TLS slot {index} has no descriptor to replay from")
+            # the orphan path of a rule asks what the kernel would load here: this space's last load
+            domain.policy.home = homes.get((space, index), table[index])
         offset, size, write = trace.offset[i], trace.size[i], bool(trace.write[i])
         for _ in range(4):
-            desc = slots.descriptors.get(index) if gs else None
-            if gs and check_data_access(desc, offset, size, write):
+            desc = table[index] if in_slot else None
+            if in_slot and check_data_access(desc, offset, size, write):
                 break
             c.traps += 1
             c.decodes += 1
@@ -285,12 +300,13 @@ def replay(trace: AccessTrace, strategy: OnlineStrategy) -> Replay:
             if verdict.action is Action.KILL:
                 c.refused += 1
                 raise ReplayError(f"{strategy.name} refused access {i} at {trace.eip[i]:#x}: {verdict.reason}")
-            if not gs:
-                raise ReplayError(f"{strategy.name} restarted a %fs access at {trace.eip[i]:#x}")
+            if not in_slot:
+                raise ReplayError(f"{strategy.name} restarted access {i} at {trace.eip[i]:#x} through a "
+                                  "selector that is not a TLS slot")
         else:
             raise ReplayError(f"{strategy.name} restarted access {i} at {trace.eip[i]:#x} four times")
     counters = {"strategy": {"traps": c.traps, "decodes": c.decodes, "descriptor_writes": c.descriptor_writes,
                              "emulated_accesses": c.emulated_accesses,
                              "emulated_instructions": c.emulated_instructions, "patches": c.patches,
                              "notifications": c.notifications, "refused": c.refused, "by_kind": dict(c.by_kind)}}
-    return Replay(strategy.name, counters, inherited)
+    return Replay(strategy.name, counters)
