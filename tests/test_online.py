@@ -151,6 +151,10 @@ def test_hybrid_json_record_runs_every_policy():
         assert set(p) >= {"name", "online", "faults", "emulations", "flips", "patches", "fault_time_ns"}
     assert [p["online"] for p in rec["policies"]][:2] == [False, False]
     assert rec["best_online"] in ONLINE
+    # native's per-site counters: every negative %gs access is at a site that makes some
+    assert 0 < rec["negative_gs_sites"] < rec["negative_gs_accesses"] < rec["gs_accesses"]
+    emulate = next(p for p in rec["policies"] if p["name"] == "emulate")
+    assert emulate["faults"] == rec["negative_gs_accesses"]      # each negative access faults once under emulate
     # the run-length oracle: offline, one run deep, never below the bound
     oracle = rec["run_oracle"]
     assert oracle["online"] is False and oracle["fault_time_ns"] >= rec["offline_optimum"]["fault_time_ns"]

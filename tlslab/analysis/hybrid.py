@@ -27,6 +27,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def negative_gs_sites(sites) -> tuple[int, int]:
+    """(negative %gs accesses, sites making them) from a run's per-site counters (``RunResult.sites``).
+
+    Under a truncated segment each negative access faults, so their ratio is how often a fault-driven
+    rule meets each site it could learn about; the bound's faults over the sites, how many decisions
+    there are per site to repay learning it.
+    """
+    negative = [site["negative"] for site in sites or () if site.get("segment") == "gs" and site.get("negative")]
+    return sum(negative), len(negative)
+
+
 @dataclass(frozen=True)
 class PolicyCost:
     policy: str

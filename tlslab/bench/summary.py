@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tlslab.analysis import hybrid
 from tlslab.bench.store import RunDir
 from tlslab.hypervisor import costmodel
 from tlslab.record import MEASURED, Outcome
@@ -325,8 +326,7 @@ def shortfall(row: dict, bound: dict, by: dict, online: list[str], profile) -> d
     if best is not None and best["vs_bound"] is not None and best["at_most_best_pure"] and best["vs_bound"] <= 1.10:
         return None
     oracle = bound.get("run_oracle")
-    negative = [site["negative"] for site in ((by.get("native") or {}).get("sites") or ())
-                if site.get("segment") == "gs" and site.get("negative")]
+    negative_accesses, negative_sites = hybrid.negative_gs_sites((by.get("native") or {}).get("sites"))
     learning = {}
     for name in online:
         rec = by.get(name)
@@ -341,7 +341,7 @@ def shortfall(row: dict, bound: dict, by: dict, online: list[str], profile) -> d
             "learning": learning, "none_ran": best is None or best["vs_bound"] is None,
             # how often a rule meets each site it could learn about: under emulate, every negative %gs
             # access faults, so this is faults per faulting site (native's per-site counters)
-            "negative_accesses": sum(negative), "negative_sites": len(negative)}
+            "negative_accesses": negative_accesses, "negative_sites": negative_sites}
 
 
 def fmt_shortfall(row: dict) -> str:

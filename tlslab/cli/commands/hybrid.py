@@ -124,6 +124,7 @@ def run(args) -> int:
         result = d.run()
         policies.append(policy_record(strategy, online, result, d, native.stdout, pricing))
     flat = [r for runs in traces for r in runs]
+    negative_accesses, negative_sites = hybrid.negative_gs_sites(native.sites)
     bound = hybrid.optimal_over(traces, emulate_ns, flip_ns)
     oracle = hybrid.run_oracle_over(traces, emulate_ns, flip_ns)
     record = {
@@ -135,6 +136,9 @@ def run(args) -> int:
         "gs_accesses": sum(abs(r) for r in flat),
         "same_sign_runs": sum(1 for r in flat if r),
         "address_spaces": len(traces),
+        # how often a rule meets each site it could learn about (docs/online-strategies.md, "Why ...")
+        "negative_gs_accesses": negative_accesses,
+        "negative_gs_sites": negative_sites,
         "policies": policies,
         "offline_optimum": {"name": bound.policy, "online": False, "faults": bound.faults,
                             "emulations": bound.emulations, "flips": bound.flips, "fault_time_ns": bound.cost_ns},
@@ -167,4 +171,10 @@ def run(args) -> int:
                   f"{p['flips']:,}", f"{p['fault_time_ns'] / 1e6:.2f}",
                   f"{p['fault_time_ns'] / best:.2f}x" if best else "-", output)
     console.print(t)
+    if negative_sites:
+        console.print(escape(
+            f"{negative_accesses:,} negative %gs accesses at {negative_sites:,} sites "
+            f"({negative_accesses / negative_sites:,.1f} per site); the bound takes {bound.faults:,} faults, "
+            f"{bound.faults / negative_sites:,.1f} per site: where that is a handful, learning a site (a probe, "
+            "about one fault) costs much of what there is to save there (docs/online-strategies.md)"))
     return 0
