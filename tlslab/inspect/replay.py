@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import weakref
 from array import array
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from tlslab.hypervisor import costmodel
 from tlslab.hypervisor.strategies.base import Action, Verdict
@@ -143,9 +143,7 @@ class AccessRecorder(OnlineStrategy):
 def is_tls_selector(selector: int) -> bool:
     """A GDT selector of one of the TLS slots (what set_thread_area fills and strategies rewrite)."""
     selector &= 0xFFFF
-    index = layout.selector_index(selector)
-    return (not selector & 4
-            and layout.GDT_ENTRY_TLS_MIN <= index < layout.GDT_ENTRY_TLS_MIN + layout.GDT_ENTRY_TLS_ENTRIES)
+    return not selector & 4 and layout.selector_index(selector) in layout.TLS_SLOTS
 
 
 def record_accesses(spec, **domain_options) -> tuple[AccessTrace, object]:
@@ -305,8 +303,4 @@ def replay(trace: AccessTrace, strategy: OnlineStrategy) -> Replay:
                                   "selector that is not a TLS slot")
         else:
             raise ReplayError(f"{strategy.name} restarted access {i} at {trace.eip[i]:#x} four times")
-    counters = {"strategy": {"traps": c.traps, "decodes": c.decodes, "descriptor_writes": c.descriptor_writes,
-                             "emulated_accesses": c.emulated_accesses,
-                             "emulated_instructions": c.emulated_instructions, "patches": c.patches,
-                             "notifications": c.notifications, "refused": c.refused, "by_kind": dict(c.by_kind)}}
-    return Replay(strategy.name, counters)
+    return Replay(strategy.name, {"strategy": {"name": strategy.name, **asdict(c)}})   # as Domain.counters()

@@ -40,7 +40,7 @@ from tlslab.linux.pipes import PipeEnd
 from tlslab.machine import layout
 from tlslab.machine.memory import GuestFault
 
-TLS_SLOTS = tuple(range(layout.GDT_ENTRY_TLS_MIN, layout.GDT_ENTRY_TLS_MIN + layout.GDT_ENTRY_TLS_ENTRIES))
+TLS_SLOTS = layout.TLS_SLOTS
 DEFAULT_QUANTUM = 2_000_000   # instructions a task may run before the scheduler looks again
 MAX_PROCESSES = 4096          # processes a run may start in all
 MAX_LIVE = 256                # processes alive at once (fork: EAGAIN beyond)

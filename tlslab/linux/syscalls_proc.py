@@ -34,7 +34,7 @@ RLIMITS = {0: (RLIM_INFINITY,) * 2, 1: (RLIM_INFINITY,) * 2, 2: (RLIM_INFINITY,)
            15: (RLIM_INFINITY,) * 2}
 UNAME = (b"Linux", b"tlslab", b"6.1.0-tlslab", b"#1 SMP PREEMPT_DYNAMIC tlslab", b"i686", b"(none)")
 SIGABRT, SIGKILL, SIGSEGV = 6, 9, 11
-TLS_SLOTS = range(layout.GDT_ENTRY_TLS_MIN, layout.GDT_ENTRY_TLS_MIN + layout.GDT_ENTRY_TLS_ENTRIES)
+TLS_SLOTS = layout.TLS_SLOTS
 
 
 class ProcessExit(Exception):

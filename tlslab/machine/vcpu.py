@@ -388,7 +388,7 @@ class VCpu:
         Refreshing models what Xen's #GP path and Linux's return to user mode do:
         the segment registers are reloaded from the table on the way back.
         """
-        if not layout.GDT_ENTRY_TLS_MIN <= index < layout.GDT_ENTRY_TLS_MIN + layout.GDT_ENTRY_TLS_ENTRIES:
+        if index not in layout.TLS_SLOTS:
             raise ValueError(f"GDT entry {index} is not a TLS slot")
         self.descriptors[index] = desc
         self._write_hv(layout.GDT_BASE + 8 * index, self.views.view(index, desc))
