@@ -63,7 +63,7 @@ from tlslab.hypervisor.strategies.online import (  # noqa: E402
 from tlslab.inspect.replay import EmulateRule, FlipRule, record_accesses, replay, replaying  # noqa: E402
 
 PROFILES = ("hw-vm", "xen-2004")
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def source_digest() -> str:
@@ -147,7 +147,19 @@ class OffsetPrior(ProbeStrategy):
 
 
 def remaining_runs(trace) -> list[int]:
-    """Per access, the length of the same-sign %gs run it starts (in its slot; a reload ends a run)."""
+    """Per access, the length of the same-sign %gs run it starts in its address space's slot (a kernel
+    event on that space's slots, a reload or a carry at a switch, ends a run)."""
+    after_event: set[int] = set()     # accesses that are their space's first after a kernel event
+    pending: set[int] = set()
+    events = iter(trace.events)
+    event = next(events, None)
+    for i in range(len(trace)):
+        while event is not None and event[0] <= i:
+            pending.add(event[2])
+            event = next(events, None)
+        if trace.space[i] in pending:
+            pending.discard(trace.space[i])
+            after_event.add(i)
     rem = [0] * len(trace)
     after: dict = {}
     for i in range(len(trace) - 1, -1, -1):
@@ -156,7 +168,7 @@ def remaining_runs(trace) -> list[int]:
         slot = (trace.space[i], trace.selector[i])
         sign = trace.offset[i] >> 31
         j = after.get(slot)
-        rem[i] = rem[j] + 1 if j is not None and trace.offset[j] >> 31 == sign and j not in trace.reloads else 1
+        rem[i] = rem[j] + 1 if j is not None and trace.offset[j] >> 31 == sign and j not in after_event else 1
         after[slot] = i
     return rem
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -187,3 +188,47 @@ def test_dead_address_spaces_leave_their_traces_and_free_their_engines(debian_ro
     assert not alive, f"{len(alive)} released vCPUs still reachable"
     assert len(traces) == domain._vcpus_made >= 11 and not dropped
     assert sum(1 for t in traces if any(t)) >= 10   # every program touched %gs
+
+
+def test_many_process_decisions_do_not_depend_on_memory_allocation(debian_rootfs):
+    """Per-address-space state is keyed by a number that is never reused: keyed by id(vcpu), a process got
+    the state of a dead one whose id Python reused, and the same run took 1,033 or 1,363 faults depending
+    on what else had been allocated."""
+    spec = RunSpec("/bin/dash", ("-c", "i=0; while [ $i -lt 30 ]; do i=$((i+1)); /bin/true; done; echo $i"),
+                   rootfs="debian", tree=None)
+    junk = []
+    for strategy in ("online-rate", "online-probe", "online-site"):
+        seen = set()
+        for noise in (0, 3000, 7000):
+            junk.append([object() for _ in range(noise)])   # shifts where the next vCPUs are allocated
+            domain, _ = make_domain(replace(spec, strategy=strategy, prices="xen-2004"))
+            result = domain.run()
+            assert result.ok and result.stdout.endswith(b"30\n")
+            c = domain.counters()["strategy"]
+            seen.add((c["traps"], c["descriptor_writes"], c["emulated_instructions"]))
+        assert len(seen) == 1, (strategy, seen)
+
+
+def test_space_numbers_are_not_reused_when_python_reuses_an_id():
+    import gc
+
+    from tlslab.hypervisor.strategies import get_strategy
+
+    class Space:   # stands for a vCPU: hashable, weakly referable
+        pass
+
+    strategy = get_strategy("online-probe")
+    first = Space()
+    number, freed = strategy.space_number(first), id(first)
+    assert strategy.space_number(first) == number
+    del first
+    gc.collect()
+    kept = []
+    for _ in range(10_000):   # CPython hands the freed block to the next object of the same size
+        candidate = Space()
+        if id(candidate) == freed:
+            break
+        kept.append(candidate)
+    else:
+        pytest.skip("the allocator did not reuse the freed id here")
+    assert strategy.space_number(candidate) != number

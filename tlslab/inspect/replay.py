@@ -17,21 +17,21 @@ Recording (:func:`record_accesses`) runs the guest once with
 :class:`AccessRecorder`: it emulates every faulting access, as ``emulate``
 does, and then gives ``%gs`` the empty descriptor of ``online-probe``
 (:func:`tlslab.hypervisor.strategies.online.probe_descriptor`), so the next
-access through that slot faults whatever its sign. A fault that arrives with
-another descriptor in its TLS slot follows a reload by the guest kernel (a
-thread switch to a thread with other TLS, ``set_thread_area``): the replay
-installs that descriptor there too, at that access. Accesses between a reload
-and that fault ran free under the reloaded descriptor, and they run free in
-the replay under the same one, whatever the rule.
+access through that slot faults whatever its sign. It also records, at their
+place among the accesses, what the guest kernel does to the TLS slots
+(``Kernel.on_tls_load``, ``set_thread_area``, ``fork``): a reload with the
+task's own descriptor, a carry of another address space's slot (the kernel
+rewrites a slot at a switch only when the threads' TLS differ, so a flip or
+an empty descriptor can pass to the next process), a copy at fork. The
+replay applies the same events to its own tables, so each address space's
+slots hold what they would hold under the replayed rule. Accesses before the
+first fault after a reload ran free under the reloaded descriptor, as they
+do in the replay under every rule.
 
-The replay keeps one table of TLS slots for the whole CPU, as the guest
-kernel does: a switch that does not reload a slot (the threads or processes
-have the same TLS, as after ``fork``) carries its content, a flipped or empty
-descriptor included, to the next address space (tlslab.linux.kernel's
-``_load_tls``). ``%fs`` accesses are checked against the same table when
-``%fs`` holds a TLS selector (a guest may load its ``%gs`` selector into
-``%fs``); through any other selector every recorded ``%fs`` access is a fault
-(every online rule emulates it).
+``%fs`` accesses are checked against the same tables when ``%fs`` holds a TLS
+selector (a guest may load its ``%gs`` selector into ``%fs``); through any
+other selector every recorded ``%fs`` access is a fault (every online rule
+emulates it).
 
 Exactness: the replay of a rule takes the same traps, decodes, emulations,
 emulated accesses and descriptor writes as the rule's real run; checked on
@@ -65,8 +65,11 @@ class AccessTrace:
     Parallel arrays, one entry per access: address space (0, 1, ... in order of
     first access), segment (0 fs, 1 gs), selector, EIP, offset, size, write,
     guest instructions retired before it, memory accesses its emulation made.
-    ``reloads``: index -> the descriptor an access met in its TLS slot where
-    that was not the recorder's empty one (the kernel reloaded the slot).
+    ``events``: what the guest kernel did to TLS slots, each as (position: the
+    number of accesses recorded before it, kind, space, slot, descriptor,
+    source space): "reload" (a descriptor installed), "carry" (the slot takes
+    the source space's content), "fork" (the space starts as a copy of the
+    source's slots; slot and descriptor None).
     """
 
     space: array = field(default_factory=lambda: array("I"))
@@ -78,7 +81,7 @@ class AccessTrace:
     write: array = field(default_factory=lambda: array("B"))
     instructions: array = field(default_factory=lambda: array("Q"))
     emulated_accesses: array = field(default_factory=lambda: array("I"))
-    reloads: dict[int, SegmentDescriptor] = field(default_factory=dict)
+    events: list[tuple] = field(default_factory=list)
     profile: str = "nonpae"      # the hypervisor profile the recording ran under (Xen's flip depends on it)
 
     def __len__(self) -> int:
@@ -110,20 +113,40 @@ class AccessRecorder(OnlineStrategy):
 
     def attach(self, domain) -> None:
         self.trace.profile = domain.policy.profile
+        kernel = domain.kernel
+        kernel.on_tls_load.append(self._on_tls_load)
+        kernel.on_new_address_space.append(self._on_new_address_space)
+        # set_thread_area runs in the current task; forked processes copy the hook list
+        domain.first_process.tls_hooks.append(
+            lambda slot, requested, installed: self._event("reload", kernel.current.process, slot, installed))
+
+    def space(self, vcpu) -> int:
+        number = self._spaces.get(vcpu)
+        if number is None:
+            number = self._spaces[vcpu] = self._made
+            self._made += 1
+        return number
+
+    def _event(self, kind: str, process, slot, desc, source=None) -> None:
+        if process is None or process.vcpu is None:
+            return
+        src = self.space(source.vcpu) if source is not None and source.vcpu is not None else None
+        self.trace.events.append((len(self.trace), kind, self.space(process.vcpu), slot, desc, src))
+
+    def _on_tls_load(self, task, slot: int, how: str, desc, source) -> None:
+        if how != "keep":   # "keep": the slot holds what it held
+            self._event(how, task.process, slot, desc, source)
+
+    def _on_new_address_space(self, process, how: str) -> None:
+        if how == "fork":
+            self._event("fork", process, None, None, process.parent)
 
     def step(self, trap, insn) -> Verdict:
         v = trap.violation
         vcpu = trap.domain.vcpu
-        space = self._spaces.get(vcpu)
-        if space is None:
-            space = self._spaces[vcpu] = self._made
-            self._made += 1
         t = self.trace
-        index = len(t)
         in_slot = is_tls_selector(v.selector)
-        if in_slot and not is_probe_descriptor(v.descriptor):
-            t.reloads[index] = v.descriptor
-        t.space.append(space)
+        t.space.append(self.space(vcpu))
         t.segment.append(SEGMENTS.index(v.segment))
         t.selector.append(v.selector & 0xFFFF)
         t.eip.append(v.eip)
@@ -169,11 +192,10 @@ class ReplayError(RuntimeError):
 
 
 class _Space:
-    """One address space of the replay: its identity (rules key state by vCPU), its clock, and the CPU's
-    one table of TLS slots, shared by every space (the guest kernel carries slots across switches)."""
+    """One address space of the replay: its identity (rules key state by vCPU), its clock, its TLS slots."""
 
-    def __init__(self, table: dict[int, SegmentDescriptor]) -> None:
-        self.descriptors = table
+    def __init__(self, descriptors: dict[int, SegmentDescriptor]) -> None:
+        self.descriptors = descriptors
         self.now = 0
 
     def set_descriptor(self, index: int, desc: SegmentDescriptor) -> None:
@@ -261,31 +283,45 @@ class Replay:
 def replay(trace: AccessTrace, strategy: OnlineStrategy) -> Replay:
     """Run ``strategy`` (made with :func:`replaying`) over ``trace``; ReplayError if it refuses an access."""
     domain = _Domain(trace.profile)
-    table: dict[int, SegmentDescriptor] = {}                 # the CPU's TLS slots
     spaces: dict[int, _Space] = {}
-    homes: dict[tuple[int, int], SegmentDescriptor] = {}     # (space, slot) -> what the kernel last loaded
+    homes: dict[int, dict[int, SegmentDescriptor]] = {}   # space -> slot -> what its kernel last loaded
+
+    def space(number: int) -> _Space:
+        here = spaces.get(number)
+        if here is None:
+            here = spaces[number] = _Space({})
+            homes[number] = {}
+        return here
+
+    events = iter(trace.events)
+    event = next(events, None)
     c = strategy.counters
     for i in range(len(trace)):
-        space, selector = trace.space[i], trace.selector[i]
-        here = spaces.get(space)
-        if here is None:
-            here = spaces[space] = _Space(table)
+        while event is not None and event[0] <= i:
+            _, kind, number, slot, desc, source = event
+            if kind == "reload":
+                space(number).descriptors[slot] = homes[number][slot] = desc
+            elif kind == "carry":
+                space(number).descriptors[slot] = space(source).descriptors.get(slot)
+            elif kind == "fork":
+                space(number).descriptors.update(space(source).descriptors)
+                homes[number].update(homes[source])
+            event = next(events, None)
+        here = space(trace.space[i])
         here.now = trace.instructions[i]
         domain.vcpu = here
         domain.access_index = i
+        selector = trace.selector[i]
         index = layout.selector_index(selector)
         in_slot = is_tls_selector(selector)
         if in_slot:
-            reload = trace.reloads.get(i)
-            if reload is not None:
-                table[index] = homes[space, index] = reload
-            if index not in table:
-                raise ReplayError(f"access {i}: TLS slot {index} has no descriptor to replay from")
+            if here.descriptors.get(index) is None:
+                raise ReplayError(f"access {i}: TLS slot {index} is empty in address space {trace.space[i]}")
             # the orphan path of a rule asks what the kernel would load here: this space's last load
-            domain.policy.home = homes.get((space, index), table[index])
+            domain.policy.home = homes[trace.space[i]].get(index)
         offset, size, write = trace.offset[i], trace.size[i], bool(trace.write[i])
         for _ in range(4):
-            desc = table[index] if in_slot else None
+            desc = here.descriptors[index] if in_slot else None
             if in_slot and check_data_access(desc, offset, size, write):
                 break
             c.traps += 1

@@ -156,6 +156,10 @@ class Kernel:
         self.end_reason = ""
         self.killed_at_end: list[int] = []
         self.on_new_address_space: list[Callable] = []  # hypervisor hooks (strategies' per-process state)
+        # observers of every TLS slot a switch loads: hook(task, slot, how, descriptor, source process) with
+        # how "reload" (the task's own TLS, shaped), "carry" (the CPU's content, from the source process's
+        # vCPU) or "keep" (the previous owner's vCPU is gone: the task's own last content); observes only
+        self.on_tls_load: list[Callable] = []
         self._retired_machine = {"segment_loads": 0, "page_faults": 0, "violations": {}, "segments": {}}
         self._retired_sites: dict[tuple, dict] = {}
         self.object_maps: dict[str, object] = {}  # program -> its last address space's file mappings (naming)
@@ -368,14 +372,18 @@ class Kernel:
             want = task.tls.get(slot)
             before = prev.tls.get(slot) if prev is not None else None
             if prev is None or want != before:
-                installed = self.shape(want) if want is not None else None
+                installed, how = (self.shape(want) if want is not None else None), "reload"
                 if prev is not None:
                     self.tls_reloads += 1
                     task.process.tls_reloads += 1
+            elif carried is not None:
+                installed, how = carried[slot], "carry"
             else:
-                installed = carried[slot] if carried is not None else vcpu.descriptors[slot]
+                installed, how = vcpu.descriptors[slot], "keep"
             if vcpu.descriptors[slot] != installed:
                 vcpu.set_descriptor(slot, installed)
+            for hook in self.on_tls_load:
+                hook(task, slot, how, installed, prev.process if how == "carry" else None)
         self.gdt_owner = task
 
     def block(self, task: Task, blocked: Block) -> None:

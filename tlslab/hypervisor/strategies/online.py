@@ -26,6 +26,7 @@ correctness.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 
 from tlslab.hypervisor import costmodel
@@ -99,6 +100,18 @@ class OnlineStrategy(Strategy):
         self._emulator = EmulateStrategy()
         self._emulator.counters = self.counters   # one set of counters: its work is ours
         self._flips: dict = {}
+        self._spaces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # vcpu -> its number
+        self._spaces_made = 0
+
+    def space_number(self, vcpu) -> int:
+        """A number for ``vcpu``'s address space, never reused. Per-space state keyed by ``id(vcpu)`` was
+        inherited by a later vCPU that Python gave a freed one's id: multi-process decisions then
+        depended on memory allocation (one run of a dash loop took 1,033 faults, the next 1,363)."""
+        number = self._spaces.get(vcpu)
+        if number is None:
+            number = self._spaces[vcpu] = self._spaces_made
+            self._spaces_made += 1
+        return number
 
     def step(self, trap: Trap, insn) -> Verdict:
         v = trap.violation
@@ -155,14 +168,14 @@ class SiteStreakStrategy(OnlineStrategy):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self.hot: set = set()
-        self._last: dict = {}    # vcpu slot -> (site, streak)
+        self._last: dict = {}    # (space number, selector) -> (site, streak)
 
     def decide(self, trap: Trap, insn, sign: int) -> Verdict:
         v = trap.violation
         key = (v.eip, sign)
         if sign > 0 or key in self.hot:
             return self.flip(trap)
-        where = (id(trap.domain.vcpu), v.selector)
+        where = (self.space_number(trap.domain.vcpu), v.selector)
         last, streak = self._last.get(where, (None, 0))
         streak = streak + 1 if last == key else 1
         self._last[where] = (key, streak)
@@ -202,8 +215,9 @@ class RateStrategy(OnlineStrategy):
     def decide(self, trap: Trap, insn, sign: int) -> Verdict:
         vcpu = trap.domain.vcpu
         now = vcpu.instructions_retired()
-        gap = now - self._last_at.get(id(vcpu), now)
-        self._last_at[id(vcpu)] = now
+        space = self.space_number(vcpu)
+        gap = now - self._last_at.get(space, now)
+        self._last_at[space] = now
         self._avg += gap - self._avg // RATE_WINDOW
         self._dwell += 1
         if self._dwell >= RATE_DWELL and self._avg < RATE_DENSE * RATE_WINDOW:
@@ -264,12 +278,12 @@ class ProbeStrategy(OnlineStrategy):
         self.seen: dict = {}
         self.next_probe: dict = {}
         self.ambiguous: set = set()   # sites whose probes measured different remaining runs
-        self._probes: dict = {}       # (vcpu id, selector) -> Probe
+        self._probes: dict = {}       # (space number, selector) -> Probe
         self._previous = 0            # address of the previous fault this strategy handled
 
     def decide(self, trap: Trap, insn, sign: int) -> Verdict:
         v = trap.violation
-        where = (id(trap.domain.vcpu), v.selector)
+        where = (self.space_number(trap.domain.vcpu), v.selector)
         key = ((v.eip, sign), (v.eip, sign, self._previous))   # (site, site in context)
         self._previous = v.eip
         probe = self._probes.pop(where, None)
