@@ -38,6 +38,13 @@ def negative_gs_sites(sites) -> tuple[int, int]:
     return sum(negative), len(negative)
 
 
+def describe_sites(negative_accesses: int, negative_sites: int, bound_faults: int) -> str:
+    """The figures of :func:`negative_gs_sites` with the bound's faults, in words (summary, report, hybrid)."""
+    return (f"{negative_accesses:,} negative %gs accesses at {negative_sites:,} sites "
+            f"({negative_accesses / negative_sites:,.1f} per site; the bound's {bound_faults:,} faults, "
+            f"{bound_faults / negative_sites:,.1f} per site)")
+
+
 @dataclass(frozen=True)
 class PolicyCost:
     policy: str

@@ -358,10 +358,7 @@ def fmt_shortfall(row: dict) -> str:
         if cost["vs_bound"] is not None:
             parts.append(f"{name}'s {cost['probes']:,} probes cost about {cost['vs_bound']:.2f}x")
     if why.get("negative_sites"):
-        sites = why["negative_sites"]
-        parts.append(f"{why['negative_accesses']:,} negative %gs accesses at {sites:,} sites "
-                     f"({why['negative_accesses'] / sites:,.1f} per site; the bound's {row['bound_faults']:,} "
-                     f"faults, {row['bound_faults'] / sites:,.1f} per site)")
+        parts.append(hybrid.describe_sites(why["negative_accesses"], why["negative_sites"], row["bound_faults"]))
     return f"{row['workload']} ({row['variant']}): " + "; ".join(parts)
 
 

@@ -43,7 +43,6 @@ and ``%gs``, and processes forked and switched in short time slices
 
 from __future__ import annotations
 
-import weakref
 from array import array
 from dataclasses import asdict, dataclass, field, replace
 
@@ -108,8 +107,6 @@ class AccessRecorder(OnlineStrategy):
     def __init__(self, options=None) -> None:
         super().__init__(options)
         self.trace = AccessTrace()
-        self._spaces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # vcpu -> space number
-        self._made = 0
 
     def attach(self, domain) -> None:
         self.trace.profile = domain.policy.profile
@@ -120,18 +117,11 @@ class AccessRecorder(OnlineStrategy):
         domain.first_process.tls_hooks.append(
             lambda slot, requested, installed: self._event("reload", kernel.current.process, slot, installed))
 
-    def space(self, vcpu) -> int:
-        number = self._spaces.get(vcpu)
-        if number is None:
-            number = self._spaces[vcpu] = self._made
-            self._made += 1
-        return number
-
     def _event(self, kind: str, process, slot, desc, source=None) -> None:
         if process is None or process.vcpu is None:
             return
-        src = self.space(source.vcpu) if source is not None and source.vcpu is not None else None
-        self.trace.events.append((len(self.trace), kind, self.space(process.vcpu), slot, desc, src))
+        src = self.space_number(source.vcpu) if source is not None and source.vcpu is not None else None
+        self.trace.events.append((len(self.trace), kind, self.space_number(process.vcpu), slot, desc, src))
 
     def _on_tls_load(self, task, slot: int, how: str, desc, source) -> None:
         if how != "keep":   # "keep": the slot holds what it held
@@ -146,7 +136,7 @@ class AccessRecorder(OnlineStrategy):
         vcpu = trap.domain.vcpu
         t = self.trace
         in_slot = is_tls_selector(v.selector)
-        t.space.append(self.space(vcpu))
+        t.space.append(self.space_number(vcpu))
         t.segment.append(SEGMENTS.index(v.segment))
         t.selector.append(v.selector & 0xFFFF)
         t.eip.append(v.eip)

@@ -173,8 +173,7 @@ def run(args) -> int:
     console.print(t)
     if negative_sites:
         console.print(escape(
-            f"{negative_accesses:,} negative %gs accesses at {negative_sites:,} sites "
-            f"({negative_accesses / negative_sites:,.1f} per site); the bound takes {bound.faults:,} faults, "
-            f"{bound.faults / negative_sites:,.1f} per site: where that is a handful, learning a site (a probe, "
-            "about one fault) costs much of what there is to save there (docs/online-strategies.md)"))
+            hybrid.describe_sites(negative_accesses, negative_sites, bound.faults)
+            + ": where the bound's faults per site are a handful, learning a site (a probe, about one fault) "
+            "costs much of what there is to save there (docs/online-strategies.md)"))
     return 0
