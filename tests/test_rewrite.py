@@ -110,3 +110,74 @@ def test_mixed_site_is_unpatched_and_flips(native):
     assert len(unpatch) == 1 and unpatch[0].old == "64" and unpatch[0].new == "65"
     assert d.vcpu.mem.read(unpatch[0].address, 1) == b"\x65"
     assert r.counters["strategy"]["by_kind"].get("flip-to-expand-down", 0) > 0
+
+
+# ------------------------------------------------------------------ threads: the twin follows each TCB
+def _switch_recorder(monkeypatch):
+    """Record, after every switch, the running thread's TCB slot and the %fs twin slot."""
+    from tlslab.linux import kernel as K
+    seen = []
+    original = K.Kernel.switch_to
+
+    def recording(self, task):
+        original(self, task)
+        d = task.process.vcpu.descriptors
+        seen.append((task.tid, d[layout.GDT_ENTRY_TLS_MIN], d[FS_SLOT]))
+
+    monkeypatch.setattr(K.Kernel, "switch_to", recording)
+    return seen
+
+
+@pytest.mark.parametrize("build", ["threads", "threads.nosegneg"])
+def test_threads_each_get_their_own_twin(build, native, monkeypatch):
+    seen = _switch_recorder(monkeypatch)
+    d, _ = make_domain(RunSpec(build, ("4", "30"), strategy="rewrite"))
+    r = d.run()
+    nat = native(build, ("4", "30"))
+    assert r.ok, r.crash
+    assert (r.status, r.stdout) == (nat.status, nat.stdout)
+    c = r.counters["strategy"]
+    assert c["traps"] == c["patches"] == len(d.strategy.patched) > 0   # one trap per site, every thread
+    assert c["by_kind"]["fs-twin-switched"] > 0
+    assert c["descriptor_writes"] == 1 + c["by_kind"]["fs-twin-switched"]
+    assert len({tid for tid, _, _ in seen}) >= 5
+    bases = set()
+    for tid, gs, twin in seen:
+        if twin is None:   # before the main thread installed its TCB
+            continue
+        assert twin.expand_down and twin.base == gs.base, f"tid {tid} ran with another thread's twin"
+        bases.add(twin.base)
+    assert len(bases) >= 5
+
+
+def test_without_the_switch_hook_the_base_check_refuses(monkeypatch):
+    """The safety net: a twin that did not follow the switch is caught at the next trap, never used."""
+    from tlslab.hypervisor.strategies import rewrite as R
+    monkeypatch.setattr(R.FsTwinABI, "_on_switch", lambda self, task: None)
+    d, _ = make_domain(RunSpec("threads", ("4", "30"), strategy="rewrite"))
+    r = d.run()
+    assert r.crash is not None and "is not the %fs twin's" in r.crash.describe()
+
+
+def test_a_thread_without_a_tcb_gets_an_empty_twin_and_a_refusal(monkeypatch):
+    """A thread whose TLS slot holds no flat TCB: %fs cannot reach the previous thread's variables."""
+    from dataclasses import replace
+
+    from tlslab.linux import kernel as K
+    original = K.Kernel.clone_thread
+
+    def odd_tls(self, parent_task, child_stack, tls_desc):
+        if tls_desc is not None:
+            slot, requested = tls_desc
+            tls_desc = (slot, replace(requested, limit=0xFFFF, granularity=False))  # not glibc's TCB shape
+        return original(self, parent_task, child_stack, tls_desc)
+
+    monkeypatch.setattr(K.Kernel, "clone_thread", odd_tls)
+    seen = _switch_recorder(monkeypatch)
+    d, _ = make_domain(RunSpec("threads", ("4", "30"), strategy="rewrite"))
+    r = d.run()
+    assert r.crash is not None and "holds no TCB descriptor" in r.crash.describe()
+    odd = [twin for tid, gs, twin in seen if gs is not None and gs.limit == 0xFFFF]
+    assert odd, "no thread with the odd descriptor ran"
+    for twin in odd:
+        assert twin.dc and twin.limit == 0xFFFFF and twin.granularity   # empty: no offset valid

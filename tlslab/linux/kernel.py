@@ -160,6 +160,9 @@ class Kernel:
         # how "reload" (the task's own TLS, shaped), "carry" (the CPU's content, from the source process's
         # vCPU) or "keep" (the previous owner's vCPU is gone: the task's own last content); observes only
         self.on_tls_load: list[Callable] = []
+        # hypervisor hooks run once a switch has loaded a task's TLS slots: hook(task); they may act
+        # (the rewrite ABI's %fs twin follows the running thread's %gs)
+        self.after_tls_load: list[Callable] = []
         self._retired_machine = {"segment_loads": 0, "page_faults": 0, "violations": {}, "segments": {}}
         self._retired_sites: dict[tuple, dict] = {}
         self.object_maps: dict[str, object] = {}  # program -> its last address space's file mappings (naming)
@@ -385,6 +388,8 @@ class Kernel:
             for hook in self.on_tls_load:
                 hook(task, slot, how, installed, prev.process if how == "carry" else None)
         self.gdt_owner = task
+        for hook in self.after_tls_load:
+            hook(task)
 
     def block(self, task: Task, blocked: Block) -> None:
         """``task``'s system call must wait: re-run its ``int $0x80`` when ``blocked.ready()``."""

@@ -16,6 +16,16 @@ covering everything below the base -- or, without truncation (``native``), an
 exact copy; and loads ``%fs`` with selector 0x3b. ``%fs`` then belongs to the
 hypervisor.
 
+Threads: every NPTL thread has its own TCB, so its own ``%gs`` base (clone's
+CLONE_SETTLS puts the thread's descriptor in the same TLS slot). The twin
+follows the running thread: each time a switch has loaded a thread's TLS
+slots (``Kernel.after_tls_load``), the ABI installs the twin of that thread's
+TCB descriptor in slot 7 -- what a XenLinux whose ``__switch_to`` loads one
+more TLS entry per thread would do -- and counts the descriptor write. A
+rewritten site therefore reaches the running thread's own variables; a
+thread whose slot holds no TCB gets an empty twin (every ``%fs`` access
+faults) and the strategy refuses from then on.
+
 Hazard: a guest that uses ``%fs`` itself (fs-user). The ABI notices (a) a
 guest set_thread_area into slot 7, (b) ``%fs`` holding a selector other than
 0x3b at any trap, (c) ``%fs`` already loaded when the TCB is installed. From
@@ -52,6 +62,7 @@ from dataclasses import dataclass
 from tlslab.hypervisor import patches as P
 from tlslab.hypervisor.patchpolicy import DEFAULT_PATCH_DIR, check_patch_options
 from tlslab.hypervisor.strategies.base import Strategy, Trap, Verdict, WatchesLeaks, fetch_and_decode
+from tlslab.hypervisor.strategies.online import probe_descriptor
 from tlslab.machine import layout
 from tlslab.machine.memory import PROT_EXEC
 from tlslab.x86 import xen
@@ -77,13 +88,35 @@ class FsTwinABI:
         self.counters = counters
         self.domain = None
         self.twin = None
+        self.tcb_slot: int | None = None  # the TLS slot of the TCB the twin mirrors (glibc: 6)
         self.installed = False
         self.conflict: str | None = None
 
     def attach(self, domain) -> "FsTwinABI":
         self.domain = domain
         domain.process.tls_hooks.append(self._on_set_thread_area)
+        kernel = getattr(domain, "kernel", None)
+        if kernel is not None:
+            kernel.after_tls_load.append(self._on_switch)
         return self
+
+    def _on_switch(self, task) -> None:
+        """A switch loaded ``task``'s TLS slots: give slot 7 the twin of its own TCB descriptor."""
+        if not self.installed or self.conflict is not None:
+            return
+        requested = task.tls.get(self.tcb_slot)
+        vcpu = task.process.vcpu
+        if not _is_flat_tcb(requested):
+            # nothing to mirror: an empty twin, so a rewritten site faults (and is refused) instead of
+            # reaching another thread's variables through the previous thread's twin
+            self.conflict = (f"thread {task.tid}'s TLS slot {self.tcb_slot} holds no TCB descriptor "
+                             "for the %fs twin to mirror")
+            if vcpu.descriptors[FS_SLOT] is not None:
+                vcpu.set_descriptor(FS_SLOT, probe_descriptor(vcpu.descriptors[FS_SLOT]))
+                if self.counters is not None:
+                    self.counters.descriptor_writes += 1
+            return
+        self._set_twin(vcpu, self.domain.kernel.shape(requested), "fs-twin-switched")
 
     def _twin_of(self, installed):
         d = self.domain
@@ -97,8 +130,13 @@ class FsTwinABI:
                 self.conflict = (f"guest installed its own descriptor in GDT TLS slot {FS_SLOT} "
                                  f"(the %fs slot of the rewrite ABI)")
             return
-        if not self.installed and self.conflict is None and _is_flat_tcb(requested) and installed is not None:
-            self.install(installed)
+        if self.conflict is not None or not _is_flat_tcb(requested) or installed is None:
+            return
+        if not self.installed:
+            if self.install(installed):
+                self.tcb_slot = index
+        elif index == self.tcb_slot:   # the running thread replaced its TCB descriptor
+            self._set_twin(self.domain.vcpu, installed, "fs-twin-replaced")
 
     def install(self, gs_installed) -> bool:
         """Install the twin of ``gs_installed`` in slot 7 and load %fs; False (conflict set) if impossible."""
@@ -117,10 +155,25 @@ class FsTwinABI:
         vcpu.set_descriptor(FS_SLOT, twin)
         vcpu.regs.set("fs", FS_SELECTOR)
         self.twin, self.installed = twin, True
+        if self.tcb_slot is None:
+            self.tcb_slot = next((i for i in layout.TLS_SLOTS if vcpu.descriptors[i] == gs_installed), None)
         if self.counters is not None:
             self.counters.descriptor_writes += 1
             self.counters.count("fs-twin-installed")
         return True
+
+    def _set_twin(self, vcpu, gs_installed, kind: str) -> None:
+        """Make slot 7 the twin of ``gs_installed`` (a descriptor write only when it changes)."""
+        twin = self._twin_of(gs_installed)
+        if twin is None:
+            self.conflict = "no expand-down twin exists for the running thread's %gs descriptor"
+            return
+        self.twin = twin
+        if vcpu.descriptors[FS_SLOT] != twin:
+            vcpu.set_descriptor(FS_SLOT, twin)
+            if self.counters is not None:
+                self.counters.descriptor_writes += 1
+                self.counters.count(kind)
 
     def check(self) -> str | None:
         """Why %fs no longer belongs to the ABI (None: it does)."""
@@ -132,10 +185,12 @@ class FsTwinABI:
                 self.conflict = f"guest loaded selector {fs:#x} into %fs (the ABI's is {FS_SELECTOR:#x})"
             elif self.domain.vcpu.descriptors[FS_SLOT] != self.twin:
                 self.conflict = f"GDT TLS slot {FS_SLOT} no longer holds the %fs twin"
-            elif (gs := self.domain.vcpu.descriptors[FS_SLOT - 1]) is not None and gs.base != self.twin.base:
-                # another thread's TCB: one twin serves one %gs base (per-thread twins are not modelled)
+            elif (self.tcb_slot is not None and (gs := self.domain.vcpu.descriptors[self.tcb_slot]) is not None
+                  and gs.base != self.twin.base):
+                # the twin follows each thread's TCB (_on_switch): a thread whose slot holds no TCB
+                # descriptor the ABI could mirror would reach another thread's variables
                 self.conflict = (f"the running thread's %gs base {gs.base:#x} is not the %fs twin's "
-                                 f"{self.twin.base:#x} (threads need a twin each; not modelled)")
+                                 f"{self.twin.base:#x} (its TLS slot {self.tcb_slot} holds no TCB to mirror)")
         return self.conflict
 
 
