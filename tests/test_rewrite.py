@@ -181,3 +181,88 @@ def test_a_thread_without_a_tcb_gets_an_empty_twin_and_a_refusal(monkeypatch):
     assert odd, "no thread with the odd descriptor ran"
     for twin in odd:
         assert twin.dc and twin.limit == 0xFFFFF and twin.granularity   # empty: no offset valid
+
+
+# ------------------------------------------------------------------ processes: fork, exec, shared pages
+# a subshell (fork) meets libc's chdir errno site first, then the shell itself; ls runs twice (exec)
+SHARED_SCRIPT = ("(cd /nonexistent 2>/dev/null; /bin/true); cd /nonexistent 2>/dev/null; echo $?; "
+                 "(/bin/ls /nonexistent 2>/dev/null); /bin/ls /nonexistent 2>/dev/null; "
+                 "/bin/ls /usr/lib/i386-linux-gnu | /bin/grep -c so; echo end")
+
+
+def _dash(strategy, script=SHARED_SCRIPT, **options):
+    d, _ = make_domain(RunSpec("/bin/dash", ("-c", script), rootfs="debian", tree=None, strategy=strategy,
+                               **options))
+    return d, d.run()
+
+
+@pytest.fixture(scope="module")
+def dash_native(debian_rootfs):
+    return _dash("native")[1]
+
+
+def test_shared_patches_reach_every_process_once(dash_native):
+    """Shared mode: a patch is in the file's page-cache page, so the live parent and every later exec
+    see it: no page-cache byte is ever patched twice, and every trap is a site's first."""
+    from collections import Counter
+    d, r = _dash("rewrite", page_sharing="shared")
+    assert r.ok, r.crash
+    assert (r.status, r.stdout) == (dash_native.status, dash_native.stdout)
+    assert r.counters["kernel"]["processes"] >= 5
+    pc = d.first_process.page_cache
+    c = r.counters["strategy"]
+    assert c["traps"] == c["patches"] == len(pc.patches) > 0
+    patched_twice = [k for k, n in Counter((p.node_id, p.file_offset) for p in pc.patches).items() if n > 1]
+    assert patched_twice == []
+    assert r.counters["page_cache"]["mapped_patches"] > 0          # execs mapped patched pages
+    # each image installs its own twin at its own TCB; a forked child has its parent's (every process
+    # of this script but the shell ends in an exec, so: one install per process)
+    assert c["by_kind"]["fs-twin-installed"] == r.counters["kernel"]["processes"]
+
+
+def test_private_patches_are_per_address_space(dash_native):
+    """Private mode: each exec'd image patches its own copy (more traps), with the same output."""
+    _, shared = _dash("rewrite", page_sharing="shared")
+    d, r = _dash("rewrite", page_sharing="private")
+    assert r.ok, r.crash
+    assert (r.status, r.stdout) == (dash_native.status, dash_native.stdout)
+    assert r.counters["page_cache"]["shared_patches"] == 0
+    assert r.counters["page_cache"]["private_patches"] == r.counters["strategy"]["patches"]
+    assert r.counters["strategy"]["traps"] > shared.counters["strategy"]["traps"]
+
+
+def test_a_forked_child_keeps_the_parents_patches(debian_rootfs):
+    """The shell meets its sites first, then forks subshells doing the same: under private pages each
+    child's memory is a copy of the parent's patched code, so the subshells add no trap (emulate pays
+    in every one)."""
+    def script(n):
+        return "cd /nonexistent 2>/dev/null; echo $?; for i in " + " ".join("1" * n) + \
+            "; do (cd /nonexistent 2>/dev/null; echo $?); done"
+    one, six = _dash("rewrite", script(1), page_sharing="private")[1], _dash("rewrite", script(6), page_sharing="private")[1]
+    nat = _dash("native", script(6))[1]
+    assert six.ok and six.stdout == nat.stdout and six.counters["kernel"]["processes"] == 7
+    assert six.counters["strategy"]["traps"] == one.counters["strategy"]["traps"] > 0
+    emu_one, emu_six = _dash("emulate", script(1))[1], _dash("emulate", script(6))[1]
+    assert emu_six.counters["strategy"]["traps"] > emu_one.counters["strategy"]["traps"]
+
+
+def test_new_mappings_show_shared_patches_in_order():
+    """PageCache.map_file with memory: every shared patch of the file inside the mapping, in order."""
+    from types import SimpleNamespace
+
+    from tlslab.linux.pagecache import PageCache
+    node = object()
+    pc = PageCache()
+    pc.map_file(node, [SimpleNamespace(vaddr=0x1000, filesz=0x100, offset=0x40)])
+    assert pc.note_patch(0x1010, b"\x65", b"\x64", shared=True)
+    assert pc.note_patch(0x1020, b"\x65", b"\x64", shared=True)
+    assert pc.note_patch(0x1020, b"\x64", b"\x65", shared=True)     # un-patched: mixed
+    assert not pc.note_patch(0x1030, b"\x65", b"\x64", shared=False)
+    view = pc.fork(keep_mappings=False)
+    mem = bytearray(b"\x65" * 0x400)
+    writer = SimpleNamespace(write=lambda a, b: mem.__setitem__(slice(a - 0x2000, a - 0x2000 + len(b)), b))
+    assert view.map_file(node, [SimpleNamespace(vaddr=0x2000, filesz=0x100, offset=0x40)], writer) == 3
+    assert mem[0x10] == 0x64 and mem[0x20] == 0x65 and mem[0x30] == 0x65
+    assert view.shared_patch_at(0x2020).new == b"\x65" and view.shared_patch_at(0x2030) is None
+    assert view.addresses_of(node, 0x50, 1) == [0x2010]
+    assert pc.as_dict()["mapped_patches"] == 3 and pc.as_dict()["private_patches"] == 1

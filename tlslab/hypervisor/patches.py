@@ -136,8 +136,12 @@ def patch_code(domain, address: int, new: bytes, *, patch_set: PatchSet, kind: s
     process = domain.process
     page_cache = getattr(process, "page_cache", None)
     if page_cache is not None:
-        page_cache.note_patch(address, old, new, shared)
+        where = page_cache.file_offset(address)
+        if page_cache.note_patch(address, old, new, shared):
+            _share_with_live_processes(domain, process, where, old, new)
     image = getattr(process, "image", None)
+    if image is not None and getattr(patch_set, "binary_path", None) not in (None, getattr(image, "path", None)):
+        image = None   # another program (after an exec): not a place in the set's binary
     patch = Patch(address=address, symbol=domain.symbolize(address), file_offset=file_offset_of(image, address),
                   old=old.hex(), new=bytes(new).hex(), strategy=patch_set.strategy, kind=kind,
                   instruction=instruction, why=why)
@@ -147,10 +151,31 @@ def patch_code(domain, address: int, new: bytes, *, patch_set: PatchSet, kind: s
     return patch
 
 
+def _share_with_live_processes(domain, patcher, where, old: bytes, new: bytes) -> int:
+    """A shared patch changed a page-cache page: every other live process mapping that page sees it
+    (the model copies pages per process, so the bytes are written into each; Linux would share the
+    page). Returns how many mappings changed."""
+    kernel = getattr(domain, "kernel", None)
+    if kernel is None or where is None:
+        return 0
+    node, offset = where
+    changed = 0
+    for q in kernel.live_processes():
+        if q is patcher or q.vcpu is None or getattr(q, "page_cache", None) is None:
+            continue
+        for vaddr in q.page_cache.addresses_of(node, offset, len(new)):
+            if q.mem.read(vaddr, len(old)) == old:
+                q.mem.write(vaddr, new)
+                q.vcpu.invalidate_code(vaddr, len(new))
+                changed += 1
+    return changed
+
+
 def new_patch_set(domain, strategy: str) -> PatchSet:
     ps = PatchSet(strategy=strategy)
     image = getattr(domain.process, "image", None)
     path = getattr(image, "path", "") if image is not None else ""
+    ps.binary_path = path or None   # not part of the record: which program's file offsets the set holds
     if path and os.path.exists(path):
         ps.guest = os.path.basename(path)
         with open(path, "rb") as f:

@@ -25,7 +25,11 @@ The model, and nothing more:
   (and not its old bytes) is a leak: "patched bytes reached a file". Leaks are
   recorded and passed to ``on_leak`` listeners (the patching strategy counts
   them). Known limits: a patch split across two write() calls, or copied to a
-  different offset, is not detected; mmap(2) of the file does not see patches.
+  different offset, is not detected.
+* A new mapping of a file (exec, the interpreter, mmap(2)) shows its shared
+  patches (``map_file(..., mem)``), as every mapping of a page-cache page
+  does; an address space mapped *before* a patch keeps its own copy (the model
+  copies pages per process), so the patch reaches it only if it patches too.
 """
 
 from __future__ import annotations
@@ -68,7 +72,10 @@ class PageCache:
     mappings: list[_Mapping] = field(default_factory=list)
     patches: list[FilePatch] = field(default_factory=list)
     private_patches: int = 0
-    tainted_reads: int = 0
+    mapped_patches: int = 0   # shared patches a new mapping of a patched file showed (map_file)
+    tainted_reads: int = 0    # this address space's reads that returned patched bytes (its taint)
+    # the same three counted over every address space of the run (shared by every view; as_dict)
+    totals: dict = field(default_factory=lambda: {"private_patches": 0, "mapped_patches": 0, "tainted_reads": 0})
     leaks: list[Leak] = field(default_factory=list)
     on_leak: list[Callable[[Leak], None]] = field(default_factory=list)
 
@@ -78,16 +85,50 @@ class PageCache:
         Patches and leaks are the files' state, shared by every process.
         """
         view = PageCache(mappings=list(self.mappings) if keep_mappings else [], patches=self.patches,
-                         leaks=self.leaks, on_leak=self.on_leak)
+                         leaks=self.leaks, on_leak=self.on_leak, totals=self.totals)
         view.private_patches = self.private_patches if keep_mappings else 0
         return view
 
     # ------------------------------------------------------------ mapping
-    def map_file(self, node, segments) -> None:
-        """Register the file-backed part of each PT_LOAD (objects with vaddr/filesz/offset)."""
+    def map_file(self, node, segments, mem=None) -> int:
+        """Register the file-backed part of each PT_LOAD (objects with vaddr/filesz/offset).
+
+        With ``mem`` (the address space just mapped), the new mapping shows the page-cache pages
+        as they are: every shared patch of the file inside it is written there, in the order
+        the patches were made (an un-patch restores). Returns how many were applied.
+        """
+        applied = 0
         for s in segments:
-            if s.filesz:
-                self.mappings.append(_Mapping(node, s.vaddr, s.filesz, s.offset))
+            if not s.filesz:
+                continue
+            m = _Mapping(node, s.vaddr, s.filesz, s.offset)
+            self.mappings.append(m)
+            if mem is None or not self.patches:
+                continue
+            nid = id(node)
+            for p in self.patches:
+                if p.node_id == nid and m.offset <= p.file_offset and p.file_offset + len(p.new) <= m.offset + m.size:
+                    mem.write(m.vaddr + (p.file_offset - m.offset), p.new)
+                    applied += 1
+        self.mapped_patches += applied
+        self.totals["mapped_patches"] += applied
+        return applied
+
+    def addresses_of(self, node, file_offset: int, size: int) -> list[int]:
+        """Guest addresses where this address space maps bytes ``[file_offset, +size)`` of ``node``."""
+        return [m.vaddr + (file_offset - m.offset) for m in self.mappings
+                if m.node is node and m.offset <= file_offset and file_offset + size <= m.offset + m.size]
+
+    def shared_patch_at(self, vaddr: int) -> FilePatch | None:
+        """The last shared patch of the page-cache byte behind ``vaddr`` (None: none, or anonymous)."""
+        where = self.file_offset(vaddr)
+        if where is None:
+            return None
+        nid, off = id(where[0]), where[1]
+        for p in reversed(self.patches):
+            if p.node_id == nid and p.file_offset <= off < p.file_offset + len(p.new):
+                return p
+        return None
 
     def unmap(self, start: int, size: int) -> None:
         """Forget file mappings inside ``[start, start+size)`` (munmap, MAP_FIXED over them)."""
@@ -118,6 +159,7 @@ class PageCache:
             return False
         if not shared:
             self.private_patches += 1
+            self.totals["private_patches"] += 1
             return False
         node, off = where
         self.patches.append(FilePatch(id(node), off, vaddr, bytes(old), bytes(new)))
@@ -142,6 +184,7 @@ class PageCache:
         if out is None:
             return data
         self.tainted_reads += 1
+        self.totals["tainted_reads"] += 1
         return bytes(out)
 
     def check_write(self, path: bytes, offset: int, data: bytes) -> None:
@@ -160,5 +203,6 @@ class PageCache:
                     listener(leak)
 
     def as_dict(self) -> dict:
-        return {"shared_patches": len(self.patches), "private_patches": self.private_patches,
-                "tainted_reads": self.tainted_reads, "leaks": [leak.describe() for leak in self.leaks]}
+        """Counts over the whole run (every address space), not this view's."""
+        return {"shared_patches": len(self.patches), **self.totals,
+                "leaks": [leak.describe() for leak in self.leaks]}

@@ -179,14 +179,14 @@ class Process:
         map_image(mem, data, image)
         self.image = image
         exe = self.exe_node()
-        self.page_cache.map_file(exe, image.segments)
+        self.page_cache.map_file(exe, image.segments, mem)
         self.objects.main, self.objects.main_node = image, exe
         self._note_image(image, exe, os.fsdecode(self.guest_path))
         entry, base = image.entry, 0
         if image.interp is not None:
             node = self._guest_file(image.interp, f"{self.path}: its interpreter {image.interp}")
             self.interp = load_interpreter(mem, image.interp, node.read_at(0, node.size))
-            self.page_cache.map_file(node, self.interp.segments)
+            self.page_cache.map_file(node, self.interp.segments, mem)
             self._note_image(self.interp, node, image.interp)
             entry, base = self.interp.entry, self.interp.load_bias
         self.brk_start = self.brk = image.brk_start

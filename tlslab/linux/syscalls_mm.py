@@ -87,7 +87,7 @@ def do_mmap(p, addr: int, length: int, prot: int, flags: int, fd: int, offset: i
         p.objects.add(start, size, offset, os.fsdecode(f.path), f.node,
                       shared_writable=bool(flags & MAP_SHARED and prot & PROT_WRITE))
         if content:
-            p.page_cache.map_file(f.node, [FileRange(start, len(content), offset)])
+            p.page_cache.map_file(f.node, [FileRange(start, len(content), offset)], p.mem)
     return start
 
 

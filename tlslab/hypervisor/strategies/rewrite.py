@@ -34,6 +34,14 @@ then on the strategy *refuses*: the next trap kills the guest with the reason
 the guest's own segment is in ``%fs`` address the guest's segment: they fault
 on %fs (caught, killed with that reason) or silently access the wrong memory.
 
+Processes: a fork's child starts with the parent's patched code (its memory
+is a copy) and the parent's ABI state. With ``page_sharing="shared"`` a patch
+lands in the page-cache page of the file, so every live process mapping that
+page gets it at once and every later mapping (exec, ld.so, mmap) maps it
+rewritten (``tlslab.linux.pagecache``): a site faults once for the whole run,
+in whichever process meets it first; an exec'd image installs its own twin
+at its own TCB. With ``private`` every address space patches its own copy.
+
 Fallbacks, all counted in ``by_kind``: a site whose rewritten form meets a
 +ve offset (it serves both signs) is un-patched (64 -> 65) and marked mixed;
 a -ve fault at a mixed site, at a site the patch policy excludes, or when no
@@ -57,7 +65,8 @@ patched /lib/tls) or ``private`` (copy-on-write first); see :mod:`tlslab.linux.p
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field, replace
 
 from tlslab.hypervisor import patches as P
 from tlslab.hypervisor.patchpolicy import DEFAULT_PATCH_DIR, check_patch_options
@@ -73,10 +82,29 @@ FS_SELECTOR = (FS_SLOT << 3) | 3  # 0x3b
 _SEGMENT_PREFIXES = {0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65}
 
 
+def _segment_prefix_at(insn) -> int | None:
+    """Offset of the instruction's (last) segment-override prefix, None without one."""
+    seg_at = None
+    for i in range(insn.prefixes.count):
+        if insn.raw[i] in _SEGMENT_PREFIXES:
+            seg_at = i
+    return seg_at
+
+
 def _is_flat_tcb(desc) -> bool:
     """glibc's TCB request: present 32-bit page-granular expand-up data, limit 0xFFFFF."""
     return (desc is not None and desc.present and desc.is_data and desc.db and desc.granularity
             and not desc.expand_down and desc.limit == 0xFFFFF)
+
+
+@dataclass
+class TwinState:
+    """The fs-twin ABI in one address space (a fork copies it; an exec starts afresh)."""
+
+    twin: object = None
+    tcb_slot: int | None = None   # the TLS slot of the TCB the twin mirrors (glibc: 6)
+    installed: bool = False
+    conflict: str | None = None
 
 
 class FsTwinABI:
@@ -87,36 +115,65 @@ class FsTwinABI:
     def __init__(self, counters=None):
         self.counters = counters
         self.domain = None
-        self.twin = None
-        self.tcb_slot: int | None = None  # the TLS slot of the TCB the twin mirrors (glibc: 6)
-        self.installed = False
-        self.conflict: str | None = None
+        self._spaces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # vcpu -> TwinState
 
     def attach(self, domain) -> "FsTwinABI":
         self.domain = domain
-        domain.process.tls_hooks.append(self._on_set_thread_area)
+        domain.process.tls_hooks.append(self._on_set_thread_area)   # fork copies the hook list
         kernel = getattr(domain, "kernel", None)
         if kernel is not None:
             kernel.after_tls_load.append(self._on_switch)
+            kernel.on_new_address_space.append(self._on_new_space)
         return self
+
+    # one address space's state: the running process's (the hooks run in the process that acts)
+    def state(self, vcpu=None) -> TwinState:
+        vcpu = self.domain.vcpu if vcpu is None else vcpu
+        st = self._spaces.get(vcpu)
+        if st is None:
+            st = self._spaces[vcpu] = TwinState()
+        return st
+
+    @property
+    def installed(self) -> bool:
+        return self.state().installed
+
+    @property
+    def conflict(self) -> str | None:
+        return self.state().conflict
+
+    @property
+    def twin(self):
+        return self.state().twin
+
+    @property
+    def tcb_slot(self) -> int | None:
+        return self.state().tcb_slot
+
+    def _on_new_space(self, process, how: str) -> None:
+        """fork: the child's CPU state is the parent's (twin in slot 7, %fs loaded), so is its ABI state;
+        exec: a fresh address space starts without the ABI, until its TCB is installed."""
+        if how == "fork":
+            self._spaces[process.vcpu] = replace(self.state())   # the fork runs in the parent
 
     def _on_switch(self, task) -> None:
         """A switch loaded ``task``'s TLS slots: give slot 7 the twin of its own TCB descriptor."""
-        if not self.installed or self.conflict is not None:
-            return
-        requested = task.tls.get(self.tcb_slot)
         vcpu = task.process.vcpu
+        st = self._spaces.get(vcpu)
+        if st is None or not st.installed or st.conflict is not None:
+            return
+        requested = task.tls.get(st.tcb_slot)
         if not _is_flat_tcb(requested):
             # nothing to mirror: an empty twin, so a rewritten site faults (and is refused) instead of
             # reaching another thread's variables through the previous thread's twin
-            self.conflict = (f"thread {task.tid}'s TLS slot {self.tcb_slot} holds no TCB descriptor "
-                             "for the %fs twin to mirror")
+            st.conflict = (f"thread {task.tid}'s TLS slot {st.tcb_slot} holds no TCB descriptor "
+                           "for the %fs twin to mirror")
             if vcpu.descriptors[FS_SLOT] is not None:
                 vcpu.set_descriptor(FS_SLOT, probe_descriptor(vcpu.descriptors[FS_SLOT]))
                 if self.counters is not None:
                     self.counters.descriptor_writes += 1
             return
-        self._set_twin(vcpu, self.domain.kernel.shape(requested), "fs-twin-switched")
+        self._set_twin(st, vcpu, self.domain.kernel.shape(requested), "fs-twin-switched")
 
     def _twin_of(self, installed):
         d = self.domain
@@ -125,50 +182,54 @@ class FsTwinABI:
         return xen.flip(installed, 0xFFFFFFFC, d.policy.profile, size=4)
 
     def _on_set_thread_area(self, index: int, requested, installed) -> None:
+        st = self.state()
         if index == FS_SLOT:
-            if self.installed or self.conflict is None:
-                self.conflict = (f"guest installed its own descriptor in GDT TLS slot {FS_SLOT} "
-                                 f"(the %fs slot of the rewrite ABI)")
+            if st.installed or st.conflict is None:
+                st.conflict = (f"guest installed its own descriptor in GDT TLS slot {FS_SLOT} "
+                               f"(the %fs slot of the rewrite ABI)")
             return
-        if self.conflict is not None or not _is_flat_tcb(requested) or installed is None:
+        if st.conflict is not None or not _is_flat_tcb(requested) or installed is None:
             return
-        if not self.installed:
+        if not st.installed:
             if self.install(installed):
-                self.tcb_slot = index
-        elif index == self.tcb_slot:   # the running thread replaced its TCB descriptor
-            self._set_twin(self.domain.vcpu, installed, "fs-twin-replaced")
+                st.tcb_slot = index
+        elif index == st.tcb_slot:   # the running thread replaced its TCB descriptor
+            self._set_twin(st, self.domain.vcpu, installed, "fs-twin-replaced")
 
     def install(self, gs_installed) -> bool:
         """Install the twin of ``gs_installed`` in slot 7 and load %fs; False (conflict set) if impossible."""
         vcpu = self.domain.vcpu
+        st = self.state(vcpu)
         fs = vcpu.loaded["fs"]
         if fs and fs != FS_SELECTOR:
-            self.conflict = f"guest already holds selector {fs:#x} in %fs"
+            st.conflict = f"guest already holds selector {fs:#x} in %fs"
             return False
-        if vcpu.descriptors[FS_SLOT] is not None and not self.installed:
-            self.conflict = f"GDT TLS slot {FS_SLOT} is already in use by the guest"
+        # the guest's own requests say whether it uses slot 7 (the CPU's slot may hold what a switch
+        # carried from another process, which the twin simply replaces)
+        if self.domain.process.tls_requested.get(FS_SLOT) is not None and not st.installed:
+            st.conflict = f"GDT TLS slot {FS_SLOT} is already in use by the guest"
             return False
         twin = self._twin_of(gs_installed)
         if twin is None:
-            self.conflict = "no expand-down twin exists for the %gs descriptor"
+            st.conflict = "no expand-down twin exists for the %gs descriptor"
             return False
         vcpu.set_descriptor(FS_SLOT, twin)
         vcpu.regs.set("fs", FS_SELECTOR)
-        self.twin, self.installed = twin, True
-        if self.tcb_slot is None:
-            self.tcb_slot = next((i for i in layout.TLS_SLOTS if vcpu.descriptors[i] == gs_installed), None)
+        st.twin, st.installed = twin, True
+        if st.tcb_slot is None:
+            st.tcb_slot = next((i for i in layout.TLS_SLOTS if vcpu.descriptors[i] == gs_installed), None)
         if self.counters is not None:
             self.counters.descriptor_writes += 1
             self.counters.count("fs-twin-installed")
         return True
 
-    def _set_twin(self, vcpu, gs_installed, kind: str) -> None:
+    def _set_twin(self, st: TwinState, vcpu, gs_installed, kind: str) -> None:
         """Make slot 7 the twin of ``gs_installed`` (a descriptor write only when it changes)."""
         twin = self._twin_of(gs_installed)
         if twin is None:
-            self.conflict = "no expand-down twin exists for the running thread's %gs descriptor"
+            st.conflict = "no expand-down twin exists for the running thread's %gs descriptor"
             return
-        self.twin = twin
+        st.twin = twin
         if vcpu.descriptors[FS_SLOT] != twin:
             vcpu.set_descriptor(FS_SLOT, twin)
             if self.counters is not None:
@@ -176,22 +237,24 @@ class FsTwinABI:
                 self.counters.count(kind)
 
     def check(self) -> str | None:
-        """Why %fs no longer belongs to the ABI (None: it does)."""
-        if self.conflict:
-            return self.conflict
-        if self.installed:
-            fs = self.domain.vcpu.loaded["fs"]
+        """Why %fs no longer belongs to the ABI in the running process (None: it does)."""
+        vcpu = self.domain.vcpu
+        st = self.state(vcpu)
+        if st.conflict:
+            return st.conflict
+        if st.installed:
+            fs = vcpu.loaded["fs"]
             if fs != FS_SELECTOR:
-                self.conflict = f"guest loaded selector {fs:#x} into %fs (the ABI's is {FS_SELECTOR:#x})"
-            elif self.domain.vcpu.descriptors[FS_SLOT] != self.twin:
-                self.conflict = f"GDT TLS slot {FS_SLOT} no longer holds the %fs twin"
-            elif (self.tcb_slot is not None and (gs := self.domain.vcpu.descriptors[self.tcb_slot]) is not None
-                  and gs.base != self.twin.base):
+                st.conflict = f"guest loaded selector {fs:#x} into %fs (the ABI's is {FS_SELECTOR:#x})"
+            elif vcpu.descriptors[FS_SLOT] != st.twin:
+                st.conflict = f"GDT TLS slot {FS_SLOT} no longer holds the %fs twin"
+            elif (st.tcb_slot is not None and (gs := vcpu.descriptors[st.tcb_slot]) is not None
+                  and gs.base != st.twin.base):
                 # the twin follows each thread's TCB (_on_switch): a thread whose slot holds no TCB
                 # descriptor the ABI could mirror would reach another thread's variables
-                self.conflict = (f"the running thread's %gs base {gs.base:#x} is not the %fs twin's "
-                                 f"{self.twin.base:#x} (its TLS slot {self.tcb_slot} holds no TCB to mirror)")
-        return self.conflict
+                st.conflict = (f"the running thread's %gs base {gs.base:#x} is not the %fs twin's "
+                               f"{st.twin.base:#x} (its TLS slot {st.tcb_slot} holds no TCB to mirror)")
+        return st.conflict
 
 
 def attach_fs_abi(domain) -> FsTwinABI:
@@ -262,10 +325,22 @@ class PatchesCode(WatchesLeaks):
         return self.options.page_sharing
 
     def attach_process(self, domain, process, how: str) -> str | None:
-        # patched sites, stubs and the %fs twin are one address space's state: not modelled across
-        # fork and exec (per-process patch state is future work), so say so instead of running on
+        # rewrite-2004's stubs live in an out-of-line buffer of one address space, which patched
+        # page-cache pages in another would call into: not modelled, so say so instead of running on
+        # (rewrite overrides this: it follows fork and exec)
         return (f"{self.name} models one address space; the guest's {how} is not followed "
-                "(patch state per process is not modelled)")
+                "(its out-of-line fixup buffer is not set up in other address spaces)")
+
+
+@dataclass
+class SiteState:
+    """rewrite's sites in one address space."""
+
+    patched: dict[int, int] = field(default_factory=dict)   # site eip -> address of the rewritten prefix
+    mixed: set[int] = field(default_factory=set)             # sites un-patched: they serve both signs
+
+    def copy(self) -> SiteState:
+        return SiteState(dict(self.patched), set(self.mixed))
 
 
 class RewriteStrategy(PatchesCode, Strategy):
@@ -278,15 +353,39 @@ class RewriteStrategy(PatchesCode, Strategy):
         super().__init__(options)
         self.patch_set: P.PatchSet | None = None
         self.abi: FsTwinABI | None = None
-        self.patched: dict[int, int] = {}   # site eip -> address of the rewritten prefix byte
-        self.mixed: set[int] = set()
+        self.domain = None
+        self._spaces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # vcpu -> SiteState
         self.hazards: list[str] = []
 
     def attach(self, domain) -> None:
+        self.domain = domain
         self.patch_set = P.new_patch_set(domain, self.name)
         self.patch_set.abi = FsTwinABI.abi_name
         self.abi = FsTwinABI(self.counters).attach(domain)
         self.watch_leaks(domain)
+
+    def attach_process(self, domain, process, how: str) -> str | None:
+        """Patched sites are one address space's code: a fork's child has the parent's (its memory is a
+        copy), an exec'd image starts unpatched (the model maps file pages as the file holds them)."""
+        if how == "fork":
+            self._spaces[process.vcpu] = self.sites().copy()   # the fork runs in the parent
+        return None
+
+    def sites(self, vcpu=None) -> SiteState:
+        """The running process's patched and mixed sites."""
+        vcpu = self.domain.vcpu if vcpu is None else vcpu
+        st = self._spaces.get(vcpu)
+        if st is None:
+            st = self._spaces[vcpu] = SiteState()
+        return st
+
+    @property
+    def patched(self) -> dict[int, int]:
+        return self.sites().patched
+
+    @property
+    def mixed(self) -> set[int]:
+        return self.sites().mixed
 
     # ------------------------------------------------------------ faults
     def before_decode(self, trap: Trap) -> Verdict | None:
@@ -294,6 +393,9 @@ class RewriteStrategy(PatchesCode, Strategy):
         c = self.counters
         conflict = self.abi.check()
         if v.segment == "fs":
+            insn = fetch_and_decode(trap.domain, v.eip)
+            if not isinstance(insn, DecodeError):
+                self._learn_shared(trap.domain, v.eip, insn)
             if v.eip in self.patched and conflict is None:
                 self._unpatch(trap.domain, v.eip)
                 return Verdict.restart()
@@ -309,6 +411,7 @@ class RewriteStrategy(PatchesCode, Strategy):
         v = trap.violation
         domain = trap.domain
         negative = bool(v.offset & 0x80000000) and not v.descriptor.expand_down
+        self._learn_shared(domain, v.eip, insn)
         if negative and v.eip not in self.mixed:
             why = self._try_patch(domain, v, insn)
             if why is None:
@@ -326,15 +429,31 @@ class RewriteStrategy(PatchesCode, Strategy):
         c.count("flip-to-expand-down" if flipped.expand_down else "flip-to-expand-up")
         return Verdict.restart()
 
+    def _learn_shared(self, domain, eip: int, insn) -> None:
+        """What another process did to this site's page-cache page (shared patches reach every
+        mapping of the page): a site this address space has not met may already be rewritten, or
+        un-patched as mixed."""
+        if self.page_sharing != "shared":
+            return
+        st = self.sites()
+        seg_at = _segment_prefix_at(insn)
+        if eip in st.patched or eip in st.mixed or seg_at is None:
+            return
+        page_cache = getattr(domain.process, "page_cache", None)
+        last = page_cache.shared_patch_at(eip + seg_at) if page_cache is not None else None
+        if last is None:
+            return
+        if last.new == b"\x64" and insn.raw[seg_at] == 0x64:
+            st.patched[eip] = eip + seg_at
+        elif last.old == b"\x64" and last.new == b"\x65":
+            st.mixed.add(eip)
+
     def _try_patch(self, domain, v, insn) -> str | None:
         """Rewrite the site's gs prefix; None on success, else why not."""
         if not self.abi.installed and not self.abi.install(v.descriptor):
             return f"no %fs twin ({self.abi.conflict})"
         raw = insn.raw
-        seg_at = None
-        for i in range(insn.prefixes.count):
-            if raw[i] in _SEGMENT_PREFIXES:
-                seg_at = i
+        seg_at = _segment_prefix_at(insn)
         if seg_at is None or raw[seg_at] != 0x65:
             return "no gs override prefix to rewrite"
         addr = v.eip + seg_at
