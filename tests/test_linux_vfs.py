@@ -125,3 +125,23 @@ def test_host_directory_stream_has_dots_where_the_host_put_them(tmp_path):
     assert [n for n in stream if n not in (b".", b"..")] == names
     if dots is not None:
         assert (stream.index(b"."), stream.index(b"..")) == dots
+
+
+def test_a_root_filesystem_without_tmp_gets_a_writable_one(tmp_path):
+    """Packages do not ship /tmp (base-files makes it): a root filesystem without one gets an empty
+    1777 directory whose files live in the overlay; a root with its own /tmp keeps it, and a data
+    tree at "/" (no root filesystem) gets none."""
+    tmp_path.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    v = Vfs.from_host(tmp_path, map_owner=False, list_specials=True)
+    tmp = v.resolve(b"/tmp")
+    assert tmp.fmt == N.S_IFDIR and tmp.mode & 0o7777 == 0o1777 and tmp.uid == 0
+    assert b"tmp" in v.root.entries
+    assert v.may(tmp, 2 | 1)                      # uid 1000 may create there
+    assert not (tmp_path / "tmp").exists()        # nothing on the host
+    (tmp_path / "tmp").mkdir(mode=0o755)
+    own = Vfs.from_host(tmp_path, map_owner=False, list_specials=True).resolve(b"/tmp")
+    assert own.mode & 0o7777 == 0o755
+    data = tmp_path / "data"
+    data.mkdir()
+    assert b"tmp" not in Vfs.from_host(data).root.entries

@@ -20,6 +20,7 @@ from tlslab.linux import errno as E
 from tlslab.linux import nodes as N
 from tlslab.linux.errno import SyscallError
 
+DEV_TMPFS = (0, 23)          # the /tmp a root filesystem gets (an anonymous device, as a tmpfs has)
 OVERLAY_BYTES = 256 << 20   # what the guest's files may grow by in all (ENOSPC beyond), as the
                             # hw backend's overlay tmpfs (size=256m) allows
 MAX_SYMLINKS = 40
@@ -90,9 +91,9 @@ class Vfs:
         return view
 
     def _mount_specials(self, exe_source, listed: bool) -> None:
-        """/dev and /proc/self/exe on the root. A root filesystem lists them in "/", as a Linux
-        system's root (and the hw backend's view of one) does; a data tree at "/" hides them, so
-        that a walk of it lists exactly the tree."""
+        """/dev and /proc/self/exe on the root (and /tmp on a root filesystem without one). A root
+        filesystem lists them in "/", as a Linux system's root (and the hw backend's view of one)
+        does; a data tree at "/" hides them, so that a walk of it lists exactly the tree."""
         dev = N.Dir(self.new_ino(), dev=N.DEV_DEVTMPFS, uid=0, gid=0)
         for name, kind, minor in ((b"null", "null", 3), (b"zero", "zero", 5), (b"urandom", "urandom", 9),
                                   (b"random", "urandom", 8)):
@@ -108,6 +109,10 @@ class Vfs:
             else:
                 self.root.hidden[name] = node
             node.parent, node.name = self.root, name
+        if listed and self.root.lookup(b"tmp") is None:
+            # a root filesystem without /tmp (packages do not ship it: Debian's base-files makes it) gets
+            # an empty world-writable sticky one, as every Linux system has; its files go to the overlay
+            self.root.attach(b"tmp", N.Dir(self.new_ino(), N.S_IFDIR | 0o1777, dev=DEV_TMPFS, uid=0, gid=0))
 
     # ------------------------------------------------------------ permissions
     def may(self, node: N.Node, want: int) -> bool:

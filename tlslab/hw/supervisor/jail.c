@@ -172,8 +172,11 @@ static void mount_tree(int errfd, const char *tree, const char *dst, const char 
  * another uid-1000 process would lead out of the jail; so the link is static: right for the program the
  * run starts, while a program it executes sees the same link, where the model's follows each exec). Added under `root` (a directory on the view's
  * tmpfs) where the guest's root has no entry of that name. The model hides both from the root's
- * listing; a directory cannot be hidden, so a listing of "/" shows them here (docs/machine.md). */
-static void add_specials(int errfd, const char *root, int have_dev, int have_proc, const char *exe_path) {
+ * listing; a directory cannot be hidden, so a listing of "/" shows them here (docs/machine.md).
+ * add_tmp (a root filesystem without /tmp): an empty /tmp, mode 1777, on its own size-bounded tmpfs,
+ * as the model gives such a root (its files are the guest's writes, gone with the namespace). */
+static void add_specials(int errfd, const char *root, int have_dev, int have_proc, int add_tmp,
+                         const char *exe_path) {
     static const char *devs[] = {"null", "zero", "urandom", "random"};
     char s2[4096], d2[4096];
     if (!have_dev) {
@@ -194,6 +197,12 @@ static void add_specials(int errfd, const char *root, int have_dev, int have_pro
         if (mkdir(d2, 0555) < 0 || mkdir(s2, 0555) < 0) child_fail(errfd, "mkdir view entry");
         snprintf(d2, sizeof d2, "%s/proc/self/exe", root);
         if (symlink(exe_path ? exe_path : "/bin/prog", d2) < 0) child_fail(errfd, "symlink view entry");
+    }
+    if (add_tmp) {  /* the model's /tmp of a root filesystem without one: empty, 1777, writes bounded */
+        snprintf(d2, sizeof d2, "%s/tmp", root);
+        if (mkdir(d2, 0700) < 0) child_fail(errfd, "mkdir view entry");
+        if (mount("tlslab-tmp", d2, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=" OVERLAY_SIZE) < 0)
+            child_fail(errfd, "mount tmpfs /tmp");
     }
 }
 
@@ -218,7 +227,9 @@ static void build_view(int errfd, const struct options *opt) {
     int have_dev = lstat(path, &st) == 0;
     snprintf(path, sizeof path, "%s/proc", opt->chroot_dir);
     int have_proc = lstat(path, &st) == 0;
-    add_specials(errfd, opt->view_dir, have_dev, have_proc, opt->exe_path);
+    snprintf(path, sizeof path, "%s/tmp", opt->chroot_dir);
+    int have_tmp = lstat(path, &st) == 0;
+    add_specials(errfd, opt->view_dir, have_dev, have_proc, !have_tmp, opt->exe_path);
 }
 
 /* --overlay DIR --view EMPTYDIR (runs without a root filesystem): the guest
@@ -273,7 +284,7 @@ static int build_overlay(int errfd, const struct options *opt) {
         if (mount(s2, d2, NULL, MS_BIND, NULL) < 0) child_fail(errfd, "bind mount");
     }
     closedir(d);
-    add_specials(errfd, "root", have_dev, have_proc, opt->exe_path);
+    add_specials(errfd, "root", have_dev, have_proc, 0, opt->exe_path);
     int fd = open("tree", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) child_fail(errfd, "open data tree");
     if (umount2("tree", MNT_DETACH) < 0) child_fail(errfd, "detach data tree");
