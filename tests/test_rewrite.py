@@ -212,7 +212,7 @@ def test_shared_patches_reach_every_process_once(dash_native):
     pc = d.first_process.page_cache
     c = r.counters["strategy"]
     assert c["traps"] == c["patches"] == len(pc.patches) > 0
-    patched_twice = [k for k, n in Counter((p.node_id, p.file_offset) for p in pc.patches).items() if n > 1]
+    patched_twice = [k for k, n in Counter((p.file, p.file_offset) for p in pc.patches).items() if n > 1]
     assert patched_twice == []
     assert r.counters["page_cache"]["mapped_patches"] > 0          # execs mapped patched pages
     # each image installs its own twin at its own TCB; a forked child has its parent's (every process
@@ -250,7 +250,7 @@ def test_new_mappings_show_shared_patches_in_order():
     """PageCache.map_file with memory: every shared patch of the file inside the mapping, in order."""
     from types import SimpleNamespace
 
-    from tlslab.linux.pagecache import PageCache
+    from tlslab.linux.pagecache import PageCache, file_key
     node = object()
     pc = PageCache()
     pc.map_file(node, [SimpleNamespace(vaddr=0x1000, filesz=0x100, offset=0x40)])
@@ -258,11 +258,81 @@ def test_new_mappings_show_shared_patches_in_order():
     assert pc.note_patch(0x1020, b"\x65", b"\x64", shared=True)
     assert pc.note_patch(0x1020, b"\x64", b"\x65", shared=True)     # un-patched: mixed
     assert not pc.note_patch(0x1030, b"\x65", b"\x64", shared=False)
+    assert pc.note_patch(0x1040, b"\x65", b"\x64", shared=True)
     view = pc.fork(keep_mappings=False)
     mem = bytearray(b"\x65" * 0x400)
-    writer = SimpleNamespace(write=lambda a, b: mem.__setitem__(slice(a - 0x2000, a - 0x2000 + len(b)), b))
-    assert view.map_file(node, [SimpleNamespace(vaddr=0x2000, filesz=0x100, offset=0x40)], writer) == 3
-    assert mem[0x10] == 0x64 and mem[0x20] == 0x65 and mem[0x30] == 0x65
+    mem[0x40] = 0x90                                                   # not the bytes that patch was made over
+    space = SimpleNamespace(write=lambda a, b: mem.__setitem__(slice(a - 0x2000, a - 0x2000 + len(b)), b),
+                            read=lambda a, n: bytes(mem[a - 0x2000:a - 0x2000 + n]))
+    assert view.map_file(node, [SimpleNamespace(vaddr=0x2000, filesz=0x100, offset=0x40)], space) == 3
+    assert mem[0x10] == 0x64 and mem[0x20] == 0x65 and mem[0x30] == 0x65 and mem[0x40] == 0x90
     assert view.shared_patch_at(0x2020).new == b"\x65" and view.shared_patch_at(0x2030) is None
-    assert view.addresses_of(node, 0x50, 1) == [0x2010]
+    assert view.addresses_of(file_key(node), 0x50, 1) == [0x2010]
     assert pc.as_dict()["mapped_patches"] == 3 and pc.as_dict()["private_patches"] == 1
+
+
+def test_a_static_programs_patches_stay_in_its_own_file(debian_rootfs, native):
+    """The executable's patches belong to its file, not to the /proc/self/exe node every process
+    shares: a static guest's rewritten sites must not be written into the programs exec'd after it."""
+    from pathlib import Path
+    guests = Path(__file__).resolve().parent.parent / "guests" / "bin"
+    script = "/data/lsr >/dev/null; /bin/ls /data | /bin/grep -c lsr; echo rc=$?; /bin/cp /data/lsr /tmp/x; echo cp=$?"
+    runs = {}
+    for strategy in ("native", "rewrite"):
+        d, _ = make_domain(RunSpec("/bin/dash", ("-c", script), rootfs="debian", tree=None, root=str(guests),
+                                   strategy=strategy))
+        runs[strategy] = (d, d.run())
+    (_, nat), (d, r) = runs["native"], runs["rewrite"]
+    assert r.ok and (r.status, r.stdout, r.stderr) == (nat.status, nat.stdout, nat.stderr)
+    assert b"rc=0" in r.stdout and b"cp=0" in r.stdout
+    files = {p.file for p in d.first_process.page_cache.patches}
+    assert any(f[0] == "host" and f[1].endswith(b"/lsr") for f in files)   # lsr's own sites, by its path
+
+
+@pytest.fixture(scope="module")
+def shared_site(tmp_path_factory):
+    import subprocess
+    from pathlib import Path
+
+    from conftest import GCC32, require_gcc32
+    require_gcc32()
+    src = Path(__file__).resolve().parent / "rewrite" / "shared_site.c"
+    exe = tmp_path_factory.mktemp("rewrite") / "shared_site"
+    subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], check=True)
+    return str(exe)
+
+
+@pytest.mark.parametrize("sharing", ["shared", "private"])
+def test_a_site_un_patched_in_one_process_is_mixed_in_all(shared_site, sharing):
+    """A site rewritten by the child and un-patched by the parent (a +ve offset) is mixed for the
+    child too: it flips there instead of re-patching the page and killing the parent."""
+    nat = execute(RunSpec(shared_site, strategy="native"))[0]
+    assert nat.status == 0 and nat.stdout == b"child: 42 42\nparent: 1 1, child exit 0\n"
+    d, _ = make_domain(RunSpec(shared_site, strategy="rewrite", page_sharing=sharing))
+    r = d.run()
+    assert r.ok, r.crash and r.crash.describe()
+    assert (r.status, r.stdout) == (nat.status, nat.stdout)
+    kinds = [p.kind for p in d.strategy.patch_set.patches if "through_gs" in p.symbol]
+    assert kinds[0] == "prefix-65-to-64"
+    if sharing == "shared":
+        assert kinds.count("prefix-65-to-64") == 1 and kinds.count("unpatch") == 1   # once, for everyone
+        assert r.counters["strategy"]["by_kind"].get("flip-to-expand-down", 0) >= 1   # the child flips
+
+
+def test_a_shared_patch_never_lands_in_memory_that_no_longer_maps_the_file(debian_rootfs, tmp_path):
+    """brk shrinking over a MAP_FIXED file mapping unmaps it: a later shared patch of that file must
+    not be written into the anonymous heap that took its place (nor fault the hypervisor)."""
+    import subprocess
+    from pathlib import Path
+
+    from conftest import GCC32, require_gcc32
+    require_gcc32()
+    src = Path(__file__).resolve().parent / "rewrite" / "heap_over_file.c"
+    tmp_path.chmod(0o755)
+    subprocess.run([*GCC32, "-O1", "-o", str(tmp_path / "heap"), str(src)], check=True)
+    runs = {s: execute(RunSpec("/bin/dash", ("-c", "/data/heap"), rootfs="debian", tree=None, root=str(tmp_path),
+                               strategy=s))[0] for s in ("native", "rewrite")}
+    assert runs["native"].stdout == b"ls exit 2, heap bytes changed: 0\n"
+    r = runs["rewrite"]
+    assert r.ok and (r.status, r.stdout) == (runs["native"].status, runs["native"].stdout)
+    assert r.counters["strategy"]["patches"] > 0

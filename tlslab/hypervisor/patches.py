@@ -41,6 +41,8 @@ from pathlib import Path
 
 import capstone
 
+from tlslab.machine.memory import PROT_WRITE
+
 FORMAT = "tlslab-patch-set/1"
 _DISASM = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_32)
 
@@ -137,7 +139,7 @@ def patch_code(domain, address: int, new: bytes, *, patch_set: PatchSet, kind: s
     page_cache = getattr(process, "page_cache", None)
     if page_cache is not None:
         where = page_cache.file_offset(address)
-        if page_cache.note_patch(address, old, new, shared):
+        if page_cache.note_patch(address, old, new, shared):   # after the write: address now holds new
             _share_with_live_processes(domain, process, where, old, new)
     image = getattr(process, "image", None)
     if image is not None and getattr(patch_set, "binary_path", None) not in (None, getattr(image, "path", None)):
@@ -152,22 +154,27 @@ def patch_code(domain, address: int, new: bytes, *, patch_set: PatchSet, kind: s
 
 
 def _share_with_live_processes(domain, patcher, where, old: bytes, new: bytes) -> int:
-    """A shared patch changed a page-cache page: every other live process mapping that page sees it
-    (the model copies pages per process, so the bytes are written into each; Linux would share the
-    page). Returns how many mappings changed."""
+    """A shared patch changed a page-cache page: every live address space mapping that page sees it
+    (the model copies pages per process, so the bytes are written into each, the patcher's other
+    mappings of the page included; Linux would share the page). Only read-only mappings still
+    showing the old bytes: a writable private mapping may hold the guest's own copy. Returns how
+    many mappings changed."""
     kernel = getattr(domain, "kernel", None)
     if kernel is None or where is None:
         return 0
-    node, offset = where
+    file, offset = where
     changed = 0
     for q in kernel.live_processes():
-        if q is patcher or q.vcpu is None or getattr(q, "page_cache", None) is None:
+        if q.vcpu is None or getattr(q, "page_cache", None) is None:
             continue
-        for vaddr in q.page_cache.addresses_of(node, offset, len(new)):
-            if q.mem.read(vaddr, len(old)) == old:
-                q.mem.write(vaddr, new)
-                q.vcpu.invalidate_code(vaddr, len(new))
-                changed += 1
+        for vaddr in q.page_cache.addresses_of(file, offset, len(new)):
+            region = q.mem.region_at(vaddr)
+            if (region is None or region.prot & PROT_WRITE or not q.mem.is_mapped(vaddr, len(new))
+                    or q.mem.read(vaddr, len(old)) != old):
+                continue
+            q.mem.write(vaddr, new)
+            q.vcpu.invalidate_code(vaddr, len(new))
+            changed += 1
     return changed
 
 

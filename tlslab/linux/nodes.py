@@ -127,7 +127,7 @@ class Dir(Node):
 
 
 class File(Node):
-    __slots__ = ("_data", "_source", "_size", "host_path", "links")
+    __slots__ = ("_data", "_source", "_size", "host_path", "links", "written")
 
     def __init__(self, ino: int, mode: int = S_IFREG | 0o644, data: bytes | None = None,
                  source: Callable[[], bytes] | None = None, size: int | None = None,
@@ -135,6 +135,7 @@ class File(Node):
         super().__init__(ino, mode, **kw)
         self.host_path = host_path  # the host file a read-only view reads (None: in memory)
         self.links = 1              # directory entries naming it (link(2) adds, unlink removes)
+        self.written = False        # the guest changed its content (a host file's copy is then its own)
         self._data = bytearray(data) if data is not None else None
         self._source = source
         self._size = len(data) if data is not None else (size or 0)
@@ -147,6 +148,7 @@ class File(Node):
         return self._data
 
     def _writable(self) -> bytearray:
+        self.written = True
         if self._data is None:  # copy-up into the private overlay
             self._data = bytearray(self.content())
             self._source = None

@@ -27,9 +27,15 @@ The model, and nothing more:
   them). Known limits: a patch split across two write() calls, or copied to a
   different offset, is not detected.
 * A new mapping of a file (exec, the interpreter, mmap(2)) shows its shared
-  patches (``map_file(..., mem)``), as every mapping of a page-cache page
-  does; an address space mapped *before* a patch keeps its own copy (the model
-  copies pages per process), so the patch reaches it only if it patches too.
+  patches (``map_file(..., mem)``, each written only over the bytes it was
+  made over), as every mapping of a page-cache page does. Address spaces that
+  mapped the page *before* the patch get it from the patcher
+  (``tlslab.hypervisor.patches``): the model copies pages per process, Linux
+  would share the page. Files are told apart by ``file_key`` (host path, or
+  the node once the guest has written it). Known limit: a copy of patched
+  bytes made through mmap(2) and write(2) is not recorded as a leak (only
+  read(2) taints a process: every process maps patched libraries, and a
+  one-byte patch matched in any write would be noise).
 """
 
 from __future__ import annotations
@@ -38,9 +44,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+def file_key(node) -> tuple:
+    """Which file's page-cache pages ``node`` shows: a host file not yet written by the guest is
+    its host path (the root's /bin/ls and /proc/self/exe while ls runs are one file); anything else is
+    the node itself. Keyed per file, not per node: /proc/self/exe is one node that names whichever
+    program runs, so patches keyed to it would land in every later executable."""
+    host = getattr(node, "host_path", None)
+    if host is not None and not getattr(node, "written", False):
+        return ("host", bytes(host))
+    return ("node", id(node))
+
+
 @dataclass(frozen=True)
 class FilePatch:
-    node_id: int
+    file: tuple          # file_key of the patched file
     file_offset: int
     vaddr: int
     old: bytes
@@ -62,6 +79,7 @@ class Leak:
 @dataclass
 class _Mapping:
     node: object
+    file: tuple     # its file_key when it was mapped (the node may name another file later)
     vaddr: int
     size: int       # file-backed bytes (filesz)
     offset: int     # file offset of vaddr
@@ -101,32 +119,33 @@ class PageCache:
         for s in segments:
             if not s.filesz:
                 continue
-            m = _Mapping(node, s.vaddr, s.filesz, s.offset)
+            m = _Mapping(node, file_key(node), s.vaddr, s.filesz, s.offset)
             self.mappings.append(m)
             if mem is None or not self.patches:
                 continue
-            nid = id(node)
             for p in self.patches:
-                if p.node_id == nid and m.offset <= p.file_offset and p.file_offset + len(p.new) <= m.offset + m.size:
-                    mem.write(m.vaddr + (p.file_offset - m.offset), p.new)
-                    applied += 1
+                if p.file == m.file and m.offset <= p.file_offset and p.file_offset + len(p.new) <= m.offset + m.size:
+                    at = m.vaddr + (p.file_offset - m.offset)
+                    if mem.read(at, len(p.old)) == p.old:   # the bytes the patch was made over
+                        mem.write(at, p.new)
+                        applied += 1
         self.mapped_patches += applied
         self.totals["mapped_patches"] += applied
         return applied
 
-    def addresses_of(self, node, file_offset: int, size: int) -> list[int]:
-        """Guest addresses where this address space maps bytes ``[file_offset, +size)`` of ``node``."""
+    def addresses_of(self, file: tuple, file_offset: int, size: int) -> list[int]:
+        """Guest addresses where this address space maps bytes ``[file_offset, +size)`` of ``file``."""
         return [m.vaddr + (file_offset - m.offset) for m in self.mappings
-                if m.node is node and m.offset <= file_offset and file_offset + size <= m.offset + m.size]
+                if m.file == file and m.offset <= file_offset and file_offset + size <= m.offset + m.size]
 
     def shared_patch_at(self, vaddr: int) -> FilePatch | None:
         """The last shared patch of the page-cache byte behind ``vaddr`` (None: none, or anonymous)."""
         where = self.file_offset(vaddr)
         if where is None:
             return None
-        nid, off = id(where[0]), where[1]
+        file, off = where
         for p in reversed(self.patches):
-            if p.node_id == nid and p.file_offset <= off < p.file_offset + len(p.new):
+            if p.file == file and p.file_offset <= off < p.file_offset + len(p.new):
                 return p
         return None
 
@@ -139,16 +158,16 @@ class PageCache:
                 keep.append(m)
                 continue
             if m.vaddr < start:
-                keep.append(_Mapping(m.node, m.vaddr, start - m.vaddr, m.offset))
+                keep.append(_Mapping(m.node, m.file, m.vaddr, start - m.vaddr, m.offset))
             if m.vaddr + m.size > end:
-                keep.append(_Mapping(m.node, end, m.vaddr + m.size - end, m.offset + (end - m.vaddr)))
+                keep.append(_Mapping(m.node, m.file, end, m.vaddr + m.size - end, m.offset + (end - m.vaddr)))
         self.mappings = keep
 
-    def file_offset(self, vaddr: int) -> tuple[object, int] | None:
-        """(file node, file offset) backing guest address ``vaddr``, or None (anonymous)."""
+    def file_offset(self, vaddr: int) -> tuple[tuple, int] | None:
+        """(file key, file offset) backing guest address ``vaddr``, or None (anonymous)."""
         for m in self.mappings:
             if m.vaddr <= vaddr < m.vaddr + m.size:
-                return m.node, m.offset + (vaddr - m.vaddr)
+                return m.file, m.offset + (vaddr - m.vaddr)
         return None
 
     # ------------------------------------------------------------ patches
@@ -161,8 +180,8 @@ class PageCache:
             self.private_patches += 1
             self.totals["private_patches"] += 1
             return False
-        node, off = where
-        self.patches.append(FilePatch(id(node), off, vaddr, bytes(old), bytes(new)))
+        file, off = where
+        self.patches.append(FilePatch(file, off, vaddr, bytes(old), bytes(new)))
         return True
 
     # ------------------------------------------------------------ I/O hooks
@@ -170,10 +189,10 @@ class PageCache:
         """``data`` read from ``node`` at ``offset``, as the (possibly patched) page cache holds it."""
         if not self.patches or not data:
             return data
-        nid, end = id(node), offset + len(data)
+        file, end = file_key(node), offset + len(data)
         out = None
         for p in self.patches:
-            if p.node_id != nid or p.file_offset >= end or p.file_offset + len(p.new) <= offset:
+            if p.file != file or p.file_offset >= end or p.file_offset + len(p.new) <= offset:
                 continue
             if out is None:
                 out = bytearray(data)

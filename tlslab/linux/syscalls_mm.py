@@ -45,6 +45,7 @@ def sys_brk(p, addr):
         p.mem.map(old_top, new_top - old_top, PROT_READ | PROT_WRITE, "[heap]")
     elif new_top < old_top:
         p.mem.unmap(new_top, old_top - new_top)
+        forget_mappings(p, new_top, old_top - new_top)   # whatever was mapped there (MAP_FIXED) is gone
     p.brk = addr
     return addr
 

@@ -38,9 +38,13 @@ Processes: a fork's child starts with the parent's patched code (its memory
 is a copy) and the parent's ABI state. With ``page_sharing="shared"`` a patch
 lands in the page-cache page of the file, so every live process mapping that
 page gets it at once and every later mapping (exec, ld.so, mmap) maps it
-rewritten (``tlslab.linux.pagecache``): a site faults once for the whole run,
-in whichever process meets it first; an exec'd image installs its own twin
-at its own TCB. With ``private`` every address space patches its own copy.
+rewritten (``tlslab.linux.pagecache``): a site is patched once for the whole
+run, in whichever process meets it first, and an un-patch (a mixed site)
+likewise holds for every process, each of which learns it from the page
+cache at its next fault there (``_learn_shared``); an exec'd image installs
+its own twin at its own TCB. With ``private`` every address space patches
+its own copy. Patches belong to files (the page cache's ``file_key``), so a
+static program's rewritten bytes never reach another executable.
 
 Fallbacks, all counted in ``by_kind``: a site whose rewritten form meets a
 +ve offset (it serves both signs) is un-patched (64 -> 65) and marked mixed;
@@ -393,9 +397,11 @@ class RewriteStrategy(PatchesCode, Strategy):
         c = self.counters
         conflict = self.abi.check()
         if v.segment == "fs":
-            insn = fetch_and_decode(trap.domain, v.eip)
-            if not isinstance(insn, DecodeError):
-                self._learn_shared(trap.domain, v.eip, insn)
+            if self.page_sharing == "shared":   # another process may have rewritten the site: decode to ask
+                insn = fetch_and_decode(trap.domain, v.eip)
+                c.decodes += 1
+                if not isinstance(insn, DecodeError):
+                    self._learn_shared(trap.domain, v.eip, insn)
             if v.eip in self.patched and conflict is None:
                 self._unpatch(trap.domain, v.eip)
                 return Verdict.restart()
@@ -437,16 +443,17 @@ class RewriteStrategy(PatchesCode, Strategy):
             return
         st = self.sites()
         seg_at = _segment_prefix_at(insn)
-        if eip in st.patched or eip in st.mixed or seg_at is None:
+        if eip in st.mixed or seg_at is None:
             return
         page_cache = getattr(domain.process, "page_cache", None)
         last = page_cache.shared_patch_at(eip + seg_at) if page_cache is not None else None
         if last is None:
             return
-        if last.new == b"\x64" and insn.raw[seg_at] == 0x64:
-            st.patched[eip] = eip + seg_at
-        elif last.old == b"\x64" and last.new == b"\x65":
+        if last.old == b"\x64" and last.new == b"\x65":   # un-patched, here or elsewhere: serves both signs
+            st.patched.pop(eip, None)
             st.mixed.add(eip)
+        elif last.new == b"\x64" and insn.raw[seg_at] == 0x64:
+            st.patched[eip] = eip + seg_at
 
     def _try_patch(self, domain, v, insn) -> str | None:
         """Rewrite the site's gs prefix; None on success, else why not."""
