@@ -97,3 +97,32 @@ def test_stub_adjusts_esp_operands_and_refuses_stack_ops():
     code = bytes.fromhex("65890b") + bytes.fromhex("83c410") + bytes(20)   # ...; add $0x10,%esp
     with pytest.raises(CannotPatch):
         build_stub(0x8048000, code, decode(code, 0x8048000))
+
+
+# ------------------------------------------------------------------ processes: one buffer in every address space
+SCRIPT = ("i=0; while [ $i -lt 3 ]; do i=$((i+1)); echo $i | /bin/sed s/1/one/; done | /usr/bin/sort -r; "
+          "/bin/ls /usr/lib | /usr/bin/wc -l; (cd /nonexistent 2>/dev/null; echo $?); /bin/grep -c x /bin/ls")
+
+
+def _dash(strategy, **options):
+    d, _ = make_domain(RunSpec("/bin/dash", ("-c", SCRIPT), rootfs="debian", tree=None, strategy=strategy, **options))
+    return d, d.run()
+
+
+@pytest.mark.parametrize("sharing", ["shared", "private"])
+def test_forks_and_execs_share_the_one_fixup_buffer(debian_rootfs, sharing):
+    """Every exec'd image maps the buffer with every stub made so far, and a stub made later reaches
+    every live process: patched library pages call into it from any process (fixup.c's buffer was one
+    set of pages in every page directory)."""
+    _, nat = _dash("native")
+    d, r = _dash("rewrite-2004", page_sharing=sharing)
+    assert r.ok, r.crash and r.crash.describe()
+    assert (r.status, r.stdout) == (nat.status, nat.stdout)
+    assert r.counters["kernel"]["processes"] >= 8
+    c = r.counters["strategy"]
+    assert c["patches"] > 0 and c["by_kind"]["stub-created"] == len(d.strategy.stubs)
+    assert c["traps"] < _dash("flip")[1].counters["strategy"]["traps"]
+    blob = bytes.fromhex(d.strategy.patch_set.out_of_line["bytes"])
+    assert blob == bytes(d.strategy.buffer[:len(blob)]) and blob.strip(b"\0")
+    if sharing == "shared":   # library sites patched once for everyone
+        assert r.counters["page_cache"]["mapped_patches"] > 0

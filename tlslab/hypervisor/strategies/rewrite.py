@@ -318,7 +318,7 @@ class PatchOptions:
 
 
 class PatchesCode(WatchesLeaks):
-    """What both patching strategies share: their options, leak watching, one address space's state."""
+    """What both patching strategies share: their options and leak watching."""
 
     @property
     def patch_policy(self) -> str:
@@ -327,13 +327,6 @@ class PatchesCode(WatchesLeaks):
     @property
     def page_sharing(self) -> str:
         return self.options.page_sharing
-
-    def attach_process(self, domain, process, how: str) -> str | None:
-        # rewrite-2004's stubs live in an out-of-line buffer of one address space, which patched
-        # page-cache pages in another would call into: not modelled, so say so instead of running on
-        # (rewrite overrides this: it follows fork and exec)
-        return (f"{self.name} models one address space; the guest's {how} is not followed "
-                "(its out-of-line fixup buffer is not set up in other address spaces)")
 
 
 @dataclass

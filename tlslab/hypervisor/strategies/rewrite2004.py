@@ -49,6 +49,20 @@ Deliberate deviations from fixup.c, each counted in ``by_kind``:
 * the relocated tail is decoded with fixup.c's length table *and* our decoder;
   where they disagree the site is not patched (fixup.c would have mis-relocated).
 
+Processes: the buffer is one set of pages that every address space maps. In
+the fixup.c that ran enabled with the 0x1000 buffer (xen-project/xen history,
+``linux-2.6.7-xen-sparse``, 2004-08-10 commit 81e8a9dce6 to 08-13 c589b05239)
+the kernel mapped it once into its master page directory and reserved the
+first 4 MiB of every process (``FIRST_USER_PGD_NR 1``; ``pgd_ctor`` copies that
+entry into each new page directory), so a forked child and a freshly exec'd
+program had it, with every stub, from their first instruction, and patched
+page-cache pages of /lib/tls could call into it from any process. tlslab maps
+the buffer into each new address space (fork copies it; exec gets its current
+contents) and writes each new stub into every live one. (A later version
+mapped the buffer per process at the first notification, 4194afb396 of
+08-17, which left a freshly exec'd process running patched code without it,
+and shipped disabled; the rewriting was removed on 08-18, 37dca5a201.)
+
 Patch policy (``patch_policy``, as for ``rewrite``): ``auto`` (default) --
 ``lib`` for a dynamic program: only code of libraries the loader mapped from
 under /lib with no writable shared mapping, fixup.c's own rule on real files;
@@ -196,16 +210,41 @@ class Rewrite2004Strategy(PatchesCode, FlipStrategy):
         self.buffer_size = FIXUP_BUF_SIZE
         self.patch_set: P.PatchSet | None = None
         self.fixup_idx = 0
+        self.buffer = bytearray(FIXUP_BUF_SIZE)   # the one fixup buffer every address space maps
         self.stubs: dict[bytes, int] = {}   # covered code bytes -> address of the stub's pointer
-        self.patched: set[int] = set()
+        self.patched: set[int] = set()      # sites patched (by address, in whichever process)
         self.hazards: list[str] = []
+        self.domain = None
 
     def attach(self, domain) -> None:
+        self.domain = domain
         domain.vcpu.mem.map(FIXUP_BUF_USER, FIXUP_BUF_SIZE, PROT_READ | PROT_EXEC, "[fixup]")
         self.patch_set = P.new_patch_set(domain, self.name)
         self.patch_set.in_place = False
         self.patch_set.out_of_line = {"address": f"{FIXUP_BUF_USER:#x}", "size": f"{FIXUP_BUF_SIZE:#x}", "bytes": ""}
         self.watch_leaks(domain)
+
+    def attach_process(self, domain, process, how: str) -> str | None:
+        """fork: the child's memory is a copy, the buffer included; exec: the new address space maps
+        the buffer with every stub made so far (see the module docstring)."""
+        if how != "exec":
+            return None
+        mem = process.vcpu.mem
+        if any(r.start < FIXUP_BUF_USER + FIXUP_BUF_SIZE and r.end > FIXUP_BUF_USER for r in mem.regions()):
+            return f"{self.name}: the new image maps the fixup buffer's pages ({FIXUP_BUF_USER:#x}) itself"
+        mem.map(FIXUP_BUF_USER, FIXUP_BUF_SIZE, PROT_READ | PROT_EXEC, "[fixup]")
+        mem.write(FIXUP_BUF_USER, bytes(self.buffer))
+        return None
+
+    def _write_buffer(self, domain, address: int, blob: bytes) -> None:
+        """New bytes in the buffer: in every live address space (one set of pages in XenLinux)."""
+        at = address - FIXUP_BUF_USER
+        self.buffer[at:at + len(blob)] = blob
+        kernel = getattr(domain, "kernel", None)
+        spaces = [q.vcpu for q in kernel.live_processes() if q.vcpu is not None] if kernel else [domain.vcpu]
+        for vcpu in spaces:
+            vcpu.mem.write(address, blob)
+            vcpu.invalidate_code(address, len(blob))
 
     # ------------------------------------------------------------ faults
     def step(self, trap: Trap, insn) -> Verdict:
@@ -254,11 +293,10 @@ class Rewrite2004Strategy(PatchesCode, FlipStrategy):
                     return
                 stub_ptr = FIXUP_BUF_USER + self.fixup_idx
                 blob = (stub_ptr + 4).to_bytes(4, "little") + stub
-                mem.write(stub_ptr, blob)
-                domain.vcpu.invalidate_code(stub_ptr, len(blob))
+                self._write_buffer(domain, stub_ptr, blob)
                 self.fixup_idx += len(blob)
                 self.stubs[bytes(code[:covered])] = stub_ptr
-                self.patch_set.out_of_line["bytes"] = mem.read(FIXUP_BUF_USER, self.fixup_idx).hex()
+                self.patch_set.out_of_line["bytes"] = bytes(self.buffer[:self.fixup_idx]).hex()
                 self.patch_set.patches.append(P.Patch(
                     address=stub_ptr, symbol=f"[fixup]+{stub_ptr - FIXUP_BUF_USER:#x}", file_offset=None,
                     old=bytes(len(blob)).hex(), new=blob.hex(), strategy=self.name, kind="fixup-stub",
@@ -273,6 +311,8 @@ class Rewrite2004Strategy(PatchesCode, FlipStrategy):
                      instruction=P.disassemble(insn.raw, eip), expect=bytes(code[:covered]),
                      why=f"call *{stub_ptr:#06x} (stub at {stub_ptr + 4:#06x}); {covered} bytes covered",
                      shared=self.page_sharing == "shared")
+        if FIXUP_BUF_USER <= eip < FIXUP_BUF_USER + FIXUP_BUF_SIZE:   # a site in the buffer (policy all)
+            self._write_buffer(domain, eip, patch)
         self.patch_set.in_place = False
         self.patched.add(eip)
         c.patches += 1
