@@ -126,3 +126,43 @@ def test_forks_and_execs_share_the_one_fixup_buffer(debian_rootfs, sharing):
     assert blob == bytes(d.strategy.buffer[:len(blob)]) and blob.strip(b"\0")
     if sharing == "shared":   # library sites patched once for everyone
         assert r.counters["page_cache"]["mapped_patches"] > 0
+
+
+def test_the_buffer_is_the_hypervisors_in_every_address_space():
+    """The memory system calls refuse to unmap, re-protect or map over the fixup buffer (XenLinux
+    kept those pages out of the process's reach), so no guest can change its view of the one buffer
+    that every new stub is written into; a fork keeps the reservation."""
+    from tlslab.linux.errno import SyscallError
+    from tlslab.linux.syscalls_mm import do_mmap, sys_mprotect, sys_munmap
+    d, _ = make_domain(RunSpec("lsr", strategy="rewrite-2004"))
+    r = d.run()
+    assert r.ok
+    p = d.first_process
+    assert p.reserved and p.reserved[0][:2] == (FIXUP_BUF_USER, FIXUP_BUF_USER + 0x2000)
+    for call in (lambda: sys_munmap(p, FIXUP_BUF_USER, 0x1000),
+                 lambda: sys_mprotect(p, FIXUP_BUF_USER, 0x2000, 7),
+                 lambda: do_mmap(p, 0, 0x3000, 3, 0x32, 0xFFFFFFFF, 0)):   # MAP_PRIVATE|FIXED|ANONYMOUS at 0
+        with pytest.raises(SyscallError, match="EINVAL"):
+            call()
+    region = p.mem.region_at(FIXUP_BUF_USER)
+    assert region.name == "[fixup]" and not region.prot & PROT_WRITE
+    assert p.fork_into(type(p.vcpu)()).reserved == p.reserved
+
+
+def test_a_program_that_maps_the_buffers_pages_itself_is_refused(tmp_path):
+    """A first image linked at 0x1000 is not overwritten by the buffer: its first fault is refused
+    with the reason (native runs it)."""
+    import subprocess
+    from pathlib import Path
+
+    from conftest import GCC32, require_gcc32
+    require_gcc32()
+    exe = tmp_path / "low"
+    src = Path(__file__).resolve().parent / "rewrite" / "low_text.c"
+    cp = subprocess.run([*GCC32, "-O1", "-Wl,-Ttext-segment=0x1000", "-o", str(exe), str(src)],
+                        capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    nat = execute(RunSpec(str(exe), strategy="native"))[0]
+    assert nat.status == 0 and nat.stdout.startswith(b"main at 0x")
+    r = execute(RunSpec(str(exe), strategy="rewrite-2004"))[0]
+    assert r.crash is not None and "maps the fixup buffer's pages" in r.crash.describe()

@@ -106,6 +106,9 @@ class Process:
         # called as hook(index, requested, installed) after every set_thread_area (hypervisor ABIs)
         self.tls_hooks: list[Callable] = []
         self.page_cache = PageCache()  # which code pages are file pages (binary-rewriting hazards)
+        # address ranges the hypervisor owns in this address space (rewrite-2004's fixup buffer): the
+        # memory system calls refuse to map, unmap or re-protect them (EINVAL); a fork keeps them
+        self.reserved: list[tuple[int, int, str]] = []
         self.objects = ObjectMap()     # which file backs which address (naming code in shared objects)
         self.interp: ElfImage | None = None
         self.sigactions: dict[int, bytes] = {}
@@ -323,6 +326,7 @@ class Process:
         child.tls_events = []
         child.tls_hooks = list(self.tls_hooks)
         child.page_cache = self.page_cache.fork()
+        child.reserved = list(self.reserved)
         child.objects = self.objects.fork()
         child._rng = random.Random()
         child._rng.setstate(self._rng.getstate())
@@ -341,6 +345,7 @@ class Process:
         self.fds.close_on_exec()
         self.sigactions = {sig: raw for sig, raw in self.sigactions.items() if SigAction.unpack(raw).handler == SIG_IGN}
         self.page_cache = self.page_cache.fork(keep_mappings=False)
+        self.reserved = []
         self.objects = ObjectMap()
         self.interp = None
         self.image = None

@@ -34,6 +34,13 @@ def _overlaps(mem, start: int, size: int) -> bool:
     return any(r.start < start + size and r.end > start for r in mem.regions())
 
 
+def _refuse_reserved(p, start: int, size: int) -> None:
+    """A range the hypervisor owns (``Process.reserved``) is not the guest's to change."""
+    for lo, hi, what in getattr(p, "reserved", ()):
+        if start < hi and start + size > lo:
+            raise SyscallError(E.EINVAL, f"{start:#x}+{size:#x} overlaps {what} ({lo:#x}-{hi:#x})")
+
+
 @syscall("brk")
 def sys_brk(p, addr):
     if addr < p.brk_start:
@@ -71,6 +78,7 @@ def do_mmap(p, addr: int, length: int, prot: int, flags: int, fd: int, offset: i
             raise SyscallError(E.ENOMEM)
         if flags & MAP_FIXED_NOREPLACE and not flags & MAP_FIXED and _overlaps(p.mem, addr, size):
             raise SyscallError(E.EEXIST)
+        _refuse_reserved(p, addr, size)
         start = addr
     elif addr and addr % PAGE == 0 and addr + size <= layout.MMAP_TOP and not _overlaps(p.mem, addr, size):
         start = addr  # a free hint is honoured, as Linux does
@@ -123,6 +131,7 @@ def sys_old_mmap(p, args):
 def sys_munmap(p, addr, length):
     if addr % PAGE or length == 0 or addr + length > layout.USER_TOP:
         raise SyscallError(E.EINVAL)
+    _refuse_reserved(p, addr, page_ceil(length))
     p.mem.unmap(addr, page_ceil(length))
     forget_mappings(p, addr, page_ceil(length))
     return 0
@@ -136,6 +145,7 @@ def sys_mprotect(p, addr, length, prot):
         return 0
     if not p.mem.is_mapped(addr, page_ceil(length)):
         raise SyscallError(E.ENOMEM)
+    _refuse_reserved(p, addr, page_ceil(length))
     p.mem.protect(addr, page_ceil(length), prot & 7)
     return 0
 
@@ -162,6 +172,7 @@ def sys_mremap(p, old, old_size, new_size, flags, new_addr):
     region = p.mem.region_at(old)
     if region is None or not p.mem.is_mapped(old, old_size):
         raise SyscallError(E.EFAULT)
+    _refuse_reserved(p, old, max(old_size, new_size))
     if new_size <= old_size:
         if new_size < old_size:
             p.mem.unmap(old + new_size, old_size - new_size)

@@ -50,18 +50,22 @@ Deliberate deviations from fixup.c, each counted in ``by_kind``:
   where they disagree the site is not patched (fixup.c would have mis-relocated).
 
 Processes: the buffer is one set of pages that every address space maps. In
-the fixup.c that ran enabled with the 0x1000 buffer (xen-project/xen history,
-``linux-2.6.7-xen-sparse``, 2004-08-10 commit 81e8a9dce6 to 08-13 c589b05239)
+fixup.c with the 0x1000 buffer (xen-project/xen history,
+``linux-2.6.7-xen-sparse``, from 2004-08-10, 81e8a9dce6, until 08-17,
+4194afb396; the shared call/ret stubs modelled here from 08-11, 8892b94a8d)
 the kernel mapped it once into its master page directory and reserved the
 first 4 MiB of every process (``FIRST_USER_PGD_NR 1``; ``pgd_ctor`` copies that
-entry into each new page directory), so a forked child and a freshly exec'd
-program had it, with every stub, from their first instruction, and patched
-page-cache pages of /lib/tls could call into it from any process. tlslab maps
-the buffer into each new address space (fork copies it; exec gets its current
-contents) and writes each new stub into every live one. (A later version
-mapped the buffer per process at the first notification, 4194afb396 of
-08-17, which left a freshly exec'd process running patched code without it,
-and shipped disabled; the rewriting was removed on 08-18, 37dca5a201.)
+entry into each new page directory; user mmaps there were refused), so a
+forked child and a freshly exec'd program had it, with every stub, from their
+first instruction, and patched page-cache pages of /lib/tls could call into
+it from any process. tlslab maps the buffer into each new address space (fork
+copies it; exec gets its current contents), writes each new stub into every
+live one, and reserves it (``Process.reserved``: mmap, munmap, mprotect and
+mremap over it fail with EINVAL). A program whose own image maps those pages
+is refused at its first fault. (4194afb396 mapped the buffer per process at
+the first notification instead, which left a freshly exec'd process running
+patched code without it, and shipped disabled; the rewriting was removed on
+08-18, 37dca5a201.)
 
 Patch policy (``patch_policy``, as for ``rewrite``): ``auto`` (default) --
 ``lib`` for a dynamic program: only code of libraries the loader mapped from
@@ -81,7 +85,7 @@ from tlslab.hypervisor import patches as P
 from tlslab.hypervisor.strategies.base import Action, Trap, Verdict
 from tlslab.hypervisor.strategies.flip import FlipStrategy
 from tlslab.hypervisor.strategies.rewrite import PatchesCode, PatchOptions, patch_allowed
-from tlslab.machine.memory import PROT_EXEC, PROT_READ
+from tlslab.machine.memory import PROT_EXEC, PROT_READ, PROT_WRITE
 from tlslab.x86 import coverage
 from tlslab.x86.decode import DecodeError, decode
 
@@ -215,10 +219,11 @@ class Rewrite2004Strategy(PatchesCode, FlipStrategy):
         self.patched: set[int] = set()      # sites patched (by address, in whichever process)
         self.hazards: list[str] = []
         self.domain = None
+        self.refusal: str | None = None    # the first image maps the buffer's pages itself
 
     def attach(self, domain) -> None:
         self.domain = domain
-        domain.vcpu.mem.map(FIXUP_BUF_USER, FIXUP_BUF_SIZE, PROT_READ | PROT_EXEC, "[fixup]")
+        self.refusal = self._map_buffer(domain.process)
         self.patch_set = P.new_patch_set(domain, self.name)
         self.patch_set.in_place = False
         self.patch_set.out_of_line = {"address": f"{FIXUP_BUF_USER:#x}", "size": f"{FIXUP_BUF_SIZE:#x}", "bytes": ""}
@@ -227,27 +232,41 @@ class Rewrite2004Strategy(PatchesCode, FlipStrategy):
     def attach_process(self, domain, process, how: str) -> str | None:
         """fork: the child's memory is a copy, the buffer included; exec: the new address space maps
         the buffer with every stub made so far (see the module docstring)."""
-        if how != "exec":
-            return None
+        return self._map_buffer(process) if how == "exec" else None
+
+    def _map_buffer(self, process) -> str | None:
+        """Map the buffer, with every stub so far, into ``process``'s address space and reserve it
+        there (the memory system calls refuse to touch it, as XenLinux kept those pages out of
+        the process's reach); why not, if its image already maps those pages."""
         mem = process.vcpu.mem
         if any(r.start < FIXUP_BUF_USER + FIXUP_BUF_SIZE and r.end > FIXUP_BUF_USER for r in mem.regions()):
-            return f"{self.name}: the new image maps the fixup buffer's pages ({FIXUP_BUF_USER:#x}) itself"
+            return (f"{self.name}: the program maps the fixup buffer's pages ({FIXUP_BUF_USER:#x}-"
+                    f"{FIXUP_BUF_USER + FIXUP_BUF_SIZE:#x}) itself (XenLinux reserved them)")
         mem.map(FIXUP_BUF_USER, FIXUP_BUF_SIZE, PROT_READ | PROT_EXEC, "[fixup]")
         mem.write(FIXUP_BUF_USER, bytes(self.buffer))
+        process.reserved.append((FIXUP_BUF_USER, FIXUP_BUF_USER + FIXUP_BUF_SIZE, "the fixup buffer"))
         return None
 
     def _write_buffer(self, domain, address: int, blob: bytes) -> None:
-        """New bytes in the buffer: in every live address space (one set of pages in XenLinux)."""
+        """New bytes in the buffer: in every live address space that maps it (one set of pages in
+        XenLinux); the reservation keeps guests from changing their view of it, and a space whose
+        view is not the read-only buffer (never, short of a bug) is left alone."""
         at = address - FIXUP_BUF_USER
         self.buffer[at:at + len(blob)] = blob
         kernel = getattr(domain, "kernel", None)
         spaces = [q.vcpu for q in kernel.live_processes() if q.vcpu is not None] if kernel else [domain.vcpu]
         for vcpu in spaces:
+            region = vcpu.mem.region_at(address)
+            if (region is None or region.name != "[fixup]" or region.prot & PROT_WRITE
+                    or not vcpu.mem.is_mapped(address, len(blob))):
+                continue
             vcpu.mem.write(address, blob)
             vcpu.invalidate_code(address, len(blob))
 
     # ------------------------------------------------------------ faults
     def step(self, trap: Trap, insn) -> Verdict:
+        if self.refusal is not None:
+            return Verdict.kill(self.refusal)
         # 1. Xen: seg_fixup flips (or refuses), then bounces vector 15 to the guest kernel
         verdict = super().step(trap, insn)
         if verdict.action is not Action.RESTART:
