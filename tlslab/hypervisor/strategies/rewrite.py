@@ -101,6 +101,14 @@ def _is_flat_tcb(desc) -> bool:
             and not desc.expand_down and desc.limit == 0xFFFFF)
 
 
+def space_state(spaces: weakref.WeakKeyDictionary, vcpu, make):
+    """``vcpu``'s entry of a per-address-space table (made on first use; gone with the vCPU)."""
+    state = spaces.get(vcpu)
+    if state is None:
+        state = spaces[vcpu] = make()
+    return state
+
+
 @dataclass
 class TwinState:
     """The fs-twin ABI in one address space (a fork copies it; an exec starts afresh)."""
@@ -132,11 +140,7 @@ class FsTwinABI:
 
     # one address space's state: the running process's (the hooks run in the process that acts)
     def state(self, vcpu=None) -> TwinState:
-        vcpu = self.domain.vcpu if vcpu is None else vcpu
-        st = self._spaces.get(vcpu)
-        if st is None:
-            st = self._spaces[vcpu] = TwinState()
-        return st
+        return space_state(self._spaces, self.domain.vcpu if vcpu is None else vcpu, TwinState)
 
     @property
     def installed(self) -> bool:
@@ -370,11 +374,7 @@ class RewriteStrategy(PatchesCode, Strategy):
 
     def sites(self, vcpu=None) -> SiteState:
         """The running process's patched and mixed sites."""
-        vcpu = self.domain.vcpu if vcpu is None else vcpu
-        st = self._spaces.get(vcpu)
-        if st is None:
-            st = self._spaces[vcpu] = SiteState()
-        return st
+        return space_state(self._spaces, self.domain.vcpu if vcpu is None else vcpu, SiteState)
 
     @property
     def patched(self) -> dict[int, int]:
