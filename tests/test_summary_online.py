@@ -27,12 +27,38 @@ def test_the_best_online_tally_takes_each_workload_s_best(monkeypatch):
     }
     out = summary.online_comparison(list(grouped), grouped, SimpleNamespace(name="p", label=lambda: "p"))
     tally = out["tally"]
-    assert tally["online-site"] == {"workloads": 3, "at_most_best_pure": 2, "within_10pct_of_bound": 1}
-    assert tally["online-probe"] == {"workloads": 3, "at_most_best_pure": 0, "within_10pct_of_bound": 2}
+    rule = {"patches_code": False}
+    assert tally["online-site"] == {"workloads": 3, "at_most_best_pure": 2, "within_10pct_of_bound": 1, **rule}
+    assert tally["online-probe"] == {"workloads": 3, "at_most_best_pure": 0, "within_10pct_of_bound": 2, **rule}
     # a: site 120 <= 130 (not within 10%); b: no online strategy beats emulate's 101, the best (probe)
     # is within 10%; c: site 104 beats flip and is within 10%
-    assert tally[summary.BEST_ONLINE] == {"workloads": 3, "at_most_best_pure": 2, "within_10pct_of_bound": 2}
+    assert tally[summary.BEST_ONLINE] == {"workloads": 3, "at_most_best_pure": 2, "within_10pct_of_bound": 2,
+                                          "patches_code": True}
+    assert tally[summary.BEST_EMULATE_FLIP] == {**tally[summary.BEST_ONLINE], **rule}
     assert [r["best_online"] for r in out["rows"]] == ["online-site", "online-probe", "online-site"]
+
+
+def test_patching_policies_are_tallied_apart_from_the_rules_the_bound_bounds(monkeypatch):
+    """online-patch below the bound counts for the best-of-everything tally, not for the emulate/flip one,
+    and its own tally line says the bound does not bound it."""
+    monkeypatch.setattr(summary.costmodel, "fault_handling_ns", lambda profile, counters: counters["ns"])
+    grouped = {
+        ("a", "default", "nonpae"): _row(100, 130, 200, online_probe=150, online_patch=3),
+        ("b", "default", "nonpae"): _row(100, 101, 300, online_probe=105, online_patch=90),
+    }
+    grouped[("b", "default", "nonpae")]["online-patch"]["stdout"]["sha256"] = "differs"   # a hazard: !out
+    out = summary.online_comparison(list(grouped), grouped, SimpleNamespace(name="p", label=lambda: "p"))
+    tally = out["tally"]
+    assert tally["online-patch"] == {"workloads": 1, "at_most_best_pure": 1, "within_10pct_of_bound": 1,
+                                     "patches_code": True}
+    assert [r["best_online"] for r in out["rows"]] == ["online-patch", "online-probe"]
+    assert [r["best_emulate_flip"] for r in out["rows"]] == ["online-probe", "online-probe"]
+    assert tally[summary.BEST_EMULATE_FLIP] == {"workloads": 2, "at_most_best_pure": 0, "within_10pct_of_bound": 1,
+                                                "patches_code": False}
+    assert tally[summary.BEST_ONLINE] == {"workloads": 2, "at_most_best_pure": 1, "within_10pct_of_bound": 2,
+                                          "patches_code": True}
+    assert "does not bound it" in summary.fmt_tally("online-patch", tally["online-patch"])
+    assert "does not bound it" not in summary.fmt_tally("online-probe", tally["online-probe"])
 
 
 def test_a_workload_no_online_rule_handles_gets_its_three_numbers(monkeypatch):

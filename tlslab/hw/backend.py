@@ -106,6 +106,8 @@ ONLINE = ("online-site", "online-probe")   # decide per fault with a threshold f
 MODEL_ONLY = {
     "online-rate": "online-rate is model-only: it decides from the guest's instruction count between faults, "
                    "which the hw backend's ptrace supervisor does not have (hw runs online-site and online-probe)",
+    "online-patch": "online-patch is model-only: it rewrites guest code, which the hw backend's ptrace supervisor "
+                    "does not do (hw runs online-site and online-probe)",
 }
 
 

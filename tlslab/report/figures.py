@@ -22,6 +22,8 @@ information is carried by colour alone.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import matplotlib
@@ -523,23 +525,30 @@ def online_figure(summary: Summary, out: Path) -> list[Path]:
     labels = [r["workload"] + ("" if r["variant"] == "default" else f" ({r['variant']})") for r in rows]
     fig, ax = plt.subplots(figsize=(min(18, max(10, 0.14 * len(rows) * len(policies))), 6.2))
     width = 0.8 / len(policies)
+    values = [r["cells"].get(n, {}).get("vs_bound") for r in rows for n in policies]
+    # a patching policy goes below the emulate/flip bound: the axis starts a decade under the lowest bar
+    # (a bar of exactly 0, no fault at all, sits on the axis)
+    positive = [v for v in values if v]
+    floor = 10.0 ** math.floor(math.log10(min([*positive, 1.0]) * 0.9))
     for i, name in enumerate(policies):
         xs, ys = [], []
         for j, r in enumerate(rows):
             v = r["cells"].get(name, {}).get("vs_bound")
             if v is not None:
                 xs.append(j + (i - (len(policies) - 1) / 2) * width)
-                ys.append(max(v, 1.0))
-        ax.bar(xs, ys, width, label=name, color=styles[name]["color"], hatch=styles[name]["hatch"],
+                ys.append(max(v, floor) - floor)
+        ax.bar(xs, ys, width, bottom=floor, label=name, color=styles[name]["color"], hatch=styles[name]["hatch"],
                edgecolor="#333333", linewidth=0.4)
+    ax.set_ylim(bottom=floor)
     ax.axhline(1.0, color="#333333", linewidth=1, linestyle="--")
     ax.axhline(1.1, color="#999999", linewidth=0.8, linestyle=":")
     ax.set_yscale("log")
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("fault-handling time / offline bound  (x, log)")
-    ax.set_title("\n".join(_wrap(f"Every policy against the offline-optimal hybrid (1.0 = the bound, dotted: "
-                                  f"+10%), under {on['label']}", 110)), fontsize=11)
+    ax.set_title("\n".join(_wrap(f"Every policy against the offline-optimal emulate/flip hybrid (1.0 = the bound, "
+                                  f"dotted: +10%; a policy that patches code can go below it), under {on['label']}",
+                                  110)), fontsize=11)
     ax.legend(fontsize=8, ncol=len(policies))
     fig.tight_layout()
     return _save(fig, out, "online")

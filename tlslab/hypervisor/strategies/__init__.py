@@ -62,10 +62,15 @@ def online_names() -> list[str]:
     return [name for name in STRATEGIES if is_online(name)]
 
 
+def patches_code(name: str) -> bool:
+    """Whether strategy ``name`` rewrites guest code (then the emulate/flip offline bound does not bound it)."""
+    return bool(getattr(STRATEGIES.get(name), "patches_code", False))
+
+
 def option_names(name: str) -> tuple[str, ...]:
     """The options strategy ``name`` declares (for specs and the CLI)."""
     return tuple(STRATEGIES[name].Options.__dataclass_fields__)
 
 
 __all__ = ["Action", "Strategy", "StrategyCounters", "StrategyOptionError", "Trap", "Verdict", "STRATEGIES",
-           "get_strategy", "option_names", "UnknownStrategy", "fetch_and_decode", "is_online", "online_names"]
+           "get_strategy", "option_names", "UnknownStrategy", "fetch_and_decode", "is_online", "online_names", "patches_code"]

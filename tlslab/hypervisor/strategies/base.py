@@ -135,6 +135,9 @@ class Strategy:
     description = ""
     truncates = True  # does this strategy run under a truncating hypervisor?
     order: ClassVar[int] = 100  # position in listings and "all" (the historical ones first)
+    # does it rewrite guest code? The offline bound (tlslab.analysis.hybrid) prices emulate and flip
+    # only, so it bounds the strategies that do not
+    patches_code: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, options=None) -> None:
@@ -199,6 +202,8 @@ class Strategy:
 
 class WatchesLeaks:
     """Patching strategies: record "patched bytes reached a file" from the page-cache model."""
+
+    patches_code = True
 
     hazards: list[str]
 

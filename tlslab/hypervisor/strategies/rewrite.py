@@ -468,12 +468,13 @@ class RewriteStrategy(PatchesCode, Strategy):
         self.counters.patches += 1
         return None
 
-    def _unpatch(self, domain, eip: int) -> None:
+    def _unpatch(self, domain, eip: int,
+                 why: str = "a +ve offset reached the rewritten site: it serves both signs") -> None:
+        """Give the site its gs prefix back; it is *mixed* from then on (never patched again)."""
         addr = self.patched.pop(eip)
         insn = fetch_and_decode(domain, eip)
         text = P.disassemble(insn.raw, eip) if not isinstance(insn, DecodeError) else "??"
         P.patch_code(domain, addr, b"\x65", patch_set=self.patch_set, kind="unpatch", instruction=text,
-                     expect=b"\x64", why="a +ve offset reached the rewritten site: it serves both signs",
-                     shared=self.page_sharing == "shared")
+                     expect=b"\x64", why=why, shared=self.page_sharing == "shared")
         self.mixed.add(eip)
         self.counters.count("unpatched-mixed-site")

@@ -1,0 +1,165 @@
+"""online-patch: rewrite's patch where its safety policy allows, online-probe's rule for every other fault."""
+
+from __future__ import annotations
+
+import pytest
+
+from tlslab.experiment import RunSpec, execute, make_domain
+from tlslab.hypervisor.strategies import STRATEGIES, get_strategy, is_online
+from tlslab.hypervisor.strategies.rewrite import FS_SELECTOR
+
+PLAIN = ["lsr", "canary", "malloc", "stdio", "syscalls"]
+WORK = ("traps", "decodes", "descriptor_writes", "emulated_accesses", "emulated_instructions", "refused")
+
+
+@pytest.fixture(scope="module")
+def native():
+    cache = {}
+
+    def get(guest, args=(), variant="default"):
+        key = (guest, args, variant)
+        if key not in cache:
+            cache[key] = execute(RunSpec(guest, args=args, strategy="native", variant=variant))[0]
+        return cache[key]
+    return get
+
+
+def test_registered_as_online_with_both_option_sets():
+    assert is_online("online-patch") and STRATEGIES["online-patch"].truncates
+    s = get_strategy("online-patch", prices="xen-2004", patch_policy="lib", page_sharing="private")
+    assert s.threshold == s.fallback.threshold > 0
+    for bad in ({"patch_policy": "nosuch"}, {"page_sharing": "nosuch"}, {"prices": "nosuch"}):
+        with pytest.raises(ValueError):
+            get_strategy("online-patch", **bad)
+
+
+@pytest.mark.parametrize("guest", PLAIN)
+def test_output_identical_and_every_negative_site_patched_once(guest, native):
+    """Static programs (patch policy auto = exe): every -ve site is patched at its first fault, so the run
+    takes one trap per patched site plus the faults the probe rule decides (+ve offsets, sites without a
+    gs prefix), and never more traps than online-probe."""
+    d, _ = make_domain(RunSpec(guest, strategy="online-patch"))
+    r = d.run()
+    nat = native(guest)
+    assert r.ok, r.crash
+    assert (r.status, r.stdout) == (nat.status, nat.stdout)
+    c = r.counters["strategy"]
+    assert c["patches"] == len(d.strategy.patched) > 0 and c["refused"] == 0
+    assert d.vcpu.loaded["fs"] == FS_SELECTOR
+    for prefix in d.strategy.patched.values():
+        assert d.vcpu.mem.read(prefix, 1) == b"\x64"
+    probe = execute(RunSpec(guest, strategy="online-probe"))[0]
+    assert c["traps"] < probe.counters["strategy"]["traps"]
+
+
+def test_lsr_patches_the_sites_emulate_faults_at():
+    emu, _ = execute(RunSpec("lsr", strategy="emulate"))
+    faulting = {s["eip"] for s in emu.sites if s["violations"]}
+    d, _ = make_domain(RunSpec("lsr", strategy="online-patch"))
+    assert d.run().ok
+    assert set(d.strategy.patched) == faulting
+
+
+@pytest.mark.parametrize("prices", ["hw-vm", "xen-2004"])
+def test_without_patching_it_is_online_probe_exactly(prices):
+    """patch_policy none: every fault goes to the probe rule, so the work equals online-probe's, counter
+    for counter: the fallback is online-probe, not a copy of it."""
+    mine = execute(RunSpec("lsr", strategy="online-patch", prices=prices, patch_policy="none"))[0]
+    probe = execute(RunSpec("lsr", strategy="online-probe", prices=prices))[0]
+    a, b = mine.counters["strategy"], probe.counters["strategy"]
+    assert mine.stdout == probe.stdout
+    installs = a["by_kind"].get("fs-twin-installed", 0)   # the ABI is still set up (one write), unused
+    assert installs <= 1
+    assert {k: a[k] - installs * (k == "descriptor_writes") for k in WORK} == {k: b[k] for k in WORK}
+    assert a["patches"] == 0
+    for kind in ("probe", "probe-end", "probe-flip", "flip", "emulate"):
+        assert a["by_kind"].get(kind, 0) == b["by_kind"].get(kind, 0), kind
+
+
+def test_dynamic_program_patches_only_libraries(native, debian_rootfs):
+    """lsr.dyn (auto = lib): libc's sites are patched; the executable's own -ve sites are decided by the
+    probe rule (emulated or flipped), never patched."""
+    d, _ = make_domain(RunSpec("lsr", strategy="online-patch", variant="dyn"))
+    r = d.run()
+    assert r.ok and r.stdout == native("lsr", variant="dyn").stdout
+    c = r.counters["strategy"]
+    assert c["patches"] > 0
+    exe = d.process.exe_node()
+    for eip in d.strategy.patched:
+        m = d.process.objects.mapping_at(eip)
+        assert m is not None and m.node is not exe and m.path.startswith("/lib")
+    assert c["by_kind"].get("not patched: the executable, not a library", 0) > 0
+    assert c["emulated_accesses"] + c["by_kind"].get("flip", 0) > 0
+
+
+def test_mixed_site_is_restored_and_left_to_the_probe_rule(native):
+    """A rewritten site whose %fs access meets a +ve offset gets its gs prefix back and is never patched
+    again; the run still prints native's output."""
+    d, _ = make_domain(RunSpec("lsr", strategy="online-patch"))
+    s = d.strategy
+    real = s._try_patch
+    victim = {}
+
+    def patch_then_unpatch_first(domain, v, insn):
+        why = real(domain, v, insn)
+        if why is None and not victim:
+            victim["eip"] = v.eip
+            s._unpatch(domain, v.eip)
+        return why
+
+    s._try_patch = patch_then_unpatch_first
+    r = d.run()
+    assert r.ok and r.stdout == native("lsr").stdout
+    assert victim["eip"] in s.mixed and victim["eip"] not in s.patched
+    assert r.counters["strategy"]["emulated_accesses"] + r.counters["strategy"]["descriptor_writes"] > 1
+
+
+def test_a_guest_taking_fs_stops_patching_instead_of_dying(native):
+    """fs-user installs its own descriptor in slot 7 and loads %fs: rewrite kills it; online-patch gives
+    every rewritten site its gs prefix back and decides from then on with the probe rule. The guest
+    runs to the end with the same data; the one line that differs is the program's report of what %fs
+    held before it loaded its own (the twin's 0x3b instead of 0): the %fs-twin ABI is visible."""
+    rw, _ = execute(RunSpec("fs-user", strategy="rewrite"))
+    assert not rw.ok
+    d, _ = make_domain(RunSpec("fs-user", strategy="online-patch"))
+    r = d.run()
+    nat = native("fs-user")
+    assert r.ok and r.status == nat.status == 0
+    c = r.counters["strategy"]
+    assert c["by_kind"]["patching-stopped: %fs not the twin's"] == 1
+    assert d.strategy.patched == {} and c["patches"] > 0
+    for unpatch in (p for p in d.strategy.patch_set.patches if p.kind == "unpatch"):
+        assert d.vcpu.mem.read(unpatch.address, 1) == b"\x65"
+    differ = [(a, b) for a, b in zip(r.stdout.splitlines(), nat.stdout.splitlines()) if a != b]
+    assert differ == [(b"fs-user: GDT (set_thread_area) descriptor, %fs NOT loaded by the program",
+                       b"fs-user: GDT (set_thread_area) descriptor, %fs loaded by the program")]
+
+
+def test_threads_output_identical_far_fewer_faults(native):
+    r, _ = execute(RunSpec("threads", args=("4", "200"), strategy="online-patch"))
+    nat = native("threads", ("4", "200"))
+    assert r.ok and r.stdout == nat.stdout
+    probe, _ = execute(RunSpec("threads", args=("4", "200"), strategy="online-probe"))
+    assert r.counters["strategy"]["traps"] * 20 < probe.counters["strategy"]["traps"]
+
+
+# subshells (fork), execs of ls and a pipeline: one patch per distinct site for the whole run
+SCRIPT = ("(cd /nonexistent 2>/dev/null; /bin/true); cd /nonexistent 2>/dev/null; echo $?; "
+          "(/bin/ls /nonexistent 2>/dev/null); /bin/ls /nonexistent 2>/dev/null; "
+          "/bin/ls /usr/lib/i386-linux-gnu | /bin/grep -c so; echo end")
+
+
+def _dash(strategy):
+    d, _ = make_domain(RunSpec("/bin/dash", ("-c", SCRIPT), rootfs="debian", tree=None, strategy=strategy))
+    return d, d.run()
+
+
+def test_processes_share_patches_and_keep_output(debian_rootfs):
+    nat = _dash("native")[1]
+    _, rw = _dash("rewrite")
+    d, r = _dash("online-patch")
+    assert r.ok, r.crash
+    assert (r.status, r.stdout) == (nat.status, nat.stdout)
+    assert r.counters["kernel"]["processes"] >= 5
+    # the same sites are patched once for the whole run, in whichever process meets them first
+    assert r.counters["strategy"]["patches"] == rw.counters["strategy"]["patches"] > 0

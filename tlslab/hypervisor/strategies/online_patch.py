@@ -1,0 +1,133 @@
+"""online-patch: patch a negative-%gs site where the rewrite safety policy allows; elsewhere online-probe.
+
+Issue 15's third kind of online policy: besides choosing emulate or flip per
+fault, a hypervisor may rewrite the faulting instruction so that it never
+faults again. This strategy combines the two mechanisms tlslab measures best
+on their own ground:
+
+* **Patch** (``rewrite``'s mechanism: Jakub Jelinek's 2004 prefix rewrite,
+  0x65 -> 0x64, with the ``%fs`` twin of :class:`FsTwinABI`): a fault with a
+  negative ``%gs`` offset at a site the rewrite safety policy allows (patch
+  policy ``auto``: the shared objects under ``/lib`` of a dynamic program, the
+  executable of a static one; no writable shared mapping of the file; the
+  instruction has a ``gs`` prefix; the site has never served a positive
+  offset) is patched at its first fault. A patch costs the fault being taken
+  anyway and a one-byte write, and removes every later fault at the site,
+  so patching at the first fault is never worse than waiting for a "hot"
+  site (under the measured hw-vm profile a patch is priced below an
+  emulation).
+* **Probe** (``online-probe``, the best emulate/flip rule): every other fault
+  -- a site outside the policy, a mixed site, a positive offset, any fault
+  once ``%fs`` is the guest's own -- is decided by online-probe's rule with
+  the same prices.
+
+Safety, where ``rewrite`` would refuse: when ``%fs`` stops belonging to the
+twin ABI (the guest installs slot 7, loads its own ``%fs``, or a thread has no
+TCB to mirror; ``FsTwinABI.check``), this strategy does not kill the guest: it
+restores the ``gs`` prefix of every site it rewrote in that address space
+(they become *mixed*, never patched again), stops patching there, and
+decides every fault with the probe rule. A guest that loads its own ``%fs``
+can still execute a rewritten site before the next trap shows the change: if
+its segment rejects the negative offset the access faults on ``%fs`` and is
+un-patched and restarted (correct); if its segment admits it the access
+reaches the guest's segment (``rewrite``'s hazard, docs/online-strategies.md).
+A program that reads its own code sees rewritten bytes (``selfread``): the
+hazard every patching mechanism has; the bench marks such output ``!out``.
+
+Inputs, all available at the fault: the faulting address and decoded
+instruction (prefix, offset sign), the mapping that holds the site (the
+guest kernel's VMAs, which Xen's XenLinux had: fixup.c ran in the guest
+kernel), the slot's descriptor, and the strategy's own history. The hw
+backend's ptrace supervisor does not rewrite code: model-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tlslab.hypervisor.patchpolicy import check_patch_options
+from tlslab.hypervisor.strategies.base import Trap, Verdict, fetch_and_decode
+from tlslab.hypervisor.strategies.online import PriceOptions, ProbeStrategy
+from tlslab.hypervisor.strategies.rewrite import RewriteStrategy
+from tlslab.x86.decode import DecodeError
+
+
+@dataclass(frozen=True)
+class OnlinePatchOptions(PriceOptions):
+    """online-probe's ``prices`` (its decision threshold) and rewrite's ``patch_policy``/``page_sharing``."""
+
+    patch_policy: str = "auto"
+    page_sharing: str = "shared"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_patch_options(self.patch_policy, self.page_sharing)
+
+
+class OnlinePatchStrategy(RewriteStrategy):
+    """online-patch: rewrite a -ve %gs site at its first fault where the safety policy allows; otherwise
+    decide emulate or flip by online-probe's rule. See the module docstring."""
+
+    name = "online-patch"
+    order = 53
+    online = True
+    description = "online: patch -ve %gs sites where the rewrite safety policy allows, online-probe elsewhere"
+    Options = OnlinePatchOptions
+
+    def __init__(self, options: OnlinePatchOptions | None = None) -> None:
+        super().__init__(options)
+        o = self.options
+        self.fallback = ProbeStrategy(PriceOptions(o.prices, o.emulate_ns, o.flip_ns))
+        self.fallback.counters = self.counters            # one set of counters: its work is ours
+        self.fallback._emulator.counters = self.counters
+        self.threshold = self.fallback.threshold
+        self.stopped: list[str] = []                      # why patching stopped, per address space that stopped
+
+    # ------------------------------------------------------------ faults
+    def before_decode(self, trap: Trap) -> Verdict | None:
+        v = trap.violation
+        conflict = self.abi.check()
+        was_patched = v.eip in self.patched
+        if conflict is not None and self.patched:
+            self._stop_patching(trap.domain, conflict)
+        if v.segment != "fs":
+            return None
+        if self.page_sharing == "shared" and not was_patched:   # another process may have rewritten it
+            insn = fetch_and_decode(trap.domain, v.eip)
+            self.counters.decodes += 1
+            if not isinstance(insn, DecodeError):
+                self._learn_shared(trap.domain, v.eip, insn)
+                was_patched = v.eip in self.patched
+        if was_patched:
+            if v.eip in self.patched:        # a +ve offset reached the rewritten site: it serves both signs
+                self._unpatch(trap.domain, v.eip)
+            return Verdict.restart()         # the restored gs prefix takes it (probe rule if it faults)
+        return None                          # the guest's own %fs: emulated in step
+
+    def step(self, trap: Trap, insn) -> Verdict:
+        v = trap.violation
+        if v.segment != "gs":
+            return self.fallback.emulate(trap, insn)
+        self._learn_shared(trap.domain, v.eip, insn)
+        if v.offset & 0x8000_0000 and v.eip not in self.mixed and self.abi.conflict is None:
+            why = self._patchable_twin(v)
+            if why is None:
+                why = self._try_patch(trap.domain, v, insn)
+            if why is None:
+                return Verdict.restart()
+            self.counters.count("not patched: " + why.split(" (")[0])
+        return self.fallback.step(trap, insn)
+
+    def _patchable_twin(self, v) -> str | None:
+        """The twin is made from the TCB's truncated descriptor; a slot the probe rule has flipped or
+        emptied does not show it, so the first patch waits for the ABI's own install (at set_thread_area)."""
+        if not self.abi.installed and v.descriptor.expand_down:
+            return "no %fs twin yet"
+        return None
+
+    def _stop_patching(self, domain, conflict: str) -> None:
+        """%fs is no longer the twin's in this address space: give every rewritten site its gs prefix back."""
+        for eip in list(self.patched):
+            self._unpatch(domain, eip, why=f"%fs is no longer the twin's ({conflict}): patching stopped")
+        self.stopped.append(conflict)
+        self.counters.count("patching-stopped: %fs not the twin's")
