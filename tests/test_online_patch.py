@@ -26,8 +26,9 @@ def native():
 
 def test_registered_as_online_with_both_option_sets():
     assert is_online("online-patch") and STRATEGIES["online-patch"].truncates
-    s = get_strategy("online-patch", prices="xen-2004", patch_policy="lib", page_sharing="private")
-    assert s.threshold == s.fallback.threshold > 0
+    assert get_strategy("online-patch").page_sharing == "private"   # never changes a file by default
+    s = get_strategy("online-patch", prices="xen-2004", patch_policy="lib", page_sharing="shared")
+    assert s.threshold == s.fallback.threshold > 0 and s.page_sharing == "shared"
     for bad in ({"patch_policy": "nosuch"}, {"page_sharing": "nosuch"}, {"prices": "nosuch"}):
         with pytest.raises(ValueError):
             get_strategy("online-patch", **bad)
@@ -149,17 +150,39 @@ SCRIPT = ("(cd /nonexistent 2>/dev/null; /bin/true); cd /nonexistent 2>/dev/null
           "/bin/ls /usr/lib/i386-linux-gnu | /bin/grep -c so; echo end")
 
 
-def _dash(strategy):
-    d, _ = make_domain(RunSpec("/bin/dash", ("-c", SCRIPT), rootfs="debian", tree=None, strategy=strategy))
+def _dash(strategy, **options):
+    d, _ = make_domain(RunSpec("/bin/dash", ("-c", SCRIPT), rootfs="debian", tree=None, strategy=strategy,
+                               **options))
     return d, d.run()
 
 
-def test_processes_share_patches_and_keep_output(debian_rootfs):
+def test_processes_patch_private_copies_by_default_and_keep_output(debian_rootfs):
+    """Private pages (the default): no patch reaches a page-cache page, every exec'd image patches its own
+    sites (more patches than rewrite's shared ones); with shared pages a site is patched once per run,
+    as rewrite does."""
     nat = _dash("native")[1]
     _, rw = _dash("rewrite")
-    d, r = _dash("online-patch")
-    assert r.ok, r.crash
-    assert (r.status, r.stdout) == (nat.status, nat.stdout)
-    assert r.counters["kernel"]["processes"] >= 5
-    # the same sites are patched once for the whole run, in whichever process meets them first
-    assert r.counters["strategy"]["patches"] == rw.counters["strategy"]["patches"] > 0
+    for sharing in ("private", "shared"):
+        d, r = _dash("online-patch", page_sharing=sharing)
+        assert r.ok, r.crash
+        assert (r.status, r.stdout) == (nat.status, nat.stdout)
+        assert r.counters["kernel"]["processes"] >= 5
+        if sharing == "private":
+            assert r.counters["page_cache"]["shared_patches"] == 0
+            assert r.counters["strategy"]["patches"] > rw.counters["strategy"]["patches"] > 0
+        else:
+            assert r.counters["strategy"]["patches"] == rw.counters["strategy"]["patches"]
+
+
+def test_private_patches_never_reach_a_file(tmp_path):
+    """prelink reads its own binary with read(2) and writes a relocated copy: with private patches (the
+    default) the copy is native's; with shared ones (XenLinux's page-cache patching) the patched bytes
+    reach it, which the page cache reports as a leak."""
+    args = ("/proc/self/exe", "out.bin")
+    nat, _ = execute(RunSpec("prelink", args=args, strategy="native"))
+    private, _ = execute(RunSpec("prelink", args=args, strategy="online-patch"))
+    d, _ = make_domain(RunSpec("prelink", args=args, strategy="online-patch", page_sharing="shared"))
+    shared = d.run()
+    assert private.ok and private.stdout == nat.stdout and private.counters["strategy"]["patches"] > 0
+    assert shared.ok and shared.stdout != nat.stdout
+    assert d.strategy.hazards and shared.counters["strategy"]["by_kind"]["patched-bytes-reached-a-file"] > 0

@@ -57,6 +57,7 @@ def test_patching_policies_are_tallied_apart_from_the_rules_the_bound_bounds(mon
                                                 "patches_code": False}
     assert tally[summary.BEST_ONLINE] == {"workloads": 2, "at_most_best_pure": 1, "within_10pct_of_bound": 2,
                                           "patches_code": True}
+    assert summary.fmt_online(out["rows"][1]["cells"]["online-patch"]) == ("!out", False)
     assert "does not bound it" in summary.fmt_tally("online-patch", tally["online-patch"])
     assert "does not bound it" not in summary.fmt_tally("online-probe", tally["online-probe"])
 

@@ -58,7 +58,7 @@ class RunSpec:
     applet: str | None = None       # busybox: argv[0] name
     timeout_seconds: float = 0
     patch_policy: str = "auto"      # rewrite strategies: auto | lib | exe | all | none
-    page_sharing: str = "shared"    # rewrite strategies: patches in shared page-cache pages or private copies
+    page_sharing: str = ""          # patching strategies: shared page-cache pages, private copies, "" = its default
     fs_abi: bool = False            # install the fs-twin ABI (statically rewritten binaries) under any strategy
     rootfs: str | None = None       # pinned root filesystem (debian); dynamic guests get DEFAULT_ROOTFS
     tree_at: str = DEFAULT_TREE_AT  # under a root filesystem: where the data tree is mounted (and the cwd)
@@ -184,8 +184,9 @@ def make_domain(spec: RunSpec, **domain_options) -> tuple[Domain, GuestBinary]:
         return process
 
     # the run spec carries every strategy's options; each strategy takes the ones it declares
+    # ("" for page_sharing: the strategy's own default, shared for rewrite and rewrite-2004, private for online-patch)
     strategy = get_strategy(spec.strategy, **{name: getattr(spec, name) for name in option_names(spec.strategy)
-                                              if hasattr(spec, name)})
+                                              if hasattr(spec, name) and getattr(spec, name) != ""})
     domain = Domain(factory, strategy, profile=spec.profile, timeout_seconds=spec.timeout_seconds,
                     **domain_options)
     domain.program = program  # what ran: for run records (the root a dynamic guest got by default)

@@ -191,9 +191,21 @@ def cell_id(spec: RunSpec | dict, backend: str = "unicorn") -> str:
             del d[name]
     if d.get("patch_policy") == "auto" and not _runs_in_root(d):
         d["patch_policy"] = "exe"   # what auto is for a static guest, and the default its ids were made with
+    if d.get("page_sharing") == "":
+        d["page_sharing"] = default_page_sharing(d.get("strategy"))   # the value "" stands for
     if backend != "unicorn":
         d["backend"] = backend
     return hashlib.sha256(canonical_json(d).encode()).hexdigest()[:16]
+
+
+def default_page_sharing(strategy: str | None) -> str:
+    """What ``page_sharing=""`` means for ``strategy``: its declared default; "shared" (the value cell ids were
+    made with before the field could be empty) for a strategy that does not patch."""
+    from tlslab.hypervisor.strategies import STRATEGIES
+
+    options = getattr(STRATEGIES.get(strategy or ""), "Options", None)
+    field = getattr(options, "__dataclass_fields__", {}).get("page_sharing")
+    return field.default if field is not None else "shared"
 
 
 def _runs_in_root(d: dict) -> bool:

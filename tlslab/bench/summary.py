@@ -401,7 +401,10 @@ def online_comparison(order: list[tuple], grouped: dict, profile: costmodel.Cost
                            "vs_bound": (ns / bound["fault_time_ns"]) if ns is not None and bound["fault_time_ns"]
                            else (1.0 if ns == 0 else None),
                            "faults": rec["counters"].get("strategy", {}).get("traps") if same else None,
-                           "outcome": rec.get("outcome") if not same or rec.get("outcome") != "ok" else "ok"}
+                           # a run that ended but printed something else than native is "!out", as in the
+                           # main table (it does not count)
+                           "outcome": ("!out" if rec.get("outcome") == "ok" and native.get("outcome") == "ok"
+                                       and not same else rec.get("outcome"))}
         pure = [cells[n]["fault_ms"] for n in BOUND_POLICIES if cells.get(n, {}).get("fault_ms") is not None]
         best_pure = min(pure) if len(pure) == len(BOUND_POLICIES) else None
         for name in online:   # the acceptance question per cell: at most the better 2004 mechanism?

@@ -40,8 +40,9 @@ def register(sub) -> None:
                    help="rewrite strategies: which code may be patched: lib = libraries mapped from under /lib with "
                    "no writable shared mapping (XenLinux's rule), exe = the executable (its analogue for static "
                    "programs), auto = lib for dynamic programs, exe for static ones (default), all, none")
-    p.add_argument("--page-sharing", choices=PAGE_SHARING, default="shared",
-                   help="rewrite strategies: patches land in shared page-cache pages (as XenLinux did) or private copies")
+    p.add_argument("--page-sharing", choices=PAGE_SHARING, default="",
+                   help="patching strategies: patches land in shared page-cache pages (as XenLinux did) or private "
+                   "copies (default: the strategy's own: shared for rewrite and rewrite-2004, private for online-patch)")
     p.add_argument("--fs-abi", action="store_true",
                    help="install the fs-twin descriptor (run a statically rewritten binary under any strategy)")
     p.add_argument("--quiet", "-q", action="store_true", help="do not print the guest's output")
