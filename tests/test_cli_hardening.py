@@ -64,6 +64,7 @@ def call(argv, capsys) -> tuple[int, str, str]:
     (["check-descriptor", "zz"], "hexadecimal"),
     (["patch", "show", "/nonexistent.json"], ""),
     (["hybrid", "lsr", "--emulate-ns", "-1", "--flip-ns", "1"], "--emulate-ns"),
+    (["run", "lsr", "-s", "online-patch", "--page-sharing", "shared"], "private copies only"),
     (["costs", "fit-xen-2004", "--tree", "dirs=-1"], ""),
     (["strategies", "extra"], "unrecognized"),
     (["version", "--", "x"], "no arguments after --"),

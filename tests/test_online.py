@@ -87,7 +87,8 @@ def test_online_options_are_checked():
 
 @pytest.mark.parametrize("guest,args", WORKLOADS)
 def test_offline_bound_bounds_every_real_policy(guest, args):
-    """The DP over the native sign trace is a bound: no real run of any fault-driven policy is cheaper."""
+    """The DP over the native sign trace is a bound: no real run of a policy that only emulates and flips is
+    cheaper; a patching one (online-patch) is, and is checked to be."""
     native, dn = run(guest, args, "native", trace=True)
     traces, dropped = dn.sign_runs("gs")
     assert not dropped

@@ -27,8 +27,8 @@ def native():
 def test_registered_as_online_with_both_option_sets():
     assert is_online("online-patch") and STRATEGIES["online-patch"].truncates
     assert get_strategy("online-patch").page_sharing == "private"   # never changes a file by default
-    s = get_strategy("online-patch", prices="xen-2004", patch_policy="lib", page_sharing="shared")
-    assert s.threshold == s.fallback.threshold > 0 and s.page_sharing == "shared"
+    s = get_strategy("online-patch", prices="xen-2004", patch_policy="lib")
+    assert s.threshold == s.fallback.threshold > 0 and s.patch_policy == "lib"
     for bad in ({"patch_policy": "nosuch"}, {"page_sharing": "nosuch"}, {"prices": "nosuch"}):
         with pytest.raises(ValueError):
             get_strategy("online-patch", **bad)
@@ -156,33 +156,83 @@ def _dash(strategy, **options):
     return d, d.run()
 
 
-def test_processes_patch_private_copies_by_default_and_keep_output(debian_rootfs):
-    """Private pages (the default): no patch reaches a page-cache page, every exec'd image patches its own
-    sites (more patches than rewrite's shared ones); with shared pages a site is patched once per run,
-    as rewrite does."""
+def test_processes_patch_private_copies_and_keep_output(debian_rootfs):
+    """Private pages: no patch reaches a page-cache page, every exec'd image patches its own sites (more
+    patches than rewrite's shared ones, fewer faults than online-probe), output as native's."""
     nat = _dash("native")[1]
     _, rw = _dash("rewrite")
-    for sharing in ("private", "shared"):
-        d, r = _dash("online-patch", page_sharing=sharing)
-        assert r.ok, r.crash
-        assert (r.status, r.stdout) == (nat.status, nat.stdout)
-        assert r.counters["kernel"]["processes"] >= 5
-        if sharing == "private":
-            assert r.counters["page_cache"]["shared_patches"] == 0
-            assert r.counters["strategy"]["patches"] > rw.counters["strategy"]["patches"] > 0
-        else:
-            assert r.counters["strategy"]["patches"] == rw.counters["strategy"]["patches"]
+    _, probe = _dash("online-probe")
+    d, r = _dash("online-patch")
+    assert r.ok, r.crash
+    assert (r.status, r.stdout) == (nat.status, nat.stdout)
+    assert r.counters["kernel"]["processes"] >= 5
+    assert r.counters["page_cache"]["shared_patches"] == 0
+    assert r.counters["strategy"]["patches"] > rw.counters["strategy"]["patches"] > 0
+    assert r.counters["strategy"]["traps"] < probe.counters["strategy"]["traps"]
 
 
-def test_private_patches_never_reach_a_file(tmp_path):
-    """prelink reads its own binary with read(2) and writes a relocated copy: with private patches (the
-    default) the copy is native's; with shared ones (XenLinux's page-cache patching) the patched bytes
-    reach it, which the page cache reports as a leak."""
+def test_shared_pages_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="private copies only"):
+        get_strategy("online-patch", page_sharing="shared")
+
+
+def test_private_patches_never_reach_a_file():
+    """prelink reads its own binary with read(2) and writes a relocated copy: with online-patch's private
+    patches the copy is native's; with rewrite's shared ones (XenLinux's page-cache patching) the patched
+    bytes reach it, which the page cache reports as a leak."""
     args = ("/proc/self/exe", "out.bin")
     nat, _ = execute(RunSpec("prelink", args=args, strategy="native"))
     private, _ = execute(RunSpec("prelink", args=args, strategy="online-patch"))
-    d, _ = make_domain(RunSpec("prelink", args=args, strategy="online-patch", page_sharing="shared"))
+    d, _ = make_domain(RunSpec("prelink", args=args, strategy="rewrite", page_sharing="shared"))
     shared = d.run()
     assert private.ok and private.stdout == nat.stdout and private.counters["strategy"]["patches"] > 0
     assert shared.ok and shared.stdout != nat.stdout
     assert d.strategy.hazards and shared.counters["strategy"]["by_kind"]["patched-bytes-reached-a-file"] > 0
+
+
+@pytest.fixture(scope="module")
+def fs_taken(tmp_path_factory):
+    import subprocess
+    from pathlib import Path
+
+    from conftest import GCC32, require_gcc32
+    require_gcc32()
+    src = Path(__file__).resolve().parent / "rewrite" / "fs_taken.c"
+    exe = tmp_path_factory.mktemp("online_patch") / "fs_taken"
+    subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], check=True)
+    return str(exe)
+
+
+def test_a_process_taking_fs_or_nulling_it_keeps_native_output(fs_taken):
+    """After close()'s errno site is rewritten, a forked child loads its own %fs and the parent loads the
+    null selector, each then running the rewritten site again. rewrite refuses and the guest dies;
+    online-patch restores the sites (at the child's set_thread_area into slot 7, and at the #GP the null
+    selector raises at the rewritten site) and prints native's output."""
+    nat, _ = execute(RunSpec(fs_taken, strategy="native"))
+    assert nat.ok and nat.stdout == b"child 45\nparent 45, child status 0\n"
+    rw, _ = execute(RunSpec(fs_taken, strategy="rewrite"))
+    assert not rw.ok or rw.stdout != nat.stdout
+    d, _ = make_domain(RunSpec(fs_taken, strategy="online-patch"))
+    r = d.run()
+    assert r.ok and r.stdout == nat.stdout, (r.crash, r.stdout)
+    kinds = r.counters["strategy"]["by_kind"]
+    assert kinds["patching-stopped: %fs not the twin's"] == 2            # the child's space and the parent's
+    assert kinds["null-%fs-at-a-rewritten-site"] == 1                   # the parent's
+    assert kinds["unpatched-fs-not-the-twin"] > 0 and r.counters["strategy"]["refused"] == 0
+
+
+def test_the_guest_using_the_twin_as_its_own_fs_is_refused():
+    """A fault on %fs while it holds the twin, at a site never rewritten: natively the guest's %fs is null
+    there, so online-patch refuses (as rewrite does) instead of emulating the access through the twin."""
+    from tlslab.hypervisor.strategies.base import Action, Trap
+    from tlslab.machine.vcpu import SegmentViolation
+
+    d, _ = make_domain(RunSpec("lsr", strategy="online-patch"))
+    assert d.run().ok
+    s = d.strategy
+    twin = d.vcpu.descriptors[7]
+    v = SegmentViolation(0x1234, "fs", FS_SELECTOR, 0x10, 4, False, twin.base + 0x10, twin, "offset above an "
+                         "expand-down segment")
+    verdict = s.handle(Trap(v, d))
+    assert verdict.action is Action.KILL
+    assert "used %fs while it held the hypervisor's twin" in verdict.reason

@@ -6,8 +6,9 @@ the segment (this access and the following ones of the same sign run free,
 the next one of the other sign faults). Given the exact sequence of signs of
 the guest's %gs offsets (a run-length list from a native run) and the price
 of each action, dynamic programming over the two segment states gives the
-cheapest possible sequence of decisions -- an offline optimum no online policy
-can beat. Pure emulate, pure flip and an online predictor are priced on the
+cheapest possible sequence of decisions -- an offline optimum no policy that
+only emulates and flips can beat (a policy that also rewrites code, such as
+online-patch, can: a patched site never faults again). Pure emulate, pure flip and an online predictor are priced on the
 same sequence; pure emulate and pure flip are also cross-checked against the
 trap counts those strategies really take.
 
@@ -18,7 +19,8 @@ A 0 in a run list is a break: another thread ran on that address space, and
 the slot may have been rewritten (XenLinux rewrites a TLS slot at a switch
 when the threads' descriptors differ) or carried over. The offline bound
 relaxes every break and the start of every address space after the first to
-"either state, free": a relaxation, so it stays a bound no real policy beats.
+"either state, free": a relaxation, so it stays a bound no real emulate/flip
+policy beats.
 The pure policies follow the model (a break leaves the slot truncated, "up").
 """
 

@@ -326,6 +326,10 @@ class Domain:
                 if e.reason is ExitReason.TIMEOUT:
                     crash = self.crash_at(e.eip, "timed out", timed_out=True)
                     break
+                if e.null_segment is not None:
+                    verdict = self.strategy.null_selector_fault(self, e.eip, e.null_segment)
+                    if verdict is not None and verdict.action is Action.RESTART:
+                        continue
                 sig, code = self._fault_signal_of(process, e)
                 address = e.eip if code not in (SI_KERNEL,) else 0
                 if e.vector is not None and k.fault_signal(task, sig, code, address):

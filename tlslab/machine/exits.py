@@ -62,6 +62,15 @@ class Exit:
     page_fault: PageFault | None = None
     vector: int | None = None
     message: str = ""
+    null_segment: str | None = None   # #GP from an access through fs/gs holding the null selector
+
+
+def null_selector_gp(vcpu, eip: int, seg: str) -> Exit:
+    """An access through %fs/%gs holding the null selector: #GP on x86 (Unicorn, which uses base 0 for it,
+    sees an access near address 0 or, for a negative offset, near 4 GiB)."""
+    vcpu.counters.exceptions += 1
+    return Exit(ExitReason.EXCEPTION, eip, vector=13, null_segment=seg,
+                message=f"#GP: memory access through %{seg} holding the null selector")
 
 
 def exit_from_fastpath(vcpu, e) -> Exit:
@@ -76,6 +85,8 @@ def exit_from_fastpath(vcpu, e) -> Exit:
         vcpu.counters.violations[seg_name] = vcpu.counters.violations.get(seg_name, 0) + 1
         return Exit(ExitReason.SEGMENT_VIOLATION, e.eip, violation=v)
     if e.kind in (fastpath.EXIT_PAGE_FAULT, fastpath.EXIT_KERNEL_ACCESS):
+        if seg_name in ("fs", "gs") and vcpu.regs.get(seg_name) & 0xFFFF < 4:
+            return null_selector_gp(vcpu, e.eip, seg_name)
         vcpu.counters.page_faults += 1
         pf = PageFault(e.eip, e.linear, e.size, bool(e.write), via_segment=seg_name)
         if e.linear >= layout.USER_TOP:
@@ -124,9 +135,7 @@ def exit_from_unmapped(vcpu, eip: int, error: int, unmapped: tuple[int, int, boo
         desc = vcpu.descriptors[index] if not selector & 4 and index < len(vcpu.descriptors) else None
         if seg in ("fs", "gs") and selector < 4:
             vcpu.counters.page_faults -= 1
-            vcpu.counters.exceptions += 1
-            return Exit(ExitReason.EXCEPTION, eip, vector=13,
-                        message=f"#GP: memory access through %{seg} holding the null selector")
+            return null_selector_gp(vcpu, eip, seg)
         if desc is not None and vcpu.checks and index in layout.SLOT_WINDOW_SHIFT:
             # through a window: translate back to the guest's own address, and
             # let the segment check take precedence as it does on x86

@@ -228,7 +228,7 @@ def _online_table(on: dict) -> str:
     out.append("</ul>")
     short = [r for r in on["rows"] if r.get("why")]
     if short:
-        out.append(f"<p>Where no online strategy is both at most min(emulate, flip) and within 10% of the bound, "
+        out.append(f"<p>Where no online emulate/flip rule is both at most min(emulate, flip) and within 10% of the bound, "
                    f"why ({esc(SHORTFALL_NOTE)}):</p><ul>")
         out.extend(f"<li>{esc(fmt_shortfall(r))}</li>" for r in short)
         out.append("</ul>")

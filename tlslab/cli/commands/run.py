@@ -53,10 +53,12 @@ def register(sub) -> None:
 
 def build_domain(spec, **options):
     """``make_domain`` under the run's --timeout: building the filesystem and loading the guest count
-    against it, and the guest gets what is left. Bad guests, files and trees: UsageError (one line)."""
+    against it, and the guest gets what is left. Bad guests, files, trees and strategy options: UsageError
+    (one line)."""
     from tlslab.cli.interrupt import RunTimeout, deadline
     from tlslab.experiment import make_domain
     from tlslab.guests import GuestError
+    from tlslab.hypervisor.strategies import StrategyOptionError
     from tlslab.linux.elf import ElfError
     from tlslab.linux.tree import TreeSpecError
 
@@ -64,8 +66,8 @@ def build_domain(spec, **options):
     try:
         with deadline(spec.timeout_seconds, "building the guest's filesystem and loading it"):
             domain, guest = make_domain(spec, **options)
-    except (GuestError, ElfError, TreeSpecError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as exc:
+    except (GuestError, ElfError, TreeSpecError, StrategyOptionError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, PermissionError) as exc:
         raise UsageError(str(exc)) from None
     if spec.timeout_seconds:
         left = spec.timeout_seconds - (time.monotonic() - started)

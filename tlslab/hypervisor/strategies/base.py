@@ -182,6 +182,12 @@ class Strategy:
             c.refused += 1
         return verdict
 
+    def null_selector_fault(self, domain: DomainView, eip: int, segment: str) -> Verdict | None:
+        """A #GP from an access through %fs/%gs holding the null selector (Xen's #GP handler sees these
+        too). None (the default): the guest gets its SIGSEGV, as natively; a strategy whose own code
+        change caused the fault (a rewritten site) may repair it and restart."""
+        return None
+
     def before_decode(self, trap: Trap) -> Verdict | None:
         """A verdict reached without decoding (None: decode and ``step``)."""
         return None

@@ -11,7 +11,8 @@ below), the history of earlier faults, and for ``online-rate`` the guest's
 instruction count since the last fault (Xen would read a cycle counter; the
 model's clock is its instruction count). They never see accesses that did not
 fault. Every one of them is judged against ``tlslab.analysis.hybrid.optimal``,
-the offline bound that knows the whole future.
+the offline bound that knows the whole future (it bounds these three, which
+only emulate and flip; ``online-patch``, which also rewrites code, goes below it).
 
 The decision threshold comes from the prices of the two actions under a cost
 profile (option ``prices``): handling a run of ``n`` wrong-sign accesses by

@@ -21,28 +21,37 @@ on their own ground:
   once ``%fs`` is the guest's own -- is decided by online-probe's rule with
   the same prices.
 
-Pages: a patch goes into a private (copy-on-write) copy of the page by
-default (``page_sharing="private"``), not into the file's page-cache page as
-XenLinux's fixup.c did (``rewrite``'s default): a hypervisor patching behind
-the guest's back must not change files, and then read(2) of the file, another
-process's mapping of it and a prelink run all see the file's own bytes
-(``prelink`` copies its own binary correctly, where shared patches reach the
-copy). The price: every exec'd image patches its own sites again (the boot
-workload: 11,345 faults against 72 with shared pages, and 259,190 under
-emulate). ``page_sharing="shared"`` is there to measure it.
+Pages: a patch goes into a private (copy-on-write) copy of the page
+(``page_sharing="private"``, the only value it takes), not into the file's
+page-cache page as XenLinux's fixup.c did (``rewrite``'s default). A
+hypervisor patching behind the guest's back must not change files: then
+read(2) of the file, another process's mapping of it and a prelink run all
+see the file's own bytes (``prelink`` copies its own binary correctly, where
+shared patches reach the copy). And a shared patch would reach every process
+mapping the file, including one that has loaded its own ``%fs`` and has not
+trapped since, which nothing could protect. The price: every exec'd image
+patches its own sites again (the boot workload: 11,345 faults, against 72 for
+``rewrite`` with shared pages and 259,190 under emulate).
 
 Safety, where ``rewrite`` would refuse: when ``%fs`` stops belonging to the
-twin ABI (the guest installs slot 7, loads its own ``%fs``, or a thread has no
-TCB to mirror; ``FsTwinABI.check``), this strategy does not kill the guest: it
-restores the ``gs`` prefix of every site it rewrote in that address space
-(they become *mixed*, never patched again), stops patching there, and
-decides every fault with the probe rule. A guest that loads its own ``%fs``
-can still execute a rewritten site before the next trap shows the change: if
-its segment rejects the negative offset the access faults on ``%fs`` and is
-un-patched and restarted (correct); if its segment admits it the access
-reaches the guest's segment (``rewrite``'s hazard, docs/online-strategies.md).
-A program that reads its own code sees rewritten bytes (``selfread``): the
-hazard every patching mechanism has; the bench marks such output ``!out``.
+twin ABI (the guest installs slot 7, loads its own ``%fs`` or the null
+selector, or a thread has no TCB to mirror; ``FsTwinABI.check``), this
+strategy does not kill the guest: it restores the ``gs`` prefix of every site
+it rewrote in that address space (they become *mixed*, never patched again),
+stops patching there, and decides every fault with the probe rule. A guest
+that loads its own ``%fs`` can still execute a rewritten site before the next
+trap shows the change: through the null selector that is a #GP, which the
+strategy settles (``null_selector_fault``: restore, run again through
+``%gs``); through a segment that rejects the negative offset it faults on
+``%fs`` and is restored and restarted; through a segment that admits it, the
+access reaches the guest's segment (``rewrite``'s hazard,
+docs/online-strategies.md). A fault on ``%fs`` while it still holds the twin,
+at a site not rewritten, is the guest using a segment it never loaded
+(natively its ``%fs`` is null): refused, as ``rewrite`` refuses it. A program
+that reads its own code sees rewritten bytes (``selfread``), and one that
+reads ``%fs`` before loading its own sees the twin's selector (``fs-user``):
+hazards no patching through ``%fs`` can hide; the bench marks such output
+``!out``.
 
 Inputs, all available at the fault: the faulting address and decoded
 instruction (prefix, offset sign), the mapping that holds the site (the
@@ -56,22 +65,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tlslab.hypervisor.patchpolicy import check_patch_options
-from tlslab.hypervisor.strategies.base import Trap, Verdict, fetch_and_decode
+from tlslab.hypervisor.strategies.base import Trap, Verdict
 from tlslab.hypervisor.strategies.online import PriceOptions, ProbeStrategy
 from tlslab.hypervisor.strategies.rewrite import RewriteStrategy
-from tlslab.x86.decode import DecodeError
 
 
 @dataclass(frozen=True)
 class OnlinePatchOptions(PriceOptions):
-    """online-probe's ``prices`` (its decision threshold) and rewrite's ``patch_policy``/``page_sharing``."""
+    """online-probe's ``prices`` (its decision threshold) and rewrite's ``patch_policy``; ``page_sharing`` is
+    ``private`` only (see the module docstring: shared pages would let one process's patch reach another
+    that uses %fs itself before anything traps)."""
 
     patch_policy: str = "auto"
-    page_sharing: str = "private"   # never change a file (see the module docstring)
+    page_sharing: str = "private"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_patch_options(self.patch_policy, self.page_sharing)
+        if self.page_sharing != "private":
+            raise ValueError("online-patch patches private copies only (page_sharing private): with shared "
+                             "pages a patch reaches processes that use %fs themselves")
 
 
 class OnlinePatchStrategy(RewriteStrategy):
@@ -102,23 +115,31 @@ class OnlinePatchStrategy(RewriteStrategy):
             self._stop_patching(trap.domain, conflict)
         if v.segment != "fs":
             return None
-        if self.page_sharing == "shared" and not was_patched:   # another process may have rewritten it
-            insn = fetch_and_decode(trap.domain, v.eip)
-            self.counters.decodes += 1
-            if not isinstance(insn, DecodeError):
-                self._learn_shared(trap.domain, v.eip, insn)
-                was_patched = v.eip in self.patched
         if was_patched:
-            if v.eip in self.patched:        # a +ve offset reached the rewritten site: it serves both signs
+            if v.eip in self.patched:        # %fs is the twin: a +ve offset reached the site (both signs)
                 self._unpatch(trap.domain, v.eip)
             return Verdict.restart()         # the restored gs prefix takes it (probe rule if it faults)
+        if conflict is None and self.abi.installed:
+            # %fs holds the twin, which the guest never loaded: natively its %fs is null here
+            self.counters.count("refused-fs")
+            return Verdict.kill(f"online-patch refuses: the guest used %fs while it held the hypervisor's "
+                                f"twin ({v.reason})")
         return None                          # the guest's own %fs: emulated in step
+
+    def null_selector_fault(self, domain, eip: int, segment: str) -> Verdict | None:
+        """The guest loaded the null selector into %fs and ran a rewritten site: restore every site (the
+        twin is gone) and run it again through %gs."""
+        if segment != "fs" or eip not in self.patched:
+            return None
+        self.counters.traps += 1
+        self.counters.count("null-%fs-at-a-rewritten-site")
+        self._stop_patching(domain, self.abi.check() or "the guest loaded the null selector into %fs")
+        return Verdict.restart()
 
     def step(self, trap: Trap, insn) -> Verdict:
         v = trap.violation
         if v.segment != "gs":
             return self.fallback.emulate(trap, insn)
-        self._learn_shared(trap.domain, v.eip, insn)
         if v.offset & 0x8000_0000 and v.eip not in self.mixed and self.abi.conflict is None:
             why = self._patchable_twin(v)
             if why is None:
@@ -138,6 +159,7 @@ class OnlinePatchStrategy(RewriteStrategy):
     def _stop_patching(self, domain, conflict: str) -> None:
         """%fs is no longer the twin's in this address space: give every rewritten site its gs prefix back."""
         for eip in list(self.patched):
-            self._unpatch(domain, eip, why=f"%fs is no longer the twin's ({conflict}): patching stopped")
+            self._unpatch(domain, eip, why=f"%fs is no longer the twin's ({conflict}): patching stopped",
+                          kind="unpatched-fs-not-the-twin")
         self.stopped.append(conflict)
         self.counters.count("patching-stopped: %fs not the twin's")

@@ -469,7 +469,8 @@ class RewriteStrategy(PatchesCode, Strategy):
         return None
 
     def _unpatch(self, domain, eip: int,
-                 why: str = "a +ve offset reached the rewritten site: it serves both signs") -> None:
+                 why: str = "a +ve offset reached the rewritten site: it serves both signs",
+                 kind: str = "unpatched-mixed-site") -> None:
         """Give the site its gs prefix back; it is *mixed* from then on (never patched again)."""
         addr = self.patched.pop(eip)
         insn = fetch_and_decode(domain, eip)
@@ -477,4 +478,4 @@ class RewriteStrategy(PatchesCode, Strategy):
         P.patch_code(domain, addr, b"\x65", patch_set=self.patch_set, kind="unpatch", instruction=text,
                      expect=b"\x64", why=why, shared=self.page_sharing == "shared")
         self.mixed.add(eip)
-        self.counters.count("unpatched-mixed-site")
+        self.counters.count(kind)
