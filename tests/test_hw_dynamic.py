@@ -142,6 +142,31 @@ def test_root_gets_a_writable_tmp_like_the_model(hw_ok, strategy, oracle_summary
     assert not os.path.lexists(os.path.join(hw_ok, "tmp"))
 
 
+# named pipes: a reader before the writer, a writer before the reader, mknod p, a non-blocking writer with no
+# reader (ENXIO), a device node (not modelled: EPERM; the jail's guest is not root either), three
+# rendezvous in a loop, and an O_RDWR descriptor that is its own reader and writer
+FIFO_SCRIPT = ("mkfifo /tmp/f; cat /tmp/f > /tmp/out1 & echo hello > /tmp/f; wait; cat /tmp/out1; "
+               "(echo a; echo b) > /tmp/f & cat /tmp/f; wait; "
+               "mknod /tmp/g p && ls -l /tmp/g | cut -c1-10; "
+               "dd if=/dev/zero of=/tmp/f oflag=nonblock count=0 2>&1 | head -1; "
+               "mknod /tmp/c c 1 3 2>&1 | head -1; "
+               "for i in 1 2 3; do echo line$i > /tmp/f & read x < /tmp/f; echo \"got $x\"; wait; done; "
+               "exec 4<>/tmp/f; echo x >&4; echo y >&4; head -c 4 <&4 | od -c | head -1; echo end")
+FIFO_OUTPUT = (b"hello\na\nb\nprw-r--r--\ndd: failed to open '/tmp/f': No such device or address\n"
+               b"mknod: /tmp/c: Operation not permitted\ngot line1\ngot line2\ngot line3\n"
+               b"0000000   x  \\n   y  \\n\nend\n")
+
+
+def test_named_pipes_behave_as_the_kernel_s(hw_ok):
+    """mkfifo/mknod and FIFO opens (who waits for whom, ENXIO, O_RDWR) in the model against the real kernel."""
+    spec = RunSpec("/bin/dash", ("-c", FIFO_SCRIPT), tree=None, rootfs="debian")
+    model, _sites = model_run(spec)
+    hw, _guest = run_spec(spec)
+    assert model.ok and hw.ok
+    assert (hw.status, hw.stdout, hw.stderr) == (model.status, model.stdout, model.stderr)
+    assert model.stdout == FIFO_OUTPUT
+
+
 def _touch(root) -> str | None:
     for cand in ("/bin/touch", "/usr/bin/touch"):
         if os.path.isfile(os.path.join(root, cand.lstrip("/"))):

@@ -145,3 +145,16 @@ def test_a_root_filesystem_without_tmp_gets_a_writable_one(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     assert b"tmp" not in Vfs.from_host(data).root.entries
+
+
+def test_named_pipes_in_the_model(debian_rootfs):
+    """The same FIFO script as the hw oracle test (tests/test_hw_dynamic.py), in the model alone: its output
+    is the one the real kernel printed (checked there where the host can run it)."""
+    from test_hw_dynamic import FIFO_OUTPUT, FIFO_SCRIPT
+
+    from tlslab.experiment import RunSpec, execute
+
+    r, _ = execute(RunSpec("/bin/dash", ("-c", FIFO_SCRIPT), tree=None, rootfs="debian"))
+    assert r.ok and r.status == 0
+    assert r.stdout == FIFO_OUTPUT
+    assert r.counters["linux"]["syscalls"]["unsupported"] == {}

@@ -817,11 +817,11 @@ class Kernel:
 
     def pipe_ends_open(self, pipe, end: str) -> bool:
         """Does any live process hold a descriptor on this end of the pipe?"""
-        node = pipe.read_end if end == "r" else pipe.write_end
+        nodes = pipe.nodes_of(end)
         for p in self.live:
-            if any(entry.file.node is node for entry in p.fds.fds.values()):
+            if any(entry.file.node in nodes for entry in p.fds.fds.values()):
                 return True
-        return False
+        return pipe.opening(end)   # a FIFO opener waiting for the other end counts (Linux: pipe->readers)
 
     # ------------------------------------------------------------ reporting
     def linux_totals(self) -> dict:

@@ -364,8 +364,8 @@ class Process:
     def pipe_end_open(self, pipe, end: str) -> bool:
         if self.kernel is not None:
             return self.kernel.pipe_ends_open(pipe, end)
-        node = pipe.read_end if end == "r" else pipe.write_end
-        return any(entry.file.node is node for entry in self.fds.fds.values())
+        nodes = pipe.nodes_of(end)
+        return any(entry.file.node in nodes for entry in self.fds.fds.values()) or pipe.opening(end)
 
     def random_bytes(self, n: int) -> bytes:
         return self._rng.randbytes(n)

@@ -11,7 +11,7 @@ from tlslab.linux.files import (
     O_TRUNC, O_WRONLY, OpenFile,
 )
 from tlslab.linux.kernel import Block
-from tlslab.linux.pipes import PIPE_BUF, PipeEnd
+from tlslab.linux.pipes import PIPE_BUF, Fifo, Pipe, PipeEnd
 from tlslab.linux.signals import SIGPIPE
 from tlslab.linux.syscall_table import signed, syscall
 from tlslab.linux.syscalls_proc import realtime_ns, timespec_ns
@@ -97,11 +97,78 @@ def do_open(p, dirfd: int, path_addr: int, flags: int, mode: int) -> int:
             raise SyscallError(E.EACCES)
         if isinstance(node, N.Device) and node.kind == "host-special":
             raise SyscallError(E.ENXIO)
+        if isinstance(node, Fifo):
+            return _open_fifo(p, node, flags, path)
         if flags & O_TRUNC and acc != O_RDONLY and isinstance(node, N.File):
             vfs.resize(node, 0)
             node.truncate(0)
             vfs.touch(node)
     return p.fds.install(OpenFile(node, flags, path), cloexec=bool(flags & O_CLOEXEC))
+
+
+def _open_fifo(p, fifo: Fifo, flags: int, path: bytes) -> int:
+    """open(2) of a named pipe (see tlslab.linux.pipes): wait for the other end, then a pipe end."""
+    task = p.task
+    pipe = fifo.pipe
+    if pipe is None or not (p.pipe_end_open(pipe, "r") or p.pipe_end_open(pipe, "w")):
+        pipe = fifo.pipe = Pipe(p.vfs.new_ino(), p.vfs.new_ino(), fifo.uid, fifo.gid, fifo=fifo)
+    acc = flags & O_ACCMODE
+    if acc == O_RDWR:   # Linux: at once, as a reader and a writer
+        fifo.arrivals["r"] += 1
+        fifo.arrivals["w"] += 1
+        if pipe.rw_end is None:
+            pipe.rw_end = PipeEnd(p.vfs.new_ino(), pipe, "rw", uid=fifo.uid, gid=fifo.gid)
+        node = pipe.rw_end
+    else:
+        end, other = ("r", "w") if acc == O_RDONLY else ("w", "r")
+        waited = fifo.waiting.get(task)
+        if waited is None:
+            fifo.arrivals[end] += 1
+            ticket = fifo.arrivals[other]
+        else:
+            ticket = waited[1]
+
+        def partner() -> bool:
+            return p.pipe_end_open(pipe, other) or fifo.arrivals[other] != ticket
+
+        if flags & O_NONBLOCK:
+            if end == "w" and not partner():
+                raise SyscallError(E.ENXIO)
+        elif not partner():
+            fifo.waiting[task] = (end, ticket)
+            raise Block(f"open fifo {path.decode(errors='replace')}", partner,
+                        cancel=lambda: fifo.waiting.pop(task, None))
+        fifo.waiting.pop(task, None)
+        node = pipe.read_end if end == "r" else pipe.write_end
+    return p.fds.install(OpenFile(node, flags, path), cloexec=bool(flags & O_CLOEXEC))
+
+
+def _mknod(p, dirfd: int, path_addr: int, mode: int) -> int:
+    """mknod(2): regular files and FIFOs; device nodes and sockets are not modelled (EPERM)."""
+    path = path_arg(p, path_addr)
+    parent, name = p.vfs.resolve_parent(path, _parent_base(p, dirfd, path))
+    kind = mode & N.S_IFMT
+    if kind in (0, N.S_IFREG):
+        if parent.lookup(name) is not None:
+            raise SyscallError(E.EEXIST)
+        p.vfs.create_file(parent, name, mode)
+    elif kind == N.S_IFIFO:
+        p.vfs.mkfifo(parent, name, mode)
+    elif kind in (N.S_IFCHR, N.S_IFBLK, N.S_IFSOCK):
+        raise SyscallError(E.EPERM, "device and socket nodes are not modelled")
+    else:
+        raise SyscallError(E.EINVAL)
+    return 0
+
+
+@syscall("mknod")
+def sys_mknod(p, path, mode, dev):
+    return _mknod(p, AT_FDCWD & 0xFFFFFFFF, path, mode)
+
+
+@syscall("mknodat")
+def sys_mknodat(p, dirfd, path, mode, dev):
+    return _mknod(p, dirfd, path, mode)
 
 
 @syscall("open")
@@ -903,6 +970,8 @@ def _poll_revents(p, fd: int, events: int) -> int:
     node = f.node
     if isinstance(node, PipeEnd):
         pipe = node.pipe
+        if node.end == "rw":   # a FIFO opened O_RDWR: it is its own writer and reader
+            return (POLLIN if pipe.buffer else 0) & events | (POLLOUT if pipe.space else 0) & events
         if node.end == "r":
             ready = POLLIN if pipe.buffer else 0
             return (ready & events) | (0 if p.pipe_end_open(pipe, "w") else POLLHUP)

@@ -233,6 +233,17 @@ class Vfs:
         return parent.attach(name, N.Dir(self.new_ino(), N.S_IFDIR | (mode & 0o7777 & ~self.umask),
                                          uid=self.uid, gid=self.gid, mtime_ns=self.now(), dev=parent.dev))
 
+    def mkfifo(self, parent: N.Dir, name: bytes, mode: int) -> N.Node:
+        """A named pipe (mknod S_IFIFO); the guest's like any file it creates."""
+        from tlslab.linux.pipes import Fifo
+
+        if name in (b".", b"..") or parent.lookup(name) is not None:
+            raise SyscallError(E.EEXIST)
+        self._check_writable_dir(parent)
+        self.touch(parent)
+        return parent.attach(name, Fifo(self.new_ino(), mode & ~self.umask, uid=self.uid, gid=self.gid,
+                                        mtime_ns=self.now(), dev=parent.dev))
+
     def symlink(self, parent: N.Dir, name: bytes, target: bytes) -> None:
         if parent.lookup(name) is not None:
             raise SyscallError(E.EEXIST)
