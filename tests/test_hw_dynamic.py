@@ -157,14 +157,29 @@ FIFO_OUTPUT = (b"hello\na\nb\nprw-r--r--\ndd: failed to open '/tmp/f': No such d
                b"0000000   x  \\n   y  \\n\nend\n")
 
 
-def test_named_pipes_behave_as_the_kernel_s(hw_ok):
+# openers that end abnormally or whose FIFO moves while they wait: a reader killed (SIGKILL) while waiting
+# in open leaves no phantom reader (the next writer waits, then times out); a killed writer leaves no
+# phantom writer (the reader gets EOF); a waiting open keeps its inode across mv and chmod, as Linux's does
+FIFO_SCRIPT2 = ('mkfifo /tmp/f; cat /tmp/f & sleep 0.1; kill -9 $!; wait; timeout 1 sh -c "echo stale > /tmp/f"; '
+                'echo "rc=$?"; (sleep 0.2; echo fresh > /tmp/f) & cat /tmp/f; wait; '
+                'rm /tmp/f; mkfifo /tmp/f; sh -c "echo x > /tmp/f" & sleep 0.1; kill -9 $!; wait; '
+                '(sleep 0.2; echo real > /tmp/f) & timeout 2 cat /tmp/f; echo "rc=$?"; rm /tmp/f; '
+                'mkfifo /tmp/f; (read x < /tmp/f; echo "R got [$x] rc=$?") & sleep 0.1; mv /tmp/f /tmp/g; '
+                'echo hello > /tmp/g; wait; mkfifo /tmp/h; (read y < /tmp/h; echo "R2 got [$y]") & sleep 0.1; '
+                'chmod 200 /tmp/h; echo hi > /tmp/h; wait')
+FIFO_OUTPUT2 = b"rc=124\nfresh\nreal\nrc=0\nR got [hello] rc=0\nR2 got [hi]\n"
+
+
+@pytest.mark.parametrize("script, expected", [(FIFO_SCRIPT, FIFO_OUTPUT), (FIFO_SCRIPT2, FIFO_OUTPUT2)],
+                         ids=["rendezvous", "abnormal-openers"])
+def test_named_pipes_behave_as_the_kernel_s(hw_ok, script, expected):
     """mkfifo/mknod and FIFO opens (who waits for whom, ENXIO, O_RDWR) in the model against the real kernel."""
-    spec = RunSpec("/bin/dash", ("-c", FIFO_SCRIPT), tree=None, rootfs="debian")
+    spec = RunSpec("/bin/dash", ("-c", script), tree=None, rootfs="debian")
     model, _sites = model_run(spec)
     hw, _guest = run_spec(spec)
     assert model.ok and hw.ok
     assert (hw.status, hw.stdout, hw.stderr) == (model.status, model.stdout, model.stderr)
-    assert model.stdout == FIFO_OUTPUT
+    assert model.stdout == expected
 
 
 def _touch(root) -> str | None:

@@ -236,3 +236,19 @@ def test_the_guest_using_the_twin_as_its_own_fs_is_refused():
     verdict = s.handle(Trap(v, d))
     assert verdict.action is Action.KILL
     assert "used %fs while it held the hypervisor's twin" in verdict.reason
+
+
+def test_a_rewritten_byte_the_guest_changed_itself_is_forgotten_not_restored():
+    """Self-modifying code: if the guest has written over a rewritten prefix, stopping patching leaves its
+    byte alone (restoring it would raise PatchError in the hypervisor, or undo the guest's own write)."""
+    d, _ = make_domain(RunSpec("lsr", strategy="online-patch"))
+    assert d.run().ok
+    s = d.strategy
+    eip, prefix = next(iter(s.patched.items()))
+    d.vcpu.mem.write(prefix, b"\x90")            # the guest's own write (here: by hand)
+    others = [a for e, a in s.patched.items() if e != eip]
+    s._stop_patching(d, "test")
+    assert s.patched == {} and eip in s.mixed
+    assert d.vcpu.mem.read(prefix, 1) == b"\x90"
+    assert all(d.vcpu.mem.read(a, 1) == b"\x65" for a in others)
+    assert d.counters()["strategy"]["by_kind"]["rewritten-byte-changed-by-the-guest"] == 1

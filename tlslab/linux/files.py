@@ -26,6 +26,7 @@ class OpenFile:
     path: bytes
     offset: int = 0
     listing: list[tuple[bytes, N.Node]] | None = field(default=None, repr=False)
+    version: int = 0   # a FIFO reader: the writers' open count when it opened (Linux's f_version)
 
     @property
     def readable(self) -> bool:

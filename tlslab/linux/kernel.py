@@ -102,6 +102,7 @@ class Task:
     mark: int = 0                                        # its vCPU's instruction count when it was switched in
     switches_in: int = 0
     exit_code: int | None = None
+    fifo_open: object | None = None                      # a FIFO open waiting for its partner (re-run)
 
     def describe(self) -> str:
         return f"tid {self.tid} ({self.state}{': ' + self.waiting.what if self.waiting else ''})"
@@ -523,6 +524,8 @@ class Kernel:
         if task is self.current or task.process.task is task:
             self._account(task)
         task.state = DEAD
+        if task.waiting is not None and task.waiting.cancel is not None:
+            task.waiting.cancel()   # a wait that registered itself (a futex waiter, a FIFO opener) ends too
         task.waiting = None
         if task in self.runq:
             pos = self.runq.index(task)

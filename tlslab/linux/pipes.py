@@ -37,6 +37,15 @@ class Pipe:
         self.fifo = fifo
         self.bytes_written = 0
 
+    @classmethod
+    def of_fifo(cls, fifo: Fifo) -> Pipe:
+        """The pipe a FIFO's openers share: its ends are the FIFO as fstat sees it (inode, device, mode)."""
+        pipe = cls(fifo.ino, fifo.ino, fifo.uid, fifo.gid, fifo=fifo)
+        pipe.rw_end = PipeEnd(fifo.ino, pipe, "rw", uid=fifo.uid, gid=fifo.gid)
+        for end in (pipe.read_end, pipe.write_end, pipe.rw_end):
+            end.mode, end.dev = fifo.mode, fifo.dev
+        return pipe
+
     def nodes_of(self, end: str) -> tuple:
         """The nodes whose open descriptions count as readers (``end`` "r") or writers ("w")."""
         one = self.read_end if end == "r" else self.write_end

@@ -61,6 +61,11 @@ def _parent_base(p, dirfd: int, path: bytes) -> N.Dir | None:
 
 # ------------------------------------------------------------------ open/close
 def do_open(p, dirfd: int, path_addr: int, flags: int, mode: int) -> int:
+    waiting = p.task.fifo_open
+    # the re-run of an open that waited for the FIFO's other end keeps its inode, as Linux's does (a
+    # handler running before the re-run may open something else: only the same call is the re-run)
+    if waiting is not None and waiting[1] == flags and waiting[2] == path_arg(p, path_addr):
+        return _open_fifo(p, *waiting)
     vfs = p.vfs
     path = path_arg(p, path_addr)
     base = _parent_base(p, dirfd, path) if path else None
@@ -111,13 +116,11 @@ def _open_fifo(p, fifo: Fifo, flags: int, path: bytes) -> int:
     task = p.task
     pipe = fifo.pipe
     if pipe is None or not (p.pipe_end_open(pipe, "r") or p.pipe_end_open(pipe, "w")):
-        pipe = fifo.pipe = Pipe(p.vfs.new_ino(), p.vfs.new_ino(), fifo.uid, fifo.gid, fifo=fifo)
+        pipe = fifo.pipe = Pipe.of_fifo(fifo)
     acc = flags & O_ACCMODE
     if acc == O_RDWR:   # Linux: at once, as a reader and a writer
         fifo.arrivals["r"] += 1
         fifo.arrivals["w"] += 1
-        if pipe.rw_end is None:
-            pipe.rw_end = PipeEnd(p.vfs.new_ino(), pipe, "rw", uid=fifo.uid, gid=fifo.gid)
         node = pipe.rw_end
     else:
         end, other = ("r", "w") if acc == O_RDONLY else ("w", "r")
@@ -136,11 +139,17 @@ def _open_fifo(p, fifo: Fifo, flags: int, path: bytes) -> int:
                 raise SyscallError(E.ENXIO)
         elif not partner():
             fifo.waiting[task] = (end, ticket)
-            raise Block(f"open fifo {path.decode(errors='replace')}", partner,
-                        cancel=lambda: fifo.waiting.pop(task, None))
+            task.fifo_open = (fifo, flags, path)
+
+            def cancel() -> None:
+                fifo.waiting.pop(task, None)
+                task.fifo_open = None
+
+            raise Block(f"open fifo {path.decode(errors='replace')}", partner, cancel=cancel)
         fifo.waiting.pop(task, None)
+        task.fifo_open = None
         node = pipe.read_end if end == "r" else pipe.write_end
-    return p.fds.install(OpenFile(node, flags, path), cloexec=bool(flags & O_CLOEXEC))
+    return p.fds.install(OpenFile(node, flags, path, version=fifo.arrivals["w"]), cloexec=bool(flags & O_CLOEXEC))
 
 
 def _mknod(p, dirfd: int, path_addr: int, mode: int) -> int:
@@ -148,6 +157,10 @@ def _mknod(p, dirfd: int, path_addr: int, mode: int) -> int:
     path = path_arg(p, path_addr)
     parent, name = p.vfs.resolve_parent(path, _parent_base(p, dirfd, path))
     kind = mode & N.S_IFMT
+    if kind == N.S_IFDIR:
+        raise SyscallError(E.EPERM)   # Linux may_mknod: directories come from mkdir
+    if path.endswith(b"/"):
+        raise SyscallError(E.ENOENT if parent.lookup(name) is None else E.EEXIST)
     if kind in (0, N.S_IFREG):
         if parent.lookup(name) is not None:
             raise SyscallError(E.EEXIST)
@@ -695,7 +708,8 @@ def sys_umask(p, mask):
 
 @syscall("fsync", "fdatasync")
 def sys_fsync(p, fd):
-    p.fds.get(signed(fd))
+    if isinstance(p.fds.get(signed(fd)).node, PipeEnd):
+        raise SyscallError(E.EINVAL)   # pipes and FIFOs have nothing to sync (Linux: no fsync method)
     return 0
 
 
@@ -974,10 +988,11 @@ def _poll_revents(p, fd: int, events: int) -> int:
             return (POLLIN if pipe.buffer else 0) & events | (POLLOUT if pipe.space else 0) & events
         if node.end == "r":
             ready = POLLIN if pipe.buffer else 0
-            return (ready & events) | (0 if p.pipe_end_open(pipe, "w") else POLLHUP)
-        if not p.pipe_end_open(pipe, "r"):
-            return POLLERR
-        return POLLOUT & events if pipe.space else 0
+            # a FIFO reader sees no hang-up until a writer has opened since it did (Linux: f_version)
+            hup = not p.pipe_end_open(pipe, "w") and (pipe.fifo is None or pipe.fifo.arrivals["w"] != f.version)
+            return (ready & events) | (POLLHUP if hup else 0)
+        writable = POLLOUT & events if pipe.space else 0
+        return writable | (0 if p.pipe_end_open(pipe, "r") else POLLERR)   # Linux pipe_poll: both
     return events & (POLLIN | POLLOUT)  # files and devices never block
 
 

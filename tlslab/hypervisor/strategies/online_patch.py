@@ -117,7 +117,8 @@ class OnlinePatchStrategy(RewriteStrategy):
             return None
         if was_patched:
             if v.eip in self.patched:        # %fs is the twin: a +ve offset reached the site (both signs)
-                self._unpatch(trap.domain, v.eip)
+                self._restore(trap.domain, v.eip, "a +ve offset reached the rewritten site: it serves both signs",
+                              "unpatched-mixed-site")
             return Verdict.restart()         # the restored gs prefix takes it (probe rule if it faults)
         if conflict is None and self.abi.installed:
             # %fs holds the twin, which the guest never loaded: natively its %fs is null here
@@ -156,10 +157,22 @@ class OnlinePatchStrategy(RewriteStrategy):
             return "no %fs twin yet"
         return None
 
+    def _restore(self, domain, eip: int, why: str, kind: str) -> None:
+        """Give a rewritten site its gs prefix back, unless the guest has rewritten that byte itself
+        (self-modifying code: its bytes are its own; the site is only forgotten)."""
+        prefix = self.patched[eip]
+        if domain.vcpu.mem.read(prefix, 1) != b"\x64":
+            self.patched.pop(eip)
+            self.mixed.add(eip)
+            domain.vcpu.invalidate_code(prefix, 1)   # run what memory holds now, not a stale translation
+            self.counters.count("rewritten-byte-changed-by-the-guest")
+            return
+        self._unpatch(domain, eip, why=why, kind=kind)
+
     def _stop_patching(self, domain, conflict: str) -> None:
         """%fs is no longer the twin's in this address space: give every rewritten site its gs prefix back."""
         for eip in list(self.patched):
-            self._unpatch(domain, eip, why=f"%fs is no longer the twin's ({conflict}): patching stopped",
-                          kind="unpatched-fs-not-the-twin")
+            self._restore(domain, eip, f"%fs is no longer the twin's ({conflict}): patching stopped",
+                          "unpatched-fs-not-the-twin")
         self.stopped.append(conflict)
         self.counters.count("patching-stopped: %fs not the twin's")
