@@ -73,6 +73,30 @@ def require_gcc32() -> None:
         unavailable(why)
 
 
+def build_test_guest(rel: str, out_dir) -> str:
+    """Build the C test guest ``tests/<rel>`` (gcc -m32 -static -O1) into ``out_dir``: its path."""
+    require_gcc32()
+    src = Path(__file__).resolve().parent / rel
+    exe = Path(out_dir) / Path(rel).stem
+    subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], check=True)
+    return str(exe)
+
+
+@pytest.fixture(scope="module")
+def native():
+    """native(guest, args=(), variant=...): a bundled guest's native run, made once per module."""
+    from tlslab.experiment import RunSpec, execute
+
+    cache = {}
+
+    def get(guest, args=(), variant="default"):
+        key = (guest, args, variant)
+        if key not in cache:
+            cache[key] = execute(RunSpec(guest, args=args, strategy="native", variant=variant))[0]
+        return cache[key]
+    return get
+
+
 @pytest.fixture(scope="session")
 def oracle_summary(request) -> dict[str, str]:
     return request.config.stash.setdefault(_ORACLE_SUMMARY, {})

@@ -12,18 +12,6 @@ PLAIN = ["lsr", "canary", "malloc", "stdio", "syscalls"]
 WORK = ("traps", "decodes", "descriptor_writes", "emulated_accesses", "emulated_instructions", "refused")
 
 
-@pytest.fixture(scope="module")
-def native():
-    cache = {}
-
-    def get(guest, args=(), variant="default"):
-        key = (guest, args, variant)
-        if key not in cache:
-            cache[key] = execute(RunSpec(guest, args=args, strategy="native", variant=variant))[0]
-        return cache[key]
-    return get
-
-
 def test_registered_as_online_with_both_option_sets():
     assert is_online("online-patch") and STRATEGIES["online-patch"].truncates
     assert get_strategy("online-patch").page_sharing == "private"   # never changes a file by default
@@ -96,22 +84,12 @@ def test_dynamic_program_patches_only_libraries(native, debian_rootfs):
 def test_mixed_site_is_restored_and_left_to_the_probe_rule(native):
     """A rewritten site whose %fs access meets a +ve offset gets its gs prefix back and is never patched
     again; the run still prints native's output."""
-    d, _ = make_domain(RunSpec("lsr", strategy="online-patch"))
+    from test_rewrite import run_with_first_patch_undone
+
+    d, r, eip = run_with_first_patch_undone("online-patch")
     s = d.strategy
-    real = s._try_patch
-    victim = {}
-
-    def patch_then_unpatch_first(domain, v, insn):
-        why = real(domain, v, insn)
-        if why is None and not victim:
-            victim["eip"] = v.eip
-            s._unpatch(domain, v.eip)
-        return why
-
-    s._try_patch = patch_then_unpatch_first
-    r = d.run()
     assert r.ok and r.stdout == native("lsr").stdout
-    assert victim["eip"] in s.mixed and victim["eip"] not in s.patched
+    assert eip in s.mixed and eip not in s.patched
     assert r.counters["strategy"]["emulated_accesses"] + r.counters["strategy"]["descriptor_writes"] > 1
 
 
@@ -144,21 +122,12 @@ def test_threads_output_identical_far_fewer_faults(native):
     assert r.counters["strategy"]["traps"] * 20 < probe.counters["strategy"]["traps"]
 
 
-# subshells (fork), execs of ls and a pipeline: one patch per distinct site for the whole run
-SCRIPT = ("(cd /nonexistent 2>/dev/null; /bin/true); cd /nonexistent 2>/dev/null; echo $?; "
-          "(/bin/ls /nonexistent 2>/dev/null); /bin/ls /nonexistent 2>/dev/null; "
-          "/bin/ls /usr/lib/i386-linux-gnu | /bin/grep -c so; echo end")
-
-
-def _dash(strategy, **options):
-    d, _ = make_domain(RunSpec("/bin/dash", ("-c", SCRIPT), rootfs="debian", tree=None, strategy=strategy,
-                               **options))
-    return d, d.run()
-
-
 def test_processes_patch_private_copies_and_keep_output(debian_rootfs):
-    """Private pages: no patch reaches a page-cache page, every exec'd image patches its own sites (more
+    """rewrite's script of subshells (fork), execs of ls and a pipeline (tests/test_rewrite.py).
+    Private pages: no patch reaches a page-cache page, every exec'd image patches its own sites (more
     patches than rewrite's shared ones, fewer faults than online-probe), output as native's."""
+    from test_rewrite import _dash
+
     nat = _dash("native")[1]
     _, rw = _dash("rewrite")
     _, probe = _dash("online-probe")
@@ -192,15 +161,8 @@ def test_private_patches_never_reach_a_file():
 
 @pytest.fixture(scope="module")
 def fs_taken(tmp_path_factory):
-    import subprocess
-    from pathlib import Path
-
-    from conftest import GCC32, require_gcc32
-    require_gcc32()
-    src = Path(__file__).resolve().parent / "rewrite" / "fs_taken.c"
-    exe = tmp_path_factory.mktemp("online_patch") / "fs_taken"
-    subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], check=True)
-    return str(exe)
+    from conftest import build_test_guest
+    return build_test_guest("rewrite/fs_taken.c", tmp_path_factory.mktemp("online_patch"))
 
 
 def test_a_process_taking_fs_or_nulling_it_keeps_native_output(fs_taken):

@@ -13,18 +13,6 @@ from tlslab.machine import layout
 PLAIN = ["lsr", "canary", "malloc", "stdio", "syscalls"]
 
 
-@pytest.fixture(scope="module")
-def native():
-    cache = {}
-
-    def get(guest, args=(), variant="default"):
-        key = (guest, args, variant)
-        if key not in cache:
-            cache[key] = execute(RunSpec(guest, args=args, strategy="native", variant=variant))[0]
-        return cache[key]
-    return get
-
-
 def test_registered():
     assert "rewrite" in STRATEGIES and get_strategy("rewrite").truncates
 
@@ -87,9 +75,10 @@ def test_nosegneg_variant(native):
     assert 0 < r.counters["strategy"]["patches"] == r.counters["strategy"]["traps"]
 
 
-def test_mixed_site_is_unpatched_and_flips(native):
-    """A rewritten site that meets a +ve offset is restored (64 -> 65) and is flipped from then on."""
-    d, _ = make_domain(RunSpec("lsr", strategy="rewrite"))
+def run_with_first_patch_undone(strategy: str):
+    """lsr under a patching strategy whose first patch is undone at once, as a %fs fault at a patched
+    site (a +ve offset) undoes it: (domain, result, that site's address)."""
+    d, _ = make_domain(RunSpec("lsr", strategy=strategy))
     s = d.strategy
     real = s._try_patch
     victim = {}
@@ -98,13 +87,19 @@ def test_mixed_site_is_unpatched_and_flips(native):
         why = real(domain, v, insn)
         if why is None and not victim:
             victim["eip"] = v.eip
-            s._unpatch(domain, v.eip)   # what a %fs fault at a patched site does
+            s._unpatch(domain, v.eip)
         return why
 
     s._try_patch = patch_then_unpatch_first
     r = d.run()
+    return d, r, victim["eip"]
+
+
+def test_mixed_site_is_unpatched_and_flips(native):
+    """A rewritten site that meets a +ve offset is restored (64 -> 65) and is flipped from then on."""
+    d, r, eip = run_with_first_patch_undone("rewrite")
+    s = d.strategy
     assert r.ok and r.stdout == native("lsr").stdout
-    eip = victim["eip"]
     assert eip in s.mixed and eip not in s.patched
     unpatch = [p for p in s.patch_set.patches if p.kind == "unpatch"]
     assert len(unpatch) == 1 and unpatch[0].old == "64" and unpatch[0].new == "65"
@@ -291,15 +286,8 @@ def test_a_static_programs_patches_stay_in_its_own_file(debian_rootfs, native):
 
 @pytest.fixture(scope="module")
 def shared_site(tmp_path_factory):
-    import subprocess
-    from pathlib import Path
-
-    from conftest import GCC32, require_gcc32
-    require_gcc32()
-    src = Path(__file__).resolve().parent / "rewrite" / "shared_site.c"
-    exe = tmp_path_factory.mktemp("rewrite") / "shared_site"
-    subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], check=True)
-    return str(exe)
+    from conftest import build_test_guest
+    return build_test_guest("rewrite/shared_site.c", tmp_path_factory.mktemp("rewrite"))
 
 
 @pytest.mark.parametrize("sharing", ["shared", "private"])
