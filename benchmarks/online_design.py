@@ -196,7 +196,8 @@ def last_value_oracle(truth: list[int]):
 
 
 def rules(trace) -> list[type]:
-    shipped = [STRATEGIES[n] for n in online_names() if not STRATEGIES[n].patches_code]   # patching reads guest code
+    shipped = [STRATEGIES[n] for n in online_names()     # patching and lookahead read guest code
+               if not STRATEGIES[n].patches_code and not STRATEGIES[n].reads_guest_memory]
     return [EmulateRule, FlipRule, *shipped, ReprobeEvery4, ReprobeEvery16, NeverReprobe, SkiRental,
             OffsetPrior, last_value_oracle(remaining_runs(trace))]
 

@@ -770,7 +770,7 @@ NARROW = 120   # columns below which the summary is printed one table per build 
 #: strategy column headers at narrow widths
 SHORT = {"emulate": "emul", "emulate-2004": "em04", "flip": "flip", "flip-full": "flipF", "flip-fs": "flipfs",
          "rewrite": "rewr", "rewrite-2004": "rw04", "native": "nat", "online-site": "onS", "online-rate": "onR",
-         "online-probe": "onP"}
+         "online-probe": "onP", "online-lookahead": "onL", "online-patch": "onX"}
 
 
 def render_narrow(summary: Summary, console) -> None:

@@ -108,6 +108,8 @@ MODEL_ONLY = {
                    "which the hw backend's ptrace supervisor does not have (hw runs online-site and online-probe)",
     "online-patch": "online-patch is model-only: it rewrites guest code, which the hw backend's ptrace supervisor "
                     "does not do (hw runs online-site and online-probe)",
+    "online-lookahead": "online-lookahead is model-only: it decodes ahead in guest code with the model's decoder, "
+                        "which the hw backend's ptrace supervisor does not have (hw runs online-site and online-probe)",
 }
 
 

@@ -256,9 +256,12 @@ class FlipRule(OnlineStrategy):
 
 def replaying(cls: type[OnlineStrategy]) -> type[OnlineStrategy]:
     """``cls`` with its guest-touching action replaced for replay (its decisions untouched); a strategy that
-    patches code reads and writes guest code, which a recording of accesses does not hold (ValueError)."""
+    patches code, or reads guest code and memory to decide, needs what a recording of accesses does not hold
+    (ValueError)."""
     if getattr(cls, "patches_code", False):
         raise ValueError(f"{cls.name} patches guest code: a recording of accesses cannot replay it")
+    if getattr(cls, "reads_guest_memory", False):
+        raise ValueError(f"{cls.name} reads guest code and memory: a recording of accesses cannot replay it")
     return type(f"Replayed{cls.__name__}", (_Replaying, cls), {})
 
 

@@ -69,6 +69,7 @@ FAMILY_STYLES = {
     "online-site": ("#BBBBBB", ".."),
     "online-rate": ("#777777", "xx"),
     "online-probe": ("#882255", ""),
+    "online-lookahead": ("#44AA99", "\\\\"),
 }
 
 

@@ -14,8 +14,8 @@ def register(sub) -> None:
         help="run emulate, flip and every online strategy on a guest and price them against the offline-optimal "
         "emulate/flip hybrid (a bound no emulate/flip policy can beat)",
         description="Runs the guest natively (recording the sign of every %%gs offset, thread by thread), then "
-        "under emulate, flip and each online strategy (online-site, online-rate, online-probe, online-patch: "
-        "real runs on real guest state, deciding with the chosen profile's prices). Prints each policy's faults, "
+        "under emulate, flip and each online strategy (online-site, online-rate, online-probe, online-lookahead, "
+        "online-patch: real runs on real guest state, deciding with the chosen profile's prices). Prints each policy's faults, "
         "emulations, flips, patches and modelled fault-handling time, and the offline optimum over the native "
         "sign sequence: it knows the future, so it bounds every policy that only emulates and flips at faults. "
         "online-patch also rewrites code (a patched site never faults again): the bound does not bound it.",

@@ -138,6 +138,9 @@ class Strategy:
     # does it rewrite guest code? The offline bound (tlslab.analysis.hybrid) prices emulate and flip
     # only, so it bounds the strategies that do not
     patches_code: ClassVar[bool] = False
+    # does it read guest code or memory beyond the faulting instruction (online-lookahead)? A recording of
+    # accesses (tlslab.inspect.replay) does not hold them, so it cannot replay such a strategy
+    reads_guest_memory: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, options=None) -> None:

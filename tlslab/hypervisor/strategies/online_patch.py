@@ -92,7 +92,7 @@ class OnlinePatchStrategy(RewriteStrategy):
     decide emulate or flip by online-probe's rule. See the module docstring."""
 
     name = "online-patch"
-    order = 53
+    order = 54
     online = True
     description = "online: patch -ve %gs sites where the rewrite safety policy allows, online-probe elsewhere"
     Options = OnlinePatchOptions

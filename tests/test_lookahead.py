@@ -1,0 +1,185 @@
+"""Decoding ahead from a fault (tlslab.hypervisor.lookahead): hand-assembled code with known answers."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tlslab.hypervisor.lookahead import LONG, SHORT, UNKNOWN, Lookahead, walk
+from tlslab.x86.decode import DecodeError, decode
+
+BASE = 0x0804_8000
+ESP = 0x0BFF_F000
+THRESHOLD = 1.57        # hw-vm's 2F/E: a run of two accesses pays for a flip
+
+
+def neg(disp=-4):                  # mov ecx, gs:[disp] (disp < 0)
+    return b"\x65\x8b\x0d" + struct.pack("<i", disp)
+
+
+POS = b"\x65\xa1\x14\x00\x00\x00"  # mov eax, gs:[0x14] (the stack guard: a positive offset)
+RET = b"\xc3"
+NOP = b"\x90"
+
+
+class Guest:
+    """Code at BASE, registers, and words of memory; counts what the walk reads."""
+
+    def __init__(self, code: bytes, regs=None, words=None):
+        self.code = code
+        self.regs = {"eax": 0, "ebx": 0, "ecx": 0, "edx": 0, "esi": 0, "edi": 0, "ebp": 0, "esp": ESP}
+        self.regs.update(regs or {})
+        self.words = dict(words or {})
+        self.word_reads: list[int] = []
+
+    def code_at(self, address):
+        offset = address - BASE
+        if not 0 <= offset < len(self.code):
+            return DecodeError(f"nothing at {address:#x}")
+        return decode(self.code[offset:offset + 15], address)
+
+    def read_reg(self, name):
+        return self.regs[name]
+
+    def read_word(self, address):
+        self.word_reads.append(address)
+        return self.words.get(address)
+
+    def answer(self, sign=-1, threshold=THRESHOLD, budget=32):
+        insn = self.code_at(BASE)
+        return walk(self.code_at, self.read_reg, self.read_word, insn, sign, threshold, budget)[0]
+
+
+def test_a_run_of_constant_negative_offsets_is_long_and_one_ended_by_a_positive_is_short():
+    assert Guest(neg() + neg(-8) + NOP + POS).answer().verdict == LONG            # 2 > 1.57
+    assert Guest(neg() + NOP + POS + neg()).answer().verdict == SHORT             # 1, then the other sign
+    # under xen-2004's threshold (2.81) two accesses are not enough; three are
+    assert Guest(neg() + neg(-8) + POS).answer(threshold=2.81).verdict == SHORT
+    assert Guest(neg() + neg(-8) + neg(-12) + POS).answer(threshold=2.81).verdict == LONG
+
+
+def test_a_path_that_ends_where_the_walk_cannot_see_is_unknown():
+    assert Guest(neg() + RET).answer().verdict == UNKNOWN                # return address unreadable
+    assert Guest(neg() + b"\xff\xe0").answer().verdict == UNKNOWN        # jmp *%eax: where to is unknown
+    assert Guest(neg() + NOP * 40 + POS).answer(budget=32).verdict == UNKNOWN   # past the budget
+    assert Guest(neg() + NOP * 40 + POS).answer(budget=64).verdict == SHORT
+    assert Guest(neg() + b"\xeb\xfe").answer().verdict == UNKNOWN        # jmp . : a loop back on the path
+
+
+def test_offsets_in_registers_are_followed_through_constants_and_memory_loads():
+    # mov ebx, -8; mov eax, gs:[ebx]  -> a second negative access
+    code = neg() + b"\xbb" + struct.pack("<i", -8) + b"\x65\x8b\x03" + POS
+    assert Guest(code).answer().verdict == LONG
+    # the offset comes from a GOT-like word: mov eax, [ebx+0x10]; mov eax, gs:[eax]
+    got = 0x0805_0000
+    code = neg() + b"\x8b\x43\x10" + b"\x65\x8b\x00" + POS
+    assert Guest(code, regs={"ebx": got}, words={got + 0x10: (-20) & 0xFFFF_FFFF}).answer().verdict == LONG
+    assert Guest(code, regs={"ebx": got}, words={got + 0x10: 0x18}).answer().verdict == SHORT
+    # a register the walk cannot know (written by a load from unreadable memory): unknown
+    assert Guest(code, regs={"ebx": got}).answer().verdict == UNKNOWN
+
+
+def test_both_ways_of_a_conditional_branch_must_agree():
+    # je over [neg(-8); jmp] to neg(-12): both ways meet a second negative access
+    both_long = neg() + b"\x74\x09" + neg(-8) + b"\xeb\x07" + neg(-12) + NOP + POS
+    assert Guest(both_long).answer().verdict == LONG
+    # one way meets a second negative access, the other goes straight to POS: no answer
+    mixed = neg() + b"\x74\x07" + neg(-8) + b"\xeb\x00" + POS
+    assert Guest(mixed).answer().verdict == UNKNOWN
+    both_short = neg() + b"\x74\x07" + POS + RET + POS
+    assert Guest(both_short).answer().verdict == SHORT
+
+
+def test_calls_and_returns_are_followed_through_the_stack():
+    # call f (f: POS; ret)  -> the callee's positive access ends the run
+    callee = 5 + 1          # after `call` (5 bytes) and a nop
+    code = neg() + b"\xe8" + struct.pack("<i", callee - 5 + 1) + NOP + NOP + POS + RET
+    assert Guest(code).answer().verdict == SHORT
+    # ret to the address on the guest's stack (a word of its memory)
+    caller = BASE + 0x40
+    code = neg() + RET + NOP * (0x40 - 8) + neg(-8) + POS
+    assert Guest(code, words={ESP: caller}).answer().verdict == LONG
+    # push/pop carry a known value: push 0xfffffff0; pop edx; mov eax, gs:[edx]
+    code = neg() + b"\x68" + struct.pack("<i", -16) + b"\x5a" + b"\x65\x8b\x02" + POS
+    assert Guest(code).answer().verdict == LONG
+
+
+def test_never_reads_guest_memory_at_or_above_the_hypervisor():
+    class Mem:
+        def __init__(self):
+            self.reads = []
+
+        def is_mapped(self, address, size):
+            return True
+
+        def read(self, address, size):
+            self.reads.append(address)
+            return b"\xf0\xff\xff\xff"
+
+    class Regs:
+        def __init__(self, values):
+            self.values = values
+
+        def get(self, name):
+            return self.values[name]
+
+    class VCpu:
+        def __init__(self, guest, below):
+            self.mem = Mem()
+            self.regs = Regs(guest.regs)
+
+    below = 0xFC00_0000
+    # ebx points just below the hypervisor: the 4-byte word would cross it
+    guest = Guest(neg() + b"\x8b\x43\x00" + b"\x65\x8b\x00" + POS, regs={"ebx": below - 2})
+    vcpu = VCpu(guest, below)
+    la = Lookahead(THRESHOLD)
+    insn = guest.code_at(BASE)
+    assert la.ahead(vcpu, guest.code_at, below, 0, insn, -1).verdict == UNKNOWN
+    assert all(a + 4 <= below for a in vcpu.mem.reads)
+
+
+def test_a_memoised_walk_serves_only_while_what_it_read_still_holds():
+    guest = Guest(neg() + b"\x65\x8b\x03" + POS, regs={"ebx": (-8) & 0xFFFF_FFFF})
+
+    class VCpu:
+        class mem:
+            @staticmethod
+            def is_mapped(address, size):
+                return False
+
+        class regs:
+            get = staticmethod(guest.read_reg)
+
+    la = Lookahead(THRESHOLD)
+    insn = guest.code_at(BASE)
+    assert la.ahead(VCpu, guest.code_at, 1 << 32, 0, insn, -1).verdict == LONG
+    assert la.ahead(VCpu, guest.code_at, 1 << 32, 0, insn, -1).verdict == LONG
+    assert (la.walks, la.reused) == (1, 1)
+    guest.regs["ebx"] = 0x18                                     # now a positive offset: walk again
+    assert la.ahead(VCpu, guest.code_at, 1 << 32, 0, insn, -1).verdict == SHORT
+    assert (la.walks, la.reused) == (2, 1)
+    other = decode(guest.code[:15], BASE)                        # a fresh decode (the cache was cleared)
+    assert la.ahead(VCpu, guest.code_at, 1 << 32, 0, other, -1).verdict == SHORT
+    assert la.walks == 3
+    assert la.ahead(VCpu, guest.code_at, 1 << 32, 1, other, -1).verdict == SHORT   # another address space
+    assert la.walks == 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(code=st.binary(min_size=0, max_size=200), sign=st.sampled_from([-1, 1]),
+       budget=st.integers(min_value=1, max_value=64), threshold=st.sampled_from([1.57, 2.81]))
+def test_any_code_gets_an_answer_within_the_budget(code, sign, budget, threshold):
+    """The walk never raises and never decodes more than its budget, whatever the bytes."""
+    guest = Guest(neg() + code, words={ESP: BASE + 7})
+    answer, _ = walk(guest.code_at, guest.read_reg, guest.read_word, guest.code_at(BASE), sign, threshold, budget)
+    assert answer.verdict in (LONG, SHORT, UNKNOWN)
+    assert 0 <= answer.walked <= budget
+
+
+@pytest.mark.parametrize("threshold", [1.57, 2.81])
+def test_the_faulting_access_counts_once(threshold):
+    """A run of exactly one access never pays for a flip (threshold >= 1)."""
+    assert Guest(neg() + POS).answer(threshold=threshold).verdict == SHORT

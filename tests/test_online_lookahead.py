@@ -1,0 +1,69 @@
+"""online-lookahead: emulate, except where decoding ahead shows a flip pays (real runs on real guest state)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tlslab.experiment import RunSpec, execute, make_domain
+from tlslab.hypervisor import costmodel
+from tlslab.hypervisor.strategies import STRATEGIES, StrategyOptionError, get_strategy, is_online
+from tlslab.inspect.replay import replaying
+
+GUESTS = [("canary", ("40",), "default"), ("canary", ("40",), "nosegneg"), ("fs-user", (), "default"),
+          ("selfread", (), "default"), ("selfread", (), "nosegneg"), ("threads", ("4", "50"), "default"),
+          ("syscalls", ("100",), "default")]
+PRICES = ("hw-vm", "xen-2004")
+
+
+def test_registered_online_reading_guest_memory_with_a_checked_budget():
+    cls = STRATEGIES["online-lookahead"]
+    assert is_online("online-lookahead") and cls.truncates and cls.reads_guest_memory and not cls.patches_code
+    assert get_strategy("online-lookahead", budget=8).lookahead.budget == 8
+    for bad in (0, 5000, True, "32"):
+        with pytest.raises(StrategyOptionError):
+            get_strategy("online-lookahead", budget=bad)
+
+
+def test_a_recording_of_accesses_cannot_replay_it():
+    with pytest.raises(ValueError, match="reads guest code and memory"):
+        replaying(STRATEGIES["online-lookahead"])
+
+
+@pytest.mark.parametrize("prices", PRICES)
+@pytest.mark.parametrize("guest,args,variant", GUESTS)
+def test_native_output_deterministic_counts_and_never_dearer_than_emulate(guest, args, variant, prices, native):
+    """Output identical to native, the same counters twice, and on these programs no more fault-handling time
+    than emulate: it flips only where the code shows that a flip pays (it would not have to hold for a
+    program whose code the walk mispredicts; it holds here, and a change that breaks the rule shows)."""
+    spec = RunSpec(guest, args=args, variant=variant, strategy="online-lookahead", prices=prices)
+    first, d = execute(spec)
+    again, _ = execute(spec)
+    nat = native(guest, args, variant)
+    assert first.ok, first.crash
+    assert (first.status, first.stdout) == (nat.status, nat.stdout)
+    assert first.counters == again.counters
+    c = first.counters["strategy"]
+    assert c["refused"] == 0
+    profile = costmodel.get_profile(prices)
+    emulate = execute(RunSpec(guest, args=args, variant=variant, strategy="emulate"))[0]
+    assert costmodel.fault_handling_ns(profile, first.counters) <= costmodel.fault_handling_ns(profile, emulate.counters)
+
+
+def test_flips_the_hot_loop_that_emulate_pays_access_by_access(native):
+    """canary's loop reads the stack guard and thread variables back to back: the walk sees the run and flips
+    it, where emulate takes one fault per access."""
+    spec = RunSpec("canary", args=("40",), strategy="online-lookahead", prices="xen-2004")
+    d, _ = make_domain(spec)
+    r = d.run()
+    assert r.ok and r.stdout == native("canary", ("40",)).stdout
+    kinds = r.counters["strategy"]["by_kind"]
+    emulate = execute(RunSpec("canary", args=("40",), strategy="emulate"))[0]
+    assert kinds.get("ahead-flip", 0) > 0
+    assert r.counters["strategy"]["traps"] * 10 < emulate.counters["strategy"]["traps"]
+    assert kinds["lookahead-instructions"] > 0 and d.strategy.lookahead.walks > 0
+
+
+def test_hw_backend_refuses_it_in_one_line():
+    from tlslab.hw.backend import MODEL_ONLY
+
+    assert "online-lookahead" in MODEL_ONLY and "\n" not in MODEL_ONLY["online-lookahead"]
