@@ -270,7 +270,7 @@ def walk(code_at, read_reg, read_word, insn: Instruction, sign: int, threshold: 
     seen_long = seen_short = False
     first = _Path(inputs, {}, {})
     _apply(first, insn)
-    pending = [((insn.address + insn.length) & M32, first, 1, frozenset())]
+    pending = [((insn.address + insn.length) & M32, first, 1, set())]
     while pending:
         address, path, count, seen = pending.pop()
         end = UNKNOWN
@@ -281,7 +281,7 @@ def walk(code_at, read_reg, read_word, insn: Instruction, sign: int, threshold: 
             if walked >= budget or address in seen:
                 break
             walked += 1
-            seen = seen | {address}
+            seen.add(address)
             here = code_at(address)
             if isinstance(here, DecodeError):
                 break
@@ -317,7 +317,7 @@ def walk(code_at, read_reg, read_word, insn: Instruction, sign: int, threshold: 
                 continue
             if here.branch_target is not None:      # conditional: both ways, the branch taken first
                 _apply(path, here)
-                pending.append((after, path.fork(), count, seen))
+                pending.append((after, path.fork(), count, set(seen)))
                 address = here.branch_target & M32
                 continue
             _apply(path, here)

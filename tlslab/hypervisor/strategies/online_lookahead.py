@@ -71,7 +71,8 @@ class LookaheadStrategy(OnlineStrategy):
     def decide(self, trap: Trap, insn, sign: int) -> Verdict:
         domain = trap.domain
         vcpu = domain.vcpu
-        ahead = self.lookahead.ahead(vcpu, lambda address: fetch_and_decode(domain, address),
+        decoded = vcpu.decoded      # the domain's decode cache (fetch_and_decode fills it)
+        ahead = self.lookahead.ahead(vcpu, lambda address: decoded.get(address) or fetch_and_decode(domain, address),
                                      domain.policy.hypervisor_start, self.space_number(vcpu), insn, sign)
         kinds = self.counters.by_kind
         kinds["lookahead-instructions"] = kinds.get("lookahead-instructions", 0) + ahead.walked
