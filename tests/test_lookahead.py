@@ -107,76 +107,146 @@ def test_calls_and_returns_are_followed_through_the_stack():
     assert Guest(code).answer().verdict == LONG
 
 
+class FakeVCpu:
+    """What Lookahead.ahead uses of a vCPU: registers, memory regions with rights, the code generation."""
+
+    class Region:
+        def __init__(self, prot):
+            self.prot = prot
+
+    def __init__(self, guest: Guest, readable=None):
+        self.guest = guest
+        self.code_generation = 0
+        self.reads: list[int] = []
+        self.readable = readable          # None: the code and the guest's words; else a predicate
+        vcpu = self
+
+        class Mem:
+            def region_at(self, address):
+                if BASE <= address < BASE + len(guest.code):
+                    return FakeVCpu.Region(5)                        # r-x
+                if vcpu.readable is not None:
+                    return FakeVCpu.Region(1) if vcpu.readable(address) else None
+                word = address & ~3
+                return FakeVCpu.Region(1) if word in guest.words or word - 4 in guest.words else None
+
+            def read(self, address, size):
+                vcpu.reads.append(address)
+                if BASE <= address < BASE + len(guest.code):
+                    return guest.code[address - BASE:address - BASE + size]
+                return (guest.words.get(address, 0xFFFF_FFF0)).to_bytes(4, "little")[:size]
+
+        class Regs:
+            def get(self, name):
+                return guest.regs[name]
+
+        self.mem, self.regs = Mem(), Regs()
+
+
 def test_never_reads_guest_memory_at_or_above_the_hypervisor():
-    class Mem:
-        def __init__(self):
-            self.reads = []
-
-        def is_mapped(self, address, size):
-            return True
-
-        def read(self, address, size):
-            self.reads.append(address)
-            return b"\xf0\xff\xff\xff"
-
-    class Regs:
-        def __init__(self, values):
-            self.values = values
-
-        def get(self, name):
-            return self.values[name]
-
-    class VCpu:
-        def __init__(self, guest, below):
-            self.mem = Mem()
-            self.regs = Regs(guest.regs)
-
     below = 0xFC00_0000
     # ebx points just below the hypervisor: the 4-byte word would cross it
     guest = Guest(neg() + b"\x8b\x43\x00" + b"\x65\x8b\x00" + POS, regs={"ebx": below - 2})
-    vcpu = VCpu(guest, below)
+    vcpu = FakeVCpu(guest, readable=lambda address: True)
     la = Lookahead(THRESHOLD)
-    insn = guest.code_at(BASE)
-    assert la.ahead(vcpu, guest.code_at, below, 0, insn, -1).verdict == UNKNOWN
-    assert all(a + 4 <= below for a in vcpu.mem.reads)
+    assert la.ahead(vcpu, below, guest.code_at(BASE), -1).verdict == UNKNOWN
+    assert vcpu.reads and all(a + 4 <= below for a in vcpu.reads if not BASE <= a < BASE + len(guest.code))
+    # a word of a page the guest cannot read is not read either
+    vcpu = FakeVCpu(guest, readable=lambda address: False)
+    guest.regs["ebx"] = 0x0806_0000
+    assert Lookahead(THRESHOLD).ahead(vcpu, below, guest.code_at(BASE), -1).verdict == UNKNOWN
+    assert all(BASE <= a < BASE + len(guest.code) for a in vcpu.reads)
 
 
 def test_a_memoised_walk_serves_only_while_what_it_read_still_holds():
-    guest = Guest(neg() + b"\x65\x8b\x03" + POS, regs={"ebx": (-8) & 0xFFFF_FFFF})
-
-    class VCpu:
-        class mem:
-            @staticmethod
-            def is_mapped(address, size):
-                return False
-
-        class regs:
-            get = staticmethod(guest.read_reg)
-
+    got = 0x0805_0000
+    guest = Guest(neg() + b"\x8b\x43\x10" + b"\x65\x8b\x00" + POS, regs={"ebx": got},
+                  words={got + 0x10: (-20) & 0xFFFF_FFFF})
+    vcpu = FakeVCpu(guest)
     la = Lookahead(THRESHOLD)
     insn = guest.code_at(BASE)
-    assert la.ahead(VCpu, guest.code_at, 1 << 32, 0, insn, -1).verdict == LONG
-    assert la.ahead(VCpu, guest.code_at, 1 << 32, 0, insn, -1).verdict == LONG
+    assert la.ahead(vcpu, 1 << 32, insn, -1).verdict == LONG
+    assert la.ahead(vcpu, 1 << 32, insn, -1).verdict == LONG
     assert (la.walks, la.reused) == (1, 1)
-    guest.regs["ebx"] = 0x18                                     # now a positive offset: walk again
-    assert la.ahead(VCpu, guest.code_at, 1 << 32, 0, insn, -1).verdict == SHORT
+    guest.words[got + 0x10] = 0x18                               # the GOT word changed: walk again
+    assert la.ahead(vcpu, 1 << 32, insn, -1).verdict == SHORT
     assert (la.walks, la.reused) == (2, 1)
-    other = decode(guest.code[:15], BASE)                        # a fresh decode (the cache was cleared)
-    assert la.ahead(VCpu, guest.code_at, 1 << 32, 0, other, -1).verdict == SHORT
+    guest.regs["ebx"] = got + 0x100                               # a register it read changed: again
+    assert la.ahead(vcpu, 1 << 32, insn, -1).verdict == UNKNOWN
     assert la.walks == 3
-    assert la.ahead(VCpu, guest.code_at, 1 << 32, 1, other, -1).verdict == SHORT   # another address space
+    guest.regs["ebx"] = got
+    vcpu.code_generation += 1                                     # the host changed guest code: again
+    assert la.ahead(vcpu, 1 << 32, insn, -1).verdict == SHORT
     assert la.walks == 4
+    assert la.ahead(FakeVCpu(guest), 1 << 32, insn, -1).verdict == SHORT   # another address space: its own
+    assert la.walks == 5
+
+
+def test_a_memo_entry_does_not_keep_a_finished_address_space_alive():
+    import gc
+    import weakref
+
+    guest = Guest(neg() + POS)
+    vcpu = FakeVCpu(guest)
+    la = Lookahead(THRESHOLD)
+    la.ahead(vcpu, 1 << 32, guest.code_at(BASE), -1)
+    gone = weakref.ref(vcpu)
+    del vcpu
+    gc.collect()
+    assert gone() is None
+
+
+def test_forms_whose_effect_is_easy_to_get_wrong():
+    # the accumulator forms: add eax, imm32 (05) writes eax
+    assert Guest(neg() + b"\x05\x30\x00\x00\x00" + b"\x65\x8b\x00" + POS,
+                 regs={"eax": (-16) & 0xFFFF_FFFF}).answer().verdict == SHORT      # -16 + 0x30 > 0
+    # mov eax, [moffs] (A1) loads eax: unknown unless the word is readable
+    assert Guest(neg() + b"\xa1\x00\x00\x06\x08" + b"\x65\x8b\x00" + POS,
+                 regs={"eax": (-16) & 0xFFFF_FFFF}).answer().verdict == UNKNOWN
+    # xchg ecx, eax (91) swaps: eax is no longer what it was
+    assert Guest(neg() + b"\x91" + b"\x65\x8b\x00" + POS,
+                 regs={"eax": (-16) & 0xFFFF_FFFF, "ecx": 8}).answer().verdict == UNKNOWN
+    # lea eax, gs:[-8] computes an address: not an access
+    assert Guest(neg() + b"\x65\x8d\x05\xf8\xff\xff\xff" + POS).answer().verdict == SHORT
+    # a faulting jump through %gs goes where the walk cannot see
+    assert Guest(b"\x65\xff\x25\xf8\xff\xff\xff" + neg() + neg()).answer().verdict == UNKNOWN
+    # 16-bit push moves esp by 2: the ret after it is not followed
+    code = neg() + b"\x66\x50" + b"\x66\x58" + RET
+    assert Guest(code, words={ESP: BASE + 0x20}).answer().verdict == UNKNOWN
+    # enter makes esp and ebp unknown: the leave; ret after it is not followed
+    code = neg() + b"\xc8\x10\x00\x00" + b"\xc9" + RET
+    assert Guest(code, words={ESP: BASE + 0x20}).answer().verdict == UNKNOWN
+    # rep stosd stores where the walk does not place it: later loads are unknown
+    code = neg() + b"\xf3\xab" + b"\x8b\x43\x10" + b"\x65\x8b\x00" + POS
+    assert Guest(code, regs={"ebx": 0x0805_0000},
+                 words={0x0805_0010: (-20) & 0xFFFF_FFFF}).answer().verdict == UNKNOWN
+    # a 2-byte store into a known word makes the whole word unknown
+    code = neg() + b"\x66\x89\x43\x12" + b"\x8b\x43\x10" + b"\x65\x8b\x00" + POS
+    assert Guest(code, regs={"ebx": 0x0805_0000},
+                 words={0x0805_0010: (-20) & 0xFFFF_FFFF}).answer().verdict == UNKNOWN
+    # retf: where it returns to is not followed
+    assert Guest(neg() + b"\xcb" + neg(-8)).answer().verdict == UNKNOWN
+
+
+REG = st.integers(min_value=0, max_value=0xFFFF_FFFF)
 
 
 @settings(max_examples=300, deadline=None)
 @given(code=st.binary(min_size=0, max_size=200), sign=st.sampled_from([-1, 1]),
-       budget=st.integers(min_value=1, max_value=64), threshold=st.sampled_from([1.57, 2.81]))
-def test_any_code_gets_an_answer_within_the_budget(code, sign, budget, threshold):
-    """The walk never raises and never decodes more than its budget, whatever the bytes."""
-    guest = Guest(neg() + code, words={ESP: BASE + 7})
+       budget=st.integers(min_value=1, max_value=64), threshold=st.sampled_from([1.57, 2.81]),
+       regs=st.fixed_dictionaries({r: REG for r in ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp")}),
+       word=REG)
+def test_any_code_gets_an_answer_within_the_budget(code, sign, budget, threshold, regs, word):
+    """The walk never raises and never decodes more than its budget, whatever the bytes and registers; and
+    accesses it has seen count whatever follows: three constant same-sign accesses in a row before the
+    random code are a run longer than either threshold."""
+    guest = Guest(neg() + code, regs=regs, words={ESP: BASE + 7, regs["ebx"] & ~3: word})
     answer, _ = walk(guest.code_at, guest.read_reg, guest.read_word, guest.code_at(BASE), sign, threshold, budget)
-    assert answer.verdict in (LONG, SHORT, UNKNOWN)
     assert 0 <= answer.walked <= budget
+    long = Guest(neg() + neg(-8) + neg(-12) + code, regs=regs)
+    answer, _ = walk(long.code_at, long.read_reg, long.read_word, long.code_at(BASE), -1, threshold, budget)
+    needed = int(threshold)           # accesses after the faulting one that take the run past the threshold
+    assert answer.verdict == (LONG if budget >= needed else UNKNOWN)
 
 
 @pytest.mark.parametrize("threshold", [1.57, 2.81])

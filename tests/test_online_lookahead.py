@@ -64,6 +64,10 @@ def test_flips_the_hot_loop_that_emulate_pays_access_by_access(native):
 
 
 def test_hw_backend_refuses_it_in_one_line():
-    from tlslab.hw.backend import MODEL_ONLY
+    import subprocess
+    import sys
 
-    assert "online-lookahead" in MODEL_ONLY and "\n" not in MODEL_ONLY["online-lookahead"]
+    r = subprocess.run([sys.executable, "-m", "tlslab", "run", "lsr", "--backend", "hw", "-s", "online-lookahead"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "online-lookahead is model-only" in r.stderr and "Traceback" not in r.stderr

@@ -36,37 +36,46 @@ A wrong prediction costs time, never correctness: the rule that uses it only
 chooses between emulating and flipping, each of which is correct whatever
 comes next.
 
-It only reads: guest code through the domain's decode cache, guest memory
-below the hypervisor's start, registers. Its results are memoised per address
-space and site with the inputs the walk read (registers, memory words); a
-fault whose inputs all match reuses the walk (the walk is a function of them
-and of the code; a rewritten site clears the decode cache and this memo with
-it, ``VCpu.invalidate_code``).
+It only reads: guest code (executable pages) and words of guest memory
+(readable pages) below the hypervisor's start, and registers. Its results are
+memoised per address space and site with the inputs the walk read (registers,
+memory words); a fault whose inputs all match, with guest code unchanged by
+the host since (``VCpu.code_generation``), reuses the walk: the walk is a
+function of them and of the code. Code the guest itself rewrites is not seen
+(as everywhere in tlslab: the decode caches are the host's).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
-from tlslab.x86.decode import DecodeError, Instruction, MemoryOperand
+from tlslab.machine.memory import PROT_EXEC, PROT_READ
+from tlslab.x86.decode import DecodeError, Instruction, MemoryOperand, decode
 from tlslab.x86.opcodes import REG8, REG16, REG32
 
 #: instructions decoded ahead per fault, over all paths. Chosen, not fitted: a few basic blocks
 #: and a call (docs/online-strategies.md gives the figures at 16 and 96 too)
 BUDGET = 32
 M32 = 0xFFFF_FFFF
+MAX_INSN = 15
 
-_STOP = frozenset({"hlt", "ud2", "iret", "sysenter", "int3", "ljmp", "lcall", "lret", "into", "bound"})
+#: instructions after which the walk cannot say what runs (the decoder's spellings)
+_STOP = frozenset({"hlt", "ud0", "ud2", "iretd", "int1", "int3", "into", "ljmp", "lcall", "retf", "bound",
+                   "?syscall", "?sysenter", "?sysexit", "?sysret"})
 _ALU = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "and": lambda a, b: a & b,
         "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b}
 _NO_REGISTER_WRITE = frozenset({"cmp", "test", "bt", "nop", "jmp", "call", "ret"})
 #: registers an instruction writes without naming them as its destination
 _IMPLICIT = {"mul": ("eax", "edx"), "imul": ("eax", "edx"), "div": ("eax", "edx"), "idiv": ("eax", "edx"),
              "cdq": ("edx",), "cwd": ("edx",), "cwde": ("eax",), "cbw": ("eax",), "int": ("eax",),
-             "rdtsc": ("eax", "edx"), "cpuid": tuple(REG32), "cmpxchg": ("eax",), "cmpxchg8b": ("eax", "edx"),
-             "loop": ("ecx",), "loope": ("ecx",), "loopne": ("ecx",), "popal": tuple(REG32), "lahf": ("eax",),
-             "xlatb": ("eax",), "salc": ("eax",), "pushal": ("esp",), "pushfd": ("esp",), "popfd": ("esp",)}
-
+             "rdtsc": ("eax", "edx"), "cpuid": tuple(REG32), "cmpxchg": ("eax",), "?cmpxchg8b": ("eax", "edx"),
+             "loop": ("ecx",), "loope": ("ecx",), "loopne": ("ecx",), "jecxz": (), "popal": tuple(REG32),
+             "lahf": ("eax",), "xlatb": ("eax",), "salc": ("eax",), "pushal": ("esp",), "pushfd": ("esp",),
+             "popfd": ("esp",), "enter": ("esp", "ebp")}
+#: instructions whose memory operand is not an access (an address computed, a hint)
+_NOT_AN_ACCESS = frozenset({"lea", "nop", "?nop", "?hint_nop", "?prefetch", "?prefetchnta", "?prefetcht0",
+                            "?prefetcht1", "?prefetcht2"})
 
 LONG, SHORT, UNKNOWN = "long", "short", "unknown"
 
@@ -98,6 +107,7 @@ class _Inputs:
         self._read_word = read_word
         self.registers: dict[str, int] = {}
         self.words: dict[int, int | None] = {}
+        self.code_missing = False
 
     def register(self, name: str) -> int:
         if name not in self.registers:
@@ -109,6 +119,10 @@ class _Inputs:
             self.words[address] = self._read_word(address)
         return self.words[address]
 
+    def done(self) -> None:
+        """Drop the readers (a memo entry must not keep a finished process's memory alive)."""
+        self._read_reg = self._read_word = None
+
     def still_hold(self, read_reg, read_word) -> bool:
         return (all(read_reg(name) & M32 == value for name, value in self.registers.items())
                 and all(read_word(address) == value for address, value in self.words.items()))
@@ -117,13 +131,14 @@ class _Inputs:
 class _Path:
     """One path's state: registers written on it (None: unknown) and stack words stored on it."""
 
-    __slots__ = ("inputs", "regs", "stored")
+    __slots__ = ("inputs", "regs", "stored", "memory_unknown")
 
-    def __init__(self, inputs: _Inputs, regs: dict, stored: dict) -> None:
+    def __init__(self, inputs: _Inputs, regs: dict, stored: dict, memory_unknown: bool = False) -> None:
         self.inputs, self.regs, self.stored = inputs, regs, stored
+        self.memory_unknown = memory_unknown     # a store the walk cannot place happened (a string store)
 
     def fork(self) -> _Path:
-        return _Path(self.inputs, dict(self.regs), dict(self.stored))
+        return _Path(self.inputs, dict(self.regs), dict(self.stored), self.memory_unknown)
 
     def reg(self, name: str | None) -> int | None:
         full = _full(name)
@@ -153,7 +168,16 @@ class _Path:
     def load(self, address: int) -> int | None:
         if address in self.stored:
             return self.stored[address]
+        if self.memory_unknown:
+            return None
         return self.inputs.word(address)
+
+    def store(self, address: int, size: int, value: int | None) -> None:
+        """A store of ``size`` bytes: every word it overlaps becomes unknown, then a 4-byte one is known."""
+        for word in range(address - 3, address + size):
+            self.stored[word & M32] = None
+        if size == 4 and value is not None:
+            self.stored[address] = value & M32
 
     def source(self, insn: Instruction, index: int) -> int | None:
         """The value of operand ``index`` of ``insn`` when it can be known."""
@@ -162,7 +186,7 @@ class _Path:
         kind = insn.operands[index][0]
         if kind == "I":
             return insn.immediate
-        if kind in ("G", "Z"):
+        if kind in ("G", "Z") or insn.operands[index] in ("AL", "eAX"):
             return self.reg(insn.reg)
         if kind == "E":
             if insn.rm_reg:
@@ -174,8 +198,9 @@ class _Path:
 
 
 def _destination(insn: Instruction) -> str | None:
+    """The register the first operand names (ModRM.reg, the opcode's, ModRM.rm, or the accumulator)."""
     first = insn.operands[0] if insn.operands else ""
-    if first[:1] in ("G", "Z"):
+    if first[:1] in ("G", "Z") or first in ("AL", "eAX"):
         return insn.reg
     if first[:1] == "E" and insn.rm_reg:
         return insn.rm_reg
@@ -186,22 +211,32 @@ def _apply(path: _Path, insn: Instruction) -> None:
     """``insn``'s effect on registers and stack words, as far as it can be known (else: unknown)."""
     m = insn.mnemonic
     regs = path.regs
-    if m.startswith("?"):                     # decoded for its length only: it may write anything
+    if m.startswith("?") and m not in _NOT_AN_ACCESS:   # decoded for its length only: it may write anything
         for name in REG32:
             regs[name] = None
         return
-    if insn.prefixes.rep or insn.prefixes.repne:
+    if insn.is_string:
         for name in ("ecx", "esi", "edi", "eax"):
             regs[name] = None
+        if insn.operands and insn.operands[0][:1] == "Y":   # stos, movs: a store the walk does not place
+            path.memory_unknown = True
+        return
     for name in _IMPLICIT.get(m, ()):
         regs[name] = None
     dest = _destination(insn)
+    if m in ("push", "pop", "leave") and insn.operand_size != 4:   # 16-bit stack operations: not followed
+        regs["esp"] = None
+        if m == "pop" and dest:
+            path.set_reg(dest, None)
+        if m == "leave":
+            regs["ebp"] = None
+        return
     if m == "push":
         esp = path.reg("esp")
         value = path.source(insn, 0)
         if esp is not None:
             regs["esp"] = (esp - 4) & M32
-            path.stored[regs["esp"]] = value
+            path.store(regs["esp"], 4, value)
         return
     if m == "pop":
         esp = path.reg("esp")
@@ -213,19 +248,27 @@ def _apply(path: _Path, insn: Instruction) -> None:
             regs["esp"] = None
         if dest:
             path.set_reg(dest, value)
+        elif insn.memory is not None:                   # pop [mem]
+            _memory_write(path, insn, value)
         return
     if m == "leave":
         ebp = path.reg("ebp")
         regs["esp"] = None if ebp is None else (ebp + 4) & M32
         regs["ebp"] = None if ebp is None else path.load(ebp)
         return
-    if m in _NO_REGISTER_WRITE or (insn.condition is not None and m.startswith("j")):
+    if m in ("xchg", "xadd", "cmpxchg"):           # every register and word they name becomes unknown
+        for name in (insn.reg, insn.rm_reg, "eax" if {"AL", "eAX"} & set(insn.operands) else None):
+            if name:
+                path.set_reg(name, None)
+        if insn.memory is not None:
+            _memory_write(path, insn, None)
+        return
+    if (m in _NO_REGISTER_WRITE or (m in _NOT_AN_ACCESS and m != "lea")
+            or (insn.condition is not None and m.startswith("j"))):
         return
     if dest is None:
-        if insn.memory is not None and insn.memory.segment not in ("fs", "gs"):
-            a = path.address(insn.memory)       # a store: a later load of that word sees it
-            if a is not None:
-                path.stored[a] = path.source(insn, 1) if m == "mov" and insn.operand_size == 4 else None
+        if insn.memory is not None:                 # a store (or read-modify-write) to memory
+            _memory_write(path, insn, path.source(insn, 1) if m == "mov" and insn.operand_size == 4 else None)
         return
     if insn.operand_size != 4:
         path.set_reg(dest, None)
@@ -245,12 +288,23 @@ def _apply(path: _Path, insn: Instruction) -> None:
         path.set_reg(dest, None if a is None else a + (1 if m == "inc" else -1))
     else:
         path.set_reg(dest, None)
-        if m in ("xchg", "xadd"):
-            path.set_reg(insn.reg, None)
+
+
+def _memory_write(path: _Path, insn: Instruction, value: int | None) -> None:
+    """``insn`` writes its memory operand: remember what it can of it (%fs/%gs stores are not the stack)."""
+    if insn.memory.segment in ("fs", "gs"):
+        return
+    a = path.address(insn.memory)
+    if a is None:
+        return          # through an unknown pointer: not followed (a prediction, module docstring)
+    path.store(a, insn.memory_size or insn.operand_size or 4, value)
 
 
 def _gs_sign(insn: Instruction, path: _Path) -> int | None:
-    """+1 / -1: the sign of ``insn``'s %gs offset; 0: it has one that cannot be computed; None: it has none."""
+    """+1 / -1: the sign of ``insn``'s %gs offset; 0: it has one that cannot be computed; None: it has none
+    (or its memory operand is not an access: lea, hint nops, prefetches)."""
+    if insn.mnemonic in _NOT_AN_ACCESS:
+        return None
     for mem in (insn.memory, insn.memory2):
         if mem is not None and mem.segment == "gs":
             a = path.address(mem)
@@ -268,6 +322,8 @@ def walk(code_at, read_reg, read_word, insn: Instruction, sign: int, threshold: 
     inputs = _Inputs(read_reg, read_word)
     walked = 0
     seen_long = seen_short = False
+    if insn.mnemonic in ("jmp", "call", "ret", "retf") or insn.branch_target is not None or insn.mnemonic in _STOP:
+        return Ahead(UNKNOWN, 0), inputs            # the faulting instruction itself goes where the walk cannot
     first = _Path(inputs, {}, {})
     _apply(first, insn)
     pending = [((insn.address + insn.length) & M32, first, 1, set())]
@@ -284,6 +340,7 @@ def walk(code_at, read_reg, read_word, insn: Instruction, sign: int, threshold: 
             seen.add(address)
             here = code_at(address)
             if isinstance(here, DecodeError):
+                inputs.code_missing = True          # code that may be mapped later: not memoised
                 break
             s = _gs_sign(here, path)
             if s is not None:
@@ -330,35 +387,69 @@ def walk(code_at, read_reg, read_word, insn: Instruction, sign: int, threshold: 
 
 
 class Lookahead:
-    """:func:`walk` over a trapped domain, memoised per address space and site (see the module docstring)."""
+    """:func:`walk` over a trapped vCPU, memoised per address space and site (see the module docstring).
+
+    The walk decodes through a cache of its own per address space (the strategies' decode cache holds only
+    instructions that faulted, which the emulator trusts), dropped when the host changes guest code
+    (``VCpu.code_generation``). Both caches are keyed by the vCPU object weakly: a finished process's go
+    with it.
+    """
 
     def __init__(self, threshold: float, budget: int = BUDGET) -> None:
         self.threshold = threshold
         self.budget = budget
-        self._memo: dict = {}       # (space key, eip, sign) -> (answer, inputs, decoded instruction)
+        self._memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # vcpu -> {(eip, sign): entry}
+        self._code: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # vcpu -> (generation, {addr: insn})
         self.walks = 0              # faults that walked
         self.reused = 0             # faults that reused a memoised walk
 
-    def ahead(self, vcpu, code_at, below: int, space, insn: Instruction, sign: int) -> Ahead:
-        """The answer for the access ``insn`` (as decoded by ``code_at``) makes with an offset of ``sign``;
-        ``vcpu``: the trapped one (registers, memory); ``below``: the hypervisor's start (no word at or above it
-        is read); ``space``: a key for the address space, so that memo entries of one process never serve
-        another. A memo entry is used only while ``code_at`` still hands out the same decoded instruction for
-        the site (a code patch clears the decode cache) and the inputs it read still hold."""
+    def ahead(self, vcpu, below: int, insn: Instruction, sign: int) -> Ahead:
+        """The answer for the access ``insn`` (the faulting instruction) makes with an offset of ``sign``;
+        ``vcpu``: the trapped one (registers, memory); ``below``: the hypervisor's start (no code or word at or
+        above it is read; only readable words, only executable code). A memo entry is used only while the
+        host has not changed guest code since and the inputs it read still hold."""
         mem = vcpu.mem
 
+        def readable(address: int, prot: int) -> bool:
+            region = mem.region_at(address)
+            return region is not None and bool(region.prot & prot)
+
         def read_word(address: int) -> int | None:
-            if address + 4 > below or not mem.is_mapped(address, 4):
+            if address + 4 > below or not (readable(address, PROT_READ) and readable(address + 3, PROT_READ)):
                 return None
             return int.from_bytes(mem.read(address, 4), "little")
 
+        generation, code = self._code.get(vcpu, (None, None))
+        if generation != vcpu.code_generation:
+            code = {}
+            self._code[vcpu] = (vcpu.code_generation, code)
+
+        def code_at(address: int):
+            here = code.get(address)
+            if here is None:
+                n = min(MAX_INSN, max(0, below - address))
+                while n > 0 and not (readable(address, PROT_EXEC) and readable(address + n - 1, PROT_EXEC)):
+                    n -= 1
+                if n == 0:
+                    return DecodeError(f"no executable code at {address:#010x}")
+                here = code[address] = decode(mem.read(address, n), address)
+            return here
+
         read_reg = vcpu.regs.get
-        key = (space, insn.address, sign)
-        memo = self._memo.get(key)
-        if memo is not None and memo[2] is insn and memo[1].still_hold(read_reg, read_word):
+        memo = self._memo.get(vcpu)
+        if memo is None:
+            memo = self._memo[vcpu] = {}
+        key = (insn.address, sign)
+        entry = memo.get(key)
+        if (entry is not None and entry[2] == vcpu.code_generation and entry[3] is insn
+                and entry[1].still_hold(read_reg, read_word)):
             self.reused += 1
-            return memo[0]
+            return entry[0]
         answer, inputs = walk(code_at, read_reg, read_word, insn, sign, self.threshold, self.budget)
-        self._memo[key] = (answer, inputs, insn)
+        inputs.done()
+        if inputs.code_missing:
+            memo.pop(key, None)
+        else:
+            memo[key] = (answer, inputs, vcpu.code_generation, insn)
         self.walks += 1
         return answer

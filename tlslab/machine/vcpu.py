@@ -125,6 +125,7 @@ class VCpu:
         self._site_usage: dict[int, SegmentUsage] = {}
         self._not_retired: dict[tuple[int, int, int], int] = {}
         self.decoded: dict[int, object] = {}  # eip -> decoded instruction, for strategies; cleared on code patches
+        self.code_generation = 0   # bumped whenever the host changed guest code (caches of decoded code check it)
         self._faulted: tuple[int, int, bool] | None = None  # the last run's faulting instruction (see run)
         self._fault_shapes: dict[int, tuple[int, bool]] = {}
         self._settle: SettlePlan | None = None   # faults the access hook settles itself (settle.py)
@@ -652,6 +653,7 @@ class VCpu:
         self.uc.ctl_remove_cache(address, address + size)
         self._not_retired.clear()
         self.decoded.clear()
+        self.code_generation += 1
         for eip in [e for e in self._site_usage if address - 15 <= e < address + size]:
             del self._site_usage[eip]
         if self._fast is not None:

@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tlslab.hypervisor.lookahead import BUDGET, LONG, SHORT, Lookahead
-from tlslab.hypervisor.strategies.base import Trap, Verdict, fetch_and_decode
+from tlslab.hypervisor.strategies.base import Trap, Verdict
 from tlslab.hypervisor.strategies.online import OnlineStrategy, PriceOptions
 
 
@@ -71,9 +71,7 @@ class LookaheadStrategy(OnlineStrategy):
     def decide(self, trap: Trap, insn, sign: int) -> Verdict:
         domain = trap.domain
         vcpu = domain.vcpu
-        decoded = vcpu.decoded      # the domain's decode cache (fetch_and_decode fills it)
-        ahead = self.lookahead.ahead(vcpu, lambda address: decoded.get(address) or fetch_and_decode(domain, address),
-                                     domain.policy.hypervisor_start, self.space_number(vcpu), insn, sign)
+        ahead = self.lookahead.ahead(vcpu, domain.policy.hypervisor_start, insn, sign)
         kinds = self.counters.by_kind
         kinds["lookahead-instructions"] = kinds.get("lookahead-instructions", 0) + ahead.walked
         if ahead.verdict == LONG:

@@ -1,0 +1,76 @@
+"""What online-lookahead's walk may cost before it loses to the better 2004 mechanism, per bench cell.
+
+    .venv/bin/python benchmarks/lookahead_cost.py RUN_DIR      (a `tlslab bench` run, e.g. results/reference/run)
+
+Neither cost profile prices the instructions online-lookahead decodes ahead
+(both fold the decode of the faulting instruction into the trap). For each
+online-lookahead cell of the run this prints its fault-handling time over
+min(emulate, flip) under the profile it decided with, the instructions it
+walked (counter ``lookahead-instructions``, memoised walks included, so a
+hypervisor that memoises pays less) and the *break-even*: the price per
+decoded instruction at which it would cost exactly min(emulate, flip), i.e.
+(min(emulate, flip) - its time) / instructions walked. Negative: it is dearer
+than min(emulate, flip) even with the walk free. Figures from the run's own
+counters and the stored profiles; nothing is measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from tlslab.hypervisor import costmodel  # noqa: E402
+from tlslab.hypervisor.strategies import is_online  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a bench run directory (holding cells.jsonl)")
+    args = ap.parse_args(argv)
+    path = Path(args.run) / "cells.jsonl"
+    if not path.is_file():
+        print(f"lookahead_cost: {path}: no such file (give a `tlslab bench` run directory)", file=sys.stderr)
+        return 2
+    cells = {}
+    for line in path.read_text().splitlines():
+        try:
+            c = json.loads(line)
+        except json.JSONDecodeError:
+            continue                                   # a torn last line of a killed run
+        if c.get("backend") != "unicorn" or c.get("outcome") != "ok":
+            continue
+        s = c["spec"]
+        prices = (s.get("prices") or "") if is_online(s["strategy"]) else ""
+        cells[(c["workload"], s["variant"], s["strategy"], prices)] = c
+    rows = []
+    for (workload, variant, strategy, prices), c in sorted(cells.items()):
+        if strategy != "online-lookahead":
+            continue
+        emulate, flip = cells.get((workload, variant, "emulate", "")), cells.get((workload, variant, "flip", ""))
+        if emulate is None or flip is None:
+            continue
+        profile = costmodel.get_profile(prices)
+        own = costmodel.fault_handling_ns(profile, c["counters"])
+        best = min(costmodel.fault_handling_ns(profile, emulate["counters"]),
+                   costmodel.fault_handling_ns(profile, flip["counters"]))
+        walked = c["counters"]["strategy"]["by_kind"].get("lookahead-instructions", 0)
+        faults = c["counters"]["strategy"]["traps"]
+        rows.append((workload, variant, prices, own / best, walked, walked / max(1, faults),
+                     (best - own) / walked if walked else float("inf")))
+    if not rows:
+        print("lookahead_cost: the run has no online-lookahead cell with emulate and flip beside it", file=sys.stderr)
+        return 2
+    print(f"{'workload':24} {'build':9} {'prices':9} {'/min(E,F)':>9} {'walked':>11} {'per fault':>9} "
+          f"{'break-even ns/insn':>18}")
+    for workload, variant, prices, ratio, walked, per_fault, even in rows:
+        print(f"{workload[:24]:24} {variant:9} {prices:9} {ratio:9.3f} {walked:11,} {per_fault:9.1f} {even:18.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
