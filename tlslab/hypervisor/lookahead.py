@@ -5,8 +5,8 @@ that the faulting one starts is long enough to pay for a flip (``n > 2F/E``,
 docs/online-strategies.md). The hypervisor does not have to guess blind: the
 accesses that follow are in the guest's code, a few instructions on. Xen's
 #GP handler already reads the faulting instruction from guest memory and the
-registers from the trap frame (x86_emulate does both); :func:`remaining_run`
-does the same for the instructions after it, without executing anything:
+registers from the trap frame (x86_emulate does both); :func:`walk` does
+the same for the instructions after it, without executing anything:
 
 * it decodes forward from the faulting instruction, following direct jumps and
   calls, both ways of every conditional branch, and ``ret`` to the address the
@@ -20,7 +20,10 @@ does the same for the instructions after it, without executing anything:
   or ends the path (the other sign); an operand it cannot compute, an indirect
   jump or call, a ``ret`` to an unknown address, an instruction it cannot
   decode, a loop back to an address already on the path, or the end of the
-  budget (:data:`BUDGET` instructions over all paths) ends the path *unknown*.
+  budget (:data:`BUDGET` instructions over all paths) ends the path *unknown*;
+* 16-bit stack operations and ``enter`` make the stack pointer unknown, a
+  string store makes every later load unknown, and a store through a pointer
+  it cannot compute is assumed not to hit a word it loads later.
 
 The answer (:class:`Ahead`) is about the threshold ``2F/E`` the rule weighs:
 ``long`` when every path meets more than ``threshold`` accesses of this sign
