@@ -131,9 +131,15 @@ def spinner(tmp_path_factory) -> Path:
     return d / "spin"
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT as a terminal gives it. A shell without job control starts background jobs with
+    SIGINT ignored, and a CLI started so rightly keeps ignoring it; these tests play the user at a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(argv, wait: float, env=None) -> tuple[int, float, str]:
     p = subprocess.Popen([sys.executable, "-m", "tlslab", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env={**os.environ, **(env or {})})
+                         env={**os.environ, **(env or {})}, preexec_fn=_default_sigint)
     time.sleep(wait)
     assert p.poll() is None, p.communicate()
     t0 = time.monotonic()
