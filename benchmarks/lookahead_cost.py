@@ -1,6 +1,6 @@
 """What online-lookahead's walk may cost before it loses to the better 2004 mechanism, per bench cell.
 
-    .venv/bin/python benchmarks/lookahead_cost.py RUN_DIR      (a `tlslab bench` run, e.g. results/reference/run)
+    .venv/bin/python benchmarks/lookahead_cost.py RUN      (a `tlslab bench` run id or directory, e.g. results/reference/run)
 
 Neither cost profile prices the instructions online-lookahead decodes ahead
 (both fold the decode of the faulting instruction into the trap). For each
@@ -17,31 +17,28 @@ counters and the stored profiles; nothing is measured here.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from tlslab.bench.store import StoreError, resolve_run  # noqa: E402
 from tlslab.hypervisor import costmodel  # noqa: E402
 from tlslab.hypervisor.strategies import is_online  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="a bench run directory (holding cells.jsonl)")
+    ap.add_argument("run", help="a bench run id (under results/) or run directory")
     args = ap.parse_args(argv)
-    path = Path(args.run) / "cells.jsonl"
-    if not path.is_file():
-        print(f"lookahead_cost: {path}: no such file (give a `tlslab bench` run directory)", file=sys.stderr)
+    try:
+        records = resolve_run(args.run).latest().values()   # the store's reader (cells.jsonl or .gz, torn lines)
+    except StoreError as exc:
+        print(f"lookahead_cost: {exc}", file=sys.stderr)
         return 2
     cells = {}
-    for line in path.read_text().splitlines():
-        try:
-            c = json.loads(line)
-        except json.JSONDecodeError:
-            continue                                   # a torn last line of a killed run
+    for c in records:
         if c.get("backend") != "unicorn" or c.get("outcome") != "ok":
             continue
         s = c["spec"]
