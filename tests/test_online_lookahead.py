@@ -31,10 +31,12 @@ def test_a_recording_of_accesses_cannot_replay_it():
 
 @pytest.mark.parametrize("prices", PRICES)
 @pytest.mark.parametrize("guest,args,variant", GUESTS)
-def test_native_output_deterministic_counts_and_never_dearer_than_emulate(guest, args, variant, prices, native):
-    """Output identical to native, the same counters twice, and on these programs no more fault-handling time
-    than emulate: it flips only where the code shows that a flip pays (it would not have to hold for a
-    program whose code the walk mispredicts; it holds here, and a change that breaks the rule shows)."""
+def test_native_output_deterministic_counts_and_decisions_never_dearer_than_emulate(guest, args, variant, prices,
+                                                                                    native):
+    """Output identical to native, the same counters twice, and on these programs its decisions cost no more
+    fault-handling time than emulate's: it flips only where the code shows that a flip pays (it would not
+    have to hold for a program whose code the walk mispredicts; it holds here, and a change that breaks the
+    rule shows). The walk itself is priced on top (the profile's lookahead_ns per instruction decoded)."""
     spec = RunSpec(guest, args=args, variant=variant, strategy="online-lookahead", prices=prices)
     first, d = execute(spec)
     again, _ = execute(spec)
@@ -46,7 +48,12 @@ def test_native_output_deterministic_counts_and_never_dearer_than_emulate(guest,
     assert c["refused"] == 0
     profile = costmodel.get_profile(prices)
     emulate = execute(RunSpec(guest, args=args, variant=variant, strategy="emulate"))[0]
-    assert costmodel.fault_handling_ns(profile, first.counters) <= costmodel.fault_handling_ns(profile, emulate.counters)
+    walked = c["by_kind"]["lookahead-instructions"]
+    walk_ns = walked * profile.lookahead_ns
+    assert profile.lookahead_ns > 0 and walked > 0
+    own = costmodel.fault_handling_ns(profile, first.counters)
+    assert own - walk_ns <= costmodel.fault_handling_ns(profile, emulate.counters)
+    assert costmodel.predict(profile, first.counters).breakdown_ns["lookahead"] == pytest.approx(walk_ns)
 
 
 def test_flips_the_hot_loop_that_emulate_pays_access_by_access(native):
@@ -71,3 +78,20 @@ def test_hw_backend_refuses_it_in_one_line():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and "online-lookahead is model-only" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("guest,args,variant", GUESTS + [("prelink", (), "default"), ("malloc", ("200",), "default"),
+                                                         ("stdio", (), "default")])
+def test_the_c_walk_decides_as_the_python_walk_on_real_guests(guest, args, variant):
+    """The strategy's walk is the C one; the Python one is its specification. On real guests (their code,
+    their GOT words and stacks, every fault's registers) both give every counter the same."""
+    runs = []
+    for native_walk in (True, False):
+        spec = RunSpec(guest, args=args, variant=variant, strategy="online-lookahead", prices="hw-vm")
+        d, _ = make_domain(spec)
+        d.strategy.lookahead.native = native_walk
+        r = d.run()
+        assert r.ok, r.crash
+        runs.append(r.counters["strategy"])
+    assert runs[0] == runs[1]
+    assert runs[0]["by_kind"]["lookahead-instructions"] > 0

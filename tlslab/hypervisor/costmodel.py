@@ -2,7 +2,7 @@
 
 A profile is a price list (nanoseconds per guest instruction, per system call,
 per #GP trap, per decode, per descriptor write, per emulated access, per patch,
-per guest notification). Counters are always reported next to the modelled
+per guest notification, per instruction decoded ahead of a fault). Counters are always reported next to the modelled
 time, so a reader can reprice them.
 
 Provenance is part of a profile: ``kind`` is "fitted" (parameters solved from
@@ -41,11 +41,12 @@ PRICE_FIELDS = (
     "emulated_access_ns",
     "patch_ns",
     "notification_ns",
+    "lookahead_ns",
 )
 
 
 FAULT_PRICE_FIELDS = ("trap_ns", "decode_ns", "descriptor_write_ns", "emulated_access_ns", "patch_ns",
-                     "notification_ns")
+                     "notification_ns", "lookahead_ns")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class CostProfile:
     emulated_access_ns: float = 0.0
     patch_ns: float = 0.0
     notification_ns: float = 0.0
+    #: per instruction decoded ahead of a fault (online-lookahead's walk; benchmarks/lookahead_price.py)
+    lookahead_ns: float = 0.0
     fitted_on: str = ""             # for kind == "fitted": targets and workload
     provenance: dict = field(default_factory=dict)
 
@@ -109,6 +112,7 @@ def work_units(counters: dict) -> dict[str, float]:
         "emulated_access_ns": s.get("emulated_accesses", 0),
         "patch_ns": s.get("patches", 0),
         "notification_ns": s.get("notifications", 0),
+        "lookahead_ns": s.get("by_kind", {}).get("lookahead-instructions", 0),
     }
 
 

@@ -97,6 +97,7 @@ class GuestMemory:
         self.mapped_bytes = 0
         self._batch_depth = 0
         self._batch_dirty = False
+        self.version = 0            # bumped by every change of the region list or of a region's rights
 
     # -- queries ---------------------------------------------------------
     def regions(self) -> list[Region]:
@@ -156,6 +157,7 @@ class GuestMemory:
         return region
 
     def _changed(self) -> None:
+        self.version += 1
         if self._batch_depth:
             self._batch_dirty = True
         elif self.on_change is not None:

@@ -32,6 +32,9 @@ from tlslab.x86.xen import HypervisorProfile, get_profile
 
 SOURCE = Path(__file__).with_name("_core.c")
 HEADER = Path(__file__).with_name("_core.h")
+#: the decoder of every instruction and the walk ahead (tlslab.x86.aheadc binds them), in the same library
+AHEAD_SOURCE = Path(__file__).with_name("_ahead.c")
+AHEAD_HEADERS = (Path(__file__).with_name("_ahead.h"), Path(__file__).with_name("_optable.h"))
 COMPILE_FLAGS = ("-O2", "-std=c99", "-shared", "-fPIC")
 
 #: tc_check's verdicts 1..6, in the order of segcheck.AccessFault
@@ -121,7 +124,8 @@ def load_library() -> ctypes.CDLL:
     """Build (once per source version) and load the core; the layout is checked first."""
     global _LIB
     if _LIB is None:
-        lib = ctypes.CDLL(str(build_shared_library("x86core", [SOURCE], [HEADER], COMPILE_FLAGS)))
+        lib = ctypes.CDLL(str(build_shared_library("x86core", [SOURCE, AHEAD_SOURCE], [HEADER, *AHEAD_HEADERS],
+                                                    COMPILE_FLAGS)))
         check_layout(lib)
         d = ctypes.POINTER(CDescriptor)
         lib.tc_check.argtypes = [d, _u32, _u32, ctypes.c_int]

@@ -27,11 +27,14 @@ below the hypervisor (x86_emulate reads both to emulate one instruction; this
 reads a few dozen), the slot's descriptor. ``%fs`` faults are emulated as by
 every online rule.
 
-Its price: the instructions decoded ahead (counted as ``lookahead-
-instructions``, per fault, memoised or not) are not in any profile's price of
-a fault; docs/online-strategies.md gives what they may cost. The hw backend's
-ptrace supervisor has no decoder: model-only. A recording of accesses cannot
-replay it (it reads guest code and memory).
+Its price: every instruction decoded ahead (counter ``lookahead-instructions``)
+is priced at the profile's ``lookahead_ns``, measured for this C walk where
+it runs (benchmarks/lookahead_price.py; for the fitted xen-2004 profile the
+same figure stands as a lower bound). The walk is the C one
+(``tlslab/x86/_ahead.c``, held to the Python specification
+:mod:`tlslab.x86.ahead`). The hw backend's ptrace supervisor does not run it:
+model-only. A recording of accesses cannot replay it (it reads guest code and
+memory).
 """
 
 from __future__ import annotations
