@@ -83,15 +83,51 @@ def test_hw_backend_refuses_it_in_one_line():
 @pytest.mark.parametrize("guest,args,variant", GUESTS + [("prelink", (), "default"), ("malloc", ("200",), "default"),
                                                          ("stdio", (), "default")])
 def test_the_c_walk_decides_as_the_python_walk_on_real_guests(guest, args, variant):
-    """The strategy's walk is the C one; the Python one is its specification. On real guests (their code,
-    their GOT words and stacks, every fault's registers) both give every counter the same."""
-    runs = []
-    for native_walk in (True, False):
+    """The strategy's walk is the C one, memoised by site; the Python one is its specification. On real
+    guests (their code, their GOT words and stacks, every fault's registers) the C walk without its memo
+    gives every counter the Python walk gives; with its memo, every decision is the same and only what
+    was walked and reused differs (a memo hit decodes nothing)."""
+    runs = {}
+    for native_walk, memo in ((True, True), (True, False), (False, False)):
         spec = RunSpec(guest, args=args, variant=variant, strategy="online-lookahead", prices="hw-vm")
         d, _ = make_domain(spec)
         d.strategy.lookahead.native = native_walk
+        d.strategy.lookahead.memo = memo
         r = d.run()
         assert r.ok, r.crash
-        runs.append(r.counters["strategy"])
-    assert runs[0] == runs[1]
-    assert runs[0]["by_kind"]["lookahead-instructions"] > 0
+        runs[native_walk, memo] = r.counters["strategy"]
+    memoised, plain, spec = runs[True, True], runs[True, False], runs[False, False]
+    assert plain == spec
+    assert spec["by_kind"]["lookahead-instructions"] > 0
+
+    def decisions(counters):
+        kinds = {k: v for k, v in counters["by_kind"].items() if k not in ("lookahead-instructions", "lookahead-reused")}
+        return {**counters, "by_kind": kinds}
+
+    assert decisions(memoised) == decisions(spec)
+    assert memoised["by_kind"]["lookahead-instructions"] <= spec["by_kind"]["lookahead-instructions"]
+    reused = memoised["by_kind"].get("lookahead-reused", 0)
+    assert (reused > 0) == (memoised["by_kind"]["lookahead-instructions"] < spec["by_kind"]["lookahead-instructions"])
+
+
+def test_the_walk_price_is_measured_where_it_runs_and_lands_in_a_calibrated_profile():
+    """tlslab calibrate (and benchmarks/lookahead_price.py) time every walk at its fault: the figures are the
+    strategy's own counts, the prices positive, and make_profile carries them with their provenance."""
+    from tlslab.hw.calibrate import make_profile, measure_lookahead_price
+
+    price = measure_lookahead_price(workloads=(("syscalls", ("100",)), ("no-such-guest", ())),
+                                    variants=("default",))
+    assert [r["workload"] for r in price["rows"]] == ["syscalls"] and len(price["skipped"]) == 1
+    row = price["rows"][0]
+    run = execute(RunSpec("syscalls", args=("100",), strategy="online-lookahead", prices="hw-vm"))[0]
+    kinds = run.counters["strategy"]["by_kind"]
+    assert (row["instructions"], row["reuses"]) == (kinds["lookahead-instructions"], kinds["lookahead-reused"])
+    assert row["walks"] + row["reuses"] == run.counters["strategy"]["traps"] - kinds.get("fs-emulated", 0)
+    assert price["ns_per_instruction"] > 0 and price["ns_per_reuse"] > 0
+    stats = {"n": 1, "min": 1.0, "median": 1.0, "max": 1.0}
+    raw = {"host": "h", "cpu_model": "c", "kernel": "k", "started": "t", "guests": {}, "lookahead": price,
+           "options": {"repeat": 1, "tree": "small"},
+           "summary": {"pinned": {"emulate": {**stats, "median": 3000.0}, "flip": {**stats, "median": 2000.0}}}}
+    profile = make_profile(raw)
+    assert profile.lookahead_ns == price["ns_per_instruction"] and profile.lookahead_reuse_ns == price["ns_per_reuse"]
+    assert profile.provenance["lookahead"]["instructions"] == row["instructions"]

@@ -97,6 +97,78 @@ def _model_counts(name: str, args: tuple[str, ...], tree: str) -> dict:
     return out
 
 
+#: the walk's price is measured on the bench's small model workloads, both builds where they have both
+LOOKAHEAD_WORKLOADS = (("lsr", ()), ("syscalls", ("100",)), ("malloc", ("500",)), ("stdio", ()), ("canary", ("40",)),
+                       ("fs-user", ()), ("selfread", ()), ("prelink", ()), ("threads", ("4", "50")))
+LOOKAHEAD_VARIANTS = ("default", "nosegneg")
+
+
+def measure_lookahead_price(workloads=LOOKAHEAD_WORKLOADS, variants=LOOKAHEAD_VARIANTS, progress=None) -> dict:
+    """What online-lookahead's C walk costs on this CPU, timed at every fault where it walks.
+
+    Each workload runs in the model under online-lookahead (hw-vm prices); every call of the walk is
+    timed in C (the monotonic clock around it) at the fault that makes it, over the guest's own memory,
+    with the decode cache and the walk memo as the run has left them and the CPU's caches as the
+    emulator has left them (a hypervisor's #GP handler also runs cold). Nothing is repeated (a repeat
+    would find everything cached). The clock's own cost (median of 1001 back-to-back reading pairs) is
+    subtracted per call. Returns per-workload rows and the two prices: ns per instruction decoded
+    (walks: all their nanoseconds over all their instructions) and ns per reuse of a memoised walk.
+    """
+    from tlslab.experiment import RunSpec, make_domain
+    from tlslab.guests import GuestError
+    from tlslab.x86.aheadc import clock_overhead_ns
+
+    overhead = clock_overhead_ns()
+    rows, skipped = [], []
+    for guest, args in workloads:
+        for variant in variants:
+            spec = RunSpec(guest, args=args, variant=variant, strategy="online-lookahead", prices="hw-vm")
+            try:
+                domain, _ = make_domain(spec)
+            except GuestError as exc:            # a build this checkout lacks: measure the rest, say which
+                skipped.append(f"{guest} [{variant}]: {exc}")
+                continue
+            la = domain.strategy.lookahead
+            la.timing = True
+            run = domain.run()
+            if not run.ok:
+                skipped.append(f"{guest} [{variant}]: the run did not finish ({run.crash})")
+                continue
+            kinds = run.counters["strategy"]["by_kind"]
+            instructions, reuses = kinds.get("lookahead-instructions", 0), kinds.get("lookahead-reused", 0)
+            hits = misses = 0
+            for _, walker in list(la._walkers.values()):
+                h, m = walker.cache_stats()
+                hits, misses = hits + h, misses + m
+            rows.append({"workload": guest, "variant": variant, "walks": la.walks - reuses, "reuses": reuses,
+                         "instructions": instructions,
+                         "ns": max(0.0, la.timed_ns - overhead * (la.walks - reuses)),
+                         "reuse_ns": max(0.0, la.timed_reuse_ns - overhead * reuses),
+                         "cache_hits": hits, "cache_misses": misses})
+            if progress:
+                progress(f"lookahead price: {guest} [{variant}]")
+    instructions = sum(r["instructions"] for r in rows)
+    reuses = sum(r["reuses"] for r in rows)
+    per = [r["ns"] / r["instructions"] for r in rows if r["instructions"]]
+    return {"rows": rows, "skipped": skipped, "clock_overhead_ns": overhead, "cpu": _cpu_model(),
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "walks": sum(r["walks"] for r in rows),
+            "instructions": instructions, "reuses": reuses,
+            "ns_per_instruction": sum(r["ns"] for r in rows) / instructions if instructions else 0.0,
+            "ns_per_reuse": sum(r["reuse_ns"] for r in rows) / reuses if reuses else 0.0,
+            "range_ns_per_instruction": [min(per), max(per)] if per else [0.0, 0.0]}
+
+
+def lookahead_provenance(price: dict) -> dict:
+    """What a profile records of a walk price measurement (no per-workload rows)."""
+    return {"method": "benchmarks/lookahead_price.py (tlslab.hw.calibrate.measure_lookahead_price): the C walk "
+                      "timed at every fault of model runs, clock readings subtracted",
+            "cpu": price["cpu"], "measured": price["measured"], "walks": price["walks"],
+            "instructions": price["instructions"], "reuses": price["reuses"],
+            "range_ns_per_instruction": [round(x, 2) for x in price["range_ns_per_instruction"]],
+            "clock_overhead_ns": price["clock_overhead_ns"],
+            "workloads": sorted({f"{r['workload']} [{r['variant']}]" for r in price["rows"]})}
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -145,6 +217,8 @@ def run_calibration(opts: CalibrationOptions, raw_path: Path | None = None, prog
         raw["guests"][key] = rec
         if raw_path is not None:
             _write_atomic(raw_path, json.dumps(raw, indent=1) + "\n")
+    if opts.with_model:
+        raw["lookahead"] = measure_lookahead_price(progress=progress)
     raw["summary"] = summarise(raw)
     raw["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     if raw_path is not None:
@@ -205,6 +279,8 @@ def make_profile(raw: dict):
         trap_ns=trap,
         emulated_access_ns=emu - trap,
         descriptor_write_ns=flp - trap,
+        lookahead_ns=raw["lookahead"]["ns_per_instruction"] if "lookahead" in raw else 0.0,
+        lookahead_reuse_ns=raw["lookahead"]["ns_per_reuse"] if "lookahead" in raw else 0.0,
         provenance={
             "measured": raw["started"],
             "host": raw["host"],
@@ -218,6 +294,7 @@ def make_profile(raw: dict):
                      "(emulate) or descriptor_write_ns (flip); instruction_ns = untraced time / model "
                      "instructions (syscalls folded in)",
             "raw": f"raw/hw-{raw['host']}.raw.json",
+            **({"lookahead": lookahead_provenance(raw["lookahead"])} if "lookahead" in raw else {}),
         },
     )
 

@@ -2,7 +2,8 @@
 
 A profile is a price list (nanoseconds per guest instruction, per system call,
 per #GP trap, per decode, per descriptor write, per emulated access, per patch,
-per guest notification, per instruction decoded ahead of a fault). Counters are always reported next to the modelled
+per guest notification, per instruction decoded ahead of a fault, per reuse of
+a memoised walk). Counters are always reported next to the modelled
 time, so a reader can reprice them.
 
 Provenance is part of a profile: ``kind`` is "fitted" (parameters solved from
@@ -42,11 +43,12 @@ PRICE_FIELDS = (
     "patch_ns",
     "notification_ns",
     "lookahead_ns",
+    "lookahead_reuse_ns",
 )
 
 
 FAULT_PRICE_FIELDS = ("trap_ns", "decode_ns", "descriptor_write_ns", "emulated_access_ns", "patch_ns",
-                     "notification_ns", "lookahead_ns")
+                     "notification_ns", "lookahead_ns", "lookahead_reuse_ns")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class CostProfile:
     notification_ns: float = 0.0
     #: per instruction decoded ahead of a fault (online-lookahead's walk; benchmarks/lookahead_price.py)
     lookahead_ns: float = 0.0
+    #: per fault whose walk is a memoised one (its inputs re-read and compared, nothing decoded)
+    lookahead_reuse_ns: float = 0.0
     fitted_on: str = ""             # for kind == "fitted": targets and workload
     provenance: dict = field(default_factory=dict)
 
@@ -113,6 +117,7 @@ def work_units(counters: dict) -> dict[str, float]:
         "patch_ns": s.get("patches", 0),
         "notification_ns": s.get("notifications", 0),
         "lookahead_ns": s.get("by_kind", {}).get("lookahead-instructions", 0),
+        "lookahead_reuse_ns": s.get("by_kind", {}).get("lookahead-reused", 0),
     }
 
 

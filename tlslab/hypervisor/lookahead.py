@@ -65,16 +65,18 @@ class Lookahead:
     a cache of its own, dropped when the host changes guest code (``VCpu.code_generation``).
     """
 
-    def __init__(self, threshold: float, budget: int = BUDGET, native: bool = True) -> None:
+    def __init__(self, threshold: float, budget: int = BUDGET, native: bool = True, memo: bool = True) -> None:
         self.threshold = threshold
         self.budget = budget
         self.native = native
+        self.memo = memo            # the C walker's memo of walks by site (the Python walk has none)
         self._walkers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # mem -> (key, walker)
         self._code: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()      # vcpu -> (generation, cache)
         self.walks = 0
         #: benchmarks/lookahead_price.py: time every C walk (clock readings included)
         self.timing = False
-        self.timed_ns = 0           # nanoseconds the timed walks took, all faults
+        self.timed_ns = 0           # nanoseconds the timed walks took, faults that walked
+        self.timed_reuse_ns = 0     # nanoseconds the timed memo hits took
 
     def _walker(self, vcpu, below: int) -> RegionWalker:
         mem = vcpu.mem
@@ -82,7 +84,7 @@ class Lookahead:
         held = self._walkers.get(mem)
         if held is None or held[0] != key:
             walker = RegionWalker(((r.start, r.size, r.prot, r.host_address) for r in mem.regions()), below,
-                                  decode_cache=True)
+                                  decode_cache=True, memo=self.memo)
             self._walkers[mem] = held = (key, walker)
         return held[1]
 
@@ -97,7 +99,10 @@ class Lookahead:
             walker = self._walker(vcpu, below)
             if self.timing:
                 answer, ns = walker.timed(regs, sign, self.threshold, self.budget)
-                self.timed_ns += ns
+                if answer.reused:
+                    self.timed_reuse_ns += ns
+                else:
+                    self.timed_ns += ns
                 return answer
             return walker.walk(regs, sign, self.threshold, self.budget)
         generation, code = self._code.get(vcpu, (None, None))

@@ -14,6 +14,12 @@
 #define MAX_INSN 15u
 
 size_t tc_decode_cache_size(void) { return sizeof(tc_decode_cache); }
+size_t tc_walk_memo_size(void) { return sizeof(tc_walk_memo); }
+
+void tc_walk_memo_stats(const tc_walk_memo *memo, uint64_t *hits, uint64_t *misses) {
+    *hits = memo->hits;
+    *misses = memo->misses;
+}
 
 void tc_decode_cache_stats(const tc_decode_cache *cache, uint64_t *hits, uint64_t *misses) {
     *hits = cache->hits;
@@ -315,6 +321,8 @@ struct walk {
     struct word *inputs;      /* memory words read, cached (ahead._Inputs.word) */
     uint32_t ninputs, capinputs;
     int oom;
+    uint8_t reg_mask;         /* registers read at their fault-time value (bit n: eax..edi) */
+    uint8_t code_failed;      /* an instruction did not decode (code that may be mapped later) */
 };
 
 static int grow(void **array, uint32_t *cap, uint32_t want, size_t item) {
@@ -361,14 +369,15 @@ static int input_word(struct walk *w, uint32_t address, uint32_t *value) {
 }
 
 /* _Path.reg for a 32-bit register number: 1 and *value when known */
-static int reg32(const struct walk *w, const struct path *p, unsigned num, uint32_t *value) {
+static int reg32(struct walk *w, const struct path *p, unsigned num, uint32_t *value) {
     if (p->state[num] == R_UNKNOWN) return 0;
+    if (p->state[num] == R_INPUT) w->reg_mask |= (uint8_t)(1u << num);
     *value = p->state[num] == R_KNOWN ? p->value[num] : w->regs->gpr[num];
     return 1;
 }
 
 /* _Path.reg for an operand register: only whole 32-bit registers are tracked */
-static int reg_value(const struct walk *w, const struct path *p, uint8_t kind, uint8_t num, uint32_t *value) {
+static int reg_value(struct walk *w, const struct path *p, uint8_t kind, uint8_t num, uint32_t *value) {
     if (kind != 4) return 0;
     return reg32(w, p, num, value);
 }
@@ -386,7 +395,7 @@ static void set_reg(struct path *p, uint8_t kind, uint8_t num, int known, uint32
 }
 
 /* _Path.address */
-static int address_of(const struct walk *w, const struct path *p, const tc_mem *m, uint32_t *out) {
+static int address_of(struct walk *w, const struct path *p, const tc_mem *m, uint32_t *out) {
     if (m->address_size != 32) return 0;
     uint32_t v = (uint32_t)m->displacement, r;
     if (m->base >= 0) {
@@ -596,7 +605,7 @@ static void apply(struct walk *w, struct path *p, const tc_full_insn *in) {
 }
 
 /* ahead._gs_sign: +1 / -1, 0 (cannot be computed), 2 (no %gs access) */
-static int gs_sign(const struct walk *w, const struct path *p, const tc_full_insn *in) {
+static int gs_sign(struct walk *w, const struct path *p, const tc_full_insn *in) {
     if (TC_WALK_NOT_AN_ACCESS[in->mn]) return 2;
     const tc_mem *mems[2] = {&in->mem, &in->mem2};
     for (int i = 0; i < 2; i++) {
@@ -638,10 +647,11 @@ static const tc_full_insn *decode_at(const tc_guest_reader *g, uint32_t address,
     return buf;
 }
 
-/* ahead.walk */
-int tc_lookahead(const tc_guest_reader *guest, const tc_regs *regs, int sign, double threshold,
-                 uint32_t budget, uint32_t *walked_out) {
-    struct walk w = {guest, regs, NULL, 0, 0, 0};
+/* ahead.walk; `save`: where to record what it read, for the memo (NULL: nowhere) */
+static int walk_fresh(const tc_guest_reader *guest, const tc_regs *regs, int sign, double threshold,
+                      uint32_t budget, uint32_t *walked_out, struct tc_memo_entry *save) {
+    struct walk w = {guest, regs, NULL, 0, 0, 0, 0, 0};
+    if (save) save->valid = 0;
     uint32_t walked = 0;
     *walked_out = 0;
     tc_full_insn first_buf, here_buf;
@@ -650,8 +660,10 @@ int tc_lookahead(const tc_guest_reader *guest, const tc_regs *regs, int sign, do
     const tc_full_insn insn = *first_insn;
     uint16_t m0 = insn.mn;
     if (m0 == TC_MN_jmp || m0 == TC_MN_call || m0 == TC_MN_ret || m0 == TC_MN_retf || insn.has_branch_target ||
-        TC_WALK_STOP[m0])
+        TC_WALK_STOP[m0]) {
+        if (save) *save = (struct tc_memo_entry){.valid = 1, .verdict = TC_AHEAD_UNKNOWN};
         return TC_AHEAD_UNKNOWN;
+    }
 
     struct path *pending = NULL;
     uint32_t npending = 0, cappending = 0;
@@ -675,7 +687,7 @@ int tc_lookahead(const tc_guest_reader *guest, const tc_regs *regs, int sign, do
             if (!grow((void **)&p.seen, &p.capseen, p.nseen + 1, sizeof *p.seen)) { w.oom = 1; break; }
             p.seen[p.nseen++] = address;
             const tc_full_insn *here_p = decode_at(guest, address, &here_buf);
-            if (!here_p) break;
+            if (!here_p) { w.code_failed = 1; break; }
             const tc_full_insn here = *here_p;
             int s = gs_sign(&w, &p, &here);
             if (s != 2) {
@@ -727,11 +739,58 @@ int tc_lookahead(const tc_guest_reader *guest, const tc_regs *regs, int sign, do
     }
     for (uint32_t i = 0; i < npending; i++) path_free(&pending[i]);
     free(pending);
-    free(w.inputs);
     *walked_out = walked;
-    if (w.oom) return TC_AHEAD_NO_MEMORY;
-    if (verdict == TC_AHEAD_UNKNOWN) return TC_AHEAD_UNKNOWN;
-    return seen_long ? TC_AHEAD_LONG : TC_AHEAD_SHORT;
+    int result = w.oom ? TC_AHEAD_NO_MEMORY
+               : verdict == TC_AHEAD_UNKNOWN ? TC_AHEAD_UNKNOWN : seen_long ? TC_AHEAD_LONG : TC_AHEAD_SHORT;
+    if (save && !w.oom && !w.code_failed && w.ninputs <= TC_MEMO_WORDS) {
+        save->verdict = result;
+        save->walked = walked;
+        save->reg_mask = w.reg_mask;
+        for (unsigned r = 0; r < 8; r++) save->regs[r] = (w.reg_mask >> r & 1) ? regs->gpr[r] : 0;
+        save->nwords = w.ninputs;
+        for (uint32_t i = 0; i < w.ninputs; i++)
+            save->words[i] = (struct tc_memo_word){w.inputs[i].address, w.inputs[i].value, w.inputs[i].known};
+        save->valid = 1;
+    }
+    free(w.inputs);
+    return result;
+}
+
+/* A memo entry serves while every input it read still reads the same: the walk is a function of them
+ * (and of the code, which the owner of the memo drops it with). */
+static int memo_holds(const tc_guest_reader *guest, const tc_regs *regs, const struct tc_memo_entry *e) {
+    for (unsigned r = 0; r < 8; r++)
+        if ((e->reg_mask >> r & 1) && regs->gpr[r] != e->regs[r]) return 0;
+    for (uint32_t i = 0; i < e->nwords; i++) {
+        uint32_t v = 0;
+        int known = guest->word(guest->ctx, e->words[i].address, &v) ? 1 : 0;
+        if ((uint32_t)known != e->words[i].known || (known && v != e->words[i].value)) return 0;
+    }
+    return 1;
+}
+
+int tc_lookahead(const tc_guest_reader *guest, const tc_regs *regs, int sign, double threshold,
+                 uint32_t budget, uint32_t *walked, uint32_t *reused) {
+    *reused = 0;
+    tc_walk_memo *memo = guest->memo;
+    if (!memo) return walk_fresh(guest, regs, sign, threshold, budget, walked, NULL);
+    uint32_t eip = regs->eip;
+    struct tc_memo_entry *e = &memo->slots[(eip ^ eip >> 12 ^ (uint32_t)(sign < 0)) & (TC_MEMO_SLOTS - 1)];
+    if (e->valid && e->eip == eip && e->sign == sign && memo_holds(guest, regs, e)) {
+        memo->hits++;
+        *reused = 1;
+        *walked = 0;
+        return e->verdict;
+    }
+    struct tc_memo_entry fresh;
+    int verdict = walk_fresh(guest, regs, sign, threshold, budget, walked, &fresh);
+    if (fresh.valid && verdict >= 0) {
+        fresh.eip = eip;
+        fresh.sign = sign;
+        *e = fresh;
+    }
+    memo->misses++;
+    return verdict;
 }
 
 /* ------------------------------------------------------------ region map */
@@ -804,19 +863,19 @@ int tc_regions_word(void *ctx, uint32_t address, uint32_t *value) {
 }
 
 int tc_lookahead_regions(const tc_region_map *map, const tc_regs *regs, int sign, double threshold,
-                         uint32_t budget, uint32_t *walked) {
-    tc_guest_reader reader = {tc_regions_code, tc_regions_word, (void *)map, map->cache};
-    return tc_lookahead(&reader, regs, sign, threshold, budget, walked);
+                         uint32_t budget, uint32_t *walked, uint32_t *reused) {
+    tc_guest_reader reader = {tc_regions_code, tc_regions_word, (void *)map, map->cache, map->memo};
+    return tc_lookahead(&reader, regs, sign, threshold, budget, walked, reused);
 }
 
 /* The price of a walk: one walk (as the run makes it: the decode cache as the run left it), timed on the
  * monotonic clock. A repetition would find every instruction in the cache, so walks are timed once each;
  * tc_clock_overhead_ns gives what reading the clock twice adds, for the caller to subtract. */
 int tc_lookahead_regions_timed(const tc_region_map *map, const tc_regs *regs, int sign, double threshold,
-                               uint32_t budget, uint32_t *walked, uint64_t *elapsed_ns) {
+                               uint32_t budget, uint32_t *walked, uint32_t *reused, uint64_t *elapsed_ns) {
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    int verdict = tc_lookahead_regions(map, regs, sign, threshold, budget, walked);
+    int verdict = tc_lookahead_regions(map, regs, sign, threshold, budget, walked, reused);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     *elapsed_ns = (uint64_t)(t1.tv_sec - t0.tv_sec) * 1000000000u + (uint64_t)(t1.tv_nsec - t0.tv_nsec);
     return verdict;

@@ -85,20 +85,44 @@ typedef struct tc_decode_cache {
 size_t tc_decode_cache_size(void);   /* allocate zeroed: an empty cache */
 void tc_decode_cache_stats(const tc_decode_cache *cache, uint64_t *hits, uint64_t *misses);
 
+/* Walks by site and sign, each with what it read (the registers it used at their fault-time value, the
+ * guest words): a later fault there whose inputs all read the same gets the same answer without a walk.
+ * Valid for one threshold and budget, while the code and mappings do not change (as the decode cache).
+ * Direct-mapped; a walk that read more than TC_MEMO_WORDS words, or met code that did not decode, is not
+ * kept. */
+#define TC_MEMO_SLOTS 1024u
+#define TC_MEMO_WORDS 16u
+struct tc_memo_word { uint32_t address, value, known; };
+struct tc_memo_entry {
+    uint32_t eip, walked, valid, reg_mask, nwords;
+    int32_t sign, verdict;
+    uint32_t regs[8];
+    struct tc_memo_word words[TC_MEMO_WORDS];
+};
+typedef struct tc_walk_memo {
+    struct tc_memo_entry slots[TC_MEMO_SLOTS];
+    uint64_t hits, misses;
+} tc_walk_memo;
+
+size_t tc_walk_memo_size(void);      /* allocate zeroed: an empty memo */
+void tc_walk_memo_stats(const tc_walk_memo *memo, uint64_t *hits, uint64_t *misses);
+
 typedef struct tc_guest_reader {
     size_t (*code)(void *ctx, uint32_t address, uint8_t *buf, size_t n);
     int (*word)(void *ctx, uint32_t address, uint32_t *value);
     void *ctx;
     tc_decode_cache *cache;    /* NULL: decode every time */
+    tc_walk_memo *memo;        /* NULL: walk every time */
 } tc_guest_reader;
 
 enum tc_ahead_verdict { TC_AHEAD_UNKNOWN = 0, TC_AHEAD_LONG = 1, TC_AHEAD_SHORT = 2, TC_AHEAD_NO_MEMORY = -1 };
 
 /* ahead.walk from the faulting instruction at regs->eip, whose %gs offset has
  * sign `sign` (+1/-1): the verdict, and in *walked the instructions decoded
- * ahead. TC_AHEAD_NO_MEMORY: an allocation failed (nothing is known). */
+ * ahead; *reused 1 when the reader's memo gave it (then nothing was decoded).
+ * TC_AHEAD_NO_MEMORY: an allocation failed (nothing is known). */
 int tc_lookahead(const tc_guest_reader *guest, const tc_regs *regs, int sign, double threshold,
-                 uint32_t budget, uint32_t *walked);
+                 uint32_t budget, uint32_t *walked, uint32_t *reused);
 
 /* A reader over host buffers: the model's guest memory is a set of regions,
  * each a host buffer mapped at a guest address with page rights. */
@@ -114,6 +138,7 @@ typedef struct tc_region_map {
     uint32_t below;            /* the hypervisor's start: nothing at or above it is read */
     uint32_t hint;             /* the walk's cache: the region it found last */
     tc_decode_cache *cache;    /* NULL: decode every time */
+    tc_walk_memo *memo;        /* NULL: walk every time */
 } tc_region_map;
 
 size_t tc_regions_code(void *map, uint32_t address, uint8_t *buf, size_t n);
@@ -121,11 +146,11 @@ int tc_regions_word(void *map, uint32_t address, uint32_t *value);
 
 /* tc_lookahead over a region map (the readers above). */
 int tc_lookahead_regions(const tc_region_map *map, const tc_regs *regs, int sign, double threshold,
-                         uint32_t budget, uint32_t *walked);
+                         uint32_t budget, uint32_t *walked, uint32_t *reused);
 
 /* tc_lookahead_regions, timed (CLOCK_MONOTONIC): *elapsed_ns, clock reading included. */
 int tc_lookahead_regions_timed(const tc_region_map *map, const tc_regs *regs, int sign, double threshold,
-                               uint32_t budget, uint32_t *walked, uint64_t *elapsed_ns);
+                               uint32_t budget, uint32_t *walked, uint32_t *reused, uint64_t *elapsed_ns);
 /* The median nanoseconds two back-to-back clock readings take (to subtract from the above). */
 double tc_clock_overhead_ns(void);
 

@@ -85,6 +85,7 @@ class Ahead:
 
     verdict: str      # LONG, SHORT or UNKNOWN
     walked: int       # instructions decoded ahead
+    reused: bool = False  # the answer of an earlier walk whose inputs all still read the same (nothing decoded)
 
 
 def _full(name: str | None) -> str | None:

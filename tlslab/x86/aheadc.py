@@ -44,7 +44,7 @@ class CRegion(ctypes.Structure):
 
 class CRegionMap(ctypes.Structure):
     _fields_ = [("regions", ctypes.POINTER(CRegion)), ("count", _u32), ("below", _u32), ("hint", _u32),
-                ("cache", ctypes.c_void_p)]
+                ("cache", ctypes.c_void_p), ("memo", ctypes.c_void_p)]
 
 
 _BOUND = False
@@ -59,11 +59,11 @@ def _lib() -> ctypes.CDLL:
         lib.tc_mnemonic_name.argtypes = [_u16]
         lib.tc_mnemonic_name.restype = ctypes.c_char_p
         lib.tc_lookahead_regions.argtypes = [ctypes.POINTER(CRegionMap), ctypes.POINTER(CRegs), ctypes.c_int,
-                                             ctypes.c_double, _u32, ctypes.POINTER(_u32)]
+                                             ctypes.c_double, _u32, ctypes.POINTER(_u32), ctypes.POINTER(_u32)]
         lib.tc_lookahead_regions.restype = ctypes.c_int
         lib.tc_lookahead_regions_timed.argtypes = [ctypes.POINTER(CRegionMap), ctypes.POINTER(CRegs), ctypes.c_int,
                                                    ctypes.c_double, _u32, ctypes.POINTER(_u32),
-                                                   ctypes.POINTER(ctypes.c_uint64)]
+                                                   ctypes.POINTER(_u32), ctypes.POINTER(ctypes.c_uint64)]
         lib.tc_clock_overhead_ns.argtypes = []
         lib.tc_clock_overhead_ns.restype = ctypes.c_double
         lib.tc_lookahead_regions_timed.restype = ctypes.c_int
@@ -72,6 +72,10 @@ def _lib() -> ctypes.CDLL:
         lib.tc_decode_cache_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
                                               ctypes.POINTER(ctypes.c_uint64)]
         lib.tc_decode_cache_stats.restype = None
+        lib.tc_walk_memo_size.argtypes = []
+        lib.tc_walk_memo_size.restype = ctypes.c_size_t
+        lib.tc_walk_memo_stats.argtypes = lib.tc_decode_cache_stats.argtypes
+        lib.tc_walk_memo_stats.restype = None
         _BOUND = True
     return lib
 
@@ -132,34 +136,47 @@ class RegionWalker:
     overlapping (PROT_READ 1, PROT_EXEC 4); ``below``: the hypervisor's start.
     The caller keeps the buffers alive and mapped while it walks, and builds a
     new walker when the regions change. ``decode_cache``: keep decoded
-    instructions by address for the walker's life (then the caller must also
-    build a new walker when guest code changes).
+    instructions by address for the walker's life; ``memo``: keep each walk's
+    answer with the inputs it read, for a later fault at the same site whose
+    inputs all read the same (for one threshold and budget). With either, the
+    caller must also build a new walker when guest code changes.
     """
 
-    def __init__(self, regions: Iterable[tuple[int, int, int, int]], below: int, decode_cache: bool = False) -> None:
+    def __init__(self, regions: Iterable[tuple[int, int, int, int]], below: int, decode_cache: bool = False,
+                 memo: bool = False) -> None:
         rows = sorted(regions)
         self._lib = _lib()
         self._array = (CRegion * max(1, len(rows)))(*(CRegion(s, n, p, h) for s, n, p, h in rows))
         self._cache = ctypes.create_string_buffer(self._lib.tc_decode_cache_size()) if decode_cache else None
+        self._memo = ctypes.create_string_buffer(self._lib.tc_walk_memo_size()) if memo else None
         self._map = CRegionMap(self._array, len(rows), min(below, 0xFFFF_FFFF), 0,
-                               ctypes.addressof(self._cache) if decode_cache else None)
-        self._walked = _u32()
+                               ctypes.addressof(self._cache) if decode_cache else None,
+                               ctypes.addressof(self._memo) if memo else None)
+        self._walked, self._reused = _u32(), _u32()
+
+    def _stats(self, fn, buffer) -> tuple[int, int]:
+        if buffer is None:
+            return 0, 0
+        hits, misses = ctypes.c_uint64(), ctypes.c_uint64()
+        fn(ctypes.addressof(buffer), ctypes.byref(hits), ctypes.byref(misses))
+        return hits.value, misses.value
 
     def cache_stats(self) -> tuple[int, int]:
         """(hits, misses) of the decode cache; (0, 0) without one."""
-        if self._cache is None:
-            return 0, 0
-        hits, misses = ctypes.c_uint64(), ctypes.c_uint64()
-        self._lib.tc_decode_cache_stats(ctypes.addressof(self._cache), ctypes.byref(hits), ctypes.byref(misses))
-        return hits.value, misses.value
+        return self._stats(self._lib.tc_decode_cache_stats, self._cache)
+
+    def memo_stats(self) -> tuple[int, int]:
+        """(walks reused, walks made) through the memo; (0, 0) without one."""
+        return self._stats(self._lib.tc_walk_memo_stats, self._memo)
 
     def walk(self, regs: CRegs, sign: int, threshold: float, budget: int) -> Ahead:
         """ahead.walk from ``regs.eip`` (the faulting %gs access, offset of ``sign``)."""
         verdict = self._lib.tc_lookahead_regions(ctypes.byref(self._map), ctypes.byref(regs), sign,
-                                                 float(threshold), budget, ctypes.byref(self._walked))
+                                                 float(threshold), budget, ctypes.byref(self._walked),
+                                                 ctypes.byref(self._reused))
         if verdict < 0:
             raise MemoryError("the C walk ran out of memory")
-        return Ahead(VERDICTS[verdict], self._walked.value)
+        return Ahead(VERDICTS[verdict], self._walked.value, bool(self._reused.value))
 
     def timed(self, regs: CRegs, sign: int, threshold: float, budget: int) -> tuple[Ahead, int]:
         """:meth:`walk`, timed in C: (answer, nanoseconds, the clock's own reading included; see
@@ -167,10 +184,10 @@ class RegionWalker:
         elapsed = ctypes.c_uint64()
         verdict = self._lib.tc_lookahead_regions_timed(ctypes.byref(self._map), ctypes.byref(regs), sign,
                                                        float(threshold), budget, ctypes.byref(self._walked),
-                                                       ctypes.byref(elapsed))
+                                                       ctypes.byref(self._reused), ctypes.byref(elapsed))
         if verdict < 0:
             raise MemoryError("the C walk ran out of memory")
-        return Ahead(VERDICTS[verdict], self._walked.value), elapsed.value
+        return Ahead(VERDICTS[verdict], self._walked.value, bool(self._reused.value)), elapsed.value
 
 
 def clock_overhead_ns() -> float:

@@ -77,6 +77,8 @@ class LookaheadStrategy(OnlineStrategy):
         ahead = self.lookahead.ahead(vcpu, domain.policy.hypervisor_start, insn, sign)
         kinds = self.counters.by_kind
         kinds["lookahead-instructions"] = kinds.get("lookahead-instructions", 0) + ahead.walked
+        if ahead.reused:
+            self.counters.count("lookahead-reused")
         if ahead.verdict == LONG:
             self.counters.count("ahead-flip")
             return self.flip(trap)
