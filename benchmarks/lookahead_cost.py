@@ -7,11 +7,13 @@ Both cost profiles price each instruction online-lookahead decodes ahead at
 lower bound). For each online-lookahead cell of the run this prints, under
 the profile it decided with: its fault-handling time over min(emulate, flip)
 with the walk free and with the walk at the profile's price, the
-instructions it walked (counter ``lookahead-instructions``), and the
-*break-even*: the price per decoded instruction at which it would cost
-exactly min(emulate, flip), i.e. (min(emulate, flip) - its time without the
-walk) / instructions walked. Negative: it is dearer than min(emulate, flip)
-even with the walk free. Figures from the run's own counters and the stored
+instructions it walked (counter ``lookahead-instructions``; reuses of a
+memoised walk decode nothing and are priced apart, ``lookahead_reuse_ns``),
+and the *break-even*: the price per decoded instruction at which it would
+cost exactly min(emulate, flip), reuses at their price, i.e.
+(min(emulate, flip) - its time without the walk - its reuses' price) /
+instructions walked. Negative: it is dearer than min(emulate, flip) even
+with the walk free. Figures from the run's own counters and the stored
 profiles; nothing is measured here.
 """
 
@@ -58,9 +60,11 @@ def main(argv=None) -> int:
                    costmodel.fault_handling_ns(profile, flip["counters"]))
         walked = c["counters"]["strategy"]["by_kind"].get("lookahead-instructions", 0)
         faults = c["counters"]["strategy"]["traps"]
-        free = own - walked * profile.lookahead_ns
+        reused = c["counters"]["strategy"]["by_kind"].get("lookahead-reused", 0)
+        reuse_ns = reused * profile.lookahead_reuse_ns
+        free = own - walked * profile.lookahead_ns - reuse_ns
         rows.append((workload, variant, prices, free / best, own / best, walked, walked / max(1, faults),
-                     (best - free) / walked if walked else float("inf")))
+                     (best - free - reuse_ns) / walked if walked else float("inf")))
     if not rows:
         print("lookahead_cost: the run has no online-lookahead cell with emulate and flip beside it", file=sys.stderr)
         return 2

@@ -66,7 +66,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help="store the price in the bundled hw-vm and xen-2004 profiles")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON record")
+    ap.add_argument("--decoder", metavar="ELF", help="also time the C decoder alone: a linear sweep over the "
+                    "ELF's .text, ten times (warm: what a decode costs without the walk and without cold caches)")
     args = ap.parse_args(argv)
+    if args.decoder:
+        from tlslab.linux.elf import ElfError, read_elf
+        from tlslab.x86.aheadc import decode_sweep_ns
+
+        try:
+            _, elf = read_elf(args.decoder)
+            section = elf.get_section_by_name(".text")
+            if section is None:
+                raise ElfError(f"{args.decoder}: no .text section")
+            text = section.data()
+        except ElfError as exc:
+            print(f"lookahead_price: {exc}", file=sys.stderr)
+            return 2
+        decodes, ns = decode_sweep_ns(text)
+        print(f"decoder alone: {decodes:,} decodes over {len(text):,} bytes of .text (x10), {ns / decodes:.1f} ns each")
     result = measure_lookahead_price()
     for line in result["skipped"]:
         print(f"skipped {line}", file=sys.stderr)

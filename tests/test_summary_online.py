@@ -105,3 +105,20 @@ def test_a_workload_where_no_online_strategy_ran_is_listed_with_that(monkeypatch
     (row,) = out["rows"]
     assert row["why"]["none_ran"] is True and abs(row["why"]["to_win"] - 0.2) < 1e-12
     assert summary.fmt_shortfall(row).startswith("a (default): no online strategy ran to the end")
+
+
+def test_a_walk_that_costs_more_than_it_saves_is_named_with_its_price(monkeypatch):
+    """Where decoding ahead loses, the why line says what the walks cost and where the rule would be without."""
+    monkeypatch.setattr(summary.costmodel, "fault_handling_ns", lambda profile, counters: counters["ns"])
+    grouped = {("a", "default", "nonpae"): _row(100, 130, 200, online_lookahead=140)}
+    cell = grouped[("a", "default", "nonpae")]["online-lookahead"]
+    cell["counters"]["strategy"] = {"by_kind": {"lookahead-instructions": 20, "lookahead-reused": 4}}
+    profile = SimpleNamespace(name="p", label=lambda: "p", lookahead_ns=1.0, lookahead_reuse_ns=2.5)
+    (row,) = summary.online_comparison(list(grouped), grouped, profile)["rows"]
+    # 20 instructions x 1 ns + 4 reuses x 2.5 ns = 30 ns over a bound of 100: 0.30x; 1.40 - 0.30 = 1.10x
+    walking = row["why"]["walking"]["online-lookahead"]
+    assert walking["instructions"] == 20 and abs(walking["vs_bound"] - 0.3) < 1e-12
+    assert abs(walking["without"] - 1.1) < 1e-12
+    assert "online-lookahead's walks (20 instructions decoded ahead) cost 0.30x, 1.10x without them" in \
+        summary.fmt_shortfall(row)
+    assert summary.walk_cost_ns(profile, grouped[("a", "default", "nonpae")]["emulate"]) == (0, 0.0)

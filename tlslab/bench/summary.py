@@ -310,6 +310,15 @@ def probe_cost_ns(profile, rec: dict) -> tuple[int, float | None]:
     return probes, ns
 
 
+def walk_cost_ns(profile, rec: dict) -> tuple[int, float]:
+    """(instructions decoded ahead, what they and the memo's reuses cost under ``profile``) for a cell of a
+    strategy that decodes ahead of faults (online-lookahead; (0, 0.0) for any other)."""
+    kinds = rec["counters"].get("strategy", {}).get("by_kind", {})
+    instructions, reuses = kinds.get("lookahead-instructions", 0), kinds.get("lookahead-reused", 0)
+    return instructions, (instructions * getattr(profile, "lookahead_ns", 0.0)
+                          + reuses * getattr(profile, "lookahead_reuse_ns", 0.0))
+
+
 def shortfall(row: dict, bound: dict, by: dict, online: list[str], profile) -> dict | None:
     """Why no online strategy reaches the acceptance marks on this workload, in a few numbers (None where
     the best one is at most min(emulate, flip) and within 10% of the bound).
@@ -319,7 +328,9 @@ def shortfall(row: dict, bound: dict, by: dict, online: list[str], profile) -> d
     oracle over the bound (tlslab.analysis.hybrid: the threshold rule online-probe approximates, given
     each run's exact length as the run starts; the distance to 1.00x is what the rule leaves, the
     optimum depending on runs further ahead). ``learning``: per strategy that probes, the estimated
-    extra cost of its probes over the bound (``probe_cost_ns``). ``none_ran``: no online strategy ran
+    extra cost of its probes over the bound (``probe_cost_ns``). ``walking``: per strategy that decodes
+    ahead, what its walks cost over the bound and where it would be without them (``walk_cost_ns``).
+    ``none_ran``: no online strategy ran
     to the end with native's output. ``negative_accesses``/``negative_sites``: native's negative %gs
     accesses and the sites making them (their ratio is how often a rule meets each site it could learn
     about: a program with a few faults per site cannot repay learning).
@@ -340,10 +351,18 @@ def shortfall(row: dict, bound: dict, by: dict, online: list[str], profile) -> d
             if probes:
                 learning[name] = {"probes": probes,
                                   "vs_bound": ns / bound["fault_time_ns"] if ns is not None else None}
+    walking = {}
+    for name in online:
+        rec = by.get(name)
+        if rec is not None and (row["cells"].get(name) or {}).get("fault_ms") is not None:
+            instructions, ns = walk_cost_ns(profile, rec)
+            if instructions:
+                walking[name] = {"instructions": instructions, "vs_bound": ns / bound["fault_time_ns"],
+                                 "without": row["cells"][name]["vs_bound"] - ns / bound["fault_time_ns"]}
     return {"to_win": (row["best_pure_ms"] * 1e6 / bound["fault_time_ns"] - 1
                        if row["best_pure_ms"] is not None else None),
             "run_oracle": oracle["fault_time_ns"] / bound["fault_time_ns"] if oracle else None,
-            "learning": learning, "none_ran": best is None or best["vs_bound"] is None,
+            "learning": learning, "walking": walking, "none_ran": best is None or best["vs_bound"] is None,
             # how often a rule meets each site it could learn about: under emulate, every negative %gs
             # access faults, so this is faults per faulting site (native's per-site counters)
             "negative_accesses": negative_accesses, "negative_sites": negative_sites}
@@ -362,6 +381,9 @@ def fmt_shortfall(row: dict) -> str:
     for name, cost in why["learning"].items():
         if cost["vs_bound"] is not None:
             parts.append(f"{name}'s {cost['probes']:,} probes cost about {cost['vs_bound']:.2f}x")
+    for name, cost in why.get("walking", {}).items():
+        parts.append(f"{name}'s walks ({cost['instructions']:,} instructions decoded ahead) cost "
+                     f"{cost['vs_bound']:.2f}x, {cost['without']:.2f}x without them")
     if why.get("negative_sites"):
         parts.append(hybrid.describe_sites(why["negative_accesses"], why["negative_sites"], row["bound_faults"]))
     return f"{row['workload']} ({row['variant']}): " + "; ".join(parts)

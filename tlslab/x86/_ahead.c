@@ -899,3 +899,22 @@ double tc_clock_overhead_ns(void) {
     qsort(d, PAIRS, sizeof d[0], compare_u64);
     return (double)d[PAIRS / 2];
 }
+
+/* The decoder alone: a linear sweep over code[0..n) `rounds` times (a byte that does not decode is
+ * skipped), timed. *decodes: instructions decoded; returns nanoseconds for all of them. */
+uint64_t tc_decode_sweep_ns(const uint8_t *code, size_t n, uint32_t rounds, uint64_t *decodes) {
+    struct timespec t0, t1;
+    uint64_t count = 0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (uint32_t r = 0; r < rounds; r++) {
+        for (size_t off = 0; off < n;) {
+            tc_full_insn in;
+            size_t left = n - off < MAX_INSN ? n - off : MAX_INSN;
+            off += tc_decode_full(code + off, left, (uint32_t)off, &in) == TC_DECODE_OK ? in.length : 1;
+            count++;
+        }
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    *decodes = count;
+    return (uint64_t)(t1.tv_sec - t0.tv_sec) * 1000000000u + (uint64_t)(t1.tv_nsec - t0.tv_nsec);
+}

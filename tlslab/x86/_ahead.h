@@ -154,4 +154,7 @@ int tc_lookahead_regions_timed(const tc_region_map *map, const tc_regs *regs, in
 /* The median nanoseconds two back-to-back clock readings take (to subtract from the above). */
 double tc_clock_overhead_ns(void);
 
+/* The decoder alone, timed: a linear sweep over code[0..n) `rounds` times; ns for *decodes decodes. */
+uint64_t tc_decode_sweep_ns(const uint8_t *code, size_t n, uint32_t rounds, uint64_t *decodes);
+
 #endif

@@ -64,6 +64,8 @@ def _lib() -> ctypes.CDLL:
         lib.tc_lookahead_regions_timed.argtypes = [ctypes.POINTER(CRegionMap), ctypes.POINTER(CRegs), ctypes.c_int,
                                                    ctypes.c_double, _u32, ctypes.POINTER(_u32),
                                                    ctypes.POINTER(_u32), ctypes.POINTER(ctypes.c_uint64)]
+        lib.tc_decode_sweep_ns.argtypes = [ctypes.c_char_p, ctypes.c_size_t, _u32, ctypes.POINTER(ctypes.c_uint64)]
+        lib.tc_decode_sweep_ns.restype = ctypes.c_uint64
         lib.tc_clock_overhead_ns.argtypes = []
         lib.tc_clock_overhead_ns.restype = ctypes.c_double
         lib.tc_lookahead_regions_timed.restype = ctypes.c_int
@@ -193,3 +195,10 @@ class RegionWalker:
 def clock_overhead_ns() -> float:
     """The median nanoseconds two back-to-back readings of the clock :meth:`RegionWalker.timed` uses take."""
     return _lib().tc_clock_overhead_ns()
+
+
+def decode_sweep_ns(code: bytes, rounds: int = 10) -> tuple[int, int]:
+    """The C decoder alone: (decodes, nanoseconds) for a linear sweep over ``code`` ``rounds`` times."""
+    decodes = ctypes.c_uint64()
+    ns = _lib().tc_decode_sweep_ns(bytes(code), len(code), rounds, ctypes.byref(decodes))
+    return decodes.value, ns
