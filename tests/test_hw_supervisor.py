@@ -212,15 +212,17 @@ def test_source_hash_covers_every_source_and_header(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "CORE_SOURCES", tuple(core / p.name for p in build.CORE_SOURCES))
     names = [p.name for p in build.sources()]
     assert "main.c" in names and "supervisor.h" in names and names == sorted(names)
-    assert [p.name for p in build.build_inputs()] == [*names, "_core.c", "_core.h"]
+    assert [p.name for p in build.build_inputs()] == [*names, "_core.c", "_core.h", "_ahead.c", "_ahead.h",
+                                                      "_optable.h"]
     seen = {source_hash()}
-    for path in (copy / "supervisor.h", copy / "decode.h", copy / "faults.c", core / "_core.c", core / "_core.h"):
+    for path in (copy / "supervisor.h", copy / "decode.h", copy / "faults.c", core / "_core.c", core / "_core.h",
+                 core / "_ahead.c", core / "_optable.h"):
         with open(path, "a") as f:
             f.write("\n")
         seen.add(source_hash())
     (copy / "extra.h").write_text("/* new */\n")
     seen.add(source_hash())
-    assert len(seen) == 7
+    assert len(seen) == 9
 
 
 @pytest.mark.parametrize("mode", ["emulate", "step", "flip"])

@@ -7,9 +7,11 @@ directory), stdin an empty pipe, and stdout/stderr of the same kind (a pipe, a
 regular file or /dev/null -- the kind changes what glibc does, see docs/measurements.md#glibc).
 
 Strategies: ``untraced`` (fork/exec/wait, no tracer), ``native`` (traced, nothing
-truncated), ``emulate``, ``flip``, and the online strategies ``online-site``
-and ``online-probe``: the supervisor runs the rules of
-``tlslab.hypervisor.strategies.online`` (their specification) with the
+truncated), ``emulate``, ``flip``, and the online strategies ``online-site``,
+``online-probe`` and ``online-lookahead`` (the latter with the model's C walk
+ahead of the fault, ``tlslab/x86/_ahead.c``, over the tracee's memory; its
+``budget`` is the model strategy's): the supervisor runs the rules of
+``tlslab.hypervisor.strategies`` (their specification) with the
 decision threshold of the run's cost profile (``RunSpec.prices``,
 ``emulate_ns``, ``flip_ns``; the supervisor computes ``2 * flip_ns /
 emulate_ns`` from the prices passed at full precision and reports it, and
@@ -98,18 +100,17 @@ from pathlib import Path
 from tlslab.hw.build import BuildError, supervisor_path
 from tlslab.linux.nodes import GUEST_GID, GUEST_UID
 
-HW_STRATEGIES = ("untraced", "native", "emulate", "flip", "online-site", "online-probe")
+HW_STRATEGIES = ("untraced", "native", "emulate", "flip", "online-site", "online-probe", "online-lookahead")
 STDOUT_MODES = ("pipe", "file", "null")
-TRUNCATING = ("emulate", "flip", "online-site", "online-probe")
-ONLINE = ("online-site", "online-probe")   # decide per fault with a threshold from two prices
+TRUNCATING = ("emulate", "flip", "online-site", "online-probe", "online-lookahead")
+ONLINE = ("online-site", "online-probe", "online-lookahead")   # decide per fault with a threshold from two prices
 #: strategies of the model the supervisor cannot run, and why (one line each)
 MODEL_ONLY = {
     "online-rate": "online-rate is model-only: it decides from the guest's instruction count between faults, "
-                   "which the hw backend's ptrace supervisor does not have (hw runs online-site and online-probe)",
+                   "which the hw backend's ptrace supervisor does not have "
+                   "(hw runs online-site, online-probe and online-lookahead)",
     "online-patch": "online-patch is model-only: it rewrites guest code, which the hw backend's ptrace supervisor "
-                    "does not do (hw runs online-site and online-probe)",
-    "online-lookahead": "online-lookahead is model-only: it decodes ahead in guest code with the model's decoder, "
-                        "which the hw backend's ptrace supervisor does not have (hw runs online-site and online-probe)",
+                    "does not do (hw runs online-site, online-probe and online-lookahead)",
 }
 
 
@@ -412,6 +413,7 @@ def run_hw(
     max_procs: int = 1024,
     exe_path: str | None = None,
     prices: tuple[float, float] | None = None,
+    budget: int | None = None,
 ) -> HwResult:
     """Run ``guest_path`` natively with ``argv`` (argv[0] included; default its basename).
 
@@ -445,7 +447,8 @@ def run_hw(
     process tree and reports it (``HwResult.stopped``; ``timed_out`` for the timeout).
     ``prices``: (emulate_ns, flip_ns), required by the online strategies (``run_spec`` takes them
     from the spec's cost profile as the model does); the threshold the supervisor reports must be
-    the model's ``2 * flip_ns / emulate_ns`` exactly (else HwError).
+    the model's ``2 * flip_ns / emulate_ns`` exactly (else HwError). ``budget``: online-lookahead's
+    instructions decoded ahead per fault (1..4096; None: the supervisor's default, the model's 32).
     Raises HwUnavailable when the host cannot do this at all, HwError when the
     supervisor failed for this run.
     """
@@ -461,6 +464,9 @@ def run_hw(
         if not (0 < emulate_ns <= 1e12 and 0 < flip_ns <= 1e12):
             raise ValueError(f"hw strategy {strategy}: prices must be in (0, 1e12] ns, not {prices!r}")
         threshold = 2 * flip_ns / emulate_ns   # OnlineStrategy.threshold's expression
+    if budget is not None and (strategy != "online-lookahead" or isinstance(budget, bool)
+                               or not isinstance(budget, int) or not 1 <= budget <= 4096):
+        raise ValueError(f"budget {budget!r}: online-lookahead's instructions per fault, 1 to 4096")
     if stdout not in STDOUT_MODES:
         raise ValueError(f"hw stdout kind {stdout!r} is not one of {', '.join(STDOUT_MODES)}")
     guest_path = os.path.abspath(os.fspath(guest_path))
@@ -523,6 +529,8 @@ def run_hw(
             cmd += ["--env", e]
         if threshold is not None:   # repr: the shortest string that reads back as the same double
             cmd += ["--emulate-ns", repr(emulate_ns), "--flip-ns", repr(flip_ns)]
+        if budget is not None:
+            cmd += ["--budget", str(budget)]
         if step_only:
             cmd.append("--step-only")
         if model_env:
@@ -643,6 +651,7 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
     if spec.strategy in MODEL_ONLY:
         raise HwError(MODEL_ONLY[spec.strategy])
     prices = model_prices(spec) if spec.strategy in ONLINE else None
+    budget = model_strategy(spec).lookahead.budget if spec.strategy == "online-lookahead" else None
 
     rooted_path = bool(spec.rootfs) and spec.guest.startswith("/")
     if not rooted_path:  # a registry guest or host path: refuse non-i386 files before anything else
@@ -658,7 +667,7 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
     env = [os.fsdecode(e) for e in environment(spec, program.rootfs)]
     timeout = timeout if timeout is not None else (spec.timeout_seconds or 120.0)
     common = dict(strategy=spec.strategy, stdout=spec.stdout, cpu=cpu, profile=spec.profile, env=env,
-                  timeout=timeout, prices=prices)
+                  timeout=timeout, prices=prices, budget=budget)
     root = host_directory(spec.root) if spec.root else None   # as the model resolves it
     if program.rootfs is None:
         return run_hw(guest.path, [program.argv0, *spec.args],
@@ -676,16 +685,22 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
                   exe_path=program.guest_path, **common), guest
 
 
-def model_prices(spec) -> tuple[float, float]:
-    """(emulate_ns, flip_ns) of an online strategy for ``spec``: the model's strategy made from the spec's
-    options (``experiment``'s way), so the threshold is the model's (a bad profile: HwError, one line)."""
+def model_strategy(spec):
+    """The model's strategy for ``spec``, made from the spec's options (``experiment``'s way; a bad option:
+    HwError, one line)."""
     from tlslab.hypervisor.strategies import StrategyOptionError, get_strategy, option_names
 
     try:
-        strategy = get_strategy(spec.strategy, **{n: getattr(spec, n) for n in option_names(spec.strategy)
-                                                  if hasattr(spec, n)})
+        return get_strategy(spec.strategy, **{n: getattr(spec, n) for n in option_names(spec.strategy)
+                                              if hasattr(spec, n)})
     except StrategyOptionError as exc:
         raise HwError(str(exc)) from None
+
+
+def model_prices(spec) -> tuple[float, float]:
+    """(emulate_ns, flip_ns) of an online strategy for ``spec``: the model's strategy's, so the threshold is
+    the model's."""
+    strategy = model_strategy(spec)
     return strategy.emulate_ns, strategy.flip_ns
 
 

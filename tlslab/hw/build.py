@@ -26,7 +26,9 @@ from tlslab.artifacts import user_cache_dir
 
 SOURCE_DIR = Path(__file__).with_name("supervisor")
 #: the shared x86 core, compiled into the supervisor (tlslab/x86/_core.h says what it does)
-CORE_SOURCES = (Path(__file__).parent.parent / "x86" / "_core.c", Path(__file__).parent.parent / "x86" / "_core.h")
+_X86 = Path(__file__).parent.parent / "x86"
+#: and the walk ahead of a fault (online-lookahead), with the tables it is generated with
+CORE_SOURCES = (_X86 / "_core.c", _X86 / "_core.h", _X86 / "_ahead.c", _X86 / "_ahead.h", _X86 / "_optable.h")
 CFLAGS = ("-O2", "-Wall")
 #: how run records name the supervisor build (``source_record``). Records made before the
 #: supervisor became a directory say "supervisor.c sha256 <hash>": the hash of that one file.

@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--cost-profile", default="nominal", help="cost profile for modelled time (see `tlslab costs`)")
     p.add_argument("--backend", choices=("unicorn", "hw"), default="unicorn",
                    help="unicorn: the model (default); hw: this CPU with really truncated segments under a "
-                   "ptrace supervisor (strategies native|emulate|flip|online-site|online-probe)")
+                   "ptrace supervisor (strategies native|emulate|flip|online-site|online-probe|online-lookahead)")
     p.add_argument("--cpu", type=int, default=0, help="hw backend: CPU to pin tracer and guest to (-1: unpinned)")
     p.add_argument("--save-patches", nargs="?", const="patches", default=None, metavar="DIR",
                    help="rewrite strategies: write the patch set to DIR/<guest>.<variant>.<strategy>.json")

@@ -19,7 +19,7 @@ static const size_t GPR_OFFSET[8] = {
     offsetof(struct user_regs_struct, rsi), offsetof(struct user_regs_struct, rdi),
 };
 
-static void to_core_regs(const struct user_regs_struct *r, tc_regs *out) {
+void core_regs(const struct user_regs_struct *r, tc_regs *out) {
     for (int i = 0; i < 8; i++)
         out->gpr[i] = (uint32_t)*(const unsigned long long *)((const char *)r + GPR_OFFSET[i]);
     out->eip = (uint32_t)r->rip;
@@ -74,7 +74,7 @@ void decode(const uint8_t *b, int n, const struct user_regs_struct *r, struct in
         return;
     }
     tc_regs regs;
-    to_core_regs(r, &regs);
+    core_regs(r, &regs);
     in->has_mem = 1;
     in->seg = in->core.segment_overridden ? in->core.segment : SEG_NONE;
     in->off = tc_effective_offset(&in->core, &regs);
@@ -140,7 +140,7 @@ static const tc_memory_ops TRACEE_MEMORY = {read_cb, write_cb};
 int emulate(struct ctx *c, const struct insn *in, struct user_regs_struct *r) {
     if (!in->has_mem) return -1;
     tc_regs regs;
-    to_core_regs(r, &regs);
+    core_regs(r, &regs);
     if (tc_emulate(&in->core, &regs, &TRACEE_MEMORY, c) != TC_EMULATE_OK) return -1;
     from_core_regs(&regs, r);
     return 0;

@@ -47,5 +47,7 @@ void decode(const uint8_t *b, int n, const struct user_regs_struct *r, struct in
 /* Emulate a decoded instruction (in->has_mem) with the core: 0 done
  * (registers, EFLAGS and EIP updated in r), -1 refused (c->why: deliver SIGSEGV). */
 int emulate(struct ctx *c, const struct insn *in, struct user_regs_struct *r);
+/* The ptrace registers as the core's (eax..edi, eip, eflags). */
+void core_regs(const struct user_regs_struct *r, tc_regs *out);
 
 #endif

@@ -132,6 +132,8 @@ const struct strategy strategies[S_COUNT] = {
                        .on_fault = online_site_fault},
     [S_ONLINE_PROBE] = {"online-probe", .traced = 1, .truncating = 1, .online = 1,
                         .on_fault = online_probe_fault},
+    [S_ONLINE_LOOKAHEAD] = {"online-lookahead", .traced = 1, .truncating = 1, .online = 1,
+                            .on_fault = online_lookahead_fault},
 };
 
 /* The fault's bookkeeping: the totals, its image, --trace, and its site

@@ -23,6 +23,11 @@
  *             tlslab/hypervisor/strategies/online.py (see online.c);
  *             online-probe also installs an empty descriptor
  *             that makes every %gs access fault while it measures a run
+ *   online-lookahead
+ *             emulate or flip, chosen per fault by the rule of
+ *             tlslab/hypervisor/strategies/online_lookahead.py with the
+ *             shared walk ahead of the fault (tlslab/x86/_ahead.c) over the
+ *             tracee's memory (see lookahead.c)
  *
  * A TLS #GP is a forced SIGSEGV, which resets a blocked or ignored SIGSEGV
  * (handler -> SIG_DFL, unblocked) before the tracer sees it; the supervisor
@@ -71,13 +76,14 @@
  * decode.c/decode.h (the faulting instruction: the core's decoder and
  * emulator, with the ptrace registers and the tracee's memory behind them),
  * faults.c (the #GP path: emulate, flip),
- * online.c (online-site, online-probe), signals.c (the guest's SIGSEGV
+ * online.c (online-site, online-probe), lookahead.c (online-lookahead: the
+ * walk over the tracee's memory), signals.c (the guest's SIGSEGV
  * disposition), tasks.c (tasks, processes, images, sites), stop.c (ending the
  * run), jail.c (the child until exec), report.c (the JSON summary); what they
  * share is in supervisor.h. The run's state is one struct supervisor.
  *
  * 64-bit host code only; tlslab/hw/build.py compiles every .c file here
- * together with the core's _core.c, plain `cc -O2 -Wall`.
+ * together with the core's _core.c and the walk's _ahead.c, plain `cc -O2 -Wall`.
  */
 #include "supervisor.h"
 
@@ -94,8 +100,8 @@ static struct supervisor the_supervisor;
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: tlslab-hw-supervisor [--strategy untraced|native|emulate|flip|online-site|online-probe]\n"
-            "    [--emulate-ns NS --flip-ns NS] [--hv-start HEX]\n"
+            "usage: tlslab-hw-supervisor [--strategy untraced|native|emulate|flip|online-site|online-probe|\n"
+            "    online-lookahead] [--emulate-ns NS --flip-ns NS] [--budget N] [--hv-start HEX]\n"
             "    [--cpu N|-1] [--cwd DIR] [--stdin PATH] [--stdout PATH] [--stderr PATH] [--env K=V]...\n"
             "    [--timeout SECONDS] [--max-procs N] [--step-only] [--model-env] [--trace PATH]\n"
             "    [--chroot DIR [--view EMPTYDIR [--mount-src DIR --mount-at PATH [--scratch EMPTYDIR]] [--exe-path PATH]]]\n"
@@ -117,7 +123,8 @@ static void usage(void) {
             "  --max-procs: processes the guest may start in all (the first included, default 1024);\n"
             "  beyond it, as at --timeout, every guest task is killed (\"stopped\" in the JSON).\n"
             "  --emulate-ns/--flip-ns: the online strategies' prices (both > 0, required by them):\n"
-            "  threshold = 2 * flip_ns / emulate_ns, as tlslab.hypervisor.strategies.online.\n");
+            "  threshold = 2 * flip_ns / emulate_ns, as tlslab.hypervisor.strategies.online.\n"
+            "  --budget: online-lookahead's instructions decoded ahead per fault, 1..4096 (default 32).\n");
     exit(2);
 }
 
@@ -138,6 +145,11 @@ static int parse_options(struct supervisor *sv, int argc, char **argv) {
             if (!opt->strategy) usage();
         } else if (!strcmp(a, "--emulate-ns")) sv->online.emulate_ns = strtod(argv[++i], NULL);
         else if (!strcmp(a, "--flip-ns")) sv->online.flip_ns = strtod(argv[++i], NULL);
+        else if (!strcmp(a, "--budget")) {
+            long b = atol(argv[++i]);
+            if (b < 1 || b > 4096) usage();
+            sv->online.budget = (uint32_t)b;
+        }
         else if (!strcmp(a, "--hv-start")) opt->hv_start = (uint32_t)strtoul(argv[++i], NULL, 0);
         else if (!strcmp(a, "--cpu")) opt->cpu = atoi(argv[++i]);
         else if (!strcmp(a, "--cwd")) opt->cwd_path = argv[++i];
@@ -171,6 +183,7 @@ static int parse_options(struct supervisor *sv, int argc, char **argv) {
         usage();
     if (opt->strategy->online) { /* the decision threshold, the model's expression on the model's prices */
         struct online *on = &sv->online;
+        if (!on->budget) on->budget = 32;   /* tlslab.x86.ahead.BUDGET */
         if (!(on->emulate_ns > 0 && on->emulate_ns <= 1e12 && on->flip_ns > 0 && on->flip_ns <= 1e12)) usage();
         on->threshold = 2 * on->flip_ns / on->emulate_ns;
         on->probe_cap = on->threshold < 1.8e19 ? (uint64_t)on->threshold + 1 : UINT64_MAX;

@@ -112,12 +112,12 @@ static struct plist *probe_sites(struct supervisor *sv, const struct fault *f) {
 /* The two answers the model's counters name: emulate (the access performed
  * for the guest) and flip (the slot's descriptor switched: a descriptor
  * write). Returns the signal to deliver. */
-static int online_emulate(struct supervisor *sv, struct fault *f) {
+int online_emulate(struct supervisor *sv, struct fault *f) {
     sv->online.count.emulate++;
     return emulate_fault(sv, f);
 }
 
-static int online_flip(struct supervisor *sv, struct fault *f) {
+int online_flip(struct supervisor *sv, struct fault *f) {
     int deliver = flip_fault(sv, f);
     if (!deliver) {
         sv->online.count.flip++;

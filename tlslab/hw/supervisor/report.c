@@ -75,9 +75,11 @@ void write_json(struct supervisor *sv) {
          * faults whose offset the decoder could not compute (the model always
          * can; see probe_fault) */
         const char *kind[] = {"emulate", "flip", "probe", "probe-flip", "probe-end", "probe-orphan",
-                              "site-marked-hot"};
+                              "site-marked-hot", "ahead-flip", "ahead-emulate", "flip-back",
+                              "lookahead-instructions"};
         uint64_t nk[] = {on->count.emulate, on->count.flip, on->count.probe, on->count.probe_flip,
-                         on->count.probe_end, on->count.probe_orphan, on->count.marked_hot};
+                         on->count.probe_end, on->count.probe_orphan, on->count.marked_hot, on->count.ahead_flip,
+                         on->count.ahead_emulate, on->count.flip_back, on->count.lookahead_instructions};
         fprintf(f, ",\"online\":{\"emulate_ns\":%.17g,\"flip_ns\":%.17g,\"threshold\":%.17g,"
                    "\"probe_cap\":%llu,\"sites\":%llu,\"descriptor_writes\":%llu,\"unknown_sign\":%llu,"
                    "\"by_kind\":{",

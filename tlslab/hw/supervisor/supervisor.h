@@ -185,6 +185,7 @@ struct plist { uint32_t *v; size_t n, cap; }; /* pairs: site entry, context entr
 
 struct online {
     double emulate_ns, flip_ns, threshold; /* --emulate-ns, --flip-ns; 2 * flip_ns / emulate_ns */
+    uint32_t budget;         /* online-lookahead: --budget, instructions decoded ahead per fault */
     uint64_t probe_cap;      /* int(threshold) + 1 */
     struct osite *sites;     /* SITE_CAP entries, open addressing; allocated for the online strategies */
     uint64_t nsites;
@@ -195,7 +196,7 @@ struct online {
     /* what the model's counters.by_kind and descriptor_writes report, named as there */
     struct {
         uint64_t emulate, flip, probe, probe_flip, probe_end, probe_orphan, marked_hot, desc_writes,
-            unknown_sign;
+            unknown_sign, ahead_flip, ahead_emulate, flip_back, lookahead_instructions;
     } count;
 };
 
@@ -227,7 +228,7 @@ struct strategy {
                                * from the prices --emulate-ns/--flip-ns; "online" in the JSON */
     fault_handler on_fault;   /* its answer to a #GP on a managed slot; NULL: none is ours */
 };
-enum { S_UNTRACED, S_NATIVE, S_EMULATE, S_FLIP, S_ONLINE_SITE, S_ONLINE_PROBE, S_COUNT };
+enum { S_UNTRACED, S_NATIVE, S_EMULATE, S_FLIP, S_ONLINE_SITE, S_ONLINE_PROBE, S_ONLINE_LOOKAHEAD, S_COUNT };
 extern const struct strategy strategies[S_COUNT]; /* faults.c */
 
 /* ------------------------------------------------------------- the state */
@@ -338,6 +339,10 @@ int flip_fault(struct supervisor *sv, struct fault *f);
 /* online.c: the online-site and online-probe strategies */
 int online_site_fault(struct supervisor *sv, struct fault *f);
 int online_probe_fault(struct supervisor *sv, struct fault *f);
+int online_emulate(struct supervisor *sv, struct fault *f);   /* emulate, counted as the model counts it */
+int online_flip(struct supervisor *sv, struct fault *f);      /* flip, counted as the model counts it */
+/* lookahead.c */
+int online_lookahead_fault(struct supervisor *sv, struct fault *f);
 
 /* signals.c: the guest's SIGSEGV disposition */
 struct sigtab *sigtab_new(struct supervisor *sv, const struct sigtab *copy);

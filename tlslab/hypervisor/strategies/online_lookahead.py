@@ -32,9 +32,10 @@ is priced at the profile's ``lookahead_ns``, measured for this C walk where
 it runs (benchmarks/lookahead_price.py; for the fitted xen-2004 profile the
 same figure stands as a lower bound). The walk is the C one
 (``tlslab/x86/_ahead.c``, held to the Python specification
-:mod:`tlslab.x86.ahead`). The hw backend's ptrace supervisor does not run it:
-model-only. A recording of accesses cannot replay it (it reads guest code and
-memory).
+:mod:`tlslab.x86.ahead`). The hw backend's ptrace supervisor runs the same
+rule with the same walk over the tracee's memory (tlslab/hw/supervisor/
+lookahead.c; tests/test_hw_online.py: the model's decisions). A recording of
+accesses cannot replay it (it reads guest code and memory).
 """
 
 from __future__ import annotations
