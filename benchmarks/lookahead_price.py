@@ -43,6 +43,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from tlslab.hw.calibrate import lookahead_provenance, measure_lookahead_price  # noqa: E402
 from tlslab.hypervisor import costmodel  # noqa: E402
+from tlslab.hypervisor.costmodel import XEN_2004_WALK_NOTE  # noqa: E402
 
 
 def write_profiles(result: dict) -> None:
@@ -50,8 +51,7 @@ def write_profiles(result: dict) -> None:
     reuse_price = round(result["ns_per_reuse"], 2)
     provenance = lookahead_provenance(result)
     notes = {"hw-vm": "measured: online-lookahead's C walk timed at every fault of these runs, on this machine",
-             "xen-2004": "a LOWER BOUND, not fitted: Keir's 2004 table has no walk in it; this is the price "
-                         "measured on today's CPU (a 2004 CPU decoded no faster)"}
+             "xen-2004": XEN_2004_WALK_NOTE}
     for name, note in notes.items():
         path = costmodel.PROFILE_DIR / f"{name}.json"
         data = json.loads(path.read_text())

@@ -42,3 +42,19 @@ def test_bundled_profiles_load_and_declare_their_kind():
         assert prof.kind in ("fitted", "measured", "nominal")
         if prof.kind == "fitted":
             assert prof.fitted_on
+
+
+def test_a_fresh_xen_2004_fit_carries_the_measured_walk_price_as_a_lower_bound(tmp_path, monkeypatch):
+    """Keir's table has no walk in it: a refit takes the walk's prices from the measured profile (so
+    online-lookahead's walk is not silently free), says where they come from, and is free, saying so,
+    where no measured profile has them."""
+    native, emulate, flip = counters(10_000_000, 0), counters(10_000_000, 4000, accesses=4000), \
+        counters(10_000_000, 5000, writes=5000)
+    measured = costmodel.get_profile("hw-vm")
+    prof = costmodel.fit_xen_2004(native, emulate, flip, "synthetic")
+    assert measured.lookahead_ns > 0
+    assert (prof.lookahead_ns, prof.lookahead_reuse_ns) == (measured.lookahead_ns, measured.lookahead_reuse_ns)
+    assert prof.provenance["lookahead"]["from"] == "hw-vm" and "LOWER BOUND" in prof.provenance["lookahead"]["note"]
+    monkeypatch.setattr(costmodel, "available_profiles", lambda: {"nominal": costmodel.NOMINAL})
+    free = costmodel.fit_xen_2004(native, emulate, flip, "synthetic")
+    assert free.lookahead_ns == 0 and "free" in free.provenance["lookahead"]["note"]

@@ -29,6 +29,10 @@ def run(args) -> int:
             print(textwrap.fill(prof.label(), 79, subsequent_indent="    "))
             print(textwrap.fill(prof.description, 79, initial_indent="    ", subsequent_indent="    "))
             print(textwrap.fill(prices, 79, initial_indent="    ", subsequent_indent="    "))
+            note = (prof.provenance.get("lookahead") or {}).get("note")
+            if note:   # the walk's prices have their own provenance (a lower bound in a fitted profile)
+                print(textwrap.fill(f"lookahead prices: {note}", 79, initial_indent="    ",
+                                    subsequent_indent="    "))
         return 0
 
     from tlslab.cli import RunFailed
