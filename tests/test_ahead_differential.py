@@ -240,3 +240,38 @@ def test_the_walks_agree_on_computed_offsets():
             assert native == spec, seed
             verdicts[native.verdict] += 1
     assert min(verdicts.values()) > 300, verdicts
+
+
+def test_the_walks_agree_at_the_top_of_the_address_space():
+    """An instruction ending exactly at 2^32 (nothing above it) decodes in both walks."""
+    page = bytearray(b"\x90" * PAGE)
+    page[0xFF3:0xFFA] = b"\x65\x8b\x0d" + struct.pack("<i", -4)     # the fault at 0xFFFFFFF3
+    page[0xFFA:] = b"\x65\xa1" + struct.pack("<i", -8)               # 0xFFFFFFFA..0xFFFFFFFF
+    spec, native = both(FakeMemory([(0xFFFF_F000, bytes(page), PROT_RX)]), {"esp": 0}, 0xFFFF_FFF3, -1, 1.0, 32,
+                        1 << 32)
+    assert native == spec and native.verdict == LONG
+
+
+def test_a_region_table_with_a_hole_in_code_reads_nothing_there():
+    """Regions need not be page-sized: code running into a gap between two is no code (no read of the gap)."""
+    import ctypes
+
+    a = ctypes.create_string_buffer(b"\x65\x8b\x0d\xfc", 4)
+    b = ctypes.create_string_buffer(b"\xff\xff\xff\xf4" * 4, 16)
+    walker = RegionWalker([(0x1000, 4, PROT_RX, ctypes.addressof(a)), (0x1008, 16, PROT_RX, ctypes.addressof(b))],
+                          0xF580_0000)
+    assert walker.walk(c_regs({}, 0x1000), -1, 2.0, 32).verdict == UNKNOWN
+
+
+def test_the_memo_answers_only_for_its_own_threshold_and_budget():
+    """A memoised walk is a function of the threshold and the budget too: another pair walks afresh."""
+    code = (b"\x65\x8b\x0d\xfc\xff\xff\xff" + b"\x65\x8b\x0d\xf8\xff\xff\xff" * 3 + b"\x65\xa1\x14\x00\x00\x00")
+    mem = FakeMemory([(CODE, code.ljust(PAGE, b"\xf4"), PROT_RX)])
+    regions = [(r.start, r.size, r.prot, r.host_address) for r in mem.regions()]
+    memo = RegionWalker(regions, 1 << 32, decode_cache=True, memo=True)
+    regs = c_regs({"esp": STACK}, CODE)
+    for threshold, budget in ((2.81, 32), (2.81, 32), (100.0, 32), (2.81, 1), (2.81, 32)):
+        fresh = RegionWalker(regions, 1 << 32).walk(regs, -1, threshold, budget)
+        got = memo.walk(regs, -1, threshold, budget)
+        assert (got.verdict, got.walked or fresh.walked) == (fresh.verdict, fresh.walked)
+    assert memo.memo_stats()[0] >= 1          # the repeated (2.81, 32) walks were reused

@@ -8,12 +8,16 @@ specification, over the same memory through :func:`guest_readers`; the tests
 run real guests both ways and require the same decisions and counts.
 
 Either walk only reads guest code (executable pages) and words of guest memory
-(readable pages) below the hypervisor's start, and registers; the C one reads
-code as it is at the fault (a guest rewriting its own code is seen), the
-Python one decodes through a cache of its own dropped when the host changes
-guest code (``VCpu.code_generation``). Both caches (the C walker's region
-table, rebuilt when the regions change: ``GuestMemory.version``; the Python
-decode cache) are keyed weakly: a finished process's go with it.
+(readable pages) below the hypervisor's start, and registers. The C walker
+keeps a region table, a decode cache and a memo of walks (by site and sign,
+with the registers and words each read); it is rebuilt when the regions or
+their rights change (``GuestMemory.version``), when the host changes guest
+code (``VCpu.code_generation``) or the hypervisor's start moves. The Python
+walk decodes through a cache of its own dropped when the host changes guest
+code. A guest storing into its own code is seen by neither cache until then
+(as everywhere in tlslab: the decode caches are the host's): an answer may be
+stale, a prediction gone wrong, which costs time, never correctness. Both are
+keyed weakly: a finished process's go with it.
 """
 
 from __future__ import annotations

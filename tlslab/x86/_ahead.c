@@ -776,7 +776,8 @@ int tc_lookahead(const tc_guest_reader *guest, const tc_regs *regs, int sign, do
     if (!memo) return walk_fresh(guest, regs, sign, threshold, budget, walked, NULL);
     uint32_t eip = regs->eip;
     struct tc_memo_entry *e = &memo->slots[(eip ^ eip >> 12 ^ (uint32_t)(sign < 0)) & (TC_MEMO_SLOTS - 1)];
-    if (e->valid && e->eip == eip && e->sign == sign && memo_holds(guest, regs, e)) {
+    if (e->valid && e->eip == eip && e->sign == sign && e->threshold == threshold && e->budget == budget &&
+        memo_holds(guest, regs, e)) {
         memo->hits++;
         *reused = 1;
         *walked = 0;
@@ -787,6 +788,8 @@ int tc_lookahead(const tc_guest_reader *guest, const tc_regs *regs, int sign, do
     if (fresh.valid && verdict >= 0) {
         fresh.eip = eip;
         fresh.sign = sign;
+        fresh.threshold = threshold;
+        fresh.budget = budget;
         *e = fresh;
     }
     memo->misses++;
@@ -823,15 +826,18 @@ static int has_prot(const tc_region_map *map, uint32_t address, uint32_t prot) {
     return r && (r->prot & prot);
 }
 
-static void copy_out(const tc_region_map *map, uint32_t address, uint8_t *buf, size_t n) {
+/* n bytes at address, across regions; 0 when a byte of them is in no region (a gap: nothing read) */
+static int copy_out(const tc_region_map *map, uint32_t address, uint8_t *buf, size_t n) {
     for (size_t i = 0; i < n;) {
         const tc_region *r = region_at(map, address + (uint32_t)i);
+        if (!r) return 0;
         uint32_t offset = address + (uint32_t)i - r->start;
         size_t chunk = r->size - offset;
         if (chunk > n - i) chunk = n - i;
         memcpy(buf + i, r->host + offset, chunk);
         i += chunk;
     }
+    return 1;
 }
 
 /* lookahead.Lookahead.ahead's code_at: executable bytes at both ends, below the hypervisor */
@@ -845,8 +851,7 @@ size_t tc_regions_code(void *ctx, uint32_t address, uint8_t *buf, size_t n) {
         return n;
     }
     while (n > 0 && !(has_prot(map, address, 4) && has_prot(map, address + (uint32_t)n - 1, 4))) n--;
-    if (n) copy_out(map, address, buf, n);
-    return n;
+    return n && copy_out(map, address, buf, n) ? n : 0;
 }
 
 /* lookahead.Lookahead.ahead's read_word */
@@ -856,8 +861,8 @@ int tc_regions_word(void *ctx, uint32_t address, uint32_t *value) {
     uint8_t b[4];
     const tc_region *r = within(map, address, 4, 1);
     if (r) memcpy(b, r->host + (address - r->start), 4);
-    else if (has_prot(map, address, 1) && has_prot(map, address + 3, 1)) copy_out(map, address, b, 4);
-    else return 0;
+    else if (!(has_prot(map, address, 1) && has_prot(map, address + 3, 1) && copy_out(map, address, b, 4)))
+        return 0;
     *value = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 | (uint32_t)b[3] << 24;
     return 1;
 }

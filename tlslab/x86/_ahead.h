@@ -87,15 +87,18 @@ void tc_decode_cache_stats(const tc_decode_cache *cache, uint64_t *hits, uint64_
 
 /* Walks by site and sign, each with what it read (the registers it used at their fault-time value, the
  * guest words): a later fault there whose inputs all read the same gets the same answer without a walk.
- * Valid for one threshold and budget, while the code and mappings do not change (as the decode cache).
+ * Keyed by threshold and budget too; valid while the code and mappings do not change (as the decode cache:
+ * the owner drops both when the host changes code or the mappings change; a guest storing into its own
+ * code is not seen, and an answer may then be stale: a prediction, never a correctness matter).
  * Direct-mapped; a walk that read more than TC_MEMO_WORDS words, or met code that did not decode, is not
  * kept. */
 #define TC_MEMO_SLOTS 1024u
 #define TC_MEMO_WORDS 16u
 struct tc_memo_word { uint32_t address, value, known; };
 struct tc_memo_entry {
-    uint32_t eip, walked, valid, reg_mask, nwords;
+    uint32_t eip, walked, valid, reg_mask, nwords, budget;
     int32_t sign, verdict;
+    double threshold;
     uint32_t regs[8];
     struct tc_memo_word words[TC_MEMO_WORDS];
 };
@@ -135,7 +138,7 @@ typedef struct tc_region {
 typedef struct tc_region_map {
     const tc_region *regions;  /* sorted by start, not overlapping */
     uint32_t count;
-    uint32_t below;            /* the hypervisor's start: nothing at or above it is read */
+    uint64_t below;            /* the hypervisor's start: nothing at or above it is read (2^32: none) */
     uint32_t hint;             /* the walk's cache: the region it found last */
     tc_decode_cache *cache;    /* NULL: decode every time */
     tc_walk_memo *memo;        /* NULL: walk every time */

@@ -43,7 +43,7 @@ class CRegion(ctypes.Structure):
 
 
 class CRegionMap(ctypes.Structure):
-    _fields_ = [("regions", ctypes.POINTER(CRegion)), ("count", _u32), ("below", _u32), ("hint", _u32),
+    _fields_ = [("regions", ctypes.POINTER(CRegion)), ("count", _u32), ("below", ctypes.c_uint64), ("hint", _u32),
                 ("cache", ctypes.c_void_p), ("memo", ctypes.c_void_p)]
 
 
@@ -151,7 +151,7 @@ class RegionWalker:
         self._array = (CRegion * max(1, len(rows)))(*(CRegion(s, n, p, h) for s, n, p, h in rows))
         self._cache = ctypes.create_string_buffer(self._lib.tc_decode_cache_size()) if decode_cache else None
         self._memo = ctypes.create_string_buffer(self._lib.tc_walk_memo_size()) if memo else None
-        self._map = CRegionMap(self._array, len(rows), min(below, 0xFFFF_FFFF), 0,
+        self._map = CRegionMap(self._array, len(rows), min(below, 1 << 32), 0,
                                ctypes.addressof(self._cache) if decode_cache else None,
                                ctypes.addressof(self._memo) if memo else None)
         self._walked, self._reused = _u32(), _u32()

@@ -4,10 +4,13 @@
  * the walk the model runs (tlslab/x86/_ahead.c: tc_lookahead) over the
  * tracee's memory instead of the model's host buffers:
  *
- *   - code and words are read with process_vm_readv; the page rights they
- *     need (executable code, readable words, as in the model) come from
- *     /proc/<tid>/maps, read once per walk (the supervisor does not see the
- *     guest's mappings change between faults);
+ *   - code and words are read with process_vm_readv (code through
+ *     fetch_insn, which falls back on PEEKTEXT for execute-only pages, as the
+ *     model reads code with PROT_EXEC alone); the page rights they need
+ *     (executable code, readable words, as in the model) come from
+ *     /proc/<tid>/maps, read whole once per walk (the supervisor does not see
+ *     the guest's mappings change between faults; a mapping's name is the
+ *     guest's to choose, so lines are read whole, never in pieces);
  *   - no decode cache and no memo (both are dropped in the model whenever
  *     code or mappings change, which the supervisor cannot tell): every fault
  *     walks afresh. The memo changes no decision in the model
@@ -40,13 +43,14 @@ struct tracee_memory {
 
 /* /proc/<tid>/maps: every mapping below 4 GiB with its r and x rights */
 static void load_maps(struct tracee_memory *m) {
-    char path[64], line[512];
+    char path[64], *line = NULL;
+    size_t size = 0;
     m->loaded = 1;
     m->n = 0;
     snprintf(path, sizeof path, "/proc/%d/maps", (int)m->tid);
     FILE *fp = fopen(path, "r");
     if (!fp) return;                 /* nothing readable: every walk answers unknown */
-    while (fgets(line, sizeof line, fp)) {
+    while (getline(&line, &size, fp) > 0) {   /* whole lines: a long file name cannot start a fake one */
         unsigned long long lo, hi;
         char perms[8];
         if (sscanf(line, "%llx-%llx %7s", &lo, &hi, perms) != 3 || lo >= (1ull << 32)) continue;
@@ -63,6 +67,7 @@ static void load_maps(struct tracee_memory *m) {
         m->maps[m->n].prot = (perms[0] == 'r' ? 1u : 0u) | (perms[2] == 'x' ? 4u : 0u);
         m->n++;
     }
+    free(line);
     fclose(fp);
 }
 
@@ -81,7 +86,9 @@ static size_t tracee_code(void *ctx, uint32_t address, uint8_t *buf, size_t n) {
     uint64_t room = (1ull << 32) - address;
     if (n > room) n = (size_t)room;
     while (n > 0 && !(has_prot(m, address, 4) && has_prot(m, address + (uint32_t)n - 1, 4))) n--;
-    if (n == 0 || read_mem(m->tid, address, buf, n) < 0) return 0;
+    uint8_t bytes[16];               /* fetch_insn's buffer: up to 16 */
+    if (n == 0 || n > 15 || fetch_insn(m->tid, address, bytes) < (int)n) return 0;
+    memcpy(buf, bytes, n);
     return n;
 }
 
