@@ -112,7 +112,9 @@ def measure_lookahead_price(workloads=LOOKAHEAD_WORKLOADS, variants=LOOKAHEAD_VA
     emulator has left them (a hypervisor's #GP handler also runs cold). Nothing is repeated (a repeat
     would find everything cached). The clock's own cost (median of 1001 back-to-back reading pairs) is
     subtracted per call. Returns per-workload rows and the two prices: ns per instruction decoded
-    (walks: all their nanoseconds over all their instructions) and ns per reuse of a memoised walk.
+    (walks: all their nanoseconds over all their instructions; a walk that decodes nothing, at a faulting
+    instruction that itself branches, adds its time and no instruction) and ns per reuse of a memoised
+    walk.
     """
     from tlslab.experiment import RunSpec, make_domain
     from tlslab.guests import GuestError
