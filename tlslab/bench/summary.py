@@ -343,22 +343,18 @@ def shortfall(row: dict, bound: dict, by: dict, online: list[str], profile) -> d
         return None
     oracle = bound.get("run_oracle")
     negative_accesses, negative_sites = hybrid.negative_gs_sites((by.get("native") or {}).get("sites"))
-    learning = {}
+    learning, walking = {}, {}
     for name in online:
         rec = by.get(name)
-        if rec is not None and (row["cells"].get(name) or {}).get("fault_ms") is not None:
-            probes, ns = probe_cost_ns(profile, rec)
-            if probes:
-                learning[name] = {"probes": probes,
-                                  "vs_bound": ns / bound["fault_time_ns"] if ns is not None else None}
-    walking = {}
-    for name in online:
-        rec = by.get(name)
-        if rec is not None and (row["cells"].get(name) or {}).get("fault_ms") is not None:
-            instructions, ns = walk_cost_ns(profile, rec)
-            if instructions:
-                walking[name] = {"instructions": instructions, "vs_bound": ns / bound["fault_time_ns"],
-                                 "without": row["cells"][name]["vs_bound"] - ns / bound["fault_time_ns"]}
+        if rec is None or (row["cells"].get(name) or {}).get("fault_ms") is None:
+            continue
+        probes, ns = probe_cost_ns(profile, rec)
+        if probes:
+            learning[name] = {"probes": probes, "vs_bound": ns / bound["fault_time_ns"] if ns is not None else None}
+        instructions, ns = walk_cost_ns(profile, rec)
+        if instructions:
+            walking[name] = {"instructions": instructions, "vs_bound": ns / bound["fault_time_ns"],
+                             "without": row["cells"][name]["vs_bound"] - ns / bound["fault_time_ns"]}
     return {"to_win": (row["best_pure_ms"] * 1e6 / bound["fault_time_ns"] - 1
                        if row["best_pure_ms"] is not None else None),
             "run_oracle": oracle["fault_time_ns"] / bound["fault_time_ns"] if oracle else None,

@@ -30,30 +30,11 @@ const char *tc_mnemonic_name(uint16_t mn) { return mn < TC_MN_COUNT ? TC_MN_NAME
 
 /* ---------------------------------------------------------------- decoder */
 
-struct cursor {
-    const uint8_t *code;
-    size_t n, pos;
-};
-
-/* decode._Reader._need */
-static int need(const struct cursor *c, size_t count) {
-    if (c->pos + count > MAX_INSN) return TC_DECODE_TOO_LONG;
-    if (c->pos + count > c->n) return TC_DECODE_TRUNCATED;
-    return 0;
-}
-
-static uint32_t take(struct cursor *c, size_t count) {
-    uint32_t v = 0;
-    for (size_t i = 0; i < count; i++) v |= (uint32_t)c->code[c->pos + i] << (8 * i);
-    c->pos += count;
-    return v;
-}
-
 #define TAKE(var, count)                       \
     do {                                       \
-        int status_ = need(&c, (count));       \
+        int status_ = tc_need(&c, (count));       \
         if (status_) return status_;           \
-        (var) = take(&c, (count));             \
+        (var) = tc_take(&c, (count));             \
     } while (0)
 
 static int32_t sext(uint32_t value, unsigned bytes) {
@@ -97,7 +78,7 @@ static const tc_opentry *group_slot(uint32_t opcode, unsigned group, uint8_t mod
 
 /* decode._decode */
 int tc_decode_full(const uint8_t *code, size_t n, uint32_t address, tc_full_insn *out) {
-    struct cursor c = {code, n, 0};
+    tc_cursor c = {code, n, 0};
     memset(out, 0, sizeof *out);
     out->address = address;
     out->mem.base = out->mem.index = out->mem2.base = out->mem2.index = -1;
@@ -108,7 +89,7 @@ int tc_decode_full(const uint8_t *code, size_t n, uint32_t address, tc_full_insn
                                         [0x3E] = 1 + TC_DS, [0x64] = 1 + TC_FS, [0x65] = 1 + TC_GS,
                                         [0x66] = 7, [0x67] = 8, [0xF0] = 9, [0xF3] = 10, [0xF2] = 11};
     for (;;) {                                  /* 1. prefixes */
-        int status = need(&c, 1);
+        int status = tc_need(&c, 1);
         if (status) return status;
         b = code[c.pos];
         uint8_t kind = PREFIX[b];
@@ -143,7 +124,7 @@ int tc_decode_full(const uint8_t *code, size_t n, uint32_t address, tc_full_insn
     }
     unsigned group = entry ? 0 : group_of(opcode);
     if (group) {
-        int status = need(&c, 1);
+        int status = tc_need(&c, 1);
         if (status) return status;
         entry = group_slot(opcode, group, code[c.pos]);
         if (!entry) return TC_DECODE_INVALID;

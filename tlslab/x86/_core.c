@@ -235,31 +235,11 @@ static const struct form_entry *find_form(uint16_t opcode, int slot) {
     return 0;
 }
 
-/* Byte cursor: running past 15 bytes is #GP, past n is truncation (decode._Reader). */
-struct reader {
-    const uint8_t *code;
-    size_t n, pos;
-};
-
-static int need(const struct reader *rd, size_t count) {
-    if (rd->pos + count > MAX_INSN_LENGTH) return TC_DECODE_TOO_LONG;
-    if (rd->pos + count > rd->n) return TC_DECODE_TRUNCATED;
-    return TC_DECODE_OK;
-}
-
-/* little-endian unsigned of count (1, 2 or 4) bytes; need() first */
-static uint32_t take(struct reader *rd, size_t count) {
-    uint32_t value = 0;
-    for (size_t i = 0; i < count; i++) value |= (uint32_t)rd->code[rd->pos + i] << (8 * i);
-    rd->pos += count;
-    return value;
-}
-
 #define TAKE(rd, count, dst)                                   \
     do {                                                       \
-        int status_ = need(rd, count);                         \
+        int status_ = tc_need(rd, count);                         \
         if (status_ != TC_DECODE_OK) return fail(out, status_); \
-        dst = take(rd, count);                                 \
+        dst = tc_take(rd, count);                                 \
     } while (0)
 
 static int fail(tc_insn *out, int status) {
@@ -294,7 +274,7 @@ static int is_segment_prefix(uint8_t b, uint8_t *segment) {
 }
 
 /* The memory operand (ModRM, SIB, displacement); 32-bit addressing only. */
-static int decode_modrm_memory(struct reader *rd, tc_insn *out) {
+static int decode_modrm_memory(tc_cursor *rd, tc_insn *out) {
     uint32_t modrm, sib, disp;
     TAKE(rd, 1, modrm);
     out->has_modrm = 1;
@@ -331,7 +311,7 @@ static int decode_modrm_memory(struct reader *rd, tc_insn *out) {
 
 /* decode.decode, restricted to the forms in FORMS with a memory operand. */
 int tc_decode(const uint8_t *code, size_t n, tc_insn *out) {
-    struct reader rd = {code, n, 0};
+    tc_cursor rd = {code, n, 0};
     tc_insn insn = {0};
     int address_size_override = 0;
     uint8_t segment = 0;
@@ -342,7 +322,7 @@ int tc_decode(const uint8_t *code, size_t n, tc_insn *out) {
     insn.scale = 1;
     /* 1. legacy prefixes; the last segment override wins, F2/F3 cancel each other */
     for (;;) {
-        if ((status = need(&rd, 1)) != TC_DECODE_OK) return fail(out, status);
+        if ((status = tc_need(&rd, 1)) != TC_DECODE_OK) return fail(out, status);
         byte = code[rd.pos];
         if (is_segment_prefix((uint8_t)byte, &segment)) {
             insn.segment = segment;
@@ -368,7 +348,7 @@ int tc_decode(const uint8_t *code, size_t n, tc_insn *out) {
     }
     int slot = -1;
     if (is_group((uint16_t)opcode)) {
-        if ((status = need(&rd, 1)) != TC_DECODE_OK) return fail(out, status);
+        if ((status = tc_need(&rd, 1)) != TC_DECODE_OK) return fail(out, status);
         slot = (code[rd.pos] >> 3) & 7;
     }
     const struct form_entry *form = find_form((uint16_t)opcode, slot);

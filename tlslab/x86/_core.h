@@ -71,6 +71,28 @@ enum tc_decode_status {
     TC_DECODE_UNSUPPORTED = 4  /* not a form the core handles (it may be valid x86) */
 };
 
+/* The decoders' byte cursor (this core's tc_decode and _ahead.c's tc_decode_full; decode._Reader):
+ * running past 15 bytes is #GP, past the n bytes given is truncation. */
+typedef struct tc_cursor {
+    const uint8_t *code;
+    size_t n, pos;
+} tc_cursor;
+
+/* 0 when count more bytes may be read, else TC_DECODE_TOO_LONG / TC_DECODE_TRUNCATED */
+static inline int tc_need(const tc_cursor *c, size_t count) {
+    if (c->pos + count > 15) return TC_DECODE_TOO_LONG;   /* 15 bytes: the longest instruction */
+    if (c->pos + count > c->n) return TC_DECODE_TRUNCATED;
+    return TC_DECODE_OK;
+}
+
+/* little-endian unsigned of count (1, 2 or 4) bytes; tc_need() first */
+static inline uint32_t tc_take(tc_cursor *c, size_t count) {
+    uint32_t value = 0;
+    for (size_t i = 0; i < count; i++) value |= (uint32_t)c->code[c->pos + i] << (8 * i);
+    c->pos += count;
+    return value;
+}
+
 enum tc_kind {
     TC_KIND_NONE = 0,
     TC_KIND_MOV, TC_KIND_MOVZX, TC_KIND_MOVSX,
