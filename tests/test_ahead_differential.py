@@ -105,8 +105,9 @@ def _program(rng: random.Random, length: int) -> bytes:
         word = DATA + 4 * rng.randrange(16)
         if k < 6 or k >= 34:          # a %gs access: moffs, disp32, [reg], [reg+disp8], a store
             out += rng.choice([b"\x65\xa1" + struct.pack("<I", d), b"\x65\x8b\x0d" + struct.pack("<I", d),
-                               b"\x65\x8b\x03", b"\x65\x8b\x00", b"\x65\x8b\x04\x18", b"\x65\x8b\x43" + bytes([rng.randrange(256)]),
-                               b"\x65\x89\x1d" + struct.pack("<I", d), b"\x65\x83\x05" + struct.pack("<I", d) + b"\x01"])
+                               b"\x65\x8b\x03", b"\x65\x8b\x00", b"\x65\x8b\x04\x18",
+                               b"\x65\x8b\x43" + bytes([rng.randrange(256)]), b"\x65\x89\x1d" + struct.pack("<I", d),
+                               b"\x65\x83\x05" + struct.pack("<I", d) + b"\x01"])
         elif k < 9:        # constants into ebx/eax
             out += rng.choice([b"\xbb" + struct.pack("<I", d), b"\x8b\x1d" + struct.pack("<I", word),
                                b"\x81\xc3" + struct.pack("<I", d), b"\x43", b"\x4b", b"\x31\xc0", b"\x29\xdb",
@@ -219,7 +220,8 @@ def _arithmetic_guest(rng: random.Random):
             bytes([rng.randrange(8) * 8 + 3, 0xC0 | dst << 3 | src]),
             bytes([rng.randrange(8) * 8 + 5]) + imm,
             bytes([0x40 + dst]), bytes([0x48 + dst]), bytes([0xB8 + dst]) + imm,
-            bytes([0x8D, 0x80 | dst << 3 | src]) + imm, bytes([0x8D, 0x04 | dst << 3, rng.randrange(4) << 6 | src << 3 | 3]),
+            bytes([0x8D, 0x80 | dst << 3 | src]) + imm,
+            bytes([0x8D, 0x04 | dst << 3, rng.randrange(4) << 6 | src << 3 | 3]),
             bytes([0x50 + src, 0x58 + dst]), bytes([0x87, 0xC0 | src << 3 | dst]),
             bytes([0xF7, 0xD8 | dst]), bytes([0xD1, 0xE0 | dst]),
             b"\x65\x8b\x13", b"\x65\x8b\x10", b"\x65\x8b\x11", b"\x65\x8b\x53" + bytes([rng.randrange(256)]),
@@ -275,3 +277,36 @@ def test_the_memo_answers_only_for_its_own_threshold_and_budget():
         got = memo.walk(regs, -1, threshold, budget)
         assert (got.verdict, got.walked or fresh.walked) == (fresh.verdict, fresh.walked)
     assert memo.memo_stats()[0] >= 1          # the repeated (2.81, 32) walks were reused
+
+
+def test_the_memo_reuses_a_walk_exactly_when_what_it_read_still_holds():
+    """The C memo against the spec's record of a walk's inputs (ahead._Inputs): after a register or a word
+    changes, a walk whose inputs all still read the same is reused (when it could be kept: no code it could
+    not decode, at most 16 words), and a reused answer is the one a fresh walk gives."""
+    reused_seen = fresh_seen = 0
+    for seed in range(400):
+        rng = random.Random(seed)
+        mem, regs, eip = _guest(rng)
+        regions = [(r.start, r.size, r.prot, r.host_address) for r in mem.regions()]
+        memo = RegionWalker(regions, 1 << 32, memo=True)
+        code_at, read_word = guest_readers(mem, 1 << 32)
+        insn = code_at(eip)
+        _, inputs = walk(code_at, regs.__getitem__, read_word, insn, -1, 1.57, 32)
+        memo.walk(c_regs(regs, eip), -1, 1.57, 32)
+        if rng.random() < 0.5:                                   # change a register ...
+            regs[rng.choice(("eax", "ebx", "ecx", "esi", "esp"))] ^= rng.choice((4, 0x8000_0000))
+        else:                                                    # ... or a word of data or stack
+            where = rng.choice((DATA, STACK)) + 4 * rng.randrange(PAGE // 4)
+            mem.write(where, struct.pack("<I", rng.randrange(1 << 32)))
+        again = memo.walk(c_regs(regs, eip), -1, 1.57, 32)
+        fresh = RegionWalker(regions, 1 << 32).walk(c_regs(regs, eip), -1, 1.57, 32)
+        keepable = not inputs.code_missing and len(inputs.words) <= 16
+        if keepable and inputs.still_hold(regs.__getitem__, read_word):
+            assert again.reused, seed
+        if again.reused:
+            assert again.verdict == fresh.verdict, seed
+            reused_seen += 1
+        else:
+            assert again == fresh, seed
+            fresh_seen += 1
+    assert reused_seen > 50 and fresh_seen > 50, (reused_seen, fresh_seen)

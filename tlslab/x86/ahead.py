@@ -99,8 +99,10 @@ def _full(name: str | None) -> str | None:
 
 
 class _Inputs:
-    """What the walk read of the guest, in order: registers at the fault, memory words. A memo entry is
-    valid for a later fault whose inputs all read the same."""
+    """What the walk read of the guest, in order: registers at the fault, memory words. The specification
+    of the C walker's memo (``_ahead.c``: ``memo_holds``): a later fault whose inputs all read the same
+    (``still_hold``) gets the same answer; a walk that met code it could not decode (``code_missing``: it
+    may be mapped later) is not kept."""
 
     def __init__(self, read_reg, read_word) -> None:
         self._read_reg = read_reg
@@ -340,7 +342,7 @@ def walk(code_at, read_reg, read_word, insn: Instruction, sign: int, threshold: 
             seen.add(address)
             here = code_at(address)
             if isinstance(here, DecodeError):
-                inputs.code_missing = True          # code that may be mapped later: not memoised
+                inputs.code_missing = True          # code that may be mapped later: not to be memoised
                 break
             s = _gs_sign(here, path)
             if s is not None:
