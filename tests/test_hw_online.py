@@ -9,9 +9,14 @@ the default and nosegneg builds, under the xen-2004 and hw-vm prices, the
 real CPU must take exactly the model's faults at exactly the model's sites,
 the supervisor must count the model's decisions (``by_kind``: emulate, flip,
 probe, probe-flip, probe-end, site-marked-hot, ahead-flip, ahead-emulate,
-flip-back, and the instructions decoded ahead; and descriptor writes), and
+flip-back, mode-flip, mode-emulate, and the instructions decoded ahead; and
+descriptor writes), and
 output and status must be identical. ``online-rate`` decides from the guest's
-instruction count, which the supervisor does not have: refused on hw.
+instructions between faults: the supervisor counts them by single-stepping up
+to the rule's cap (tlslab/hw/supervisor/rate.c), with the model's cpuid
+answers so that glibc takes the model's code paths (tlslab/machine/cpuid.py),
+and must take the model's mode switches (``mode-flip``, ``mode-emulate``).
+``online-patch`` rewrites guest code, which the supervisor does not: refused.
 
 Skips (with the reason) where the host cannot run 32-bit code or ptrace is
 refused; with CI=true in the environment those become failures.
@@ -33,7 +38,7 @@ from tlslab.hw.backend import HwError, HwUnavailable, policy_mismatches, run_spe
 
 GUESTS = [("lsr", (".",)), ("syscalls", ("300",)), ("malloc", ()), ("canary", ())]
 VARIANTS = ("default", "nosegneg")
-STRATEGIES = ("online-site", "online-probe", "online-lookahead")
+STRATEGIES = ("online-site", "online-rate", "online-probe", "online-lookahead")
 PRICES = ("xen-2004", "hw-vm")
 
 
@@ -221,24 +226,25 @@ def test_probe_orphan_in_a_forked_child(hw_ok, tmp_path):
 
 # --------------------------------------------------------------------------- refusals (no hw needed)
 
-def test_online_rate_is_refused_on_hw():
-    p = subprocess.run([sys.executable, "-m", "tlslab", "run", "lsr", "-s", "online-rate", "--backend", "hw",
+def test_online_patch_is_refused_on_hw():
+    p = subprocess.run([sys.executable, "-m", "tlslab", "run", "lsr", "-s", "online-patch", "--backend", "hw",
                         "--", "."], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "online-rate is model-only" in lines[0] and "instruction count" in lines[0]
+    assert len(lines) == 1 and "online-patch is model-only" in lines[0] and "rewrites guest code" in lines[0]
     assert p.stdout == ""
 
 
-def test_online_rate_is_refused_by_the_backend():
+def test_online_patch_is_refused_by_the_backend():
     from tlslab.experiment import RunSpec
 
     with pytest.raises(HwError, match="model-only"):
-        run_spec(RunSpec("lsr", (".",), strategy="online-rate"))
+        run_spec(RunSpec("lsr", (".",), strategy="online-patch"))
     with pytest.raises(ValueError, match="model-only"):
-        backend.run_hw("/nonexistent", strategy="online-rate")
-    with pytest.raises(ValueError, match="prices"):
-        backend.run_hw("/nonexistent", strategy="online-probe")
+        backend.run_hw("/nonexistent", strategy="online-patch")
+    for strategy in backend.ONLINE:
+        with pytest.raises(ValueError, match="prices"):
+            backend.run_hw("/nonexistent", strategy=strategy)
 
 
 def test_model_prices_are_the_strategy_s():

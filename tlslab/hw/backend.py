@@ -8,6 +8,8 @@ regular file or /dev/null -- the kind changes what glibc does, see docs/measurem
 
 Strategies: ``untraced`` (fork/exec/wait, no tracer), ``native`` (traced, nothing
 truncated), ``emulate``, ``flip``, and the online strategies ``online-site``,
+``online-rate`` (its clock, instructions since the previous fault up to the
+rule's cap, counted by single-stepping: tlslab/hw/supervisor/rate.c),
 ``online-probe`` and ``online-lookahead`` (the latter with the model's C walk
 ahead of the fault, ``tlslab/x86/_ahead.c``, over the tracee's memory; its
 ``budget`` is the model strategy's): the supervisor runs the rules of
@@ -16,8 +18,8 @@ decision threshold of the run's cost profile (``RunSpec.prices``,
 ``emulate_ns``, ``flip_ns``; the supervisor computes ``2 * flip_ns /
 emulate_ns`` from the prices passed at full precision and reports it, and
 ``run_hw`` checks it equals the model's), and reports the model's counters
-(``HwResult.online``). ``online-rate`` decides from the guest's instruction
-count, which a ptrace supervisor does not have: model-only (``MODEL_ONLY``).
+(``HwResult.online``). ``online-patch`` rewrites guest code, which the
+supervisor does not do: model-only (``MODEL_ONLY``).
 Faults are counted per site (EIP).
 
 Processes and threads: the supervisor follows every fork, vfork, clone and
@@ -99,18 +101,17 @@ from pathlib import Path
 
 from tlslab.hw.build import BuildError, supervisor_path
 from tlslab.linux.nodes import GUEST_GID, GUEST_UID
+from tlslab.machine.cpuid import render_table
 
-HW_STRATEGIES = ("untraced", "native", "emulate", "flip", "online-site", "online-probe", "online-lookahead")
+HW_STRATEGIES = ("untraced", "native", "emulate", "flip", "online-site", "online-rate", "online-probe",
+                 "online-lookahead")
 STDOUT_MODES = ("pipe", "file", "null")
-TRUNCATING = ("emulate", "flip", "online-site", "online-probe", "online-lookahead")
-ONLINE = ("online-site", "online-probe", "online-lookahead")   # decide per fault with a threshold from two prices
+TRUNCATING = ("emulate", "flip", "online-site", "online-rate", "online-probe", "online-lookahead")
+ONLINE = ("online-site", "online-rate", "online-probe", "online-lookahead")   # decide per fault with a threshold from two prices
 #: strategies of the model the supervisor cannot run, and why (one line each)
 MODEL_ONLY = {
-    "online-rate": "online-rate is model-only: it decides from the guest's instruction count between faults, "
-                   "which the hw backend's ptrace supervisor does not have "
-                   "(hw runs online-site, online-probe and online-lookahead)",
     "online-patch": "online-patch is model-only: it rewrites guest code, which the hw backend's ptrace supervisor "
-                    "does not do (hw runs online-site, online-probe and online-lookahead)",
+                    "does not do (hw runs online-site, online-rate, online-probe and online-lookahead)",
 }
 
 
@@ -240,7 +241,8 @@ class HwResult:
                 "by_kind": kinds,
                 "threshold": on.get("threshold"),
                 "probe_cap": on.get("probe_cap"),
-                "unknown_sign": int(on.get("unknown_sign", 0))}
+                "unknown_sign": int(on.get("unknown_sign", 0)),
+                "rate_steps": int(on.get("rate_steps", 0))}
 
     def counters(self) -> dict:
         keys = ("faults", "emulated", "stepped", "to_expand_down", "to_expand_up", "delivered",
@@ -414,6 +416,7 @@ def run_hw(
     exe_path: str | None = None,
     prices: tuple[float, float] | None = None,
     budget: int | None = None,
+    trace: str | os.PathLike | None = None,
 ) -> HwResult:
     """Run ``guest_path`` natively with ``argv`` (argv[0] included; default its basename).
 
@@ -423,7 +426,12 @@ def run_hw(
     its single-step fallback for every fault (a test of the fallback).
     ``model_env`` (default) gives the guest the model's process environment:
     no vDSO/AT_MINSIGSTKSZ/AT_RSEQ_* in the auxv and rseq refused with ENOSYS
-    (the binary itself is never modified), and a fixed address space with room
+    (the binary itself is never modified), the model vCPU's answer to every
+    ``cpuid`` (CPUID faulting, ``tlslab.machine.cpuid``: glibc then picks the
+    string functions it picks in the model, so the guest retires the model's
+    instructions; an image that cannot turn faulting on is counted in
+    ``summary["cpuid"]["refused"]``; ``untraced`` has no tracer to answer and
+    runs with the host's), and a fixed address space with room
     above the stack: personality ADDR_NO_RANDOMIZE | ADDR_LIMIT_3GB, so the
     i386 stack ends at 0xC0000000 (the 3G/1G split of a 2004 Linux) instead of
     a random 0..8 MiB below 4 GiB. The model's stack ends at 1 GiB with
@@ -449,6 +457,8 @@ def run_hw(
     from the spec's cost profile as the model does); the threshold the supervisor reports must be
     the model's ``2 * flip_ns / emulate_ns`` exactly (else HwError). ``budget``: online-lookahead's
     instructions decoded ahead per fault (1..4096; None: the supervisor's default, the model's 32).
+    ``trace``: a file the supervisor writes one line per fault to (``EIP OFFSET``), and under
+    online-rate one per %gs fault decided (``gap EIP INSTRUCTIONS``: the clock's reading, capped).
     Raises HwUnavailable when the host cannot do this at all, HwError when the
     supervisor failed for this run.
     """
@@ -531,10 +541,14 @@ def run_hw(
             cmd += ["--emulate-ns", repr(emulate_ns), "--flip-ns", repr(flip_ns)]
         if budget is not None:
             cmd += ["--budget", str(budget)]
+        if trace is not None:
+            cmd += ["--trace", os.fspath(trace)]
         if step_only:
             cmd.append("--step-only")
         if model_env:
-            cmd.append("--model-env")
+            cpuid = os.path.join(work, "cpuid")
+            Path(cpuid).write_text(render_table())
+            cmd += ["--model-env", "--cpuid", cpuid]
         out_path = err_path = None
         if stdout == "file":
             out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")

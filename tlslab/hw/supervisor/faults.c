@@ -130,6 +130,8 @@ const struct strategy strategies[S_COUNT] = {
     [S_FLIP] = {"flip", .traced = 1, .truncating = 1, .on_fault = flip_fault},
     [S_ONLINE_SITE] = {"online-site", .traced = 1, .truncating = 1, .online = 1,
                        .on_fault = online_site_fault},
+    [S_ONLINE_RATE] = {"online-rate", .traced = 1, .truncating = 1, .online = 1,
+                       .on_fault = online_rate_fault},
     [S_ONLINE_PROBE] = {"online-probe", .traced = 1, .truncating = 1, .online = 1,
                         .on_fault = online_probe_fault},
     [S_ONLINE_LOOKAHEAD] = {"online-lookahead", .traced = 1, .truncating = 1, .online = 1,
@@ -166,11 +168,13 @@ int handle_segv(struct supervisor *sv, struct thread *t, int *step) {
     siginfo_t si;
     *step = 0;
     if (ptrace(PTRACE_GETSIGINFO, t->tid, 0, &si) < 0) return SIGSEGV;
-    if (si.si_code != SI_KERNEL || !strategy->on_fault) { COUNT(sv, other_segv); return SIGSEGV; }
+    if (si.si_code != SI_KERNEL) { COUNT(sv, other_segv); return SIGSEGV; }
     if (ptrace(PTRACE_GETREGS, t->tid, 0, &f.regs) < 0) return SIGSEGV;
     f.eip = (uint32_t)f.regs.rip;
     uint8_t b[16];
     int n = fetch_insn(t->tid, f.eip, b);
+    if (sv->cpuid && cpuid_fault(sv, t, &f.regs, b, n)) return 0; /* CPUID faulting: the model's answer */
+    if (!strategy->on_fault) { COUNT(sv, other_segv); return SIGSEGV; }
     decode(b, n, &f.regs, &f.in);
     if (f.in.seg != TC_FS && f.in.seg != TC_GS) { COUNT(sv, other_segv); return SIGSEGV; }
     uint32_t sel = (uint32_t)(f.in.seg == TC_FS ? f.regs.fs : f.regs.gs) & 0xFFFF;

@@ -18,9 +18,11 @@
  *             safe as flip), then the slot's state is put back
  *   flip      switch the descriptor between the truncated expand-up form and
  *             its expand-down twin (PTRACE_SET_THREAD_AREA) and restart
- *   online-site, online-probe
+ *   online-site, online-rate, online-probe
  *             emulate or flip, chosen per fault by the rules of
- *             tlslab/hypervisor/strategies/online.py (see online.c);
+ *             tlslab/hypervisor/strategies/online.py (see online.c; rate.c
+ *             for online-rate and its clock: the guest single-stepped after
+ *             each fault, up to a cap, to count the instructions between);
  *             online-probe also installs an empty descriptor
  *             that makes every %gs access fault while it measures a run
  *   online-lookahead
@@ -76,8 +78,9 @@
  * decode.c/decode.h (the faulting instruction: the core's decoder and
  * emulator, with the ptrace registers and the tracee's memory behind them),
  * faults.c (the #GP path: emulate, flip),
- * online.c (online-site, online-probe), lookahead.c (online-lookahead: the
- * walk over the tracee's memory), signals.c (the guest's SIGSEGV
+ * online.c (online-site, online-probe), rate.c (online-rate and its
+ * instruction clock), cpuid.c (the model's cpuid answers, by CPUID faulting), lookahead.c (online-lookahead: the walk over the
+ * tracee's memory), signals.c (the guest's SIGSEGV
  * disposition), tasks.c (tasks, processes, images, sites), stop.c (ending the
  * run), jail.c (the child until exec), report.c (the JSON summary); what they
  * share is in supervisor.h. The run's state is one struct supervisor.
@@ -100,10 +103,10 @@ static struct supervisor the_supervisor;
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: tlslab-hw-supervisor [--strategy untraced|native|emulate|flip|online-site|online-probe|\n"
+            "usage: tlslab-hw-supervisor [--strategy untraced|native|emulate|flip|online-site|online-rate|online-probe|\n"
             "    online-lookahead] [--emulate-ns NS --flip-ns NS] [--budget N] [--hv-start HEX]\n"
             "    [--cpu N|-1] [--cwd DIR] [--stdin PATH] [--stdout PATH] [--stderr PATH] [--env K=V]...\n"
-            "    [--timeout SECONDS] [--max-procs N] [--step-only] [--model-env] [--trace PATH]\n"
+            "    [--timeout SECONDS] [--max-procs N] [--step-only] [--model-env] [--cpuid TABLE] [--trace PATH]\n"
             "    [--chroot DIR [--view EMPTYDIR [--mount-src DIR --mount-at PATH [--scratch EMPTYDIR]] [--exe-path PATH]]]\n"
             "    [--uid N] [--gid N]\n"
             "    [--exec-fd]\n"
@@ -124,7 +127,8 @@ static void usage(void) {
             "  beyond it, as at --timeout, every guest task is killed (\"stopped\" in the JSON).\n"
             "  --emulate-ns/--flip-ns: the online strategies' prices (both > 0, required by them):\n"
             "  threshold = 2 * flip_ns / emulate_ns, as tlslab.hypervisor.strategies.online.\n"
-            "  --budget: online-lookahead's instructions decoded ahead per fault, 1..4096 (default 32).\n");
+            "  --budget: online-lookahead's instructions decoded ahead per fault, 1..4096 (default 32).\n"
+            "  --cpuid: answer the guest's cpuid from TABLE (CPUID faulting; traced strategies; see cpuid.c).\n");
     exit(2);
 }
 
@@ -145,6 +149,7 @@ static int parse_options(struct supervisor *sv, int argc, char **argv) {
             if (!opt->strategy) usage();
         } else if (!strcmp(a, "--emulate-ns")) sv->online.emulate_ns = strtod(argv[++i], NULL);
         else if (!strcmp(a, "--flip-ns")) sv->online.flip_ns = strtod(argv[++i], NULL);
+        else if (!strcmp(a, "--cpuid")) opt->cpuid_path = argv[++i];
         else if (!strcmp(a, "--budget")) {
             long b = atol(argv[++i]);
             if (b < 1 || b > 4096) usage();
@@ -184,6 +189,7 @@ static int parse_options(struct supervisor *sv, int argc, char **argv) {
     if (opt->strategy->online) { /* the decision threshold, the model's expression on the model's prices */
         struct online *on = &sv->online;
         if (!on->budget) on->budget = 32;   /* tlslab.x86.ahead.BUDGET */
+        on->rate_avg = RATE_START;          /* online-rate: RateStrategy's average starts "sparse" */
         if (!(on->emulate_ns > 0 && on->emulate_ns <= 1e12 && on->flip_ns > 0 && on->flip_ns <= 1e12)) usage();
         on->threshold = 2 * on->flip_ns / on->emulate_ns;
         on->probe_cap = on->threshold < 1.8e19 ? (uint64_t)on->threshold + 1 : UINT64_MAX;
@@ -268,9 +274,11 @@ static int segv_stop(struct supervisor *sv, struct thread *t, pid_t w, enum __pt
     }
     int step = 0;
     double h0 = now_s();
+    uint64_t emulated = sv->total.emulated;
     int deliver = handle_segv(sv, t, &step);
     sv->handler_s += now_s() - h0;
     if (step) *resume = PTRACE_SINGLESTEP;
+    else if (!deliver && sv->total.emulated != emulated) rate_retired(sv, t, 1); /* EIP advanced: it retired */
     if (deliver) t->last_fault_flipped = 0;
     else if (needs_restore(t)) { /* the forced SIGSEGV reset the guest's disposition */
         double r0 = now_s();
@@ -329,6 +337,8 @@ static int run_traced(struct supervisor *sv) {
         enum __ptrace_request resume = PTRACE_CONT;
         if (sig == SIGTRAP && event == PTRACE_EVENT_EXEC) {
             t = exec_event(sv, t, w);
+            int gone = 0;
+            if (sv->cpuid && cpuid_image_start(sv, t, &gone) == -2) { later.w = w; later.status = gone; continue; }
         } else if (sig == SIGTRAP && event == PTRACE_EVENT_SECCOMP) {
             struct user_regs_struct sr;
             if (ptrace(PTRACE_GETREGS, w, 0, &sr) == 0) {
@@ -342,6 +352,7 @@ static int run_traced(struct supervisor *sv) {
                 resume = t->in_sta || t->in_sig ? PTRACE_SYSCALL /* to its exit */ : PTRACE_CONT;
             }
         } else if (sig == (SIGTRAP | 0x80)) {
+            if (t->rate_syscall) { t->rate_syscall = 0; rate_retired(sv, t, 1); } /* its int $0x80 */
             if (t->in_sta) { t->in_sta = 0; finish_tls_syscall(sv, t); }
             else if (t->in_sig) finish_sig_syscall(t);
         } else if (sig == SIGTRAP && (event == PTRACE_EVENT_CLONE || event == PTRACE_EVENT_FORK ||
@@ -358,6 +369,9 @@ static int run_traced(struct supervisor *sv) {
             /* other event stops (vfork-done): nothing to do */
         } else if (sig == SIGTRAP && t->stepping) {
             end_step(sv, t);
+            rate_retired(sv, t, 1); /* the instruction stepped for emulate's fallback */
+        } else if (sig == SIGTRAP && !event && t->rate_stepping) {
+            if ((deliver = rate_trap(sv, t, w))) COUNT(sv, signals_passed);
         } else if ((sig == SIGSTOP || event == PTRACE_EVENT_STOP) && !t->seen_stop) {
             t->seen_stop = 1; /* first stop of a new task: it has run no code yet */
             if (!t->sig_ready) { t->held = 1; continue; } /* until its creator's clone event */
@@ -377,6 +391,7 @@ static int run_traced(struct supervisor *sv) {
             COUNT(sv, signals_passed);
         }
         if (deliver) note_delivery(t, deliver);
+        if (t->rate_stepping) resume = rate_resume(sv, t, resume);
         if (ptrace(resume, w, 0, (void *)(long)deliver) < 0 && errno != ESRCH)
             die_setup(sv, "ptrace resume", errno);
     }
@@ -415,6 +430,7 @@ int main(int argc, char **argv) {
 
     sv->sites = calloc(SITE_CAP, sizeof *sv->sites);
     sv->procs = calloc((size_t)sv->opt.max_procs + 1, sizeof *sv->procs);
+    if (sv->opt.cpuid_path && sv->opt.strategy->traced) load_cpuid_table(sv, sv->opt.cpuid_path);
     sv->tlslog = open_memstream(&sv->tlslog_buf, &sv->tlslog_len);
     int online = sv->opt.strategy->online;
     if (online) sv->online.sites = calloc(SITE_CAP, sizeof *sv->online.sites);

@@ -54,7 +54,8 @@ void write_json(struct supervisor *sv) {
                "\"to_expand_up\":%llu,\"delivered\":%llu,\"descriptor_switches\":%llu,"
                "\"seccomp_stops\":%llu,\"tls_installs\":%llu,\"ldt_installs\":%llu,\"ldt_truncated\":%llu,"
                "\"signals_passed\":%llu,\"other_sigsegv\":%llu,\"clones\":%llu,\"forks\":%llu,\"threads\":%d,"
-               "\"model_env\":%s,\"auxv_hidden\":%llu,\"handler_ns\":%.0f",
+               "\"model_env\":%s,\"auxv_hidden\":%llu,\"handler_ns\":%.0f,"
+               "\"cpuid\":{\"table\":%llu,\"images\":%llu,\"refused\":%llu,\"answered\":%llu,\"unlisted\":%llu}",
             (unsigned long long)tot->faults, (unsigned long long)tot->emulated, (unsigned long long)tot->stepped,
             (unsigned long long)tot->to_down, (unsigned long long)tot->to_up, (unsigned long long)tot->delivered,
             (unsigned long long)tot->switches, (unsigned long long)sv->seccomp_stops,
@@ -62,7 +63,10 @@ void write_json(struct supervisor *sv) {
             (unsigned long long)sv->ldt_truncated, (unsigned long long)tot->signals_passed,
             (unsigned long long)tot->other_segv, (unsigned long long)sv->clones, (unsigned long long)sv->forks,
             sv->nthreads_seen,
-            opt->model_env ? "true" : "false", (unsigned long long)sv->auxv_hidden, sv->handler_s * 1e9);
+            opt->model_env ? "true" : "false", (unsigned long long)sv->auxv_hidden, sv->handler_s * 1e9,
+            (unsigned long long)sv->ncpuid, (unsigned long long)sv->cpuid_images,
+            (unsigned long long)sv->cpuid_refused, (unsigned long long)sv->cpuid_answered,
+            (unsigned long long)sv->cpuid_unlisted);
     fprintf(f, ",\"signal_syscalls\":%llu,\"sigsegv_restores\":%llu,\"sigsegv_handler_restores\":%llu,"
                "\"sigsegv_mask_restores\":%llu,\"restore_failures\":%llu,\"signals_requeued\":%llu,"
                "\"restore_ns\":%.0f",
@@ -76,16 +80,19 @@ void write_json(struct supervisor *sv) {
          * can; see probe_fault) */
         const char *kind[] = {"emulate", "flip", "probe", "probe-flip", "probe-end", "probe-orphan",
                               "site-marked-hot", "ahead-flip", "ahead-emulate", "flip-back",
-                              "lookahead-instructions"};
+                              "lookahead-instructions", "mode-flip", "mode-emulate"};
         uint64_t nk[] = {on->count.emulate, on->count.flip, on->count.probe, on->count.probe_flip,
                          on->count.probe_end, on->count.probe_orphan, on->count.marked_hot, on->count.ahead_flip,
-                         on->count.ahead_emulate, on->count.flip_back, on->count.lookahead_instructions};
+                         on->count.ahead_emulate, on->count.flip_back, on->count.lookahead_instructions,
+                         on->count.mode_flip, on->count.mode_emulate};
         fprintf(f, ",\"online\":{\"emulate_ns\":%.17g,\"flip_ns\":%.17g,\"threshold\":%.17g,"
                    "\"probe_cap\":%llu,\"sites\":%llu,\"descriptor_writes\":%llu,\"unknown_sign\":%llu,"
+                   "\"rate_steps\":%llu,"
                    "\"by_kind\":{",
                 on->emulate_ns, on->flip_ns, on->threshold, (unsigned long long)on->probe_cap,
                 (unsigned long long)on->nsites,
-                (unsigned long long)on->count.desc_writes, (unsigned long long)on->count.unknown_sign);
+                (unsigned long long)on->count.desc_writes, (unsigned long long)on->count.unknown_sign,
+                (unsigned long long)on->rate_steps_total);
         int firstk = 1;
         for (size_t k = 0; k < sizeof nk / sizeof nk[0]; k++)
             if (nk[k]) {

@@ -187,6 +187,7 @@ static int inject_syscall(struct supervisor *sv, struct thread *t, const struct 
     r.orig_rax = (unsigned long long)-1;
     if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0) return -1;
     if (ptrace(PTRACE_SINGLESTEP, t->tid, 0, 0) < 0) return -1;
+    int retried = 0;
     for (int guard = 0; guard < 256; guard++) {
         int st;
         pid_t w = waitpid(t->tid, &st, __WALL);
@@ -198,7 +199,18 @@ static int inject_syscall(struct supervisor *sv, struct thread *t, const struct 
         if (!WIFSTOPPED(st)) continue;
         int sig = WSTOPSIG(st), ev = st >> 16;
         if (sig == SIGTRAP && !ev) { /* the step trap at the syscall's exit */
-            if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0) return -1;
+            struct user_regs_struct now;
+            if (ptrace(PTRACE_GETREGS, t->tid, 0, &now) < 0) return -1;
+            if ((uint32_t)now.rip == at && !retried) {
+                /* nothing ran: the step report at the exit of the system call the
+                 * task was stopped in (an exec stop: execve's exit also wrote its
+                 * result over EAX). Set the registers again and step */
+                retried = 1;
+                if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0 || ptrace(PTRACE_SINGLESTEP, t->tid, 0, 0) < 0)
+                    return -1;
+                continue;
+            }
+            r = now;
             if ((uint32_t)r.rip != at + 2) return -1;
             *ret = (int32_t)r.rax;
             return 0;
@@ -208,6 +220,28 @@ static int inject_syscall(struct supervisor *sv, struct thread *t, const struct 
         if (ptrace(PTRACE_SINGLESTEP, t->tid, 0, 0) < 0) return -1;
     }
     return -1;
+}
+
+/* Make t run one system call of its own (nr, a1, a2) at an `int $0x80` of
+ * its text, its registers put back afterwards and signals that arrived
+ * meanwhile pending again. Returns 0 (the result in *ret), -1 when it could
+ * not (no `int $0x80` mapped, a ptrace failure), -2 when t is gone (its wait
+ * status in *gone). */
+int run_guest_syscall(struct supervisor *sv, struct thread *t, uint32_t nr, uint32_t a1, uint32_t a2, int32_t *ret,
+                      int *gone) {
+    struct user_regs_struct saved;
+    if (ptrace(PTRACE_GETREGS, t->tid, 0, &saved) < 0) return -1;
+    uint32_t at = find_int80(t->tid);
+    if (!at) return -1;
+    sv->nrequeue = 0;
+    int rc = inject_syscall(sv, t, &saved, at, nr, a1, a2, 0, 0, ret, gone);
+    if (rc == -2) return -2;
+    if (ptrace(PTRACE_SETREGS, t->tid, 0, &saved) < 0) die_setup(sv, "PTRACE_SETREGS", errno);
+    for (int i = 0; i < sv->nrequeue; i++) {
+        syscall(SYS_tkill, t->tid, sv->requeue[i]);
+        sv->signals_requeued++;
+    }
+    return rc;
 }
 
 int needs_restore(const struct thread *t) {

@@ -34,6 +34,8 @@
 #define NR32_SET_THREAD_AREA 243
 #define NR32_MODIFY_LDT 123
 #define NR32_RSEQ 386
+#define NR32_ARCH_PRCTL 384
+#define ARCH_SET_CPUID_ 0x1012
 #define NR32_SIGNAL 48
 #define NR32_SIGACTION 67
 #define NR32_SIGRETURN 119
@@ -133,6 +135,11 @@ struct thread {
     int stepping, step_entry;
     uint32_t step_eip;
     uint32_t last_fault_eip; /* flip: where its last fault was (NO_FAULT_EIP: none since exec) */
+    int rate_stepping;       /* online-rate: stepped for its process's clock (rate.c; if the process's rate_tid) */
+    int rate_syscall;        /* online-rate: resumed to a syscall's exit stop while stepped: count its int $0x80 there */
+    int rate_prev_valid;     /* online-rate: where its next step starts (rate.c: a repeated string instruction) */
+    int rate_marked;         /* online-rate: rate_prev_* were read at this stop (a step report) */
+    uint32_t rate_prev_eip, rate_prev_ecx;
     int last_fault_flipped;
     struct slot slots[TLS_SLOTS];
 };
@@ -161,6 +168,12 @@ struct proc {
     int live, tasks;   /* tasks alive now / created in it (the first included) */
     int exited, status, sig, killed;
     struct counters c;
+    /* online-rate's clock (rate.c): instructions retired since this address
+     * space's last %gs fault, counted by single-stepping rate_tid up to
+     * RATE_GAP_CAP; rate_has_last 0: no fault yet in this image */
+    int rate_has_last;
+    pid_t rate_tid;
+    uint64_t rate_steps;
 };
 struct image {
     pid_t pid;
@@ -190,13 +203,17 @@ struct online {
     struct osite *sites;     /* SITE_CAP entries, open addressing; allocated for the online strategies */
     uint64_t nsites;
     uint32_t previous_fault; /* ProbeStrategy._previous: eip of the previous %gs fault decided */
+    /* online-rate (RateStrategy): one mode for the domain, the fixed-point average gap, the dwell */
+    int rate_flip_mode;
+    int64_t rate_avg;
+    uint64_t rate_dwell, rate_steps_total;
     /* the sites of the probe in progress in each thread's slot (indices in sites[]); indexed by
      * thread, not kept in struct slot, so that copying a creator's slots never shares a list */
     struct plist plists[MAX_THREADS][TLS_SLOTS];
     /* what the model's counters.by_kind and descriptor_writes report, named as there */
     struct {
         uint64_t emulate, flip, probe, probe_flip, probe_end, probe_orphan, marked_hot, desc_writes,
-            unknown_sign, ahead_flip, ahead_emulate, flip_back, lookahead_instructions;
+            unknown_sign, ahead_flip, ahead_emulate, flip_back, lookahead_instructions, mode_flip, mode_emulate;
     } count;
 };
 
@@ -228,7 +245,8 @@ struct strategy {
                                * from the prices --emulate-ns/--flip-ns; "online" in the JSON */
     fault_handler on_fault;   /* its answer to a #GP on a managed slot; NULL: none is ours */
 };
-enum { S_UNTRACED, S_NATIVE, S_EMULATE, S_FLIP, S_ONLINE_SITE, S_ONLINE_PROBE, S_ONLINE_LOOKAHEAD, S_COUNT };
+enum { S_UNTRACED, S_NATIVE, S_EMULATE, S_FLIP, S_ONLINE_SITE, S_ONLINE_RATE, S_ONLINE_PROBE, S_ONLINE_LOOKAHEAD,
+       S_COUNT };
 extern const struct strategy strategies[S_COUNT]; /* faults.c */
 
 /* ------------------------------------------------------------- the state */
@@ -250,6 +268,7 @@ struct options {
     const char *chroot_dir, *view_dir, *mount_src, *mount_at, *overlay_dir, *exe_path, *scratch_dir;
     long guest_uid, guest_gid;
     int exec_fd;
+    const char *cpuid_path; /* --cpuid PATH: answer the guest's cpuid from this table (cpuid.c) */
 };
 
 /* Everything a run changes, in one place: one instance, made by main and
@@ -304,6 +323,11 @@ struct supervisor {
     int setup_errno;
 
     struct online online;
+
+    /* cpuid.c: the table, and what answering from it took */
+    struct cpuid_answer *cpuid;
+    size_t ncpuid;
+    uint64_t cpuid_answered, cpuid_unlisted, cpuid_images, cpuid_refused;
 };
 
 /* count an event in the totals and in the process being handled */
@@ -343,6 +367,14 @@ int online_emulate(struct supervisor *sv, struct fault *f);   /* emulate, counte
 int online_flip(struct supervisor *sv, struct fault *f);      /* flip, counted as the model counts it */
 /* lookahead.c */
 int online_lookahead_fault(struct supervisor *sv, struct fault *f);
+/* rate.c: online-rate and its clock */
+#define RATE_GAP_CAP 400 /* RateStrategy's RATE_GAP_CAP: instructions a gap is counted up to */
+#define RATE_START 3200  /* RateStrategy's starting average: RATE_DENSE * 4 * RATE_WINDOW (fixed point) */
+int online_rate_fault(struct supervisor *sv, struct fault *f);
+int rate_counting(const struct supervisor *sv, const struct thread *t);
+void rate_retired(struct supervisor *sv, struct thread *t, uint64_t n);
+enum __ptrace_request rate_resume(struct supervisor *sv, struct thread *t, enum __ptrace_request resume);
+int rate_trap(struct supervisor *sv, struct thread *t, pid_t w);
 
 /* signals.c: the guest's SIGSEGV disposition */
 struct sigtab *sigtab_new(struct supervisor *sv, const struct sigtab *copy);
@@ -352,6 +384,14 @@ void finish_sig_syscall(struct thread *t);
 void note_delivery(struct thread *t, int sig);
 int needs_restore(const struct thread *t);
 int restore_segv(struct supervisor *sv, struct thread *t, int *gone);
+int run_guest_syscall(struct supervisor *sv, struct thread *t, uint32_t nr, uint32_t a1, uint32_t a2, int32_t *ret,
+                      int *gone);
+
+/* cpuid.c: the model's cpuid answers, by CPUID faulting */
+struct cpuid_answer { uint32_t leaf, subleaf, r[4]; };
+void load_cpuid_table(struct supervisor *sv, const char *path);
+int cpuid_image_start(struct supervisor *sv, struct thread *t, int *gone);
+int cpuid_fault(struct supervisor *sv, struct thread *t, struct user_regs_struct *regs, const uint8_t *code, int n);
 
 /* tasks.c: tasks, processes, program images, fault sites */
 struct thread *thread_of(struct supervisor *sv, pid_t tid, int create);

@@ -204,7 +204,11 @@ struct thread *exec_event(struct supervisor *sv, struct thread *t, pid_t w) {
     t->stepping = 0;
     t->last_fault_eip = NO_FAULT_EIP;
     t->last_fault_flipped = 0;
-    if (sv->cp) { /* a new image of this process */
+    t->rate_stepping = t->rate_syscall = t->rate_prev_valid = t->rate_marked = 0;
+    if (sv->cp) { /* a new image of this process: a new address space, online-rate's clock starts again */
+        sv->cp->rate_has_last = 0;
+        sv->cp->rate_tid = 0;
+        sv->cp->rate_steps = 0;
         char path[64], prog[512];
         snprintf(path, sizeof path, "/proc/%d/exe", w);
         ssize_t k = readlink(path, prog, sizeof prog - 1);

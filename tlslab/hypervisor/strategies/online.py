@@ -42,6 +42,7 @@ REPROBE_FACTOR = 8      # online-probe: probe a site again after 8x, 64x, ... it
 RATE_WINDOW = 8         # online-rate: EWMA weight 1/8 on the gap between faults
 RATE_DENSE = 100        # online-rate: "dense" = faults less than this many instructions apart on average
 RATE_DWELL = 16         # online-rate: faults in a mode before it may change again (hysteresis)
+RATE_GAP_CAP = 4 * RATE_DENSE   # online-rate: a longer gap counts as this one (sparse is sparse; the average's start)
 
 
 def probe_descriptor(desc: SegmentDescriptor) -> SegmentDescriptor:
@@ -192,14 +193,20 @@ class RateStrategy(OnlineStrategy):
     """online-rate: one mode for the whole domain, changed when faults get dense, with hysteresis.
 
     Rule: keep an average (EWMA, weight 1/8) of guest instructions between
-    consecutive faults. In emulate mode, dense faults (average below
-    ``RATE_DENSE``) mean long same-sign runs are being emulated one access at
-    a time: switch to flip. In flip mode, dense faults mean the signs alternate
-    quickly and every alternation costs a flip: switch to emulate. A mode is
-    kept for at least ``RATE_DWELL`` faults. Inputs: the fault count and the
-    instruction count at each fault (a cycle counter on real hardware; not
-    available to tlslab's ptrace supervisor, so this one is model-only).
-    The constants are chosen, not fitted to any workload.
+    consecutive faults of an address space, each gap counted up to
+    ``RATE_GAP_CAP`` (4x the dense mark, the value the average starts from and
+    is reset to: a gap that long is sparse, however long it is, so one pause
+    cannot hide a dense phase that follows it for dozens of faults). In emulate
+    mode, dense faults (average below ``RATE_DENSE``) mean long same-sign runs
+    are being emulated one access at a time: switch to flip. In flip mode,
+    dense faults mean the signs alternate quickly and every alternation costs
+    a flip: switch to emulate. A mode is kept for at least ``RATE_DWELL``
+    faults. Inputs: the fault count and the guest instructions retired since
+    the address space's previous fault, up to the cap (a hypervisor reads a
+    retired-instruction counter; tlslab's ptrace supervisor, on a CPU without
+    one it may use, single-steps the guest after each fault until the next
+    fault or the cap: the cap is also what makes that affordable). The
+    constants are chosen, not fitted to any workload.
     """
 
     name = "online-rate"
@@ -217,7 +224,7 @@ class RateStrategy(OnlineStrategy):
         vcpu = trap.domain.vcpu
         now = vcpu.instructions_retired()
         space = self.space_number(vcpu)
-        gap = now - self._last_at.get(space, now)
+        gap = min(now - self._last_at.get(space, now), RATE_GAP_CAP)
         self._last_at[space] = now
         self._avg += gap - self._avg // RATE_WINDOW
         self._dwell += 1
