@@ -211,6 +211,7 @@ class RateStrategy(OnlineStrategy):
 
     name = "online-rate"
     order = 51
+    gap_cap = RATE_GAP_CAP   # a class attribute so that design studies can vary it (benchmarks/online_design.py)
     description = "online: emulate or flip for the whole domain, switching when faults get dense (hysteresis)"
 
     def __init__(self, options=None) -> None:
@@ -224,7 +225,7 @@ class RateStrategy(OnlineStrategy):
         vcpu = trap.domain.vcpu
         now = vcpu.instructions_retired()
         space = self.space_number(vcpu)
-        gap = min(now - self._last_at.get(space, now), RATE_GAP_CAP)
+        gap = min(now - self._last_at.get(space, now), self.gap_cap)
         self._last_at[space] = now
         self._avg += gap - self._avg // RATE_WINDOW
         self._dwell += 1
