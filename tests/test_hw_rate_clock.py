@@ -162,12 +162,15 @@ def test_a_guest_on_the_cpu_sees_the_model_s_cpuid(programs):
 
     model, _ = execute(RunSpec(str(programs["cpuid"]), (), strategy="native", tree=None))
     for strategy in ("native", "emulate"):
-        hw = backend.run_hw(programs["cpuid"], strategy=strategy, tree=None)
+        hw = backend.run_hw(programs["cpuid"], strategy=strategy, tree=None, model_cpuid=True)
         assert hw.ok and hw.stdout == model.stdout, (hw.stdout, model.stdout)
         # glibc asks at start-up (the string functions), then the program its 7
         assert hw.summary["cpuid"]["answered"] > 7 and hw.summary["cpuid"]["images"] == 1
-    host = backend.run_hw(programs["cpuid"], strategy="native", tree=None, model_env=False)
-    assert host.summary["cpuid"]["answered"] == 0        # without the model's environment: the host's own
+    rate = backend.run_hw(programs["cpuid"], strategy="online-rate", tree=None,
+                          prices=online.PriceOptions("hw-vm").fault_prices())
+    assert rate.stdout == model.stdout and rate.summary["cpuid"]["images"] == 1   # online-rate: on by default
+    host = backend.run_hw(programs["cpuid"], strategy="native", tree=None)
+    assert host.summary["cpuid"]["answered"] == 0        # elsewhere by default: the host's own
 
 
 def test_the_table_is_the_model_vcpu_s_answer():

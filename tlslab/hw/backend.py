@@ -407,6 +407,7 @@ def run_hw(
     fresh_tree: bool = False,
     step_only: bool = False,
     model_env: bool = True,
+    model_cpuid: bool | None = None,
     chroot: str | os.PathLike | None = None,
     exe_in_root: str | None = None,
     tree_at: str = "/data",
@@ -426,12 +427,7 @@ def run_hw(
     its single-step fallback for every fault (a test of the fallback).
     ``model_env`` (default) gives the guest the model's process environment:
     no vDSO/AT_MINSIGSTKSZ/AT_RSEQ_* in the auxv and rseq refused with ENOSYS
-    (the binary itself is never modified), the model vCPU's answer to every
-    ``cpuid`` (CPUID faulting, ``tlslab.machine.cpuid``: glibc then picks the
-    string functions it picks in the model, so the guest retires the model's
-    instructions; an image that cannot turn faulting on is counted in
-    ``summary["cpuid"]["refused"]``; ``untraced`` has no tracer to answer and
-    runs with the host's), and a fixed address space with room
+    (the binary itself is never modified), and a fixed address space with room
     above the stack: personality ADDR_NO_RANDOMIZE | ADDR_LIMIT_3GB, so the
     i386 stack ends at 0xC0000000 (the 3G/1G split of a 2004 Linux) instead of
     a random 0..8 MiB below 4 GiB. The model's stack ends at 1 GiB with
@@ -457,6 +453,17 @@ def run_hw(
     from the spec's cost profile as the model does); the threshold the supervisor reports must be
     the model's ``2 * flip_ns / emulate_ns`` exactly (else HwError). ``budget``: online-lookahead's
     instructions decoded ahead per fault (1..4096; None: the supervisor's default, the model's 32).
+    ``model_cpuid``: answer every ``cpuid`` of the guest with the model vCPU's
+    (CPUID faulting, ``tlslab.machine.cpuid``): glibc then picks the string
+    functions it picks in the model, so the guest retires the model's
+    instructions. None (default): only for ``online-rate`` with ``model_env``,
+    whose clock counts them. Not by default elsewhere because it is not free:
+    a task with CPUID faulting on has the faulting MSR rewritten at every switch
+    to and from it, a VM exit here, which tripled keir's time under emulate
+    (1.38 s -> 4.46 s, 184,489 faults, the same count); fault counts do not
+    depend on the string functions glibc picks. An image that cannot turn
+    faulting on is counted in ``summary["cpuid"]["refused"]``; ``untraced``
+    has no tracer to answer and always runs with the host's.
     ``trace``: a file the supervisor writes one line per fault to (``EIP OFFSET``), and under
     online-rate one per %gs fault decided (``gap EIP INSTRUCTIONS``: the clock's reading, capped).
     Raises HwUnavailable when the host cannot do this at all, HwError when the
@@ -546,9 +553,11 @@ def run_hw(
         if step_only:
             cmd.append("--step-only")
         if model_env:
+            cmd.append("--model-env")
+        if model_cpuid if model_cpuid is not None else (model_env and strategy == "online-rate"):
             cpuid = os.path.join(work, "cpuid")
             Path(cpuid).write_text(render_table())
-            cmd += ["--model-env", "--cpuid", cpuid]
+            cmd += ["--cpuid", cpuid]
         out_path = err_path = None
         if stdout == "file":
             out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")

@@ -4,12 +4,13 @@ Why it matters beyond curiosity: glibc picks string functions at start-up by
 what ``cpuid`` reports (IRELATIVE ifuncs: ``memset`` is ``__memset_sse2`` on
 the model's CPU and ``__memset_sse2_rep`` on this host's Xeon, which reports
 fast ``rep`` strings). Fault counts do not depend on that choice (no TLS
-access there), but the instructions a program retires do. The hw backend's
-supervisor therefore turns on CPUID faulting in every guest image
-(``arch_prctl(ARCH_SET_CPUID, 0)``, Linux 4.12+, on CPUs that offer it: this
-host's /proc/cpuinfo lists ``cpuid_fault``) and answers each ``cpuid`` from
-this table, so a guest on the CPU takes the model's code paths and retires
-the model's instructions (online-rate's clock, tlslab/hw/supervisor/rate.c).
+access there), but the instructions a program retires do. Where they must be
+the model's (online-rate's clock, tlslab/hw/supervisor/rate.c, or on request:
+``run_hw(model_cpuid=True)``) the hw backend's supervisor turns on CPUID
+faulting in every guest image (``arch_prctl(ARCH_SET_CPUID, 0)``, Linux
+4.12+, on CPUs that offer it: this host's /proc/cpuinfo lists
+``cpuid_fault``) and answers each ``cpuid`` from this table, so a guest on the
+CPU takes the model's code paths and retires the model's instructions.
 
 The table is measured, not written: each (leaf, subleaf) is asked of a fresh
 Unicorn vCPU of the model's kind (``Uc(UC_ARCH_X86, UC_MODE_32)``, as
