@@ -270,4 +270,4 @@ def test_bench_hw_cells_for_online_strategies_only_when_asked():
     hw = [c for c in MatrixSpec.from_toml(asked, "b.toml").cells() if c.backend == "hw"]
     assert {c.spec.strategy for c in hw} == {"emulate", "online-probe"}
     with pytest.raises(SpecError, match="no hw implementation"):
-        MatrixSpec.from_toml(base + '[hw]\nstrategies = ["online-rate"]\n' + guest, "c.toml")
+        MatrixSpec.from_toml(base + '[hw]\nstrategies = ["online-patch"]\n' + guest, "c.toml")

@@ -7,8 +7,8 @@
  * (--emulate-ns, --flip-ns, passed with full precision) by the same double
  * expression, 2 * flip_ns / emulate_ns, so `streak > threshold`,
  * `estimate > threshold` and the probe cap int(threshold) + 1 compare exactly
- * as in Python. online-rate decides from the guest's instruction count, which
- * a ptrace supervisor does not have: it is model-only (refused by backend.py).
+ * as in Python. online-rate, which decides from the guest's instructions
+ * between faults, is in rate.c.
  *
  * Sites are keyed (eip, sign) domain-wide as in the model: one table for
  * every thread, process and image (processes forked from one another share

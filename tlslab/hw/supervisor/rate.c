@@ -29,7 +29,10 @@
  *     ptrace_notify: no instruction retired), nor the steps of the
  *     supervisor's own injected system calls (restore_segv waits for those
  *     itself).
- * A SIGTRAP of any other kind is the guest's and is delivered.
+ * A SIGTRAP of any other kind is the guest's and is delivered. A guest can
+ * fake a step (rt_sigqueueinfo to itself with TRAP_TRACE, or icebp) while it
+ * is stepped: that SIGTRAP is then taken as a step, counted and not
+ * delivered. Only its own count and its own signal are at stake.
  *
  * Processes and threads. The clock is per process and restarts at exec (the
  * model's is per vCPU, one per address space). With threads the model's vCPU
@@ -189,10 +192,9 @@ int online_rate_fault(struct supervisor *sv, struct fault *f) {
         else on->count.mode_emulate++;
     }
     if (p) {
-        if (p->rate_tid && p->rate_tid != f->t->tid) {
-            struct thread *o = thread_of(sv, p->rate_tid, 0);
-            if (o) o->rate_stepping = 0;
-        }
+        /* another thread of the process that was counting keeps rate_stepping: its
+         * step trap may be on the way, and rate_trap takes it (uncounted: the clock
+         * is this thread's now) before rate_resume lets it run on */
         p->rate_has_last = 1;
         p->rate_tid = f->t->tid;
         p->rate_steps = 0;

@@ -236,7 +236,10 @@ int run_guest_syscall(struct supervisor *sv, struct thread *t, uint32_t nr, uint
     sv->nrequeue = 0;
     int rc = inject_syscall(sv, t, &saved, at, nr, a1, a2, 0, 0, ret, gone);
     if (rc == -2) return -2;
-    if (ptrace(PTRACE_SETREGS, t->tid, 0, &saved) < 0) die_setup(sv, "PTRACE_SETREGS", errno);
+    if (ptrace(PTRACE_SETREGS, t->tid, 0, &saved) < 0) {
+        if (errno == ESRCH) return -1; /* killed meanwhile (the timeout, a sibling's exit_group): reported next */
+        die_setup(sv, "PTRACE_SETREGS", errno);
+    }
     for (int i = 0; i < sv->nrequeue; i++) {
         syscall(SYS_tkill, t->tid, sv->requeue[i]);
         sv->signals_requeued++;

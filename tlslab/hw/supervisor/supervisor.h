@@ -62,6 +62,7 @@
 #define CLONE_CLEAR_SIGHAND_ 0x100000000ull
 #define OVERLAY_SIZE "256m" /* --overlay: what the guest may write in all */
 #define TLS_FIRST 12 /* GDT_ENTRY_TLS_MIN for 32-bit tasks on x86-64 */
+#define USER32_CS 0x23 /* the code segment of i386 tasks on x86-64 */
 #define TLS_SLOTS 3
 #define MAX_THREADS 4096 /* live tasks at once */
 #define SITE_CAP 262144

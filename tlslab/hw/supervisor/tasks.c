@@ -148,7 +148,6 @@ void thread_gone(struct supervisor *sv, struct thread *t, int status) {
     sv->tids[t - sv->threads] = 0;
 }
 
-#define USER32_CS 0x23 /* the code segment of i386 tasks on x86-64 */
 #define AT_IGNORE_ 1u   /* auxv: an entry to skip */
 /* auxv entry types of the host kernel's that the model does not provide */
 static const uint32_t model_lacks[] = {32 /* AT_SYSINFO */, 33 /* AT_SYSINFO_EHDR */, 51 /* AT_MINSIGSTKSZ */,
