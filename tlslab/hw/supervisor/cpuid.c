@@ -72,12 +72,9 @@ static const uint32_t *lookup(const struct supervisor *sv, uint32_t leaf, uint32
  * is answered as the model answers it: like its highest basic leaf (the
  * table's rows past it show that rule, QEMU's for a leaf beyond the range). */
 int cpuid_fault(struct supervisor *sv, struct thread *t, struct user_regs_struct *regs, const uint8_t *code, int n) {
-    int k = 0;
-    while (k < n && k < 13 && (code[k] == 0x66 || code[k] == 0x67 || code[k] == 0xF2 || code[k] == 0xF3 ||
-                               code[k] == 0x26 || code[k] == 0x2E || code[k] == 0x36 || code[k] == 0x3E ||
-                               code[k] == 0x64 || code[k] == 0x65))
-        k++;
-    if (n < k + 2 || code[k] != 0x0F || code[k + 1] != 0xA2) return 0;
+    struct prefixes p = legacy_prefixes(code, n);
+    int k = p.count;
+    if (p.lock || n < k + 2 || code[k] != 0x0F || code[k + 1] != 0xA2) return 0; /* lock cpuid: #UD, the guest's */
     uint32_t leaf = (uint32_t)regs->rax, subleaf = (uint32_t)regs->rcx;
     static const uint32_t zero[4] = {0, 0, 0, 0};
     const uint32_t *r = lookup(sv, leaf, subleaf);

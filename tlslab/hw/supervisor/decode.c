@@ -137,6 +137,19 @@ static int write_cb(void *p, int segment, uint32_t off, uint32_t size, uint32_t 
 
 static const tc_memory_ops TRACEE_MEMORY = {read_cb, write_cb};
 
+struct prefixes legacy_prefixes(const uint8_t *code, int n) {
+    struct prefixes p = {0, 0, 0, 0};
+    for (; p.count < n && p.count < 14; p.count++) {
+        uint8_t b = code[p.count];
+        if (b == 0xF3 || b == 0xF2) p.rep = b;
+        else if (b == 0x67) p.addr16 = 1;
+        else if (b == 0xF0) p.lock = 1;
+        else if (!(b == 0x66 || b == 0x26 || b == 0x2E || b == 0x36 || b == 0x3E || b == 0x64 || b == 0x65))
+            break;
+    }
+    return p;
+}
+
 int emulate(struct ctx *c, const struct insn *in, struct user_regs_struct *r) {
     if (!in->has_mem) return -1;
     tc_regs regs;

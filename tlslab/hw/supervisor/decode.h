@@ -50,4 +50,12 @@ int emulate(struct ctx *c, const struct insn *in, struct user_regs_struct *r);
 /* The ptrace registers as the core's (eax..edi, eip, eflags). */
 void core_regs(const struct user_regs_struct *r, tc_regs *out);
 
+/* The legacy prefixes in front of code[0..n) (at most 14): how many; the
+ * last repeat prefix (0xF2, 0xF3, or 0), an address-size prefix (0x67) and a
+ * lock prefix (0xF0) seen. For the instructions the core does not decode
+ * that the supervisor must recognise: cpuid (cpuid.c), repeated string
+ * instructions (rate.c). */
+struct prefixes { int count, rep, addr16, lock; };
+struct prefixes legacy_prefixes(const uint8_t *code, int n);
+
 #endif

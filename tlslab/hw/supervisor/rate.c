@@ -76,15 +76,8 @@ void rate_retired(struct supervisor *sv, struct thread *t, uint64_t n) {
  * (the count is then %cx) */
 enum { REP_PLAIN = 1, REP_WHILE_ZF = 2, REP_WHILE_NZ = 3, REP_ADDR16 = 4 };
 static int rep_string(const uint8_t *code, int n) {
-    int rep = 0, addr16 = 0, i = 0;
-    for (; i < n && i < 14; i++) {
-        uint8_t b = code[i];
-        if (b == 0xF3 || b == 0xF2) rep = b;
-        else if (b == 0x67) addr16 = 1;
-        else if (!(b == 0x66 || b == 0xF0 || b == 0x26 || b == 0x2E || b == 0x36 || b == 0x3E || b == 0x64 ||
-                   b == 0x65))
-            break;
-    }
+    struct prefixes p = legacy_prefixes(code, n);
+    int rep = p.rep, addr16 = p.addr16, i = p.count;
     if (!rep || i >= n) return 0;
     uint8_t op = code[i];
     int kind;
