@@ -167,6 +167,14 @@ def _set_dev(d: N.Dir, dev: tuple[int, int]) -> None:
             stack.extend(node.entries.values())
 
 
+def strategy_for(spec):
+    """The strategy ``spec`` names, made from the spec's options: the run spec carries every strategy's
+    options and each strategy takes the ones it declares ("" for page_sharing: the strategy's own default,
+    shared for rewrite and rewrite-2004, private for online-patch). StrategyOptionError for a bad option."""
+    return get_strategy(spec.strategy, **{name: getattr(spec, name) for name in option_names(spec.strategy)
+                                          if hasattr(spec, name) and getattr(spec, name) != ""})
+
+
 def make_domain(spec: RunSpec, **domain_options) -> tuple[Domain, GuestBinary]:
     program = resolve_program(spec)
     guest = program.guest
@@ -183,10 +191,7 @@ def make_domain(spec: RunSpec, **domain_options) -> tuple[Domain, GuestBinary]:
         process.load()
         return process
 
-    # the run spec carries every strategy's options; each strategy takes the ones it declares
-    # ("" for page_sharing: the strategy's own default, shared for rewrite and rewrite-2004, private for online-patch)
-    strategy = get_strategy(spec.strategy, **{name: getattr(spec, name) for name in option_names(spec.strategy)
-                                              if hasattr(spec, name) and getattr(spec, name) != ""})
+    strategy = strategy_for(spec)
     domain = Domain(factory, strategy, profile=spec.profile, timeout_seconds=spec.timeout_seconds,
                     **domain_options)
     domain.program = program  # what ran: for run records (the root a dynamic guest got by default)

@@ -18,8 +18,11 @@ decision threshold of the run's cost profile (``RunSpec.prices``,
 ``emulate_ns``, ``flip_ns``; the supervisor computes ``2 * flip_ns /
 emulate_ns`` from the prices passed at full precision and reports it, and
 ``run_hw`` checks it equals the model's), and reports the model's counters
-(``HwResult.online``). ``online-patch`` rewrites guest code, which the
-supervisor does not do: model-only (``MODEL_ONLY``).
+(``HwResult.online``). ``online-patch`` also rewrites guest code: the
+supervisor runs the model's rule with the fs-twin ABI in GDT entry 13
+(``%fs`` = 0x6b, the model's slot 7 and 0x3b) and patches private copies of
+code pages through /proc/PID/mem (tlslab/hw/supervisor/patch.c, which says
+where Linux and the model differ); ``patch_policy`` is the model's option.
 Faults are counted per site (EIP).
 
 Processes and threads: the supervisor follows every fork, vfork, clone and
@@ -104,15 +107,14 @@ from tlslab.linux.nodes import GUEST_GID, GUEST_UID
 from tlslab.machine.cpuid import render_table
 
 HW_STRATEGIES = ("untraced", "native", "emulate", "flip", "online-site", "online-rate", "online-probe",
-                 "online-lookahead")
+                 "online-lookahead", "online-patch")
 STDOUT_MODES = ("pipe", "file", "null")
-TRUNCATING = ("emulate", "flip", "online-site", "online-rate", "online-probe", "online-lookahead")
-ONLINE = ("online-site", "online-rate", "online-probe", "online-lookahead")   # decide per fault with a threshold from two prices
+TRUNCATING = ("emulate", "flip", "online-site", "online-rate", "online-probe", "online-lookahead", "online-patch")
+ONLINE = ("online-site", "online-rate", "online-probe", "online-lookahead", "online-patch")   # decide per fault with a threshold from two prices
 #: strategies of the model the supervisor cannot run, and why (one line each)
-MODEL_ONLY = {
-    "online-patch": "online-patch is model-only: it rewrites guest code, which the hw backend's ptrace supervisor "
-                    "does not do (hw runs online-site, online-rate, online-probe and online-lookahead)",
-}
+MODEL_ONLY: dict[str, str] = {}
+#: online-patch's patch policies the supervisor applies (tlslab.hypervisor.patchpolicy.PATCH_POLICIES)
+HW_PATCH_POLICIES = ("auto", "lib", "exe", "all", "none")
 
 
 class HwError(RuntimeError):
@@ -242,6 +244,8 @@ class HwResult:
                 "threshold": on.get("threshold"),
                 "probe_cap": on.get("probe_cap"),
                 "unknown_sign": int(on.get("unknown_sign", 0)),
+                "patches": int(on.get("patches", 0)),
+                "refused": int(on.get("refused", 0)),
                 "rate_steps": int(on.get("rate_steps", 0))}
 
     def counters(self) -> dict:
@@ -418,6 +422,7 @@ def run_hw(
     prices: tuple[float, float] | None = None,
     budget: int | None = None,
     trace: str | os.PathLike | None = None,
+    patch_policy: str = "auto",
 ) -> HwResult:
     """Run ``guest_path`` natively with ``argv`` (argv[0] included; default its basename).
 
@@ -464,6 +469,7 @@ def run_hw(
     depend on the string functions glibc picks. An image that cannot turn
     faulting on is counted in ``summary["cpuid"]["refused"]``; ``untraced``
     has no tracer to answer and always runs with the host's.
+    ``patch_policy``: online-patch's (the model's ``patch_policy`` option: auto, lib, exe, all, none).
     ``trace``: a file the supervisor writes one line per fault to (``EIP OFFSET``), and under
     online-rate one per %gs fault decided (``gap EIP INSTRUCTIONS``: the clock's reading, capped).
     Raises HwUnavailable when the host cannot do this at all, HwError when the
@@ -481,6 +487,8 @@ def run_hw(
         if not (0 < emulate_ns <= 1e12 and 0 < flip_ns <= 1e12):
             raise ValueError(f"hw strategy {strategy}: prices must be in (0, 1e12] ns, not {prices!r}")
         threshold = 2 * flip_ns / emulate_ns   # OnlineStrategy.threshold's expression
+    if patch_policy not in HW_PATCH_POLICIES:
+        raise ValueError(f"patch policy {patch_policy!r} is not one of {', '.join(HW_PATCH_POLICIES)}")
     if budget is not None and (strategy != "online-lookahead" or isinstance(budget, bool)
                                or not isinstance(budget, int) or not 1 <= budget <= 4096):
         raise ValueError(f"budget {budget!r}: online-lookahead's instructions per fault, 1 to 4096")
@@ -548,6 +556,8 @@ def run_hw(
             cmd += ["--emulate-ns", repr(emulate_ns), "--flip-ns", repr(flip_ns)]
         if budget is not None:
             cmd += ["--budget", str(budget)]
+        if strategy == "online-patch":
+            cmd += ["--patch-policy", patch_policy]
         if trace is not None:
             cmd += ["--trace", os.fspath(trace)]
         if step_only:
@@ -675,6 +685,7 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
         raise HwError(MODEL_ONLY[spec.strategy])
     prices = model_prices(spec) if spec.strategy in ONLINE else None
     budget = model_strategy(spec).lookahead.budget if spec.strategy == "online-lookahead" else None
+    extra = {"patch_policy": model_strategy(spec).patch_policy} if spec.strategy == "online-patch" else {}
 
     rooted_path = bool(spec.rootfs) and spec.guest.startswith("/")
     if not rooted_path:  # a registry guest or host path: refuse non-i386 files before anything else
@@ -690,7 +701,7 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
     env = [os.fsdecode(e) for e in environment(spec, program.rootfs)]
     timeout = timeout if timeout is not None else (spec.timeout_seconds or 120.0)
     common = dict(strategy=spec.strategy, stdout=spec.stdout, cpu=cpu, profile=spec.profile, env=env,
-                  timeout=timeout, prices=prices, budget=budget)
+                  timeout=timeout, prices=prices, budget=budget, **extra)
     root = host_directory(spec.root) if spec.root else None   # as the model resolves it
     if program.rootfs is None:
         return run_hw(guest.path, [program.argv0, *spec.args],
@@ -711,11 +722,11 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
 def model_strategy(spec):
     """The model's strategy for ``spec``, made from the spec's options (``experiment``'s way; a bad option:
     HwError, one line)."""
-    from tlslab.hypervisor.strategies import StrategyOptionError, get_strategy, option_names
+    from tlslab.experiment import strategy_for
+    from tlslab.hypervisor.strategies import StrategyOptionError
 
     try:
-        return get_strategy(spec.strategy, **{n: getattr(spec, n) for n in option_names(spec.strategy)
-                                              if hasattr(spec, n)})
+        return strategy_for(spec)
     except StrategyOptionError as exc:
         raise HwError(str(exc)) from None
 
@@ -724,6 +735,7 @@ def model_prices(spec) -> tuple[float, float]:
     """(emulate_ns, flip_ns) of an online strategy for ``spec``: the model's strategy's, so the threshold is
     the model's."""
     strategy = model_strategy(spec)
+    strategy = getattr(strategy, "fallback", strategy)   # online-patch: online-probe decides what it does not patch
     return strategy.emulate_ns, strategy.flip_ns
 
 

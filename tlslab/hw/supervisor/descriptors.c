@@ -151,6 +151,7 @@ void finish_tls_syscall(struct supervisor *sv, struct thread *t) {
     struct udesc req;
     if (get_area(t->tid, entry, &req) < 0) die_setup(sv, "PTRACE_GET_THREAD_AREA", errno);
     adopt_slot(sv, t, entry, &req, "set_thread_area");
+    if (sv->opt.strategy->patches) patch_tls_installed(sv, t, entry);
 }
 
 /* seccomp stop of set_thread_area / modify_ldt: an LDT descriptor is truncated in guest memory here */
@@ -183,6 +184,7 @@ void start_tls_syscall(struct supervisor *sv, struct thread *t) {
         }
     } else {
         t->sta_ptr = (uint32_t)r.rbx;
+        if (sv->opt.strategy->patches) patch_tls_request(sv, t);
     }
 }
 
@@ -199,6 +201,7 @@ void adopt_new_thread(struct supervisor *sv, struct thread *t) {
     for (int e = TLS_FIRST; e < TLS_FIRST + TLS_SLOTS; e++) {
         struct slot *ts = &t->slots[e - TLS_FIRST];
         struct udesc d;
+        if (sv->opt.strategy->patches && patch_owns_entry(sv, t, e)) continue; /* the twin: patch_new_thread */
         if (get_area(t->tid, e, &d) < 0) continue;
         if (!d.base && !d.limit && (d.flags & F_NP)) { memset(ts, 0, sizeof *ts); continue; } /* empty */
         /* a probe in progress stays its creator's: an empty descriptor inherited
@@ -212,4 +215,5 @@ void adopt_new_thread(struct supervisor *sv, struct thread *t) {
         }
         adopt_slot(sv, t, e, &d, "clone");
     }
+    if (sv->opt.strategy->patches) patch_new_thread(sv, t);
 }

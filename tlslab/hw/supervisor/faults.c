@@ -136,6 +136,8 @@ const struct strategy strategies[S_COUNT] = {
                         .on_fault = online_probe_fault},
     [S_ONLINE_LOOKAHEAD] = {"online-lookahead", .traced = 1, .truncating = 1, .online = 1,
                             .on_fault = online_lookahead_fault},
+    [S_ONLINE_PATCH] = {"online-patch", .traced = 1, .truncating = 1, .online = 1, .patches = 1,
+                        .on_fault = online_patch_fault},
 };
 
 /* The fault's bookkeeping: the totals, its image, --trace, and its site
@@ -181,6 +183,10 @@ int handle_segv(struct supervisor *sv, struct thread *t, int *step) {
     f.entry = sel >> SEL_INDEX_SHIFT;
     f.site = site_of(sv, image_of(sv, t), f.eip);
     count_fault(sv, &f, b, n);
+    if (strategy->patches) { /* online-patch: the fs-twin ABI's checks, %fs faults at rewritten sites */
+        int d = patch_trap(sv, &f, sel);
+        if (d >= 0) return d;
+    }
     if ((sel & SEL_LDT) || f.entry < TLS_FIRST || f.entry >= TLS_FIRST + TLS_SLOTS) {
         record_delivery(sv, f.site, f.eip, "segment is not a GDT TLS slot");
         return SIGSEGV;

@@ -104,7 +104,8 @@ static struct supervisor the_supervisor;
 static void usage(void) {
     fprintf(stderr,
             "usage: tlslab-hw-supervisor [--strategy untraced|native|emulate|flip|online-site|online-rate|online-probe|\n"
-            "    online-lookahead] [--emulate-ns NS --flip-ns NS] [--budget N] [--hv-start HEX]\n"
+            "    online-lookahead|online-patch] [--emulate-ns NS --flip-ns NS] [--budget N]\n"
+            "    [--patch-policy auto|lib|exe|all|none] [--hv-start HEX]\n"
             "    [--cpu N|-1] [--cwd DIR] [--stdin PATH] [--stdout PATH] [--stderr PATH] [--env K=V]...\n"
             "    [--timeout SECONDS] [--max-procs N] [--step-only] [--model-env] [--cpuid TABLE] [--trace PATH]\n"
             "    [--chroot DIR [--view EMPTYDIR [--mount-src DIR --mount-at PATH [--scratch EMPTYDIR]] [--exe-path PATH]]]\n"
@@ -128,6 +129,7 @@ static void usage(void) {
             "  --emulate-ns/--flip-ns: the online strategies' prices (both > 0, required by them):\n"
             "  threshold = 2 * flip_ns / emulate_ns, as tlslab.hypervisor.strategies.online.\n"
             "  --budget: online-lookahead's instructions decoded ahead per fault, 1..4096 (default 32).\n"
+            "  --patch-policy: where online-patch may rewrite code (default auto; see patch.c).\n"
             "  --cpuid: answer the guest's cpuid from TABLE (CPUID faulting; traced strategies; see cpuid.c).\n");
     exit(2);
 }
@@ -150,6 +152,7 @@ static int parse_options(struct supervisor *sv, int argc, char **argv) {
         } else if (!strcmp(a, "--emulate-ns")) sv->online.emulate_ns = strtod(argv[++i], NULL);
         else if (!strcmp(a, "--flip-ns")) sv->online.flip_ns = strtod(argv[++i], NULL);
         else if (!strcmp(a, "--cpuid")) opt->cpuid_path = argv[++i];
+        else if (!strcmp(a, "--patch-policy")) { if ((opt->patch_policy = parse_patch_policy(argv[++i])) < 0) usage(); }
         else if (!strcmp(a, "--budget")) {
             long b = atol(argv[++i]);
             if (b < 1 || b > 4096) usage();

@@ -99,7 +99,14 @@ void write_json(struct supervisor *sv) {
                 fprintf(f, "%s\"%s\":%llu", firstk ? "" : ",", kind[k], (unsigned long long)nk[k]);
                 firstk = 0;
             }
-        fprintf(f, "}}");
+        for (int k = 0; k < on->nkinds; k++) { /* online-patch's kinds (patch.c), some with text */
+            fprintf(f, "%s", firstk ? "" : ",");
+            json_str(f, on->kinds[k].key);
+            fprintf(f, ":%llu", (unsigned long long)on->kinds[k].n);
+            firstk = 0;
+        }
+        fprintf(f, "},\"patches\":%llu,\"refused\":%llu,\"kinds_lost\":%llu}", (unsigned long long)on->patches,
+                (unsigned long long)on->refused, (unsigned long long)on->kinds_lost);
     }
     fprintf(f, ",\"first_delivered\":");
     json_str(f, sv->first_delivered);

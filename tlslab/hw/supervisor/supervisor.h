@@ -64,6 +64,8 @@
 #define TLS_FIRST 12 /* GDT_ENTRY_TLS_MIN for 32-bit tasks on x86-64 */
 #define USER32_CS 0x23 /* the code segment of i386 tasks on x86-64 */
 #define TLS_SLOTS 3
+#define FS_ENTRY (TLS_FIRST + 1) /* online-patch: the %fs twin's GDT entry (the model's slot 7) */
+#define FS_SELECTOR ((FS_ENTRY << 3) | 3) /* 0x6b (the model's 0x3b) */
 #define MAX_THREADS 4096 /* live tasks at once */
 #define SITE_CAP 262144
 #define MISS_CAP 64
@@ -142,6 +144,8 @@ struct thread {
     int rate_marked;         /* online-rate: rate_prev_* were read at this stop (a step report) */
     uint32_t rate_prev_eip, rate_prev_ecx;
     int last_fault_flipped;
+    int has_twin;            /* online-patch: entry FS_ENTRY holds the twin of this thread's TCB (patch.c) */
+    uint32_t twin_base;
     struct slot slots[TLS_SLOTS];
 };
 
@@ -163,8 +167,19 @@ struct counters {
     uint64_t faults, emulated, stepped, to_down, to_up, delivered, switches, tls_installs, ldt_installs,
         signals_passed, other_segv, segv_restores, group_stops;
 };
+/* online-patch's state in one address space (patch.c): the fs-twin ABI
+ * (installed, or why %fs is not the twin's) and the rewritten and mixed sites */
+struct patchspace {
+    int installed, tcb_entry, has_conflict, auto_policy;
+    char conflict[192];
+    struct { uint32_t eip, prefix; } *sites; /* site eip -> address of its rewritten prefix */
+    size_t nsites, cap_sites;
+    uint32_t *mixed;                         /* sites un-patched: they serve both signs */
+    size_t nmixed, cap_mixed;
+};
 struct proc {
     pid_t pid, ppid;
+    struct patchspace *ps; /* online-patch (NULL: nothing yet) */
     int image;         /* current image (-1: the main process before its exec) */
     int live, tasks;   /* tasks alive now / created in it (the first included) */
     int exited, status, sig, killed;
@@ -196,6 +211,7 @@ struct osite {
     uint64_t seen, next_probe, estimate;
 };
 struct plist { uint32_t *v; size_t n, cap; }; /* pairs: site entry, context entry */
+#define KIND_CAP 64
 
 struct online {
     double emulate_ns, flip_ns, threshold; /* --emulate-ns, --flip-ns; 2 * flip_ns / emulate_ns */
@@ -211,6 +227,10 @@ struct online {
     /* the sites of the probe in progress in each thread's slot (indices in sites[]); indexed by
      * thread, not kept in struct slot, so that copying a creator's slots never shares a list */
     struct plist plists[MAX_THREADS][TLS_SLOTS];
+    /* online-patch (patch.c): the model's by_kind keys that carry text, its patches and refusals */
+    struct { char key[160]; uint64_t n; } kinds[KIND_CAP];
+    int nkinds;
+    uint64_t kinds_lost, patches, refused;
     /* what the model's counters.by_kind and descriptor_writes report, named as there */
     struct {
         uint64_t emulate, flip, probe, probe_flip, probe_end, probe_orphan, marked_hot, desc_writes,
@@ -244,10 +264,13 @@ struct strategy {
     int truncating;           /* truncates the guest's TLS descriptors (and LDT entries) */
     int online;               /* tlslab.hypervisor.strategies.online: emulate or flip chosen per fault,
                                * from the prices --emulate-ns/--flip-ns; "online" in the JSON */
+    int patches;              /* rewrites guest code (online-patch: patch.c) */
     fault_handler on_fault;   /* its answer to a #GP on a managed slot; NULL: none is ours */
 };
 enum { S_UNTRACED, S_NATIVE, S_EMULATE, S_FLIP, S_ONLINE_SITE, S_ONLINE_RATE, S_ONLINE_PROBE, S_ONLINE_LOOKAHEAD,
-       S_COUNT };
+       S_ONLINE_PATCH, S_COUNT };
+/* --patch-policy (online-patch), as tlslab.hypervisor.patchpolicy.PATCH_POLICIES */
+enum { PP_AUTO, PP_LIB, PP_EXE, PP_ALL, PP_NONE };
 extern const struct strategy strategies[S_COUNT]; /* faults.c */
 
 /* ------------------------------------------------------------- the state */
@@ -270,6 +293,7 @@ struct options {
     long guest_uid, guest_gid;
     int exec_fd;
     const char *cpuid_path; /* --cpuid PATH: answer the guest's cpuid from this table (cpuid.c) */
+    int patch_policy;       /* --patch-policy: PP_AUTO .. PP_NONE */
 };
 
 /* Everything a run changes, in one place: one instance, made by main and
@@ -376,6 +400,18 @@ int rate_counting(const struct supervisor *sv, const struct thread *t);
 void rate_retired(struct supervisor *sv, struct thread *t, uint64_t n);
 enum __ptrace_request rate_resume(struct supervisor *sv, struct thread *t, enum __ptrace_request resume);
 int rate_trap(struct supervisor *sv, struct thread *t, pid_t w);
+
+/* patch.c: online-patch */
+void count_kind(struct supervisor *sv, const char *key);
+int parse_patch_policy(const char *v);
+void patch_fork(struct supervisor *sv, struct proc *parent, struct proc *child);
+void patch_exec(struct proc *p);
+void patch_tls_request(struct supervisor *sv, struct thread *t);
+void patch_tls_installed(struct supervisor *sv, struct thread *t, int entry);
+void patch_new_thread(struct supervisor *sv, struct thread *t);
+int patch_owns_entry(struct supervisor *sv, const struct thread *t, int entry);
+int patch_trap(struct supervisor *sv, struct fault *f, uint32_t sel);
+int online_patch_fault(struct supervisor *sv, struct fault *f);
 
 /* signals.c: the guest's SIGSEGV disposition */
 struct sigtab *sigtab_new(struct supervisor *sv, const struct sigtab *copy);

@@ -119,6 +119,7 @@ static void inherit_from_creator(struct supervisor *sv, struct thread *parent, s
         np->image = -1;
         c->proc = sv->nprocs++;
         np->image = image_new(sv, c->proc, pp && pp->image >= 0 ? sv->images[pp->image].program : "");
+        patch_fork(sv, pp, np); /* online-patch: the child's memory is a copy, patched sites included */
     } else {
         c->proc = parent->proc;
     }
@@ -208,6 +209,7 @@ struct thread *exec_event(struct supervisor *sv, struct thread *t, pid_t w) {
         sv->cp->rate_has_last = 0;
         sv->cp->rate_tid = 0;
         sv->cp->rate_steps = 0;
+        patch_exec(sv->cp); /* online-patch: no twin, no patched site yet */
         char path[64], prog[512];
         snprintf(path, sizeof path, "/proc/%d/exe", w);
         ssize_t k = readlink(path, prog, sizeof prog - 1);
