@@ -469,6 +469,12 @@ int patch_trap(struct supervisor *sv, struct fault *f, uint32_t sel) {
     if (f->in.seg != TC_FS) return -1;
     if (was_patched) {
         int i = find_site(ps, f->eip);
+        if (i >= 0 && f->in.has_mem && (f->in.off & 0x80000000u) && f->t->has_twin && !conflict) {
+            struct udesc tw; get_area(f->t->tid, FS_ENTRY, &tw);
+            if (set_area(f->t->tid, &tw) < 0) die_setup(sv, "PTRACE_SET_THREAD_AREA", errno);
+            count_kind(sv, "fs-twin-reloaded");
+            return 0;
+        }
         if (i >= 0) restore_site(sv, f->t, ps, i, "unpatched-mixed-site"); /* a +ve offset: both signs */
         return 0; /* the restored gs prefix takes it */
     }
