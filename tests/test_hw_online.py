@@ -16,7 +16,9 @@ instructions between faults: the supervisor counts them by single-stepping up
 to the rule's cap (tlslab/hw/supervisor/rate.c), with the model's cpuid
 answers so that glibc takes the model's code paths (tlslab/machine/cpuid.py),
 and must take the model's mode switches (``mode-flip``, ``mode-emulate``).
-``online-patch`` rewrites guest code, which the supervisor does not: refused.
+``online-patch`` rewrites the gs prefix of the sites it patches (tlslab/hw/supervisor/patch.c): the same
+sites patched (``patches``), the same twin installs and the same faults (tests/test_hw_patch.py has its
+dynamic, threaded and %fs-using cases).
 
 Skips (with the reason) where the host cannot run 32-bit code or ptrace is
 refused; with CI=true in the environment those become failures.
@@ -38,7 +40,7 @@ from tlslab.hw.backend import HwError, HwUnavailable, policy_mismatches, run_spe
 
 GUESTS = [("lsr", (".",)), ("syscalls", ("300",)), ("malloc", ()), ("canary", ())]
 VARIANTS = ("default", "nosegneg")
-STRATEGIES = ("online-site", "online-rate", "online-probe", "online-lookahead")
+STRATEGIES = ("online-site", "online-rate", "online-probe", "online-lookahead", "online-patch")
 PRICES = ("xen-2004", "hw-vm")
 
 
@@ -92,6 +94,7 @@ def compare(spec, hw_runner=run_spec) -> str:
     assert hw.fault_sites == msites, line
     assert on["by_kind"] == counters.by_kind, line
     assert on["descriptor_writes"] == counters.descriptor_writes, line
+    assert on["patches"] == counters.patches, line
     assert on["emulations"] == counters.emulated_instructions, line
     assert on["unknown_sign"] == 0
     assert hw.summary["emulated"] + hw.summary["stepped"] == counters.by_kind.get("emulate", 0)
@@ -226,25 +229,12 @@ def test_probe_orphan_in_a_forked_child(hw_ok, tmp_path):
 
 # --------------------------------------------------------------------------- refusals (no hw needed)
 
-def test_online_patch_is_refused_on_hw():
-    p = subprocess.run([sys.executable, "-m", "tlslab", "run", "lsr", "-s", "online-patch", "--backend", "hw",
-                        "--", "."], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "online-patch is model-only" in lines[0] and "rewrites guest code" in lines[0]
-    assert p.stdout == ""
-
-
-def test_online_patch_is_refused_by_the_backend():
-    from tlslab.experiment import RunSpec
-
-    with pytest.raises(HwError, match="model-only"):
-        run_spec(RunSpec("lsr", (".",), strategy="online-patch"))
-    with pytest.raises(ValueError, match="model-only"):
-        backend.run_hw("/nonexistent", strategy="online-patch")
+def test_online_strategies_need_prices_and_a_known_patch_policy():
     for strategy in backend.ONLINE:
         with pytest.raises(ValueError, match="prices"):
             backend.run_hw("/nonexistent", strategy=strategy)
+    with pytest.raises(ValueError, match="patch policy 'sometimes'"):
+        backend.run_hw("/nonexistent", strategy="online-patch", prices=(1.0, 1.0), patch_policy="sometimes")
 
 
 def test_model_prices_are_the_strategy_s():
@@ -270,4 +260,4 @@ def test_bench_hw_cells_for_online_strategies_only_when_asked():
     hw = [c for c in MatrixSpec.from_toml(asked, "b.toml").cells() if c.backend == "hw"]
     assert {c.spec.strategy for c in hw} == {"emulate", "online-probe"}
     with pytest.raises(SpecError, match="no hw implementation"):
-        MatrixSpec.from_toml(base + '[hw]\nstrategies = ["online-patch"]\n' + guest, "c.toml")
+        MatrixSpec.from_toml(base + '[hw]\nstrategies = ["rewrite"]\n' + guest, "c.toml")

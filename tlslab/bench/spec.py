@@ -93,7 +93,8 @@ DEFAULT_SPEC = Path(__file__).with_name("default.toml")
 AXES = ("strategies", "variants", "profiles", "backends")
 BACKENDS = ("unicorn", "hw")   # tlslab.bench.backends.BACKENDS (a test keeps them in step)
 # what the ptrace supervisor implements (tlslab.hw.backend.HW_STRATEGIES but untraced)
-HW_BENCH_STRATEGIES = ("native", "emulate", "flip", "online-site", "online-rate", "online-probe", "online-lookahead")
+HW_BENCH_STRATEGIES = ("native", "emulate", "flip", "online-site", "online-rate", "online-probe", "online-lookahead",
+                       "online-patch")
 HW_BENCH_DEFAULT = ("native", "emulate", "flip")   # hw cells when [hw] names no strategies (online ones: ask for them)
 HW_KEYS = {"strategies", "variants", "repeat", "cpu"}
 #: RunSpec fields added after cell ids were first recorded, with their defaults: they enter a cell's

@@ -6,8 +6,9 @@ does its truncation, flip check, decoding and emulation exactly as for the model
 re-installs the guest's TLS descriptor truncated below the hypervisor start
 (PTRACE_SET_THREAD_AREA) and answers
 the real #GP (SIGSEGV) stops with emulate, flip, or the online strategies
-online-site, online-rate, online-probe and online-lookahead (the model's rules,
-same decisions; online-patch is model-only: ``backend.MODEL_ONLY``). Under
+online-site, online-rate, online-probe, online-lookahead and online-patch (the
+model's rules, same decisions; online-patch rewrites gs prefixes in private
+copies of code pages, ``supervisor/patch.c``). Under
 online-rate, guests see the model vCPU's ``cpuid`` (CPUID faulting,
 :mod:`tlslab.machine.cpuid`), so glibc takes the model's code paths. :func:`run_hw` is the entry
 point; :mod:`tlslab.hw.calibrate` measures per-fault costs on this host.

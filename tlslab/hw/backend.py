@@ -112,7 +112,6 @@ STDOUT_MODES = ("pipe", "file", "null")
 TRUNCATING = ("emulate", "flip", "online-site", "online-rate", "online-probe", "online-lookahead", "online-patch")
 ONLINE = ("online-site", "online-rate", "online-probe", "online-lookahead", "online-patch")   # decide per fault with a threshold from two prices
 #: strategies of the model the supervisor cannot run, and why (one line each)
-MODEL_ONLY: dict[str, str] = {}
 #: online-patch's patch policies the supervisor applies (tlslab.hypervisor.patchpolicy.PATCH_POLICIES)
 HW_PATCH_POLICIES = ("auto", "lib", "exe", "all", "none")
 
@@ -475,8 +474,6 @@ def run_hw(
     Raises HwUnavailable when the host cannot do this at all, HwError when the
     supervisor failed for this run.
     """
-    if strategy in MODEL_ONLY:
-        raise ValueError(MODEL_ONLY[strategy])
     if strategy not in HW_STRATEGIES:
         raise ValueError(f"unknown hw strategy {strategy!r} (choose from {', '.join(HW_STRATEGIES)})")
     threshold = None
@@ -674,15 +671,13 @@ def run_spec(spec, cpu: int | None = 0, timeout: float | None = None) -> tuple[H
     filesystem (``rootfs``, or dynamic guests) chrooted into it, the others in
     an overlay of their data tree. Anything but an i386 ELF is refused
     (HwError); not being root raises HwUnavailable. ``spec.strategy`` must be
-    one of HW_STRATEGIES (a MODEL_ONLY one: HwError with the reason); an online
+    one of HW_STRATEGIES; an online
     strategy decides with the prices the model's strategy takes from the spec
     (``prices``, ``emulate_ns``, ``flip_ns``). Returns ``(HwResult, GuestBinary)``.
     """
     from tlslab.experiment import environment, host_directory, resolve_program
     from tlslab.guests import resolve_guest
 
-    if spec.strategy in MODEL_ONLY:
-        raise HwError(MODEL_ONLY[spec.strategy])
     prices = model_prices(spec) if spec.strategy in ONLINE else None
     budget = model_strategy(spec).lookahead.budget if spec.strategy == "online-lookahead" else None
     extra = {"patch_policy": model_strategy(spec).patch_policy} if spec.strategy == "online-patch" else {}

@@ -225,10 +225,8 @@ def run_hardware(spec, args) -> int:
     from rich.table import Table
 
     from tlslab.guests import GuestError
-    from tlslab.hw.backend import HW_STRATEGIES, MODEL_ONLY, HwError, run_spec
+    from tlslab.hw.backend import HW_STRATEGIES, HwError, run_spec
 
-    if spec.strategy in MODEL_ONLY:
-        raise UsageError(MODEL_ONLY[spec.strategy])
     if spec.strategy not in HW_STRATEGIES:
         raise UsageError(f"the hw backend runs strategies {', '.join(HW_STRATEGIES[1:])}, not {spec.strategy}")
     if spec.stdout == "tty":

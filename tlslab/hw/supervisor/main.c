@@ -30,6 +30,12 @@
  *             tlslab/hypervisor/strategies/online_lookahead.py with the
  *             shared walk ahead of the fault (tlslab/x86/_ahead.c) over the
  *             tracee's memory (see lookahead.c)
+ *   online-patch
+ *             at the first fault of a negative-%gs site where the rewrite
+ *             safety policy allows, rewrite its gs prefix to fs, %fs holding
+ *             the expand-down twin of the thread's TCB descriptor in GDT
+ *             entry 13 (tlslab/hypervisor/strategies/online_patch.py; see
+ *             patch.c); elsewhere online-probe
  *
  * A TLS #GP is a forced SIGSEGV, which resets a blocked or ignored SIGSEGV
  * (handler -> SIG_DFL, unblocked) before the tracer sees it; the supervisor
@@ -80,7 +86,8 @@
  * faults.c (the #GP path: emulate, flip),
  * online.c (online-site, online-probe), rate.c (online-rate and its
  * instruction clock), cpuid.c (the model's cpuid answers, by CPUID faulting), lookahead.c (online-lookahead: the walk over the
- * tracee's memory), signals.c (the guest's SIGSEGV
+ * tracee's memory), patch.c (online-patch: the fs twin, the safety policy,
+ * rewriting code), signals.c (the guest's SIGSEGV
  * disposition), tasks.c (tasks, processes, images, sites), stop.c (ending the
  * run), jail.c (the child until exec), report.c (the JSON summary); what they
  * share is in supervisor.h. The run's state is one struct supervisor.

@@ -57,7 +57,8 @@ Inputs, all available at the fault: the faulting address and decoded
 instruction (prefix, offset sign), the mapping that holds the site (the
 guest kernel's VMAs, which Xen's XenLinux had: fixup.c ran in the guest
 kernel), the slot's descriptor, and the strategy's own history. The hw
-backend's ptrace supervisor does not rewrite code: model-only.
+backend's ptrace supervisor runs this rule on the CPU (tlslab/hw/supervisor/patch.c: the twin in GDT
+entry 13, patches through /proc/PID/mem into private copies of the pages).
 """
 
 from __future__ import annotations

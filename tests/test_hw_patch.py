@@ -1,0 +1,162 @@
+"""online-patch on the CPU: the supervisor rewrites code with the model's rule (tlslab/hw/supervisor/patch.c).
+
+tests/test_hw_online.py checks the static guests (lsr, syscalls, malloc, canary; both builds, both
+price profiles) fault for fault. Here the cases where patching meets the rest of the system:
+
+* a dynamic program: the safety policy ``auto`` is ``lib`` there (the shared objects under /lib,
+  never the executable), read from /proc/PID/maps and /proc/PID/auxv on the CPU and from the model's
+  VMAs in the model: the same sites refused with the same reasons, the same patches, and the
+  library file in the root keeps its bytes (patches go to private copies of the pages);
+* a program that loads its own %fs (fs-user): the fs-twin ABI notices it, every rewritten site gets
+  its gs prefix back and patching stops, with the model's counts;
+* patch policy ``none``: nothing is rewritten and every fault is online-probe's decision, as in the model;
+* threads: each thread gets the twin of its own TCB and the output is native's;
+* fork: a child runs its parent's rewritten code without faulting there.
+
+Skips (with the reason) where the host cannot run 32-bit code or ptrace is refused; with CI=true in
+the environment those become failures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+
+import pytest
+
+from conftest import GCC32, require_gcc32, unavailable
+
+from tlslab.hw import backend
+from tlslab.hw.backend import HwUnavailable, run_spec
+
+pytestmark = pytest.mark.oracle
+
+
+@pytest.fixture(scope="module")
+def hw_ok():
+    from tlslab.experiment import RunSpec
+    from tlslab.guests import GuestError
+
+    try:
+        run_spec(RunSpec("syscalls", ("1",), strategy="native"))
+    except HwUnavailable as exc:
+        unavailable(f"hw backend: {exc}")
+    except GuestError as exc:
+        unavailable(str(exc))
+    return True
+
+
+def both(spec):
+    """The model's run, its strategy counters and the CPU's run of ``spec``."""
+    from test_hw_online import model_run
+
+    model, strategy = model_run(spec)
+    hw, _guest = run_spec(spec)
+    assert model.crash is None, model.crash.describe()
+    assert hw.ok, f"hw run died: signal {hw.signal}: {hw.summary.get('first_delivered')}"
+    assert hw.summary["delivered"] == 0
+    return model, strategy.counters, hw
+
+
+def test_dynamic_program_patches_only_libraries(hw_ok):
+    from tlslab.experiment import RunSpec, resolve_program
+
+    spec = RunSpec("lsr.dyn", (".",), strategy="online-patch", prices="hw-vm", stdout="pipe")
+    libc = resolve_program(spec).root_dir / "lib/i386-linux-gnu/libc.so.6"
+    before = hashlib.sha256(libc.read_bytes()).hexdigest()
+    model, counters, hw = both(spec)
+    on = hw.online
+    line = f"lsr.dyn online-patch: model {counters.traps} faults {counters.by_kind} patches {counters.patches}; " \
+           f"hw {hw.faults} {on['by_kind']} patches {on['patches']}"
+    assert hw.stdout == model.stdout and hw.status == model.status, line
+    assert hw.faults == counters.traps, line
+    assert on["by_kind"] == counters.by_kind, line
+    assert on["patches"] == counters.patches > 0, line
+    assert counters.by_kind.get("not patched: the executable, not a library", 0) > 0, line
+    assert on["descriptor_writes"] == counters.descriptor_writes, line
+    assert hashlib.sha256(libc.read_bytes()).hexdigest() == before   # private copies: the file is untouched
+
+
+@pytest.mark.parametrize("variant", ("default", "nosegneg"))
+def test_a_guest_that_loads_its_own_fs_stops_patching(hw_ok, variant):
+    from tlslab.experiment import RunSpec
+
+    spec = RunSpec("fs-user", (), strategy="online-patch", variant=variant, prices="hw-vm", stdout="pipe")
+    model, counters, hw = both(spec)
+    on = hw.online
+    line = f"fs-user.{variant}: model {counters.by_kind}, hw {on['by_kind']}"
+    assert hw.stdout == model.stdout and hw.status == model.status, line
+    assert on["by_kind"] == counters.by_kind, line
+    assert on["by_kind"].get("patching-stopped: %fs not the twin's") == 1, line
+    assert on["by_kind"].get("unpatched-fs-not-the-twin", 0) == on["patches"] > 0, line
+    assert hw.fault_sites == {s["eip"]: s["violations"] for s in model.sites if s["violations"]}, line
+
+
+def test_patch_policy_none_is_online_probe(hw_ok):
+    from tlslab.experiment import RunSpec
+
+    spec = RunSpec("lsr", (".",), strategy="online-patch", patch_policy="none", prices="xen-2004", stdout="pipe")
+    model, counters, hw = both(spec)
+    on = hw.online
+    assert on["patches"] == counters.patches == 0
+    assert on["by_kind"] == counters.by_kind and "probe" in on["by_kind"]
+    assert hw.faults == counters.traps and hw.stdout == model.stdout
+    probe, _ = run_spec(RunSpec("lsr", (".",), strategy="online-probe", prices="xen-2004", stdout="pipe"))
+    assert probe.faults == hw.faults
+    assert {k: v for k, v in on["by_kind"].items() if k not in ("fs-twin-installed", "not patched: patch policy none")} \
+        == probe.online["by_kind"]
+
+
+@pytest.mark.parametrize("variant", ("default", "nosegneg"))
+def test_threads_get_their_own_twin(hw_ok, variant):
+    from tlslab.experiment import RunSpec
+
+    spec = RunSpec("threads", ("4", "200"), strategy="online-patch", variant=variant, prices="hw-vm", stdout="pipe")
+    native, _ = run_spec(RunSpec("threads", ("4", "200"), strategy="native", variant=variant, stdout="pipe"))
+    hw, _ = run_spec(spec)
+    on = hw.online
+    assert hw.ok and hw.summary["delivered"] == 0, hw.summary.get("first_delivered")
+    assert hw.stdout == native.stdout and hw.status == native.status == 0
+    assert on["by_kind"]["fs-twin-switched"] == 4      # one per thread: Linux keeps a TLS array per thread
+    assert on["patches"] > 0
+    # a rewritten site faults again only where this kernel showed a thread a stale %fs (patch.c)
+    assert hw.faults == on["patches"] + on["by_kind"].get("fs-twin-reloaded", 0) \
+        + sum(v for k, v in on["by_kind"].items() if k in ("emulate", "flip", "probe-flip", "probe-end"))
+
+
+FORK_C = r"""
+#include <stdio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static __thread int counter;   /* a negative %gs offset in a static i386 program */
+static int bump(int n) {
+    for (int i = 0; i < n; i++) { counter++; __asm__ volatile("" ::: "memory"); }   /* one access per round */
+    return counter;
+}
+int main(void) {
+    bump(100);
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) { printf("child %d\n", bump(1000)); return 0; }
+    int status;
+    waitpid(pid, &status, 0);
+    printf("parent %d\n", bump(10));
+    return WEXITSTATUS(status);
+}
+"""
+
+
+def test_a_forked_child_runs_its_parent_s_patches(hw_ok, tmp_path):
+    require_gcc32()
+    src, exe = tmp_path / "fork.c", tmp_path / "fork"
+    src.write_text(FORK_C)
+    subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], check=True, capture_output=True)
+    r = backend.run_hw(exe, strategy="online-patch", tree=None, prices=(1000.0, 1500.0))
+    assert r.ok and r.status == 0 and r.stdout == b"child 1100\nparent 110\n"
+    parent, child = r.processes[0], r.processes[1]
+    # each site faults once, where it is first met: the loop's in the parent; the child, whose memory is
+    # the parent's copy, patches included, meets only the sites of its own path out of fork
+    assert r.online["patches"] == parent["faults"] + child["faults"] and parent["faults"] > 0
+    assert child["faults"] <= 2
+    emulate = backend.run_hw(exe, strategy="emulate", tree=None)
+    assert emulate.processes[1]["faults"] >= 1000          # without patches the child's loop faults
