@@ -72,6 +72,7 @@ static struct patchspace *space(struct supervisor *sv, struct thread *t) {
     if (!p->ps) {
         p->ps = calloc(1, sizeof *p->ps);
         if (!p->ps) die_setup(sv, "malloc (patch state)", ENOMEM);
+        p->ps->refs = 1;
         p->ps->auto_policy = -1;
     }
     return p->ps;
@@ -86,13 +87,22 @@ static void grow(struct supervisor *sv, void **v, size_t *cap, size_t n, size_t 
     *cap = c;
 }
 
-void patch_fork(struct supervisor *sv, struct proc *parent, struct proc *child) {
+/* A new process: a fork's memory is a copy of its parent's, and so is the patch state; a child that
+ * shares its parent's memory (vfork, clone with CLONE_VM) shares it, since a patch either of them makes
+ * is in both (each keeps its own descriptors: the ABI fields describe both while neither changes %fs). */
+void patch_fork(struct supervisor *sv, struct proc *parent, struct proc *child, int shared_mm) {
     if (!parent || !parent->ps) return;
+    if (shared_mm) {
+        child->ps = parent->ps;
+        child->ps->refs++;
+        return;
+    }
     struct patchspace *c = malloc(sizeof *c);
     if (!c) die_setup(sv, "malloc (patch state)", ENOMEM);
     *c = *parent->ps;
     c->sites = NULL; c->mixed = NULL;
     c->cap_sites = c->cap_mixed = 0;
+    c->refs = 1;
     if (c->nsites) {
         grow(sv, (void **)&c->sites, &c->cap_sites, c->nsites, sizeof *c->sites);
         memcpy(c->sites, parent->ps->sites, c->nsites * sizeof *c->sites);
@@ -106,6 +116,7 @@ void patch_fork(struct supervisor *sv, struct proc *parent, struct proc *child) 
 
 void patch_exec(struct proc *p) {
     if (!p || !p->ps) return;
+    if (--p->ps->refs > 0) { p->ps = NULL; return; } /* a vfork child's exec: the parent keeps it */
     free(p->ps->sites);
     free(p->ps->mixed);
     free(p->ps);
@@ -470,9 +481,10 @@ int patch_trap(struct supervisor *sv, struct fault *f, uint32_t sel) {
     if (was_patched) {
         int i = find_site(ps, f->eip);
         if (i >= 0 && f->in.has_mem && (f->in.off & 0x80000000u) && f->t->has_twin && !conflict) {
-            struct udesc tw; get_area(f->t->tid, FS_ENTRY, &tw);
-            if (set_area(f->t->tid, &tw) < 0) die_setup(sv, "PTRACE_SET_THREAD_AREA", errno);
-            count_kind(sv, "fs-twin-reloaded");
+            /* a negative offset, which the twin admits: this thread faulted on the gs form before another
+             * thread's fault at the site was answered with the patch (their stops are reported in turn;
+             * the model's one vCPU has no such overlap). It runs the rewritten form now */
+            count_kind(sv, "faulted-before-the-patch");
             return 0;
         }
         if (i >= 0) restore_site(sv, f->t, ps, i, "unpatched-mixed-site"); /* a +ve offset: both signs */

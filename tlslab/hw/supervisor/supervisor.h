@@ -170,6 +170,7 @@ struct counters {
 /* online-patch's state in one address space (patch.c): the fs-twin ABI
  * (installed, or why %fs is not the twin's) and the rewritten and mixed sites */
 struct patchspace {
+    int refs;                                /* processes whose memory this describes (vfork: two) */
     int installed, tcb_entry, has_conflict, auto_policy;
     char conflict[192];
     struct { uint32_t eip, prefix; } *sites; /* site eip -> address of its rewritten prefix */
@@ -404,7 +405,7 @@ int rate_trap(struct supervisor *sv, struct thread *t, pid_t w);
 /* patch.c: online-patch */
 void count_kind(struct supervisor *sv, const char *key);
 int parse_patch_policy(const char *v);
-void patch_fork(struct supervisor *sv, struct proc *parent, struct proc *child);
+void patch_fork(struct supervisor *sv, struct proc *parent, struct proc *child, int shared_mm);
 void patch_exec(struct proc *p);
 void patch_tls_request(struct supervisor *sv, struct thread *t);
 void patch_tls_installed(struct supervisor *sv, struct thread *t, int entry);

@@ -119,7 +119,8 @@ static void inherit_from_creator(struct supervisor *sv, struct thread *parent, s
         np->image = -1;
         c->proc = sv->nprocs++;
         np->image = image_new(sv, c->proc, pp && pp->image >= 0 ? sv->images[pp->image].program : "");
-        patch_fork(sv, pp, np); /* online-patch: the child's memory is a copy, patched sites included */
+        /* online-patch: the child's memory is a copy, patched sites included (or, CLONE_VM: the same) */
+        patch_fork(sv, pp, np, (flags & CLONE_VM) != 0);
     } else {
         c->proc = parent->proc;
     }
@@ -237,6 +238,7 @@ int clone_event(struct supervisor *sv, struct thread *t, pid_t w, int event) {
     if (new_proc && sv->nprocs >= sv->opt.max_procs) begin_stop(sv, "max_procs");
     else if (!(c = thread_of(sv, (pid_t)ctid, 1))) begin_stop(sv, "too many tasks");
     if (sv->stopping) { ptrace(PTRACE_CONT, w, 0, 0); return 1; }
+    if (event == PTRACE_EVENT_VFORK) flags |= CLONE_VM;
     inherit_from_creator(sv, t, c, flags, new_proc);
     if (c->held) { /* its first stop came first and waited for this */
         struct proc *save = sv->cp;
