@@ -160,3 +160,32 @@ def test_a_forked_child_runs_its_parent_s_patches(hw_ok, tmp_path):
     assert child["faults"] <= 2
     emulate = backend.run_hw(exe, strategy="emulate", tree=None)
     assert emulate.processes[1]["faults"] >= 1000          # without patches the child's loop faults
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", ("keir", "boot"))
+def test_keir_and_boot_patch_as_the_model_does(hw_ok, debian_rootfs, oracle_summary, label):
+    """Keir's `ls -R /usr/lib` (GNU ls, dynamic: libc's sites patched, once each) and the boot (dash
+    running ~550 processes: every exec'd image installs its own twin and patches its own private pages,
+    every fork inherits its parent's): the model's faults, patches and twin installs, native's output."""
+    from tlslab.experiment import RunSpec
+    from tlslab.guests import GuestError
+
+    if label == "keir":
+        spec = RunSpec("/bin/ls", ("-R", "/usr/lib"), rootfs="debian", strategy="online-patch", prices="xen-2004",
+                       stdout="pipe")
+    else:
+        spec = RunSpec("/bin/dash", ("/data/rc",), rootfs="debian", root="guests/boot", strategy="online-patch",
+                       prices="xen-2004", stdout="pipe")
+    try:
+        model, counters, hw = both(spec)
+    except GuestError as exc:
+        unavailable(str(exc))
+    on = hw.online
+    line = (f"{label} online-patch: model {counters.traps} faults, {counters.patches} patches, "
+            f"{counters.by_kind.get('fs-twin-installed')} twins; hw {hw.faults}, {on['patches']}, "
+            f"{on['by_kind'].get('fs-twin-installed')}, {len(hw.processes)} processes")
+    assert hw.stdout == model.stdout and hw.status == model.status, line
+    assert hw.faults == counters.traps == on["patches"] == counters.patches > 0, line
+    assert on["by_kind"].get("fs-twin-installed") == counters.by_kind.get("fs-twin-installed"), line
+    oracle_summary[f"hw {label} online-patch"] = line + " (equal)"

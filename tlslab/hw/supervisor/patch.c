@@ -78,9 +78,11 @@ static struct patchspace *space(struct supervisor *sv, struct thread *t) {
     return p->ps;
 }
 
+/* room for at least n + 1 entries of `each` bytes in *v */
 static void grow(struct supervisor *sv, void **v, size_t *cap, size_t n, size_t each) {
     if (n < *cap) return;
     size_t c = *cap ? 2 * *cap : 32;
+    while (c <= n) c *= 2;
     void *m = realloc(*v, c * each);
     if (!m) die_setup(sv, "malloc (patch sites)", ENOMEM);
     *v = m;
