@@ -189,3 +189,29 @@ def test_keir_and_boot_patch_as_the_model_does(hw_ok, debian_rootfs, oracle_summ
     assert hw.faults == counters.traps == on["patches"] == counters.patches > 0, line
     assert on["by_kind"].get("fs-twin-installed") == counters.by_kind.get("fs-twin-installed"), line
     oracle_summary[f"hw {label} online-patch"] = line + " (equal)"
+
+
+def test_a_process_taking_fs_or_nulling_it_as_in_the_model(hw_ok, tmp_path):
+    """tests/rewrite/fs_taken.c: after close()'s errno site is rewritten, a forked child installs its own
+    descriptor (set_thread_area, entry -1: the first slot the guest has not requested, the twin's) and
+    loads it into %fs, and the parent loads the null selector and runs the rewritten site (a #GP). Each
+    address space gives its sites their gs prefix back and stops patching; the output is native's and the
+    counts are the model's (but fs-twin-switched: the model's one vCPU rewrites slot 7 when it switches
+    between parent and child, Linux keeps each task's TLS array)."""
+    from conftest import build_test_guest
+    from tlslab.experiment import RunSpec, make_domain
+
+    exe = build_test_guest("rewrite/fs_taken.c", tmp_path)
+    native = backend.run_hw(exe, strategy="native", tree=None)
+    hw = backend.run_hw(exe, strategy="online-patch", tree=None, prices=(1000.0, 1500.0))
+    domain, _ = make_domain(RunSpec(exe, strategy="online-patch", emulate_ns=1000.0, flip_ns=1500.0))
+    model = domain.run()
+    assert native.stdout == b"child 45\nparent 45, child status 0\n"
+    assert hw.ok and hw.stdout == native.stdout == model.stdout and hw.status == 0
+    kinds = hw.online["by_kind"]
+    assert kinds["patching-stopped: %fs not the twin's"] == 2 and kinds["null-%fs-at-a-rewritten-site"] == 1
+    mkinds = dict(model.counters["strategy"]["by_kind"])
+    mkinds.pop("fs-twin-switched", None)
+    assert kinds == mkinds
+    assert hw.online["patches"] == model.counters["strategy"]["patches"] > 0
+    assert hw.faults == domain.strategy.counters.traps
