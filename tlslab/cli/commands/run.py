@@ -280,8 +280,11 @@ def run_hardware(spec, args) -> int:
         t.add_row(f"decision threshold ({spec.prices} prices)", f"{online['threshold']:.6g}")
         t.add_row("emulations", f"{online['emulations']:,}")
         t.add_row("flips", f"{online['flips']:,}")
-        if spec.strategy == "online-probe":
+        if spec.strategy in ("online-probe", "online-patch"):
             t.add_row("probes", f"{online['probes']:,}")
+        if spec.strategy == "online-patch":
+            t.add_row("sites patched (gs prefix rewritten)", f"{online['patches']:,}")
+            t.add_row("refused (the guest's own %fs fault)", f"{online['refused']:,}")
         t.add_row("descriptor writes (model's count)", f"{online['descriptor_writes']:,}")
         for kind, n in sorted(online["by_kind"].items()):
             t.add_row(f"  {kind}", f"{n:,}")
