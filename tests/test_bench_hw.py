@@ -96,11 +96,11 @@ def test_default_matrix_has_hw_cells():
     from tlslab.bench.spec import load_spec
 
     hw = [c for c in load_spec().cells() if c.backend == "hw"]
-    assert {c.spec.strategy for c in hw} == {"native", "emulate", "flip"}
+    assert {c.spec.strategy for c in hw} == {"native", "emulate", "flip", "online-patch"}
     assert {c.workload for c in hw} >= {"lsr [small]", "lsr [4k]", "keir", "boot", "threads 4 200"}
     assert {c.spec.variant for c in hw} == {"default", "dyn"}
     for workload in ("keir", "boot"):
-        assert {c.spec.strategy for c in hw if c.workload == workload} == {"native", "emulate", "flip"}
+        assert {c.spec.strategy for c in hw if c.workload == workload} == {"native", "emulate", "flip", "online-patch"}
     assert {c.spec.guest for c in hw if c.spec.variant == "dyn"} == {"lsr", "threads"}
 
 

@@ -133,6 +133,19 @@ void install_state(struct supervisor *sv, struct thread *t, struct slot *sl, int
     COUNT(sv, switches);
 }
 
+static int same_desc(const struct udesc *a, const struct udesc *b) {
+    return a->base == b->base && (a->limit & 0xFFFFF) == (b->limit & 0xFFFFF) && (a->flags & 0x7F) == (b->flags & 0x7F);
+}
+
+/* Does entry e of t hold what the supervisor knows is there: the slot's installed form, online-patch's
+ * twin, or nothing? (Else the guest installed it: adopt it.) */
+static int entry_is_known(struct supervisor *sv, const struct thread *t, int e, const struct udesc *cur) {
+    const struct slot *s = &t->slots[e - TLS_FIRST];
+    if (s->valid) return same_desc(cur, s->managed ? slot_desc(s, s->state) : &s->up);
+    if (!cur->base && !cur->limit && (cur->flags & F_NP)) return 1; /* empty */
+    return e == FS_ENTRY && sv->opt.strategy->patches && patch_inherited_twin(sv, t);
+}
+
 /* syscall-exit of set_thread_area / modify_ldt */
 void finish_tls_syscall(struct supervisor *sv, struct thread *t) {
     struct user_regs_struct r;
@@ -141,17 +154,34 @@ void finish_tls_syscall(struct supervisor *sv, struct thread *t) {
     if (t->sta_is_ldt) {
         if (t->sta_is_ldt == 2) /* restore the guest's own request in its memory */
             write_mem(t->tid, t->sta_ptr, &t->ldt_saved, 16);
+        if (t->sta_is_ldt == 3) { /* refused at its seccomp stop (start_tls_syscall) */
+            r.rax = (unsigned long long)(long long)-EPERM;
+            if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0 && errno != ESRCH) die_setup(sv, "PTRACE_SETREGS", errno);
+        }
         return;
     }
     if (ret != 0) return;
     uint32_t raw[4];
-    if (read_mem(t->tid, t->sta_ptr, raw, sizeof raw) < 0) return;
-    int entry = (int)raw[0];
-    if (entry < TLS_FIRST || entry >= TLS_FIRST + TLS_SLOTS) return;
-    struct udesc req;
-    if (get_area(t->tid, entry, &req) < 0) die_setup(sv, "PTRACE_GET_THREAD_AREA", errno);
-    adopt_slot(sv, t, entry, &req, "set_thread_area");
-    if (sv->opt.strategy->patches) patch_tls_installed(sv, t, entry);
+    /* the entry the guest's struct names now: where the install went, unless another thread of the guest
+     * rewrote the struct meanwhile -- so every entry is compared with what was installed there below */
+    if (read_mem(t->tid, t->sta_ptr, raw, sizeof raw) == 0 && (int)raw[0] >= TLS_FIRST &&
+        (int)raw[0] < TLS_FIRST + TLS_SLOTS) {
+        int entry = (int)raw[0];
+        struct udesc req;
+        if (get_area(t->tid, entry, &req) < 0) die_setup(sv, "PTRACE_GET_THREAD_AREA", errno);
+        adopt_slot(sv, t, entry, &req, "set_thread_area");
+        if (sv->opt.strategy->patches) patch_tls_installed(sv, t, entry);
+    }
+    for (int e = TLS_FIRST; e < TLS_FIRST + TLS_SLOTS; e++) {
+        struct udesc cur;
+        if (get_area(t->tid, e, &cur) < 0) {
+            if (errno == ESRCH) return; /* killed meanwhile (another thread's exit_group) */
+            die_setup(sv, "PTRACE_GET_THREAD_AREA", errno);
+        }
+        if (entry_is_known(sv, t, e, &cur)) continue;
+        adopt_slot(sv, t, e, &cur, "set_thread_area");
+        if (sv->opt.strategy->patches) patch_tls_installed(sv, t, e);
+    }
 }
 
 /* seccomp stop of set_thread_area / modify_ldt: an LDT descriptor is truncated in guest memory here */
@@ -165,7 +195,15 @@ void start_tls_syscall(struct supervisor *sv, struct thread *t) {
         t->sta_is_ldt = 1;
         t->sta_ptr = (uint32_t)r.rcx;
         uint32_t func = (uint32_t)r.rbx;
-        if ((func == 1 || func == 0x11) && sv->opt.strategy->truncating) {
+        const struct proc *p = t->proc >= 0 ? &sv->procs[t->proc] : NULL;
+        if ((func == 1 || func == 0x11) && sv->opt.strategy->truncating && (!p || p->live > 1 || p->shared_mm)) {
+            /* the descriptor is truncated in guest memory before the kernel reads it: another task sharing
+             * that memory could put the untruncated one back in between. Refused (EPERM) */
+            r.orig_rax = (unsigned long long)-1; /* skip the call; finish_tls_syscall gives it -EPERM */
+            if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0 && errno != ESRCH) die_setup(sv, "PTRACE_SETREGS", errno);
+            t->sta_is_ldt = 3;
+            sv->ldt_refused++;
+        } else if ((func == 1 || func == 0x11) && sv->opt.strategy->truncating) {
             uint32_t raw[4];
             if (read_mem(t->tid, t->sta_ptr, raw, 16) == 0) {
                 struct udesc req = {raw[0], raw[1], raw[2], raw[3]}, tr = truncate_desc(&req, sv->opt.hv_start);
@@ -198,10 +236,11 @@ void start_tls_syscall(struct supervisor *sv, struct thread *t) {
  * PTRACE_SET_THREAD_AREA on the new tid, before it runs any code. */
 void adopt_new_thread(struct supervisor *sv, struct thread *t) {
     t->adopted = 1;
+    int twin_inherited = sv->opt.strategy->patches && patch_inherited_twin(sv, t); /* online-patch's entry 13 */
     for (int e = TLS_FIRST; e < TLS_FIRST + TLS_SLOTS; e++) {
         struct slot *ts = &t->slots[e - TLS_FIRST];
         struct udesc d;
-        if (sv->opt.strategy->patches && patch_owns_entry(sv, t, e)) continue; /* the twin: patch_new_thread */
+        if (e == FS_ENTRY && twin_inherited) continue; /* the twin: patch_new_thread */
         if (get_area(t->tid, e, &d) < 0) continue;
         if (!d.base && !d.limit && (d.flags & F_NP)) { memset(ts, 0, sizeof *ts); continue; } /* empty */
         /* a probe in progress stays its creator's: an empty descriptor inherited

@@ -144,6 +144,13 @@ static void set_conflict(struct patchspace *ps, const char *why) {
 }
 
 /* ------------------------------------------------------------ the fs twin */
+/* A ptrace request on a task failed: a task killed meanwhile (another thread's exit_group) is ESRCH,
+ * and whatever it was for no longer matters; anything else ends the run. Returns 0. */
+static int task_gone(struct supervisor *sv, const char *what) {
+    if (errno != ESRCH) die_setup(sv, what, errno);
+    return 0;
+}
+
 /* rewrite._is_flat_tcb: glibc's TCB request, present 32-bit page-granular expand-up data, limit 0xFFFFF */
 static int flat_tcb(const struct udesc *u) {
     return (u->flags & F_32) && (u->flags & F_PAGES) && !(u->flags & F_NP) && F_CONTENTS(u->flags) == 0 &&
@@ -162,7 +169,7 @@ static int twin_of(const struct slot *tcb, struct udesc *out) {
 static int install_twin(struct supervisor *sv, struct thread *t, struct patchspace *ps, int tcb_entry) {
     struct user_regs_struct r;
     char why[160];
-    if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0) die_setup(sv, "PTRACE_GETREGS", errno);
+    if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0) return task_gone(sv, "PTRACE_GETREGS");
     uint32_t fs = (uint32_t)r.fs & 0xFFFF;
     if (fs && fs != FS_SELECTOR) {
         snprintf(why, sizeof why, "guest already holds selector %#x in %%fs", fs);
@@ -182,8 +189,8 @@ static int install_twin(struct supervisor *sv, struct thread *t, struct patchspa
     /* the selector first: PTRACE_SET_THREAD_AREA of the entry a stopped task's %fs selects also sets its
      * saved %fs base, which an x86-64 kernel with FSGSBASE restores at the switch (not the GDT's) */
     r.fs = FS_SELECTOR;
-    if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0) die_setup(sv, "PTRACE_SETREGS", errno);
-    if (set_area(t->tid, &twin) < 0) die_setup(sv, "PTRACE_SET_THREAD_AREA", errno);
+    if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0) return task_gone(sv, "PTRACE_SETREGS");
+    if (set_area(t->tid, &twin) < 0) return task_gone(sv, "PTRACE_SET_THREAD_AREA");
     COUNT(sv, switches);
     ps->installed = 1;
     ps->tcb_entry = tcb_entry;
@@ -204,7 +211,7 @@ static void set_twin(struct supervisor *sv, struct thread *t, struct patchspace 
     t->twin_base = twin.base;
     t->has_twin = 1;
     if (get_area(t->tid, FS_ENTRY, &cur) == 0 && !memcmp(&cur, &twin, sizeof cur)) return;
-    if (set_area(t->tid, &twin) < 0) die_setup(sv, "PTRACE_SET_THREAD_AREA", errno);
+    if (set_area(t->tid, &twin) < 0) { task_gone(sv, "PTRACE_SET_THREAD_AREA"); return; }
     COUNT(sv, switches);
     sv->online.count.desc_writes++;
     count_kind(sv, kind);
@@ -260,17 +267,33 @@ void patch_new_thread(struct supervisor *sv, struct thread *t) {
         struct udesc empty = cur; /* online.probe_descriptor: admits no offset */
         empty.flags = (empty.flags & ~(F_CONTENTS_MASK | F_NP)) | F_EXPAND_DOWN | F_32 | F_PAGES;
         empty.limit = 0xFFFFF;
-        if (set_area(t->tid, &empty) < 0) die_setup(sv, "PTRACE_SET_THREAD_AREA", errno);
+        if (set_area(t->tid, &empty) < 0) { task_gone(sv, "PTRACE_SET_THREAD_AREA"); return; }
         sv->online.count.desc_writes++;
     }
     t->has_twin = 0;
 }
 
-/* Is entry 13 of a new task the process's twin (not the guest's own descriptor)? adopt_new_thread
- * leaves it to patch_new_thread then. */
-int patch_owns_entry(struct supervisor *sv, const struct thread *t, int entry) {
-    return entry == FS_ENTRY && t->proc >= 0 && sv->procs[t->proc].ps && sv->procs[t->proc].ps->installed &&
-           !t->slots[FS_ENTRY - TLS_FIRST].valid;
+/* Does a new task, before its own TLS slots are read, hold in entry 13 exactly the twin its creator
+ * had (the twin of the creator's TCB slot, which it inherited)? Then adopt_new_thread leaves entry 13
+ * to patch_new_thread. Anything else there -- a CLONE_SETTLS aimed at entry 13, a twin of a conflicted
+ * process that was emptied -- is adopted (truncated) like any guest descriptor. */
+int patch_inherited_twin(struct supervisor *sv, const struct thread *t) {
+    if (t->proc < 0 || !sv->procs[t->proc].ps) return 0;
+    const struct patchspace *ps = sv->procs[t->proc].ps;
+    struct udesc cur, twin;
+    if (!ps->installed || t->slots[FS_ENTRY - TLS_FIRST].valid) return 0;
+    if (!twin_of(&t->slots[ps->tcb_entry - TLS_FIRST], &twin) || get_area(t->tid, FS_ENTRY, &cur) < 0) return 0;
+    return cur.base == twin.base && (cur.limit & 0xFFFFF) == (twin.limit & 0xFFFFF) &&
+           (cur.flags & 0x7F) == (twin.flags & 0x7F);
+}
+
+/* does the faulting thread's twin admit the decoded access (so the #GP came from the gs form)? */
+static int twin_admits(const struct fault *f) {
+    struct udesc cur;
+    tc_descriptor d;
+    if (get_area(f->t->tid, FS_ENTRY, &cur) < 0) return 0;
+    udesc_to_core(&cur, &d);
+    return tc_check(&d, f->in.off, f->in.size ? f->in.size : 1, 0) == TC_ACCESS_ALLOWED;
 }
 
 /* FsTwinABI.check: why %fs is no longer the twin's in t's process (NULL: it is) */
@@ -293,6 +316,47 @@ static const char *abi_check(struct supervisor *sv, struct thread *t, struct pat
     return ps->has_conflict ? ps->conflict : NULL;
 }
 
+/* /proc/PID/maps: the mapping holding addr (its perms, dev:inode, path as the guest sees it) */
+struct mapping {
+    int found, exec, write, shared;
+    unsigned long dev_major, dev_minor, inode;
+    unsigned long long offset; /* the file offset of the address asked about */
+    char path[4096];
+};
+
+static struct mapping mapping_at(struct supervisor *sv, pid_t pid, uint32_t addr) {
+    struct mapping m = {0};
+    char path[64], line[4352];
+    snprintf(path, sizeof path, "/proc/%d/maps", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return m;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long long lo, hi, off;
+        char perms[8];
+        unsigned long maj, min, ino;
+        int n = 0;
+        if (sscanf(line, "%llx-%llx %7s %llx %lx:%lx %lu %n", &lo, &hi, perms, &off, &maj, &min, &ino, &n) < 7)
+            continue;
+        if (addr < lo || addr >= hi) continue;
+        m.found = 1;
+        m.exec = perms[2] == 'x';
+        m.write = perms[1] == 'w';
+        m.shared = perms[3] == 's';
+        m.dev_major = maj; m.dev_minor = min; m.inode = ino;
+        m.offset = off + (addr - lo);
+        char *name = n ? line + n : line + strlen(line);
+        name[strcspn(name, "\n")] = 0;
+        const char *view = sv->opt.view_dir;
+        size_t vl = view ? strlen(view) : 0;
+        while (vl && view[vl - 1] == '/') vl--;
+        if (vl && !strncmp(name, view, vl) && (name[vl] == '/' || !name[vl])) name += vl;
+        snprintf(m.path, sizeof m.path, "%s", name);
+        break;
+    }
+    fclose(f);
+    return m;
+}
+
 /* --------------------------------------------------------------- patching */
 static int poke_byte(pid_t tid, uint32_t addr, uint8_t b) {
     char path[64];
@@ -309,10 +373,16 @@ static int poke_byte(pid_t tid, uint32_t addr, uint8_t b) {
 static void restore_site(struct supervisor *sv, struct thread *t, struct patchspace *ps, int i, const char *kind) {
     uint32_t eip = ps->sites[i].eip, prefix = ps->sites[i].prefix;
     uint8_t now = 0;
-    if (read_mem(t->tid, prefix, &now, 1) < 0 || now != 0x64) {
+    struct mapping m = mapping_at(sv, t->tid, prefix);
+    if (!m.found || m.shared || m.inode != ps->sites[i].inode || m.dev_major != ps->sites[i].dev_major ||
+        m.dev_minor != ps->sites[i].dev_minor || m.offset != ps->sites[i].offset) {
+        /* the guest unmapped or replaced the page: what is there now is not the code we rewrote */
+        count_kind(sv, "rewritten-site-remapped-by-the-guest");
+    } else if (read_mem(t->tid, prefix, &now, 1) < 0 || now != 0x64) {
         count_kind(sv, "rewritten-byte-changed-by-the-guest");
+    } else if (poke_byte(t->tid, prefix, 0x65) < 0) {
+        count_kind(sv, "rewritten-byte-not-writable-now"); /* the task is gone, or the page with it */
     } else {
-        if (poke_byte(t->tid, prefix, 0x65) < 0) die_setup(sv, "write to the guest's code (/proc/PID/mem)", errno);
         count_kind(sv, kind);
     }
     ps->sites[i] = ps->sites[--ps->nsites];
@@ -323,40 +393,6 @@ static void restore_site(struct supervisor *sv, struct thread *t, struct patchsp
 static void stop_patching(struct supervisor *sv, struct thread *t, struct patchspace *ps) {
     while (ps->nsites) restore_site(sv, t, ps, (int)ps->nsites - 1, "unpatched-fs-not-the-twin");
     count_kind(sv, "patching-stopped: %fs not the twin's");
-}
-
-/* /proc/PID/maps: the mapping holding addr (its perms, dev:inode, path as the guest sees it) */
-struct mapping { int found, exec, write, shared; unsigned long dev_major, dev_minor, inode; char path[4096]; };
-
-static struct mapping mapping_at(struct supervisor *sv, pid_t pid, uint32_t addr) {
-    struct mapping m = {0};
-    char path[64], line[4352];
-    snprintf(path, sizeof path, "/proc/%d/maps", pid);
-    FILE *f = fopen(path, "r");
-    if (!f) return m;
-    while (fgets(line, sizeof line, f)) {
-        unsigned long long lo, hi;
-        char perms[8];
-        unsigned long maj, min, ino;
-        int n = 0;
-        if (sscanf(line, "%llx-%llx %7s %*x %lx:%lx %lu %n", &lo, &hi, perms, &maj, &min, &ino, &n) < 6) continue;
-        if (addr < lo || addr >= hi) continue;
-        m.found = 1;
-        m.exec = perms[2] == 'x';
-        m.write = perms[1] == 'w';
-        m.shared = perms[3] == 's';
-        m.dev_major = maj; m.dev_minor = min; m.inode = ino;
-        char *name = n ? line + n : line + strlen(line);
-        name[strcspn(name, "\n")] = 0;
-        const char *view = sv->opt.view_dir;
-        size_t vl = view ? strlen(view) : 0;
-        while (vl && view[vl - 1] == '/') vl--;
-        if (vl && !strncmp(name, view, vl) && (name[vl] == '/' || !name[vl])) name += vl;
-        snprintf(m.path, sizeof m.path, "%s", name);
-        break;
-    }
-    fclose(f);
-    return m;
 }
 
 /* objects.has_writable_shared_mapping: any writable shared mapping of the file (dev:inode) */
@@ -409,11 +445,15 @@ static int under_patch_dir(const char *path) {
 
 /* rewrite.patch_allowed for the one byte at addr: NULL if allowed, else why not (in why) */
 static const char *patch_refused(struct supervisor *sv, struct thread *t, struct patchspace *ps, uint32_t addr,
-                                 char *why, size_t n) {
+                                 char *why, size_t n, struct mapping *mp) {
     int policy = resolve_policy(sv, t, ps);
     if (policy == PP_NONE) return "patch policy none";
-    struct mapping m = mapping_at(sv, t->tid, addr);
+    *mp = mapping_at(sv, t->tid, addr);
+    const struct mapping m = *mp;
     if (!m.found || !m.exec) return "not in an executable mapping";
+    /* a write to a shared mapping is a write to its file (and /proc/PID/mem refuses a read-only one): the
+     * model has no shared executable mappings; private copies are the only pages online-patch writes */
+    if (m.shared) return "in a shared mapping (patches go to private copies only)";
     if (policy == PP_ALL) return NULL;
     if (policy == PP_EXE)
         return m.inode && is_exe(t->tid, &m) ? NULL
@@ -438,15 +478,24 @@ static void count_not_patched(struct supervisor *sv, const char *why) {
     const char *cut = strstr(why, " (");
     int len = cut ? (int)(cut - why) : (int)strlen(why);
     snprintf(key, sizeof key, "not patched: %.*s", len, why);
+    for (char *c = key; *c; c++) /* file names are the guest's: printable ASCII only in the JSON's keys */
+        if (*c < 0x20 || *c > 0x7E) *c = '?';
     count_kind(sv, key);
 }
 
 /* rewrite._try_patch: NULL when the site was rewritten, else why not */
 static const char *try_patch(struct supervisor *sv, struct fault *f, struct patchspace *ps, char *why, size_t n) {
     struct thread *t = f->t;
-    if (!ps->installed && !install_twin(sv, t, ps, f->entry)) {
-        snprintf(why, n, "no %%fs twin (%s)", ps->conflict);
-        return why;
+    if (!ps->installed) {
+        if (!install_twin(sv, t, ps, f->entry)) {
+            snprintf(why, n, "no %%fs twin (%s)", ps->conflict);
+            return why;
+        }
+        /* %fs is the twin's now: the registers an emulation writes back must say so */
+        if (ptrace(PTRACE_GETREGS, t->tid, 0, &f->regs) < 0) {
+            task_gone(sv, "PTRACE_GETREGS");
+            return "the task is gone";
+        }
     }
     uint8_t b[16];
     int len = fetch_insn(t->tid, f->eip, b);
@@ -456,12 +505,17 @@ static const char *try_patch(struct supervisor *sv, struct fault *f, struct patc
         if (b[i] == 0x26 || b[i] == 0x2E || b[i] == 0x36 || b[i] == 0x3E || b[i] == 0x64 || b[i] == 0x65) seg_at = i;
     if (seg_at < 0 || b[seg_at] != 0x65) return "no gs override prefix to rewrite";
     uint32_t addr = f->eip + (uint32_t)seg_at;
-    const char *refused = patch_refused(sv, t, ps, addr, why, n);
+    static struct mapping m; /* 4 KiB of path: not on the stack of every fault */
+    const char *refused = patch_refused(sv, t, ps, addr, why, n, &m);
     if (refused) return refused;
-    if (poke_byte(t->tid, addr, 0x64) < 0) die_setup(sv, "write to the guest's code (/proc/PID/mem)", errno);
+    if (poke_byte(t->tid, addr, 0x64) < 0) return "cannot write the guest's code"; /* the task is gone */
     grow(sv, (void **)&ps->sites, &ps->cap_sites, ps->nsites, sizeof *ps->sites);
     ps->sites[ps->nsites].eip = f->eip;
-    ps->sites[ps->nsites++].prefix = addr;
+    ps->sites[ps->nsites].prefix = addr;
+    ps->sites[ps->nsites].dev_major = m.dev_major;
+    ps->sites[ps->nsites].dev_minor = m.dev_minor;
+    ps->sites[ps->nsites].inode = m.inode;
+    ps->sites[ps->nsites++].offset = m.offset;
     sv->online.patches++;
     return NULL;
 }
@@ -482,7 +536,8 @@ int patch_trap(struct supervisor *sv, struct fault *f, uint32_t sel) {
     if (f->in.seg != TC_FS) return -1;
     if (was_patched) {
         int i = find_site(ps, f->eip);
-        if (i >= 0 && f->in.has_mem && (f->in.off & 0x80000000u) && f->t->has_twin && !conflict) {
+        if (i >= 0 && f->in.has_mem && (f->in.off & 0x80000000u) && f->t->has_twin && !conflict &&
+            twin_admits(f)) {
             /* a negative offset, which the twin admits: this thread faulted on the gs form before another
              * thread's fault at the site was answered with the patch (their stops are reported in turn;
              * the model's one vCPU has no such overlap). It runs the rewritten form now */

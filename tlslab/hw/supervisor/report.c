@@ -53,14 +53,15 @@ void write_json(struct supervisor *sv) {
     fprintf(f, ",\"faults\":%llu,\"emulated\":%llu,\"stepped\":%llu,\"to_expand_down\":%llu,"
                "\"to_expand_up\":%llu,\"delivered\":%llu,\"descriptor_switches\":%llu,"
                "\"seccomp_stops\":%llu,\"tls_installs\":%llu,\"ldt_installs\":%llu,\"ldt_truncated\":%llu,"
-               "\"signals_passed\":%llu,\"other_sigsegv\":%llu,\"clones\":%llu,\"forks\":%llu,\"threads\":%d,"
+               "\"ldt_refused\":%llu,\"signals_passed\":%llu,\"other_sigsegv\":%llu,\"clones\":%llu,\"forks\":%llu,\"threads\":%d,"
                "\"model_env\":%s,\"auxv_hidden\":%llu,\"handler_ns\":%.0f,"
                "\"cpuid\":{\"table\":%llu,\"images\":%llu,\"refused\":%llu,\"answered\":%llu,\"unlisted\":%llu}",
             (unsigned long long)tot->faults, (unsigned long long)tot->emulated, (unsigned long long)tot->stepped,
             (unsigned long long)tot->to_down, (unsigned long long)tot->to_up, (unsigned long long)tot->delivered,
             (unsigned long long)tot->switches, (unsigned long long)sv->seccomp_stops,
             (unsigned long long)tot->tls_installs, (unsigned long long)tot->ldt_installs,
-            (unsigned long long)sv->ldt_truncated, (unsigned long long)tot->signals_passed,
+            (unsigned long long)sv->ldt_truncated, (unsigned long long)sv->ldt_refused,
+            (unsigned long long)tot->signals_passed,
             (unsigned long long)tot->other_segv, (unsigned long long)sv->clones, (unsigned long long)sv->forks,
             sv->nthreads_seen,
             opt->model_env ? "true" : "false", (unsigned long long)sv->auxv_hidden, sv->handler_s * 1e9,

@@ -173,7 +173,8 @@ struct patchspace {
     int refs;                                /* processes whose memory this describes (vfork: two) */
     int installed, tcb_entry, has_conflict, auto_policy;
     char conflict[192];
-    struct { uint32_t eip, prefix; } *sites; /* site eip -> address of its rewritten prefix */
+    /* site eip -> address of its rewritten prefix, and what was mapped there (dev, inode, file offset) */
+    struct { uint32_t eip, prefix; unsigned long dev_major, dev_minor, inode; unsigned long long offset; } *sites;
     size_t nsites, cap_sites;
     uint32_t *mixed;                         /* sites un-patched: they serve both signs */
     size_t nmixed, cap_mixed;
@@ -184,6 +185,7 @@ struct proc {
     int image;         /* current image (-1: the main process before its exec) */
     int live, tasks;   /* tasks alive now / created in it (the first included) */
     int exited, status, sig, killed;
+    int shared_mm;     /* its memory is also another process's (clone with CLONE_VM, vfork) */
     struct counters c;
     /* online-rate's clock (rate.c): instructions retired since this address
      * space's last %gs fault, counted by single-stepping rate_tid up to
@@ -212,7 +214,7 @@ struct osite {
     uint64_t seen, next_probe, estimate;
 };
 struct plist { uint32_t *v; size_t n, cap; }; /* pairs: site entry, context entry */
-#define KIND_CAP 64
+#define KIND_CAP 256
 
 struct online {
     double emulate_ns, flip_ns, threshold; /* --emulate-ns, --flip-ns; 2 * flip_ns / emulate_ns */
@@ -327,7 +329,7 @@ struct supervisor {
 
     /* what the JSON reports (report.c) */
     struct counters total; /* COUNT adds to these and to the process's own */
-    uint64_t seccomp_stops, ldt_truncated, clones, forks, vforks, auxv_hidden;
+    uint64_t seccomp_stops, ldt_truncated, ldt_refused, clones, forks, vforks, auxv_hidden;
     uint64_t signal_syscalls, segv_handler_restores, segv_mask_restores, restore_failures, signals_requeued;
     double handler_s; /* time spent inside the fault handler */
     double restore_s; /* time spent restoring the guest's SIGSEGV disposition */
@@ -410,7 +412,7 @@ void patch_exec(struct proc *p);
 void patch_tls_request(struct supervisor *sv, struct thread *t);
 void patch_tls_installed(struct supervisor *sv, struct thread *t, int entry);
 void patch_new_thread(struct supervisor *sv, struct thread *t);
-int patch_owns_entry(struct supervisor *sv, const struct thread *t, int entry);
+int patch_inherited_twin(struct supervisor *sv, const struct thread *t);
 int patch_trap(struct supervisor *sv, struct fault *f, uint32_t sel);
 int online_patch_fault(struct supervisor *sv, struct fault *f);
 

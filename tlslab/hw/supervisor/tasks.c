@@ -121,6 +121,7 @@ static void inherit_from_creator(struct supervisor *sv, struct thread *parent, s
         np->image = image_new(sv, c->proc, pp && pp->image >= 0 ? sv->images[pp->image].program : "");
         /* online-patch: the child's memory is a copy, patched sites included (or, CLONE_VM: the same) */
         patch_fork(sv, pp, np, (flags & CLONE_VM) != 0);
+        if (flags & CLONE_VM) { np->shared_mm = 1; if (pp) pp->shared_mm = 1; }
     } else {
         c->proc = parent->proc;
     }

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from tlslab.hypervisor.patchpolicy import check_patch_options
 from tlslab.hypervisor.strategies.base import Trap, Verdict
 from tlslab.hypervisor.strategies.online import PriceOptions, ProbeStrategy
-from tlslab.hypervisor.strategies.rewrite import RewriteStrategy
+from tlslab.hypervisor.strategies.rewrite import RewriteStrategy, code_origin
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,15 @@ class OnlinePatchStrategy(RewriteStrategy):
         """Give a rewritten site its gs prefix back, unless the guest has rewritten that byte itself
         (self-modifying code: its bytes are its own; the site is only forgotten)."""
         prefix = self.patched[eip]
+        sites = self.sites()
+        if code_origin(domain, prefix) != sites.origin.get(eip):
+            # the guest unmapped or replaced the page: the byte there now is not the one rewritten
+            self.patched.pop(eip)
+            sites.origin.pop(eip, None)
+            self.mixed.add(eip)
+            domain.vcpu.invalidate_code(prefix, 1)
+            self.counters.count("rewritten-site-remapped-by-the-guest")
+            return
         if domain.vcpu.mem.read(prefix, 1) != b"\x64":
             self.patched.pop(eip)
             self.mixed.add(eip)

@@ -270,6 +270,14 @@ def attach_fs_abi(domain) -> FsTwinABI:
     return FsTwinABI(getattr(domain.strategy, "counters", None)).attach(domain)
 
 
+def code_origin(domain, address: int) -> tuple | None:
+    """(file node, file offset) of the byte at ``address``: what a patch there was written over. A guest
+    that unmaps or replaces the page has other bytes there, which are not the patch's to restore."""
+    objects = getattr(domain.process, "objects", None)
+    m = objects.mapping_at(address) if objects is not None else None
+    return None if m is None else (id(m.node), m.offset + (address - m.start))
+
+
 def effective_policy(domain, policy: str) -> str:
     """``auto`` resolved for this process: ``lib`` if it has a program interpreter, else ``exe``."""
     if policy != "auto":
@@ -339,9 +347,10 @@ class SiteState:
 
     patched: dict[int, int] = field(default_factory=dict)   # site eip -> address of the rewritten prefix
     mixed: set[int] = field(default_factory=set)             # sites un-patched: they serve both signs
+    origin: dict[int, tuple] = field(default_factory=dict)   # site eip -> (file node, file offset) of its prefix
 
     def copy(self) -> SiteState:
-        return SiteState(dict(self.patched), set(self.mixed))
+        return SiteState(dict(self.patched), set(self.mixed), dict(self.origin))
 
 
 class RewriteStrategy(PatchesCode, Strategy):
@@ -465,6 +474,7 @@ class RewriteStrategy(PatchesCode, Strategy):
                      why=f"-ve %gs offset {v.offset:#x} faulted; the site now uses %fs (expand-down twin)",
                      shared=self.page_sharing == "shared")
         self.patched[v.eip] = addr
+        self.sites().origin[v.eip] = code_origin(domain, addr)
         self.counters.patches += 1
         return None
 
