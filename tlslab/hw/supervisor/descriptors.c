@@ -10,7 +10,11 @@
  *
  * Only the TLS slots of the GDT (entries 12..14) can be rewritten by a
  * tracer; LDT descriptors (modify_ldt) are truncated by rewriting the
- * struct user_desc in guest memory at syscall entry.
+ * struct user_desc in guest memory at syscall entry -- refused (EPERM) when
+ * another task shares that memory, which could put the guest's request back
+ * before the kernel copies it. At set_thread_area's exit every TLS entry is
+ * compared with what was installed there (the entry number in guest memory
+ * is only a hint: another thread can rewrite it).
  */
 #include "supervisor.h"
 
