@@ -7,8 +7,9 @@ space limit would forbid, hence model_env=False) or to make the supervisor write
 
 * sta_entry_race: another thread rewrites set_thread_area's entry_number while the call is in
   flight (the supervisor compares every TLS entry with what it installed instead of trusting memory);
-* ldt_desc_race: another thread puts back the flat limit the supervisor truncated in guest memory
-  before the kernel copies it (modify_ldt with another task sharing the memory is refused, EPERM);
+* ldt_desc_race, ldt_shared_race: another thread, or another process through a MAP_SHARED page, puts
+  back the flat limit the supervisor truncated in guest memory before the kernel copies it (modify_ldt
+  with another task sharing the memory is refused, EPERM);
 * settls_twin_entry: CLONE_SETTLS aimed at online-patch's twin entry once the ABI is in conflict;
 * far_negative: a rewritten site meets a negative offset its %fs twin rejects (restored, as in the model);
 * remap_patched: the guest maps other bytes over a rewritten page (not written when restoring).
@@ -74,6 +75,14 @@ def test_modify_ldt_with_another_thread_is_refused(build):
     assert r.summary["ldt_refused"] == 5000            # every call: the flipper thread is alive throughout
     native = run(build("ldt_desc_race"), "native", model_env=False, timeout=120)
     assert native.summary["ldt_refused"] == 0          # nothing is truncated, nothing to refuse
+
+
+def test_modify_ldt_from_a_shared_page_is_refused(build):
+    """The request lies in a MAP_SHARED page another process writes: refused though this process has one task."""
+    r = run(build("ldt_shared_race"), "emulate", model_env=False, timeout=120, cpu=None)
+    assert b"HOLE REACHED" not in r.stdout, r.stdout
+    assert r.ok and r.stdout == b"no hole (3000 refused)\n"
+    assert r.summary["ldt_refused"] == 3000
 
 
 def test_settls_into_the_twin_entry_is_truncated(build):

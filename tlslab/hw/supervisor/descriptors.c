@@ -200,9 +200,11 @@ void start_tls_syscall(struct supervisor *sv, struct thread *t) {
         t->sta_ptr = (uint32_t)r.rcx;
         uint32_t func = (uint32_t)r.rbx;
         const struct proc *p = t->proc >= 0 ? &sv->procs[t->proc] : NULL;
-        if ((func == 1 || func == 0x11) && sv->opt.strategy->truncating && (!p || p->live > 1 || p->shared_mm)) {
+        if ((func == 1 || func == 0x11) && sv->opt.strategy->truncating &&
+            (!p || p->live > 1 || p->shared_mm || in_shared_mapping(t->tid, t->sta_ptr, 16))) {
             /* the descriptor is truncated in guest memory before the kernel reads it: another task sharing
-             * that memory could put the untruncated one back in between. Refused (EPERM) */
+             * that memory (a thread, a CLONE_VM child, a MAP_SHARED page) could put the untruncated one back
+             * in between. Refused (EPERM) */
             r.orig_rax = (unsigned long long)-1; /* skip the call; finish_tls_syscall gives it -EPERM */
             if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0 && errno != ESRCH) die_setup(sv, "PTRACE_SETREGS", errno);
             t->sta_is_ldt = 3;

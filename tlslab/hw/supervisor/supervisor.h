@@ -370,6 +370,7 @@ int write_mem(pid_t tid, uint32_t addr, const void *buf, size_t n);
 int fetch_insn(pid_t tid, uint32_t eip, uint8_t *buf);
 const char *proc_status_field(pid_t tid, const char *field, char *buf, size_t n);
 int is_group_stop(pid_t tid);
+int in_shared_mapping(pid_t tid, uint32_t addr, uint32_t n);
 
 /* descriptors.c: struct user_desc for the core's descriptor arithmetic, and the guest's TLS installs */
 void udesc_to_core(const struct udesc *u, tc_descriptor *d);

@@ -79,6 +79,27 @@ const char *proc_status_field(pid_t tid, const char *field, char *buf, size_t n)
     return p ? p + strlen(key) : NULL;
 }
 
+/* Does any byte of [addr, addr + n) lie in a shared mapping of tid (or in none: unreadable maps count
+ * as shared)? Memory another process can write while this one is stopped. */
+int in_shared_mapping(pid_t tid, uint32_t addr, uint32_t n) {
+    char path[64], line[4352];
+    snprintf(path, sizeof path, "/proc/%d/maps", tid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 1;
+    uint64_t at = addr, end = (uint64_t)addr + n;
+    int shared = 0;
+    while (at < end && fgets(line, sizeof line, f)) {
+        unsigned long long lo, hi;
+        char perms[8];
+        if (sscanf(line, "%llx-%llx %7s", &lo, &hi, perms) < 3 || hi <= at) continue;
+        if (lo > at) break; /* a hole: nothing mapped there */
+        if (perms[3] == 's') shared = 1;
+        at = hi;
+    }
+    fclose(f);
+    return shared || at < end;
+}
+
 /* a stop report that is a group-stop, not a signal-delivery stop */
 int is_group_stop(pid_t tid) {
     siginfo_t si;
