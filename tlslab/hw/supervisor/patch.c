@@ -33,6 +33,16 @@
  *    file bytes; here whether it is in a mapping of the executable's file
  *    (they differ only for bytes past p_filesz in the last page of a
  *    segment, where no instruction is).
+ *  - Shared mappings. The model has no shared executable mapping; here a
+ *    site in one is never patched (a write there is the file's, and
+ *    /proc/PID/mem refuses a read-only one).
+ *  - Threads overlap. A thread that met a site after another thread faulted
+ *    there, before that fault was answered with the patch, faults too: its
+ *    stop shows the rewritten bytes and an offset the twin admits, and it is
+ *    restarted (faulted-before-the-patch). The model's one vCPU has no such
+ *    overlap.
+ * Restoring a site checks that the byte is still the rewritten code (the
+ * same file and offset mapped there, the byte still 0x64), as the model does.
  * Counters: the model's names (by_kind: fs-twin-installed, "not patched:
  * WHY", unpatched-mixed-site, ...; patches; descriptor writes), kept in
  * online.kinds and online.patches.
