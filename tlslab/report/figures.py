@@ -396,6 +396,16 @@ def coverage_figure(records: list[dict], out: Path) -> list[Path]:
 # --------------------------------------------------------------------------- hw: model vs this CPU
 
 HW_MARKERS = {"native": "o", "emulate": "s", "flip": "^"}
+HW_MORE_MARKERS = ("D", "v", "P", "X", "h", "<")   # the other strategies a spec's [hw] asks for, in cell order
+
+
+def hw_strategies(rows: list[dict]) -> dict[str, str]:
+    """strategy -> marker for the hw rows: native, emulate, flip first, then the others (online-patch in the
+    default matrix) in the order their cells appear."""
+    present = list(dict.fromkeys(r["strategy"] for r in rows))
+    ordered = [s for s in HW_MARKERS if s in present] + [s for s in present if s not in HW_MARKERS]
+    more = iter(HW_MORE_MARKERS * (1 + len(ordered) // len(HW_MORE_MARKERS)))
+    return {s: HW_MARKERS.get(s) or next(more) for s in ordered}
 
 
 def hw_figure(summary: Summary, out: Path) -> list[Path]:
@@ -403,7 +413,8 @@ def hw_figure(summary: Summary, out: Path) -> list[Path]:
     prediction error per cell; overhead relative to native measured / modelled / FITTED xen-2004."""
     hw = summary.hw or {}
     rows = [r for r in hw.get("rows", []) if r.get("measured_ms") is not None]
-    styles = strategy_styles(["native", "emulate", "flip"])
+    markers = hw_strategies(rows)
+    styles = strategy_styles(list(markers) or ["native", "emulate", "flip"])
     prof, fit = hw.get("profile") or "hw profile", hw.get("fitted") or "fitted profile"
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.6), gridspec_kw={"width_ratios": [1.0, 1.25, 1.25]})
     if not rows:
@@ -429,7 +440,7 @@ def hw_figure(summary: Summary, out: Path) -> list[Path]:
                     label="within 25%")
     for r in pts:
         bad = r.get("faults_equal") is False or r.get("sites_equal") is False
-        ax.scatter(r["measured_ms"], r["modelled_ms"], marker=HW_MARKERS.get(r["strategy"], "o"), s=46,
+        ax.scatter(r["measured_ms"], r["modelled_ms"], marker=markers.get(r["strategy"], "o"), s=46,
                    color=styles.get(r["strategy"], {"color": "#999999"})["color"],
                    edgecolor="#B00020" if bad else "#222222", linewidth=2.0 if bad else 0.5, zorder=3)
         ax.annotate(wl(r).replace("lsr ", ""), (r["measured_ms"], r["modelled_ms"]), xytext=(4, -3),
@@ -442,12 +453,12 @@ def hw_figure(summary: Summary, out: Path) -> list[Path]:
     ax.set_ylabel(f"modelled with {prof} (ms, model's counters)")
     ax.set_title(f"{prof} (measured profile) vs measured", fontsize=11)
     handles = [plt.Line2D([], [], marker=m, color=styles[s]["color"], linestyle="", markersize=7, label=s)
-               for s, m in HW_MARKERS.items()]
+               for s, m in markers.items()]
     ax.legend(handles=handles + ax.get_legend_handles_labels()[0], loc="upper left", frameon=False, fontsize=8)
 
     # 2: error bars
     ax = axes[1]
-    strategies = [s for s in HW_MARKERS if any(r["strategy"] == s for r in rows)]
+    strategies = list(markers)
     bar_w = 0.8 / max(1, len(strategies))
     for wi, w in enumerate(workloads):
         for si, strat in enumerate(strategies):
