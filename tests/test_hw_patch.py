@@ -26,24 +26,11 @@ import pytest
 
 from conftest import GCC32, require_gcc32, unavailable
 
+from test_hw_online import hw_ok  # noqa: F401  (the fixture: skip or fail where the hw backend cannot run)
 from tlslab.hw import backend
-from tlslab.hw.backend import HwUnavailable, run_spec
+from tlslab.hw.backend import run_spec
 
 pytestmark = pytest.mark.oracle
-
-
-@pytest.fixture(scope="module")
-def hw_ok():
-    from tlslab.experiment import RunSpec
-    from tlslab.guests import GuestError
-
-    try:
-        run_spec(RunSpec("syscalls", ("1",), strategy="native"))
-    except HwUnavailable as exc:
-        unavailable(f"hw backend: {exc}")
-    except GuestError as exc:
-        unavailable(str(exc))
-    return True
 
 
 def both(spec):

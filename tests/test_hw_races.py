@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GCC32, require_gcc32, unavailable
+from conftest import GCC32, require_gcc32
+from test_hw_online import hw_ok  # noqa: F401  (the fixture: skip or fail where the hw backend cannot run)
 
 from tlslab.hw import backend
-from tlslab.hw.backend import HwUnavailable
 
 pytestmark = pytest.mark.oracle
 SOURCES = Path(__file__).resolve().parent / "hw_adversary"
@@ -36,15 +36,9 @@ PRICES = (1000.0, 1500.0)
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory):
+def build(hw_ok, tmp_path_factory):
     require_gcc32()
     out = tmp_path_factory.mktemp("hw_adversary")
-    try:
-        backend.run_hw(backend.__file__, strategy="native")
-    except HwUnavailable as exc:
-        unavailable(f"hw backend: {exc}")
-    except Exception:
-        pass
 
     def make(name: str) -> Path:
         exe = out / name
