@@ -73,6 +73,15 @@ def require_gcc32() -> None:
         unavailable(why)
 
 
+def build_c_guest(source: str, out_dir, name: str) -> Path:
+    """Build a static i386 guest from C ``source`` (gcc -m32 -static -O1) as ``out_dir/name``: its path."""
+    require_gcc32()
+    src, exe = Path(out_dir) / f"{name}.c", Path(out_dir) / name
+    src.write_text(source)
+    subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], check=True, capture_output=True)
+    return exe
+
+
 def build_test_guest(rel: str, out_dir) -> str:
     """Build the C test guest ``tests/<rel>`` (gcc -m32 -static -O1) into ``out_dir``: its path."""
     require_gcc32()

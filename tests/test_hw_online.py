@@ -213,12 +213,9 @@ def test_probe_orphan_in_a_forked_child(hw_ok, tmp_path):
     """A fork during a probe: the child inherits the empty descriptor but not the probe (per-thread state
     in the supervisor): its first %gs fault restores the truncated form (probe-orphan) and it runs on.
     (The model keys the probe by vCPU, so there the child continues the parent's probe: one fault fewer.)"""
-    from conftest import GCC32, require_gcc32
+    from conftest import build_c_guest
 
-    require_gcc32()
-    src, exe = tmp_path / "orphan.c", tmp_path / "orphan"
-    src.write_text(ORPHAN_C)
-    subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], check=True, capture_output=True)
+    exe = build_c_guest(ORPHAN_C, tmp_path, "orphan")
     r = backend.run_hw(exe, strategy="online-probe", tree=None, prices=(1000.0, 1500.0))
     assert r.ok and r.status == 0 and r.stdout == b"child 7 parent 6\n"
     assert r.summary["delivered"] == 0

@@ -20,11 +20,10 @@ the environment those become failures.
 from __future__ import annotations
 
 import hashlib
-import subprocess
 
 import pytest
 
-from conftest import GCC32, require_gcc32, unavailable
+from conftest import build_c_guest, unavailable
 
 from test_hw_online import hw_ok  # noqa: F401  (the fixture: skip or fail where the hw backend cannot run)
 from tlslab.hw import backend
@@ -134,10 +133,7 @@ int main(void) {
 
 
 def test_a_forked_child_runs_its_parent_s_patches(hw_ok, tmp_path):
-    require_gcc32()
-    src, exe = tmp_path / "fork.c", tmp_path / "fork"
-    src.write_text(FORK_C)
-    subprocess.run([*GCC32, "-O1", "-o", str(exe), str(src)], check=True, capture_output=True)
+    exe = build_c_guest(FORK_C, tmp_path, "fork")
     r = backend.run_hw(exe, strategy="online-patch", tree=None, prices=(1000.0, 1500.0))
     assert r.ok and r.status == 0 and r.stdout == b"child 1100\nparent 110\n"
     parent, child = r.processes[0], r.processes[1]
