@@ -150,7 +150,10 @@ def test_a_forked_child_runs_its_parent_s_patches(hw_ok, tmp_path):
 def test_keir_and_boot_patch_as_the_model_does(hw_ok, debian_rootfs, oracle_summary, label):
     """Keir's `ls -R /usr/lib` (GNU ls, dynamic: libc's sites patched, once each) and the boot (dash
     running ~550 processes: every exec'd image installs its own twin and patches its own private pages,
-    every fork inherits its parent's): the model's faults, patches and twin installs, native's output."""
+    every fork inherits its parent's): the model's faults, patches and twin installs, native's output.
+    keir is exact; the boot's pipelines make the host's runs wobble by a few sites (measured: 11,345
+    as the model in most runs, 11,347 in one; emulate wobbles by one fault: test_processes), so there
+    the counts must agree within 0.05 % and each fault must still be one patch."""
     from tlslab.experiment import RunSpec
     from tlslab.guests import GuestError
 
@@ -169,9 +172,15 @@ def test_keir_and_boot_patch_as_the_model_does(hw_ok, debian_rootfs, oracle_summ
             f"{counters.by_kind.get('fs-twin-installed')} twins; hw {hw.faults}, {on['patches']}, "
             f"{on['by_kind'].get('fs-twin-installed')}, {len(hw.processes)} processes")
     assert hw.stdout == model.stdout and hw.status == model.status, line
-    assert hw.faults == counters.traps == on["patches"] == counters.patches > 0, line
+    assert counters.traps == counters.patches > 0 and hw.faults == on["patches"], line   # a site faults once
     assert on["by_kind"].get("fs-twin-installed") == counters.by_kind.get("fs-twin-installed"), line
-    oracle_summary[f"hw {label} online-patch"] = line + " (equal)"
+    if label == "keir":
+        assert hw.faults == counters.traps, line
+    else:
+        assert len(hw.processes) == model.counters["kernel"]["processes"], line
+        assert abs(hw.faults - counters.traps) <= 0.0005 * counters.traps, line
+    oracle_summary[f"hw {label} online-patch"] = line + (" (equal)" if hw.faults == counters.traps
+                                                         else " (within 0.05 %: the boot's wobble)")
 
 
 def test_a_process_taking_fs_or_nulling_it_as_in_the_model(hw_ok, tmp_path):
